@@ -1,0 +1,61 @@
+//! The newcomer's path, through the real binary: `crmguard plan -f examples/` and `crmguard crd`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use e2e::crmguard;
+
+#[test]
+fn plan_of_the_examples_succeeds_and_prints_the_children() {
+    let out = crmguard(&["plan", "-f", "examples/"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("4 resource(s) accepted, 0 refused, 20 object(s) to create"), "{stderr}");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&stdout).expect("plan prints YAML");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["CronJob", "ConfigMap", "ServiceAccount", "Job", "Role", "RoleBinding", "NetworkPolicy"] {
+        assert!(kinds.contains(&kind), "plan lacks a {kind}: {kinds:?}");
+    }
+}
+
+#[test]
+fn plan_of_an_invalid_file_fails_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("crmguard-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: crmguard.io/v1alpha1\nkind: CrmRestore\nmetadata: {name: r, namespace: crm}\n\
+         spec: {policyRef: {name: p}, backup: {latest: true, id: x}, target: {database: d}}\n",
+    )
+    .unwrap();
+    let out = crmguard(&["plan", "-f", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("spec.backup: name exactly one backup"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn plan_of_a_missing_path_says_so() {
+    let out = crmguard(&["plan", "-f", "no/such/dir"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/dir"));
+}
+
+#[test]
+fn crd_prints_four_crds() {
+    let out = crmguard(&["crd"]);
+    assert!(out.status.success());
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let names: Vec<&str> = docs.iter().filter_map(|d| d["metadata"]["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "crmbackuppolicies.crmguard.io",
+            "crmrestores.crmguard.io",
+            "accesspolicies.crmguard.io",
+            "networkguards.crmguard.io"
+        ]
+    );
+}

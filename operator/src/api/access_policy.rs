@@ -1,0 +1,328 @@
+//! `AccessPolicy`: least-privilege Kubernetes RBAC per team, and Vault-managed, short-lived, per-team database
+//! credentials.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::SecretKeySelector;
+
+/// Who may do what with the CRM: one entry per team. For each team crmguard creates a Role and RoleBinding,
+/// a Vault policy, a Vault Kubernetes-auth role and a database role whose grants are exactly the team's, and
+/// keeps short-lived database credentials in a Secret, renewed and rotated.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "crmguard.io",
+    version = "v1alpha1",
+    kind = "AccessPolicy",
+    doc = "Per-team least-privilege access to the CRM: Kubernetes RBAC, Vault policies and short-lived database credentials delivered into Secrets.",
+    plural = "accesspolicies",
+    singular = "accesspolicy",
+    shortname = "ap",
+    category = "crmguard",
+    namespaced,
+    status = "AccessPolicyStatus",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Teams", type_ = "integer", json_path = ".status.teamCount"),
+    printcolumn(name = "Next Expiry", type_ = "date", json_path = ".status.nextExpiry"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("has(self.vault) || self.teams.all(t, !has(t.vault) && !has(t.database))").message("teams with vault or database grants need spec.vault (at least vault: {} to use the operator's Vault address and default mounts)"))]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicySpec {
+    /// The teams and their grants. Team names are unique.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub teams: Vec<Team>,
+    /// Vault settings shared by all teams. Required when any team has `vault` or `database` grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultSettings>,
+}
+
+/// One team.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.database) || has(self.credentials)").message("a team with database grants needs credentials (at least credentials: {} to use the defaults) so crmguard knows where to deliver them"))]
+pub struct Team {
+    /// Team name, a DNS label such as `sales`; used in the names of everything created for the team.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"))]
+    pub name: String,
+    /// Members: users, groups and service accounts.
+    #[schemars(length(min = 1, max = 256))]
+    pub subjects: Vec<Subject>,
+    /// Kubernetes permissions in this namespace. Wildcards (`*`) are honoured but reported as a warning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub kubernetes: Vec<KubernetesGrant>,
+    /// Vault paths the team may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub vault: Vec<VaultGrant>,
+    /// Database privileges, issued as short-lived credentials by Vault's database secrets engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseAccess>,
+    /// How database credentials are delivered and rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialDelivery>,
+}
+
+/// Kind of an RBAC subject.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SubjectKind {
+    /// A user as the cluster's authenticator names it.
+    User,
+    /// A group as the cluster's authenticator names it.
+    Group,
+    /// A ServiceAccount.
+    ServiceAccount,
+}
+
+/// A member of a team.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind == 'ServiceAccount' || !has(self.namespace)").message("namespace is only meaningful for kind ServiceAccount"))]
+pub struct Subject {
+    /// User, Group or ServiceAccount.
+    pub kind: SubjectKind,
+    /// Name of the user, group or service account.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Namespace of a ServiceAccount; defaults to the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Kubernetes permissions on resources in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesGrant {
+    /// API groups, `""` for the core group (pods, secrets, configmaps, ...).
+    #[serde(default = "core_group")]
+    pub api_groups: Vec<String>,
+    /// Resources, e.g. `pods`, `pods/log`, `deployments`.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 253)))]
+    pub resources: Vec<String>,
+    /// Verbs, e.g. `get`, `list`, `watch`.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 32)))]
+    #[x_kube(validation = Rule::new("self.all(v, v in ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete', 'deletecollection', '*'])").message("verbs must be among get, list, watch, create, update, patch, delete, deletecollection or '*'"))]
+    pub verbs: Vec<String>,
+    /// Restrict the grant to these object names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource_names: Vec<String>,
+    /// The grant is removed at this time (RFC 3339), e.g. for break-glass access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+fn core_group() -> Vec<String> {
+    vec![String::new()]
+}
+
+/// Capabilities on a Vault path.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultCapability {
+    Create,
+    Read,
+    Update,
+    Patch,
+    Delete,
+    List,
+    Deny,
+}
+
+/// A Vault path and what the team may do with it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultGrant {
+    /// Vault path (globs as in Vault policies), e.g. `secret/data/crm/sales/*`.
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("Vault paths have no leading '/': write secret/data/crm/*"))]
+    pub path: String,
+    /// Capabilities on the path.
+    #[schemars(length(min = 1, max = 7))]
+    pub capabilities: Vec<VaultCapability>,
+    /// The grant is removed at this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// SQL privileges a team's database role may hold.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SqlPrivilege {
+    Select,
+    Insert,
+    Update,
+    Delete,
+}
+
+/// The team's database access.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseAccess {
+    /// Name of the database connection configured in Vault's database secrets engine.
+    #[schemars(length(min = 1, max = 128))]
+    pub connection: String,
+    /// Grants on tables.
+    #[schemars(length(min = 1, max = 64))]
+    pub grants: Vec<DatabaseGrant>,
+}
+
+/// Privileges on named tables of one schema.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseGrant {
+    /// Database schema.
+    #[serde(default = "default_schema")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"))]
+    pub schema: String,
+    /// Tables the privileges apply to. Names are plain identifiers (letters, digits, underscore).
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 63)))]
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^[A-Za-z_][A-Za-z0-9_]{0,62}$'))").message("table names must be plain identifiers (letters, digits and underscores, not starting with a digit)"))]
+    pub tables: Vec<String>,
+    /// Privileges on those tables.
+    #[schemars(length(min = 1, max = 4))]
+    pub privileges: Vec<SqlPrivilege>,
+    /// The grant is removed at this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+/// Kind of workload restarted after a credential rotation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+/// A workload in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: WorkloadKind,
+    /// Name of the workload.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Delivery and rotation of a team's database credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.ttl) <= duration(self.maxTtl)").message("ttl must not exceed maxTtl"))]
+pub struct CredentialDelivery {
+    /// Secret that receives `username` and `password`; defaults to `<policy>-<team>-db`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
+    pub secret_name: Option<String>,
+    /// Lease duration of each credential, e.g. `1h`.
+    #[serde(default = "default_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("ttl must be at least 1m"))]
+    pub ttl: String,
+    /// Maximum lifetime of a credential; it is re-issued before this, e.g. `24h`.
+    #[serde(default = "default_max_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub max_ttl: String,
+    /// Renew the lease when this percentage of its TTL has passed.
+    #[serde(default = "default_renew_percent")]
+    #[schemars(range(min = 10, max = 90))]
+    pub renew_at_percent: i32,
+    /// After a rotation, the previous credential is revoked after this grace period, e.g. `5m`.
+    #[serde(default = "default_grace")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub revoke_grace_period: String,
+    /// Workloads that get one rolling restart after each rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub restart_workloads: Vec<WorkloadRef>,
+}
+
+fn default_ttl() -> String {
+    "1h".into()
+}
+fn default_max_ttl() -> String {
+    "24h".into()
+}
+fn default_renew_percent() -> i32 {
+    67
+}
+fn default_grace() -> String {
+    "5m".into()
+}
+
+/// Vault connection and mounts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultSettings {
+    /// Vault address; defaults to the operator's `--vault-addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("vault.address must be a URL such as https://vault.vault.svc:8200"))]
+    pub address: Option<String>,
+    /// Mount path of the Kubernetes auth method in which team roles are created.
+    #[serde(default = "super::common::default_kubernetes_auth_mount")]
+    pub kubernetes_auth_mount: String,
+    /// Mount path of the database secrets engine.
+    #[serde(default = "default_database_mount")]
+    pub database_mount: String,
+    /// When set, crmguard configures the database connection in Vault from this Secret (keys
+    /// `connection_url`, `username`, `password`, optional `plugin_name`), so nothing is configured by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<SecretKeySelector>,
+}
+
+fn default_database_mount() -> String {
+    "database".into()
+}
+
+/// Observed state of one team.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamStatus {
+    /// Team name.
+    pub name: String,
+    /// Role and RoleBinding name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Vault policy name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_policy: Option<String>,
+    /// Secret with the current credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// When the current credentials expire (never the credentials themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_expire_at: Option<Time>,
+    /// Grants that have expired and were removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired_grants: Vec<String>,
+}
+
+/// Observed state of an AccessPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `RbacApplied`, `VaultConfigured`, `CredentialsIssued` and warnings such as `WildcardGrant`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Number of teams in effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_count: Option<i32>,
+    /// Per-team state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teams: Vec<TeamStatus>,
+    /// The next instant a grant expires or a credential must be renewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_expiry: Option<Time>,
+}

@@ -1,0 +1,282 @@
+//! `NetworkGuard`: the CRM's firewall as NetworkPolicies: default deny, explicit allow-lists, DNS, and
+//! reversible quarantine of a compromised workload.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::SecretKeySelector;
+
+/// A firewall for the CRM's pods: everything not allowed here is denied, in both directions.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "crmguard.io",
+    version = "v1alpha1",
+    kind = "NetworkGuard",
+    doc = "Default-deny NetworkPolicies with explicit allow-lists for the CRM pods, and reversible quarantine of compromised pods.",
+    plural = "networkguards",
+    singular = "networkguard",
+    shortname = "ng",
+    category = "crmguard",
+    namespaced,
+    status = "NetworkGuardStatus",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Covered", type_ = "integer", json_path = ".status.coveredPods"),
+    printcolumn(name = "Quarantined", type_ = "integer", json_path = ".status.quarantinedPods"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!self.defaultDeny.egress || self.dns.allow || self.dns.acknowledgeNoDns").message("egress is denied and DNS is not allowed, so the protected pods cannot resolve names: keep dns.allow: true, or set dns.acknowledgeNoDns: true if that is intended"))]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkGuardSpec {
+    /// The protected pods. An empty selector (`{}`) protects every pod in the namespace.
+    pub pod_selector: LabelSelector,
+    /// Deny all traffic of the protected pods that no rule allows.
+    #[serde(default)]
+    pub default_deny: DefaultDeny,
+    /// Allowed inbound traffic to the protected pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub ingress: Vec<TrafficRule>,
+    /// Allowed outbound traffic from the protected pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub egress: Vec<TrafficRule>,
+    /// DNS egress to the cluster DNS.
+    #[serde(default)]
+    pub dns: DnsEgress,
+    /// Pods to isolate now (a deny-all policy applies to them until the TTL passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+    /// Alert-driven quarantine through the operator's authenticated webhook (Alertmanager, Falcosidekick).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<QuarantineWebhook>,
+}
+
+/// Which directions are denied by default.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefaultDeny {
+    /// Deny inbound traffic that no ingress rule allows.
+    #[serde(default = "default_true")]
+    pub ingress: bool,
+    /// Deny outbound traffic that no egress rule allows.
+    #[serde(default = "default_true")]
+    pub egress: bool,
+}
+
+impl Default for DefaultDeny {
+    fn default() -> Self {
+        DefaultDeny { ingress: true, egress: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One named allow rule.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficRule {
+    /// Rule name, a DNS label such as `web-to-db`; becomes part of the NetworkPolicy name.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"))]
+    pub name: String,
+    /// Which of the protected pods the rule applies to (e.g. only the database pods for a rule that opens
+    /// 5432). All protected pods when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applies_to: Option<LabelSelector>,
+    /// Peers (sources for ingress, destinations for egress). Empty means any peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub peers: Vec<Peer>,
+    /// Ports. Empty means all ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub ports: Vec<PortRule>,
+}
+
+/// A traffic peer: pods, namespaces or an IP block.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))").message("a peer is either an ipBlock or pod/namespace selectors, not both and not neither"))]
+pub struct Peer {
+    /// Pods (in this namespace, or in the namespaces of `namespaceSelector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Namespaces by label, e.g. `kubernetes.io/metadata.name: ingress-nginx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// An IP range outside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
+}
+
+/// A CIDR with exceptions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!isCIDR(self.cidr) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))").message("every except entry must be a CIDR inside ipBlock.cidr"))]
+pub struct IpBlock {
+    /// CIDR such as `10.20.0.0/16` or `2001:db8::/32`.
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"))]
+    #[schemars(length(min = 1, max = 64))]
+    pub cidr: String,
+    /// CIDRs inside `cidr` that are excluded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
+    pub except: Vec<String>,
+}
+
+/// Transport protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum Protocol {
+    #[default]
+    TCP,
+    UDP,
+    SCTP,
+}
+
+/// A port or port range.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRule {
+    /// Port number (1-65535) or a named container port such as `http` (checked by the operator).
+    pub port: IntOrString,
+    /// Last port of a range starting at a numeric `port` (must be >= port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i32>,
+    /// TCP, UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// DNS egress.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsEgress {
+    /// Allow DNS (UDP and TCP 53) to the cluster DNS pods.
+    #[serde(default = "default_true")]
+    pub allow: bool,
+    /// Confirms that egress without DNS is intended (otherwise refused).
+    #[serde(default)]
+    pub acknowledge_no_dns: bool,
+    /// Namespace of the cluster DNS.
+    #[serde(default = "default_dns_namespace")]
+    pub namespace: String,
+    /// Labels of the cluster DNS pods.
+    #[serde(default = "default_dns_labels")]
+    pub pod_labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for DnsEgress {
+    fn default() -> Self {
+        DnsEgress {
+            allow: true,
+            acknowledge_no_dns: false,
+            namespace: default_dns_namespace(),
+            pod_labels: default_dns_labels(),
+        }
+    }
+}
+
+fn default_dns_namespace() -> String {
+    "kube-system".into()
+}
+fn default_dns_labels() -> std::collections::BTreeMap<String, String> {
+    [("k8s-app".to_string(), "kube-dns".to_string())].into_iter().collect()
+}
+
+/// Isolate pods now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Quarantine {
+    /// Pods to isolate (in this namespace).
+    pub pod_selector: LabelSelector,
+    /// Why, recorded in Events and status, e.g. `falco: shell spawned in crm-web`.
+    #[schemars(length(min = 1, max = 256))]
+    pub reason: String,
+    /// How long the isolation lasts, e.g. `4h`; it is lifted automatically afterwards.
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("quarantine.ttl must be a positive duration such as 4h"))]
+    pub ttl: String,
+    /// Peers still allowed to reach the isolated pods (e.g. a forensics namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub forensics_peers: Vec<Peer>,
+    /// Trigger a backup of this namespace's CrmBackupPolicy before isolating.
+    #[serde(default)]
+    pub backup_first: bool,
+}
+
+/// Alert-driven quarantine.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineWebhook {
+    /// Accept quarantine requests for this guard.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Secret key holding the bearer token callers must present.
+    pub token_secret_ref: SecretKeySelector,
+    /// How long a webhook-triggered isolation lasts.
+    #[serde(default = "default_webhook_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("webhook.ttl must be a positive duration such as 1h"))]
+    pub ttl: String,
+    /// Trigger a backup before isolating.
+    #[serde(default)]
+    pub backup_first: bool,
+}
+
+fn default_webhook_ttl() -> String {
+    "1h".into()
+}
+
+/// One isolation, recorded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineRecord {
+    /// Isolated pod.
+    pub pod: String,
+    /// Why.
+    pub reason: String,
+    /// Who asked: `spec` or the webhook caller (e.g. `alertmanager`).
+    pub requested_by: String,
+    /// Since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Time>,
+}
+
+/// Observed state of a NetworkGuard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkGuardStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `PoliciesApplied`, `Covered`, `Quarantined`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// NetworkPolicies in effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Pods in the namespace selected by the guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covered_pods: Option<i32>,
+    /// Pods in the namespace not covered (first 20 names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncovered_pods: Vec<String>,
+    /// Number of pods isolated now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_pods: Option<i32>,
+    /// Active and recent isolations (bounded to the last 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantines: Vec<QuarantineRecord>,
+}

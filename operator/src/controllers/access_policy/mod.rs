@@ -1,0 +1,4 @@
+//! AccessPolicy controller: per-team Roles and RoleBindings (Vault objects land with the access issue).
+
+pub mod build;
+pub mod validate;

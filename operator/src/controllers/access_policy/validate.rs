@@ -1,0 +1,59 @@
+//! Checks of an AccessPolicy beyond the CRD schema, and the warnings it deserves.
+
+use crate::api::access_policy::AccessPolicy;
+use crate::api::common::parse_duration;
+use crate::k8s::meta::Owner;
+use crate::validation::FieldError;
+
+/// An AccessPolicy that passed every check, with the warnings to report as a condition.
+#[derive(Clone, Debug)]
+pub struct ValidatedAccessPolicy {
+    pub owner: Owner,
+    pub policy: AccessPolicy,
+    /// Things that are allowed but deserve attention (e.g. wildcard grants), one sentence each.
+    pub warnings: Vec<String>,
+}
+
+/// Validates an AccessPolicy.
+pub fn validate(policy: &AccessPolicy) -> Result<ValidatedAccessPolicy, Vec<FieldError>> {
+    let owner = super::super::owner_of(policy)?;
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    for (i, team) in policy.spec.teams.iter().enumerate() {
+        for (j, grant) in team.kubernetes.iter().enumerate() {
+            if grant.verbs.iter().any(|v| v == "*")
+                || grant.resources.iter().any(|r| r == "*")
+                || grant.api_groups.iter().any(|g| g == "*")
+            {
+                warnings.push(format!(
+                    "team {:?} grant spec.teams[{i}].kubernetes[{j}] uses a wildcard; list the verbs and resources it needs",
+                    team.name
+                ));
+            }
+            if grant.resources.iter().any(|r| r == "secrets") && grant.resource_names.is_empty() {
+                warnings.push(format!(
+                    "team {:?} may read every Secret in the namespace (spec.teams[{i}].kubernetes[{j}]); restrict it with resourceNames",
+                    team.name
+                ));
+            }
+        }
+        if let Some(c) = &team.credentials {
+            for (field, value) in
+                [("ttl", &c.ttl), ("maxTtl", &c.max_ttl), ("revokeGracePeriod", &c.revoke_grace_period)]
+            {
+                if let Err(e) = parse_duration(value) {
+                    errors.push(FieldError::new(format!("spec.teams[{i}].credentials.{field}"), e.to_string()));
+                }
+            }
+        }
+        for (j, s) in team.subjects.iter().enumerate() {
+            if s.kind == crate::api::access_policy::SubjectKind::ServiceAccount && s.name.contains(':') {
+                errors.push(FieldError::new(
+                    format!("spec.teams[{i}].subjects[{j}].name"),
+                    "write the ServiceAccount's name and put its namespace in `namespace`, not system:serviceaccount:ns:name",
+                ));
+            }
+        }
+    }
+    if errors.is_empty() { Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings }) } else { Err(errors) }
+}

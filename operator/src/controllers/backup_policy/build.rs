@@ -1,0 +1,319 @@
+//! Pure builders: validated CrmBackupPolicy -> ServiceAccount, job ConfigMap, backup CronJob and (when drills
+//! are configured) restore-drill CronJob. The job needs no Kubernetes API rights: its configuration is mounted,
+//! Secrets arrive as environment variables resolved by the kubelet, and Vault is reached with a projected
+//! ServiceAccount token. So no Role is created, and the API token is not mounted.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
+    SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+use super::validate::ValidatedBackupPolicy;
+use crate::api::backup_policy::CrmBackupPolicySpec;
+use crate::controllers::BuildContext;
+use crate::k8s::meta::{CRONJOB_NAME_MAX, NAME_MAX, Owner, child_name};
+
+/// Where the job's configuration is mounted.
+pub const CONFIG_DIR: &str = "/etc/crmguard";
+/// File name of the job configuration inside [`CONFIG_DIR`].
+pub const CONFIG_FILE: &str = "policy.json";
+/// Where Vault's projected ServiceAccount token is mounted.
+pub const VAULT_TOKEN_DIR: &str = "/var/run/secrets/vault";
+/// Where the attachments volume is mounted (read-only) in backup jobs.
+pub const ATTACHMENTS_DIR: &str = "/data/attachments";
+/// UID/GID the jobs run as (non-root).
+pub const RUN_AS: i64 = 65532;
+
+/// Configuration of a backup or restore job, mounted from the ConfigMap. Holds references to secrets, never
+/// secret values.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobConfig {
+    /// Name of the policy.
+    pub policy: String,
+    /// Namespace of the policy.
+    pub namespace: String,
+    /// Resolved key prefix in the bucket.
+    pub prefix: String,
+    /// Resolved database port.
+    pub port: u16,
+    /// The policy's spec.
+    pub spec: CrmBackupPolicySpec,
+}
+
+/// Names of the children of a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub service_account: String,
+    pub config_map: String,
+    pub backup_cron_job: String,
+    pub drill_cron_job: String,
+}
+
+/// Child names for a policy.
+pub fn names(owner: &Owner) -> Names {
+    Names {
+        service_account: child_name(&owner.name, "backup", NAME_MAX),
+        config_map: child_name(&owner.name, "backup-config", NAME_MAX),
+        backup_cron_job: child_name(&owner.name, "backup", CRONJOB_NAME_MAX),
+        drill_cron_job: child_name(&owner.name, "drill", CRONJOB_NAME_MAX),
+    }
+}
+
+/// Everything a policy creates.
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub service_account: ServiceAccount,
+    pub config_map: ConfigMap,
+    pub backup: CronJob,
+    pub drill: Option<CronJob>,
+}
+
+/// Builds the children of a validated policy.
+pub fn build(policy: &ValidatedBackupPolicy, ctx: &BuildContext) -> Children {
+    let owner = &policy.owner;
+    let n = names(owner);
+    let config = JobConfig {
+        policy: owner.name.clone(),
+        namespace: owner.namespace.clone(),
+        prefix: policy.prefix.clone(),
+        port: policy.port,
+        spec: policy.spec.clone(),
+    };
+    // Serialising plain data structures cannot fail; fall back to an empty document rather than panic.
+    let config_json = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let config_map = ConfigMap {
+        metadata: owner.child_meta(n.config_map.clone(), "backup"),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config_json)])),
+        ..ConfigMap::default()
+    };
+    let service_account = ServiceAccount {
+        metadata: owner.child_meta(n.service_account.clone(), "backup"),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    };
+    let backup = cron_job(
+        policy,
+        ctx,
+        &n,
+        n.backup_cron_job.clone(),
+        "backup",
+        policy.spec.schedule.cron.clone(),
+        vec!["backup".into(), "run".into(), "--config".into(), format!("{CONFIG_DIR}/{CONFIG_FILE}")],
+    );
+    let drill = policy.spec.verification.restore_drill.as_ref().map(|d| {
+        cron_job(
+            policy,
+            ctx,
+            &n,
+            n.drill_cron_job.clone(),
+            "restore-drill",
+            d.cron.clone(),
+            vec![
+                "restore".into(),
+                "run".into(),
+                "--config".into(),
+                format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+                "--drill".into(),
+                "--target-database".into(),
+                d.scratch_database.clone(),
+            ],
+        )
+    });
+    Children { service_account, config_map, backup, drill }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// Environment of the job: secret references only (resolved by the kubelet), never values.
+pub fn job_env(spec: &CrmBackupPolicySpec) -> Vec<EnvVar> {
+    let mut env = Vec::new();
+    if let Some(s) = &spec.source.credentials.secret_ref {
+        env.push(secret_env("CRMGUARD_DB_USERNAME", &s.name, &s.username_key));
+        env.push(secret_env("CRMGUARD_DB_PASSWORD", &s.name, &s.password_key));
+    }
+    if let Some(ca) = &spec.source.ca_secret_ref {
+        env.push(secret_env("CRMGUARD_DB_CA_CERT", &ca.name, &ca.key));
+    }
+    if let Some(s) = spec.destination.credentials.as_ref().and_then(|c| c.secret_ref.as_ref()) {
+        env.push(secret_env("AWS_ACCESS_KEY_ID", &s.name, &s.access_key_id_key));
+        env.push(secret_env("AWS_SECRET_ACCESS_KEY", &s.name, &s.secret_access_key_key));
+    }
+    if let Some(k) = spec.encryption.key.as_ref().and_then(|k| k.secret_ref.as_ref()) {
+        env.push(secret_env("CRMGUARD_ENCRYPTION_KEY", &k.name, &k.key));
+    }
+    env
+}
+
+/// True when the job talks to Vault (and so needs a projected ServiceAccount token).
+pub fn uses_vault(spec: &CrmBackupPolicySpec) -> bool {
+    spec.source.credentials.vault.is_some()
+        || spec.destination.credentials.as_ref().is_some_and(|c| c.vault.is_some())
+        || spec.encryption.key.as_ref().is_some_and(|k| k.vault_transit.is_some())
+}
+
+/// Pod securityContext that passes Pod Security "restricted".
+pub fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Container securityContext that passes Pod Security "restricted".
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..SecurityContext::default()
+    }
+}
+
+/// Volumes and mounts shared by backup and restore jobs: config, scratch /tmp, Vault token.
+pub fn job_volumes(config_map: &str, vault: bool) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.to_string(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(Default::default()), ..Volume::default() },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+    ];
+    if vault {
+        volumes.push(Volume {
+            name: "vault-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some("vault".into()),
+                        expiration_seconds: Some(600),
+                        path: "token".into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "vault-token".into(),
+            mount_path: VAULT_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    (volumes, mounts)
+}
+
+fn cron_job(
+    policy: &ValidatedBackupPolicy,
+    ctx: &BuildContext,
+    n: &Names,
+    name: String,
+    component: &str,
+    schedule: String,
+    args: Vec<String>,
+) -> CronJob {
+    let owner = &policy.owner;
+    let spec = &policy.spec;
+    let (mut volumes, mut mounts) = job_volumes(&n.config_map, uses_vault(spec));
+    if let (true, Some(att)) = (component == "backup", &spec.source.attachments) {
+        volumes.push(Volume {
+            name: "attachments".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: att.pvc_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "attachments".into(),
+            mount_path: ATTACHMENTS_DIR.into(),
+            sub_path: att.sub_path.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let labels = owner.labels(component);
+    CronJob {
+        metadata: owner.child_meta(name, component),
+        spec: Some(CronJobSpec {
+            schedule,
+            time_zone: spec.schedule.time_zone.clone(),
+            concurrency_policy: Some("Forbid".into()),
+            starting_deadline_seconds: Some(spec.schedule.starting_deadline_seconds),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(3),
+            suspend: Some(spec.suspend),
+            job_template: JobTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+                spec: Some(JobSpec {
+                    // One retry for a transient failure; a failed run never blocks the next scheduled one.
+                    backoff_limit: Some(1),
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                        spec: Some(PodSpec {
+                            service_account_name: Some(n.service_account.clone()),
+                            automount_service_account_token: Some(false),
+                            restart_policy: Some("Never".into()),
+                            security_context: Some(restricted_pod_security()),
+                            containers: vec![Container {
+                                name: component.to_string(),
+                                image: Some(ctx.image.clone()),
+                                image_pull_policy: Some(ctx.image_pull_policy.clone()),
+                                args: Some(args),
+                                env: Some(job_env(spec)),
+                                resources: spec.job_resources.clone(),
+                                security_context: Some(restricted_container_security()),
+                                volume_mounts: Some(mounts),
+                                ..Container::default()
+                            }],
+                            volumes: Some(volumes),
+                            ..PodSpec::default()
+                        }),
+                    },
+                    ..JobSpec::default()
+                }),
+            },
+        }),
+        ..CronJob::default()
+    }
+}

@@ -1,0 +1,4 @@
+//! CrmBackupPolicy controller: a CronJob (and a restore-drill CronJob) running `crmguard backup run`.
+
+pub mod build;
+pub mod validate;

@@ -1,0 +1,4 @@
+//! NetworkGuard controller: default-deny, allow-list, DNS and quarantine NetworkPolicies.
+
+pub mod build;
+pub mod validate;

@@ -1,0 +1,89 @@
+//! Pure builder: validated CrmRestore -> the restore Job.
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::validate::ValidatedRestore;
+use crate::controllers::BuildContext;
+use crate::controllers::backup_policy::build::{
+    CONFIG_DIR, CONFIG_FILE, job_env, job_volumes, names, restricted_container_security, restricted_pod_security,
+    uses_vault,
+};
+use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
+
+/// Builds the Job that performs the restore. It runs as the policy's ServiceAccount with the policy's config.
+pub fn build(v: &ValidatedRestore, ctx: &BuildContext) -> Job {
+    let owner = &v.owner;
+    let policy_names = names(&v.policy.owner);
+    let spec = &v.restore.spec;
+    let mut args = vec![
+        "restore".to_string(),
+        "run".into(),
+        "--config".into(),
+        format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        "--target-host".into(),
+        v.target_host.clone(),
+        "--target-port".into(),
+        v.target_port.to_string(),
+        "--target-database".into(),
+        spec.target.database.clone(),
+    ];
+    if let Some(id) = &spec.backup.id {
+        args.extend(["--backup".into(), id.clone()]);
+    } else if let Some(before) = &spec.backup.before {
+        args.extend(["--before".into(), before.0.to_string()]);
+    } else {
+        args.extend(["--backup".into(), "latest".into()]);
+    }
+    for (flag, on) in [
+        ("--create-database", spec.options.create_database),
+        ("--clean", spec.options.clean),
+        ("--verify-row-counts", spec.options.verify_row_counts),
+        ("--restore-attachments", spec.options.restore_attachments),
+    ] {
+        if on {
+            args.push(flag.into());
+        }
+    }
+    // Target credentials: the restore's own when given, else the policy's.
+    let mut cred_spec = v.policy.spec.clone();
+    if let Some(c) = &spec.target.credentials {
+        cred_spec.source.credentials = c.clone();
+    }
+    let mut env: Vec<EnvVar> = job_env(&cred_spec);
+    env.sort_by(|a, b| a.name.cmp(&b.name));
+    let (volumes, mounts) = job_volumes(&policy_names.config_map, uses_vault(&cred_spec));
+    let labels = owner.labels("restore");
+    Job {
+        metadata: owner.child_meta(child_name(&owner.name, "restore", LABEL_NAME_MAX), "restore"),
+        spec: Some(JobSpec {
+            // A restore is not retried blindly: a failure is reported and a new CrmRestore decides.
+            backoff_limit: Some(0),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(policy_names.service_account),
+                    automount_service_account_token: Some(false),
+                    restart_policy: Some("Never".into()),
+                    security_context: Some(restricted_pod_security()),
+                    containers: vec![Container {
+                        name: "restore".into(),
+                        image: Some(ctx.image.clone()),
+                        image_pull_policy: Some(ctx.image_pull_policy.clone()),
+                        args: Some(args),
+                        env: Some(env),
+                        resources: v.policy.spec.job_resources.clone(),
+                        security_context: Some(restricted_container_security()),
+                        volume_mounts: Some(mounts),
+                        ..Container::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    }
+}

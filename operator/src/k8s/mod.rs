@@ -1,0 +1,3 @@
+//! Kubernetes helpers shared by the controllers: standard labels, owner references and child names.
+
+pub mod meta;

@@ -1,0 +1,8 @@
+//! crmguard: a Kubernetes operator that protects a CRM application (web app, PostgreSQL/MySQL database and
+//! attachments volume) with verified encrypted backups, least-privilege access and a network guard.
+
+pub mod api;
+pub mod controllers;
+pub mod k8s;
+pub mod plan;
+pub mod validation;

@@ -1,0 +1,271 @@
+//! `crmguard plan`: reads custom resources from files and shows every object the operator would create for
+//! them, plus every validation error, without a cluster.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+
+use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
+use crate::controllers::{BuildContext, access_policy, backup_policy, network_guard, restore};
+use crate::validation::{FieldError, admit, crmguard_kind, with_defaults};
+
+/// One YAML/JSON document read from a file.
+#[derive(Clone, Debug)]
+pub struct Document {
+    /// `file` or `file#N` for the N-th document of a multi-document file.
+    pub source: String,
+    pub value: Value,
+}
+
+/// A file could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not valid YAML: {message}")]
+    Yaml { path: String, message: String },
+    #[error("{0}: no .yaml, .yml or .json files found")]
+    Empty(String),
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io { path: path.display().to_string(), source };
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for entry in entries {
+            if entry.is_dir() {
+                collect_files(&entry, out)?;
+            } else if entry.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+                out.push(entry);
+            }
+        }
+        Ok(())
+    } else {
+        std::fs::metadata(path).map_err(io)?;
+        out.push(path.to_path_buf());
+        Ok(())
+    }
+}
+
+/// Parses the documents of one YAML (or JSON) text. `List` objects are flattened into their items.
+pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, LoadError> {
+    let values: Vec<Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| LoadError::Yaml { path: source.to_string(), message: e.to_string() })?;
+    let many = values.len() > 1;
+    let mut docs = Vec::new();
+    for (i, value) in values.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
+        }
+        let source = if many { format!("{source}#{}", i + 1) } else { source.to_string() };
+        match (value.get("kind").and_then(Value::as_str), value.get("items").and_then(Value::as_array)) {
+            (Some("List"), Some(items)) => docs.extend(
+                items.iter().enumerate().map(|(j, v)| Document { source: format!("{source}[{j}]"), value: v.clone() }),
+            ),
+            _ => docs.push(Document { source, value }),
+        }
+    }
+    Ok(docs)
+}
+
+/// Reads every document of the given files and directories (recursively, `.yaml`, `.yml`, `.json`).
+pub fn load(paths: &[PathBuf]) -> Result<Vec<Document>, LoadError> {
+    let mut files = Vec::new();
+    for p in paths {
+        let before = files.len();
+        collect_files(p, &mut files)?;
+        if files.len() == before {
+            return Err(LoadError::Empty(p.display().to_string()));
+        }
+    }
+    let mut docs = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).map_err(|source| LoadError::Io { path: f.display().to_string(), source })?;
+        docs.extend(parse_documents(&f.display().to_string(), &text)?);
+    }
+    Ok(docs)
+}
+
+/// The outcome for one input document.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub source: String,
+    /// `Kind namespace/name` of the input.
+    pub resource: String,
+    /// Objects the operator would create (apiVersion/kind included).
+    pub children: Vec<Value>,
+    /// Why the input would be refused (by the API server or by the operator).
+    pub errors: Vec<FieldError>,
+    /// Accepted, but worth attention.
+    pub warnings: Vec<String>,
+    /// True when the document is not a crmguard resource and was ignored.
+    pub skipped: bool,
+}
+
+fn describe(v: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        v.get("kind").and_then(Value::as_str).unwrap_or("<no kind>"),
+        v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("<no namespace>"),
+        v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<no name>")
+    )
+}
+
+fn to_values<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<Value> {
+    items.into_iter().filter_map(|i| serde_json::to_value(i).ok()).collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, Vec<FieldError>> {
+    serde_json::from_value(v.clone()).map_err(|e| vec![FieldError::new("", format!("cannot be read: {e}"))])
+}
+
+/// Plans every document. `namespace` fills in resources without one (like `kubectl apply -n`).
+pub fn plan(docs: &[Document], namespace: Option<&str>, ctx: &BuildContext, now: Timestamp) -> Vec<Planned> {
+    // Default namespaces and schema defaults first, so that restores can find their policies.
+    let prepared: Vec<(String, Value)> = docs
+        .iter()
+        .map(|d| {
+            let mut v = d.value.clone();
+            if let (Some(ns), Some(meta)) = (namespace, v.get_mut("metadata").and_then(Value::as_object_mut)) {
+                meta.entry("namespace").or_insert_with(|| Value::String(ns.to_string()));
+            }
+            (d.source.clone(), v)
+        })
+        .collect();
+    let policies: Vec<CrmBackupPolicy> = prepared
+        .iter()
+        .filter(|(_, v)| crmguard_kind(v) == Some("CrmBackupPolicy") && admit(v).is_empty())
+        .filter_map(|(_, v)| serde_json::from_value(with_defaults(v)).ok())
+        .collect();
+
+    prepared
+        .iter()
+        .map(|(source, v)| {
+            let mut planned = Planned {
+                source: source.clone(),
+                resource: describe(v),
+                children: vec![],
+                errors: vec![],
+                warnings: vec![],
+                skipped: false,
+            };
+            let ours = v.get("apiVersion").and_then(Value::as_str).is_some_and(|a| a.starts_with("crmguard.io/"));
+            let Some(kind) = crmguard_kind(v) else {
+                // Another group is none of our business; our group with an unknown version or kind is a mistake.
+                if ours {
+                    planned.errors = admit(v);
+                } else {
+                    planned.skipped = true;
+                }
+                return planned;
+            };
+            planned.errors = admit(v);
+            if !planned.errors.is_empty() {
+                return planned;
+            }
+            let v = with_defaults(v);
+            let result = match kind {
+                "CrmBackupPolicy" => {
+                    typed::<CrmBackupPolicy>(&v).and_then(|p| backup_policy::validate::validate(&p)).map(|p| {
+                        let c = backup_policy::build::build(&p, ctx);
+                        let mut out = to_values([c.service_account]);
+                        out.extend(to_values([c.config_map]));
+                        out.extend(to_values([c.backup]));
+                        out.extend(to_values(c.drill));
+                        (out, vec![])
+                    })
+                }
+                "CrmRestore" => typed::<CrmRestore>(&v).and_then(|r| {
+                    let policy = policies.iter().find(|p| {
+                        p.metadata.name.as_deref() == Some(r.spec.policy_ref.name.as_str())
+                            && p.metadata.namespace == r.metadata.namespace
+                    });
+                    restore::validate::validate(&r, policy)
+                        .map(|r| (to_values([restore::build::build(&r, ctx)]), vec![]))
+                }),
+                "AccessPolicy" => {
+                    typed::<AccessPolicy>(&v).and_then(|p| access_policy::validate::validate(&p)).map(|p| {
+                        let rbac = access_policy::build::build(&p, now);
+                        let mut warnings = p.warnings.clone();
+                        warnings.extend(rbac.expired.iter().map(|e| format!("grant expired and left out: {e}")));
+                        let mut out = Vec::new();
+                        for t in rbac.teams {
+                            out.extend(to_values([t.role]));
+                            out.extend(to_values([t.binding]));
+                        }
+                        (out, warnings)
+                    })
+                }
+                "NetworkGuard" => typed::<NetworkGuard>(&v)
+                    .and_then(|g| network_guard::validate::validate(&g))
+                    .map(|g| (to_values(network_guard::build::build(&g)), vec![])),
+                _ => Ok((vec![], vec![])),
+            };
+            match result {
+                Ok((children, warnings)) => {
+                    planned.children = children;
+                    planned.warnings = warnings;
+                }
+                Err(errors) => planned.errors = errors,
+            }
+            planned
+        })
+        .collect()
+}
+
+/// Renders a plan as YAML: the children as documents, with comments naming their source, errors and warnings.
+pub fn render(plans: &[Planned]) -> String {
+    let mut out = String::from(
+        "# crmguard plan: objects the operator would create. ownerReferences carry the uid the API server assigns to\n\
+         # each custom resource; offline it is empty.\n",
+    );
+    for p in plans {
+        if p.skipped {
+            let _ = writeln!(out, "# {}: {} is not a crmguard resource; skipped", p.source, p.resource);
+            continue;
+        }
+        if !p.errors.is_empty() {
+            let _ = writeln!(out, "# {}: {} would be refused:", p.source, p.resource);
+            for e in &p.errors {
+                let _ = writeln!(out, "#   - {e}");
+            }
+            continue;
+        }
+        let _ = writeln!(out, "# {}: {} -> {} object(s)", p.source, p.resource, p.children.len());
+        for w in &p.warnings {
+            let _ = writeln!(out, "#   warning: {w}");
+        }
+        for child in &p.children {
+            out.push_str("---\n");
+            out.push_str(&serde_saphyr::to_string(child).unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_and_empty_documents_are_handled() {
+        let docs = parse_documents(
+            "t.yaml",
+            "---\n---\napiVersion: v1\nkind: List\nitems:\n- {kind: A}\n- {kind: B}\n---\nkind: C\n",
+        )
+        .unwrap();
+        let kinds: Vec<_> = docs.iter().map(|d| d.value["kind"].as_str().unwrap().to_string()).collect();
+        assert_eq!(kinds, ["A", "B", "C"]);
+    }
+
+    #[test]
+    fn bad_yaml_names_the_file() {
+        let err = parse_documents("bad.yaml", "a: [1, 2\n").unwrap_err().to_string();
+        assert!(err.starts_with("bad.yaml: not valid YAML"), "{err}");
+    }
+}

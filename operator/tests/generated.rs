@@ -1,0 +1,66 @@
+//! Generated files are committed and never edited by hand: crds/ and the chart's copy equal what
+//! `crmguard crd` renders now (run scripts/generate to refresh them).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use std::path::PathBuf;
+
+#[test]
+fn committed_crds_match_the_code() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let files = crmguard::api::crd_files().unwrap();
+    assert_eq!(files.len(), 4);
+    for dir in ["crds", "charts/crmguard/crds"] {
+        for (name, text) in &files {
+            let path = root.join(dir).join(name);
+            let committed = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}; run scripts/generate", path.display()));
+            assert!(committed == *text, "{} is stale; run scripts/generate and commit the result", path.display());
+        }
+        let count = std::fs::read_dir(root.join(dir)).unwrap().count();
+        assert_eq!(count, files.len(), "{dir} holds files that `crmguard crd` no longer generates");
+    }
+}
+
+#[test]
+fn crds_carry_names_categories_columns_and_descriptions() {
+    for crd in crmguard::api::crds() {
+        let names = &crd.spec.names;
+        assert_eq!(names.categories.as_deref(), Some(&["crmguard".to_string()][..]));
+        assert_eq!(names.short_names.as_ref().map(Vec::len), Some(1), "{}", names.kind);
+        let version = &crd.spec.versions[0];
+        assert!(
+            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            "{} has a status subresource",
+            names.kind
+        );
+        let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert!(columns.contains(&"Age"), "{}: {columns:?}", names.kind);
+        let schema =
+            serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        assert!(
+            !schema["description"].as_str().unwrap().contains("Auto-generated"),
+            "{} has a real description",
+            names.kind
+        );
+        // Every spec field documents itself for `kubectl explain`.
+        fn walk(v: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, child) in props {
+                    let p = format!("{path}.{k}");
+                    if child.get("description").is_none() {
+                        missing.push(p.clone());
+                    }
+                    walk(child, &p, missing);
+                }
+            }
+            if let Some(items) = v.get("items") {
+                walk(items, &format!("{path}[]"), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&schema["properties"]["spec"], "spec", &mut missing);
+        walk(&schema["properties"]["status"], "status", &mut missing);
+        assert!(missing.is_empty(), "{} fields without description: {missing:?}", names.kind);
+    }
+}

@@ -10,7 +10,7 @@ fn committed_crds_match_the_code() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let files = crmguard::api::crd_files().unwrap();
     assert_eq!(files.len(), 4);
-    for dir in ["crds", "charts/crmguard/crds"] {
+    for dir in ["crds", "charts/crmguard/crds", "manifests/crds"] {
         for (name, text) in &files {
             let path = root.join(dir).join(name);
             let committed = std::fs::read_to_string(&path)
@@ -63,4 +63,53 @@ fn crds_carry_names_categories_columns_and_descriptions() {
         walk(&schema["properties"]["status"], "status", &mut missing);
         assert!(missing.is_empty(), "{} fields without description: {missing:?}", names.kind);
     }
+}
+
+/// A real API server refuses a CRD whose CEL rules do not compile, use variables outside their scope, or
+/// exceed the cost budget (which happens when lists or strings lack maxItems/maxLength). Check statically.
+#[test]
+fn cel_rules_compile_and_fit_the_api_server_cost_budget() {
+    use kube::core::cel::{ScopeContext, analyze_rule, cel::Program, compile_schema};
+    fn walk(node: &serde_json::Value, path: &str, problems: &mut Vec<String>, count: &mut usize) {
+        if let Some(rules) = node.get("x-kubernetes-validations").and_then(|r| r.as_array()) {
+            let compiled = compile_schema(node);
+            for r in rules {
+                let rule = r["rule"].as_str().unwrap();
+                *count += 1;
+                assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()), "{path}: rule {rule} has no message");
+                if let Err(e) = Program::compile(rule) {
+                    problems.push(format!("{path}: {rule}: does not compile: {e}"));
+                }
+                for w in analyze_rule(rule, &compiled, ScopeContext::CrdValidation) {
+                    // The analyser also flags variables bound by a comprehension macro (`all(t, ...)`); those
+                    // are legal in Kubernetes. Anything else is a real problem.
+                    let bound = w.message.split('\'').nth(1).is_some_and(|var| {
+                        ["all", "exists", "exists_one", "map", "filter"]
+                            .iter()
+                            .any(|m| rule.contains(&format!(".{m}({var},")))
+                    });
+                    if matches!(w.kind, kube::core::cel::WarningKind::WrongScope) && bound {
+                        continue;
+                    }
+                    problems.push(format!("{path}: {rule}: {:?}: {}", w.kind, w.message));
+                }
+            }
+        }
+        if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
+            for (k, child) in props {
+                walk(child, &format!("{path}.{k}"), problems, count);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(items, &format!("{path}[]"), problems, count);
+        }
+    }
+    let mut problems = vec![];
+    let mut count = 0;
+    for crd in crmguard::api::crds() {
+        let v = crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap();
+        walk(&serde_json::to_value(v).unwrap(), &crd.spec.names.kind, &mut problems, &mut count);
+    }
+    assert!(count >= 20, "expected the CEL rules of all kinds, found {count}");
+    assert!(problems.is_empty(), "{problems:#?}");
 }

@@ -121,7 +121,7 @@ fn to_values<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<Val
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, Vec<FieldError>> {
-    serde_json::from_value(v.clone()).map_err(|e| vec![FieldError::new("", format!("cannot be read: {e}"))])
+    crate::validation::read_typed(v).map_err(|e| vec![e])
 }
 
 /// Plans every document. `namespace` fills in resources without one (like `kubectl apply -n`).

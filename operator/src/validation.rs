@@ -193,6 +193,16 @@ pub fn admit_update(obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
     errors
 }
 
+/// Reads a (defaulted) object into its typed form. The schema admits a few values the typed API cannot hold
+/// (e.g. an integer port beyond 32 bits); such an object gets an error naming the field instead of a panic
+/// or a broken watch.
+pub fn read_typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        FieldError::new(if path == "." { String::new() } else { path }, format!("cannot be read: {}", e.inner()))
+    })
+}
+
 /// Applies the CRD schema's defaults to `obj`, as the API server does on admission.
 pub fn with_defaults(obj: &Value) -> Value {
     match crmguard_kind(obj).and_then(|k| schemas().get(k)) {

@@ -1,5 +1,7 @@
 //! End-to-end test support: locating and running the `crmguard` binary as a user would.
 
+pub mod apiserver;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

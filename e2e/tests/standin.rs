@@ -168,3 +168,27 @@ async fn the_watcher_of_kube_runtime_sees_objects_appear() {
     .expect("the watcher saw the object within 20s");
     assert_eq!(found.as_deref(), Some("crm-firewall"));
 }
+
+#[tokio::test]
+async fn invalid_custom_resources_are_refused_with_422_and_defaults_are_stored() {
+    let (_server, client) = server_with_crds().await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client, "crm");
+    let mut bad = guard();
+    bad.spec.egress[2].peers[0].ip_block.as_mut().unwrap().cidr = "203.0.113.0/33".into();
+    let err = guards.create(&PostParams::default(), &bad).await.unwrap_err();
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422);
+            assert!(s.message.contains("spec.egress[2].peers[0].ipBlock.cidr: cidr must be a CIDR"), "{}", s.message);
+        }
+        other => panic!("expected 422, got {other}"),
+    }
+    let raw = json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
+        "metadata": {"name": "minimal"}, "spec": {"podSelector": {}}});
+    // Sent untyped, so that only the server can have filled in the defaults.
+    let ar = kube::core::ApiResource::erase::<NetworkGuard>(&());
+    let raw_api: Api<kube::core::DynamicObject> = Api::namespaced_with(guards.into_client(), "crm", &ar);
+    let created = raw_api.create(&PostParams::default(), &serde_json::from_value(raw).unwrap()).await.unwrap();
+    assert_eq!(created.data["spec"]["defaultDeny"], json!({"ingress": true, "egress": true}), "defaults are stored");
+    assert_eq!(created.data["spec"]["dns"]["namespace"], "kube-system");
+}

@@ -463,7 +463,29 @@ fn list(
     ))
 }
 
+/// Admission for crmguard's own kinds: schema defaults are applied and stored (as the API server does), then
+/// the object is validated against the CRD's OpenAPI schema and CEL rules (transition rules with `old`).
+fn admit(t: &ResourceType, body: Value, old: Option<&Value>, sub: &str) -> Result<Value, ApiError> {
+    let mut body = body;
+    if body["apiVersion"].is_null() {
+        body["apiVersion"] = json!(t.api_version());
+        body["kind"] = json!(t.kind);
+    }
+    if t.group != crmguard::api::common::GROUP || sub == "status" {
+        return Ok(body);
+    }
+    let body = crmguard::validation::with_defaults(&body);
+    let errors = crmguard::validation::admit_update(&body, old);
+    if errors.is_empty() {
+        return Ok(body);
+    }
+    let name = body["metadata"]["name"].as_str().unwrap_or_default();
+    let details: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    Err(ApiError::new(422, "Invalid", format!("{}.{} \"{name}\" is invalid: {}", t.kind, t.group, details.join(", "))))
+}
+
 fn create(state: &State, t: &ResourceType, ns: &str, body: Value) -> Result<Response<Body>, ApiError> {
+    let body = admit(t, body, None, "")?;
     let (obj, ev) = state.store.lock().map_err(poisoned)?.create(t, ns, body)?;
     after_write(state, t, &obj);
     broadcast_all(state, vec![ev]);

@@ -243,6 +243,47 @@ pub fn job_volumes(config_map: &str, vault: bool) -> (Vec<Volume>, Vec<VolumeMou
     (volumes, mounts)
 }
 
+/// The pod of a backup, drill or restore job: non-root, restricted, no API token, config and scratch mounted.
+#[derive(Clone, Debug)]
+pub struct JobPod {
+    pub container: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub args: Vec<String>,
+    pub env: Vec<EnvVar>,
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+}
+
+impl JobPod {
+    /// The pod template.
+    pub fn template(self, ctx: &BuildContext) -> PodTemplateSpec {
+        PodTemplateSpec {
+            metadata: Some(ObjectMeta { labels: Some(self.labels), ..ObjectMeta::default() }),
+            spec: Some(PodSpec {
+                service_account_name: Some(self.service_account),
+                automount_service_account_token: Some(false),
+                restart_policy: Some("Never".into()),
+                security_context: Some(restricted_pod_security()),
+                containers: vec![Container {
+                    name: self.container,
+                    image: Some(ctx.image.clone()),
+                    image_pull_policy: Some(ctx.image_pull_policy.clone()),
+                    args: Some(self.args),
+                    env: Some(self.env),
+                    resources: self.resources,
+                    security_context: Some(restricted_container_security()),
+                    volume_mounts: Some(self.mounts),
+                    ..Container::default()
+                }],
+                volumes: Some(self.volumes),
+                ..PodSpec::default()
+            }),
+        }
+    }
+}
+
 fn cron_job(
     policy: &ValidatedBackupPolicy,
     ctx: &BuildContext,
@@ -288,28 +329,17 @@ fn cron_job(
                 spec: Some(JobSpec {
                     // One retry for a transient failure; a failed run never blocks the next scheduled one.
                     backoff_limit: Some(1),
-                    template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
-                        spec: Some(PodSpec {
-                            service_account_name: Some(n.service_account.clone()),
-                            automount_service_account_token: Some(false),
-                            restart_policy: Some("Never".into()),
-                            security_context: Some(restricted_pod_security()),
-                            containers: vec![Container {
-                                name: component.to_string(),
-                                image: Some(ctx.image.clone()),
-                                image_pull_policy: Some(ctx.image_pull_policy.clone()),
-                                args: Some(args),
-                                env: Some(job_env(spec)),
-                                resources: spec.job_resources.clone(),
-                                security_context: Some(restricted_container_security()),
-                                volume_mounts: Some(mounts),
-                                ..Container::default()
-                            }],
-                            volumes: Some(volumes),
-                            ..PodSpec::default()
-                        }),
-                    },
+                    template: JobPod {
+                        container: component.to_string(),
+                        service_account: n.service_account.clone(),
+                        labels,
+                        args,
+                        env: job_env(spec),
+                        resources: spec.job_resources.clone(),
+                        volumes,
+                        mounts,
+                    }
+                    .template(ctx),
                     ..JobSpec::default()
                 }),
             },

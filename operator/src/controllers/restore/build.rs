@@ -1,14 +1,12 @@
 //! Pure builder: validated CrmRestore -> the restore Job.
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::EnvVar;
 
 use super::validate::ValidatedRestore;
 use crate::controllers::BuildContext;
 use crate::controllers::backup_policy::build::{
-    CONFIG_DIR, CONFIG_FILE, job_env, job_volumes, names, restricted_container_security, restricted_pod_security,
-    uses_vault,
+    CONFIG_DIR, CONFIG_FILE, JobPod, job_env, job_volumes, names, uses_vault,
 };
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 
@@ -60,28 +58,17 @@ pub fn build(v: &ValidatedRestore, ctx: &BuildContext) -> Job {
         spec: Some(JobSpec {
             // A restore is not retried blindly: a failure is reported and a new CrmRestore decides.
             backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(policy_names.service_account),
-                    automount_service_account_token: Some(false),
-                    restart_policy: Some("Never".into()),
-                    security_context: Some(restricted_pod_security()),
-                    containers: vec![Container {
-                        name: "restore".into(),
-                        image: Some(ctx.image.clone()),
-                        image_pull_policy: Some(ctx.image_pull_policy.clone()),
-                        args: Some(args),
-                        env: Some(env),
-                        resources: v.policy.spec.job_resources.clone(),
-                        security_context: Some(restricted_container_security()),
-                        volume_mounts: Some(mounts),
-                        ..Container::default()
-                    }],
-                    volumes: Some(volumes),
-                    ..PodSpec::default()
-                }),
-            },
+            template: JobPod {
+                container: "restore".into(),
+                service_account: policy_names.service_account,
+                labels,
+                args,
+                env,
+                resources: v.policy.spec.job_resources.clone(),
+                volumes,
+                mounts,
+            }
+            .template(ctx),
             ..JobSpec::default()
         }),
         ..Job::default()

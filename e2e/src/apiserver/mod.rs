@@ -536,45 +536,35 @@ fn patch(
     content_type: &str,
     q: &BTreeMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
-    let existing = state.store.lock().map_err(poisoned)?.get(t, ns, name);
     let is_apply = content_type.starts_with("application/apply-patch");
+    if is_apply && q.get("fieldManager").is_none_or(String::is_empty) {
+        return Err(ApiError::new(422, "Invalid", "fieldManager: Required value: is required for apply patch"));
+    }
+    // Bind first: the store lock must be released before create() takes it again.
+    let existing = state.store.lock().map_err(poisoned)?.get(t, ns, name);
     let mut obj = match existing {
         Ok(o) => o,
         Err(e) if is_apply && e.code == 404 => {
-            if q.get("fieldManager").is_none_or(String::is_empty) {
-                return Err(ApiError::new(422, "Invalid", "fieldManager: Required value: is required for apply patch"));
-            }
             let mut body = body;
             body["metadata"]["name"] = json!(name);
             return create(state, t, ns, body);
         }
         Err(e) => return Err(e),
     };
-    let rv_before = obj["metadata"]["resourceVersion"].clone();
     if content_type.starts_with("application/json-patch+json") {
+        // A JSON Patch may set metadata.resourceVersion on purpose (optimistic concurrency via `test`/`replace`).
         let p: json_patch::Patch =
             serde_json::from_value(body).map_err(|e| ApiError::new(400, "BadRequest", e.to_string()))?;
         json_patch::patch(&mut obj, &p)
             .map_err(|e| ApiError::new(422, "Invalid", format!("json patch failed: {e}")))?;
-    } else if is_apply {
-        if q.get("fieldManager").is_none_or(String::is_empty) {
-            return Err(ApiError::new(422, "Invalid", "fieldManager: Required value: is required for apply patch"));
-        }
-        let mut body = body;
-        if let Some(m) = body["metadata"].as_object_mut() {
-            m.remove("resourceVersion");
-        }
-        merge_patch(&mut obj, &body);
     } else {
-        // merge-patch+json and strategic-merge-patch+json (approximated as a merge patch).
+        // Apply, merge-patch+json and strategic-merge-patch+json (the last two approximated as a merge patch);
+        // none of them carries a precondition on resourceVersion here.
         let mut body = body;
         if let Some(m) = body["metadata"].as_object_mut() {
             m.remove("resourceVersion");
         }
         merge_patch(&mut obj, &body);
-    }
-    if obj["metadata"]["resourceVersion"].is_null() || obj["metadata"]["resourceVersion"] == rv_before {
-        obj["metadata"]["resourceVersion"] = rv_before;
     }
     write(state, t, ns, name, sub, obj)
 }

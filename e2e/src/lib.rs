@@ -1,5 +1,7 @@
 //! End-to-end test support: locating and running the `crmguard` binary as a user would.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failed set-up is a failed test
+
 pub mod apiserver;
 
 use std::path::PathBuf;
@@ -27,4 +29,113 @@ pub fn crmguard(args: &[&str]) -> Output {
         .current_dir(repo_root())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e} (build it with `cargo build -p crmguard`)", bin.display()))
+}
+
+/// A `crmguard run` process talking to an API server through a kubeconfig; killed on drop.
+#[derive(Debug)]
+pub struct Operator {
+    pub child: std::process::Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Operator {
+    /// Starts the operator with `kubeconfig` and extra arguments; logs go to a file in a temporary directory.
+    pub fn start(kubeconfig: &str, extra: &[&str]) -> Operator {
+        let dir = TempDir::new("operator");
+        let kc = dir.path.join("kubeconfig");
+        std::fs::write(&kc, kubeconfig).expect("write kubeconfig");
+        let http_port = free_port();
+        let log = dir.path.join("operator.log");
+        let logfile = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(crmguard_bin())
+            .args(["run", "--log-format", "text", "--log-level", "info,crmguard=debug"])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}"), "--resync-seconds", "600"])
+            .args(extra)
+            .env("KUBECONFIG", &kc)
+            .stdout(logfile.try_clone().expect("log file"))
+            .stderr(logfile)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", crmguard_bin().display()));
+        Operator { child, http_port, log, _dir: dir }
+    }
+
+    /// The operator's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path of the operator's HTTP server; None while it is not listening.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// Value of a Prometheus sample (exact series text, e.g. `crmguard_reconcile_total{controller="networkguard"}`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("crmguard-{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `check` until it returns Some, or panics after `secs` with `what` and the last observation.
+/// Each poll is a real observation of state (no fixed sleeps stand in for synchronisation).
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

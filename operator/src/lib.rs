@@ -5,4 +5,5 @@ pub mod api;
 pub mod controllers;
 pub mod k8s;
 pub mod plan;
+pub mod runtime;
 pub mod validation;

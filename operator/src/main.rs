@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the operator: reconcile every crmguard resource in the watched namespaces.
+    Run(RunArgs),
     /// Print every CustomResourceDefinition as YAML, or write one file per CRD into each --out-dir.
     Crd {
         /// Directory to write `<plural>.<group>.yaml` files into (repeatable). Prints to stdout when absent.
@@ -41,8 +43,98 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Namespace to watch (repeatable, or comma-separated). All namespaces when absent.
+    #[arg(long = "namespace", env = "CRMGUARD_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Reconciles running at once per controller.
+    #[arg(long, env = "CRMGUARD_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "CRMGUARD_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: std::net::SocketAddr,
+    /// Log format.
+    #[arg(long, env = "CRMGUARD_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+    /// Log level or tracing filter (e.g. `info`, `crmguard=debug,kube=info`).
+    #[arg(long, env = "CRMGUARD_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Elect a leader with a Lease so that several replicas are safe. Turn off only for a single replica.
+    #[arg(long, env = "CRMGUARD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (defaults to the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "crmguard-system")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "crmguard-leader")]
+    lease_name: String,
+    /// Identity of this replica in the Lease (defaults to the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Lease duration in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Image used by backup and restore jobs.
+    #[arg(long, env = "CRMGUARD_IMAGE")]
+    image: Option<String>,
+    /// Steady-state resync interval in seconds.
+    #[arg(long, default_value_t = 600)]
+    resync_seconds: u64,
+}
+
+fn init_logging(format: &str, level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if format == "json" { builder.json().try_init() } else { builder.with_ansi(false).try_init() };
+    result.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
+    init_logging(&args.log_format, &args.log_level)?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "crmguard".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let mut build = BuildContext::default();
+    if let Some(image) = args.image {
+        build.image = image;
+    }
+    let opts = crmguard::runtime::RunOptions {
+        namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        concurrency: args.concurrency.max(1),
+        http_addr: args.http_addr,
+        lease: args.leader_election.then(|| crmguard::runtime::leader::LeaseConfig {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity,
+            duration: std::time::Duration::from_secs(args.lease_duration_seconds.max(3)),
+            retry: std::time::Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+        }),
+        build,
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(10)),
+    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
+    match runtime.block_on(crmguard::runtime::run(opts)) {
+        Ok(()) => {
+            // Do not wait for stuck tasks (e.g. watches on an unreachable API server) at shutdown.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "crmguard stopped");
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            Err(e.to_string())
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
+        Command::Run(args) => run_operator(args),
         Command::Crd { out_dirs } => {
             let files = crmguard::api::crd_files().map_err(|e| format!("cannot render CRDs as YAML: {e}"))?;
             if out_dirs.is_empty() {

@@ -1,3 +1,5 @@
 //! Kubernetes helpers shared by the controllers: standard labels, owner references and child names.
 
+pub mod apply;
 pub mod meta;
+pub mod selector;

@@ -1,4 +1,5 @@
 //! NetworkGuard controller: default-deny, allow-list, DNS and quarantine NetworkPolicies.
 
 pub mod build;
+pub mod reconcile;
 pub mod validate;

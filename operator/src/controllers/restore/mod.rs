@@ -1,4 +1,5 @@
 //! CrmRestore controller: a Job running `crmguard restore run`.
 
 pub mod build;
+pub mod reconcile;
 pub mod validate;

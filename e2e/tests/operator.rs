@@ -1,0 +1,217 @@
+//! The real `crmguard run` process against the API-server stand-in, through a kubeconfig: children appear,
+//! drift is repaired, spec changes propagate, invalid specs are reported, steady state writes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use crmguard::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard, crds};
+use e2e::apiserver::ApiServer;
+use e2e::{Operator, eventually};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::Role;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "crm-e2e";
+
+async fn setup() -> (ApiServer, kube::Client) {
+    let server = ApiServer::start().await.unwrap();
+    let client = server.client();
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds() {
+        crd_api.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    (server, client)
+}
+
+fn example<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = e2e::repo_root().join("examples/crm").join(file);
+    let mut v: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["metadata"]["namespace"] = json!(NS);
+    serde_json::from_value(v).unwrap()
+}
+
+fn ready(
+    conds: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
+    t: &str,
+) -> Option<(String, String, String)> {
+    conds?.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn policies(client: &kube::Client) -> Vec<String> {
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    let mut names: Vec<String> =
+        api.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|p| p.metadata.name).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reconciles_repairs_and_stays_quiet() {
+    let (server, client) = setup().await;
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    eventually(60, "/readyz to answer 200", || async {
+        match op.http_get("/readyz") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("{other:?}; logs:\n{}", op.logs())),
+        }
+    })
+    .await;
+
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), NS);
+    let g = guards.create(&PostParams::default(), &example("network-guard.yaml")).await.unwrap();
+    let uid = g.metadata.uid.clone().unwrap();
+    eventually(30, "NetworkGuard Ready=True with observedGeneration 1", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let st = g.status.clone().unwrap_or_default();
+        match (ready(Some(&st.conditions), "Ready"), st.observed_generation) {
+            (Some((s, _, _)), Some(1)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let names = policies(&client).await;
+    assert_eq!(names.len(), 9, "{names:?}");
+    let np_api: Api<NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    for p in np_api.list(&ListParams::default()).await.unwrap().items {
+        let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), (uid.as_str(), Some(true)));
+        assert_eq!(p.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "crmguard");
+    }
+
+    // Drift: an edited child is reverted, a deleted child comes back.
+    let tamper = json!({"spec": {"podSelector": {"matchLabels": {"hacked": "yes"}}}});
+    np_api.patch("crm-firewall-default-deny", &PatchParams::default(), &Patch::Merge(&tamper)).await.unwrap();
+    np_api.delete("crm-firewall-dns", &DeleteParams::default()).await.unwrap();
+    eventually(30, "the tampered and deleted policies to be repaired", || async {
+        let dd = np_api.get("crm-firewall-default-deny").await.map_err(|e| e.to_string())?;
+        let sel = dd.spec.unwrap().pod_selector.unwrap_or_default();
+        let labels = sel.match_labels.unwrap_or_default();
+        let dns = np_api.get_opt("crm-firewall-dns").await.map_err(|e| e.to_string())?;
+        if labels.get("app.kubernetes.io/part-of").map(String::as_str) == Some("crm") && dns.is_some() {
+            Ok(())
+        } else {
+            Err(format!("default-deny selector {labels:?}, dns present: {}", dns.is_some()))
+        }
+    })
+    .await;
+
+    // Steady state: a reconcile with nothing to change makes no write (the test's own label patch is the only one).
+    let metric = r#"crmguard_reconcile_total{controller="networkguard"}"#;
+    let before_reconciles = op.metric(metric).unwrap_or(0.0);
+    let before_writes = server.write_count();
+    guards
+        .patch(
+            "crm-firewall",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"touched": "1"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(30, "a reconcile after the label change", || async {
+        let now = op.metric(metric).unwrap_or(0.0);
+        if now > before_reconciles { Ok(()) } else { Err(format!("reconciles {now}")) }
+    })
+    .await;
+    // The reconcile has finished once its duration is observed as often as it was started.
+    eventually(30, "the reconcile to finish", || async {
+        let started = op.metric(metric).unwrap_or(0.0);
+        let done = op.metric(r#"crmguard_reconcile_duration_seconds_count{controller="networkguard"}"#).unwrap_or(0.0);
+        if done >= started { Ok(()) } else { Err(format!("{done} of {started}")) }
+    })
+    .await;
+    let writes = server.state.writes.lock().unwrap().clone();
+    assert_eq!(server.write_count() - before_writes, 1, "steady state wrote something: {writes:?}");
+
+    // A spec change updates children (a rule removed -> its policy pruned) and observedGeneration.
+    let mut g = guards.get("crm-firewall").await.unwrap();
+    g.spec.egress.retain(|r| r.name != "to-smtp");
+    guards.replace("crm-firewall", &PostParams::default(), &g).await.unwrap();
+    eventually(30, "the to-smtp policy pruned and observedGeneration 2", || async {
+        let names = policies(&client).await;
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let og = g.status.and_then(|s| s.observed_generation);
+        if !names.contains(&"crm-firewall-out-to-smtp".to_string()) && og == Some(2) && names.len() == 8 {
+            Ok(())
+        } else {
+            Err(format!("{names:?} observedGeneration {og:?}"))
+        }
+    })
+    .await;
+
+    // Deleting the guard takes its children (owner references).
+    guards.delete("crm-firewall", &DeleteParams::default()).await.unwrap();
+    eventually(30, "children gone with their owner", || async {
+        let names = policies(&client).await;
+        if names.is_empty() { Ok(()) } else { Err(format!("{names:?}")) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_and_partial_support_are_reported_honestly() {
+    let (server, client) = setup().await;
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", NS]);
+    eventually(20, "/readyz to answer 200 (namespaced)", || async {
+        match op.http_get("/readyz") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("{other:?}; logs:\n{}", op.logs())),
+        }
+    })
+    .await;
+
+    // Passes the CRD schema and CEL (the API server accepts it), fails the operator's cron check.
+    let mut p: CrmBackupPolicy = example("backup-policy.yaml");
+    p.spec.schedule.cron = "99 2 * * *".into();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), NS);
+    policies.create(&PostParams::default(), &p).await.unwrap();
+    let (status, reason, message) = eventually(60, "Ready=False on the bad cron", || async {
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        ready(p.status.as_ref().map(|s| &s.conditions), "Ready")
+            .ok_or_else(|| format!("no Ready yet; logs:\n{}", op.logs()))
+    })
+    .await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("spec.schedule.cron") && message.contains("not a valid cron expression"), "{message}");
+
+    // Fixing it brings the CronJob.
+    let mut p = policies.get("crm-db").await.unwrap();
+    p.spec.schedule.cron = "15 2 * * *".into();
+    policies.replace("crm-db", &PostParams::default(), &p).await.unwrap();
+    let cron_jobs: Api<k8s_openapi::api::batch::v1::CronJob> = Api::namespaced(client.clone(), NS);
+    let cj = eventually(30, "the backup CronJob", || async {
+        cron_jobs.get_opt("crm-db-backup").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    let spec = cj.spec.unwrap();
+    assert_eq!(spec.schedule, "15 2 * * *");
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+    eventually(30, "ScheduleReady=True and a next run", || async {
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        let st = p.status.unwrap_or_default();
+        match (ready(Some(&st.conditions), "ScheduleReady"), st.next_schedule_time) {
+            (Some((s, _, _)), Some(_)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // AccessPolicy: RBAC applied; Vault is not managed yet and Ready says so instead of pretending.
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), NS);
+    aps.create(&PostParams::default(), &example("access-policy.yaml")).await.unwrap();
+    let ap = eventually(30, "AccessPolicy status", || async {
+        let ap = aps.get("crm-teams").await.map_err(|e| e.to_string())?;
+        if ap.status.as_ref().is_some_and(|s| s.observed_generation == Some(1)) {
+            Ok(ap)
+        } else {
+            Err("no status".into())
+        }
+    })
+    .await;
+    let conds = &ap.status.as_ref().unwrap().conditions;
+    assert_eq!(ready(Some(conds), "RbacApplied").unwrap().0, "True");
+    let (s, r, _) = ready(Some(conds), "Ready").unwrap();
+    assert_eq!((s.as_str(), r.as_str()), ("False", "NotImplemented"));
+    let roles: Api<Role> = Api::namespaced(client, NS);
+    assert_eq!(roles.list(&ListParams::default()).await.unwrap().items.len(), 3);
+}

@@ -1,0 +1,145 @@
+//! Server-side apply of a controller's children with one field manager, skipping children that already hold
+//! every desired field (so a steady-state reconcile writes nothing), and pruning children no longer desired.
+
+use std::collections::BTreeSet;
+
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::Value;
+
+use super::meta::{OWNER_LABEL, Owner};
+
+/// The child kinds crmguard creates, with their plural resource names.
+pub const CHILD_KINDS: [(&str, &str, &str); 8] = [
+    ("v1", "ConfigMap", "configmaps"),
+    ("v1", "ServiceAccount", "serviceaccounts"),
+    ("batch/v1", "CronJob", "cronjobs"),
+    ("batch/v1", "Job", "jobs"),
+    ("rbac.authorization.k8s.io/v1", "Role", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+    ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
+    ("v1", "Secret", "secrets"),
+];
+
+/// ApiResource of a child kind.
+pub fn api_resource(api_version: &str, kind: &str) -> Option<ApiResource> {
+    let (_, _, plural) = CHILD_KINDS.iter().find(|(v, k, _)| *v == api_version && *k == kind)?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    Some(ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural))
+}
+
+/// True when every field of `desired` is present in `current` with the same value (arrays element-wise, same
+/// length). Fields the API server adds (defaults, status, managedFields) do not matter.
+pub fn is_subset(desired: &Value, current: &Value) -> bool {
+    match (desired, current) {
+        (Value::Object(d), Value::Object(c)) => d.iter().all(|(k, v)| c.get(k).is_some_and(|cv| is_subset(v, cv))),
+        (Value::Array(d), Value::Array(c)) => d.len() == c.len() && d.iter().zip(c).all(|(x, y)| is_subset(x, y)),
+        (d, c) => d == c,
+    }
+}
+
+/// What an apply pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// `Kind/name` of children written.
+    pub applied: Vec<String>,
+    /// `Kind/name` of children already as desired.
+    pub unchanged: Vec<String>,
+    /// `Kind/name` of children deleted because no longer desired.
+    pub pruned: Vec<String>,
+}
+
+/// Error of an apply pass.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("child {0} has an apiVersion/kind crmguard does not manage")]
+    UnknownKind(String),
+    #[error("applying {child}: {source}")]
+    Kube { child: String, source: kube::Error },
+}
+
+fn describe(v: &Value) -> String {
+    format!("{}/{}", v["kind"].as_str().unwrap_or("?"), v["metadata"]["name"].as_str().unwrap_or("?"))
+}
+
+/// Applies `desired` (objects with apiVersion, kind and metadata) and prunes children of `owner` of the
+/// `prune` kinds that carry the owner label and a reference to the owner but are no longer desired.
+pub async fn apply_children(
+    client: &Client,
+    manager: &str,
+    owner: &Owner,
+    desired: &[Value],
+    prune: &[(&str, &str)],
+) -> Result<ApplyReport, ApplyError> {
+    let mut report = ApplyReport::default();
+    let params = PatchParams::apply(manager).force();
+    let mut wanted = BTreeSet::new();
+    for obj in desired {
+        let child = describe(obj);
+        let ar = api_resource(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
+            .ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        wanted.insert(child.clone());
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &owner.namespace, &ar);
+        let current = api.get_opt(&name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
+        let current = current.and_then(|c| serde_json::to_value(c).ok());
+        if current.as_ref().is_some_and(|c| is_subset(obj, c)) {
+            report.unchanged.push(child);
+            continue;
+        }
+        api.patch(&name, &params, &Patch::Apply(obj))
+            .await
+            .map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
+        report.applied.push(child);
+    }
+    let selector = format!("{OWNER_LABEL}={}", owner.owner_label_value());
+    for (api_version, kind) in prune {
+        let Some(ar) = api_resource(api_version, kind) else { continue };
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &owner.namespace, &ar);
+        let existing = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| ApplyError::Kube { child: format!("{kind}/*"), source })?;
+        for obj in existing.items {
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            let child = format!("{kind}/{name}");
+            let owned = obj.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid);
+            if wanted.contains(&child) || !owned {
+                continue;
+            }
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => report.pruned.push(child),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => return Err(ApplyError::Kube { child, source }),
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn subset_ignores_server_added_fields_but_not_drift() {
+        let desired = json!({"spec": {"a": 1, "list": [{"x": 1}]}, "metadata": {"labels": {"l": "v"}}});
+        let server = json!({"spec": {"a": 1, "b": 2, "list": [{"x": 1, "default": true}]},
+                            "metadata": {"labels": {"l": "v"}, "uid": "u"}, "status": {}});
+        assert!(is_subset(&desired, &server));
+        let drifted = json!({"spec": {"a": 2, "list": [{"x": 1}]}, "metadata": {"labels": {"l": "v"}}});
+        assert!(!is_subset(&desired, &drifted));
+        let extra_item = json!({"spec": {"a": 1, "list": [{"x": 1}, {"x": 2}]}, "metadata": {"labels": {"l": "v"}}});
+        assert!(!is_subset(&desired, &extra_item));
+    }
+
+    #[test]
+    fn every_child_kind_has_an_api_resource() {
+        for (v, k, plural) in CHILD_KINDS {
+            assert_eq!(api_resource(v, k).unwrap().plural, plural);
+        }
+        assert!(api_resource("v1", "Pod").is_none());
+    }
+}

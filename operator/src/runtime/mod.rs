@@ -1,0 +1,237 @@
+//! `crmguard run`: one kube-runtime Controller per kind, leader election, metrics and health endpoints,
+//! graceful shutdown.
+
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use kube::api::{Api, ListParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::Controller;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher::Config as WatcherConfig;
+use kube::{Client, Resource};
+
+use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
+use crate::controllers::BuildContext;
+use reconcile::{Context, Reconcilable, error_policy, reconcile};
+
+/// Options of `crmguard run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Reconciles running at once per controller.
+    pub concurrency: u16,
+    /// Address of the metrics/health server.
+    pub http_addr: SocketAddr,
+    /// Leader election lease; None disables leader election (single replica only).
+    pub lease: Option<leader::LeaseConfig>,
+    pub build: BuildContext,
+    /// Steady-state requeue interval.
+    pub resync: Duration,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "the {0} CustomResourceDefinition is not installed (the API answers 404 for it). Install the CRDs with \
+         `kubectl apply -f crds/` (or `crmguard crd | kubectl apply -f -`, or the Helm chart), then start crmguard again"
+    )]
+    CrdMissing(&'static str),
+    #[error("cannot list {0}: {1}")]
+    Startup(&'static str, #[source] kube::Error),
+    #[error("cannot serve metrics and health on {0}: {1}")]
+    Http(SocketAddr, #[source] std::io::Error),
+    #[error("lost leadership: {0}; exiting so that only one replica writes")]
+    LostLease(String),
+}
+
+async fn check_crd<K>(client: &Client) -> Result<(), RunError>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<DeserializeGuard<K>> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(RunError::CrdMissing(match K::kind(&()).as_ref() {
+            "CrmBackupPolicy" => "crmbackuppolicies.crmguard.io",
+            "CrmRestore" => "crmrestores.crmguard.io",
+            "AccessPolicy" => "accesspolicies.crmguard.io",
+            _ => "networkguards.crmguard.io",
+        })),
+        Err(e) => Err(RunError::Startup("custom resources", e)),
+    }
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+type Running = (BoxFuture<'static, ()>, BoxFuture<'static, ()>);
+
+/// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
+fn controller<K>(
+    ctx: Arc<Context>,
+    ns: Option<&str>,
+    concurrency: u16,
+    owns: impl FnOnce(Controller<DeserializeGuard<K>>) -> Controller<DeserializeGuard<K>>,
+) -> Running
+where
+    K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let c = Controller::new(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(concurrency));
+    let c = owns(c);
+    let store = c.store();
+    let ready = async move {
+        // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
+        // the same store, so a second waiter may never be woken: poll again periodically instead.
+        while tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await.is_err() {}
+        tracing::debug!(kind = %K::kind(&()), "cache synced");
+    }
+    .boxed();
+    let run = c
+        .run(reconcile::<K>, error_policy::<K>, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .boxed();
+    (run, ready)
+}
+
+fn owns_cfg() -> WatcherConfig {
+    WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard").any_semantic()
+}
+
+/// Runs the operator until SIGTERM/SIGINT (Ok) or a fatal error.
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    check_crd::<CrmBackupPolicy>(&client).await?;
+    check_crd::<CrmRestore>(&client).await?;
+    check_crd::<AccessPolicy>(&client).await?;
+    check_crd::<NetworkGuard>(&client).await?;
+
+    let metrics = metrics::Metrics::default();
+    let health = Arc::new(http::Health::default());
+    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|e| RunError::Http(opts.http_addr, e))?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let mut lost: BoxFuture<'static, String> = futures::future::pending().boxed();
+    if let Some(cfg) = opts.lease.clone() {
+        tracing::info!(identity = %cfg.identity, lease = %format!("{}/{}", cfg.namespace, cfg.name), "waiting for leadership");
+        tokio::select! {
+            _ = leader::acquire(&client, &cfg) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+        metrics.set_leader(true);
+        tracing::info!(identity = %cfg.identity, "became leader");
+        let c = client.clone();
+        lost = async move { leader::hold(&c, &cfg).await }.boxed();
+    }
+
+    let reporter =
+        Reporter { controller: "crmguard".into(), instance: opts.lease.as_ref().map(|l| l.identity.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: opts.build.clone(),
+        metrics: metrics.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        failures: Default::default(),
+        now: jiff::Timestamp::now,
+        resync: opts.resync,
+    });
+    let namespaces: Vec<Option<String>> =
+        if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
+    let mut runs = Vec::new();
+    let mut readies = Vec::new();
+    for ns in &namespaces {
+        let ns = ns.as_deref();
+        let cl = client.clone();
+        let (r, ready) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
+            c.owns(api::<k8s_openapi::api::batch::v1::CronJob>(&cl, ns), owns_cfg())
+                .owns(api::<k8s_openapi::api::core::v1::ConfigMap>(&cl, ns), owns_cfg())
+                .owns(api::<k8s_openapi::api::core::v1::ServiceAccount>(&cl, ns), owns_cfg())
+        });
+        runs.push(r);
+        readies.push(ready);
+        let cl = client.clone();
+        let (r, ready) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, |c| {
+            c.owns(api::<k8s_openapi::api::batch::v1::Job>(&cl, ns), owns_cfg())
+        });
+        runs.push(r);
+        readies.push(ready);
+        let cl = client.clone();
+        let (r, ready) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
+            c.owns(api::<k8s_openapi::api::rbac::v1::Role>(&cl, ns), owns_cfg())
+                .owns(api::<k8s_openapi::api::rbac::v1::RoleBinding>(&cl, ns), owns_cfg())
+        });
+        runs.push(r);
+        readies.push(ready);
+        let cl = client.clone();
+        let (r, ready) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, |c| {
+            c.owns(api::<k8s_openapi::api::networking::v1::NetworkPolicy>(&cl, ns), owns_cfg())
+        });
+        runs.push(r);
+        readies.push(ready);
+    }
+    let h = health.clone();
+    tokio::spawn(async move {
+        futures::future::join_all(readies).await;
+        h.ready.store(true, Ordering::Relaxed);
+        tracing::info!("caches synced; ready");
+    });
+    let all = futures::future::join_all(runs);
+    tokio::select! {
+        _ = all => Ok(()),
+        _ = &mut shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        reason = &mut lost => {
+            metrics.set_leader(false);
+            Err(RunError::LostLease(reason))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

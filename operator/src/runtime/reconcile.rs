@@ -1,0 +1,293 @@
+//! The reconcile pipeline shared by every controller: resolve + validate + build (per kind, in
+//! [`Reconcilable::desired`]) -> apply -> status, with conditions, Events on transitions and backoff.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Map, Value, json};
+
+use crate::api::condition::{self, READY, Status, new_condition, reason, set_condition};
+use crate::controllers::BuildContext;
+use crate::k8s::apply::{ApplyError, apply_children};
+use crate::k8s::meta::Owner;
+use crate::runtime::metrics::Metrics;
+use crate::validation::FieldError;
+
+/// Shared state of all controllers.
+pub struct Context {
+    pub client: Client,
+    pub build: BuildContext,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// Consecutive failures per object, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// Injected clock.
+    pub now: fn() -> jiff::Timestamp,
+    /// Requeue interval in steady state.
+    pub resync: Duration,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("build", &self.build).finish_non_exhaustive()
+    }
+}
+
+/// One condition a kind reports besides `Ready`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Cond { type_, status, reason, message: message.into() }
+    }
+}
+
+/// What a kind wants: children, their kinds to prune, status facts and conditions.
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub owner: Option<Owner>,
+    pub children: Vec<Value>,
+    pub prune: Vec<(&'static str, &'static str)>,
+    /// Specific conditions, computed before apply.
+    pub conditions: Vec<Cond>,
+    /// Conditions whose False makes Ready False (the others are warnings).
+    pub required: Vec<&'static str>,
+    /// Status fields besides observedGeneration and conditions.
+    pub status: Map<String, Value>,
+    /// Requeue sooner than the resync (e.g. at a grant's expiry).
+    pub requeue_after: Option<Duration>,
+}
+
+/// Errors of a reconcile that are worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// Category for metrics labels and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Apply(ApplyError::UnknownKind(_)) => "bug",
+            Error::Apply(ApplyError::Kube { source, .. }) | Error::Kube(source) => match source {
+                kube::Error::Api(s) if s.code == 409 => "conflict",
+                kube::Error::Api(s) if s.code == 403 || s.code == 401 => "forbidden",
+                kube::Error::Api(s) if s.code >= 500 => "apiserver",
+                kube::Error::Api(_) => "api",
+                _ => "transport",
+            },
+        }
+    }
+}
+
+/// A custom resource kind with a controller.
+pub trait Reconcilable:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Controller name; the field manager is `crmguard/<name>`.
+    const CONTROLLER: &'static str;
+    /// Resolve, validate and build. Field errors mean the spec is invalid (Ready=False, wait for a change).
+    fn desired(&self, ctx: &Context) -> impl Future<Output = Result<Result<Desired, Vec<FieldError>>, Error>> + Send;
+}
+
+fn now_time(ctx: &Context) -> Time {
+    Time((ctx.now)())
+}
+
+/// Backoff after `n` consecutive failures: 1s doubling to a 5 minute cap, with 50-100 % jitter.
+pub fn backoff(n: u32, jitter_unit: f64) -> Duration {
+    let base = 1u64.checked_shl(n.min(16)).unwrap_or(u64::MAX).min(300);
+    Duration::from_secs_f64(base as f64 * (0.5 + 0.5 * jitter_unit.clamp(0.0, 1.0)))
+}
+
+fn jitter() -> f64 {
+    // Sub-second clock noise is plenty to spread retries; no RNG dependency.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.meta().namespace.clone().unwrap_or_default(), obj.meta().name.clone().unwrap_or_default())
+}
+
+/// The reconcile function handed to kube-runtime's Controller.
+pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let name = guard.meta().name.clone().unwrap_or_default();
+    let namespace = guard.meta().namespace.clone().unwrap_or_default();
+    let span = tracing::info_span!("reconcile", controller = K::CONTROLLER, object = %format!("{namespace}/{name}"));
+    let _enter = span.enter();
+    ctx.metrics.reconciled(K::CONTROLLER);
+    let result = reconcile_inner(&guard, &ctx).await;
+    ctx.metrics.observe_duration(K::CONTROLLER, started.elapsed());
+    if let (true, Ok(mut f)) = (result.is_ok(), ctx.failures.lock()) {
+        f.remove(&key(guard.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Context) -> Result<Action, Error> {
+    if guard.meta().deletion_timestamp.is_some() {
+        // Children go with their owner through owner references; nothing outside the cluster to clean up here.
+        return Ok(Action::await_change());
+    }
+    let desired = match &guard.0 {
+        Ok(obj) => obj.desired(ctx).await?,
+        Err(invalid) => Err(vec![FieldError::new("", format!("cannot be read: {}", invalid.error))]),
+    };
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), guard.meta().namespace.as_deref().unwrap_or_default(), &ar);
+    let name = guard.meta().name.clone().unwrap_or_default();
+    let generation = guard.meta().generation;
+    let manager = format!("crmguard/{}", K::CONTROLLER);
+    // The current status, read fresh (the cached object may predate our last status write).
+    let current = api.get_status(&name).await?;
+    let current_status = current.data.get("status").cloned().unwrap_or(json!({}));
+    let mut conditions: Vec<Condition> =
+        serde_json::from_value(current_status.get("conditions").cloned().unwrap_or(json!([]))).unwrap_or_default();
+    let now = now_time(ctx);
+    let mut status = Map::new();
+    let (ready, ready_reason, ready_message, requeue) = match desired {
+        Err(errors) => {
+            let message =
+                format!("invalid spec: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+            (Status::False, reason::INVALID_SPEC, message, None)
+        }
+        Ok(desired) => {
+            if let Some(owner) = &desired.owner {
+                let report = apply_children(&ctx.client, &manager, owner, &desired.children, &desired.prune).await?;
+                if !report.applied.is_empty() || !report.pruned.is_empty() {
+                    tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
+                }
+            }
+            for c in &desired.conditions {
+                set_condition(
+                    &mut conditions,
+                    new_condition(c.type_, c.status, c.reason, c.message.clone(), generation, &now),
+                );
+            }
+            status = desired.status.clone();
+            let failing: Vec<&Cond> = desired
+                .conditions
+                .iter()
+                .filter(|c| desired.required.contains(&c.type_) && c.status != Status::True)
+                .collect();
+            match failing.first() {
+                None => (
+                    Status::True,
+                    reason::RECONCILED,
+                    "everything the spec asks for is in place".to_string(),
+                    desired.requeue_after,
+                ),
+                Some(c) => (Status::False, c.reason, format!("{}: {}", c.type_, c.message), desired.requeue_after),
+            }
+        }
+    };
+    let was = condition::find(&conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
+    set_condition(&mut conditions, new_condition(READY, ready, ready_reason, ready_message.clone(), generation, &now));
+    status.insert("observedGeneration".into(), json!(generation));
+    status.insert("conditions".into(), serde_json::to_value(&conditions).unwrap_or(json!([])));
+    let new_status = Value::Object(status);
+    if new_status != current_status {
+        // Keys that disappeared are removed explicitly (a merge patch keeps what it does not mention).
+        let mut patch = new_status.clone();
+        if let (Some(old), Some(p)) = (current_status.as_object(), patch.as_object_mut()) {
+            for k in old.keys() {
+                p.entry(k.clone()).or_insert(Value::Null);
+            }
+        }
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
+    }
+    if was != Some((ready.as_str().to_string(), ready_reason.to_string())) {
+        let type_ = if ready == Status::True { EventType::Normal } else { EventType::Warning };
+        let event = Event {
+            type_,
+            reason: ready_reason.to_string(),
+            note: Some(truncate(&ready_message, 1024)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an Event");
+        }
+    }
+    Ok(match (ready_reason, requeue) {
+        (reason::INVALID_SPEC, _) => Action::await_change(),
+        (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
+        _ => Action::requeue(ctx.resync),
+    })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Error policy: count the failure, back off exponentially with jitter.
+pub fn error_policy<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(K::CONTROLLER, error.category());
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key(guard.as_ref())).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff(n - 1, jitter());
+    tracing::warn!(controller = K::CONTROLLER, object = %guard.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        assert_eq!(backoff(0, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(3, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff(3, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(30, 1.0), Duration::from_secs(300));
+        assert!(backoff(5, 0.5) < backoff(5, 1.0));
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("ääää", 3), "ä...");
+    }
+}

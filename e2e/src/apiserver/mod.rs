@@ -31,6 +31,21 @@ pub struct State {
     pub writes: Mutex<BTreeMap<String, u64>>,
     /// Requests served in all.
     pub requests: AtomicU64,
+    /// Injected faults.
+    pub faults: Faults,
+}
+
+/// Faults a reliability test can inject.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// The next N write requests (POST/PUT/PATCH/DELETE) fail with 500 InternalError.
+    pub fail_writes: AtomicU64,
+    /// Limits `fail_writes` to one resource (plural, e.g. `networkpolicies`); all resources when None.
+    pub fail_resource: Mutex<Option<String>>,
+    /// Every request waits this many milliseconds first.
+    pub latency_ms: AtomicU64,
+    /// Bumped to end every open watch stream (clients must re-list or resume).
+    pub watch_epoch: AtomicU64,
 }
 
 /// A running stand-in on 127.0.0.1.
@@ -111,6 +126,7 @@ impl ApiServer {
             events,
             writes: Mutex::new(BTreeMap::new()),
             requests: AtomicU64::new(0),
+            faults: Faults::default(),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -153,6 +169,25 @@ impl ApiServer {
     /// Total write requests served so far.
     pub fn write_count(&self) -> u64 {
         self.state.writes.lock().map(|w| w.values().sum()).unwrap_or(0)
+    }
+
+    /// Makes the next `n` write requests (to `resource`, a plural such as `networkpolicies`, or to any
+    /// resource) fail with 500.
+    pub fn fail_next_writes(&self, n: u64, resource: Option<&str>) {
+        if let Ok(mut r) = self.state.faults.fail_resource.lock() {
+            *r = resource.map(str::to_string);
+        }
+        self.state.faults.fail_writes.store(n, Ordering::SeqCst);
+    }
+
+    /// Delays every request by `ms` milliseconds.
+    pub fn set_latency_ms(&self, ms: u64) {
+        self.state.faults.latency_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Ends every open watch stream, as a load balancer or API server restart would.
+    pub fn drop_watches(&self) {
+        self.state.faults.watch_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Forgets the watch event log, so that resuming watches get 410 Gone (as after etcd compaction).
@@ -356,6 +391,28 @@ fn broadcast_all(state: &State, events: Vec<Event>) {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     state.requests.fetch_add(1, Ordering::Relaxed);
+    let latency = state.faults.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let is_write = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let targeted = state
+        .faults
+        .fail_resource
+        .lock()
+        .ok()
+        .and_then(|r| r.clone())
+        .is_none_or(|r| parse_path(req.uri().path()).is_some_and(|t| t.plural == r));
+    if is_write
+        && targeted
+        && state.faults.fail_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    {
+        return error(&ApiError::new(
+            500,
+            "InternalError",
+            "injected fault: the stand-in failed this write on purpose",
+        ));
+    }
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/api" => {
@@ -576,6 +633,8 @@ fn watch(state: Arc<State>, t: ResourceType, ns: Option<String>, q: BTreeMap<Str
     let label_sel = q.get("labelSelector").cloned();
     let field_sel = q.get("fieldSelector").cloned();
     let mut rx = state.events.subscribe();
+    let epoch = state.faults.watch_epoch.load(Ordering::SeqCst);
+    let st = state.clone();
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1024);
     let matches = move |e: &Event| {
         e.group == t.group
@@ -611,11 +670,15 @@ fn watch(state: Arc<State>, t: ResourceType, ns: Option<String>, q: BTreeMap<Str
             }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let mut drop_check = tokio::time::interval(Duration::from_millis(50));
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return,
+                _ = drop_check.tick() => {
+                    if st.faults.watch_epoch.load(Ordering::SeqCst) != epoch { return; }
+                }
                 _ = tick.tick(), if bookmarks => {
                     let bm = json!({"type": "BOOKMARK", "object": {"kind": "", "apiVersion": "", "metadata": {"resourceVersion": last.to_string()}}});
                     if tx.send(line(bm)).await.is_err() { return; }

@@ -1,0 +1,155 @@
+//! The operator as a process: startup without CRDs, SIGTERM, two replicas with one writer, and convergence
+//! through API errors and dropped watches.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use crmguard::api::{NetworkGuard, crds};
+use e2e::apiserver::ApiServer;
+use e2e::{Operator, eventually};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+async fn with_crds() -> (ApiServer, kube::Client) {
+    let server = ApiServer::start().await.unwrap();
+    let client = server.client();
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds() {
+        crd_api.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    (server, client)
+}
+
+fn guard(ns: &str, name: &str) -> NetworkGuard {
+    let path = e2e::repo_root().join("examples/crm/network-guard.yaml");
+    let mut v: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["metadata"] = json!({"name": name, "namespace": ns});
+    serde_json::from_value(v).unwrap()
+}
+
+async fn ready_true(api: &Api<NetworkGuard>, name: &str) -> Result<(), String> {
+    let g = api.get(name).await.map_err(|e| e.to_string())?;
+    let c = g.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == "Ready");
+    match c {
+        Some(c) if c.status == "True" => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+async fn exit_code(op: &mut Operator, secs: u64) -> Option<i32> {
+    eventually(secs, "the operator to exit", || {
+        let r = op.child.try_wait();
+        async move {
+            match r {
+                Ok(Some(status)) => Ok(status.code()),
+                Ok(None) => Err("still running".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_without_crds_fails_with_the_install_command() {
+    let server = ApiServer::start().await.unwrap();
+    let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    let code = exit_code(&mut op, 30).await;
+    assert_eq!(code, Some(2), "errors exit with 2");
+    let logs = op.logs();
+    assert!(logs.contains("crmbackuppolicies.crmguard.io CustomResourceDefinition is not installed"), "{logs}");
+    assert!(logs.contains("kubectl apply -f crds/"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_operator_cleanly() {
+    let (server, _client) = with_crds().await;
+    let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    eventually(30, "/readyz 200", || async {
+        match op.http_get("/readyz") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let pid = op.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(exit_code(&mut op, 20).await, Some(0), "{}", op.logs());
+    assert!(op.logs().contains("shutting down"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_have_one_writer_and_fail_over() {
+    let (server, client) = with_crds().await;
+    let lease_args = |id: &'static str| {
+        vec![
+            "--leader-election=true",
+            "--lease-namespace",
+            "crmguard-system",
+            "--lease-duration-seconds",
+            "3",
+            "--identity",
+            id,
+        ]
+    };
+    let mut a = Operator::start(&server.kubeconfig(), &lease_args("replica-a"));
+    let mut b = Operator::start(&server.kubeconfig(), &lease_args("replica-b"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "crmguard-system");
+    let holder = eventually(30, "a lease holder", || async {
+        let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
+        l.and_then(|l| l.spec?.holder_identity).ok_or_else(|| "no holder".to_string())
+    })
+    .await;
+    // Work is done by exactly one replica.
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), "team-1");
+    guards.create(&PostParams::default(), &guard("team-1", "g1")).await.unwrap();
+    eventually(30, "g1 Ready", || ready_true(&guards, "g1")).await;
+    let series = r#"crmguard_reconcile_total{controller="networkguard"}"#;
+    let (leader_op, follower_op) = if holder == "replica-a" { (&a, &b) } else { (&b, &a) };
+    assert!(leader_op.metric(series).unwrap_or(0.0) >= 1.0);
+    assert_eq!(follower_op.metric(series), None, "the follower must not reconcile");
+    assert_eq!(leader_op.metric("crmguard_leader").unwrap_or(0.0), 1.0);
+    assert_eq!(follower_op.metric("crmguard_leader").unwrap_or(0.0), 0.0);
+
+    // Kill the leader: the follower takes over once the lease expires and does the work.
+    if holder == "replica-a" {
+        a.child.kill().unwrap()
+    } else {
+        b.child.kill().unwrap()
+    }
+    let new_holder = if holder == "replica-a" { "replica-b" } else { "replica-a" };
+    eventually(30, "the other replica to take the lease", || async {
+        let l = leases.get("crmguard-leader").await.map_err(|e| e.to_string())?;
+        let h = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+        if h == new_holder { Ok(()) } else { Err(h) }
+    })
+    .await;
+    guards.create(&PostParams::default(), &guard("team-1", "g2")).await.unwrap();
+    eventually(30, "g2 Ready under the new leader", || ready_true(&guards, "g2")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_through_api_errors_and_dropped_watches() {
+    let (server, client) = with_crds().await;
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    eventually(30, "/readyz 200", || async {
+        match op.http_get("/readyz") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // The operator's NetworkPolicy writes fail 3 times, every request is slow, and all watches are cut.
+    server.fail_next_writes(3, Some("networkpolicies"));
+    server.set_latency_ms(20);
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), "team-2");
+    guards.create(&PostParams::default(), &guard("team-2", "g")).await.unwrap();
+    server.drop_watches();
+    eventually(60, "Ready despite 500s and dropped watches", || ready_true(&guards, "g")).await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(client, "team-2");
+    assert_eq!(nps.list(&ListParams::default()).await.unwrap().items.len(), 9);
+    let errors = op.metric(r#"crmguard_reconcile_errors_total{controller="networkguard",category="apiserver"}"#);
+    assert!(errors.unwrap_or(0.0) >= 1.0, "the injected 500s were seen and retried: {errors:?}");
+}

@@ -8,8 +8,8 @@ use e2e::apiserver::ApiServer;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 async fn server_with_crds() -> (ApiServer, kube::Client) {
@@ -79,6 +79,7 @@ async fn generation_moves_with_spec_only_and_status_is_a_subresource() {
     let spec = json!({"spec": {"dns": {"allow": true, "acknowledgeNoDns": true}}});
     let after = guards.patch("crm-firewall", &PatchParams::default(), &Patch::Merge(&spec)).await.unwrap();
     assert_eq!(after.metadata.generation, Some(2));
+    assert_eq!(after.labels()["x"], "y", "a merge patch without metadata keeps the labels");
 }
 
 #[tokio::test]
@@ -191,4 +192,43 @@ async fn invalid_custom_resources_are_refused_with_422_and_defaults_are_stored()
     let created = raw_api.create(&PostParams::default(), &serde_json::from_value(raw).unwrap()).await.unwrap();
     assert_eq!(created.data["spec"]["defaultDeny"], json!({"ingress": true, "egress": true}), "defaults are stored");
     assert_eq!(created.data["spec"]["dns"]["namespace"], "kube-system");
+}
+
+#[tokio::test]
+async fn updates_are_admitted_too_with_transition_rules() {
+    let (_server, client) = server_with_crds().await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), "crm");
+    guards.create(&PostParams::default(), &guard()).await.unwrap();
+    let bad = json!({"spec": {"egress": [{"name": "x", "peers": [{"ipBlock": {"cidr": "300.0.0.0/8"}}]}]}});
+    let err = guards.patch("crm-firewall", &PatchParams::default(), &Patch::Merge(&bad)).await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("cidr must be a CIDR")),
+        "{err}"
+    );
+
+    let path = e2e::repo_root().join("examples/crm/restore.yaml");
+    let restore: crmguard::api::CrmRestore = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client, "crm");
+    restores.create(&PostParams::default(), &restore).await.unwrap();
+    let edit = json!({"spec": {"target": {"database": "elsewhere"}}});
+    let err = restores.patch("crm-db-check", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("one-shot request")), "{err}");
+}
+
+#[tokio::test]
+async fn server_side_apply_tracks_field_owners() {
+    let (_server, client) = server_with_crds().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "crm");
+    let cm = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": data});
+    cms.patch("shared", &PatchParams::apply("team-a"), &Patch::Apply(cm(json!({"x": "1", "y": "1"})))).await.unwrap();
+    let err =
+        cms.patch("shared", &PatchParams::apply("team-b"), &Patch::Apply(cm(json!({"x": "2"})))).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.message.contains(".data.x")), "{err}");
+    let forced =
+        cms.patch("shared", &PatchParams::apply("team-b").force(), &Patch::Apply(cm(json!({"x": "2"})))).await.unwrap();
+    let managers: Vec<String> = forced.metadata.managed_fields.unwrap().into_iter().filter_map(|m| m.manager).collect();
+    assert_eq!(managers, ["team-a", "team-b"]);
+    // team-a stops applying y: it is removed, as no one else owns it.
+    let after = cms.patch("shared", &PatchParams::apply("team-a"), &Patch::Apply(cm(json!({})))).await.unwrap();
+    assert_eq!(after.data.unwrap(), [("x".to_string(), "2".to_string())].into());
 }

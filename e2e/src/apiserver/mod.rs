@@ -2,6 +2,7 @@
 //! Controllers and kubectl, for the tests on machines where no kube-apiserver can run. See README.md beside
 //! this file for what it models and what it does not.
 
+pub mod ssa;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -469,12 +470,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             Ok((body, _)) => {
                 let body_ns = body["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
                 let ns = if ns.is_empty() { body_ns } else { ns };
-                create(&state, &rtype, &ns, body)
+                create(&state, &rtype, &ns, body, Some(q.get("fieldManager").map_or("unknown", String::as_str)))
             }
             Err(e) => Err(e),
         },
         (Method::PUT, Some(name)) => match body_json(req).await {
-            Ok((body, _)) => write(&state, &rtype, &ns, name, &target.subresource, body),
+            Ok((body, _)) => write(
+                &state,
+                &rtype,
+                &ns,
+                name,
+                &target.subresource,
+                body,
+                Some(q.get("fieldManager").map_or("unknown", String::as_str)),
+            ),
             Err(e) => Err(e),
         },
         (Method::PATCH, Some(name)) => {
@@ -541,14 +550,26 @@ fn admit(t: &ResourceType, body: Value, old: Option<&Value>, sub: &str) -> Resul
     Err(ApiError::new(422, "Invalid", format!("{}.{} \"{name}\" is invalid: {}", t.kind, t.group, details.join(", "))))
 }
 
-fn create(state: &State, t: &ResourceType, ns: &str, body: Value) -> Result<Response<Body>, ApiError> {
-    let body = admit(t, body, None, "")?;
+/// Creates an object; `manager` (for non-apply writes) becomes the owner of every field it set.
+fn create(
+    state: &State,
+    t: &ResourceType,
+    ns: &str,
+    body: Value,
+    manager: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let mut body = admit(t, body, None, "")?;
+    if let Some(m) = manager {
+        ssa::record_update(None, &mut body, m);
+    }
     let (obj, ev) = state.store.lock().map_err(poisoned)?.create(t, ns, body)?;
     after_write(state, t, &obj);
     broadcast_all(state, vec![ev]);
     Ok(respond(201, &obj))
 }
 
+/// Replaces an object after admission (with the old object, so transition rules apply); `manager` (for
+/// non-apply writes) becomes the owner of the fields it changed.
 fn write(
     state: &State,
     t: &ResourceType,
@@ -556,7 +577,13 @@ fn write(
     name: &str,
     sub: &str,
     body: Value,
+    manager: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
+    let old = state.store.lock().map_err(poisoned)?.get(t, ns, name)?;
+    let mut body = admit(t, body, Some(&old), sub)?;
+    if let Some(m) = manager {
+        ssa::record_update(Some(&old), &mut body, m);
+    }
     let (obj, evs) = state.store.lock().map_err(poisoned)?.replace(t, ns, name, body, sub)?;
     after_write(state, t, &obj);
     broadcast_all(state, evs);
@@ -597,17 +624,31 @@ fn patch(
     if is_apply && q.get("fieldManager").is_none_or(String::is_empty) {
         return Err(ApiError::new(422, "Invalid", "fieldManager: Required value: is required for apply patch"));
     }
+    let manager = q.get("fieldManager").cloned().unwrap_or_else(|| "unknown".into());
     // Bind first: the store lock must be released before create() takes it again.
     let existing = state.store.lock().map_err(poisoned)?.get(t, ns, name);
-    let mut obj = match existing {
-        Ok(o) => o,
-        Err(e) if is_apply && e.code == 404 => {
-            let mut body = body;
-            body["metadata"]["name"] = json!(name);
-            return create(state, t, ns, body);
+    if is_apply {
+        let force = q.get("force").is_some_and(|f| f == "true");
+        let mut body = body;
+        body["metadata"]["name"] = json!(name);
+        if let Some(m) = body["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
         }
-        Err(e) => return Err(e),
-    };
+        return match existing {
+            Ok(current) => {
+                let mut obj = ssa::apply(Some(&current), &body, &manager, force)?;
+                obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+                write(state, t, ns, name, sub, obj, None)
+            }
+            Err(e) if e.code == 404 => {
+                let obj = ssa::apply(None, &body, &manager, force)?;
+                create(state, t, ns, obj, None)
+            }
+            Err(e) => Err(e),
+        };
+    }
+    let mut obj = existing?;
     if content_type.starts_with("application/json-patch+json") {
         // A JSON Patch may set metadata.resourceVersion on purpose (optimistic concurrency via `test`/`replace`).
         let p: json_patch::Patch =
@@ -615,15 +656,17 @@ fn patch(
         json_patch::patch(&mut obj, &p)
             .map_err(|e| ApiError::new(422, "Invalid", format!("json patch failed: {e}")))?;
     } else {
-        // Apply, merge-patch+json and strategic-merge-patch+json (the last two approximated as a merge patch);
-        // none of them carries a precondition on resourceVersion here.
+        // merge-patch+json and strategic-merge-patch+json (approximated as a merge patch); no precondition on
+        // resourceVersion here.
+        // `get_mut`, not indexing: `body["metadata"]` would insert `metadata: null`, which the merge patch
+        // would then apply as "delete all metadata".
         let mut body = body;
-        if let Some(m) = body["metadata"].as_object_mut() {
+        if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
             m.remove("resourceVersion");
         }
         merge_patch(&mut obj, &body);
     }
-    write(state, t, ns, name, sub, obj)
+    write(state, t, ns, name, sub, obj, Some(&manager))
 }
 
 fn watch(state: Arc<State>, t: ResourceType, ns: Option<String>, q: BTreeMap<String, String>) -> Response<Body> {

@@ -72,6 +72,14 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     .await;
     let names = policies(&client).await;
     assert_eq!(names.len(), 9, "{names:?}");
+    // The transition to Ready was announced with an Event on the guard.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let evs = events.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        evs.iter().any(|e| e.reason.as_deref() == Some("Reconciled")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("crm-firewall")),
+        "{evs:?}"
+    );
     let np_api: Api<NetworkPolicy> = Api::namespaced(client.clone(), NS);
     for p in np_api.list(&ListParams::default()).await.unwrap().items {
         let owner = &p.metadata.owner_references.as_ref().unwrap()[0];

@@ -153,3 +153,27 @@ async fn converges_through_api_errors_and_dropped_watches() {
     let errors = op.metric(r#"crmguard_reconcile_errors_total{controller="networkguard",category="apiserver"}"#);
     assert!(errors.unwrap_or(0.0) >= 1.0, "the injected 500s were seen and retried: {errors:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_lease_stops_at_once() {
+    let (server, client) = with_crds().await;
+    let mut op = Operator::start(
+        &server.kubeconfig(),
+        &["--leader-election=true", "--lease-namespace", "crmguard-system", "--lease-duration-seconds", "5", "--identity", "me"],
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "crmguard-system");
+    eventually(30, "the lease held by `me`", || async {
+        let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
+        let h = l.and_then(|l| l.spec?.holder_identity).unwrap_or_default();
+        if h == "me" { Ok(()) } else { Err(h) }
+    })
+    .await;
+    // Another party takes the lease (e.g. after a network partition healed on its side).
+    let mut lease = leases.get("crmguard-leader").await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("intruder".into());
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(jiff::Timestamp::now()));
+    leases.replace("crmguard-leader", &PostParams::default(), &lease).await.unwrap();
+    assert_eq!(exit_code(&mut op, 30).await, Some(2));
+    assert!(op.logs().contains("lost leadership"), "{}", op.logs());
+}

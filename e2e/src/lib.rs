@@ -139,3 +139,80 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Where an e2e test runs: the API-server stand-in (default), or the cluster of `KUBECONFIG` when
+/// `CRMGUARD_E2E=cluster` is set (opt-in, so that a developer's `cargo test` never touches their cluster by
+/// accident). Each test gets its own namespace, deleted afterwards on a real cluster.
+pub struct Cluster {
+    /// The stand-in, when the test runs on it.
+    pub standin: Option<apiserver::ApiServer>,
+    pub client: kube::Client,
+    /// Kubeconfig text for the operator process.
+    pub kubeconfig: String,
+    /// This test's namespace.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("namespace", &self.namespace).field("standin", &self.standin.is_some()).finish()
+    }
+}
+
+/// True when the e2e suite targets a real cluster.
+pub fn real_cluster() -> bool {
+    std::env::var("CRMGUARD_E2E").is_ok_and(|v| v == "cluster")
+}
+
+impl Cluster {
+    /// A cluster with crmguard's CRDs installed and a fresh namespace for `test`.
+    pub async fn start(test: &str) -> Cluster {
+        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use kube::api::{Api, Patch, PatchParams, PostParams};
+        let (standin, client, kubeconfig) = if real_cluster() {
+            let path = std::env::var("KUBECONFIG").expect("CRMGUARD_E2E=cluster needs KUBECONFIG");
+            let text = std::fs::read_to_string(&path).expect("read KUBECONFIG");
+            let client = kube::Client::try_default().await.expect("client for KUBECONFIG");
+            (None, client, text)
+        } else {
+            let server = apiserver::ApiServer::start().await.expect("stand-in");
+            let client = server.client();
+            let kc = server.kubeconfig();
+            (Some(server), client, kc)
+        };
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crmguard::api::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(&name, &PatchParams::apply("crmguard-e2e").force(), &Patch::Apply(&crd))
+                .await
+                .expect("install CRD");
+        }
+        let slug: String =
+            test.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+        let namespace = format!("e2e-{}-{}", &slug[..slug.len().min(40)], std::process::id()).replace("--", "-");
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).expect("namespace");
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+        Cluster { standin, client, kubeconfig, namespace }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.standin.is_some() {
+            return;
+        }
+        // Delete the test namespace on a real cluster; Drop cannot await, so use a short-lived runtime.
+        let client = self.client.clone();
+        let ns = self.namespace.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+                let _ = api.delete(&ns, &Default::default()).await;
+            });
+        })
+        .join();
+    }
+}

@@ -3,24 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
-use crmguard::api::{NetworkGuard, crds};
+use crmguard::api::NetworkGuard;
 use e2e::apiserver::ApiServer;
-use e2e::{Operator, eventually};
+use e2e::{Cluster, Operator, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-
-async fn with_crds() -> (ApiServer, kube::Client) {
-    let server = ApiServer::start().await.unwrap();
-    let client = server.client();
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crds() {
-        crd_api.create(&PostParams::default(), &crd).await.unwrap();
-    }
-    (server, client)
-}
 
 fn guard(ns: &str, name: &str) -> NetworkGuard {
     let path = e2e::repo_root().join("examples/crm/network-guard.yaml");
@@ -54,6 +43,10 @@ async fn exit_code(op: &mut Operator, secs: u64) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_without_crds_fails_with_the_install_command() {
+    if e2e::real_cluster() {
+        eprintln!("skipped on a real cluster: it needs an API server without crmguard's CRDs");
+        return;
+    }
     let server = ApiServer::start().await.unwrap();
     let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
     let code = exit_code(&mut op, 30).await;
@@ -65,8 +58,8 @@ async fn startup_without_crds_fails_with_the_install_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_operator_cleanly() {
-    let (server, _client) = with_crds().await;
-    let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    let cluster = Cluster::start("sigterm").await;
+    let mut op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &cluster.namespace]);
     eventually(30, "/readyz 200", || async {
         match op.http_get("/readyz") {
             Some((200, _)) => Ok(()),
@@ -82,29 +75,32 @@ async fn sigterm_stops_the_operator_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_have_one_writer_and_fail_over() {
-    let (server, client) = with_crds().await;
+    let cluster = Cluster::start("two-replicas").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let lease_args = |id: &'static str| {
         vec![
             "--leader-election=true",
             "--lease-namespace",
-            "crmguard-system",
+            ns,
+            "--namespace",
+            ns,
             "--lease-duration-seconds",
             "3",
             "--identity",
             id,
         ]
     };
-    let mut a = Operator::start(&server.kubeconfig(), &lease_args("replica-a"));
-    let mut b = Operator::start(&server.kubeconfig(), &lease_args("replica-b"));
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "crmguard-system");
+    let mut a = Operator::start(&cluster.kubeconfig, &lease_args("replica-a"));
+    let mut b = Operator::start(&cluster.kubeconfig, &lease_args("replica-b"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let holder = eventually(30, "a lease holder", || async {
         let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
         l.and_then(|l| l.spec?.holder_identity).ok_or_else(|| "no holder".to_string())
     })
     .await;
     // Work is done by exactly one replica.
-    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), "team-1");
-    guards.create(&PostParams::default(), &guard("team-1", "g1")).await.unwrap();
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g1")).await.unwrap();
     eventually(30, "g1 Ready", || ready_true(&guards, "g1")).await;
     let series = r#"crmguard_reconcile_total{controller="networkguard"}"#;
     let (leader_op, follower_op) = if holder == "replica-a" { (&a, &b) } else { (&b, &a) };
@@ -126,14 +122,19 @@ async fn two_replicas_have_one_writer_and_fail_over() {
         if h == new_holder { Ok(()) } else { Err(h) }
     })
     .await;
-    guards.create(&PostParams::default(), &guard("team-1", "g2")).await.unwrap();
+    guards.create(&PostParams::default(), &guard(ns, "g2")).await.unwrap();
     eventually(30, "g2 Ready under the new leader", || ready_true(&guards, "g2")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_through_api_errors_and_dropped_watches() {
-    let (server, client) = with_crds().await;
-    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    let cluster = Cluster::start("faults").await;
+    let Some(server) = cluster.standin.as_ref() else {
+        eprintln!("skipped on a real cluster: it needs the stand-in's fault injection");
+        return;
+    };
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
     eventually(30, "/readyz 200", || async {
         match op.http_get("/readyz") {
             Some((200, _)) => Ok(()),
@@ -144,11 +145,11 @@ async fn converges_through_api_errors_and_dropped_watches() {
     // The operator's NetworkPolicy writes fail 3 times, every request is slow, and all watches are cut.
     server.fail_next_writes(3, Some("networkpolicies"));
     server.set_latency_ms(20);
-    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), "team-2");
-    guards.create(&PostParams::default(), &guard("team-2", "g")).await.unwrap();
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
     server.drop_watches();
     eventually(60, "Ready despite 500s and dropped watches", || ready_true(&guards, "g")).await;
-    let nps: Api<NetworkPolicy> = Api::namespaced(client, "team-2");
+    let nps: Api<NetworkPolicy> = Api::namespaced(client, ns);
     assert_eq!(nps.list(&ListParams::default()).await.unwrap().items.len(), 9);
     let errors = op.metric(r#"crmguard_reconcile_errors_total{controller="networkguard",category="apiserver"}"#);
     assert!(errors.unwrap_or(0.0) >= 1.0, "the injected 500s were seen and retried: {errors:?}");
@@ -156,12 +157,23 @@ async fn converges_through_api_errors_and_dropped_watches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_loses_the_lease_stops_at_once() {
-    let (server, client) = with_crds().await;
+    let cluster = Cluster::start("lease-loss").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let mut op = Operator::start(
-        &server.kubeconfig(),
-        &["--leader-election=true", "--lease-namespace", "crmguard-system", "--lease-duration-seconds", "5", "--identity", "me"],
+        &cluster.kubeconfig,
+        &[
+            "--leader-election=true",
+            "--lease-namespace",
+            ns,
+            "--namespace",
+            ns,
+            "--lease-duration-seconds",
+            "5",
+            "--identity",
+            "me",
+        ],
     );
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "crmguard-system");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     eventually(30, "the lease held by `me`", || async {
         let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
         let h = l.and_then(|l| l.spec?.holder_identity).unwrap_or_default();

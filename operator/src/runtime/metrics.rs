@@ -16,6 +16,12 @@ struct ControllerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    controller: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: String,
     category: String,
@@ -28,6 +34,7 @@ pub struct Metrics {
     reconciles: Family<ControllerLabel, Counter>,
     errors: Family<ErrorLabels, Counter>,
     durations: Family<ControllerLabel, Histogram>,
+    writes: Family<WriteLabels, Counter>,
     leader: Gauge,
 }
 
@@ -46,6 +53,7 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
         let leader = Gauge::default();
+        let writes = Family::<WriteLabels, Counter>::default();
         registry.register("reconcile", "Reconciles started, per controller", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -53,8 +61,13 @@ impl Default for Metrics {
             errors.clone(),
         );
         registry.register("reconcile_duration_seconds", "Duration of reconciles, per controller", durations.clone());
+        registry.register(
+            "writes",
+            "Write requests to the Kubernetes API, per controller and action (apply, prune, status)",
+            writes.clone(),
+        );
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Metrics { registry: Arc::new(registry), reconciles, errors, durations, leader }
+        Metrics { registry: Arc::new(registry), reconciles, errors, durations, writes, leader }
     }
 }
 
@@ -67,6 +80,11 @@ impl Metrics {
     }
     pub fn observe_duration(&self, controller: &str, d: Duration) {
         self.durations.get_or_create(&ControllerLabel { controller: controller.into() }).observe(d.as_secs_f64());
+    }
+    pub fn wrote(&self, controller: &str, action: &str, n: usize) {
+        self.writes
+            .get_or_create(&WriteLabels { controller: controller.into(), action: action.into() })
+            .inc_by(n as u64);
     }
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));

@@ -182,6 +182,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         Ok(desired) => {
             if let Some(owner) = &desired.owner {
                 let report = apply_children(&ctx.client, &manager, owner, &desired.children, &desired.prune).await?;
+                ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
+                ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
                 if !report.applied.is_empty() || !report.pruned.is_empty() {
                     tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
                 }
@@ -223,6 +225,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             }
         }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
+        ctx.metrics.wrote(K::CONTROLLER, "status", 1);
     }
     if was != Some((ready.as_str().to_string(), ready_reason.to_string())) {
         let type_ = if ready == Status::True { EventType::Normal } else { EventType::Warning };

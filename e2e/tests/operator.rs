@@ -222,6 +222,58 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     assert_eq!(ready(Some(conds), "RbacApplied").unwrap().0, "True");
     let (s, r, _) = ready(Some(conds), "Ready").unwrap();
     assert_eq!((s.as_str(), r.as_str()), ("False", "NotImplemented"));
-    let roles: Api<Role> = Api::namespaced(client, ns);
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     assert_eq!(roles.list(&ListParams::default()).await.unwrap().items.len(), 3);
+
+    // CrmRestore: the restore Job is created for the (now valid) policy, and the phase follows the Job.
+    let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), ns);
+    restores.create(&PostParams::default(), &example("restore.yaml", ns)).await.unwrap();
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
+    let job = eventually(30, "the restore Job", || async {
+        jobs.get_opt("crm-db-check-restore").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    let args = job.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--target-database", "crm_restore_check"]), "{args:?}");
+    eventually(30, "phase Pending", || async {
+        let r = restores.get("crm-db-check").await.map_err(|e| e.to_string())?;
+        match r.status.and_then(|s| s.phase) {
+            Some(crmguard::api::restore::RestorePhase::Pending) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_object_does_not_break_the_watch() {
+    let cluster = Cluster::start("malformed").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    // The CRD schema admits any integer port (int-or-string), the typed API holds 32 bits: this object cannot
+    // be read by the operator. Sent untyped, as kubectl would.
+    let ar = kube::core::ApiResource::erase::<NetworkGuard>(&());
+    let raw: Api<kube::core::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let bad = json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard", "metadata": {"name": "bad", "namespace": ns},
+        "spec": {"podSelector": {}, "ingress": [{"name": "huge", "ports": [{"port": 4294967296u64}]}]}});
+    raw.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap();
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
+    eventually(30, "the good guard Ready despite the bad one", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        match ready(g.status.as_ref().map(|s| &s.conditions), "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}; logs:\n{}", op.logs())),
+        }
+    })
+    .await;
+    let (status, reason, message) = eventually(30, "Ready=False on the unreadable guard", || async {
+        let obj = raw.get("bad").await.map_err(|e| e.to_string())?;
+        let conds: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+            serde_json::from_value(obj.data["status"]["conditions"].clone()).map_err(|e| e.to_string())?;
+        ready(Some(&conds), "Ready").ok_or_else(|| "no Ready".to_string())
+    })
+    .await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("cannot be read"), "{message}");
 }

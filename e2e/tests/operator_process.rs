@@ -153,6 +153,13 @@ async fn converges_through_api_errors_and_dropped_watches() {
     assert_eq!(nps.list(&ListParams::default()).await.unwrap().items.len(), 9);
     let errors = op.metric(r#"crmguard_reconcile_errors_total{controller="networkguard",category="apiserver"}"#);
     assert!(errors.unwrap_or(0.0) >= 1.0, "the injected 500s were seen and retried: {errors:?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), ns);
+    let evs = events.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        evs.iter().any(|e| e.reason.as_deref() == Some("ReconcileFailed")
+            && e.note.as_deref().is_some_and(|n| n.starts_with("apiserver error"))),
+        "a Warning Event records the failure: {evs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,4 +195,26 @@ async fn a_replica_that_loses_the_lease_stops_at_once() {
     leases.replace("crmguard-leader", &PostParams::default(), &lease).await.unwrap();
     assert_eq!(exit_code(&mut op, 30).await, Some(2));
     assert!(op.logs().contains("lost leadership"), "{}", op.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_works_while_the_api_server_does_not_answer() {
+    let cluster = Cluster::start("sigterm-unreachable").await;
+    let Some(server) = cluster.standin.as_ref() else {
+        eprintln!("skipped on a real cluster: it needs the stand-in to stop answering");
+        return;
+    };
+    let mut op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
+    eventually(30, "/readyz 200", || async {
+        match op.http_get("/readyz") {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    server.set_latency_ms(3_600_000);
+    server.drop_watches();
+    let pid = op.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(exit_code(&mut op, 20).await, Some(0), "{}", op.logs());
 }

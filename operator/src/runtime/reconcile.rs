@@ -148,6 +148,20 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
     if let (true, Ok(mut f)) = (result.is_ok(), ctx.failures.lock()) {
         f.remove(&key(guard.as_ref()));
     }
+    if let Err(e) = &result {
+        // Repeated identical errors are folded into one Event series by the recorder, so a retry loop does
+        // not flood the namespace.
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReconcileFailed".into(),
+            note: Some(truncate(&format!("{} error, retrying with backoff: {e}", e.category()), 1024)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(pe) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
+            tracing::debug!(error = %pe, "could not publish an Event");
+        }
+    }
     result
 }
 

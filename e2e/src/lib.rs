@@ -68,6 +68,26 @@ impl Operator {
         Operator { child, http_port, log, _dir: dir }
     }
 
+    /// Waits until `/readyz` answers 200 (every cache synced), or panics with the operator's log.
+    pub async fn wait_ready(&self, secs: u64) {
+        eventually(secs, "/readyz to answer 200", || async {
+            match self.http_get("/readyz") {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("{other:?}; logs:\n{}", self.logs())),
+            }
+        })
+        .await;
+    }
+
+    /// Arguments for a replica with leader election in `ns` (also the watched namespace).
+    pub fn elected_args(ns: &str, lease_seconds: u32, identity: &str) -> Vec<String> {
+        ["--leader-election=true", "--lease-namespace", ns, "--namespace", ns, "--identity", identity]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--lease-duration-seconds".to_string(), lease_seconds.to_string()])
+            .collect()
+    }
+
     /// The operator's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -37,13 +37,7 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     let cluster = Cluster::start("reconciles-repairs-quiet").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
-    eventually(60, "/readyz to answer 200", || async {
-        match op.http_get("/readyz") {
-            Some((200, _)) => Ok(()),
-            other => Err(format!("{other:?}; logs:\n{}", op.logs())),
-        }
-    })
-    .await;
+    op.wait_ready(60).await;
 
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     let g = guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
@@ -162,13 +156,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     let cluster = Cluster::start("invalid-and-partial").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
-    eventually(20, "/readyz to answer 200 (namespaced)", || async {
-        match op.http_get("/readyz") {
-            Some((200, _)) => Ok(()),
-            other => Err(format!("{other:?}; logs:\n{}", op.logs())),
-        }
-    })
-    .await;
+    op.wait_ready(20).await;
 
     // Passes the CRD schema and CEL (the API server accepts it), fails the operator's cron check.
     let mut p: CrmBackupPolicy = example("backup-policy.yaml", ns);

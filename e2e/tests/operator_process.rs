@@ -60,13 +60,7 @@ async fn startup_without_crds_fails_with_the_install_command() {
 async fn sigterm_stops_the_operator_cleanly() {
     let cluster = Cluster::start("sigterm").await;
     let mut op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &cluster.namespace]);
-    eventually(30, "/readyz 200", || async {
-        match op.http_get("/readyz") {
-            Some((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    op.wait_ready(30).await;
     let pid = op.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert_eq!(exit_code(&mut op, 20).await, Some(0), "{}", op.logs());
@@ -77,21 +71,9 @@ async fn sigterm_stops_the_operator_cleanly() {
 async fn two_replicas_have_one_writer_and_fail_over() {
     let cluster = Cluster::start("two-replicas").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    let lease_args = |id: &'static str| {
-        vec![
-            "--leader-election=true",
-            "--lease-namespace",
-            ns,
-            "--namespace",
-            ns,
-            "--lease-duration-seconds",
-            "3",
-            "--identity",
-            id,
-        ]
-    };
-    let mut a = Operator::start(&cluster.kubeconfig, &lease_args("replica-a"));
-    let mut b = Operator::start(&cluster.kubeconfig, &lease_args("replica-b"));
+    let args = |id| Operator::elected_args(ns, 3, id);
+    let mut a = Operator::start(&cluster.kubeconfig, &args("replica-a").iter().map(String::as_str).collect::<Vec<_>>());
+    let mut b = Operator::start(&cluster.kubeconfig, &args("replica-b").iter().map(String::as_str).collect::<Vec<_>>());
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let holder = eventually(30, "a lease holder", || async {
         let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
@@ -135,13 +117,7 @@ async fn converges_through_api_errors_and_dropped_watches() {
     };
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
-    eventually(30, "/readyz 200", || async {
-        match op.http_get("/readyz") {
-            Some((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    op.wait_ready(30).await;
     // The operator's NetworkPolicy writes fail 3 times, every request is slow, and all watches are cut.
     server.fail_next_writes(3, Some("networkpolicies"));
     server.set_latency_ms(20);
@@ -166,20 +142,8 @@ async fn converges_through_api_errors_and_dropped_watches() {
 async fn a_replica_that_loses_the_lease_stops_at_once() {
     let cluster = Cluster::start("lease-loss").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    let mut op = Operator::start(
-        &cluster.kubeconfig,
-        &[
-            "--leader-election=true",
-            "--lease-namespace",
-            ns,
-            "--namespace",
-            ns,
-            "--lease-duration-seconds",
-            "5",
-            "--identity",
-            "me",
-        ],
-    );
+    let args = Operator::elected_args(ns, 5, "me");
+    let mut op = Operator::start(&cluster.kubeconfig, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     eventually(30, "the lease held by `me`", || async {
         let l = leases.get_opt("crmguard-leader").await.map_err(|e| e.to_string())?;
@@ -205,13 +169,7 @@ async fn sigterm_works_while_the_api_server_does_not_answer() {
         return;
     };
     let mut op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
-    eventually(30, "/readyz 200", || async {
-        match op.http_get("/readyz") {
-            Some((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    op.wait_ready(30).await;
     server.set_latency_ms(3_600_000);
     server.drop_watches();
     let pid = op.child.id().to_string();

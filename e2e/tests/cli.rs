@@ -59,3 +59,23 @@ fn crd_prints_four_crds() {
         ]
     );
 }
+
+#[test]
+fn plan_explain_prints_the_flow_matrix() {
+    let out = crmguard(&["plan", "-f", "examples/", "--explain"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |from: &str, to: &str, port: &str| {
+        stdout
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[0] == from && f[1] == to && f[2] == port
+            })
+            .unwrap_or_else(|| panic!("no row {from} -> {to} {port} in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(line("crm/web", "crm/db", "5432/TCP").contains("ALLOW"));
+    assert!(line("crm/db", "8.8.8.8", "443/TCP").contains("deny"));
+    assert!(stdout.contains("# flow matrix: 9 pods, 9 policies"), "{stdout}");
+}

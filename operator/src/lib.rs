@@ -4,6 +4,7 @@
 pub mod api;
 pub mod controllers;
 pub mod k8s;
+pub mod netpol;
 pub mod plan;
 pub mod runtime;
 pub mod validation;

@@ -40,6 +40,10 @@ enum Command {
         /// Image used by backup and restore jobs.
         #[arg(long, env = "CRMGUARD_IMAGE")]
         image: Option<String>,
+        /// Also print the flow matrix: which connections between the Pods in the input files (and the addresses
+        /// the policies name) the planned NetworkPolicies allow, and why.
+        #[arg(long)]
+        explain: bool,
     },
 }
 
@@ -151,7 +155,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan { files, namespace, image } => {
+        Command::Plan { files, namespace, image, explain } => {
             let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
             let mut ctx = BuildContext::default();
             if let Some(image) = image {
@@ -159,6 +163,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             let plans = crmguard::plan::plan(&docs, namespace.as_deref(), &ctx, Timestamp::now());
             print!("{}", crmguard::plan::render(&plans));
+            if explain {
+                print!("{}", crmguard::plan::explain(&docs, &plans));
+            }
             let refused: Vec<_> = plans.iter().filter(|p| !p.errors.is_empty()).collect();
             let accepted = plans.iter().filter(|p| !p.skipped && p.errors.is_empty()).count();
             let objects: usize = plans.iter().map(|p| p.children.len()).sum();

@@ -248,6 +248,117 @@ pub fn render(plans: &[Planned]) -> String {
     out
 }
 
+/// The world of an `--explain`: Namespaces and Pods from the input files, NetworkPolicies from the input and
+/// from the plan.
+pub fn world(docs: &[Document], plans: &[Planned]) -> crate::netpol::World {
+    let mut w = crate::netpol::World::default();
+    let inputs = docs.iter().map(|d| &d.value);
+    let children = plans.iter().flat_map(|p| p.children.iter());
+    for v in inputs.chain(children) {
+        match (v.get("apiVersion").and_then(Value::as_str), v.get("kind").and_then(Value::as_str)) {
+            (Some("v1"), Some("Namespace")) => w.namespaces.extend(serde_json::from_value(v.clone()).ok()),
+            (Some("v1"), Some("Pod")) => w.pods.extend(serde_json::from_value(v.clone()).ok()),
+            (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => {
+                w.policies.extend(serde_json::from_value(v.clone()).ok())
+            }
+            _ => {}
+        }
+    }
+    w
+}
+
+/// The flows `--explain` shows: every pod to every container port of every other pod, and every pod to the
+/// addresses the policies name (the first address of each ipBlock and of each exception, on the rule's ports)
+/// plus one internet address (8.8.8.8:443).
+pub fn probe_flows(w: &crate::netpol::World) -> Vec<crate::netpol::Flow> {
+    use crate::netpol::{Endpoint, Flow};
+    let ep = |p: &k8s_openapi::api::core::v1::Pod| Endpoint::Pod {
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+    };
+    let mut externals: Vec<(std::net::IpAddr, u16, String)> = vec![([8, 8, 8, 8].into(), 443, "TCP".into())];
+    for np in &w.policies {
+        for rule in np.spec.iter().flat_map(|s| s.egress.iter().flatten()) {
+            let ports: Vec<(u16, String)> = rule
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| match &p.port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        Some((u16::try_from(*n).ok()?, p.protocol.clone().unwrap_or_else(|| "TCP".into())))
+                    }
+                    _ => None,
+                })
+                .collect();
+            for block in rule.to.iter().flatten().filter_map(|p| p.ip_block.as_ref()) {
+                for cidr in std::iter::once(&block.cidr).chain(block.except.iter().flatten()) {
+                    let Ok(net) = cidr.parse::<ipnet::IpNet>() else { continue };
+                    let Some(addr) = net.hosts().next() else { continue };
+                    for (port, proto) in &ports {
+                        if !externals.iter().any(|e| e.0 == addr && e.1 == *port) {
+                            externals.push((addr, *port, proto.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut flows = vec![];
+    for src in &w.pods {
+        for dst in w.pods.iter().filter(|d| d.metadata != src.metadata) {
+            for c in dst.spec.iter().flat_map(|s| s.containers.iter()) {
+                for cp in c.ports.iter().flatten() {
+                    flows.push(Flow {
+                        from: ep(src),
+                        to: ep(dst),
+                        port: u16::try_from(cp.container_port).unwrap_or(0),
+                        protocol: cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    });
+                }
+            }
+        }
+        for (ip, port, proto) in &externals {
+            flows.push(Flow { from: ep(src), to: Endpoint::External(*ip), port: *port, protocol: proto.clone() });
+        }
+    }
+    flows
+}
+
+/// Renders the flow matrix of `--explain`.
+pub fn explain(docs: &[Document], plans: &[Planned]) -> String {
+    let w = world(docs, plans);
+    let mut out = String::new();
+    if w.pods.is_empty() {
+        out.push_str("# --explain: no Pods in the input files; add a topology (see examples/topology/) to see flows\n");
+        return out;
+    }
+    let flows = probe_flows(&w);
+    let allowed = flows.iter().filter(|f| w.evaluate(f).allowed).count();
+    let _ = writeln!(
+        out,
+        "# flow matrix: {} pods, {} policies; {allowed} of {} flows allowed",
+        w.pods.len(),
+        w.policies.len(),
+        flows.len()
+    );
+    let _ = writeln!(out, "# {:<26} {:<28} {:<10} {:<7} why", "from", "to", "port", "verdict");
+    for f in &flows {
+        let v = w.evaluate(f);
+        let port = format!("{}/{}", f.port, f.protocol);
+        let verdict = if v.allowed { "ALLOW" } else { "deny" };
+        let _ = writeln!(
+            out,
+            "  {:<26} {:<28} {:<10} {:<7} {}",
+            f.from.to_string(),
+            f.to.to_string(),
+            port,
+            verdict,
+            v.reason
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ fn every_example_is_admitted_and_round_trips() {
     for kind in crmguard::api::KINDS {
         assert!(kinds.contains(&kind), "examples/ lacks a {kind}");
     }
-    for d in &docs {
+    for d in docs.iter().filter(|d| crmguard::validation::crmguard_kind(&d.value).is_some()) {
         let errors = admit(&d.value);
         assert!(errors.is_empty(), "{}: {errors:?}", d.source);
         let defaulted = with_defaults(&d.value);

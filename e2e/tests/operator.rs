@@ -39,6 +39,14 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
     op.wait_ready(60).await;
 
+    // Two running pods: one of the CRM, and a stray debug pod the guard does not select.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    for (name, labels) in
+        [("web-0", json!({"app.kubernetes.io/part-of": "crm"})), ("debug-shell", json!({"app": "debug"}))]
+    {
+        let pod = json!({"metadata": {"name": name, "labels": labels}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    }
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     let g = guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
     let uid = g.metadata.uid.clone().unwrap();
@@ -53,6 +61,11 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     .await;
     let names = policies(&client, ns).await;
     assert_eq!(names.len(), 9, "{names:?}");
+    let st = guards.get("crm-firewall").await.unwrap().status.unwrap();
+    assert_eq!((st.covered_pods, st.uncovered_pods.clone()), (Some(1), vec!["debug-shell".to_string()]));
+    let (covered, reason, message) = ready(Some(&st.conditions), "Covered").unwrap();
+    assert_eq!((covered.as_str(), reason.as_str()), ("False", "UncoveredPods"));
+    assert!(message.contains("debug-shell"), "{message}");
     // The transition to Ready was announced with an Event on the guard.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     let evs = events.list(&ListParams::default()).await.unwrap().items;

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::{build, validate};
 use crate::api::NetworkGuard;
 use crate::api::condition::Status;
-use crate::k8s::selector::to_query;
+use crate::netpol::selector_matches;
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
@@ -22,7 +22,19 @@ impl Reconcilable for NetworkGuard {
         let policies = build::build(&v);
         let names: Vec<String> = policies.iter().filter_map(|p| p.metadata.name.clone()).collect();
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
-        let covered = pods.list(&ListParams::default().labels(&to_query(&self.spec.pod_selector))).await?.items.len();
+        // Every running pod of the CRM namespace should be behind the guard; finished pods do not count.
+        let running: Vec<Pod> = pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+            .collect();
+        let (covered, uncovered): (Vec<&Pod>, Vec<&Pod>) = running
+            .iter()
+            .partition(|p| selector_matches(&self.spec.pod_selector, &p.metadata.labels.clone().unwrap_or_default()));
+        let mut uncovered: Vec<String> = uncovered.iter().filter_map(|p| p.metadata.name.clone()).collect();
+        uncovered.sort();
         let mut d = Desired {
             owner: Some(v.owner.clone()),
             children: policies.iter().filter_map(|p| serde_json::to_value(p).ok()).collect(),
@@ -36,8 +48,25 @@ impl Reconcilable for NetworkGuard {
             "Applied",
             format!("{} NetworkPolicies in effect", names.len()),
         ));
+        d.conditions.push(if uncovered.is_empty() {
+            Cond::new("Covered", Status::True, "AllPodsCovered", format!("all {} running pods are behind the guard", covered.len()))
+        } else {
+            Cond::new(
+                "Covered",
+                Status::False,
+                "UncoveredPods",
+                format!(
+                    "{} running pod(s) in this namespace are not selected by spec.podSelector and are not protected: {}",
+                    uncovered.len(),
+                    uncovered.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        });
         d.status.insert("policies".into(), json!(names));
-        d.status.insert("coveredPods".into(), json!(covered));
+        d.status.insert("coveredPods".into(), json!(covered.len()));
+        d.status.insert("uncoveredPods".into(), json!(uncovered.into_iter().take(20).collect::<Vec<_>>()));
+        // Pods come and go without touching the guard: refresh coverage every minute.
+        d.requeue_after = Some(std::time::Duration::from_secs(60));
         Ok(Ok(d))
     }
 }

@@ -7,6 +7,7 @@ use crmguard::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
 use e2e::{Cluster, Operator, eventually};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::Role;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -277,4 +278,64 @@ async fn a_malformed_object_does_not_break_the_watch() {
     .await;
     assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     assert!(message.contains("cannot be read"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_isolates_then_the_ttl_releases() {
+    let cluster = Cluster::start("quarantine").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    for (name, component) in [("web-0", "web"), ("db-0", "db")] {
+        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm", "app.kubernetes.io/component": component}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    }
+    let mut g: NetworkGuard = example("network-guard.yaml", ns);
+    g.spec.quarantine = Some(
+        serde_json::from_value(json!({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "web"}},
+            "reason": "falco: shell spawned in crm-web", "ttl": "4s"}))
+        .unwrap(),
+    );
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &g).await.unwrap();
+    let label = |p: &k8s_openapi::api::core::v1::Pod| p.labels().get("crmguard.io/quarantine").cloned();
+    eventually(30, "web-0 labelled for quarantine", || async {
+        let p = pods.get("web-0").await.map_err(|e| e.to_string())?;
+        if label(&p).as_deref() == Some("crm-firewall") {
+            Ok(())
+        } else {
+            Err(format!("{:?}; logs:\n{}", p.labels(), op.logs()))
+        }
+    })
+    .await;
+    let web = pods.get("web-0").await.unwrap();
+    assert_eq!(web.annotations()["crmguard.io/quarantine-reason"], "falco: shell spawned in crm-web");
+    assert!(label(&pods.get("db-0").await.unwrap()).is_none(), "only the selected pod is isolated");
+    let st = eventually(30, "status records the isolation", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        if st.quarantined_pods == Some(1) { Ok(st) } else { Err(format!("{:?}", st.quarantined_pods)) }
+    })
+    .await;
+    assert_eq!(st.quarantines[0].pod, "web-0");
+    assert_eq!(st.quarantines[0].requested_by, "spec");
+    // The standing quarantine policy selects exactly the labelled pods.
+    let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let qp = np.get("crm-firewall-quarantine").await.unwrap();
+    assert_eq!(qp.spec.unwrap().pod_selector.unwrap().match_labels.unwrap()["crmguard.io/quarantine"], "crm-firewall");
+
+    eventually(30, "the TTL to lift the isolation", || async {
+        let p = pods.get("web-0").await.map_err(|e| e.to_string())?;
+        if label(&p).is_none() { Ok(()) } else { Err("still labelled".to_string()) }
+    })
+    .await;
+    eventually(30, "status to show the release", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        if st.quarantined_pods == Some(0) { Ok(()) } else { Err(format!("{:?}", st.quarantined_pods)) }
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, ns);
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.contains(&"Quarantined".to_string()) && reasons.contains(&"Released".to_string()), "{reasons:?}");
 }

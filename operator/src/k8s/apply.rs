@@ -10,8 +10,9 @@ use serde_json::Value;
 
 use super::meta::{OWNER_LABEL, Owner};
 
-/// The child kinds crmguard creates, with their plural resource names.
-pub const CHILD_KINDS: [(&str, &str, &str); 8] = [
+/// The kinds crmguard writes (children it creates, and pods it labels for quarantine), with their plurals.
+pub const CHILD_KINDS: [(&str, &str, &str); 9] = [
+    ("v1", "Pod", "pods"),
     ("v1", "ConfigMap", "configmaps"),
     ("v1", "ServiceAccount", "serviceaccounts"),
     ("batch/v1", "CronJob", "cronjobs"),
@@ -140,6 +141,31 @@ mod tests {
         for (v, k, plural) in CHILD_KINDS {
             assert_eq!(api_resource(v, k).unwrap().plural, plural);
         }
-        assert!(api_resource("v1", "Pod").is_none());
+        assert!(api_resource("v1", "Service").is_none());
     }
+}
+
+/// A merge patch to an existing object crmguard does not own (e.g. a pod's quarantine label).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectPatch {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub name: String,
+    pub patch: Value,
+}
+
+/// Applies merge patches in `namespace`; an object that is gone meanwhile is skipped.
+pub async fn patch_objects(client: &Client, namespace: &str, patches: &[ObjectPatch]) -> Result<usize, ApplyError> {
+    let mut done = 0;
+    for p in patches {
+        let child = format!("{}/{}", p.kind, p.name);
+        let ar = api_resource(p.api_version, p.kind).ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+        match api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&p.patch)).await {
+            Ok(_) => done += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => return Err(ApplyError::Kube { child, source }),
+        }
+    }
+    Ok(done)
 }

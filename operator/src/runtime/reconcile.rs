@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::api::condition::{self, READY, Status, new_condition, reason, set_condition};
 use crate::controllers::BuildContext;
-use crate::k8s::apply::{ApplyError, apply_children};
+use crate::k8s::apply::{ApplyError, ObjectPatch, apply_children, patch_objects};
 use crate::k8s::meta::Owner;
 use crate::runtime::metrics::Metrics;
 use crate::validation::FieldError;
@@ -70,6 +70,10 @@ pub struct Desired {
     pub status: Map<String, Value>,
     /// Requeue sooner than the resync (e.g. at a grant's expiry).
     pub requeue_after: Option<Duration>,
+    /// Merge patches to objects the resource does not own (applied after the children).
+    pub patches: Vec<ObjectPatch>,
+    /// Events to record once the changes are made: (warning?, reason, note).
+    pub events: Vec<(bool, &'static str, String)>,
 }
 
 /// Errors of a reconcile that are worth a retry.
@@ -200,6 +204,20 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
                 if !report.applied.is_empty() || !report.pruned.is_empty() {
                     tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
+                }
+                let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await?;
+                ctx.metrics.wrote(K::CONTROLLER, "patch", patched);
+            }
+            for (warning, reason, note) in &desired.events {
+                let event = Event {
+                    type_: if *warning { EventType::Warning } else { EventType::Normal },
+                    reason: (*reason).to_string(),
+                    note: Some(truncate(note, 1024)),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
+                    tracing::warn!(error = %e, "could not publish an Event");
                 }
             }
             for c in &desired.conditions {

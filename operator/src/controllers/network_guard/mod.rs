@@ -1,5 +1,6 @@
 //! NetworkGuard controller: default-deny, allow-list, DNS and quarantine NetworkPolicies.
 
 pub mod build;
+pub mod quarantine;
 pub mod reconcile;
 pub mod validate;

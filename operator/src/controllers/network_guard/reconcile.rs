@@ -4,9 +4,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
+use super::build::QUARANTINE_LABEL;
+use super::quarantine::{self, Change};
 use super::{build, validate};
 use crate::api::NetworkGuard;
+use crate::api::common::parse_duration;
 use crate::api::condition::Status;
+use crate::k8s::apply::ObjectPatch;
+use crate::k8s::meta::label_value;
 use crate::netpol::selector_matches;
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
@@ -67,6 +72,58 @@ impl Reconcilable for NetworkGuard {
         d.status.insert("uncoveredPods".into(), json!(uncovered.into_iter().take(20).collect::<Vec<_>>()));
         // Pods come and go without touching the guard: refresh coverage every minute.
         d.requeue_after = Some(std::time::Duration::from_secs(60));
+
+        // Quarantine: label the pods to isolate (the standing quarantine policy cuts them off), release expired ones.
+        let now = (ctx.now)();
+        let ttl = match &self.spec.quarantine {
+            Some(q) => match parse_duration(&q.ttl) {
+                Ok(ttl) => Some((q, ttl)),
+                Err(e) => return Ok(Err(vec![FieldError::new("spec.quarantine.ttl", e.to_string())])),
+            },
+            None => None,
+        };
+        let qp = quarantine::plan(&label_value(&v.owner.name), ttl, &running, now);
+        for change in &qp.changes {
+            let (pod, patch, event) = match change {
+                Change::Isolate { pod, annotations } => {
+                    let mut meta = json!({"labels": {QUARANTINE_LABEL: label_value(&v.owner.name)}});
+                    if !annotations.is_empty() {
+                        meta["annotations"] = json!(annotations);
+                    }
+                    let note = match annotations.get(quarantine::UNTIL) {
+                        Some(until) => format!(
+                            "pod {pod} isolated until {until}: {}",
+                            annotations.get(quarantine::REASON).cloned().unwrap_or_default()
+                        ),
+                        None => format!("pod {pod} isolated again (its quarantine label had been removed)"),
+                    };
+                    (pod, json!({"metadata": meta}), (true, "Quarantined", note))
+                }
+                Change::Release { pod } => (
+                    pod,
+                    json!({"metadata": {"labels": {QUARANTINE_LABEL: null}}}),
+                    (false, "Released", format!("pod {pod} released from quarantine")),
+                ),
+            };
+            d.patches.push(ObjectPatch { api_version: "v1", kind: "Pod", name: pod.clone(), patch });
+            d.events.push(event);
+        }
+        d.conditions.push(if qp.active > 0 {
+            Cond::new(
+                "Quarantined",
+                Status::True,
+                "Isolated",
+                format!("{} pod(s) isolated; see status.quarantines", qp.active),
+            )
+        } else {
+            Cond::new("Quarantined", Status::False, "NoneIsolated", "no pod is isolated")
+        });
+        d.status.insert("quarantinedPods".into(), json!(qp.active));
+        d.status.insert("quarantines".into(), json!(qp.records));
+        if let Some(next) = qp.next_expiry {
+            let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();
+            d.requeue_after = d.requeue_after.map(|r| r.min(wait + std::time::Duration::from_secs(1)));
+        }
         Ok(Ok(d))
     }
 }

@@ -1,0 +1,221 @@
+//! Reversible isolation, planned purely. The state lives on the pods themselves: the quarantine label (which
+//! the standing quarantine NetworkPolicy selects) and annotations saying by whom, why, since and until when.
+//! Status carries a bounded summary only, so isolating many pods never depends on status size.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::build::QUARANTINE_LABEL;
+use crate::api::network_guard::{Quarantine, QuarantineRecord};
+use crate::netpol::selector_matches;
+
+/// Annotation: the guard that isolated the pod (its label value).
+pub const BY: &str = "crmguard.io/quarantine-by";
+/// Annotation: why.
+pub const REASON: &str = "crmguard.io/quarantine-reason";
+/// Annotation: who asked (`spec` or the webhook caller).
+pub const REQUESTED_BY: &str = "crmguard.io/quarantine-requested-by";
+/// Annotation: since (RFC 3339).
+pub const SINCE: &str = "crmguard.io/quarantine-since";
+/// Annotation: until (RFC 3339).
+pub const UNTIL: &str = "crmguard.io/quarantine-until";
+
+/// Records kept in status (active ones first, then the most recent).
+pub const MAX_RECORDS: usize = 20;
+
+/// A change to one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Label the pod and annotate it (values for [`BY`], [`REASON`], [`REQUESTED_BY`], [`SINCE`], [`UNTIL`]).
+    Isolate { pod: String, annotations: BTreeMap<String, String> },
+    /// Remove the label; the annotations stay as history (and keep the same reason from isolating again).
+    Release { pod: String },
+}
+
+/// What to do now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuarantinePlan {
+    pub changes: Vec<Change>,
+    /// Bounded summary for status.
+    pub records: Vec<QuarantineRecord>,
+    /// Pods isolated after the changes.
+    pub active: usize,
+    /// The next instant an isolation expires.
+    pub next_expiry: Option<Timestamp>,
+}
+
+fn ann<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+fn ts(s: Option<&str>) -> Option<Timestamp> {
+    s?.parse().ok()
+}
+
+/// Plans isolation for the guard whose label value is `label`.
+///
+/// A running pod matching `spec.podSelector` is isolated for `ttl`. When the TTL has passed it is released,
+/// and it is not isolated again for the same reason (a new reason isolates anew). Removing `spec.quarantine`
+/// releases the pods it isolated at once.
+pub fn plan(
+    label: &str,
+    spec: Option<(&Quarantine, std::time::Duration)>,
+    pods: &[Pod],
+    now: Timestamp,
+) -> QuarantinePlan {
+    let mut out = QuarantinePlan::default();
+    let ttl = spec.map(|(_, d)| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
+    for pod in pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let labelled = labels.get(QUARANTINE_LABEL).is_some_and(|v| v == label);
+        let ours = ann(pod, BY) == Some(label);
+        let until = if ours { ts(ann(pod, UNTIL)) } else { None };
+        let requested_by = ann(pod, REQUESTED_BY).unwrap_or("spec");
+        let still_requested =
+            requested_by != "spec" || spec.is_some_and(|(q, _)| ann(pod, REASON) == Some(q.reason.as_str()));
+        let active_now = ours && until.is_some_and(|u| u > now) && still_requested;
+        let mut record = ours.then(|| QuarantineRecord {
+            pod: name.clone(),
+            reason: ann(pod, REASON).unwrap_or_default().to_string(),
+            requested_by: requested_by.to_string(),
+            since: ts(ann(pod, SINCE)).map(Time),
+            until: until.map(Time),
+        });
+        let new_request = spec.filter(|(q, _)| {
+            selector_matches(&q.pod_selector, &labels) && !(ours && ann(pod, REASON) == Some(q.reason.as_str()))
+        });
+        if let (Some((q, _)), Some(ttl)) = (new_request, ttl) {
+            let until = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+            let annotations = BTreeMap::from([
+                (BY.to_string(), label.to_string()),
+                (REASON.to_string(), q.reason.clone()),
+                (REQUESTED_BY.to_string(), "spec".to_string()),
+                (SINCE.to_string(), now.to_string()),
+                (UNTIL.to_string(), until.to_string()),
+            ]);
+            out.changes.push(Change::Isolate { pod: name.clone(), annotations });
+            record = Some(QuarantineRecord {
+                pod: name,
+                reason: q.reason.clone(),
+                requested_by: "spec".into(),
+                since: Some(Time(now)),
+                until: Some(Time(until)),
+            });
+            out.active += 1;
+            out.next_expiry = Some(out.next_expiry.map_or(until, |n| n.min(until)));
+        } else if active_now {
+            if !labelled {
+                out.changes.push(Change::Isolate { pod: name, annotations: BTreeMap::new() });
+            }
+            out.active += 1;
+            if let Some(u) = until {
+                out.next_expiry = Some(out.next_expiry.map_or(u, |n| n.min(u)));
+            }
+        } else if labelled {
+            out.changes.push(Change::Release { pod: name });
+            if let Some(r) = record.as_mut().filter(|r| r.until.as_ref().is_none_or(|u| u.0 > now)) {
+                r.until = Some(Time(now));
+            }
+        }
+        out.records.extend(record);
+    }
+    let active = |r: &QuarantineRecord| r.until.as_ref().is_some_and(|u| u.0 > now);
+    out.records.sort_by_key(|r| (!active(r), std::cmp::Reverse(r.since.as_ref().map(|t| t.0)), r.pod.clone()));
+    out.records.truncate(MAX_RECORDS);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn q(reason: &str) -> Quarantine {
+        serde_json::from_value(json!({"podSelector": {"matchLabels": {"app": "web"}}, "reason": reason, "ttl": "1h"}))
+            .unwrap()
+    }
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    /// Applies a plan's changes to pods, as the controller's patches do.
+    fn apply(pods: &mut [Pod], p: &QuarantinePlan) {
+        for c in &p.changes {
+            let (name, isolate, anns) = match c {
+                Change::Isolate { pod, annotations } => (pod, true, annotations.clone()),
+                Change::Release { pod } => (pod, false, BTreeMap::new()),
+            };
+            let pod = pods.iter_mut().find(|x| x.metadata.name.as_ref() == Some(name)).unwrap();
+            let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+            if isolate {
+                labels.insert(QUARANTINE_LABEL.into(), "g".into());
+            } else {
+                labels.remove(QUARANTINE_LABEL);
+            }
+            pod.metadata.annotations.get_or_insert_with(Default::default).extend(anns);
+        }
+    }
+
+    fn pods() -> Vec<Pod> {
+        ["web-1", "db-1"]
+            .iter()
+            .map(|n| {
+                let app = if n.starts_with("web") { "web" } else { "db" };
+                serde_json::from_value(json!({"metadata": {"name": n, "labels": {"app": app}}})).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn isolates_then_releases_after_the_ttl_and_not_again_for_the_same_reason() {
+        let mut pods = pods();
+        let quarantine = q("falco: shell in container");
+        let p1 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        assert!(matches!(&p1.changes[..], [Change::Isolate { pod, .. }] if pod == "web-1"), "{:?}", p1.changes);
+        assert_eq!((p1.active, p1.next_expiry), (1, Some(t("2026-11-29T11:00:00Z"))));
+        apply(&mut pods, &p1);
+
+        let p2 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T10:30:00Z"));
+        assert!(p2.changes.is_empty(), "steady: nothing to do");
+        assert_eq!(p2.records, p1.records, "the TTL does not restart");
+
+        let p3 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T11:00:01Z"));
+        assert_eq!(p3.changes, [Change::Release { pod: "web-1".into() }]);
+        assert_eq!((p3.active, p3.next_expiry), (0, None));
+        apply(&mut pods, &p3);
+        assert!(plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T11:05:00Z")).changes.is_empty());
+        let p5 = plan("g", Some((&q("new alert"), HOUR)), &pods, t("2026-11-29T11:06:00Z"));
+        assert!(matches!(&p5.changes[..], [Change::Isolate { .. }]), "a new reason isolates anew");
+    }
+
+    #[test]
+    fn removing_the_quarantine_releases_at_once() {
+        let mut pods = pods();
+        let p1 = plan("g", Some((&q("x"), HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        apply(&mut pods, &p1);
+        let p2 = plan("g", None, &pods, t("2026-11-29T10:10:00Z"));
+        assert_eq!(p2.changes, [Change::Release { pod: "web-1".into() }]);
+        assert_eq!(p2.records[0].until.as_ref().unwrap().0, t("2026-11-29T10:10:00Z"));
+    }
+
+    #[test]
+    fn many_pods_are_all_isolated_and_status_stays_bounded() {
+        let pods: Vec<Pod> = (0..50)
+            .map(|i| {
+                serde_json::from_value(json!({"metadata": {"name": format!("web-{i}"), "labels": {"app": "web"}}}))
+                    .unwrap()
+            })
+            .collect();
+        let p = plan("g", Some((&q("x"), HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        assert_eq!(p.changes.len(), 50);
+        assert_eq!(p.active, 50);
+        assert_eq!(p.records.len(), MAX_RECORDS);
+    }
+}

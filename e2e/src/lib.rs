@@ -106,6 +106,25 @@ impl Operator {
         Some((code, body))
     }
 
+    /// POST a JSON body to the operator's HTTP server, with an optional bearer token.
+    pub fn http_post(&self, path: &str, token: Option<&str>, body: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((code, body))
+    }
+
     /// Value of a Prometheus sample (exact series text, e.g. `crmguard_reconcile_total{controller="networkguard"}`).
     pub fn metric(&self, series: &str) -> Option<f64> {
         let (_, body) = self.http_get("/metrics")?;

@@ -339,3 +339,81 @@ async fn quarantine_isolates_then_the_ttl_releases() {
         events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
     assert!(reasons.contains(&"Quarantined".to_string()) && reasons.contains(&"Released".to_string()), "{reasons:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
+    let cluster = Cluster::start("webhook").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let token = "s3cr3t-webhook-token-for-test";
+    let secret = json!({"metadata": {"name": "crmguard-webhook"}, "stringData": {"token": token}, "data": {"token": "czNjcjN0LXdlYmhvb2stdG9rZW4tZm9yLXRlc3Q="}});
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &serde_json::from_value(secret).unwrap())
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    for name in ["web-0", "db-0"] {
+        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    }
+    // A backup policy, so that `backupFirst` has a CronJob to start a backup from.
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    policies.create(&PostParams::default(), &example("backup-policy.yaml", ns)).await.unwrap();
+    let mut g: NetworkGuard = example("network-guard.yaml", ns);
+    g.spec.webhook.as_mut().unwrap().ttl = "5s".into();
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &g).await.unwrap();
+    eventually(30, "the policy's CronJob and the guard Ready", || async {
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let ok = p.status.and_then(|s| s.cron_job_name).is_some()
+            && ready(g.status.as_ref().map(|s| &s.conditions), "Ready").is_some_and(|r| r.0 == "True");
+        if ok { Ok(()) } else { Err(format!("logs:\n{}", op.logs())) }
+    })
+    .await;
+
+    let path = format!("/webhook/quarantine/{ns}/crm-firewall");
+    let alert = json!({"version": "4", "status": "firing", "alerts": [{"status": "firing",
+        "labels": {"alertname": "CrmShellSpawned", "namespace": ns, "pod": "web-0"}, "annotations": {"summary": "shell in web-0"}}]})
+    .to_string();
+    let labelled = || async { pods.get("web-0").await.unwrap().labels().get("crmguard.io/quarantine").cloned() };
+    // Refused calls change nothing.
+    assert_eq!(op.http_post(&path, None, &alert).unwrap().0, 401);
+    assert_eq!(op.http_post(&path, Some("wrong-token"), &alert).unwrap().0, 401);
+    assert_eq!(op.http_post(&format!("/webhook/quarantine/{ns}/no-such-guard"), Some(token), &alert).unwrap().0, 401);
+    let (code, body) = op.http_post(&path, Some(token), "{\"hello\": 1}").unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("neither an Alertmanager"), "{body}");
+    assert!(labelled().await.is_none());
+    assert!(!op.logs().contains(token), "the token must never be logged");
+
+    let (code, body) = op.http_post(&path, Some(token), &alert).unwrap();
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(labelled().await.as_deref(), Some("crm-firewall"));
+    let web = pods.get("web-0").await.unwrap();
+    assert_eq!(web.annotations()["crmguard.io/quarantine-requested-by"], "alertmanager");
+    assert!(labelled_is_none(&pods, "db-0").await);
+    // backupFirst: a backup Job was started from the policy's CronJob before isolating.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> =
+        jobs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|j| j.metadata.name).collect();
+    assert!(names.iter().any(|n| n.starts_with("crm-db-backup-pre-quarantine-")), "{names:?}");
+    eventually(30, "status to record who asked", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        match st.quarantines.first() {
+            Some(r) if r.requested_by == "alertmanager" && st.quarantined_pods == Some(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually(30, "the TTL to release web-0", || async {
+        if labelled().await.is_none() { Ok(()) } else { Err("still isolated".to_string()) }
+    })
+    .await;
+    assert!(!op.logs().contains(token), "the token must never be logged");
+}
+
+async fn labelled_is_none(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> bool {
+    pods.get(name).await.unwrap().labels().get("crmguard.io/quarantine").is_none()
+}

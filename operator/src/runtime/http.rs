@@ -1,5 +1,5 @@
 //! The operator's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (process alive), `/readyz` (caches
-//! synced and, with leader election, the lease outcome known).
+//! synced and, with leader election, the lease outcome known), and `POST /webhook/quarantine/<ns>/<guard>`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +32,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    client: Option<kube::Client>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -40,11 +41,16 @@ pub async fn serve(
             let Ok((stream, _)) = listener.accept().await else { continue };
             let metrics = metrics.clone();
             let health = health.clone();
+            let client = client.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let health = health.clone();
+                    let client = client.clone();
                     async move {
+                        if req.uri().path().starts_with("/webhook/") {
+                            return Ok::<_, Infallible>(webhook(req, client).await);
+                        }
                         Ok::<_, Infallible>(match req.uri().path() {
                             "/metrics" => {
                                 reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
@@ -66,4 +72,27 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+async fn webhook(req: Request<hyper::body::Incoming>, client: Option<kube::Client>) -> Response<Full<Bytes>> {
+    use http_body_util::{BodyExt, Limited};
+    let json = |code: u16, v: serde_json::Value| {
+        reply(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "application/json",
+            v.to_string(),
+        )
+    };
+    let Some(client) = client else { return json(404, serde_json::json!({"error": "webhook disabled"})) };
+    if req.method() != hyper::Method::POST {
+        return json(405, serde_json::json!({"error": "use POST"}));
+    }
+    let path = req.uri().path().to_string();
+    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = match Limited::new(req.into_body(), super::webhook::MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json(413, serde_json::json!({"error": "body too large or unreadable"})),
+    };
+    let (code, v) = super::webhook::handle(&client, &path, auth.as_deref(), &body, jiff::Timestamp::now()).await;
+    json(code, v)
 }

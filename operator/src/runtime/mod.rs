@@ -5,6 +5,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -134,7 +135,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
     let metrics = metrics::Metrics::default();
     let health = Arc::new(http::Health::default());
-    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone())
+    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone(), Some(client.clone()))
         .await
         .map_err(|e| RunError::Http(opts.http_addr, e))?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");

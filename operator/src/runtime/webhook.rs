@@ -119,10 +119,9 @@ pub async fn handle(
         None => return err(500, "spec.webhook.ttl cannot be parsed"),
     };
     let until = now.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
-    if webhook.backup_first {
-        if let Err(e) = trigger_backups(client, namespace, now).await {
-            tracing::warn!(error = %e, "webhook: could not trigger the backup before isolating");
-        }
+    let backup = if webhook.backup_first { trigger_backups(client, namespace, now).await } else { Ok(()) };
+    if let Err(e) = backup {
+        tracing::warn!(error = %e, "webhook: could not trigger the backup before isolating");
     }
     let label = label_value(guard_name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);

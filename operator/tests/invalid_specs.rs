@@ -268,6 +268,18 @@ fn invalid_specs_are_refused_with_the_message_a_user_sees() {
             "spec.ingress[1].appliesTo",
             "would have to be both",
         ),
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/targets", json!({"vault": {"namespace": "vault", "cidr": "10.0.0.0/8"}}))],
+            "spec.targets.vault",
+            "exactly one of namespace (in-cluster) or cidr",
+        ),
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/egress/0/name", json!("target-db"))],
+            "spec.egress[0].name",
+            "reserved for spec.targets",
+        ),
         // --- any kind ---
         case("NetworkGuard", vec![Set("/apiVersion", json!("crmguard.io/v1"))], "", "is not a crmguard resource"),
         case(

@@ -116,3 +116,40 @@ fn a_quarantined_pod_is_cut_off_both_ways_despite_the_allow_rules() {
     // The others keep working.
     assert!(w.evaluate(&flow("crm/worker", "crm/db", 5432, "TCP")).allowed);
 }
+
+#[test]
+fn targets_expand_into_the_rules_the_database_vault_and_s3_need() {
+    let docs = support::examples();
+    let mut guard = support::example("NetworkGuard");
+    guard["metadata"]["name"] = serde_json::json!("targets");
+    guard["spec"]["ingress"] = serde_json::json!([]);
+    guard["spec"]["egress"] = serde_json::json!([]);
+    guard["spec"]["targets"] = serde_json::json!({
+        "database": {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "db"}},
+                     "clients": {"matchLabels": {"app.kubernetes.io/component": "web"}}},
+        "vault": {"namespace": "vault"},
+        "s3": {"cidr": "198.51.100.0/24"}
+    });
+    let mut inputs: Vec<crmguard::plan::Document> =
+        docs.into_iter().filter(|d| d.value["kind"] == "Namespace" || d.value["kind"] == "Pod").collect();
+    inputs.push(crmguard::plan::Document { source: "targets".into(), value: guard });
+    let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+    let plans = plan(&inputs, None, &BuildContext::default(), now);
+    let guard_plan = plans.iter().find(|p| p.resource.contains("targets")).unwrap();
+    assert!(guard_plan.errors.is_empty(), "{:?}", guard_plan.errors);
+    let w = world(&inputs, &plans);
+    for (from, to, port, expected) in [
+        ("crm/web", "crm/db", 5432, ALLOW),
+        ("crm/worker", "crm/db", 5432, DENY),
+        ("crm/debug-shell", "crm/db", 5432, DENY),
+        ("crm/web", "vault/vault-0", 8200, ALLOW),
+        ("crm/db", "vault/vault-0", 8200, ALLOW),
+        ("crm/web", "vault/vault-0", 8201, DENY),
+        ("crm/web", "198.51.100.7", 443, ALLOW),
+        ("crm/web", "198.51.100.7", 80, DENY),
+        ("crm/web", "8.8.8.8", 443, DENY),
+    ] {
+        let v = w.evaluate(&flow(from, to, port, "TCP"));
+        assert_eq!(v.allowed, expected, "{from} -> {to}:{port}: {}", v.reason);
+    }
+}

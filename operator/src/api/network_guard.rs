@@ -54,6 +54,69 @@ pub struct NetworkGuardSpec {
     /// Alert-driven quarantine through the operator's authenticated webhook (Alertmanager, Falcosidekick).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<QuarantineWebhook>,
+    /// Shorthands for the CRM's usual destinations (database, Vault, S3); each expands into the allow rules it
+    /// needs, named `target-database`, `target-vault`, `target-s3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
+}
+
+/// Well-known destinations of a CRM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Targets {
+    /// The CRM's database pods in this namespace: ingress to them from `clients` only, and egress from `clients`
+    /// to them, on `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseTarget>,
+    /// Vault (default port 8200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<ServiceTarget>,
+    /// The S3 endpoint (default port 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<ServiceTarget>,
+}
+
+/// The database pods of the CRM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseTarget {
+    /// The database pods (in this namespace).
+    pub pod_selector: LabelSelector,
+    /// Database port.
+    #[serde(default = "default_db_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The protected pods allowed to connect; all protected pods when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<LabelSelector>,
+}
+
+fn default_db_port() -> i32 {
+    5432
+}
+
+/// A service reached by namespace (optionally narrowed to pods) or by CIDR.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.__namespace__) != has(self.cidr)").message("a target names exactly one of namespace (in-cluster) or cidr (outside the cluster)"))]
+pub struct ServiceTarget {
+    /// Namespace of the service in the cluster, e.g. `vault`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Pods of the service inside `namespace`; all its pods when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Address range of a service outside the cluster, e.g. `198.51.100.0/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a CIDR such as 198.51.100.0/24"))]
+    pub cidr: Option<String>,
+    /// Port; defaults to 8200 for Vault and 443 for S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// The protected pods allowed to connect; all protected pods when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<LabelSelector>,
 }
 
 /// Which directions are denied by default.

@@ -58,6 +58,58 @@ fn opt_vec<T>(v: Vec<T>) -> Option<Vec<T>> {
     (!v.is_empty()).then_some(v)
 }
 
+/// The guard's allow rules with its `targets` expanded: `(ingress, egress)`.
+pub fn rules(spec: &crate::api::network_guard::NetworkGuardSpec) -> (Vec<TrafficRule>, Vec<TrafficRule>) {
+    let mut ingress = spec.ingress.clone();
+    let mut egress = spec.egress.clone();
+    let Some(t) = &spec.targets else { return (ingress, egress) };
+    let tcp = |port: i32| vec![PortRule { port: IntOrString::Int(port), end_port: None, protocol: Protocol::TCP }];
+    let pods = |sel: &LabelSelector| Peer { pod_selector: Some(sel.clone()), namespace_selector: None, ip_block: None };
+    if let Some(db) = &t.database {
+        let clients = db.clients.clone().unwrap_or_else(|| spec.pod_selector.clone());
+        ingress.push(TrafficRule {
+            name: "target-database".into(),
+            applies_to: Some(db.pod_selector.clone()),
+            peers: vec![pods(&clients)],
+            ports: tcp(db.port),
+        });
+        egress.push(TrafficRule {
+            name: "target-database".into(),
+            applies_to: db.clients.clone(),
+            peers: vec![pods(&db.pod_selector)],
+            ports: tcp(db.port),
+        });
+    }
+    for (name, target, default_port) in [("target-vault", &t.vault, 8200), ("target-s3", &t.s3, 443)] {
+        let Some(target) = target else { continue };
+        let peer = match (&target.namespace, &target.cidr) {
+            (Some(ns), _) => Peer {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.clone())])),
+                    ..LabelSelector::default()
+                }),
+                pod_selector: target.pod_selector.clone(),
+                ip_block: None,
+            },
+            (None, cidr) => Peer {
+                pod_selector: None,
+                namespace_selector: None,
+                ip_block: Some(crate::api::network_guard::IpBlock {
+                    cidr: cidr.clone().unwrap_or_default(),
+                    except: vec![],
+                }),
+            },
+        };
+        egress.push(TrafficRule {
+            name: name.into(),
+            applies_to: target.clients.clone(),
+            peers: vec![peer],
+            ports: tcp(target.port.unwrap_or(default_port)),
+        });
+    }
+    (ingress, egress)
+}
+
 /// Builds every NetworkPolicy of a guard, in a stable order.
 pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
     let owner = &v.owner;
@@ -95,7 +147,8 @@ pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
         };
         not_quarantined(&sel)
     };
-    for rule in &spec.ingress {
+    let (ingress, egress) = rules(spec);
+    for rule in &ingress {
         out.push(policy(
             &format!("in-{}", rule.name),
             "allow",
@@ -110,7 +163,7 @@ pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
             },
         ));
     }
-    for rule in &spec.egress {
+    for rule in &egress {
         out.push(policy(
             &format!("out-{}", rule.name),
             "allow",
@@ -176,4 +229,76 @@ pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
         },
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::network_guard::validate::validate;
+    use serde_json::json;
+
+    fn guard(spec: serde_json::Value) -> ValidatedNetworkGuard {
+        let g: crate::api::NetworkGuard = serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
+            "metadata": {"name": "fw", "namespace": "crm", "uid": "u-1"}, "spec": spec}))
+        .unwrap();
+        validate(&g).unwrap()
+    }
+
+    fn by_name(policies: &[NetworkPolicy]) -> BTreeMap<String, serde_json::Value> {
+        policies.iter().map(|p| (p.metadata.name.clone().unwrap(), serde_json::to_value(&p.spec).unwrap())).collect()
+    }
+
+    #[test]
+    fn default_deny_dns_allow_and_quarantine_policies_are_exact() {
+        let g = guard(json!({
+            "podSelector": {"matchLabels": {"app": "crm"}},
+            "ingress": [{"name": "web", "appliesTo": {"matchLabels": {"tier": "web"}},
+                         "peers": [{"namespaceSelector": {"matchLabels": {"team": "edge"}}}],
+                         "ports": [{"port": 8080}, {"port": "metrics", "protocol": "TCP"}]}],
+            "quarantine": {"podSelector": {}, "reason": "r", "ttl": "1h",
+                           "forensicsPeers": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}
+        }));
+        let p = by_name(&build(&g));
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["fw-default-deny", "fw-dns", "fw-in-web", "fw-quarantine"]);
+        assert_eq!(
+            p["fw-default-deny"],
+            json!({"podSelector": {"matchLabels": {"app": "crm"}}, "policyTypes": ["Ingress", "Egress"]})
+        );
+        assert_eq!(
+            p["fw-in-web"],
+            json!({
+                "podSelector": {"matchLabels": {"app": "crm", "tier": "web"},
+                                "matchExpressions": [{"key": "crmguard.io/quarantine", "operator": "DoesNotExist"}]},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "edge"}}}],
+                             "ports": [{"port": 8080, "protocol": "TCP"}, {"port": "metrics", "protocol": "TCP"}]}]
+            })
+        );
+        assert_eq!(
+            p["fw-dns"]["egress"],
+            json!([{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}])
+        );
+        assert_eq!(
+            p["fw-quarantine"],
+            json!({"podSelector": {"matchLabels": {"crmguard.io/quarantine": "fw"}}, "policyTypes": ["Ingress", "Egress"],
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}]})
+        );
+    }
+
+    #[test]
+    fn opting_out_of_default_deny_and_dns() {
+        let g = guard(
+            json!({"podSelector": {}, "defaultDeny": {"ingress": true, "egress": false}, "dns": {"allow": false}}),
+        );
+        let p = by_name(&build(&g));
+        assert_eq!(
+            p.keys().collect::<Vec<_>>(),
+            ["fw-default-deny", "fw-quarantine"],
+            "no DNS policy when egress is open"
+        );
+        assert_eq!(p["fw-default-deny"]["policyTypes"], json!(["Ingress"]));
+    }
 }

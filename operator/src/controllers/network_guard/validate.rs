@@ -94,6 +94,12 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
     for (dir, rules) in [("ingress", &spec.ingress), ("egress", &spec.egress)] {
         for (i, rule) in rules.iter().enumerate() {
             let field = format!("spec.{dir}[{i}]");
+            if rule.name.starts_with("target-") {
+                errors.push(FieldError::new(
+                    format!("{field}.name"),
+                    "names starting with target- are reserved for spec.targets; rename the rule",
+                ));
+            }
             if let Some(target) = &rule.applies_to {
                 check_selector(target, &format!("{field}.appliesTo"), &mut errors);
                 if let Err(m) = intersect(&spec.pod_selector, target) {
@@ -113,6 +119,19 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
                         check_selector(sel, &format!("{field}.peers[{j}].{name}"), &mut errors);
                     }
                 }
+            }
+        }
+    }
+    if let Some(t) = &spec.targets {
+        if let Some(db) = &t.database {
+            check_selector(&db.pod_selector, "spec.targets.database.podSelector", &mut errors);
+            if let Err(m) = intersect(&spec.pod_selector, &db.pod_selector) {
+                errors.push(FieldError::new("spec.targets.database.podSelector", m));
+            }
+        }
+        for (name, target) in [("vault", &t.vault), ("s3", &t.s3)] {
+            for sel in target.iter().flat_map(|t| t.pod_selector.iter().chain(t.clients.iter())) {
+                check_selector(sel, &format!("spec.targets.{name}"), &mut errors);
             }
         }
     }

@@ -42,9 +42,11 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
 
     // Two running pods: one of the CRM, and a stray debug pod the guard does not select.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
-    for (name, labels) in
-        [("web-0", json!({"app.kubernetes.io/part-of": "crm"})), ("debug-shell", json!({"app": "debug"}))]
-    {
+    for (name, labels) in [
+        ("web-0", json!({"app.kubernetes.io/part-of": "crm"})),
+        ("debug-shell", json!({"app": "debug"})),
+        ("crm-db-backup-29001-x", json!({"app.kubernetes.io/managed-by": "crmguard"})),
+    ] {
         let pod = json!({"metadata": {"name": name, "labels": labels}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
         pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
     }

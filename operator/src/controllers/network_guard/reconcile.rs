@@ -35,8 +35,14 @@ impl Reconcilable for NetworkGuard {
             .into_iter()
             .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
             .collect();
+        // crmguard's own backup and restore job pods are short-lived and not the CRM: they do not count either.
+        let ours = |p: &&Pod| {
+            p.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str)
+                == Some(crate::k8s::meta::MANAGED_BY)
+        };
         let (covered, uncovered): (Vec<&Pod>, Vec<&Pod>) = running
             .iter()
+            .filter(|p| !ours(p))
             .partition(|p| selector_matches(&self.spec.pod_selector, &p.metadata.labels.clone().unwrap_or_default()));
         let mut uncovered: Vec<String> = uncovered.iter().filter_map(|p| p.metadata.name.clone()).collect();
         uncovered.sort();

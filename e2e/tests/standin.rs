@@ -232,3 +232,21 @@ async fn server_side_apply_tracks_field_owners() {
     let after = cms.patch("shared", &PatchParams::apply("team-a"), &Patch::Apply(cm(json!({})))).await.unwrap();
     assert_eq!(after.data.unwrap(), [("x".to_string(), "2".to_string())].into());
 }
+
+#[tokio::test]
+async fn discovery_lists_groups_and_resources_like_the_api_server() {
+    let (_server, client) = server_with_crds().await;
+    let discovery = kube::Discovery::new(client).run().await.unwrap();
+    let (ar, caps) =
+        discovery.resolve_gvk(&kube::core::GroupVersionKind::gvk("crmguard.io", "v1alpha1", "NetworkGuard")).unwrap();
+    assert_eq!(ar.plural, "networkguards");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    for (g, v, k) in [
+        ("", "v1", "Pod"),
+        ("batch", "v1", "CronJob"),
+        ("networking.k8s.io", "v1", "NetworkPolicy"),
+        ("coordination.k8s.io", "v1", "Lease"),
+    ] {
+        assert!(discovery.resolve_gvk(&kube::core::GroupVersionKind::gvk(g, v, k)).is_some(), "{g}/{v} {k}");
+    }
+}

@@ -358,7 +358,8 @@ async fn body_json(req: Request<Incoming>) -> Result<(Value, String), ApiError> 
     let v: Value = if ct.contains("yaml") {
         serde_saphyr::from_slice(&bytes).map_err(|e| ApiError::new(400, "BadRequest", format!("invalid YAML: {e}")))?
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::new(400, "BadRequest", format!("invalid JSON: {e}")))?
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid JSON ({ct}, {} bytes): {e}", bytes.len())))?
     };
     Ok((v, ct))
 }
@@ -429,6 +430,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         "/healthz" | "/readyz" | "/livez" => return respond(200, &json!("ok")),
         _ => {}
     }
+    // Group-version discovery: /api/<version> and /apis/<group>/<version>.
+    match path.trim_matches('/').split('/').collect::<Vec<_>>().as_slice() {
+        ["api", version] => return respond(200, &discovery_resources(&state, "", version)),
+        ["apis", group, version] => return respond(200, &discovery_resources(&state, group, version)),
+        _ => {}
+    }
     let Some(target) = parse_path(&path) else {
         return error(&ApiError::new(
             404,
@@ -436,11 +443,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             format!("the server could not find the requested resource ({path})"),
         ));
     };
-    let segs = path.trim_matches('/').split('/').count();
-    let is_group_version = (path.starts_with("/api/") && segs == 2) || (path.starts_with("/apis/") && segs == 3);
-    if is_group_version {
-        return respond(200, &discovery_resources(&state, &target.group, &target.version));
-    }
     let rtype = match state.store.lock() {
         Ok(s) => s.find_type(&target.group, &target.version, &target.plural),
         Err(_) => None,

@@ -96,6 +96,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
         builtin("", "v1", "serviceaccounts", "ServiceAccount", true),
         builtin("", "v1", "events", "Event", true),
         builtin("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true),
+        builtin("", "v1", "services", "Service", true),
         builtin("events.k8s.io", "v1", "events", "Event", true),
         builtin("batch", "v1", "jobs", "Job", true),
         builtin("batch", "v1", "cronjobs", "CronJob", true),

@@ -113,3 +113,29 @@ fn cel_rules_compile_and_fit_the_api_server_cost_budget() {
     assert!(count >= 20, "expected the CEL rules of all kinds, found {count}");
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// The README's chart-values table names every key of values.schema.json (leaf keys, dotted).
+#[test]
+fn readme_documents_every_chart_value() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("charts/crmguard/values.schema.json")).unwrap())
+            .unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    fn leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        match v.get("properties").and_then(|p| p.as_object()) {
+            Some(props) => {
+                for (k, child) in props {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    leaves(child, &path, out);
+                }
+            }
+            None => out.push(prefix.to_string()),
+        }
+    }
+    let mut keys = vec![];
+    leaves(&schema, "", &mut keys);
+    assert!(keys.len() >= 15, "{keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !readme.contains(&format!("`{k}`"))).collect();
+    assert!(missing.is_empty(), "README's chart-values table lacks {missing:?}");
+}

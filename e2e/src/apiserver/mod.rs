@@ -2,6 +2,7 @@
 //! Controllers and kubectl, for the tests on machines where no kube-apiserver can run. See README.md beside
 //! this file for what it models and what it does not.
 
+pub mod authz;
 pub mod ssa;
 pub mod store;
 
@@ -159,6 +160,11 @@ impl ApiServer {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {}\nusers:\n- name: standin\n  user:\n    token: standin\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\ncurrent-context: standin\n",
             self.url()
         )
+    }
+
+    /// A kubeconfig that authenticates as a ServiceAccount, which RBAC objects in the stand-in then authorize.
+    pub fn kubeconfig_as_service_account(&self, namespace: &str, name: &str) -> String {
+        self.kubeconfig().replace("token: standin", &format!("token: serviceaccount:{namespace}:{name}"))
     }
 
     /// A kube client for this server.
@@ -457,6 +463,37 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     };
     let q = query(&req);
     let method = req.method().clone();
+    let who = authz::caller(req.headers().get("authorization").and_then(|v| v.to_str().ok()));
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = authz::verb(method.as_str(), target.name.is_some(), watching);
+    let ns_for_authz = target.namespace.clone().unwrap_or_default();
+    let permitted = state.store.lock().is_ok_and(|s| {
+        authz::allowed(&s, &who, verb, &rtype, &target.subresource, &ns_for_authz, target.name.as_deref())
+    });
+    if !permitted {
+        let user = match &who {
+            authz::Caller::ServiceAccount { namespace, name } => format!("system:serviceaccount:{namespace}:{name}"),
+            _ => "system:anonymous".to_string(),
+        };
+        let resource = if target.subresource.is_empty() {
+            rtype.plural.clone()
+        } else {
+            format!("{}/{}", rtype.plural, target.subresource)
+        };
+        let scope = if ns_for_authz.is_empty() {
+            "at the cluster scope".to_string()
+        } else {
+            format!("in the namespace \"{ns_for_authz}\"")
+        };
+        return error(&ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{resource} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{}\" {scope}",
+                rtype.group
+            ),
+        ));
+    }
     if let (true, Ok(mut w)) = (method != Method::GET, state.writes.lock()) {
         *w.entry(format!("{method} {}", rtype.plural)).or_insert(0) += 1;
     }

@@ -1,0 +1,151 @@
+//! The operator runs with exactly the RBAC the Helm chart grants (taken from manifests/crmguard.yaml, which is the
+//! chart rendered by Helm), and everything it does still works; without those grants it is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use crmguard::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
+use e2e::{Cluster, Operator, eventually};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::{Value, json};
+
+async fn install_chart_rbac(client: &kube::Client) {
+    let text = std::fs::read_to_string(e2e::repo_root().join("manifests/crmguard.yaml")).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let pp = PostParams::default();
+    let mut installed = 0;
+    for d in docs.into_iter().filter(|d| !d.is_null()) {
+        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+        match d["kind"].as_str().unwrap_or_default() {
+            "ClusterRole" => drop(
+                Api::<ClusterRole>::all(client.clone()).create(&pp, &serde_json::from_value(d).unwrap()).await.unwrap(),
+            ),
+            "ClusterRoleBinding" => drop(
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "Role" => drop(
+                Api::<Role>::namespaced(client.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "RoleBinding" => drop(
+                Api::<RoleBinding>::namespaced(client.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            _ => continue,
+        }
+        installed += 1;
+    }
+    assert_eq!(installed, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
+}
+
+fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
+    let path = e2e::repo_root().join("examples/crm").join(file);
+    let mut v: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["metadata"]["namespace"] = json!(ns);
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_works_with_exactly_the_charts_rbac() {
+    let cluster = Cluster::start("chart-rbac").await;
+    let Some(server) = cluster.standin.as_ref() else {
+        eprintln!("skipped on a real cluster: install the chart there and run the suite against it instead");
+        return;
+    };
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    install_chart_rbac(&client).await;
+    let kubeconfig = server.kubeconfig_as_service_account("crmguard-system", "crmguard");
+    let op = Operator::start(
+        &kubeconfig,
+        &[
+            "--leader-election=true",
+            "--lease-namespace",
+            "crmguard-system",
+            "--lease-name",
+            "crmguard-leader",
+            "--identity",
+            "pod-0",
+        ],
+    );
+    op.wait_ready(60).await;
+
+    // Pods for coverage and the webhook, the webhook's token Secret.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let pod = json!({"metadata": {"name": "web-0", "labels": {"app.kubernetes.io/part-of": "crm"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    let secret = json!({"metadata": {"name": "crmguard-webhook"}, "data": {"token": "dG9rZW4tZm9yLXJiYWMtdGVzdA=="}});
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &serde_json::from_value(secret).unwrap())
+        .await
+        .unwrap();
+
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    policies.create(&PostParams::default(), &example("backup-policy.yaml", ns)).await.unwrap();
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), ns);
+    aps.create(&PostParams::default(), &example("access-policy.yaml", ns)).await.unwrap();
+
+    eventually(60, "every controller to have done its work under the chart's RBAC", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        let a = aps.get("crm-teams").await.map_err(|e| e.to_string())?;
+        let ready = |c: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>, t: &str| {
+            c.is_some_and(|c| c.iter().any(|x| x.type_ == t && x.status == "True"))
+        };
+        let ok = ready(g.status.as_ref().map(|s| &s.conditions), "Ready")
+            && ready(p.status.as_ref().map(|s| &s.conditions), "ScheduleReady")
+            && ready(a.status.as_ref().map(|s| &s.conditions), "RbacApplied");
+        if ok { Ok(()) } else { Err(format!("logs:\n{}", op.logs())) }
+    })
+    .await;
+    assert!(!op.logs().contains("forbidden"), "no request was refused:\n{}", op.logs());
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    assert_eq!(roles.list(&ListParams::default()).await.unwrap().items.len(), 3);
+
+    // The webhook reads the token Secret and labels the pod, also within the chart's grants.
+    let alert =
+        json!({"alerts": [{"status": "firing", "labels": {"alertname": "X", "namespace": ns, "pod": "web-0"}}]})
+            .to_string();
+    let (code, body) =
+        op.http_post(&format!("/webhook/quarantine/{ns}/crm-firewall"), Some("token-for-rbac-test"), &alert).unwrap();
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(
+        pods.get("web-0").await.unwrap().labels().get("crmguard.io/quarantine").map(String::as_str),
+        Some("crm-firewall")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_charts_rbac_the_operator_is_refused() {
+    let cluster = Cluster::start("no-rbac").await;
+    let Some(server) = cluster.standin.as_ref() else {
+        eprintln!("skipped on a real cluster: it needs a ServiceAccount token the stand-in way");
+        return;
+    };
+    let mut op = Operator::start(
+        &server.kubeconfig_as_service_account("crmguard-system", "nobody"),
+        &["--leader-election=false"],
+    );
+    let code = eventually(30, "the operator to exit", || {
+        let r = op.child.try_wait();
+        async move {
+            match r {
+                Ok(Some(s)) => Ok(s.code()),
+                _ => Err("running".to_string()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(op.logs().contains("is forbidden: User \"system:serviceaccount:crmguard-system:nobody\""), "{}", op.logs());
+}

@@ -51,21 +51,26 @@ def kubectl_binary():
     return exe[0]
 
 
+def start_standin(standin, *args):
+    """Starts the stand-in; returns the process, its kubeconfig path and its URL."""
+    kubeconfig = os.path.join(tempfile.mkdtemp(), "kubeconfig")
+    proc = subprocess.Popen([standin, *args], stdout=open(kubeconfig, "w"), stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if "server:" in open(kubeconfig).read():
+            break
+        time.sleep(0.1)
+    server = [line.split()[-1] for line in open(kubeconfig) if "server:" in line][0]
+    return proc, kubeconfig, server
+
+
 def check_manifests(standin, kubectl):
     """`kubectl kustomize manifests/` builds, and `kubectl apply -k` (server-side) installs it into a stand-in."""
     out = subprocess.run([kubectl, "kustomize", os.path.join(ROOT, "manifests")], capture_output=True, text=True)
     kinds = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("kind:")]
     check(out.returncode == 0, f"kubectl kustomize manifests/: {out.stderr}")
     check(kinds.count("CustomResourceDefinition") == 4 and "Deployment" in kinds and "Namespace" in kinds, f"kinds {kinds}")
-    tmp = tempfile.mkdtemp()
-    kubeconfig = os.path.join(tmp, "kubeconfig")
-    proc = subprocess.Popen([standin, "--no-crds"], stdout=open(kubeconfig, "w"), stderr=subprocess.DEVNULL)
+    proc, kubeconfig, server = start_standin(standin, "--no-crds")
     try:
-        for _ in range(100):
-            if "server:" in open(kubeconfig).read():
-                break
-            time.sleep(0.1)
-        server = [line.split()[-1] for line in open(kubeconfig) if "server:" in line][0]
         # The stand-in serves no /openapi documents, hence --validate=false (schema checks happen in admission).
         out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "-k", os.path.join(ROOT, "manifests"),
                               "--server-side", "--validate=false"], capture_output=True, text=True)
@@ -138,15 +143,8 @@ def main():
         # The Go runtime inside the library reads its environment when the process starts: re-exec with it set.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "HELM_DRIVER": "memory"})
     lib = helm_library()
-    tmp = tempfile.mkdtemp()
-    kubeconfig = os.path.join(tmp, "kubeconfig")
-    proc = subprocess.Popen([args.standin], stdout=open(kubeconfig, "w"), stderr=subprocess.DEVNULL)
+    proc, kubeconfig, server = start_standin(args.standin)
     try:
-        for _ in range(100):
-            if "server:" in open(kubeconfig).read():
-                break
-            time.sleep(0.1)
-        server = [line.split()[-1] for line in open(kubeconfig) if "server:" in line][0]
         helm = Helm(lib, kubeconfig, "crmguard-system")
 
         rc, lint = helm.lint()

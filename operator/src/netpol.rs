@@ -34,6 +34,9 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
     labels_ok && exprs_ok
 }
 
+/// A rule's peers and ports, whichever direction it is for.
+type RuleView<'a> = (Option<&'a Vec<NetworkPolicyPeer>>, Option<&'a Vec<NetworkPolicyPort>>);
+
 /// One end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -182,76 +185,59 @@ impl World {
         np.metadata.name.clone().unwrap_or_default()
     }
 
-    /// Evaluates a flow.
+    /// One direction of a flow: `Ok(None)` when the pod at that end is not isolated in that direction,
+    /// `Ok(Some(policy))` when `policy` allows it, `Err(verdict)` when it is denied (or the pod is unknown).
+    fn direction(&self, flow: &Flow, egress: bool) -> Result<Option<String>, Verdict> {
+        let (end, other, dir) =
+            if egress { (&flow.from, &flow.to, "egress") } else { (&flow.to, &flow.from, "ingress") };
+        let Endpoint::Pod { namespace, name } = end else { return Ok(None) };
+        let Some(pod) = self.pod(namespace, name) else {
+            return Err(Verdict { allowed: false, reason: format!("unknown pod {end}") });
+        };
+        let selecting: Vec<&NetworkPolicy> = self.selecting(pod, egress).collect();
+        if selecting.is_empty() {
+            return Ok(None);
+        }
+        let allowing = selecting.iter().find(|np| {
+            let ns = np.metadata.namespace.clone().unwrap_or_default();
+            let spec = np.spec.as_ref();
+            let rules: Vec<RuleView<'_>> = if egress {
+                spec.iter().flat_map(|s| s.egress.iter().flatten()).map(|r| (r.to.as_ref(), r.ports.as_ref())).collect()
+            } else {
+                spec.iter()
+                    .flat_map(|s| s.ingress.iter().flatten())
+                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                    .collect()
+            };
+            rules.into_iter().any(|(peers, ports)| {
+                let peer_ok = peers
+                    .filter(|p| !p.is_empty())
+                    .is_none_or(|p| p.iter().any(|peer| self.peer_matches(peer, &ns, other)));
+                peer_ok && self.ports_match(ports, flow, &flow.to)
+            })
+        });
+        match allowing {
+            Some(np) => Ok(Some(Self::name(np))),
+            None => {
+                let names: Vec<String> = selecting.iter().map(|np| Self::name(np)).collect();
+                Err(Verdict {
+                    allowed: false,
+                    reason: format!("{dir} of {end} is isolated by {} and no rule allows it", names.join(", ")),
+                })
+            }
+        }
+    }
+
+    /// Evaluates a flow: the source's egress, then the destination's ingress.
     pub fn evaluate(&self, flow: &Flow) -> Verdict {
-        let mut egress_by = None;
-        if let Endpoint::Pod { namespace, name } = &flow.from {
-            let Some(src) = self.pod(namespace, name) else {
-                return Verdict { allowed: false, reason: format!("unknown pod {}", flow.from) };
-            };
-            let selecting: Vec<&NetworkPolicy> = self.selecting(src, true).collect();
-            if !selecting.is_empty() {
-                let allowing = selecting.iter().find(|np| {
-                    let ns = np.metadata.namespace.clone().unwrap_or_default();
-                    np.spec.iter().flat_map(|s| s.egress.iter().flatten()).any(|rule| {
-                        let peer_ok = rule
-                            .to
-                            .as_ref()
-                            .filter(|t| !t.is_empty())
-                            .is_none_or(|to| to.iter().any(|peer| self.peer_matches(peer, &ns, &flow.to)));
-                        peer_ok && self.ports_match(rule.ports.as_ref(), flow, &flow.to)
-                    })
-                });
-                match allowing {
-                    Some(np) => egress_by = Some(Self::name(np)),
-                    None => {
-                        let names: Vec<String> = selecting.iter().map(|np| Self::name(np)).collect();
-                        return Verdict {
-                            allowed: false,
-                            reason: format!(
-                                "egress of {} is isolated by {} and no rule allows it",
-                                flow.from,
-                                names.join(", ")
-                            ),
-                        };
-                    }
-                }
-            }
-        }
-        let mut ingress_by = None;
-        if let Endpoint::Pod { namespace, name } = &flow.to {
-            let Some(dst) = self.pod(namespace, name) else {
-                return Verdict { allowed: false, reason: format!("unknown pod {}", flow.to) };
-            };
-            let selecting: Vec<&NetworkPolicy> = self.selecting(dst, false).collect();
-            if !selecting.is_empty() {
-                let allowing = selecting.iter().find(|np| {
-                    let ns = np.metadata.namespace.clone().unwrap_or_default();
-                    np.spec.iter().flat_map(|s| s.ingress.iter().flatten()).any(|rule| {
-                        let peer_ok = rule
-                            .from
-                            .as_ref()
-                            .filter(|f| !f.is_empty())
-                            .is_none_or(|from| from.iter().any(|peer| self.peer_matches(peer, &ns, &flow.from)));
-                        peer_ok && self.ports_match(rule.ports.as_ref(), flow, &flow.to)
-                    })
-                });
-                match allowing {
-                    Some(np) => ingress_by = Some(Self::name(np)),
-                    None => {
-                        let names: Vec<String> = selecting.iter().map(|np| Self::name(np)).collect();
-                        return Verdict {
-                            allowed: false,
-                            reason: format!(
-                                "ingress of {} is isolated by {} and no rule allows it",
-                                flow.to,
-                                names.join(", ")
-                            ),
-                        };
-                    }
-                }
-            }
-        }
+        let egress_by = match self.direction(flow, true) {
+            Ok(by) => by,
+            Err(v) => return v,
+        };
+        let ingress_by = match self.direction(flow, false) {
+            Ok(by) => by,
+            Err(v) => return v,
+        };
         let part = |dir: &str, by: Option<String>| match by {
             Some(np) => format!("{dir} allowed by {np}"),
             None => format!("{dir} not isolated"),

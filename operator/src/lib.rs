@@ -2,9 +2,11 @@
 //! attachments volume) with verified encrypted backups, least-privilege access and a network guard.
 
 pub mod api;
+pub mod backup;
 pub mod controllers;
 pub mod k8s;
 pub mod netpol;
 pub mod plan;
 pub mod runtime;
 pub mod validation;
+pub mod vault;

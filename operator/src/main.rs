@@ -28,6 +28,16 @@ enum Command {
         #[arg(long = "out-dir")]
         out_dirs: Vec<PathBuf>,
     },
+    /// Back up a policy's database now, list its backups, or verify one (what the backup CronJob runs).
+    Backup {
+        #[command(subcommand)]
+        command: crmguard::backup::cli::BackupCommand,
+    },
+    /// Restore a backup into a database (what the restore Job and the restore drill run).
+    Restore {
+        #[command(subcommand)]
+        command: crmguard::backup::cli::RestoreCommand,
+    },
     /// Show, without a cluster, every object the operator would create for the given custom resources, and
     /// every validation error the API server or the operator would report.
     Plan {
@@ -94,6 +104,13 @@ fn init_logging(format: &str, level: &str) -> Result<(), String> {
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// Logging of backup and restore commands: `CRMGUARD_LOG_FORMAT` (text by default) and `CRMGUARD_LOG_LEVEL`.
+fn init_job_logging() -> Result<(), String> {
+    let format = std::env::var("CRMGUARD_LOG_FORMAT").unwrap_or_else(|_| "text".into());
+    let level = std::env::var("CRMGUARD_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    init_logging(&format, &level)
+}
+
 fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
     init_logging(&args.log_format, &args.log_level)?;
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -139,6 +156,14 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run(args) => run_operator(args),
+        Command::Backup { command } => {
+            init_job_logging()?;
+            crmguard::backup::cli::backup(command)
+        }
+        Command::Restore { command } => {
+            init_job_logging()?;
+            crmguard::backup::cli::restore(command)
+        }
         Command::Crd { out_dirs } => {
             let files = crmguard::api::crd_files().map_err(|e| format!("cannot render CRDs as YAML: {e}"))?;
             if out_dirs.is_empty() {
@@ -184,6 +209,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
+    // One TLS provider for every client in the process (kube, S3, Vault): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -1,0 +1,493 @@
+//! `crmguard backup run|list|verify` and `crmguard restore run`: the commands the CronJobs and Jobs run, and
+//! that people run by hand (with a policy file and their own credentials in the environment).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use super::pipeline::{PipelineOptions, human_bytes};
+use super::store::{S3Settings, Store};
+use super::{BackupError, Runtime, Selector};
+use crate::api::backup_policy::CrmBackupPolicy;
+use crate::controllers::backup_policy::build::{ATTACHMENTS_DIR, JobConfig};
+
+/// Where the policy comes from and where backups go.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Job configuration as mounted by the operator (`/etc/crmguard/policy.json`).
+    #[arg(long, conflicts_with = "policy")]
+    pub config: Option<PathBuf>,
+    /// A CrmBackupPolicy manifest (YAML or JSON), for running by hand outside Kubernetes.
+    #[arg(short = 'f', long = "policy")]
+    pub policy: Option<PathBuf>,
+    /// Store backups in this local directory instead of the policy's S3 bucket (same layout; for trying
+    /// crmguard out and for air-gapped copies).
+    #[arg(long)]
+    pub store_dir: Option<PathBuf>,
+    /// Size of the first multipart parts in MiB (at least 5); memory use is about (parts in flight + 2) x this.
+    #[arg(long, default_value_t = 8)]
+    pub part_size_mib: usize,
+    /// Parts uploaded at the same time.
+    #[arg(long, default_value_t = 2)]
+    pub parts_in_flight: usize,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 10)]
+    pub progress_seconds: u64,
+}
+
+/// `crmguard backup ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take one backup now: dump, compress, encrypt, upload, verify, commit, then apply retention.
+    Run {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Directory with the attachments to back up (default: the job's mount when the policy has attachments).
+        #[arg(long)]
+        attachments_dir: Option<PathBuf>,
+    },
+    /// List the committed backups of the policy.
+    List {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Verify a committed backup again, completely: sha256, every encrypted chunk, decompression.
+    Verify {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Backup id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+    },
+}
+
+/// `crmguard restore ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum RestoreCommand {
+    /// Restore a backup into a database: verify first, then restore, then compare row counts.
+    Run(RestoreArgs),
+}
+
+/// Arguments of `crmguard restore run`.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Backup id, or `latest`.
+    #[arg(long, conflicts_with = "before")]
+    pub backup: Option<String>,
+    /// The newest backup completed before this RFC 3339 time.
+    #[arg(long)]
+    pub before: Option<String>,
+    /// Target host (default: the policy's source host).
+    #[arg(long)]
+    pub target_host: Option<String>,
+    /// Target port (default: the policy's source port).
+    #[arg(long)]
+    pub target_port: Option<u16>,
+    /// Target database.
+    #[arg(long)]
+    pub target_database: String,
+    /// Create the target database when missing.
+    #[arg(long)]
+    pub create_database: bool,
+    /// Drop existing objects before restoring them.
+    #[arg(long)]
+    pub clean: bool,
+    /// Compare per-table row counts with the backup's.
+    #[arg(long)]
+    pub verify_row_counts: bool,
+    /// Also restore the attachments (into --attachments-dir, default the job's mount).
+    #[arg(long)]
+    pub restore_attachments: bool,
+    /// Where attachments are unpacked.
+    #[arg(long)]
+    pub attachments_dir: Option<PathBuf>,
+    /// A restore drill: drop and re-create the (scratch) target database, restore the newest backup, compare
+    /// row counts.
+    #[arg(long)]
+    pub drill: bool,
+    /// Allow restoring into the policy's own source database.
+    #[arg(long)]
+    pub allow_overwrite_source: bool,
+}
+
+/// Loads the job configuration from `--config` or a policy manifest.
+pub fn load_config(args: &PolicyArgs) -> Result<JobConfig, String> {
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        return serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a crmguard job configuration: {e}", path.display()));
+    }
+    let Some(path) = &args.policy else {
+        return Err("name the policy: --config <job config> or -f <CrmBackupPolicy manifest>".into());
+    };
+    let docs = crate::plan::load(std::slice::from_ref(path)).map_err(|e| e.to_string())?;
+    let doc = docs
+        .iter()
+        .find(|d| d.value.get("kind").and_then(|k| k.as_str()) == Some("CrmBackupPolicy"))
+        .ok_or_else(|| format!("{}: no CrmBackupPolicy in the file", path.display()))?;
+    let errors = crate::validation::admit(&doc.value);
+    if !errors.is_empty() {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        return Err(format!("{}: the policy is invalid: {}", doc.source, list.join("; ")));
+    }
+    let mut value = crate::validation::with_defaults(&doc.value);
+    if value.pointer("/metadata/namespace").is_none()
+        && let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut())
+    {
+        meta.insert("namespace".into(), "default".into());
+    }
+    let policy: CrmBackupPolicy = crate::validation::read_typed(&value).map_err(|e| e.to_string())?;
+    let v = crate::controllers::backup_policy::validate::validate(&policy)
+        .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))?;
+    Ok(JobConfig { policy: v.owner.name, namespace: v.owner.namespace, prefix: v.prefix, port: v.port, spec: v.spec })
+}
+
+async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<PathBuf>) -> Result<Runtime, String> {
+    let store = match &args.store_dir {
+        Some(dir) => Store::dir(dir.clone()),
+        None => {
+            let mut settings = S3Settings::from_location(&config.spec.destination);
+            if let Some(v) = config.spec.destination.credentials.as_ref().and_then(|c| c.vault.as_ref()) {
+                settings.static_keys = Some(s3_keys_from_vault(v).await?);
+            }
+            Store::s3(&settings).await.map_err(|e| e.to_string())?
+        }
+    };
+    Ok(Runtime {
+        store,
+        options: PipelineOptions {
+            part_size: args.part_size_mib.max(5) << 20,
+            parts_in_flight: args.parts_in_flight.max(1),
+            progress_every: std::time::Duration::from_secs(args.progress_seconds.max(1)),
+            ..PipelineOptions::default()
+        },
+        attachments_dir: attachments,
+    })
+}
+
+async fn s3_keys_from_vault(v: &crate::api::common::VaultSource) -> Result<(String, String, Option<String>), String> {
+    let client = crate::vault::login(&v.auth_mount, &v.auth_role).await.map_err(|e| e.to_string())?;
+    let path = v.path.trim_matches('/');
+    let (mount, rest) = path
+        .split_once("/data/")
+        .ok_or_else(|| format!("S3 credentials path {path:?} must be a KV v2 path (<mount>/data/<path>)"))?;
+    let data: std::collections::HashMap<String, String> = vaultrs::kv2::read(&client, mount, rest)
+        .await
+        .map_err(|e| format!("Vault read {path}: {}", crate::vault::describe(&e)))?;
+    match (data.get("access_key"), data.get("secret_key")) {
+        (Some(a), Some(s)) => Ok((a.clone(), s.clone(), data.get("session_token").cloned())),
+        _ => Err(format!("Vault secret {path} must hold the keys access_key and secret_key")),
+    }
+}
+
+/// Summary written to the pod's termination message (read by the operator for the policy's status) and to
+/// stdout. Small: the termination message is limited to 4 KiB.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct JobReport {
+    pub ok: bool,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_count: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newest_backup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newest_completed: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deleted_backups: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_counts_verified: Option<bool>,
+}
+
+impl JobReport {
+    fn new(kind: &str) -> JobReport {
+        JobReport {
+            ok: true,
+            kind: kind.into(),
+            reason: None,
+            message: None,
+            backup_id: None,
+            completed: None,
+            stored_bytes: None,
+            raw_bytes: None,
+            sha256: None,
+            duration_seconds: None,
+            backup_count: None,
+            newest_backup: None,
+            newest_completed: None,
+            deleted_backups: Vec::new(),
+            row_counts_verified: None,
+        }
+    }
+
+    fn failed(kind: &str, e: &BackupError) -> JobReport {
+        let mut r = JobReport::new(kind);
+        r.ok = false;
+        r.reason = Some(e.reason().into());
+        // Keep the message short enough for the 4 KiB termination message.
+        r.message = Some(e.to_string().chars().take(1500).collect());
+        r
+    }
+
+    /// Prints the report and writes the termination message.
+    fn emit(&self) {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        println!("{json}");
+        let path = std::env::var("CRMGUARD_TERMINATION_LOG").unwrap_or_else(|_| "/dev/termination-log".into());
+        if std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some() {
+            let _ = std::fs::write(&path, &json);
+        }
+    }
+}
+
+fn block_on<F: Future>(f: F) -> Result<F::Output, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio: {e}"))?;
+    Ok(rt.block_on(f))
+}
+
+/// Runs `crmguard backup ...`.
+pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
+    match cmd {
+        BackupCommand::Run { policy, attachments_dir } => {
+            let config = load_config(&policy)?;
+            let attachments = attachments_dir.or_else(|| {
+                let dir = PathBuf::from(ATTACHMENTS_DIR);
+                (config.spec.source.attachments.is_some() && policy.config.is_some() && dir.exists()).then_some(dir)
+            });
+            block_on(async move {
+                let report = match backup_run(&config, &policy, attachments).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(reason = e.reason(), "backup failed: {e}");
+                        JobReport::failed("backup", &e)
+                    }
+                };
+                report.emit();
+                if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            })
+        }
+        BackupCommand::List { policy, output } => {
+            let config = load_config(&policy)?;
+            block_on(async move {
+                let rt = runtime(&config, &policy, None).await?;
+                let catalog =
+                    super::manifest::read_catalog(&rt.store, &config.prefix).await.map_err(|e| e.to_string())?;
+                if output == "json" {
+                    println!("{}", serde_json::to_string_pretty(&catalog.backups).unwrap_or_default());
+                } else {
+                    println!(
+                        "{:<22} {:<21} {:>10} {:>10} {:>7} {:>10}  VERIFIED",
+                        "ID", "COMPLETED", "STORED", "RAW", "TABLES", "ROWS"
+                    );
+                    for m in &catalog.backups {
+                        let raw: u64 = m.objects.iter().map(|o| o.raw_bytes).sum();
+                        println!(
+                            "{:<22} {:<21} {:>10} {:>10} {:>7} {:>10}  {:?}",
+                            m.id,
+                            m.completed.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                            human_bytes(m.stored_bytes()),
+                            human_bytes(raw),
+                            m.tables.len(),
+                            m.tables.values().sum::<u64>(),
+                            m.verification.mode
+                        );
+                    }
+                }
+                for (key, why) in &catalog.unreadable {
+                    eprintln!("warning: manifest {key} cannot be read: {why}");
+                }
+                if !catalog.uncommitted.is_empty() {
+                    eprintln!(
+                        "{} uncommitted backup(s) (failed or running; not restorable) are not listed",
+                        catalog.uncommitted.len()
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            })?
+        }
+        BackupCommand::Verify { policy, backup } => {
+            let config = load_config(&policy)?;
+            block_on(async move {
+                let result = async {
+                    let rt = runtime(&config, &policy, None).await.map_err(BackupError::Config)?;
+                    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
+                    let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
+                    let kek = super::kek_for(&config).await?;
+                    super::verify_backup(m, kek.as_ref(), &rt).await
+                }
+                .await;
+                match result {
+                    Ok(r) => {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                        eprintln!(
+                            "backup {} verified: {} stored, {} restored bytes, {} chunks authenticated",
+                            r.id,
+                            human_bytes(r.stored_bytes),
+                            human_bytes(r.raw_bytes),
+                            r.decrypted_chunks
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn selector(backup: Option<&str>, before: Option<&str>) -> Result<Selector, String> {
+    match (backup, before) {
+        (_, Some(t)) => t
+            .parse::<Timestamp>()
+            .map(Selector::Before)
+            .map_err(|e| format!("--before {t:?} is not an RFC 3339 time such as 2026-11-28T09:00:00Z: {e}")),
+        (None | Some("latest"), None) => Ok(Selector::Latest),
+        (Some(id), None) => Ok(Selector::Id(id.to_string())),
+    }
+}
+
+async fn backup_run(
+    config: &JobConfig,
+    args: &PolicyArgs,
+    attachments: Option<PathBuf>,
+) -> Result<JobReport, BackupError> {
+    let rt = runtime(config, args, attachments).await.map_err(BackupError::Config)?;
+    let kek = super::kek_for(config).await?;
+    let conn = super::source_conn(config).await?;
+    let m = super::run_backup(config, &conn, kek.as_ref(), &rt).await?;
+    let mut report = JobReport::new("backup");
+    report.backup_id = Some(m.id.clone());
+    report.completed = Some(m.completed);
+    report.stored_bytes = Some(m.stored_bytes());
+    report.raw_bytes = Some(m.objects.iter().map(|o| o.raw_bytes).sum());
+    report.sha256 = m.object(super::manifest::DATABASE).map(|o| o.sha256.clone());
+    report.duration_seconds = Some(m.completed.duration_since(m.started).as_secs_f64());
+    // Retention and cleanup run after a successful backup; their failure does not undo the backup.
+    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
+    match super::housekeeping(config, &rt.store, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24)).await
+    {
+        Ok(h) => {
+            if !h.deleted_backups.is_empty() || !h.removed_leftovers.is_empty() || h.aborted_uploads > 0 {
+                tracing::info!(
+                    "retention deleted {} backup(s); cleanup removed {} leftover(s) and {} unfinished upload(s)",
+                    h.deleted_backups.len(),
+                    h.removed_leftovers.len(),
+                    h.aborted_uploads
+                );
+            }
+            report.backup_count = Some(catalog.backups.len() - h.deleted_backups.len());
+            report.deleted_backups = h.deleted_backups;
+        }
+        Err(e) => {
+            tracing::warn!("retention/cleanup failed (the backup itself is committed): {e}");
+            report.backup_count = Some(catalog.backups.len());
+        }
+    }
+    if let Some(newest) = catalog.backups.last() {
+        report.newest_backup = Some(newest.id.clone());
+        report.newest_completed = Some(newest.completed);
+    }
+    Ok(report)
+}
+
+/// Runs `crmguard restore ...`.
+pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
+    let RestoreCommand::Run(args) = cmd;
+    let config = load_config(&args.policy)?;
+    let source = &config.spec.source;
+    let host = args.target_host.clone().unwrap_or_else(|| source.host.clone());
+    let port = args.target_port.unwrap_or(config.port);
+    if !args.allow_overwrite_source
+        && host == source.host
+        && port == config.port
+        && args.target_database == source.database
+    {
+        return Err(format!(
+            "refusing to restore into the policy's live source database {}/{}: restore into another database, or \
+             pass --allow-overwrite-source",
+            host, source.database
+        ));
+    }
+    let sel = if args.drill { Selector::Latest } else { selector(args.backup.as_deref(), args.before.as_deref())? };
+    let attachments = args
+        .restore_attachments
+        .then(|| args.attachments_dir.clone().unwrap_or_else(|| PathBuf::from(ATTACHMENTS_DIR)));
+    block_on(async move {
+        let kind = if args.drill { "drill" } else { "restore" };
+        let result = async {
+            let rt = runtime(&config, &args.policy, None).await.map_err(BackupError::Config)?;
+            let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
+            let m = super::select(&catalog, &sel)?;
+            let kek = super::kek_for(&config).await?;
+            let conn = super::source_conn(&config).await?;
+            let target = conn.with_target(&host, port, &args.target_database);
+            let req = super::RestoreRequest {
+                target,
+                create_database: args.create_database || args.drill,
+                recreate: args.drill,
+                clean: args.clean,
+                verify_row_counts: args.verify_row_counts || args.drill,
+                attachments_dir: attachments,
+            };
+            super::restore(m, kek.as_ref(), &req, &rt).await
+        }
+        .await;
+        let report = match result {
+            Ok(r) => {
+                tracing::info!(
+                    "restored backup {} into {}: {} tables, {} rows, {} in {:.1}s{}",
+                    r.id,
+                    r.database,
+                    r.tables,
+                    r.rows,
+                    human_bytes(r.restored_bytes),
+                    r.duration_seconds,
+                    if r.row_counts_verified { ", row counts match the backup" } else { "" }
+                );
+                let mut j = JobReport::new(kind);
+                j.backup_id = Some(r.id);
+                j.raw_bytes = Some(r.restored_bytes);
+                j.duration_seconds = Some(r.duration_seconds);
+                j.completed = Some(Timestamp::now());
+                j.row_counts_verified = Some(r.row_counts_verified);
+                j
+            }
+            Err(e) => {
+                tracing::error!(reason = e.reason(), "{kind} failed: {e}");
+                JobReport::failed(kind, &e)
+            }
+        };
+        report.emit();
+        if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    })
+}

@@ -1,0 +1,202 @@
+//! The catalog: one `manifest.json` per backup, written last. A backup without a manifest does not exist for
+//! listing, retention or restore; its leftovers (objects, unfinished multipart uploads) are removed later.
+//!
+//! Key layout under the policy's prefix:
+//!
+//! ```text
+//! <prefix>/<id>/database.dump.zst.enc     the database dump (zstd, then encrypted; `.zst` when unencrypted)
+//! <prefix>/<id>/attachments.tar.zst.enc   the attachments volume as a tar stream (optional)
+//! <prefix>/<id>/manifest.json             the commit record, written only after verification passed
+//! ```
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::keys::WrappedKey;
+use super::store::{Store, StoreError};
+use crate::api::backup_policy::{Algorithm, Engine, VerificationMode};
+
+/// Manifest format version.
+pub const FORMAT: u32 = 1;
+/// File name of the commit record.
+pub const MANIFEST: &str = "manifest.json";
+
+/// Purpose labels (bound into the encryption) and object names.
+pub const DATABASE: &str = "database";
+pub const ATTACHMENTS: &str = "attachments";
+
+/// One stored object of a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredObject {
+    /// `database` or `attachments`.
+    pub purpose: String,
+    /// Full key in the bucket.
+    pub key: String,
+    /// Bytes produced by the source (dump or tar stream).
+    pub raw_bytes: u64,
+    /// sha256 of the raw stream (hex), checked again by full verification and by restore.
+    pub raw_sha256: String,
+    /// Bytes after zstd.
+    pub compressed_bytes: u64,
+    /// Bytes stored (after encryption).
+    pub stored_bytes: u64,
+    /// sha256 of the stored bytes (hex).
+    pub sha256: String,
+    /// Encryption chunks (0 when unencrypted).
+    pub chunks: u64,
+    /// Multipart upload parts.
+    pub parts: u32,
+}
+
+/// Encryption facts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionInfo {
+    pub algorithm: Algorithm,
+    /// Plaintext bytes per chunk.
+    pub chunk_size: u64,
+    /// The data key, wrapped, and what wrapped it.
+    pub key: WrappedKey,
+}
+
+/// Result of the verification that preceded the commit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationRecord {
+    pub mode: VerificationMode,
+    pub time: Timestamp,
+    /// Chunks decrypted and authenticated, per object, out of `chunks`.
+    pub decrypted_chunks: u64,
+    /// Whether the decompressed stream was re-hashed against `rawSha256`.
+    pub raw_checked: bool,
+}
+
+/// The commit record of one backup.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub policy: String,
+    pub namespace: String,
+    pub engine: Engine,
+    pub database: String,
+    pub started: Timestamp,
+    pub completed: Timestamp,
+    /// `crmguard <version>`.
+    pub tool: String,
+    /// Version line of the dump tool, e.g. `pg_dump (PostgreSQL) 15.18`.
+    pub dump_tool: String,
+    pub compression: Compression,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionInfo>,
+    pub objects: Vec<StoredObject>,
+    /// Rows per table (`schema.table`), counted in the dump's own snapshot.
+    #[serde(default)]
+    pub tables: BTreeMap<String, u64>,
+    pub verification: VerificationRecord,
+}
+
+/// Compression facts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Compression {
+    pub algorithm: String,
+    pub level: i32,
+}
+
+impl Manifest {
+    /// The object with this purpose.
+    pub fn object(&self, purpose: &str) -> Option<&StoredObject> {
+        self.objects.iter().find(|o| o.purpose == purpose)
+    }
+
+    /// Total stored bytes.
+    pub fn stored_bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.stored_bytes).sum()
+    }
+
+    /// Duration of the backup in seconds.
+    pub fn duration_seconds(&self) -> i64 {
+        self.completed.duration_since(self.started).as_secs()
+    }
+}
+
+/// Key of an object of backup `id`.
+pub fn object_key(prefix: &str, id: &str, name: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() { format!("{id}/{name}") } else { format!("{prefix}/{id}/{name}") }
+}
+
+/// A new backup id: the UTC start time (sortable) plus 4 random hex digits.
+pub fn new_id(now: Timestamp) -> String {
+    let mut r = [0u8; 2];
+    // A failing RNG only makes the suffix predictable; the timestamp still orders ids.
+    let _ = getrandom::fill(&mut r);
+    format!("{}-{:02x}{:02x}", now.strftime("%Y%m%dT%H%M%SZ"), r[0], r[1])
+}
+
+/// The catalog: every committed backup under a prefix, oldest first, plus what is not committed.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub backups: Vec<Manifest>,
+    /// Manifests that could not be read or parsed (key and reason); they are reported, never deleted.
+    pub unreadable: Vec<(String, String)>,
+    /// Ids that have objects but no manifest (unfinished or failed backups), with their newest object time.
+    pub uncommitted: Vec<(String, Vec<String>, Option<Timestamp>)>,
+}
+
+/// Reads the catalog under `prefix`.
+pub async fn read_catalog(store: &Store, prefix: &str) -> Result<Catalog, StoreError> {
+    let root = format!("{}/", prefix.trim_matches('/'));
+    let root = if root == "/" { String::new() } else { root };
+    let objects = store.list(&root).await?;
+    let mut by_id: BTreeMap<String, (Vec<String>, Option<Timestamp>, bool)> = BTreeMap::new();
+    for o in &objects {
+        let rest = &o.key[root.len()..];
+        let Some((id, name)) = rest.split_once('/') else { continue };
+        let e = by_id.entry(id.to_string()).or_default();
+        e.0.push(o.key.clone());
+        e.1 = e.1.max(o.modified);
+        if name == MANIFEST {
+            e.2 = true;
+        }
+    }
+    let mut catalog = Catalog::default();
+    for (id, (keys, modified, committed)) in by_id {
+        if !committed {
+            catalog.uncommitted.push((id, keys, modified));
+            continue;
+        }
+        let key = object_key(prefix, &id, MANIFEST);
+        match store.get(&key).await {
+            Ok(bytes) => match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) if m.id == id => catalog.backups.push(m),
+                Ok(m) => catalog.unreadable.push((key, format!("manifest names id {:?}", m.id))),
+                Err(e) => catalog.unreadable.push((key, e.to_string())),
+            },
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    catalog.backups.sort_by(|a, b| a.completed.cmp(&b.completed).then_with(|| a.id.cmp(&b.id)));
+    Ok(catalog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_keys_join_cleanly() {
+        let a = new_id("2026-11-29T02:15:00Z".parse().unwrap());
+        let b = new_id("2026-11-30T02:15:00Z".parse().unwrap());
+        assert!(a.starts_with("20261129T021500Z-") && a.len() == 21, "{a}");
+        assert!(a < b);
+        assert_eq!(object_key("/crm/prod/", "x", MANIFEST), "crm/prod/x/manifest.json");
+        assert_eq!(object_key("", "x", MANIFEST), "x/manifest.json");
+    }
+}

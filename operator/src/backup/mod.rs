@@ -1,0 +1,634 @@
+//! The data path of backup and restore jobs (`crmguard backup run|list|verify`, `crmguard restore run`): usable
+//! in the CronJob's pod and by people outside Kubernetes.
+//!
+//! A backup: row counts + dump in one snapshot -> zstd -> AEAD -> multipart upload -> verification (re-read)
+//! -> manifest (commit) -> retention and cleanup of leftovers. A backup is complete only once its manifest is
+//! written, and the manifest is written only after verification passed.
+
+pub mod cli;
+pub mod crypto;
+pub mod keys;
+pub mod manifest;
+pub mod pipeline;
+pub mod retention;
+pub mod source;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use self::crypto::DataKey;
+use self::keys::{Kek, KeyError};
+use self::manifest::{
+    ATTACHMENTS, Catalog, Compression, DATABASE, EncryptionInfo, FORMAT, MANIFEST, Manifest, StoredObject,
+    VerificationRecord, object_key,
+};
+use self::pipeline::{PipelineError, PipelineOptions, Protection, human_bytes};
+use self::source::{DbConn, SourceError};
+use self::store::{Store, StoreError};
+use crate::api::backup_policy::{Engine, VerificationMode};
+use crate::controllers::backup_policy::build::JobConfig;
+
+/// Why a backup, verification or restore failed. `reason()` is a stable PascalCase word for conditions and the
+/// job's termination message.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("row counts differ from those recorded at backup time: {0}")]
+    RowCounts(String),
+}
+
+impl BackupError {
+    /// Stable reason for conditions, Events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackupError::Config(_) => "InvalidConfiguration",
+            BackupError::Source(SourceError::Credentials(_) | SourceError::Vault(_)) => "CredentialsUnavailable",
+            BackupError::Source(_) => "DatabaseToolFailed",
+            BackupError::Store(_) => "StorageError",
+            BackupError::Key(KeyError::WrongKey { .. } | KeyError::Mismatch { .. }) => "WrongKey",
+            BackupError::Key(_) => "KeyUnavailable",
+            BackupError::Pipeline(PipelineError::Verify { .. }) => "VerificationFailed",
+            BackupError::Pipeline(PipelineError::Store(_)) => "StorageError",
+            BackupError::Pipeline(PipelineError::Stream(_)) => "BackupStreamFailed",
+            BackupError::NotFound(_) => "BackupNotFound",
+            BackupError::RowCounts(_) => "RowCountMismatch",
+        }
+    }
+}
+
+/// Everything a job needs besides the policy: where to store, the data path tuning, the clock.
+#[derive(Debug)]
+pub struct Runtime {
+    pub store: Store,
+    pub options: PipelineOptions,
+    /// Directory of the attachments volume (mounted read-only in the backup pod).
+    pub attachments_dir: Option<PathBuf>,
+}
+
+/// The policy's encryption, resolved: the key-encryption key, or `None` when encryption is off.
+pub async fn kek_for(config: &JobConfig) -> Result<Option<Kek>, BackupError> {
+    let enc = &config.spec.encryption;
+    if !enc.enabled {
+        return Ok(None);
+    }
+    let key = enc
+        .key
+        .as_ref()
+        .ok_or_else(|| BackupError::Config("encryption is enabled but no key is named (encryption.key)".into()))?;
+    Ok(Some(Kek::from_policy(key).await?))
+}
+
+/// Connection to the policy's source database, credentials resolved.
+pub async fn source_conn(config: &JobConfig) -> Result<DbConn, BackupError> {
+    let s = &config.spec.source;
+    let (user, password) = DbConn::resolve_credentials(&s.credentials, "CRMGUARD_DB").await?;
+    Ok(DbConn::new(
+        s.engine,
+        &s.host,
+        config.port,
+        &s.database,
+        &user,
+        password,
+        s.tls_mode,
+        ca_file("CRMGUARD_DB_CA_CERT")?,
+    ))
+}
+
+/// Writes a CA certificate given in an environment variable to a private temporary file for the database tools.
+pub fn ca_file(var: &str) -> Result<Option<PathBuf>, BackupError> {
+    let Ok(pem) = std::env::var(var) else { return Ok(None) };
+    if pem.trim().is_empty() {
+        return Ok(None);
+    }
+    let path = std::env::temp_dir().join(format!("crmguard-{}-{}.pem", var.to_lowercase(), std::process::id()));
+    std::fs::write(&path, pem).map_err(|e| BackupError::Config(format!("cannot write {}: {e}", path.display())))?;
+    Ok(Some(path))
+}
+
+/// Runs one backup of the policy's database (and attachments): the whole protocol up to the commit.
+pub async fn run_backup(
+    config: &JobConfig,
+    conn: &DbConn,
+    kek: Option<&Kek>,
+    rt: &Runtime,
+) -> Result<Manifest, BackupError> {
+    let started = Timestamp::now();
+    let id = manifest::new_id(started);
+    let spec = &config.spec;
+    let span = tracing::info_span!("backup", policy = %config.policy, id = %id);
+    let _guard = span.enter();
+    tracing::info!(
+        "backup {id} of {}://{}:{}/{} to {}",
+        match conn.engine {
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+        },
+        conn.host,
+        conn.port,
+        conn.database,
+        rt.store.describe(&object_key(&config.prefix, &id, ""))
+    );
+    let dek = match kek {
+        Some(_) => Some(DataKey::generate().map_err(|e| BackupError::Config(e.to_string()))?),
+        None => None,
+    };
+    // Wrap first: a key that cannot be used fails the backup before anything is dumped or uploaded.
+    let wrapped = match (kek, &dek) {
+        (Some(k), Some(d)) => Some(k.wrap(d, &id).await?),
+        _ => None,
+    };
+    let protection =
+        Protection { level: spec.compression.level, encryption: dek.clone().map(|d| (spec.encryption.algorithm, d)) };
+    let suffix = if dek.is_some() { ".zst.enc" } else { ".zst" };
+    let mut objects = Vec::new();
+    let mut uploaded_keys = Vec::new();
+
+    // Database: for PostgreSQL, row counts and dump in one exported snapshot.
+    let db_key = object_key(&config.prefix, &id, &format!("database.dump{suffix}"));
+    let (tables, stats) = {
+        let conn2 = conn.clone();
+        let (snapshot, tables) = match conn.engine {
+            Engine::Postgres => {
+                let opened = tokio::task::spawn_blocking(move || -> Result<_, SourceError> {
+                    let mut s = source::PgSnapshot::open(&conn2)?;
+                    let counts = s.count_rows()?;
+                    Ok((s, counts))
+                })
+                .await
+                .map_err(|e| BackupError::Config(e.to_string()))??;
+                (Some(opened.0), opened.1)
+            }
+            Engine::Mysql => {
+                // mysqldump --single-transaction takes its own snapshot; counts are taken just before it.
+                let c = conn.clone();
+                let db = conn.database.clone();
+                let counts = tokio::task::spawn_blocking(move || source::count_rows(&c, &db))
+                    .await
+                    .map_err(|e| BackupError::Config(e.to_string()))??;
+                (None, counts)
+            }
+        };
+        let mut dump = source::start_dump(conn, snapshot.as_ref().map(|s| s.id.as_str()))?;
+        let stdout = dump.stdout().ok_or_else(|| BackupError::Config("the dump tool has no stdout".into()))?;
+        let dump = std::sync::Arc::new(std::sync::Mutex::new(Some(dump)));
+        let (d1, d2) = (dump.clone(), dump.clone());
+        let stats = pipeline::upload_stream(
+            &rt.store,
+            &db_key,
+            DATABASE,
+            protection.clone(),
+            &rt.options,
+            move |w| {
+                let mut stdout = stdout;
+                std::io::copy(&mut stdout, w).map(|_| ())
+            },
+            move || {
+                let tool = d1.lock().ok().and_then(|mut g| g.take());
+                let result = tool.map(|t| t.finish().map(|_| ()).map_err(|e| e.to_string())).unwrap_or(Ok(()));
+                if let Some(s) = snapshot {
+                    // The snapshot session ends after the dump (its transaction kept the snapshot alive).
+                    s.close().map_err(|e| e.to_string())?;
+                }
+                result
+            },
+            move || {
+                if let Some(t) = d2.lock().ok().as_mut().and_then(|g| g.as_mut()) {
+                    t.kill();
+                }
+            },
+        )
+        .await;
+        (tables, stats)
+    };
+    let stats = stats.map_err(|e| match e {
+        PipelineError::Stream(m) if m.contains("pg_dump") || m.contains("mysqldump") => {
+            BackupError::Source(SourceError::Protocol(m))
+        }
+        other => BackupError::Pipeline(other),
+    })?;
+    uploaded_keys.push(db_key.clone());
+    objects.push(stored(DATABASE, db_key, &stats));
+    tracing::info!(
+        "database: {} dumped, {} compressed, {} stored",
+        human_bytes(stats.raw_bytes),
+        human_bytes(stats.compressed_bytes),
+        human_bytes(stats.stored_bytes)
+    );
+
+    if let Some(dir) = &rt.attachments_dir {
+        let key = object_key(&config.prefix, &id, &format!("attachments.tar{suffix}"));
+        let dir = dir.clone();
+        let result = pipeline::upload_stream(
+            &rt.store,
+            &key,
+            ATTACHMENTS,
+            protection.clone(),
+            &rt.options,
+            move |w| pipeline::write_tar(&dir, w),
+            || Ok(()),
+            || {},
+        )
+        .await;
+        match result {
+            Ok(stats) => {
+                uploaded_keys.push(key.clone());
+                objects.push(stored(ATTACHMENTS, key, &stats));
+            }
+            Err(e) => {
+                discard(&rt.store, &uploaded_keys).await;
+                return Err(e.into());
+            }
+        }
+    }
+
+    // Verify before committing: the manifest is the proof that the backup is readable.
+    let mode = spec.verification.mode;
+    let percent = spec.verification.sample_percent.unwrap_or(100).clamp(1, 100) as u32;
+    let mut decrypted = 0;
+    let mut raw_checked = true;
+    for o in &objects {
+        match pipeline::verify_object(&rt.store, o, dek.clone(), mode, percent, rt.options.progress_every).await {
+            Ok(v) => {
+                decrypted += v.decrypted_chunks;
+                raw_checked &= v.raw_checked;
+            }
+            Err(e) => {
+                discard(&rt.store, &uploaded_keys).await;
+                return Err(e.into());
+            }
+        }
+    }
+    let completed = Timestamp::now();
+    let manifest = Manifest {
+        format: FORMAT,
+        id: id.clone(),
+        policy: config.policy.clone(),
+        namespace: config.namespace.clone(),
+        engine: conn.engine,
+        database: conn.database.clone(),
+        started,
+        completed,
+        tool: format!("crmguard {}", env!("CARGO_PKG_VERSION")),
+        dump_tool: conn.dump_tool_version(),
+        compression: Compression { algorithm: "zstd".into(), level: spec.compression.level },
+        encryption: wrapped.map(|key| EncryptionInfo {
+            algorithm: spec.encryption.algorithm,
+            chunk_size: 1u64 << rt.options.chunk_log2,
+            key,
+        }),
+        objects,
+        tables,
+        verification: VerificationRecord { mode, time: completed, decrypted_chunks: decrypted, raw_checked },
+    };
+    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Config(e.to_string()))?;
+    rt.store.put(&object_key(&config.prefix, &id, MANIFEST), body.into()).await?;
+    tracing::info!(
+        "backup {id} committed: {} stored in {}s, verified ({:?})",
+        human_bytes(manifest.stored_bytes()),
+        manifest.duration_seconds(),
+        mode
+    );
+    Ok(manifest)
+}
+
+fn stored(purpose: &str, key: String, s: &pipeline::StreamStats) -> StoredObject {
+    StoredObject {
+        purpose: purpose.to_string(),
+        key,
+        raw_bytes: s.raw_bytes,
+        raw_sha256: s.raw_sha256.clone(),
+        compressed_bytes: s.compressed_bytes,
+        stored_bytes: s.stored_bytes,
+        sha256: s.sha256.clone(),
+        chunks: s.chunks,
+        parts: s.parts,
+    }
+}
+
+/// Best-effort removal of objects of a backup that will not be committed.
+async fn discard(store: &Store, keys: &[String]) {
+    if let Err(e) = store.delete(keys).await {
+        tracing::warn!(error = %e, "could not remove the objects of a failed backup; the next cleanup removes them");
+    }
+}
+
+/// Result of retention and cleanup.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Housekeeping {
+    pub deleted_backups: Vec<String>,
+    pub removed_leftovers: Vec<String>,
+    pub aborted_uploads: usize,
+}
+
+/// Applies retention (pure decision, then deletes; the manifest goes first so that a half-deleted backup is
+/// never listed) and removes leftovers of failed backups older than `leftover_age`.
+pub async fn housekeeping(
+    config: &JobConfig,
+    store: &Store,
+    catalog: &Catalog,
+    now: Timestamp,
+    leftover_age: jiff::SignedDuration,
+) -> Result<Housekeeping, BackupError> {
+    let tz = match &config.spec.schedule.time_zone {
+        Some(name) => jiff::tz::TimeZone::get(name).unwrap_or(jiff::tz::TimeZone::UTC),
+        None => jiff::tz::TimeZone::UTC,
+    };
+    let candidates: Vec<retention::Candidate> =
+        catalog.backups.iter().map(|m| retention::Candidate { id: m.id.clone(), completed: m.completed }).collect();
+    let decision = retention::decide(&candidates, config.spec.retention.as_ref(), &tz);
+    let mut out = Housekeeping::default();
+    for id in &decision.delete {
+        let Some(m) = catalog.backups.iter().find(|m| &m.id == id) else { continue };
+        let mut keys = vec![object_key(&config.prefix, id, MANIFEST)];
+        keys.extend(m.objects.iter().map(|o| o.key.clone()));
+        store.delete(&keys).await?;
+        out.deleted_backups.push(id.clone());
+    }
+    let cutoff = now.checked_sub(leftover_age).unwrap_or(now);
+    for (id, keys, modified) in &catalog.uncommitted {
+        if modified.is_some_and(|m| m < cutoff) {
+            store.delete(keys).await?;
+            out.removed_leftovers.push(id.clone());
+        }
+    }
+    let root = format!("{}/", config.prefix.trim_matches('/'));
+    for u in store.pending_uploads(&root).await? {
+        if u.initiated.is_some_and(|t| t < cutoff) {
+            store.abort_upload(&u.key, &u.upload_id).await?;
+            out.aborted_uploads += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Which backup to restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    Latest,
+    Id(String),
+    Before(Timestamp),
+}
+
+/// Picks a backup from the catalog.
+pub fn select<'a>(catalog: &'a Catalog, selector: &Selector) -> Result<&'a Manifest, BackupError> {
+    let found = match selector {
+        Selector::Latest => catalog.backups.last(),
+        Selector::Id(id) => catalog.backups.iter().find(|m| &m.id == id),
+        Selector::Before(t) => catalog.backups.iter().rev().find(|m| m.completed < *t),
+    };
+    found.ok_or_else(|| {
+        BackupError::NotFound(match selector {
+            Selector::Latest => "there is no committed backup to restore".into(),
+            Selector::Id(id) => {
+                format!("backup {id} does not exist (or has no manifest); list backups with `crmguard backup list`")
+            }
+            Selector::Before(t) => format!("there is no committed backup completed before {t}"),
+        })
+    })
+}
+
+/// Unwraps a backup's data key (or `None` for an unencrypted backup).
+pub async fn data_key(m: &Manifest, kek: Option<&Kek>) -> Result<Option<DataKey>, BackupError> {
+    match (&m.encryption, kek) {
+        (None, _) => Ok(None),
+        (Some(e), Some(k)) => Ok(Some(k.unwrap(&e.key, &m.id).await?)),
+        (Some(_), None) => Err(BackupError::Config(format!(
+            "backup {} is encrypted but no key is configured: name the key it was made with in encryption.key",
+            m.id
+        ))),
+    }
+}
+
+/// Result of verifying a committed backup again.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    pub id: String,
+    pub objects: usize,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+    pub decrypted_chunks: u64,
+}
+
+/// Re-verifies a committed backup completely (sha256, every chunk, decompression, raw sha256).
+pub async fn verify_backup(m: &Manifest, kek: Option<&Kek>, rt: &Runtime) -> Result<VerifyReport, BackupError> {
+    let key = data_key(m, kek).await?;
+    let mut report = VerifyReport { id: m.id.clone(), objects: 0, stored_bytes: 0, raw_bytes: 0, decrypted_chunks: 0 };
+    for o in &m.objects {
+        let v =
+            pipeline::verify_object(&rt.store, o, key.clone(), VerificationMode::Full, 100, rt.options.progress_every)
+                .await?;
+        report.objects += 1;
+        report.stored_bytes += v.stored_bytes;
+        report.raw_bytes += v.raw_bytes;
+        report.decrypted_chunks += v.decrypted_chunks;
+    }
+    Ok(report)
+}
+
+/// How to restore.
+#[derive(Clone, Debug)]
+pub struct RestoreRequest {
+    pub target: DbConn,
+    pub create_database: bool,
+    /// Drop and re-create the target first (drills into a scratch database).
+    pub recreate: bool,
+    pub clean: bool,
+    pub verify_row_counts: bool,
+    /// Where to unpack the attachments, when they are restored.
+    pub attachments_dir: Option<PathBuf>,
+}
+
+/// Result of a restore.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreReport {
+    pub id: String,
+    pub database: String,
+    pub restored_bytes: u64,
+    pub tables: usize,
+    pub rows: u64,
+    pub row_counts_verified: bool,
+    pub duration_seconds: f64,
+}
+
+/// Restores a backup: verification pass first (nothing touches the target unless every byte is authentic),
+/// then download -> decrypt -> decompress -> pg_restore/mysql, then the row counts are compared with the
+/// manifest's.
+pub async fn restore(
+    m: &Manifest,
+    kek: Option<&Kek>,
+    req: &RestoreRequest,
+    rt: &Runtime,
+) -> Result<RestoreReport, BackupError> {
+    let started = std::time::Instant::now();
+    let key = data_key(m, kek).await?;
+    let db =
+        m.object(DATABASE).ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
+    tracing::info!("restore of backup {} into {}: verifying before touching the target", m.id, req.target.database);
+    for o in &m.objects {
+        if o.purpose == ATTACHMENTS && req.attachments_dir.is_none() {
+            continue;
+        }
+        pipeline::verify_object(&rt.store, o, key.clone(), VerificationMode::Full, 100, rt.options.progress_every)
+            .await?;
+    }
+    let target = req.target.clone();
+    let (create, recreate, clean) = (req.create_database, req.recreate, req.clean);
+    let mut tool = tokio::task::spawn_blocking(move || -> Result<source::Tool, SourceError> {
+        if recreate {
+            source::recreate_database(&target, &target.database)?;
+        } else if create {
+            source::ensure_database(&target, &target.database)?;
+        }
+        source::start_restore(&target, &target.database, clean && !recreate)
+    })
+    .await
+    .map_err(|e| BackupError::Config(e.to_string()))??;
+    let stdin = tool.stdin().ok_or_else(|| BackupError::Config("the restore tool has no stdin".into()))?;
+    let streamed = pipeline::read_object(&rt.store, db, key.clone(), stdin, rt.options.progress_every).await;
+    // On a stream failure the tool sees EOF on stdin; with --single-transaction it rolls back.
+    let (streamed, tool_result) = tokio::task::spawn_blocking(move || {
+        let streamed = streamed.map(|(v, stdin)| {
+            drop(stdin);
+            v
+        });
+        (streamed, tool.finish())
+    })
+    .await
+    .map_err(|e| BackupError::Config(e.to_string()))?;
+    // The tool's own error explains a broken pipe better than the pipe does.
+    tool_result?;
+    let verified = streamed?;
+
+    if let (Some(dir), Some(o)) = (&req.attachments_dir, m.object(ATTACHMENTS)) {
+        let pipe = TarSink::new(dir.clone());
+        let (_, sink) = pipeline::read_object(&rt.store, o, key.clone(), pipe, rt.options.progress_every).await?;
+        sink.finish().map_err(|e| BackupError::Config(format!("unpacking attachments: {e}")))?;
+    }
+
+    let c = req.target.clone();
+    let db_name = req.target.database.clone();
+    let counts = tokio::task::spawn_blocking(move || source::count_rows(&c, &db_name))
+        .await
+        .map_err(|e| BackupError::Config(e.to_string()))??;
+    let verified_counts = req.verify_row_counts && !m.tables.is_empty();
+    if req.verify_row_counts {
+        let diff = compare_counts(&m.tables, &counts, m.engine, &m.database, &req.target.database);
+        if !diff.is_empty() {
+            return Err(BackupError::RowCounts(diff.join("; ")));
+        }
+    }
+    Ok(RestoreReport {
+        id: m.id.clone(),
+        database: req.target.database.clone(),
+        restored_bytes: verified.raw_bytes,
+        tables: counts.len(),
+        rows: counts.values().sum(),
+        row_counts_verified: verified_counts,
+        duration_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Differences between recorded and restored row counts (MySQL table names carry the database name, which may
+/// differ between source and target).
+pub fn compare_counts(
+    recorded: &BTreeMap<String, u64>,
+    restored: &BTreeMap<String, u64>,
+    engine: Engine,
+    source_db: &str,
+    target_db: &str,
+) -> Vec<String> {
+    let norm = |t: &str, db: &str| -> String {
+        match engine {
+            Engine::Mysql => t.strip_prefix(&format!("{db}.")).unwrap_or(t).to_string(),
+            Engine::Postgres => t.to_string(),
+        }
+    };
+    let a: BTreeMap<String, u64> = recorded.iter().map(|(t, n)| (norm(t, source_db), *n)).collect();
+    let b: BTreeMap<String, u64> = restored.iter().map(|(t, n)| (norm(t, target_db), *n)).collect();
+    let mut diff = Vec::new();
+    for (t, n) in &a {
+        match b.get(t) {
+            Some(m) if m == n => {}
+            Some(m) => diff.push(format!("{t}: {n} rows at backup time, {m} restored")),
+            None => diff.push(format!("{t}: missing after restore ({n} rows at backup time)")),
+        }
+    }
+    for t in b.keys().filter(|t| !a.contains_key(*t)) {
+        diff.push(format!("{t}: present after restore but not in the backup"));
+    }
+    diff
+}
+
+/// A `Write` that unpacks a tar stream on a thread.
+struct TarSink {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TarSink {
+    fn new(dir: PathBuf) -> TarSink {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            struct Rx(std::sync::mpsc::Receiver<Vec<u8>>, Vec<u8>, usize);
+            impl std::io::Read for Rx {
+                fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                    while self.2 == self.1.len() {
+                        match self.0.recv() {
+                            Ok(v) => {
+                                self.1 = v;
+                                self.2 = 0;
+                            }
+                            Err(_) => return Ok(0),
+                        }
+                    }
+                    let n = buf.len().min(self.1.len() - self.2);
+                    buf[..n].copy_from_slice(&self.1[self.2..self.2 + n]);
+                    self.2 += n;
+                    Ok(n)
+                }
+            }
+            let mut rx = Rx(rx, Vec::new(), 0);
+            pipeline::read_tar(&mut rx, &dir)
+        });
+        TarSink { tx: Some(tx), worker: Some(worker) }
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        drop(self.tx.take());
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("tar thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::io::Write for TarSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let tx = self.tx.as_ref().ok_or_else(|| std::io::Error::other("closed"))?;
+        tx.send(buf.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tar unpacking stopped"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

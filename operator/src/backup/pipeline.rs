@@ -1,0 +1,579 @@
+//! The streaming data path. Backup: source (dump child process or tar of a directory) -> sha256 of the raw
+//! stream -> zstd -> chunked AEAD -> sha256 of the stored bytes -> multipart parts, a bounded number in flight.
+//! Verification and restore run the same layers backwards. Nothing ever holds a whole backup in memory or on
+//! disk: memory is bounded by (parts in flight + 2) x part size plus the codec windows.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::crypto::{self, ChunkCipher, DataKey, DecryptReader, EncryptWriter, Header, TAG_LEN};
+use super::manifest::StoredObject;
+use super::store::{Store, StoreError, Upload};
+use crate::api::backup_policy::{Algorithm, VerificationMode};
+
+/// Tuning of the data path.
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    /// Size of the first 1000 multipart parts; it doubles every 1000 parts (S3 allows 10 000 parts), so a
+    /// 8 MiB base reaches far beyond any CRM database while small backups keep memory low.
+    pub part_size: usize,
+    /// Parts uploaded concurrently.
+    pub parts_in_flight: usize,
+    /// log2 of the encryption chunk size.
+    pub chunk_log2: u8,
+    /// How often progress is logged.
+    pub progress_every: Duration,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            part_size: 8 << 20,
+            parts_in_flight: 2,
+            chunk_log2: crypto::DEFAULT_CHUNK_LOG2,
+            progress_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Failure of the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Stream(String),
+    #[error("verification of {key} failed: {reason}")]
+    Verify { key: String, reason: String },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Counts and hashes everything written through it.
+struct HashingWriter<W> {
+    inner: W,
+    sha: Sha256,
+    bytes: u64,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W, progress: Option<Arc<AtomicU64>>) -> Self {
+        HashingWriter { inner, sha: Sha256::new(), bytes: 0, progress }
+    }
+    fn finish(self) -> (W, String, u64) {
+        (self.inner, hex(&self.sha.finalize()), self.bytes)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts and hashes everything read through it.
+struct HashingReader<R> {
+    inner: R,
+    sha: Sha256,
+    bytes: u64,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R, progress: Option<Arc<AtomicU64>>) -> Self {
+        HashingReader { inner, sha: Sha256::new(), bytes: 0, progress }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+/// Collects the stored stream into parts and hands them to the uploader (blocking when it is busy).
+struct PartSink {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+    base: usize,
+    sent: u32,
+}
+
+impl PartSink {
+    fn part_size(&self) -> usize {
+        self.base << (self.sent / 1000).min(6)
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let size = self.part_size();
+        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(size));
+        self.tx
+            .blocking_send(Bytes::from(part))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<u32> {
+        if !self.buf.is_empty() || self.sent == 0 {
+            self.send()?;
+        }
+        Ok(self.sent)
+    }
+}
+
+impl Write for PartSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.part_size() - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.part_size() {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The encryption layer, or none.
+enum Sealer {
+    Plain(HashingWriter<PartSink>),
+    Sealed(EncryptWriter<HashingWriter<PartSink>>),
+}
+
+impl Write for Sealer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sealer::Plain(w) => w.write(buf),
+            Sealer::Sealed(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sealer::Plain(w) => w.flush(),
+            Sealer::Sealed(w) => w.flush(),
+        }
+    }
+}
+
+/// How one object is protected.
+#[derive(Clone, Debug)]
+pub struct Protection {
+    pub level: i32,
+    /// Algorithm and data key; `None` stores the compressed stream unencrypted.
+    pub encryption: Option<(Algorithm, DataKey)>,
+}
+
+/// What the producer measured.
+#[derive(Clone, Debug, Default)]
+pub struct StreamStats {
+    pub raw_bytes: u64,
+    pub raw_sha256: String,
+    pub compressed_bytes: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    pub chunks: u64,
+    pub parts: u32,
+}
+
+/// Runs the compress/encrypt/split chain over what `fill` writes. Blocking; runs on its own thread.
+fn produce(
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    protection: &Protection,
+    chunk_log2: u8,
+    purpose: &str,
+    sink: PartSink,
+    progress: Arc<AtomicU64>,
+) -> io::Result<StreamStats> {
+    let stored = HashingWriter::new(sink, None);
+    let sealer = match &protection.encryption {
+        Some((alg, key)) => {
+            let header = Header::new(*alg, chunk_log2)?;
+            Sealer::Sealed(EncryptWriter::new(stored, key, header, purpose))
+        }
+        None => Sealer::Plain(stored),
+    };
+    let compressed = HashingWriter::new(sealer, None);
+    let encoder = zstd::stream::write::Encoder::new(compressed, protection.level)?;
+    let mut raw = HashingWriter::new(encoder, Some(progress));
+    fill(&mut raw)?;
+    let (encoder, raw_sha256, raw_bytes) = raw.finish();
+    let compressed = encoder.finish()?;
+    let (sealer, _, compressed_bytes) = compressed.finish();
+    let (stored, chunks) = match sealer {
+        Sealer::Plain(w) => (w, 0),
+        Sealer::Sealed(w) => w.finish()?,
+    };
+    let (sink, sha256, stored_bytes) = stored.finish();
+    let parts = sink.finish()?;
+    Ok(StreamStats { raw_bytes, raw_sha256, compressed_bytes, stored_bytes, sha256, chunks, parts })
+}
+
+/// Logs progress (bytes and rate) until dropped.
+struct Progress(tokio::task::JoinHandle<()>);
+
+impl Progress {
+    fn start(what: String, counter: Arc<AtomicU64>, every: Duration) -> Progress {
+        Progress(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let bytes = counter.load(Ordering::Relaxed);
+                let secs = start.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    "{what}: {} so far, {}/s",
+                    human_bytes(bytes),
+                    human_bytes((bytes as f64 / secs) as u64)
+                );
+            }
+        }))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `1.5 GiB`-style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Streams what `fill` writes (on a blocking thread) into a multipart upload of `key`. `finish_source` runs on
+/// the same thread after the stream ends and decides whether the source succeeded (e.g. the dump's exit status);
+/// `on_abort` runs when the upload side failed first (e.g. to kill the dump). The upload is completed only when
+/// both the source and every part succeeded; otherwise it is aborted and nothing is left to list.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_stream<F, D, A>(
+    store: &Store,
+    key: &str,
+    purpose: &'static str,
+    protection: Protection,
+    opts: &PipelineOptions,
+    fill: F,
+    finish_source: D,
+    on_abort: A,
+) -> Result<StreamStats, PipelineError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+    D: FnOnce() -> Result<(), String> + Send + 'static,
+    A: FnOnce() + Send + 'static,
+{
+    let upload = store.start_upload(key).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let counter = Arc::new(AtomicU64::new(0));
+    let _progress = Progress::start(format!("{purpose} backup"), counter.clone(), opts.progress_every);
+    let sink = PartSink { tx, buf: Vec::with_capacity(opts.part_size), base: opts.part_size.max(5 << 20), sent: 0 };
+    let chunk_log2 = opts.chunk_log2;
+    let producer = tokio::task::spawn_blocking(move || {
+        let produced = produce(fill, &protection, chunk_log2, purpose, sink, counter);
+        match produced {
+            Ok(stats) => finish_source().map(|()| stats),
+            Err(e) => {
+                on_abort();
+                // Let the source report its own failure (e.g. a dump that died) in preference to the pipe error.
+                Err(match finish_source() {
+                    Err(source) => source,
+                    Ok(()) => e.to_string(),
+                })
+            }
+        }
+    });
+    let uploaded = upload_parts(&upload, rx, opts.parts_in_flight.max(1)).await;
+    let produced = producer.await.map_err(|e| PipelineError::Stream(format!("backup thread failed: {e}")));
+    match (produced, uploaded) {
+        (Ok(Ok(stats)), Ok(parts)) if parts.len() as u32 == stats.parts => {
+            upload.complete(parts).await?;
+            Ok(stats)
+        }
+        (produced, uploaded) => {
+            let reason = match (produced, uploaded) {
+                (_, Err(e)) => e.to_string(),
+                (Ok(Err(e)), _) => e,
+                (Err(e), _) => e.to_string(),
+                (Ok(Ok(stats)), Ok(parts)) => {
+                    format!("{} parts produced but {} uploaded", stats.parts, parts.len())
+                }
+            };
+            if let Err(e) = upload.abort().await {
+                tracing::warn!(error = %e, "could not abort the multipart upload; it is removed by the next cleanup");
+            }
+            Err(PipelineError::Stream(reason))
+        }
+    }
+}
+
+async fn upload_parts(
+    upload: &Upload,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    in_flight: usize,
+) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, StoreError> {
+    let mut running = tokio::task::JoinSet::new();
+    let mut done = Vec::new();
+    let mut number = 0i32;
+    let join = |r: Result<Result<_, StoreError>, tokio::task::JoinError>| {
+        r.map_err(|e| StoreError::S3 { op: "PUT part", key: upload.key.clone(), message: e.to_string() })?
+    };
+    loop {
+        while running.len() >= in_flight {
+            if let Some(r) = running.join_next().await {
+                done.push(join(r)?);
+            }
+        }
+        let Some(part) = rx.recv().await else { break };
+        number += 1;
+        let u = upload.clone();
+        running.spawn(async move { u.part(number, part).await });
+    }
+    while let Some(r) = running.join_next().await {
+        done.push(join(r)?);
+    }
+    Ok(done)
+}
+
+/// Reads `Bytes` pieces from a channel as a blocking `Read`.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    piece: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.piece.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(p) => self.piece = p,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len());
+        buf[..n].copy_from_slice(&self.piece[..n]);
+        self.piece = self.piece.slice(n..);
+        Ok(n)
+    }
+}
+
+/// What a verification pass established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub stored_bytes: u64,
+    pub decrypted_chunks: u64,
+    pub raw_checked: bool,
+    pub raw_bytes: u64,
+}
+
+/// Streams a stored object through the backwards chain into `sink` (on a blocking thread) and checks stored
+/// sha256, authentication of every chunk, and raw sha256 and size against the manifest. `sink` receives
+/// decompressed bytes as they are authenticated, so callers that must not touch a target before the whole
+/// object is known good run a verification pass first.
+pub async fn read_object<S>(
+    store: &Store,
+    object: &StoredObject,
+    key: Option<DataKey>,
+    sink: S,
+    progress_every: Duration,
+) -> Result<(Verified, S), PipelineError>
+where
+    S: Write + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let counter = Arc::new(AtomicU64::new(0));
+    let _progress = Progress::start(format!("reading {}", object.key), counter.clone(), progress_every);
+    let purpose = object.purpose.clone();
+    let consumer = tokio::task::spawn_blocking(move || -> io::Result<(u64, String, u64, String, u64, S)> {
+        let mut stored = HashingReader::new(ChannelReader { rx, piece: Bytes::new() }, Some(counter));
+        let mut out = HashingWriter::new(sink, None);
+        let chunks = match key {
+            Some(key) => {
+                let mut dec = DecryptReader::new(&mut stored, key, &purpose);
+                let mut z = zstd::stream::read::Decoder::new(&mut dec)?;
+                io::copy(&mut z, &mut out)?;
+                drop(z);
+                // zstd stops at the end of its frame; the encryption layer must still see its final chunk.
+                let mut rest = Vec::new();
+                dec.read_to_end(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd stream"));
+                }
+                dec.chunks()
+            }
+            None => {
+                let mut z = zstd::stream::read::Decoder::new(&mut stored)?;
+                io::copy(&mut z, &mut out)?;
+                drop(z);
+                let mut rest = Vec::new();
+                stored.read_to_end(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd stream"));
+                }
+                0
+            }
+        };
+        let stored_sha = hex(&stored.sha.clone().finalize());
+        let (sink, raw_sha, raw_bytes) = out.finish();
+        Ok((stored.bytes, stored_sha, raw_bytes, raw_sha, chunks, sink))
+    });
+    let fetched = store.get_stream(&object.key, tx).await;
+    let consumed = consumer.await.map_err(|e| PipelineError::Stream(format!("reader thread failed: {e}")))?;
+    let verify = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
+    let (stored_bytes, stored_sha, raw_bytes, raw_sha, chunks, sink) = match (consumed, fetched) {
+        (Ok(v), Ok(_)) => v,
+        (_, Err(StoreError::NotFound(k))) => return Err(verify(format!("object {k} is missing"))),
+        // A checksum or authentication failure explains a stopped download better than the download error.
+        (Err(e), _) => return Err(verify(e.to_string())),
+        (Ok(_), Err(e)) => return Err(e.into()),
+    };
+    if stored_bytes != object.stored_bytes {
+        return Err(verify(format!(
+            "stored size is {stored_bytes} bytes, the manifest recorded {} (truncated or replaced)",
+            object.stored_bytes
+        )));
+    }
+    if stored_sha != object.sha256 {
+        return Err(verify(format!(
+            "sha256 of the stored bytes is {stored_sha}, the manifest recorded {} (the object was modified)",
+            object.sha256
+        )));
+    }
+    if raw_bytes != object.raw_bytes || raw_sha != object.raw_sha256 {
+        return Err(verify(format!(
+            "the restored stream ({raw_bytes} bytes, sha256 {raw_sha}) differs from what was backed up ({} bytes, \
+             sha256 {})",
+            object.raw_bytes, object.raw_sha256
+        )));
+    }
+    Ok((Verified { stored_bytes, decrypted_chunks: chunks, raw_checked: true, raw_bytes }, sink))
+}
+
+/// Deterministic choice of chunks for sampled verification: the first and last chunk always, and about
+/// `percent` % of the others.
+pub fn sampled(index: u64, count: u64, percent: u32) -> bool {
+    if index == 0 || index + 1 == count || percent >= 100 {
+        return true;
+    }
+    // SplitMix64 of the index: spreads the sample evenly without state.
+    let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z % 100 < u64::from(percent)
+}
+
+/// Sampled verification: sha256 over every stored byte, authentication of a sample of chunks (no
+/// decompression, which needs the whole stream).
+pub async fn verify_sampled(
+    store: &Store,
+    object: &StoredObject,
+    key: DataKey,
+    percent: u32,
+) -> Result<Verified, PipelineError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let purpose = object.purpose.clone();
+    let expected_stored = object.stored_bytes;
+    let consumer = tokio::task::spawn_blocking(move || -> io::Result<(u64, String, u64)> {
+        let mut stored = HashingReader::new(ChannelReader { rx, piece: Bytes::new() }, None);
+        let mut h = [0u8; crypto::HEADER_LEN];
+        stored.read_exact(&mut h)?;
+        let header = Header::parse(&h)?;
+        let count = crypto::chunk_count(&header, expected_stored)?;
+        let cipher = ChunkCipher::new(&key, header.clone(), &purpose);
+        let full = header.chunk_size() + TAG_LEN;
+        let mut buf = vec![0u8; full];
+        let mut opened = 0;
+        for i in 0..count {
+            let last = i + 1 == count;
+            let len = if last { (expected_stored - crypto::chunk_offset(&header, i)) as usize } else { full };
+            stored.read_exact(&mut buf[..len])?;
+            if sampled(i, count, percent) {
+                cipher.open(i, last, &buf[..len])?;
+                opened += 1;
+            }
+        }
+        io::copy(&mut stored, &mut io::sink())?;
+        Ok((stored.bytes, hex(&stored.sha.clone().finalize()), opened))
+    });
+    let fetched = store.get_stream(&object.key, tx).await;
+    let verify = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
+    let consumed = consumer.await.map_err(|e| PipelineError::Stream(format!("reader thread failed: {e}")))?;
+    let (bytes, sha, opened) = match (consumed, fetched) {
+        (Ok(v), Ok(_)) => v,
+        (Err(e), _) => return Err(verify(e.to_string())),
+        (Ok(_), Err(e)) => return Err(e.into()),
+    };
+    if bytes != object.stored_bytes || sha != object.sha256 {
+        return Err(verify(format!(
+            "stored bytes ({bytes}, sha256 {sha}) differ from the manifest ({}, sha256 {})",
+            object.stored_bytes, object.sha256
+        )));
+    }
+    Ok(Verified { stored_bytes: bytes, decrypted_chunks: opened, raw_checked: false, raw_bytes: object.raw_bytes })
+}
+
+/// Verifies one object as the policy asks.
+pub async fn verify_object(
+    store: &Store,
+    object: &StoredObject,
+    key: Option<DataKey>,
+    mode: VerificationMode,
+    percent: u32,
+    progress_every: Duration,
+) -> Result<Verified, PipelineError> {
+    match (mode, key) {
+        (VerificationMode::Sampled, Some(key)) => verify_sampled(store, object, key, percent).await,
+        (_, key) => read_object(store, object, key, io::sink(), progress_every).await.map(|(v, _)| v),
+    }
+}
+
+/// Writes a directory as a tar stream (no symlinks followed; special files skipped).
+pub fn write_tar(dir: &Path, out: &mut dyn Write) -> io::Result<()> {
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Complete);
+    builder.append_dir_all(".", dir)?;
+    builder.finish()
+}
+
+/// Unpacks a tar stream into a directory.
+pub fn read_tar(input: &mut dyn Read, dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut archive = tar::Archive::new(input);
+    archive.set_preserve_permissions(false);
+    archive.set_overwrite(true);
+    archive.unpack(dir)
+}

@@ -1,0 +1,544 @@
+//! Where backups are stored: an S3-compatible bucket (aws-sdk-s3 over rustls + ring) or, for trying crmguard
+//! out without S3 and for tests of the pure pipeline, a local directory with the same key layout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use jiff::Timestamp;
+
+use crate::api::common::S3Location;
+
+/// A failed storage operation. Messages name the bucket/key and the server's answer, never credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {key}: {message}")]
+    S3 { op: &'static str, key: String, message: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+}
+
+/// One listed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub modified: Option<Timestamp>,
+}
+
+/// An unfinished multipart upload found under a prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<Timestamp>,
+}
+
+/// S3 connection settings resolved from the policy and the environment.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    /// Static keys (from a Secret via the environment, or from Vault). `None` uses the ambient AWS chain.
+    pub static_keys: Option<(String, String, Option<String>)>,
+    /// Extra CA certificates (PEM) to trust for the endpoint.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Attempts per request (standard retry mode with exponential backoff and jitter).
+    pub max_attempts: u32,
+}
+
+impl S3Settings {
+    /// Settings from a policy's destination; keys come from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (set
+    /// from the policy's Secret by the job) or the ambient chain.
+    pub fn from_location(loc: &S3Location) -> Self {
+        let static_keys = match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
+            (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Some((a, s, std::env::var("AWS_SESSION_TOKEN").ok())),
+            _ => None,
+        };
+        let ca_pem = std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok());
+        S3Settings {
+            bucket: loc.bucket.clone(),
+            region: loc.region.clone(),
+            endpoint: loc.endpoint.clone(),
+            force_path_style: loc.force_path_style,
+            static_keys,
+            ca_pem,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// A bucket (or directory) holding backups.
+#[derive(Clone, Debug)]
+pub enum Store {
+    S3 { client: aws_sdk_s3::Client, bucket: String },
+    Dir { root: PathBuf },
+}
+
+fn s3_err<E: std::fmt::Debug + std::fmt::Display>(
+    op: &'static str,
+    key: &str,
+    e: &aws_sdk_s3::error::SdkError<E>,
+) -> StoreError {
+    use aws_sdk_s3::error::SdkError;
+    let message = match e {
+        SdkError::ServiceError(s) => {
+            let raw = s.raw();
+            let body = raw.body().bytes().map(|b| String::from_utf8_lossy(b).chars().take(300).collect::<String>());
+            format!(
+                "HTTP {}: {}{}",
+                raw.status().as_u16(),
+                s.err(),
+                body.map(|b| format!(" ({b})")).unwrap_or_default()
+            )
+        }
+        SdkError::DispatchFailure(d) => format!("cannot reach the S3 endpoint: {d:?}"),
+        SdkError::TimeoutError(_) => "timed out".to_string(),
+        other => other.to_string(),
+    };
+    StoreError::S3 { op, key: key.to_string(), message }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.display().to_string(), source }
+}
+
+impl Store {
+    /// Connects to S3.
+    pub async fn s3(settings: &S3Settings) -> Result<Store, StoreError> {
+        use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
+        let mut http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+        if let Some(pem) = &settings.ca_pem {
+            let trust = TrustStore::empty().with_native_roots(true).with_pem_certificate(pem.clone());
+            http = http.tls_context(TlsContext::builder().with_trust_store(trust).build().map_err(|e| {
+                StoreError::Config(format!("the S3 CA certificate (CRMGUARD_S3_CA_FILE) cannot be used: {e}"))
+            })?);
+        }
+        let http = http.build_https();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http)
+            .region(aws_config::Region::new(settings.region.clone()))
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            );
+        if let Some((access, secret, session)) = &settings.static_keys {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                access.clone(),
+                secret.clone(),
+                session.clone(),
+                None,
+                "crmguard",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.force_path_style);
+        if let Some(ep) = &settings.endpoint {
+            conf = conf.endpoint_url(ep.trim_end_matches('/'));
+        }
+        Ok(Store::S3 { client: aws_sdk_s3::Client::from_conf(conf.build()), bucket: settings.bucket.clone() })
+    }
+
+    /// A local directory store.
+    pub fn dir(root: impl Into<PathBuf>) -> Store {
+        Store::Dir { root: root.into() }
+    }
+
+    /// Human-readable location, for messages.
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            Store::S3 { bucket, .. } => format!("s3://{bucket}/{key}"),
+            Store::Dir { root } => root.join(key).display().to_string(),
+        }
+    }
+
+    fn path(root: &Path, key: &str) -> PathBuf {
+        root.join(key)
+    }
+
+    /// Writes a small object in one request.
+    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        match self {
+            Store::S3 { client, bucket } => {
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("PUT", key, &e))?;
+                Ok(())
+            }
+            Store::Dir { root } => {
+                let path = Self::path(root, key);
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent).await.map_err(io_err("mkdir", parent))?;
+                }
+                // Write to a temporary name and rename, so a reader never sees half an object.
+                let tmp = path.with_extension("tmp-put");
+                tokio::fs::write(&tmp, &body).await.map_err(io_err("write", &tmp))?;
+                tokio::fs::rename(&tmp, &path).await.map_err(io_err("rename", &path))
+            }
+        }
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        match self {
+            Store::S3 { client, bucket } => {
+                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
+                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                        StoreError::NotFound(key.to_string())
+                    } else {
+                        s3_err("GET", key, &e)
+                    }
+                })?;
+                let data = out.body.collect().await.map_err(|e| StoreError::S3 {
+                    op: "GET",
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(data.into_bytes())
+            }
+            Store::Dir { root } => {
+                let path = Self::path(root, key);
+                match tokio::fs::read(&path).await {
+                    Ok(b) => Ok(Bytes::from(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound(key.to_string())),
+                    Err(e) => Err(StoreError::Io { op: "read", path: path.display().to_string(), source: e }),
+                }
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        match self {
+            Store::S3 { client, bucket } => {
+                let range = format!("bytes={}-{}", offset, offset + len - 1);
+                let out = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .range(range)
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("GET (range)", key, &e))?;
+                let data = out.body.collect().await.map_err(|e| StoreError::S3 {
+                    op: "GET (range)",
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(data.into_bytes())
+            }
+            Store::Dir { root } => {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let path = Self::path(root, key);
+                let mut f = tokio::fs::File::open(&path).await.map_err(io_err("open", &path))?;
+                f.seek(std::io::SeekFrom::Start(offset)).await.map_err(io_err("seek", &path))?;
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact(&mut buf).await.map_err(io_err("read", &path))?;
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+
+    /// Streams an object into `tx` in pieces (bounded by the channel), for a blocking consumer.
+    pub async fn get_stream(&self, key: &str, tx: tokio::sync::mpsc::Sender<Bytes>) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        let closed = || StoreError::S3 { op: "GET", key: key.to_string(), message: "reader stopped".into() };
+        match self {
+            Store::S3 { client, bucket } => {
+                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
+                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                        StoreError::NotFound(key.to_string())
+                    } else {
+                        s3_err("GET", key, &e)
+                    }
+                })?;
+                let mut body = out.body;
+                while let Some(piece) = body.try_next().await.map_err(|e| StoreError::S3 {
+                    op: "GET",
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })? {
+                    total += piece.len() as u64;
+                    tx.send(piece).await.map_err(|_| closed())?;
+                }
+            }
+            Store::Dir { root } => {
+                use tokio::io::AsyncReadExt;
+                let path = Self::path(root, key);
+                let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        StoreError::NotFound(key.to_string())
+                    } else {
+                        StoreError::Io { op: "open", path: path.display().to_string(), source: e }
+                    }
+                })?;
+                loop {
+                    let mut buf = vec![0u8; 1 << 18];
+                    let n = f.read(&mut buf).await.map_err(io_err("read", &path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    total += n as u64;
+                    tx.send(Bytes::from(buf)).await.map_err(|_| closed())?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        match self {
+            Store::S3 { client, bucket } => {
+                let mut out = Vec::new();
+                let mut pages = client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| s3_err("LIST", prefix, &e))?;
+                    for o in page.contents() {
+                        out.push(ObjectInfo {
+                            key: o.key().unwrap_or_default().to_string(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            modified: o.last_modified().and_then(|t| Timestamp::from_second(t.secs()).ok()),
+                        });
+                    }
+                }
+                Ok(out)
+            }
+            Store::Dir { root } => {
+                let mut out = Vec::new();
+                let mut stack = vec![root.clone()];
+                while let Some(dir) = stack.pop() {
+                    let mut rd = match tokio::fs::read_dir(&dir).await {
+                        Ok(rd) => rd,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(StoreError::Io { op: "list", path: dir.display().to_string(), source: e });
+                        }
+                    };
+                    while let Some(entry) = rd.next_entry().await.map_err(io_err("list", &dir))? {
+                        let meta = entry.metadata().await.map_err(io_err("stat", &dir))?;
+                        let path = entry.path();
+                        if meta.is_dir() {
+                            stack.push(path);
+                            continue;
+                        }
+                        let key = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+                        if key.starts_with(prefix) {
+                            let modified = meta.modified().ok().and_then(|m| Timestamp::try_from(m).ok());
+                            out.push(ObjectInfo { key, size: meta.len(), modified });
+                        }
+                    }
+                }
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            }
+        }
+    }
+
+    /// Deletes objects; objects already gone count as deleted.
+    pub async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        for key in keys {
+            match self {
+                Store::S3 { client, bucket } => {
+                    client
+                        .delete_object()
+                        .bucket(bucket)
+                        .key(key)
+                        .send()
+                        .await
+                        .map_err(|e| s3_err("DELETE", key, &e))?;
+                }
+                Store::Dir { root } => {
+                    let path = Self::path(root, key);
+                    match tokio::fs::remove_file(&path).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(StoreError::Io { op: "delete", path: path.display().to_string(), source: e });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unfinished multipart uploads under `prefix` (S3 only; a directory store has none worth listing).
+    pub async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        let Store::S3 { client, bucket } = self else { return Ok(Vec::new()) };
+        let out = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .map_err(|e| s3_err("LIST uploads", prefix, &e))?;
+        Ok(out
+            .uploads()
+            .iter()
+            .map(|u| PendingUpload {
+                key: u.key().unwrap_or_default().to_string(),
+                upload_id: u.upload_id().unwrap_or_default().to_string(),
+                initiated: u.initiated().and_then(|t| Timestamp::from_second(t.secs()).ok()),
+            })
+            .collect())
+    }
+
+    /// Aborts an unfinished multipart upload.
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        let Store::S3 { client, bucket } = self else { return Ok(()) };
+        client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| s3_err("ABORT upload", key, &e))?;
+        Ok(())
+    }
+
+    /// Starts a multipart upload of `key`.
+    pub async fn start_upload(&self, key: &str) -> Result<Upload, StoreError> {
+        match self {
+            Store::S3 { client, bucket } => {
+                let out = client
+                    .create_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .content_type("application/octet-stream")
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("CREATE upload", key, &e))?;
+                let upload_id = out.upload_id().unwrap_or_default().to_string();
+                if upload_id.is_empty() {
+                    return Err(StoreError::S3 {
+                        op: "CREATE upload",
+                        key: key.into(),
+                        message: "no upload id".into(),
+                    });
+                }
+                Ok(Upload { store: self.clone(), key: key.to_string(), upload_id })
+            }
+            Store::Dir { root } => {
+                let path = Self::path(root, key);
+                let parts = path.with_extension("parts");
+                tokio::fs::create_dir_all(&parts).await.map_err(io_err("mkdir", &parts))?;
+                Ok(Upload { store: self.clone(), key: key.to_string(), upload_id: parts.display().to_string() })
+            }
+        }
+    }
+}
+
+/// An unfinished multipart upload. Parts may be uploaded concurrently.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    store: Store,
+    pub key: String,
+    pub upload_id: String,
+}
+
+impl Upload {
+    /// Uploads part `number` (1-based) and returns its completion record.
+    pub async fn part(&self, number: i32, body: Bytes) -> Result<CompletedPart, StoreError> {
+        match &self.store {
+            Store::S3 { client, bucket } => {
+                let out = client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(&self.key)
+                    .upload_id(&self.upload_id)
+                    .part_number(number)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("PUT part", &self.key, &e))?;
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                    .build())
+            }
+            Store::Dir { .. } => {
+                let path = PathBuf::from(&self.upload_id).join(format!("{number:05}"));
+                tokio::fs::write(&path, &body).await.map_err(io_err("write", &path))?;
+                Ok(CompletedPart::builder().part_number(number).build())
+            }
+        }
+    }
+
+    /// Completes the upload from its parts (in any order).
+    pub async fn complete(self, mut parts: Vec<CompletedPart>) -> Result<(), StoreError> {
+        parts.sort_by_key(|p| p.part_number());
+        match &self.store {
+            Store::S3 { client, bucket } => {
+                client
+                    .complete_multipart_upload()
+                    .bucket(bucket)
+                    .key(&self.key)
+                    .upload_id(&self.upload_id)
+                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("COMPLETE upload", &self.key, &e))?;
+                Ok(())
+            }
+            Store::Dir { root } => {
+                use tokio::io::AsyncWriteExt;
+                let path = Store::path(root, &self.key);
+                let tmp = path.with_extension("tmp-put");
+                let mut out = tokio::fs::File::create(&tmp).await.map_err(io_err("create", &tmp))?;
+                for p in &parts {
+                    let part = PathBuf::from(&self.upload_id).join(format!("{:05}", p.part_number().unwrap_or(0)));
+                    let data = tokio::fs::read(&part).await.map_err(io_err("read", &part))?;
+                    out.write_all(&data).await.map_err(io_err("write", &tmp))?;
+                }
+                out.flush().await.map_err(io_err("flush", &tmp))?;
+                drop(out);
+                tokio::fs::rename(&tmp, &path).await.map_err(io_err("rename", &path))?;
+                let dir = PathBuf::from(&self.upload_id);
+                tokio::fs::remove_dir_all(&dir).await.map_err(io_err("remove", &dir))
+            }
+        }
+    }
+
+    /// Aborts the upload, discarding every uploaded part.
+    pub async fn abort(self) -> Result<(), StoreError> {
+        match &self.store {
+            Store::S3 { .. } => self.store.abort_upload(&self.key, &self.upload_id).await,
+            Store::Dir { .. } => {
+                let dir = PathBuf::from(&self.upload_id);
+                match tokio::fs::remove_dir_all(&dir).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(StoreError::Io { op: "remove", path: dir.display().to_string(), source: e }),
+                }
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failed set-up is a failed test
 
 pub mod apiserver;
+pub mod services;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

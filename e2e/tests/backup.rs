@@ -1,0 +1,487 @@
+//! The backup data path against real servers: PostgreSQL, SeaweedFS (S3) and OpenBao (Vault Transit). Every
+//! test runs the real `crmguard backup|restore` commands as the CronJob's pod would, with its own database and
+//! bucket prefix.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use e2e::services::{OpenBao, Postgres, SeaweedFs, pg_bin_dir};
+use e2e::{TempDir, crmguard_bin};
+
+const BUCKET: &str = "crm-backups";
+const KEY_A: &str = "q0ZV5ZcTzr1sYkP0bGm4mPpU7oZ4iEYb3dn3Kfx5mUI=";
+const KEY_B: &str = "6m1cN5b5W3hXy8fQJx0vq3yYkq7h8sL2pHf0aZc9JtE=";
+
+/// One test's world: a database with CRM data, a policy file, the environment of the backup job.
+struct Case {
+    name: String,
+    dir: TempDir,
+    policy: PathBuf,
+    env: BTreeMap<String, String>,
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 100000
+    )
+}
+
+/// Creates a CRM-like database: contacts, deals in another schema, binary attachments metadata.
+fn seed(pg: &Postgres, db: &str, contacts: u32) {
+    pg.sql("postgres", &format!("CREATE DATABASE {db}"));
+    pg.sql(
+        db,
+        &format!(
+            "CREATE TABLE contacts (id serial PRIMARY KEY, name text NOT NULL, email text, notes text);
+             INSERT INTO contacts (name, email, notes)
+               SELECT 'Contact ' || i, 'c' || i || '@example.com', repeat(md5(i::text), 3) FROM generate_series(1, {contacts}) i;
+             CREATE SCHEMA finance;
+             CREATE TABLE finance.deals (id int PRIMARY KEY, contact_id int REFERENCES contacts(id), amount numeric(12,2), stage text);
+             INSERT INTO finance.deals SELECT i, 1 + i % {contacts}, i * 10.25, (ARRAY['lead','won','lost'])[1 + i % 3] FROM generate_series(1, 777) i;
+             CREATE TABLE files (id int PRIMARY KEY, blob bytea);
+             INSERT INTO files SELECT i, decode(md5(i::text) || md5((i*7)::text), 'hex') FROM generate_series(1, 100) i;"
+        ),
+    );
+}
+
+/// Per-table row count and content checksum.
+fn fingerprint(pg: &Postgres, db: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for t in ["public.contacts", "finance.deals", "public.files"] {
+        let v = pg.sql(
+            db,
+            &format!(
+                "SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {t} t"
+            ),
+        );
+        out.insert(t.to_string(), v);
+    }
+    out
+}
+
+impl Case {
+    fn new(name: &str, encryption: &str, extra_spec: &str) -> Case {
+        let pg = Postgres::shared();
+        let s3 = SeaweedFs::shared();
+        let db = unique(name);
+        let dir = TempDir::new(name);
+        let policy = dir.path.join("policy.yaml");
+        std::fs::write(
+            &policy,
+            format!(
+                "apiVersion: crmguard.io/v1alpha1
+kind: CrmBackupPolicy
+metadata: {{name: {name}, namespace: crm}}
+spec:
+  source:
+    engine: postgres
+    host: 127.0.0.1
+    port: {port}
+    database: {db}
+    tlsMode: disable
+    credentials: {{secretRef: {{name: crm-db}}}}
+  schedule: {{cron: '15 2 * * *'}}
+  destination:
+    bucket: {BUCKET}
+    prefix: tests/{db}
+    endpoint: {endpoint}
+    forcePathStyle: true
+    credentials: {{secretRef: {{name: s3}}}}
+  encryption: {encryption}
+{extra_spec}",
+                port = pg.port,
+                endpoint = s3.endpoint(),
+            ),
+        )
+        .unwrap();
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("CRMGUARD_DB_USERNAME", pg.user.clone()),
+            ("CRMGUARD_DB_PASSWORD", pg.password.clone()),
+            ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+            ("CRMGUARD_ENCRYPTION_KEY", KEY_A.to_string()),
+            ("CRMGUARD_DB_BIN_DIR", pg_bin_dir().display().to_string()),
+            ("CRMGUARD_LOG_FORMAT", "text".to_string()),
+            ("CRMGUARD_TERMINATION_LOG", dir.path.join("termination-log").display().to_string()),
+        ] {
+            env.insert(k.to_string(), v);
+        }
+        seed(pg, &db, 5000);
+        Case { name: db, dir, policy, env }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(crmguard_bin());
+        c.args(args).arg("-f").arg(&self.policy).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        c.envs(&self.env);
+        c
+    }
+
+    /// Runs a crmguard command; asserts that no secret appears in anything it printed.
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("run crmguard");
+        self.assert_no_secrets(&out);
+        out
+    }
+
+    fn assert_no_secrets(&self, out: &Output) {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        for secret in
+            [&Postgres::shared().password, &SeaweedFs::shared().secret_key, &KEY_A.to_string(), &KEY_B.to_string()]
+        {
+            assert!(!text.contains(secret.as_str()), "a secret appeared in crmguard's output:\n{text}");
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "crmguard {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn fails(&self, args: &[&str]) -> (serde_json::Value, String) {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "crmguard {args:?} should have failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report = serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null);
+        (report, String::from_utf8_lossy(&out.stderr).to_string())
+    }
+
+    fn prefix(&self) -> String {
+        format!("tests/{}", self.name)
+    }
+
+    fn list(&self) -> Vec<serde_json::Value> {
+        let out = self.run(&["backup", "list", "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("list json")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+async fn get(store: &crmguard::backup::store::Store, key: &str) -> Vec<u8> {
+    store.get(key).await.expect("get").to_vec()
+}
+
+#[test]
+fn backup_list_verify_restore_brings_back_the_same_rows_and_bytes() {
+    let case = Case::new("roundtrip", "{key: {secretRef: {name: k, key: key}}}", "  retention: {keepLast: 2}\n");
+    let pg = Postgres::shared();
+    let before = fingerprint(pg, &case.name);
+
+    let report = case.ok(&["backup", "run"]);
+    assert_eq!(report["ok"], true, "{report}");
+    let id = report["backupId"].as_str().unwrap().to_string();
+    // The pod's termination message carries the same report for the operator.
+    let term: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.dir.path.join("termination-log")).unwrap()).unwrap();
+    assert_eq!(term["backupId"], id.as_str());
+    assert_eq!(term["backupCount"], 1);
+
+    let list = case.list();
+    assert_eq!(list.len(), 1);
+    let m = &list[0];
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(m["tables"]["public.contacts"], 5000);
+    assert_eq!(m["tables"]["finance.deals"], 777);
+    assert_eq!(m["tables"]["public.files"], 100);
+    assert_eq!(m["encryption"]["algorithm"], "aes256-gcm");
+    assert_eq!(m["encryption"]["key"]["type"], "secret");
+    assert_eq!(m["verification"]["rawChecked"], true);
+    let obj = &m["objects"][0];
+    assert!(obj["compressedBytes"].as_u64().unwrap() < obj["rawBytes"].as_u64().unwrap() / 2, "zstd compresses: {obj}");
+
+    // What is stored is ciphertext: no contact name is readable in the object.
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let stored = rt.block_on(get(&store, obj["key"].as_str().unwrap()));
+    assert_eq!(stored.len() as u64, obj["storedBytes"].as_u64().unwrap());
+    assert!(stored.starts_with(b"CRMGBK01"));
+    assert!(!stored.windows(10).any(|w| w == b"Contact 42"), "plaintext leaked into the stored object");
+
+    let v = case.ok(&["backup", "verify", "--backup", &id]);
+    assert_eq!(v["id"], id.as_str());
+
+    let target = format!("{}_restored", case.name);
+    let r = case.ok(&[
+        "restore",
+        "run",
+        "--backup",
+        &id,
+        "--target-database",
+        &target,
+        "--create-database",
+        "--verify-row-counts",
+    ]);
+    assert_eq!(r["rowCountsVerified"], true, "{r}");
+    assert_eq!(fingerprint(pg, &target), before, "restored data differs from the source");
+
+    // Retention (keepLast 2) keeps the two newest after a third backup.
+    case.ok(&["backup", "run"]);
+    let third = case.ok(&["backup", "run"]);
+    assert_eq!(third["deletedBackups"].as_array().map(Vec::len), Some(1), "{third}");
+    let ids: Vec<String> = case.list().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&id), "the oldest backup was deleted by retention");
+    // Its objects are gone too, not just its manifest.
+    let left = rt.block_on(store.list(&format!("{}/{id}/", case.prefix()))).unwrap();
+    assert!(left.is_empty(), "objects of a deleted backup remain: {left:?}");
+}
+
+#[test]
+fn a_flipped_byte_is_detected_before_the_target_is_touched() {
+    let case = Case::new("bitflip", "{key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    let id = case.ok(&["backup", "run"])["backupId"].as_str().unwrap().to_string();
+    let key = case.list()[0]["objects"][0]["key"].as_str().unwrap().to_string();
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let mut bytes = rt.block_on(get(&store, &key));
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    rt.block_on(store.put(&key, bytes.into())).unwrap();
+
+    let target = format!("{}_restored", case.name);
+    let (report, stderr) =
+        case.fails(&["restore", "run", "--backup", &id, "--target-database", &target, "--create-database"]);
+    assert_eq!(report["reason"], "VerificationFailed", "{report}\n{stderr}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("sha256") || msg.contains("authentication failed"), "{msg}");
+    assert!(!pg.database_exists(&target), "the target database was created although the backup is corrupt");
+
+    let (_, verify_err) = case.fails(&["backup", "verify", "--backup", &id]);
+    assert!(verify_err.contains("verification of") && verify_err.contains(&key), "{verify_err}");
+}
+
+#[test]
+fn a_wrong_key_is_named_as_such_and_nothing_is_restored() {
+    let case = Case::new("wrongkey", "{algorithm: xchacha20-poly1305, key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    case.ok(&["backup", "run"]);
+    let mut wrong = Case {
+        name: case.name.clone(),
+        dir: TempDir::new("wrongkey2"),
+        policy: case.policy.clone(),
+        env: case.env.clone(),
+    };
+    wrong.env.insert("CRMGUARD_ENCRYPTION_KEY".into(), KEY_B.into());
+    let target = format!("{}_restored", case.name);
+    let (report, _) =
+        wrong.fails(&["restore", "run", "--backup", "latest", "--target-database", &target, "--create-database"]);
+    assert_eq!(report["reason"], "WrongKey", "{report}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("wrong encryption key") && msg.contains("fingerprint"), "{msg}");
+    assert!(!pg.database_exists(&target));
+
+    wrong.env.insert("CRMGUARD_ENCRYPTION_KEY".into(), "not-a-key".into());
+    let (report, _) = wrong.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "KeyUnavailable", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("head -c 32 /dev/urandom | base64"), "{report}");
+    assert_eq!(wrong.list().len(), 1, "a failed backup is not listed");
+}
+
+/// A `pg_dump` stand-in that runs the real one and then dies in one of two ways: killed by a signal after
+/// part of the dump (the classic), or exiting 0 after part of the dump (a broken tool that claims success).
+fn broken_pg_dump(dir: &Path, mode: &str) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = pg_bin_dir().join("pg_dump");
+    let tail = match mode {
+        "killed" => "kill -KILL $$",
+        _ => "exit 0",
+    };
+    let script = format!("#!/bin/sh\n\"{}\" \"$@\" | head -c 60000\n{tail}\n", real.display());
+    let path = bin.join("pg_dump");
+    std::fs::write(&path, script).unwrap();
+    Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    for tool in ["psql", "pg_restore"] {
+        std::os::unix::fs::symlink(pg_bin_dir().join(tool), bin.join(tool)).unwrap();
+    }
+    bin
+}
+
+#[test]
+fn a_dump_killed_mid_stream_fails_the_backup_and_leaves_nothing_listed() {
+    let mut case = Case::new("killeddump", "{key: {secretRef: {name: k, key: key}}}", "");
+    case.env.insert("CRMGUARD_DB_BIN_DIR".into(), broken_pg_dump(&case.dir.path, "killed").display().to_string());
+    let (report, stderr) = case.fails(&["backup", "run"]);
+    assert_eq!(report["ok"], false);
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("pg_dump") && msg.contains("signal 9"), "{msg}\n{stderr}");
+    assert!(case.list().is_empty(), "a failed backup must not be listed");
+    // The multipart upload was aborted, not left behind.
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let pending = rt.block_on(store.pending_uploads(&format!("{}/", case.prefix()))).unwrap();
+    assert!(pending.is_empty(), "unfinished upload left behind: {pending:?}");
+}
+
+#[test]
+fn a_truncated_dump_that_claims_success_is_caught_by_verification() {
+    // An anchor once stored a 343 MB dump as 340 MB and called it a success; here the archive itself is checked.
+    let mut case = Case::new("truncdump", "{key: {secretRef: {name: k, key: key}}}", "");
+    case.env.insert("CRMGUARD_DB_BIN_DIR".into(), broken_pg_dump(&case.dir.path, "exit0").display().to_string());
+    let (report, stderr) = case.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "VerificationFailed", "{report}\n{stderr}");
+    assert!(case.list().is_empty(), "an unverified backup must not be listed");
+}
+
+#[test]
+fn killing_the_uploader_leaves_no_listed_backup_and_cleanup_removes_its_upload() {
+    let case = Case::new("killedupload", "{key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    // Enough poorly compressible data that the upload is still running when it is killed.
+    pg.sql(&case.name, "CREATE TABLE bulk AS SELECT i, md5(random()::text) || md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 400000) i");
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let mut child = case
+        .command(&["backup", "run", "--part-size-mib", "5", "--parts-in-flight", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("{}/", case.prefix());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending = rt.block_on(store.pending_uploads(&prefix)).unwrap();
+        if !pending.is_empty() {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before it could be killed; make the table bigger"
+        );
+        assert!(Instant::now() < deadline, "no multipart upload appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(case.list().is_empty(), "a killed backup must not be listed");
+    // The next housekeeping removes the leftovers once they are old enough (age 0 here).
+    let config = crmguard::backup::cli::load_config(&crmguard::backup::cli::PolicyArgs {
+        config: None,
+        policy: Some(case.policy.clone()),
+        store_dir: None,
+        part_size_mib: 8,
+        parts_in_flight: 2,
+        progress_seconds: 10,
+    })
+    .unwrap();
+    let catalog = rt.block_on(crmguard::backup::manifest::read_catalog(&store, &config.prefix)).unwrap();
+    let h = rt
+        .block_on(crmguard::backup::housekeeping(
+            &config,
+            &store,
+            &catalog,
+            jiff::Timestamp::now(),
+            jiff::SignedDuration::ZERO,
+        ))
+        .unwrap();
+    assert!(h.aborted_uploads >= 1, "{h:?}");
+    assert!(rt.block_on(store.pending_uploads(&prefix)).unwrap().is_empty());
+}
+
+#[test]
+fn vault_transit_wraps_the_data_key_and_a_drill_restores_into_a_scratch_database() {
+    let bao = OpenBao::shared();
+    let key_name = unique("crm");
+    let _ = bao.cli(&["secrets", "enable", "transit"]);
+    bao.cli(&["write", "-f", &format!("transit/keys/{key_name}")]).unwrap();
+    let mut case = Case::new(
+        "transit",
+        &format!("{{key: {{vaultTransit: {{keyName: {key_name}, authRole: crm-backup}}}}}}"),
+        "  verification: {mode: sampled, samplePercent: 50, restoreDrill: {cron: '0 5 * * 0', scratchDatabase: drill}}\n",
+    );
+    case.env.remove("CRMGUARD_ENCRYPTION_KEY");
+    case.env.insert("VAULT_ADDR".into(), bao.addr());
+    case.env.insert("VAULT_TOKEN".into(), bao.token.clone());
+    let pg = Postgres::shared();
+    let before = fingerprint(pg, &case.name);
+    case.ok(&["backup", "run"]);
+    let m = &case.list()[0];
+    assert_eq!(m["encryption"]["key"]["type"], "vaultTransit");
+    assert!(m["encryption"]["key"]["ciphertext"].as_str().unwrap().starts_with("vault:v1:"), "{m}");
+    assert_eq!(m["verification"]["mode"], "sampled");
+
+    let scratch = format!("{}_drill", case.name);
+    pg.sql("postgres", &format!("CREATE DATABASE {scratch}"));
+    pg.sql(&scratch, "CREATE TABLE leftover_from_last_drill (x int)");
+    let r = case.ok(&["restore", "run", "--drill", "--target-database", &scratch]);
+    assert_eq!(r["kind"], "drill");
+    assert_eq!(r["rowCountsVerified"], true);
+    assert_eq!(fingerprint(pg, &scratch), before);
+    assert!(
+        pg.try_sql(&scratch, "SELECT 1 FROM leftover_from_last_drill").is_err(),
+        "a drill starts from an empty scratch database"
+    );
+
+    // Without Vault access the key cannot be unwrapped, and the error says so.
+    case.env.insert("VAULT_TOKEN".into(), "not-a-token".into());
+    let (report, _) =
+        case.fails(&["restore", "run", "--backup", "latest", "--target-database", &format!("{scratch}2")]);
+    assert_eq!(report["reason"], "KeyUnavailable", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("transit decrypt"), "{report}");
+}
+
+#[test]
+fn unencrypted_backups_with_attachments_restore_files_too_and_refuse_the_live_database() {
+    let mut case = Case::new("attach", "{enabled: false}", "");
+    let files = TempDir::new("attachments");
+    std::fs::create_dir_all(files.path.join("contacts/42")).unwrap();
+    std::fs::write(files.path.join("contacts/42/card.vcf"), "BEGIN:VCARD\nFN:Ada\nEND:VCARD\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(files.path.join("scan.pdf"), &big).unwrap();
+    let report = case.ok(&["backup", "run", "--attachments-dir", files.path.to_str().unwrap()]);
+    assert_eq!(report["ok"], true);
+    let m = &case.list()[0];
+    assert!(m.get("encryption").is_none());
+    assert_eq!(m["objects"].as_array().unwrap().len(), 2);
+
+    let out = TempDir::new("attachments-restored");
+    let target = format!("{}_restored", case.name);
+    case.ok(&[
+        "restore",
+        "run",
+        "--backup",
+        "latest",
+        "--target-database",
+        &target,
+        "--create-database",
+        "--restore-attachments",
+        "--attachments-dir",
+        out.path.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(out.path.join("scan.pdf")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_to_string(out.path.join("contacts/42/card.vcf")).unwrap(),
+        "BEGIN:VCARD\nFN:Ada\nEND:VCARD\n"
+    );
+
+    let out = case.run(&["restore", "run", "--backup", "latest", "--target-database", &case.name]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-overwrite-source"));
+    case.env.insert("CRMGUARD_DB_PASSWORD".into(), "wrong-password".into());
+    let (report, _) = case.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "DatabaseToolFailed", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("password authentication failed"), "{report}");
+}

@@ -485,3 +485,166 @@ fn unencrypted_backups_with_attachments_restore_files_too_and_refuse_the_live_da
     assert_eq!(report["reason"], "DatabaseToolFailed", "{report}");
     assert!(report["message"].as_str().unwrap().contains("password authentication failed"), "{report}");
 }
+
+/// Plays kube-controller-manager and the kubelet for one run of a backup CronJob: a Job from the CronJob's
+/// template, its Pod, and the Pod's termination message carrying the report the real command wrote.
+async fn record_job_run(
+    client: &kube::Client,
+    ns: &str,
+    cron_job: &k8s_openapi::api::batch::v1::CronJob,
+    run: &str,
+    report: &str,
+    ok: bool,
+) {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let template = cron_job.spec.as_ref().unwrap().job_template.clone();
+    let job_name = format!("{}-{run}", cron_job.metadata.name.as_ref().unwrap());
+    let mut meta = template.metadata.clone().unwrap_or_default();
+    meta.name = Some(job_name.clone());
+    let job = Job { metadata: meta.clone(), spec: template.spec.clone(), status: None };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let pod_template = template.spec.unwrap().template;
+    let mut labels = pod_template.metadata.clone().unwrap_or_default().labels.unwrap_or_default();
+    labels.insert("batch.kubernetes.io/job-name".into(), job_name.clone());
+    let pod = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{job_name}-x1")),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: pod_template.spec.clone(),
+        status: None,
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let container = pod_template.spec.unwrap().containers[0].name.clone();
+    let status = serde_json::json!({"status": {"phase": if ok { "Succeeded" } else { "Failed" }, "containerStatuses": [{
+        "name": container, "image": "crmguard", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": if ok { 0 } else { 1 }, "reason": if ok { "Completed" } else { "Error" }, "message": report}}}]}});
+    pods.patch_status(&format!("{job_name}-x1"), &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let now = jiff::Timestamp::now().to_string();
+    let cond = if ok { "Complete" } else { "Failed" };
+    let mut job_status =
+        serde_json::json!({"status": {"conditions": [{"type": cond, "status": "True", "lastTransitionTime": now}]}});
+    if ok {
+        job_status["status"]["succeeded"] = 1.into();
+        job_status["status"]["completionTime"] = now.clone().into();
+    } else {
+        job_status["status"]["failed"] = 1.into();
+    }
+    jobs.patch_status(&job_name, &PatchParams::default(), &Patch::Merge(&job_status)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
+    use crmguard::api::CrmBackupPolicy;
+    use k8s_openapi::api::batch::v1::CronJob;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+    if e2e::real_cluster() {
+        // On a real cluster the CronJob runs for real; this test plays the cluster's controllers itself.
+        eprintln!("skipped on a real cluster: it simulates the Job controller and the kubelet");
+        return;
+    }
+    let case = Case::new("statusflow", "{key: {secretRef: {name: k, key: key}}}", "  rpo: 26h\n");
+    let cluster = e2e::Cluster::start("backup-status").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let op = e2e::Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+    let mut policy: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&case.policy).unwrap()).unwrap();
+    policy["metadata"]["namespace"] = ns.clone().into();
+    let policy: CrmBackupPolicy = serde_json::from_value(policy).unwrap();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
+    policies.create(&PostParams::default(), &policy).await.unwrap();
+
+    // The operator's children: the job configuration and the CronJob whose command we run for real.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm = e2e::eventually(30, "job ConfigMap", || async {
+        cms.get("statusflow-backup-config").await.map_err(|e| e.to_string())
+    })
+    .await;
+    let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), &ns);
+    let cj = cron_jobs.get("statusflow-backup").await.unwrap();
+    let st = policies.get("statusflow").await.unwrap().status.unwrap_or_default();
+    let healthy = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").map(|c| c.reason.clone());
+    assert_eq!(healthy.as_deref(), Some("NoBackupYet"), "{:?}", st.conditions);
+
+    let config = case.dir.path.join("policy.json");
+    std::fs::write(&config, cm.data.unwrap()["policy.json"].clone()).unwrap();
+    let container =
+        &cj.spec.as_ref().unwrap().job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let args: Vec<String> = container
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| if a.ends_with("policy.json") { config.display().to_string() } else { a })
+        .collect();
+    assert_eq!(&args[..2], ["backup", "run"]);
+    let run_job = |env: BTreeMap<String, String>| {
+        let args = args.clone();
+        let term = case.dir.path.join("termination-log");
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(crmguard_bin())
+                    .args(&args)
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .envs(&env)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            (out.status.success(), std::fs::read_to_string(term).unwrap())
+        }
+    };
+    let (ok, report) = run_job(case.env.clone()).await;
+    assert!(ok, "{report}");
+    let backup_id =
+        serde_json::from_str::<serde_json::Value>(&report).unwrap()["backupId"].as_str().unwrap().to_string();
+    record_job_run(&client, &ns, &cj, "1", &report, true).await;
+
+    e2e::eventually(30, "BackupHealthy=True with the backup recorded", || async {
+        let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let cond = |t: &str| st.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
+        let last = st.last_successful_backup.as_ref().map(|b| b.id.clone());
+        match (cond("BackupHealthy"), cond("Ready"), last, st.backup_count) {
+            (Some((h, _)), Some((r, _)), Some(id), Some(1)) if h == "True" && r == "True" && id == backup_id => Ok(()),
+            other => Err(format!("{other:?} {:?}", st.conditions)),
+        }
+    })
+    .await;
+    let st = policies.get("statusflow").await.unwrap().status.unwrap();
+    let b = st.last_successful_backup.unwrap();
+    assert!(b.stored_bytes.unwrap() > 0 && b.sha256.as_ref().is_some_and(|s| s.len() == 64), "{b:?}");
+
+    // The next run fails (the key Secret was replaced by a value that is not a key): BackupHealthy turns
+    // False with the job's reason, the last good backup is still shown, and an Event tells the team.
+    let mut bad = case.env.clone();
+    bad.insert("CRMGUARD_ENCRYPTION_KEY".into(), "rotated-by-mistake".into());
+    let (ok, report) = run_job(bad).await;
+    assert!(!ok);
+    record_job_run(&client, &ns, &cj, "2", &report, false).await;
+    e2e::eventually(30, "BackupHealthy=False, reason KeyUnavailable", || async {
+        let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let c = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").cloned();
+        match c {
+            Some(c) if c.status == "False" && c.reason == "KeyUnavailable" && c.message.contains("head -c 32") => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let st = policies.get("statusflow").await.unwrap().status.unwrap();
+    assert_eq!(st.last_successful_backup.unwrap().id, backup_id);
+    assert!(st.last_failure_time.is_some());
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "KeyUnavailable"));
+    drop(op);
+}

@@ -92,6 +92,9 @@ struct RunArgs {
     /// Image used by backup and restore jobs.
     #[arg(long, env = "CRMGUARD_IMAGE")]
     image: Option<String>,
+    /// Vault address handed to backup and restore jobs that use Vault (credentials or Transit keys).
+    #[arg(long, env = "CRMGUARD_VAULT_ADDR")]
+    vault_addr: Option<String>,
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
@@ -123,6 +126,7 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
     if let Some(image) = args.image {
         build.image = image;
     }
+    build.vault_addr = args.vault_addr.filter(|a| !a.is_empty());
     let opts = crmguard::runtime::RunOptions {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         concurrency: args.concurrency.max(1),

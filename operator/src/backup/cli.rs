@@ -189,8 +189,8 @@ async fn s3_keys_from_vault(v: &crate::api::common::VaultSource) -> Result<(Stri
 
 /// Summary written to the pod's termination message (read by the operator for the policy's status) and to
 /// stdout. Small: the termination message is limited to 4 KiB.
-#[derive(Serialize, Debug)]
-#[serde(rename_all = "camelCase")]
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
 pub struct JobReport {
     pub ok: bool,
     pub kind: String,

@@ -17,6 +17,8 @@ pub struct BuildContext {
     pub image: String,
     /// Image pull policy of the jobs.
     pub image_pull_policy: String,
+    /// Vault address given to jobs that use Vault (`VAULT_ADDR`).
+    pub vault_addr: Option<String>,
 }
 
 impl Default for BuildContext {
@@ -24,6 +26,7 @@ impl Default for BuildContext {
         BuildContext {
             image: format!("ghcr.io/crmguard/crmguard:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
+            vault_addr: None,
         }
     }
 }

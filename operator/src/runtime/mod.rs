@@ -178,6 +178,16 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             c.owns(api::<k8s_openapi::api::batch::v1::CronJob>(&cl, ns), owns_cfg())
                 .owns(api::<k8s_openapi::api::core::v1::ConfigMap>(&cl, ns), owns_cfg())
                 .owns(api::<k8s_openapi::api::core::v1::ServiceAccount>(&cl, ns), owns_cfg())
+                // Backup and drill Jobs belong to the CronJobs; their results feed the policy's status.
+                .watches(api::<k8s_openapi::api::batch::v1::Job>(&cl, ns), owns_cfg(), |job| {
+                    let ns = job.metadata.namespace.clone()?;
+                    let policy = job
+                        .metadata
+                        .annotations
+                        .as_ref()?
+                        .get(crate::controllers::backup_policy::build::POLICY_ANNOTATION)?;
+                    Some(kube::runtime::reflector::ObjectRef::new(policy).within(&ns))
+                })
         });
         runs.push(r);
         readies.push(ready);

@@ -27,6 +27,8 @@ pub const CONFIG_FILE: &str = "policy.json";
 pub const VAULT_TOKEN_DIR: &str = "/var/run/secrets/vault";
 /// Where the attachments volume is mounted (read-only) in backup jobs.
 pub const ATTACHMENTS_DIR: &str = "/data/attachments";
+/// Annotation on backup and drill Jobs naming their CrmBackupPolicy.
+pub const POLICY_ANNOTATION: &str = "crmguard.io/policy";
 /// UID/GID the jobs run as (non-root).
 pub const RUN_AS: i64 = 65532;
 
@@ -145,8 +147,11 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
 }
 
 /// Environment of the job: secret references only (resolved by the kubelet), never values.
-pub fn job_env(spec: &CrmBackupPolicySpec) -> Vec<EnvVar> {
+pub fn job_env(spec: &CrmBackupPolicySpec, ctx: &BuildContext) -> Vec<EnvVar> {
     let mut env = Vec::new();
+    if let (true, Some(addr)) = (uses_vault(spec), &ctx.vault_addr) {
+        env.push(EnvVar { name: "VAULT_ADDR".into(), value: Some(addr.clone()), ..EnvVar::default() });
+    }
     if let Some(s) = &spec.source.credentials.secret_ref {
         env.push(secret_env("CRMGUARD_DB_USERNAME", &s.name, &s.username_key));
         env.push(secret_env("CRMGUARD_DB_PASSWORD", &s.name, &s.password_key));
@@ -325,7 +330,12 @@ fn cron_job(
             failed_jobs_history_limit: Some(3),
             suspend: Some(spec.suspend),
             job_template: JobTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    // Jobs are owned by the CronJob; this names the policy whose status they feed.
+                    annotations: Some(BTreeMap::from([(POLICY_ANNOTATION.to_string(), owner.name.clone())])),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(JobSpec {
                     // One retry for a transient failure; a failed run never blocks the next scheduled one.
                     backoff_limit: Some(1),
@@ -334,7 +344,7 @@ fn cron_job(
                         service_account: n.service_account.clone(),
                         labels,
                         args,
-                        env: job_env(spec),
+                        env: job_env(spec, ctx),
                         resources: spec.job_resources.clone(),
                         volumes,
                         mounts,

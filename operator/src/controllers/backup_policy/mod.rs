@@ -2,4 +2,5 @@
 
 pub mod build;
 pub mod reconcile;
+pub mod status;
 pub mod validate;

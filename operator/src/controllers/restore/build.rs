@@ -49,7 +49,7 @@ pub fn build(v: &ValidatedRestore, ctx: &BuildContext) -> Job {
     if let Some(c) = &spec.target.credentials {
         cred_spec.source.credentials = c.clone();
     }
-    let mut env: Vec<EnvVar> = job_env(&cred_spec);
+    let mut env: Vec<EnvVar> = job_env(&cred_spec, ctx);
     env.sort_by(|a, b| a.name.cmp(&b.name));
     let (volumes, mounts) = job_volumes(&policy_names.config_map, uses_vault(&cred_spec));
     let labels = owner.labels("restore");

@@ -497,16 +497,26 @@ async fn record_job_run(
     ok: bool,
 ) {
     use k8s_openapi::api::batch::v1::Job;
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use kube::api::{Api, PostParams};
     let template = cron_job.spec.as_ref().unwrap().job_template.clone();
     let job_name = format!("{}-{run}", cron_job.metadata.name.as_ref().unwrap());
     let mut meta = template.metadata.clone().unwrap_or_default();
     meta.name = Some(job_name.clone());
-    let job = Job { metadata: meta.clone(), spec: template.spec.clone(), status: None };
+    let job = Job { metadata: meta, spec: template.spec.clone(), status: None };
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    jobs.create(&PostParams::default(), &job).await.unwrap();
-    let pod_template = template.spec.unwrap().template;
+    let job = jobs.create(&PostParams::default(), &job).await.unwrap();
+    finish_job(client, ns, &job, report, ok).await;
+}
+
+/// Plays the kubelet and the Job controller for a Job that ran: its Pod with the report as termination
+/// message, and the Job's final status.
+async fn finish_job(client: &kube::Client, ns: &str, job: &k8s_openapi::api::batch::v1::Job, report: &str, ok: bool) {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let job_name = job.metadata.name.clone().unwrap();
+    let pod_template = job.spec.clone().unwrap().template;
     let mut labels = pod_template.metadata.clone().unwrap_or_default().labels.unwrap_or_default();
     labels.insert("batch.kubernetes.io/job-name".into(), job_name.clone());
     let pod = Pod {
@@ -536,6 +546,22 @@ async fn record_job_run(
         job_status["status"]["failed"] = 1.into();
     }
     jobs.patch_status(&job_name, &PatchParams::default(), &Patch::Merge(&job_status)).await.unwrap();
+}
+
+/// Runs a job's command as its pod would; returns success and the termination message it wrote.
+async fn run_job_args(args: Vec<String>, env: BTreeMap<String, String>, term: PathBuf) -> (bool, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(crmguard_bin())
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (out.status.success(), std::fs::read_to_string(term).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,24 +611,8 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
         .map(|a| if a.ends_with("policy.json") { config.display().to_string() } else { a })
         .collect();
     assert_eq!(&args[..2], ["backup", "run"]);
-    let run_job = |env: BTreeMap<String, String>| {
-        let args = args.clone();
-        let term = case.dir.path.join("termination-log");
-        async move {
-            let out = tokio::task::spawn_blocking(move || {
-                Command::new(crmguard_bin())
-                    .args(&args)
-                    .env_clear()
-                    .env("PATH", std::env::var("PATH").unwrap_or_default())
-                    .envs(&env)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            (out.status.success(), std::fs::read_to_string(term).unwrap())
-        }
-    };
+    let run_job =
+        |env: BTreeMap<String, String>| run_job_args(args.clone(), env, case.dir.path.join("termination-log"));
     let (ok, report) = run_job(case.env.clone()).await;
     assert!(ok, "{report}");
     let backup_id =
@@ -622,6 +632,50 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     let st = policies.get("statusflow").await.unwrap().status.unwrap();
     let b = st.last_successful_backup.unwrap();
     assert!(b.stored_bytes.unwrap() > 0 && b.sha256.as_ref().is_some_and(|s| s.len() == 64), "{b:?}");
+
+    // A CrmRestore: the operator creates the Job; we run its command for real and play the kubelet.
+    let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), &ns);
+    let target = format!("{}_restored", case.name);
+    let restore: crmguard::api::CrmRestore = serde_json::from_value(serde_json::json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "CrmRestore",
+        "metadata": {"name": "check", "namespace": ns},
+        "spec": {"policyRef": {"name": "statusflow"}, "backup": {"latest": true}, "target": {"database": target}}
+    }))
+    .unwrap();
+    restores.create(&PostParams::default(), &restore).await.unwrap();
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    let job = e2e::eventually(30, "restore Job", || async {
+        let l = jobs
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=restore"))
+            .await
+            .map_err(|e| e.to_string())?;
+        l.items.into_iter().next().ok_or_else(|| "no restore job yet".to_string())
+    })
+    .await;
+    let restore_args: Vec<String> = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| if a.ends_with("policy.json") { config.display().to_string() } else { a })
+        .collect();
+    let (ok, report) = run_job_args(restore_args, case.env.clone(), case.dir.path.join("termination-log")).await;
+    assert!(ok, "{report}");
+    finish_job(&client, &ns, &job, &report, true).await;
+    e2e::eventually(30, "CrmRestore Succeeded and Verified", || async {
+        let st = restores.get("check").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let verified = st.conditions.iter().find(|c| c.type_ == "Verified").map(|c| c.status.clone());
+        match (st.phase, verified, st.backup_id.clone(), st.restored_bytes) {
+            (Some(crmguard::api::restore::RestorePhase::Succeeded), Some(v), Some(id), Some(b))
+                if v == "True" && id == backup_id && b > 0 =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(fingerprint(Postgres::shared(), &target), fingerprint(Postgres::shared(), &case.name));
 
     // The next run fails (the key Secret was replaced by a value that is not a key): BackupHealthy turns
     // False with the job's reason, the last good backup is still shown, and an Event tells the team.

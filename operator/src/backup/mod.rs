@@ -71,6 +71,27 @@ impl BackupError {
     }
 }
 
+/// Every reason a backup, verification or restore job can report, plus `JobFailed` for a job that left no
+/// report (e.g. killed for memory).
+pub const REASONS: [&str; 11] = [
+    "InvalidConfiguration",
+    "CredentialsUnavailable",
+    "DatabaseToolFailed",
+    "StorageError",
+    "WrongKey",
+    "KeyUnavailable",
+    "VerificationFailed",
+    "BackupStreamFailed",
+    "BackupNotFound",
+    "RowCountMismatch",
+    "JobFailed",
+];
+
+/// The static reason for a reason string read back from a job's report (`JobFailed` when unknown).
+pub fn known_reason(r: &str) -> &'static str {
+    REASONS.into_iter().find(|k| *k == r).unwrap_or("JobFailed")
+}
+
 /// Everything a job needs besides the policy: where to store, the data path tuning, the clock.
 #[derive(Debug)]
 pub struct Runtime {

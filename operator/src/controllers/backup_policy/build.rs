@@ -248,6 +248,31 @@ pub fn job_volumes(config_map: &str, vault: bool) -> (Vec<Volume>, Vec<VolumeMou
     (volumes, mounts)
 }
 
+/// The attachments PVC as a volume and its mount at [`ATTACHMENTS_DIR`]: read-only for backups, writable for
+/// restores that bring the files back.
+pub fn attachments_volume(
+    att: &crate::api::backup_policy::AttachmentsSource,
+    read_only: bool,
+) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "attachments".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: att.pvc_name.clone(),
+                read_only: Some(read_only),
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: "attachments".into(),
+            mount_path: ATTACHMENTS_DIR.into(),
+            sub_path: att.sub_path.clone(),
+            read_only: Some(read_only),
+            ..VolumeMount::default()
+        },
+    )
+}
+
 /// The pod of a backup, drill or restore job: non-root, restricted, no API token, config and scratch mounted.
 #[derive(Clone, Debug)]
 pub struct JobPod {
@@ -302,21 +327,9 @@ fn cron_job(
     let spec = &policy.spec;
     let (mut volumes, mut mounts) = job_volumes(&n.config_map, uses_vault(spec));
     if let (true, Some(att)) = (component == "backup", &spec.source.attachments) {
-        volumes.push(Volume {
-            name: "attachments".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: att.pvc_name.clone(),
-                read_only: Some(true),
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "attachments".into(),
-            mount_path: ATTACHMENTS_DIR.into(),
-            sub_path: att.sub_path.clone(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+        let (v, m) = attachments_volume(att, true);
+        volumes.push(v);
+        mounts.push(m);
     }
     let labels = owner.labels(component);
     CronJob {

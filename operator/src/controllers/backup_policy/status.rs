@@ -173,7 +173,7 @@ pub fn health(
             Cond::new(
                 "BackupHealthy",
                 Status::False,
-                reason_str(&reason),
+                crate::backup::known_reason(&reason),
                 format!("the last backup failed: {message}{since}"),
             )
         }
@@ -222,7 +222,7 @@ pub fn health(
                 conditions.push(Cond::new(
                     "RestoreVerified",
                     Status::False,
-                    reason_str(&reason),
+                    crate::backup::known_reason(&reason),
                     format!("the last restore drill failed: {message}"),
                 ));
                 required.push("RestoreVerified");
@@ -259,24 +259,6 @@ pub fn health(
         last_verified_restore: verified_restore,
         requeue_after: requeue,
     }
-}
-
-/// Reasons are `&'static str` in conditions; reports carry one of a known set.
-fn reason_str(r: &str) -> &'static str {
-    const KNOWN: [&str; 11] = [
-        "InvalidConfiguration",
-        "CredentialsUnavailable",
-        "DatabaseToolFailed",
-        "StorageError",
-        "WrongKey",
-        "KeyUnavailable",
-        "VerificationFailed",
-        "BackupStreamFailed",
-        "BackupNotFound",
-        "RowCountMismatch",
-        "JobFailed",
-    ];
-    KNOWN.iter().find(|k| **k == r).copied().unwrap_or("JobFailed")
 }
 
 #[cfg(test)]

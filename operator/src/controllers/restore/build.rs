@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use super::validate::ValidatedRestore;
 use crate::controllers::BuildContext;
 use crate::controllers::backup_policy::build::{
-    CONFIG_DIR, CONFIG_FILE, JobPod, job_env, job_volumes, names, uses_vault,
+    CONFIG_DIR, CONFIG_FILE, JobPod, attachments_volume, job_env, job_volumes, names, uses_vault,
 };
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 
@@ -51,7 +51,12 @@ pub fn build(v: &ValidatedRestore, ctx: &BuildContext) -> Job {
     }
     let mut env: Vec<EnvVar> = job_env(&cred_spec, ctx);
     env.sort_by(|a, b| a.name.cmp(&b.name));
-    let (volumes, mounts) = job_volumes(&policy_names.config_map, uses_vault(&cred_spec));
+    let (mut volumes, mut mounts) = job_volumes(&policy_names.config_map, uses_vault(&cred_spec));
+    if let (true, Some(att)) = (spec.options.restore_attachments, &v.policy.spec.source.attachments) {
+        let (vol, mount) = attachments_volume(att, false);
+        volumes.push(vol);
+        mounts.push(mount);
+    }
     let labels = owner.labels("restore");
     Job {
         metadata: owner.child_meta(child_name(&owner.name, "restore", LABEL_NAME_MAX), "restore"),

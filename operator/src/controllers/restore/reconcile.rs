@@ -1,14 +1,34 @@
 //! CrmRestore: resolve the policy -> validate -> the restore Job -> phase from the Job's status.
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use super::{build, validate};
 use crate::api::condition::Status;
 use crate::api::{CrmBackupPolicy, CrmRestore};
+use crate::backup::cli::JobReport;
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
+
+/// The report `crmguard restore run` left as the termination message of the Job's newest pod.
+async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobReport>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut list =
+        pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?.items;
+    list.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    Ok(list.last().and_then(|p| {
+        let message = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())?;
+        serde_json::from_str(message.trim()).ok()
+    }))
+}
 
 impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
@@ -25,13 +45,20 @@ impl Reconcilable for CrmRestore {
         let job_name = job.metadata.name.clone().unwrap_or_default();
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
         let status = jobs.get_opt(&job_name).await?.and_then(|j| j.status).unwrap_or_default();
+        let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
+        // The restore pod's termination message is `crmguard restore run`'s report.
+        let report = if finished { job_report(ctx, &ns, &job_name).await? } else { None };
         let (phase, cond) = if status.succeeded.unwrap_or(0) > 0 {
-            ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the restore Job completed"))
+            ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
         } else if status.failed.unwrap_or(0) > 0 {
-            (
-                "Failed",
-                Cond::new("Restored", Status::False, "JobFailed", format!("Job {job_name} failed; see its logs")),
-            )
+            let (reason, message) = match &report {
+                Some(r) if !r.ok => (
+                    crate::backup::known_reason(r.reason.as_deref().unwrap_or("JobFailed")),
+                    r.message.clone().unwrap_or_default(),
+                ),
+                _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
+            };
+            ("Failed", Cond::new("Restored", Status::False, reason, message))
         } else if status.active.unwrap_or(0) > 0 {
             ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
         } else {
@@ -47,6 +74,31 @@ impl Reconcilable for CrmRestore {
         d.conditions.push(cond);
         d.status.insert("phase".into(), json!(phase));
         d.status.insert("jobName".into(), json!(job_name));
+        if let Some(r) = report.as_ref().filter(|r| r.ok) {
+            if let Some(id) = &r.backup_id {
+                d.status.insert("backupId".into(), json!(id));
+            }
+            if let Some(b) = r.raw_bytes {
+                d.status.insert("restoredBytes".into(), json!(b));
+            }
+            if let Some(secs) = r.duration_seconds {
+                d.status.insert("durationSeconds".into(), json!(secs.round() as i64));
+            }
+            d.conditions.push(match r.row_counts_verified {
+                Some(true) => Cond::new(
+                    "Verified",
+                    Status::True,
+                    "RowCountsMatch",
+                    "every table has the row count recorded at backup time",
+                ),
+                _ => Cond::new(
+                    "Verified",
+                    Status::False,
+                    "NotChecked",
+                    "row counts were not compared (options.verifyRowCounts is false, or the backup has none)",
+                ),
+            });
+        }
         if let Some(t) = status.start_time {
             d.status.insert("startTime".into(), json!(t.0.to_string()));
         }

@@ -58,5 +58,15 @@ pub fn validate(restore: &CrmRestore, policy: Option<&CrmBackupPolicy>) -> Resul
             ),
         )]);
     }
+    if restore.spec.options.restore_attachments && policy.spec.source.attachments.is_none() {
+        return Err(vec![FieldError::new(
+            "spec.options.restoreAttachments",
+            format!(
+                "CrmBackupPolicy {:?} backs up no attachments volume (spec.source.attachments), so there are none to \
+                 restore; set restoreAttachments: false",
+                restore.spec.policy_ref.name
+            ),
+        )]);
+    }
     Ok(ValidatedRestore { owner, restore: restore.clone(), policy, target_host, target_port })
 }

@@ -39,6 +39,7 @@ fn locate(name: &str) -> Option<PathBuf> {
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.push(repo_root().join(".ci/venv/bin"));
     dirs.push(PathBuf::from("/usr/lib/postgresql/15/bin"));
+    dirs.push(PathBuf::from("/usr/sbin"));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
@@ -205,6 +206,97 @@ impl Postgres {
 
 fn nix_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// A MariaDB server (Debian's) with a password user `crm` that may do everything.
+#[derive(Debug)]
+pub struct MariaDb {
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    _dir: TempDir,
+}
+
+impl MariaDb {
+    /// The server shared by the tests of this binary.
+    pub fn shared() -> &'static MariaDb {
+        static DB: OnceLock<MariaDb> = OnceLock::new();
+        DB.get_or_init(MariaDb::start)
+    }
+
+    fn start() -> MariaDb {
+        let dir = TempDir::new("mariadb");
+        let data = dir.path.join("data");
+        let user =
+            if nix_root() { "root".to_string() } else { std::env::var("USER").unwrap_or_else(|_| "nobody".into()) };
+        let out = Command::new(find_program("mariadb-install-db"))
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--user={user}"))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            .output()
+            .expect("mariadb-install-db");
+        assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let socket = dir.path.join("sock");
+        let log = dir.path.join("mariadb.log");
+        let args: Vec<String> = vec![
+            "--no-defaults".into(),
+            format!("--datadir={}", data.display()),
+            format!("--user={user}"),
+            format!("--port={port}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--socket={}", socket.display()),
+            format!("--pid-file={}", dir.path.join("pid").display()),
+            "--skip-log-bin".into(),
+            "--innodb-buffer-pool-size=64M".into(),
+        ];
+        let cleanup = format!("rm -rf {}", dir.path.display());
+        spawn_watched(&find_program("mariadbd"), &args, &log, None, "kill -TERM $child", &cleanup);
+        wait_port(port, "MariaDB", &log);
+        let password = "crm-test-Secret-2".to_string();
+        let setup = format!(
+            "CREATE USER 'crm'@'%' IDENTIFIED BY '{password}'; GRANT ALL ON *.* TO 'crm'@'%' WITH GRANT OPTION;"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(find_program("mysql"))
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", socket.display()))
+                .args(["-uroot", "-e", &setup])
+                .output()
+                .expect("mysql");
+            if out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "MariaDB setup failed: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        MariaDb { port, user: "crm".into(), password, _dir: dir }
+    }
+
+    /// Runs SQL over TCP as `crm`, returning stdout or stderr.
+    pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let mut c = Command::new(find_program("mysql"));
+        c.args(["--no-defaults", "-h", "127.0.0.1", "--protocol=TCP", "--batch", "--skip-column-names"])
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--user={}", self.user))
+            .env("MYSQL_PWD", &self.password)
+            .args(["-e", sql]);
+        if !db.is_empty() {
+            c.arg(db);
+        }
+        let out = c.output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Runs SQL and panics on error.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        self.try_sql(db, sql).unwrap_or_else(|e| panic!("SQL failed on {db}: {e}\n{sql}"))
+    }
 }
 
 /// A SeaweedFS S3 endpoint.

@@ -702,3 +702,109 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "KeyUnavailable"));
     drop(op);
 }
+
+fn mariadb_case(name: &str) -> (Case, String) {
+    let my = e2e::services::MariaDb::shared();
+    let s3 = SeaweedFs::shared();
+    let db = unique(name);
+    my.sql(
+        "",
+        &format!(
+            "CREATE DATABASE {db}; USE {db};
+             CREATE TABLE contacts (id INT PRIMARY KEY AUTO_INCREMENT, name VARCHAR(100), notes TEXT, photo BLOB);
+             INSERT INTO contacts (name, notes, photo)
+               SELECT CONCAT('Contact ', seq), CONCAT('it''s (', seq, '); \\\\ done'), UNHEX(MD5(seq)) FROM seq_1_to_5000;
+             CREATE TABLE deals (id INT PRIMARY KEY, amount DECIMAL(12,2));
+             INSERT INTO deals SELECT seq, seq * 10.25 FROM seq_1_to_777;
+             CREATE TABLE empty_audit (id INT);"
+        ),
+    );
+    let dir = TempDir::new(name);
+    let policy = dir.path.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: crmguard.io/v1alpha1
+kind: CrmBackupPolicy
+metadata: {{name: {name}, namespace: crm}}
+spec:
+  source: {{engine: mysql, host: 127.0.0.1, port: {port}, database: {db}, tlsMode: disable, credentials: {{secretRef: {{name: crm-db}}}}}}
+  schedule: {{cron: '15 2 * * *'}}
+  destination: {{bucket: {BUCKET}, prefix: tests/{db}, endpoint: {endpoint}, forcePathStyle: true, credentials: {{secretRef: {{name: s3}}}}}}
+  encryption: {{key: {{secretRef: {{name: k, key: key}}}}}}
+",
+            port = my.port,
+            endpoint = s3.endpoint(),
+        ),
+    )
+    .unwrap();
+    let mut env = BTreeMap::new();
+    for (k, v) in [
+        ("CRMGUARD_DB_USERNAME", my.user.clone()),
+        ("CRMGUARD_DB_PASSWORD", my.password.clone()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("CRMGUARD_ENCRYPTION_KEY", KEY_A.to_string()),
+        ("CRMGUARD_LOG_FORMAT", "text".to_string()),
+    ] {
+        env.insert(k.to_string(), v);
+    }
+    (Case { name: db.clone(), dir, policy, env }, db)
+}
+
+fn mariadb_fingerprint(db: &str) -> String {
+    let my = e2e::services::MariaDb::shared();
+    ["contacts", "deals", "empty_audit"]
+        .iter()
+        .map(|t| my.sql(db, &format!("CHECKSUM TABLE {t}")).split('\t').nth(1).unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn mariadb_backups_count_rows_in_the_dumped_snapshot_and_restore_the_same_tables() {
+    let (case, db) = mariadb_case("mariadb");
+    let report = case.ok(&["backup", "run"]);
+    assert_eq!(report["ok"], true);
+    let m = &case.list()[0];
+    assert_eq!(m["engine"], "mysql");
+    assert_eq!(m["tables"][format!("{db}.contacts")], 5000, "{m}");
+    assert_eq!(m["tables"][format!("{db}.deals")], 777, "{m}");
+    assert!(m["dumpTool"].as_str().unwrap().contains("mysqldump"), "{m}");
+    let target = format!("{db}_restored");
+    let r = case.ok(&[
+        "restore",
+        "run",
+        "--backup",
+        "latest",
+        "--target-database",
+        &target,
+        "--create-database",
+        "--verify-row-counts",
+    ]);
+    assert_eq!(r["rowCountsVerified"], true, "{r}");
+    assert_eq!(mariadb_fingerprint(&target), mariadb_fingerprint(&db));
+
+    // A mysqldump that stops early but exits 0 is caught: the dump lacks its completion line.
+    let bin = case.dir.path.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = e2e::services::find_program("mysqldump");
+    std::fs::write(
+        bin.join("mysqldump"),
+        format!("#!/bin/sh\n\"{}\" \"$@\" | head -c 20000\nexit 0\n", real.display()),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(bin.join("mysqldump")).status().unwrap();
+    std::os::unix::fs::symlink(e2e::services::find_program("mysql"), bin.join("mysql")).unwrap();
+    let mut broken = Case {
+        name: case.name.clone(),
+        dir: TempDir::new("mariadb2"),
+        policy: case.policy.clone(),
+        env: case.env.clone(),
+    };
+    broken.env.insert("CRMGUARD_DB_BIN_DIR".into(), bin.display().to_string());
+    let (report, _) = broken.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "VerificationFailed", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("Dump completed"), "{report}");
+    assert_eq!(case.list().len(), 1);
+}

@@ -194,16 +194,12 @@ pub async fn run_backup(
                 .map_err(|e| BackupError::Config(e.to_string()))??;
                 (Some(opened.0), opened.1)
             }
-            Engine::Mysql => {
-                // mysqldump --single-transaction takes its own snapshot; counts are taken just before it.
-                let c = conn.clone();
-                let db = conn.database.clone();
-                let counts = tokio::task::spawn_blocking(move || source::count_rows(&c, &db))
-                    .await
-                    .map_err(|e| BackupError::Config(e.to_string()))??;
-                (None, counts)
-            }
+            // mysqldump --single-transaction takes its own snapshot; rows are counted in the stream below.
+            Engine::Mysql => (None, BTreeMap::new()),
         };
+        let counter = (conn.engine == Engine::Mysql)
+            .then(|| std::sync::Arc::new(std::sync::Mutex::new(source::MysqlRowCounter::new(&conn.database))));
+        let tap = counter.clone();
         let mut dump = source::start_dump(conn, snapshot.as_ref().map(|s| s.id.as_str()))?;
         let stdout = dump.stdout().ok_or_else(|| BackupError::Config("the dump tool has no stdout".into()))?;
         let dump = std::sync::Arc::new(std::sync::Mutex::new(Some(dump)));
@@ -216,7 +212,22 @@ pub async fn run_backup(
             &rt.options,
             move |w| {
                 let mut stdout = stdout;
-                std::io::copy(&mut stdout, w).map(|_| ())
+                match tap {
+                    None => std::io::copy(&mut stdout, w).map(|_| ()),
+                    Some(counter) => {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            let n = std::io::Read::read(&mut stdout, &mut buf)?;
+                            if n == 0 {
+                                return Ok(());
+                            }
+                            if let Ok(mut c) = counter.lock() {
+                                c.feed(&buf[..n]);
+                            }
+                            w.write_all(&buf[..n])?;
+                        }
+                    }
+                }
             },
             move || {
                 let tool = d1.lock().ok().and_then(|mut g| g.take());
@@ -234,6 +245,10 @@ pub async fn run_backup(
             },
         )
         .await;
+        let tables = match counter.and_then(|c| c.lock().ok().map(|c| c.counts())) {
+            Some(counted) => counted,
+            None => tables,
+        };
         (tables, stats)
     };
     let stats = stats.map_err(|e| match e {
@@ -634,16 +649,15 @@ pub fn compare_counts(
     };
     let a: BTreeMap<String, u64> = recorded.iter().map(|(t, n)| (norm(t, source_db), *n)).collect();
     let b: BTreeMap<String, u64> = restored.iter().map(|(t, n)| (norm(t, target_db), *n)).collect();
+    // A table absent on one side counts as 0 rows (a mysqldump stream names only tables that have rows).
+    let tables: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let mut diff = Vec::new();
-    for (t, n) in &a {
-        match b.get(t) {
-            Some(m) if m == n => {}
-            Some(m) => diff.push(format!("{t}: {n} rows at backup time, {m} restored")),
-            None => diff.push(format!("{t}: missing after restore ({n} rows at backup time)")),
+    for t in tables {
+        let (n, m) = (a.get(t).copied().unwrap_or(0), b.get(t).copied().unwrap_or(0));
+        if n != m {
+            let restored = if b.contains_key(t) { format!("{m} restored") } else { "the table is missing".into() };
+            diff.push(format!("{t}: {n} rows at backup time, {restored}"));
         }
-    }
-    for t in b.keys().filter(|t| !a.contains_key(*t)) {
-        diff.push(format!("{t}: present after restore but not in the backup"));
     }
     diff
 }

@@ -598,6 +598,13 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     let st = policies.get("statusflow").await.unwrap().status.unwrap_or_default();
     let healthy = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").map(|c| c.reason.clone());
     assert_eq!(healthy.as_deref(), Some("NoBackupYet"), "{:?}", st.conditions);
+    // The test's S3 endpoint is http:// and its database tlsMode is disable: reported, not hidden.
+    let transit = st.conditions.iter().find(|c| c.type_ == "EncryptedInTransit").unwrap();
+    assert_eq!((transit.status.as_str(), transit.reason.as_str()), ("False", "PlaintextEndpoint"));
+    assert!(
+        transit.message.contains("S3 endpoint is plain http") && transit.message.contains("tlsMode"),
+        "{transit:?}"
+    );
 
     let config = case.dir.path.join("policy.json");
     std::fs::write(&config, cm.data.unwrap()["policy.json"].clone()).unwrap();

@@ -380,7 +380,10 @@ pub struct CrmBackupPolicyStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `ScheduleReady`, `BackupHealthy` and warnings such as `PlaintextEndpoint`.
+    /// `Ready`; `ScheduleReady`; `BackupHealthy` (False when the newest verified backup is older than `rpo` or
+    /// the last run failed, with that run's reason); `RestoreVerified` (with restore drills); `EncryptedInTransit`
+    /// (False, reason `PlaintextEndpoint`, when S3, the database or Vault is reached without TLS);
+    /// `VaultConfigured` (when the policy uses Vault).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

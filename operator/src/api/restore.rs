@@ -143,7 +143,8 @@ pub struct CrmRestoreStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` and `Verified`.
+    /// `Ready`; `Restored` (with the job's failure reason, e.g. `VerificationFailed`, `WrongKey`,
+    /// `RowCountMismatch`); `Verified` (row counts match those recorded at backup time).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

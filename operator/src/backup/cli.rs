@@ -1,6 +1,7 @@
 //! `crmguard backup run|list|verify` and `crmguard restore run`: the commands the CronJobs and Jobs run, and
 //! that people run by hand (with a policy file and their own credentials in the environment).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +56,18 @@ pub enum BackupCommand {
         /// Output format.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+    /// Download a backup's database dump (decrypted, decompressed, every chunk authenticated) to a file or `-`
+    /// for stdout: a pg_dump custom-format archive or a mysqldump script, for pg_restore/mysql by hand.
+    Fetch {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Backup id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// Output file, or `-` for stdout. A file is removed again when the download does not verify.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
     },
     /// Verify a committed backup again, completely: sha256, every encrypted chunk, decompression.
     Verify {
@@ -115,6 +128,15 @@ pub struct RestoreArgs {
     /// Allow restoring into the policy's own source database.
     #[arg(long)]
     pub allow_overwrite_source: bool,
+    /// Read the target's credentials from this Vault path instead of the policy's source credentials.
+    #[arg(long, requires = "target_vault_role")]
+    pub target_vault_path: Option<String>,
+    /// Kubernetes auth role for --target-vault-path.
+    #[arg(long)]
+    pub target_vault_role: Option<String>,
+    /// Kubernetes auth mount for --target-vault-path.
+    #[arg(long, default_value = "kubernetes")]
+    pub target_vault_mount: String,
 }
 
 /// Loads the job configuration from `--config` or a policy manifest.
@@ -332,6 +354,50 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             })?
         }
+        BackupCommand::Fetch { policy, backup, output } => {
+            let config = load_config(&policy)?;
+            block_on(async move {
+                let result = async {
+                    let rt = runtime(&config, &policy, None).await.map_err(BackupError::Config)?;
+                    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
+                    let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
+                    let kek = super::kek_for(&config).await?;
+                    let key = super::data_key(m, kek.as_ref()).await?;
+                    let object = m
+                        .object(super::manifest::DATABASE)
+                        .ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
+                    let sink: Box<dyn Write + Send> = if output.as_os_str() == "-" {
+                        Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()))
+                    } else {
+                        let f = std::fs::File::create(&output)
+                            .map_err(|e| BackupError::Config(format!("{}: {e}", output.display())))?;
+                        Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+                    };
+                    let (v, mut sink) =
+                        super::pipeline::read_object(&rt.store, object, key, sink, rt.options.progress_every).await?;
+                    sink.flush().map_err(|e| BackupError::Config(format!("{}: {e}", output.display())))?;
+                    Ok::<_, BackupError>((m.id.clone(), v))
+                }
+                .await;
+                match result {
+                    Ok((id, v)) => {
+                        eprintln!(
+                            "backup {id}: {} written to {}, verified",
+                            human_bytes(v.raw_bytes),
+                            output.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        if output.as_os_str() != "-" {
+                            let _ = std::fs::remove_file(&output);
+                        }
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
         BackupCommand::Verify { policy, backup } => {
             let config = load_config(&policy)?;
             block_on(async move {
@@ -449,7 +515,21 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
             let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
             let m = super::select(&catalog, &sel)?;
             let kek = super::kek_for(&config).await?;
-            let conn = super::source_conn(&config).await?;
+            let conn = match (&args.target_vault_path, &args.target_vault_role) {
+                (Some(path), Some(role)) => {
+                    let mut c = config.clone();
+                    c.spec.source.credentials = crate::api::common::DatabaseCredentials {
+                        secret_ref: None,
+                        vault: Some(crate::api::common::VaultSource {
+                            path: path.clone(),
+                            auth_role: role.clone(),
+                            auth_mount: args.target_vault_mount.clone(),
+                        }),
+                    };
+                    super::source_conn(&c).await?
+                }
+                _ => super::source_conn(&config).await?,
+            };
             let target = conn.with_target(&host, port, &args.target_database);
             let req = super::RestoreRequest {
                 target,

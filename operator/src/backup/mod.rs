@@ -65,6 +65,7 @@ impl BackupError {
             BackupError::Pipeline(PipelineError::Verify { .. }) => "VerificationFailed",
             BackupError::Pipeline(PipelineError::Store(_)) => "StorageError",
             BackupError::Pipeline(PipelineError::Stream(_)) => "BackupStreamFailed",
+            BackupError::Pipeline(PipelineError::Source(_)) => "DatabaseToolFailed",
             BackupError::NotFound(_) => "BackupNotFound",
             BackupError::RowCounts(_) => "RowCountMismatch",
         }
@@ -179,84 +180,81 @@ pub async fn run_backup(
     let mut objects = Vec::new();
     let mut uploaded_keys = Vec::new();
 
-    // Database: for PostgreSQL, row counts and dump in one exported snapshot.
+    // Database: for PostgreSQL, row counts and dump in one exported snapshot; the count query runs in its
+    // session while pg_dump streams. Checks on the raw stream run as it passes (archive check, MySQL counts).
     let db_key = object_key(&config.prefix, &id, &format!("database.dump{suffix}"));
-    let (tables, stats) = {
-        let conn2 = conn.clone();
-        let (snapshot, tables) = match conn.engine {
-            Engine::Postgres => {
-                let opened = tokio::task::spawn_blocking(move || -> Result<_, SourceError> {
-                    let mut s = source::PgSnapshot::open(&conn2)?;
-                    let counts = s.count_rows()?;
-                    Ok((s, counts))
-                })
-                .await
-                .map_err(|e| BackupError::Config(e.to_string()))??;
-                (Some(opened.0), opened.1)
-            }
-            // mysqldump --single-transaction takes its own snapshot; rows are counted in the stream below.
-            Engine::Mysql => (None, BTreeMap::new()),
-        };
-        let counter = (conn.engine == Engine::Mysql)
-            .then(|| std::sync::Arc::new(std::sync::Mutex::new(source::MysqlRowCounter::new(&conn.database))));
-        let tap = counter.clone();
-        let mut dump = source::start_dump(conn, snapshot.as_ref().map(|s| s.id.as_str()))?;
-        let stdout = dump.stdout().ok_or_else(|| BackupError::Config("the dump tool has no stdout".into()))?;
-        let dump = std::sync::Arc::new(std::sync::Mutex::new(Some(dump)));
-        let (d1, d2) = (dump.clone(), dump.clone());
-        let stats = pipeline::upload_stream(
-            &rt.store,
-            &db_key,
-            DATABASE,
-            protection.clone(),
-            &rt.options,
-            move |w| {
-                let mut stdout = stdout;
-                match tap {
-                    None => std::io::copy(&mut stdout, w).map(|_| ()),
-                    Some(counter) => {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        loop {
-                            let n = std::io::Read::read(&mut stdout, &mut buf)?;
-                            if n == 0 {
-                                return Ok(());
-                            }
-                            if let Ok(mut c) = counter.lock() {
-                                c.feed(&buf[..n]);
-                            }
-                            w.write_all(&buf[..n])?;
-                        }
-                    }
-                }
-            },
-            move || {
-                let tool = d1.lock().ok().and_then(|mut g| g.take());
-                let result = tool.map(|t| t.finish().map(|_| ()).map_err(|e| e.to_string())).unwrap_or(Ok(()));
-                if let Some(s) = snapshot {
-                    // The snapshot session ends after the dump (its transaction kept the snapshot alive).
-                    s.close().map_err(|e| e.to_string())?;
-                }
-                result
-            },
-            move || {
-                if let Some(t) = d2.lock().ok().as_mut().and_then(|g| g.as_mut()) {
-                    t.kill();
-                }
-            },
-        )
-        .await;
-        let tables = match counter.and_then(|c| c.lock().ok().map(|c| c.counts())) {
-            Some(counted) => counted,
-            None => tables,
-        };
-        (tables, stats)
-    };
-    let stats = stats.map_err(|e| match e {
-        PipelineError::Stream(m) if m.contains("pg_dump") || m.contains("mysqldump") => {
-            BackupError::Source(SourceError::Protocol(m))
+    let snapshot = match conn.engine {
+        Engine::Postgres => {
+            let c = conn.clone();
+            let s = tokio::task::spawn_blocking(move || -> Result<_, SourceError> {
+                let mut s = source::PgSnapshot::open(&c)?;
+                s.send_count_rows()?;
+                Ok(s)
+            })
+            .await
+            .map_err(|e| BackupError::Config(e.to_string()))??;
+            Some(s)
         }
-        other => BackupError::Pipeline(other),
-    })?;
+        // mysqldump --single-transaction takes its own snapshot; rows are counted in the stream.
+        Engine::Mysql => None,
+    };
+    let mut checks = source::StreamChecks::start(conn)?;
+    let mut dump = source::start_dump(conn, snapshot.as_ref().map(|s| s.id.as_str()))?;
+    let stdout = dump.stdout().ok_or_else(|| BackupError::Config("the dump tool has no stdout".into()))?;
+    let dump = std::sync::Arc::new(std::sync::Mutex::new(Some(dump)));
+    let (d1, d2) = (dump.clone(), dump.clone());
+    let checks_out = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (checks_in, tables_slot) = (checks_out.clone(), checks_out.clone());
+    let stats = pipeline::upload_stream(
+        &rt.store,
+        &db_key,
+        DATABASE,
+        protection.clone(),
+        &rt.options,
+        move |w| {
+            let mut stdout = stdout;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = std::io::Read::read(&mut stdout, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                checks.feed(&buf[..n]);
+                w.write_all(&buf[..n])?;
+            }
+            if let Ok(mut slot) = checks_in.lock() {
+                *slot = Some(checks);
+            }
+            Ok(())
+        },
+        move || {
+            // First the dump's own verdict (exit status), then what the stream checks saw.
+            let tool = d1.lock().ok().and_then(|mut g| g.take());
+            tool.map(|t| t.finish().map(|_| ())).unwrap_or(Ok(())).map_err(|e| PipelineError::Source(e.to_string()))?;
+            let checks = checks_out.lock().ok().and_then(|mut g| g.take());
+            let mut counted = match checks {
+                Some(c) => c.finish().map_err(|reason| PipelineError::Verify { key: "the dump".into(), reason })?,
+                None => BTreeMap::new(),
+            };
+            if let Some(mut s) = snapshot {
+                counted = s.read_count_rows().map_err(|e| PipelineError::Source(e.to_string()))?;
+                // The snapshot session ends after the dump (its transaction kept the snapshot alive).
+                s.close().map_err(|e| PipelineError::Source(e.to_string()))?;
+            }
+            if let Ok(mut slot) = checks_out.lock() {
+                *slot = Some(source::StreamChecks::counted(counted));
+            }
+            Ok(())
+        },
+        move || {
+            if let Some(t) = d2.lock().ok().as_mut().and_then(|g| g.as_mut()) {
+                t.kill();
+            }
+        },
+    )
+    .await;
+    let stats = stats?;
+    let tables = tables_slot.lock().ok().and_then(|mut g| g.take()).map(|c| c.into_counts()).unwrap_or_default();
     uploaded_keys.push(db_key.clone());
     objects.push(stored(DATABASE, db_key, &stats));
     tracing::info!(
@@ -298,12 +296,8 @@ pub async fn run_backup(
     let mut decrypted = 0;
     let mut raw_checked = true;
     for o in &objects {
-        let checked = if o.purpose == DATABASE && mode == VerificationMode::Full {
-            verify_archive(&rt.store, o, dek.clone(), conn, rt.options.progress_every).await
-        } else {
-            pipeline::verify_object(&rt.store, o, dek.clone(), mode, percent, rt.options.progress_every).await
-        };
-        match checked {
+        // The dump itself was checked as it streamed; the raw sha256 ties what is read back to those bytes.
+        match pipeline::verify_object(&rt.store, o, dek.clone(), mode, percent, rt.options.progress_every).await {
             Ok(v) => {
                 decrypted += v.decrypted_chunks;
                 raw_checked &= v.raw_checked;

@@ -29,6 +29,8 @@ pub struct PipelineOptions {
     pub chunk_log2: u8,
     /// How often progress is logged.
     pub progress_every: Duration,
+    /// zstd worker threads (1 = compress on the pipeline's own thread).
+    pub compress_threads: u32,
 }
 
 impl Default for PipelineOptions {
@@ -38,6 +40,7 @@ impl Default for PipelineOptions {
             parts_in_flight: 2,
             chunk_log2: crypto::DEFAULT_CHUNK_LOG2,
             progress_every: Duration::from_secs(10),
+            compress_threads: std::thread::available_parallelism().map(|n| n.get().min(4) as u32).unwrap_or(1),
         }
     }
 }
@@ -49,6 +52,9 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Stream(String),
+    /// The source (dump tool, tar) failed.
+    #[error("{0}")]
+    Source(String),
     #[error("verification of {key} failed: {reason}")]
     Verify { key: String, reason: String },
 }
@@ -57,27 +63,32 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Counts and hashes everything written through it.
+/// Counts (and, when asked, hashes) everything written through it.
 struct HashingWriter<W> {
     inner: W,
-    sha: Sha256,
+    sha: Option<Sha256>,
     bytes: u64,
     progress: Option<Arc<AtomicU64>>,
 }
 
 impl<W: Write> HashingWriter<W> {
     fn new(inner: W, progress: Option<Arc<AtomicU64>>) -> Self {
-        HashingWriter { inner, sha: Sha256::new(), bytes: 0, progress }
+        HashingWriter { inner, sha: Some(Sha256::new()), bytes: 0, progress }
+    }
+    fn counting(inner: W) -> Self {
+        HashingWriter { inner, sha: None, bytes: 0, progress: None }
     }
     fn finish(self) -> (W, String, u64) {
-        (self.inner, hex(&self.sha.finalize()), self.bytes)
+        (self.inner, self.sha.map(|h| hex(&h.finalize())).unwrap_or_default(), self.bytes)
     }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.sha.update(&buf[..n]);
+        if let Some(sha) = &mut self.sha {
+            sha.update(&buf[..n]);
+        }
         self.bytes += n as u64;
         if let Some(p) = &self.progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
@@ -206,7 +217,7 @@ pub struct StreamStats {
 fn produce(
     fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     protection: &Protection,
-    chunk_log2: u8,
+    (chunk_log2, threads): (u8, u32),
     purpose: &str,
     sink: PartSink,
     progress: Arc<AtomicU64>,
@@ -219,8 +230,14 @@ fn produce(
         }
         None => Sealer::Plain(stored),
     };
-    let compressed = HashingWriter::new(sealer, None);
-    let encoder = zstd::stream::write::Encoder::new(compressed, protection.level)?;
+    let compressed = HashingWriter::counting(sealer);
+    let mut encoder = zstd::stream::write::Encoder::new(compressed, protection.level)?;
+    // zstd's own XXH64 content checksum: decompression checks it too.
+    encoder.include_checksum(true)?;
+    if threads > 1 {
+        // Compression in zstd's worker threads; this thread hashes and feeds them.
+        encoder.multithread(threads)?;
+    }
     let mut raw = HashingWriter::new(encoder, Some(progress));
     fill(&mut raw)?;
     let (encoder, raw_sha256, raw_bytes) = raw.finish();
@@ -293,7 +310,7 @@ pub async fn upload_stream<F, D, A>(
 ) -> Result<StreamStats, PipelineError>
 where
     F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
-    D: FnOnce() -> Result<(), String> + Send + 'static,
+    D: FnOnce() -> Result<(), PipelineError> + Send + 'static,
     A: FnOnce() + Send + 'static,
 {
     let upload = store.start_upload(key).await?;
@@ -301,9 +318,9 @@ where
     let counter = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start(format!("{purpose} backup"), counter.clone(), opts.progress_every);
     let sink = PartSink { tx, buf: Vec::with_capacity(opts.part_size), base: opts.part_size.max(5 << 20), sent: 0 };
-    let chunk_log2 = opts.chunk_log2;
+    let tuning = (opts.chunk_log2, opts.compress_threads);
     let producer = tokio::task::spawn_blocking(move || {
-        let produced = produce(fill, &protection, chunk_log2, purpose, sink, counter);
+        let produced = produce(fill, &protection, tuning, purpose, sink, counter);
         match produced {
             Ok(stats) => finish_source().map(|()| stats),
             Err(e) => {
@@ -311,7 +328,7 @@ where
                 // Let the source report its own failure (e.g. a dump that died) in preference to the pipe error.
                 Err(match finish_source() {
                     Err(source) => source,
-                    Ok(()) => e.to_string(),
+                    Ok(()) => PipelineError::Stream(e.to_string()),
                 })
             }
         }
@@ -324,18 +341,19 @@ where
             Ok(stats)
         }
         (produced, uploaded) => {
-            let reason = match (produced, uploaded) {
-                (_, Err(e)) => e.to_string(),
+            let error = match (produced, uploaded) {
+                // A failed source explains a failed upload (the upload stops when the stream breaks).
                 (Ok(Err(e)), _) => e,
-                (Err(e), _) => e.to_string(),
+                (_, Err(e)) => e.into(),
+                (Err(e), _) => e,
                 (Ok(Ok(stats)), Ok(parts)) => {
-                    format!("{} parts produced but {} uploaded", stats.parts, parts.len())
+                    PipelineError::Stream(format!("{} parts produced but {} uploaded", stats.parts, parts.len()))
                 }
             };
             if let Err(e) = upload.abort().await {
                 tracing::warn!(error = %e, "could not abort the multipart upload; it is removed by the next cleanup");
             }
-            Err(PipelineError::Stream(reason))
+            Err(error)
         }
     }
 }

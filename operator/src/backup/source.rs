@@ -212,12 +212,23 @@ impl DbConn {
             Engine::Postgres => "pg_dump",
             Engine::Mysql => "mysqldump",
         };
-        Command::new(program(tool))
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_else(|| format!("{tool} (version unknown)"))
+        // Read at most one short line: this goes into the manifest, whatever the tool prints.
+        let first_line = || -> Option<String> {
+            let mut child = Command::new(program(tool))
+                .arg("--version")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let mut buf = vec![0u8; 200];
+            let n = child.stdout.take().map(|mut o| o.read(&mut buf).unwrap_or(0)).unwrap_or(0);
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().trim().to_string();
+            (!text.is_empty()).then_some(text)
+        };
+        first_line().unwrap_or_else(|| format!("{tool} (version unknown)"))
     }
 }
 
@@ -358,7 +369,16 @@ impl PgSnapshot {
     }
 
     fn query(&mut self, sql: &str) -> Result<Vec<String>, SourceError> {
-        let sent = writeln!(self.stdin, "{sql}\n\\echo {END_MARKER}").and_then(|_| self.stdin.flush());
+        let sent = self.send(sql);
+        self.read_until_marker(sent.is_ok())
+    }
+
+    fn send(&mut self, sql: &str) -> std::io::Result<()> {
+        writeln!(self.stdin, "{sql}\n\\echo {END_MARKER}").and_then(|_| self.stdin.flush())
+    }
+
+    fn read_until_marker(&mut self, sent: bool) -> Result<Vec<String>, SourceError> {
+        let sent: Result<(), ()> = if sent { Ok(()) } else { Err(()) };
         let mut out = Vec::new();
         let mut line = String::new();
         loop {
@@ -384,6 +404,16 @@ impl PgSnapshot {
     /// Rows per table in the snapshot.
     pub fn count_rows(&mut self) -> Result<BTreeMap<String, u64>, SourceError> {
         parse_counts(self.query(PG_COUNT_ROWS)?)
+    }
+
+    /// Starts counting rows in the snapshot (the server works while the caller streams the dump).
+    pub fn send_count_rows(&mut self) -> Result<(), SourceError> {
+        self.send(PG_COUNT_ROWS).map_err(|e| SourceError::Protocol(format!("psql: {e}")))
+    }
+
+    /// The result of [`PgSnapshot::send_count_rows`].
+    pub fn read_count_rows(&mut self) -> Result<BTreeMap<String, u64>, SourceError> {
+        parse_counts(self.read_until_marker(true)?)
     }
 
     /// Ends the transaction and the session.
@@ -564,6 +594,85 @@ pub fn start_archive_check(conn: &DbConn) -> Result<Option<Tool>, SourceError> {
             Tool::spawn(cmd, "pg_restore (archive check)", true, false, conn).map(Some)
         }
         Engine::Mysql => Ok(None),
+    }
+}
+
+/// Checks on the raw dump stream as it passes: `pg_restore --file=/dev/null` parses the archive (a truncated or
+/// damaged archive fails it), a mysqldump must end with its completion line, and MySQL rows are counted.
+#[derive(Debug)]
+pub struct StreamChecks {
+    archive: Option<(Tool, Option<ChildStdin>)>,
+    archive_error: Option<String>,
+    tail: Option<DumpTail>,
+    counter: Option<MysqlRowCounter>,
+    counts: BTreeMap<String, u64>,
+}
+
+impl StreamChecks {
+    /// Starts the checks for the engine of `conn`.
+    pub fn start(conn: &DbConn) -> Result<StreamChecks, SourceError> {
+        let archive = match start_archive_check(conn)? {
+            Some(mut tool) => {
+                let stdin = tool.stdin();
+                Some((tool, stdin))
+            }
+            None => None,
+        };
+        let mysql = conn.engine == Engine::Mysql;
+        Ok(StreamChecks {
+            archive,
+            archive_error: None,
+            tail: mysql.then(DumpTail::default),
+            counter: mysql.then(|| MysqlRowCounter::new(&conn.database)),
+            counts: BTreeMap::new(),
+        })
+    }
+
+    /// Only counts (the result after `finish`).
+    pub fn counted(counts: BTreeMap<String, u64>) -> StreamChecks {
+        StreamChecks { archive: None, archive_error: None, tail: None, counter: None, counts }
+    }
+
+    /// The counts.
+    pub fn into_counts(self) -> BTreeMap<String, u64> {
+        self.counts
+    }
+
+    /// Feeds raw dump bytes. A check that fails is remembered and reported by `finish`.
+    pub fn feed(&mut self, data: &[u8]) {
+        if let Some((_, Some(stdin))) = &mut self.archive
+            && let Err(e) = stdin.write_all(data)
+        {
+            self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
+            if let Some((_, s)) = &mut self.archive {
+                *s = None;
+            }
+        }
+        if let Some(t) = &mut self.tail {
+            let _ = t.write_all(data);
+        }
+        if let Some(c) = &mut self.counter {
+            c.feed(data);
+        }
+    }
+
+    /// The verdict: MySQL row counts (empty for PostgreSQL) or why the dump is not complete.
+    pub fn finish(mut self) -> Result<BTreeMap<String, u64>, String> {
+        if let Some((tool, stdin)) = self.archive.take() {
+            drop(stdin);
+            if let Err(e) = tool.finish() {
+                return Err(format!("the dump is not a complete pg_dump archive: {e}"));
+            }
+            if let Some(e) = self.archive_error {
+                return Err(e);
+            }
+        }
+        if let Some(t) = &self.tail
+            && !t.complete()
+        {
+            return Err("the dump does not end with mysqldump's '-- Dump completed' line: it is incomplete".into());
+        }
+        Ok(self.counter.map(|c| c.counts()).unwrap_or_default())
     }
 }
 

@@ -153,26 +153,25 @@ impl Reconcilable for CrmBackupPolicy {
         if let Some(r) = &h.last_verified_restore {
             d.status.insert("lastVerifiedRestore".into(), serde_json::to_value(r).unwrap_or_default());
         }
-        let plaintext_s3 = self.spec.destination.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-        let plaintext_db = matches!(self.spec.source.tls_mode, TlsMode::Disable | TlsMode::Prefer);
-        d.conditions.push(match (plaintext_s3, plaintext_db) {
-            (false, false) => {
-                Cond::new("EncryptedInTransit", Status::True, "TlsEverywhere", "database and S3 are reached over TLS")
-            }
-            _ => Cond::new(
+        let mut plaintext = Vec::new();
+        if self.spec.destination.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+            plaintext.push("the S3 endpoint is plain http (use https://)");
+        }
+        if matches!(self.spec.source.tls_mode, TlsMode::Disable | TlsMode::Prefer) {
+            plaintext.push("the database tlsMode does not require TLS (use require, verify-ca or verify-full)");
+        }
+        if build::uses_vault(&self.spec) && ctx.build.vault_addr.as_deref().is_some_and(|a| a.starts_with("http://")) {
+            plaintext.push("the operator's Vault address is plain http (vault.address)");
+        }
+        d.conditions.push(if plaintext.is_empty() {
+            Cond::new(
                 "EncryptedInTransit",
-                Status::False,
-                "PlaintextEndpoint",
-                format!(
-                    "{}{}",
-                    if plaintext_s3 { "the S3 endpoint is plain http; " } else { "" },
-                    if plaintext_db {
-                        "the database tlsMode does not require TLS (use require, verify-ca or verify-full)"
-                    } else {
-                        ""
-                    }
-                ),
-            ),
+                Status::True,
+                "TlsEverywhere",
+                "database, S3 and Vault are reached over TLS",
+            )
+        } else {
+            Cond::new("EncryptedInTransit", Status::False, "PlaintextEndpoint", plaintext.join("; "))
         });
         d.status.insert("cronJobName".into(), json!(cron_job));
         Ok(Ok(d))

@@ -44,10 +44,21 @@ pub fn build(v: &ValidatedRestore, ctx: &BuildContext) -> Job {
             args.push(flag.into());
         }
     }
-    // Target credentials: the restore's own when given, else the policy's.
+    // Target credentials: the restore's own when given, else the policy's. A Secret arrives through the same
+    // environment variables; a Vault source is named on the command line (the mounted config is the policy's).
     let mut cred_spec = v.policy.spec.clone();
     if let Some(c) = &spec.target.credentials {
         cred_spec.source.credentials = c.clone();
+        if let Some(vault) = &c.vault {
+            args.extend([
+                "--target-vault-path".into(),
+                vault.path.clone(),
+                "--target-vault-role".into(),
+                vault.auth_role.clone(),
+                "--target-vault-mount".into(),
+                vault.auth_mount.clone(),
+            ]);
+        }
     }
     let mut env: Vec<EnvVar> = job_env(&cred_spec, ctx);
     env.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
+# writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
+#
+#   bench/backup.sh [--size-mib 2048] [--keep]
+#
+# Needs a release build (built here), scripts/install-services, and restic + rclone (apt-get install restic
+# rclone). Everything runs on this machine: PostgreSQL and SeaweedFS share the CPU with the tool under test,
+# as they would share a node. Not run in CI.
+#
+# Fairness: every tool reads the same dump. crmguard runs its real pipeline (pg_dump stand-in = `cat dump`,
+# zstd level 3, AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
+# decompress, pg_restore archive check) and is timed end to end, verification included. restic backs up the dump
+# from stdin into an encrypted, compressed (auto) repository. rclone uploads it as is (no compression, no
+# encryption). Restore = download, decrypt, decompress to /dev/null (crmguard `backup fetch`, `restic dump`,
+# `rclone cat`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size_mib=2048
+keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mib) size_mib=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    *) echo "usage: $0 [--size-mib N] [--keep]" >&2; exit 2 ;;
+  esac
+done
+for tool in restic rclone /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: apt-get install -y restic rclone time" >&2; exit 1; }
+done
+scripts/install-services >/dev/null
+cargo build --release -p crmguard >&2
+bin=$PWD/target/release/crmguard
+weed=$PWD/.ci/venv/bin/weed
+pgbin=$(dirname "$(readlink -f "$(command -v initdb || echo /usr/lib/postgresql/15/bin/initdb)")")
+
+work=$(mktemp -d /tmp/crmguard-bench-XXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/pg/data/postmaster.pid" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
+  sleep 1
+  rm -f /tmp/seaweedfs-*-"$s3port".sock
+  [ "$keep" = 1 ] && echo "kept $work" >&2 || rm -rf "$work"
+}
+trap cleanup EXIT
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# --- servers ---------------------------------------------------------------------------------------------
+pgport=$(freeport); s3port=$(freeport)
+mkdir -p "$work/pg" "$work/s3"
+chown postgres "$work/pg"
+runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U postgres --no-sync >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start \
+  -o "-c listen_addresses=127.0.0.1 -p $pgport -k $work/pg -c fsync=off -c max_wal_size=4GB" >/dev/null
+cat >"$work/s3.json" <<EOF
+{"identities":[{"name":"bench","credentials":[{"accessKey":"bench","secretKey":"bench-secret-key"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+EOF
+args=(mini -dir="$work/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.config="$work/s3.json" -master.telemetry=false
+  -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -s3.port="$s3port" -s3.port.grpc="$(freeport)")
+for f in master.port volume.port filer.port admin.port; do args+=(-"$f"="$(freeport)" -"$f".grpc="$(freeport)"); done
+"$weed" "${args[@]}" >"$work/weed.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$s3port") 2>/dev/null && break; sleep 0.1; done
+export RCLONE_CONFIG_S3_TYPE=s3 RCLONE_CONFIG_S3_PROVIDER=SeaweedFS RCLONE_CONFIG_S3_ACCESS_KEY_ID=bench \
+  RCLONE_CONFIG_S3_SECRET_ACCESS_KEY=bench-secret-key RCLONE_CONFIG_S3_ENDPOINT="http://127.0.0.1:$s3port" \
+  RCLONE_CONFIG_S3_REGION=us-east-1
+unset AWS_CA_BUNDLE
+touch "$work/rclone.conf"
+export RCLONE_CONFIG="$work/rclone.conf"
+for b in crmguard restic rclone raw; do
+  for _ in $(seq 50); do rclone mkdir "s3:$b" 2>/dev/null && break; sleep 0.2; done
+done
+
+# --- data: a CRM-like database of about the requested dump size --------------------------------------------
+psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pgport" -U postgres)
+"${psql[@]}" -c "CREATE DATABASE crm" >/dev/null
+rows=$(( size_mib * 1024 * 1024 / 330 ))
+echo "generating ~${size_mib} MiB of CRM data ($rows contacts)..." >&2
+"${psql[@]}" -d crm >/dev/null <<SQL
+CREATE TABLE contacts (id bigint PRIMARY KEY, name text, email text, company text, phone text, notes text,
+  created timestamptz, score int);
+INSERT INTO contacts
+  SELECT i, 'Contact ' || i, 'contact' || i || '@' || (ARRAY['example.com','acme.io','corp.net'])[1 + i % 3],
+         'Company ' || (i % 5000), '+49 30 ' || lpad((i * 7919 % 10000000)::text, 7, '0'),
+         'Met at ' || (ARRAY['fair','call','demo','webinar'])[1 + i % 4] || ' about ' || md5(i::text) || '; follow up '
+           || md5((i * 31)::text) || ' ' || repeat(chr(97 + (i % 26)::int), 40 + (i % 60)::int),
+         '2020-01-01'::timestamptz + (i % 100000) * interval '17 minutes', (i * 7) % 100
+  FROM generate_series(1::bigint, $rows) i;
+SQL
+"$pgbin/pg_dump" -h 127.0.0.1 -p "$pgport" -U postgres --format=custom --compress=0 crm >"$work/crm.dump"
+dump_bytes=$(stat -c %s "$work/crm.dump")
+dump_mib=$(( dump_bytes / 1048576 ))
+echo "dump: $dump_mib MiB" >&2
+
+# crmguard reads the same dump: a pg_dump that prints it; psql and pg_restore are the real ones.
+mkdir -p "$work/bin"
+printf '#!/bin/sh\n[ "$1" = --version ] && exec %s --version\nexec cat %s\n' "$pgbin/pg_dump" "$work/crm.dump" >"$work/bin/pg_dump"
+chmod +x "$work/bin/pg_dump"
+ln -s "$pgbin/psql" "$work/bin/psql"; ln -s "$pgbin/pg_restore" "$work/bin/pg_restore"
+cat >"$work/policy.yaml" <<EOF
+apiVersion: crmguard.io/v1alpha1
+kind: CrmBackupPolicy
+metadata: {name: bench, namespace: bench}
+spec:
+  source: {engine: postgres, host: 127.0.0.1, port: $pgport, database: crm, tlsMode: disable, credentials: {secretRef: {name: db}}}
+  schedule: {cron: '@daily'}
+  destination: {bucket: crmguard, endpoint: 'http://127.0.0.1:$s3port', forcePathStyle: true, credentials: {secretRef: {name: s3}}}
+  encryption: {key: {secretRef: {name: k, key: key}}}
+EOF
+export CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR="$work/bin" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key
+CRMGUARD_ENCRYPTION_KEY=$(head -c 32 /dev/urandom | base64)
+export CRMGUARD_ENCRYPTION_KEY CRMGUARD_LOG_LEVEL=warn
+export RESTIC_REPOSITORY="s3:http://127.0.0.1:$s3port/restic" RESTIC_PASSWORD=bench-password
+restic init --repository-version 2 >/dev/null
+
+# --- measurements ------------------------------------------------------------------------------------------
+# run NAME CMD...: wall seconds and peak RSS (KiB) of CMD into $work/NAME.{secs,rss}
+run() {
+  local name=$1; shift
+  local start end
+  start=$(date +%s%N)
+  /usr/bin/time -f '%M' -o "$work/$name.rss" "$@" >"$work/$name.out" 2>"$work/$name.err" || {
+    echo "$name failed:" >&2; tail -5 "$work/$name.err" >&2; exit 1; }
+  end=$(date +%s%N)
+  awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f\n", (b - a) / 1e9 }' >"$work/$name.secs"
+}
+stored() { rclone size --json "s3:$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'; }
+
+head -c $((1024 * 1048576)) /dev/urandom >"$work/random.bin"
+run raw-put rclone copyto --s3-upload-concurrency 4 --s3-chunk-size 16M "$work/random.bin" s3:raw/random.bin
+rm -f "$work/random.bin"
+run raw-get rclone cat s3:raw/random.bin
+sync
+run crmguard-backup "$bin" backup run -f "$work/policy.yaml"
+run restic-backup restic backup --stdin --stdin-filename crm.dump --compression auto -q <"$work/crm.dump"
+run rclone-backup sh -c "rclone rcat s3:rclone/crm.dump <'$work/crm.dump'"
+run crmguard-restore "$bin" backup fetch -f "$work/policy.yaml" --backup latest -o /dev/null
+run restic-restore restic dump latest /crm.dump
+run rclone-restore rclone cat s3:rclone/crm.dump
+echo "$(stored crmguard) $(stored restic) $(stored rclone)" >"$work/stored"
+[ "$keep" = 1 ] && rclone ls s3:crmguard >&2
+
+# --- report ------------------------------------------------------------------------------------------------
+python3 - "$work" "$dump_bytes" <<'PY'
+import sys, pathlib
+w, dump = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+def get(n): return float((w / f"{n}.secs").read_text()), int((w / f"{n}.rss").read_text()) / 1024
+mib = dump / 1048576
+stored = dict(zip(["crmguard", "restic", "rclone"], map(int, (w / "stored").read_text().split())))
+print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed)\n")
+print(f"{'':24}{'seconds':>9}{'MiB/s':>9}{'peak RSS MiB':>14}{'stored MiB':>12}")
+s, r = get("raw-put"); print(f"{'S3 raw PUT (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
+s, r = get("raw-get"); print(f"{'S3 raw GET (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
+res = {}
+for op in ["backup", "restore"]:
+    for t in ["crmguard", "restic", "rclone"]:
+        s, r = get(f"{t}-{op}"); res[(t, op)] = mib / s
+        st = f"{stored[t]/1048576:12.0f}" if op == "backup" else ""
+        print(f"{t + ' ' + op:24}{s:9.1f}{mib/s:9.1f}{r:14.1f}{st}")
+print()
+for op in ["backup", "restore"]:
+    print(f"{op}: crmguard / restic throughput = {res[('crmguard', op)] / res[('restic', op)]:.2f}x, "
+          f"crmguard / rclone = {res[('crmguard', op)] / res[('rclone', op)]:.2f}x")
+PY

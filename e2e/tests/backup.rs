@@ -385,6 +385,7 @@ fn killing_the_uploader_leaves_no_listed_backup_and_cleanup_removes_its_upload()
         part_size_mib: 8,
         parts_in_flight: 2,
         progress_seconds: 10,
+        compress_threads: None,
     })
     .unwrap();
     let catalog = rt.block_on(crmguard::backup::manifest::read_catalog(&store, &config.prefix)).unwrap();

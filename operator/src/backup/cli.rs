@@ -28,11 +28,14 @@ pub struct PolicyArgs {
     #[arg(long)]
     pub store_dir: Option<PathBuf>,
     /// Size of the first multipart parts in MiB (at least 5); memory use is about (parts in flight + 2) x this.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     pub part_size_mib: usize,
     /// Parts uploaded at the same time.
     #[arg(long, default_value_t = 2)]
     pub parts_in_flight: usize,
+    /// zstd compression threads (default: the CPUs available, at most 4).
+    #[arg(long)]
+    pub compress_threads: Option<u32>,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10)]
     pub progress_seconds: u64,
@@ -188,6 +191,7 @@ async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<Path
             part_size: args.part_size_mib.max(5) << 20,
             parts_in_flight: args.parts_in_flight.max(1),
             progress_every: std::time::Duration::from_secs(args.progress_seconds.max(1)),
+            compress_threads: args.compress_threads.unwrap_or(PipelineOptions::default().compress_threads).clamp(1, 16),
             ..PipelineOptions::default()
         },
         attachments_dir: attachments,
@@ -233,6 +237,8 @@ pub struct JobReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_count: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub newest_backup: Option<String>,
@@ -246,23 +252,7 @@ pub struct JobReport {
 
 impl JobReport {
     fn new(kind: &str) -> JobReport {
-        JobReport {
-            ok: true,
-            kind: kind.into(),
-            reason: None,
-            message: None,
-            backup_id: None,
-            completed: None,
-            stored_bytes: None,
-            raw_bytes: None,
-            sha256: None,
-            duration_seconds: None,
-            backup_count: None,
-            newest_backup: None,
-            newest_completed: None,
-            deleted_backups: Vec::new(),
-            row_counts_verified: None,
-        }
+        JobReport { ok: true, kind: kind.into(), ..JobReport::default() }
     }
 
     fn failed(kind: &str, e: &BackupError) -> JobReport {
@@ -458,6 +448,7 @@ async fn backup_run(
     report.raw_bytes = Some(m.objects.iter().map(|o| o.raw_bytes).sum());
     report.sha256 = m.object(super::manifest::DATABASE).map(|o| o.sha256.clone());
     report.duration_seconds = Some(m.completed.duration_since(m.started).as_secs_f64());
+    report.verify_seconds = Some(m.verification.seconds);
     // Retention and cleanup run after a successful backup; their failure does not undo the backup.
     let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
     match super::housekeeping(config, &rt.store, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24)).await

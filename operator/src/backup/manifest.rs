@@ -37,8 +37,6 @@ pub struct StoredObject {
     pub key: String,
     /// Bytes produced by the source (dump or tar stream).
     pub raw_bytes: u64,
-    /// sha256 of the raw stream (hex), checked again by full verification and by restore.
-    pub raw_sha256: String,
     /// Bytes after zstd.
     pub compressed_bytes: u64,
     /// Bytes stored (after encryption).
@@ -63,19 +61,22 @@ pub struct EncryptionInfo {
 }
 
 /// Result of the verification that preceded the commit.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct VerificationRecord {
     pub mode: VerificationMode,
     pub time: Timestamp,
     /// Chunks decrypted and authenticated, per object, out of `chunks`.
     pub decrypted_chunks: u64,
-    /// Whether the decompressed stream was re-hashed against `rawSha256`.
+    /// Whether the whole stream was decompressed (zstd's content checksum and the raw size checked).
     pub raw_checked: bool,
+    /// Seconds spent verifying.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// The commit record of one backup.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     pub format: u32,

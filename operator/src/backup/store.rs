@@ -112,6 +112,23 @@ fn s3_err<E: std::fmt::Debug + std::fmt::Display>(
     StoreError::S3 { op, key: key.to_string(), message }
 }
 
+/// A failed GetObject: a missing key is `NotFound`, anything else an S3 error.
+fn get_err(
+    key: &str,
+    e: &aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::get_object::GetObjectError>,
+) -> StoreError {
+    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+        StoreError::NotFound(key.to_string())
+    } else {
+        s3_err("GET", key, e)
+    }
+}
+
+/// A response body that broke off while it was read.
+fn body_err(op: &'static str, key: &str, e: &dyn std::fmt::Display) -> StoreError {
+    StoreError::S3 { op, key: key.to_string(), message: e.to_string() }
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.display().to_string(), source }
 }
@@ -203,18 +220,8 @@ impl Store {
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         match self {
             Store::S3 { client, bucket } => {
-                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                        StoreError::NotFound(key.to_string())
-                    } else {
-                        s3_err("GET", key, &e)
-                    }
-                })?;
-                let data = out.body.collect().await.map_err(|e| StoreError::S3 {
-                    op: "GET",
-                    key: key.to_string(),
-                    message: e.to_string(),
-                })?;
+                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| get_err(key, &e))?;
+                let data = out.body.collect().await.map_err(|e| body_err("GET", key, &e))?;
                 Ok(data.into_bytes())
             }
             Store::Dir { root } => {
@@ -244,11 +251,7 @@ impl Store {
                     .send()
                     .await
                     .map_err(|e| s3_err("GET (range)", key, &e))?;
-                let data = out.body.collect().await.map_err(|e| StoreError::S3 {
-                    op: "GET (range)",
-                    key: key.to_string(),
-                    message: e.to_string(),
-                })?;
+                let data = out.body.collect().await.map_err(|e| body_err("GET (range)", key, &e))?;
                 Ok(data.into_bytes())
             }
             Store::Dir { root } => {
@@ -269,19 +272,9 @@ impl Store {
         let closed = || StoreError::S3 { op: "GET", key: key.to_string(), message: "reader stopped".into() };
         match self {
             Store::S3 { client, bucket } => {
-                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                        StoreError::NotFound(key.to_string())
-                    } else {
-                        s3_err("GET", key, &e)
-                    }
-                })?;
+                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| get_err(key, &e))?;
                 let mut body = out.body;
-                while let Some(piece) = body.try_next().await.map_err(|e| StoreError::S3 {
-                    op: "GET",
-                    key: key.to_string(),
-                    message: e.to_string(),
-                })? {
+                while let Some(piece) = body.try_next().await.map_err(|e| body_err("GET", key, &e))? {
                     total += piece.len() as u64;
                     tx.send(piece).await.map_err(|_| closed())?;
                 }

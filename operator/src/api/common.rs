@@ -147,6 +147,10 @@ pub struct S3Location {
     /// How the job authenticates to S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<S3Credentials>,
+    /// Secret key holding the CA certificate (PEM) of an S3 endpoint signed by a private CA; trusted in addition
+    /// to the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeySelector>,
 }
 
 fn default_region() -> String {

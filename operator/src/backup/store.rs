@@ -68,7 +68,12 @@ impl S3Settings {
             (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Some((a, s, std::env::var("AWS_SESSION_TOKEN").ok())),
             _ => None,
         };
-        let ca_pem = std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok());
+        // The CA from destination.caSecretRef (PEM in the environment), or a file for runs by hand.
+        let ca_pem = std::env::var("CRMGUARD_S3_CA_CERT")
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+            .map(String::into_bytes)
+            .or_else(|| std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok()));
         S3Settings {
             bucket: loc.bucket.clone(),
             region: loc.region.clone(),

@@ -163,6 +163,9 @@ pub fn job_env(spec: &CrmBackupPolicySpec, ctx: &BuildContext) -> Vec<EnvVar> {
         env.push(secret_env("AWS_ACCESS_KEY_ID", &s.name, &s.access_key_id_key));
         env.push(secret_env("AWS_SECRET_ACCESS_KEY", &s.name, &s.secret_access_key_key));
     }
+    if let Some(ca) = &spec.destination.ca_secret_ref {
+        env.push(secret_env("CRMGUARD_S3_CA_CERT", &ca.name, &ca.key));
+    }
     if let Some(k) = spec.encryption.key.as_ref().and_then(|k| k.secret_ref.as_ref()) {
         env.push(secret_env("CRMGUARD_ENCRYPTION_KEY", &k.name, &k.key));
     }

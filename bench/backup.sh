@@ -2,14 +2,14 @@
 # Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
 # writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
 #
-#   bench/backup.sh [--size-mib 2048] [--keep]
+#   bench/backup.sh [--size-mib 2048] [--level 3] [--keep]
 #
 # Needs a release build (built here), scripts/install-services, and restic + rclone (apt-get install restic
 # rclone). Everything runs on this machine: PostgreSQL and SeaweedFS share the CPU with the tool under test,
 # as they would share a node. Not run in CI.
 #
 # Fairness: every tool reads the same dump. crmguard runs its real pipeline (pg_dump stand-in = `cat dump`,
-# zstd level 3, AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
+# zstd at --level (the policy default, 3, unless given), AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
 # decompress, pg_restore archive check) and is timed end to end, verification included. restic backs up the dump
 # from stdin into an encrypted, compressed (auto) repository. rclone uploads it as is (no compression, no
 # encryption). Restore = download, decrypt, decompress to /dev/null (crmguard `backup fetch`, `restic dump`,
@@ -17,12 +17,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=2048
+level=3
 keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib=$2; shift 2 ;;
+    --level) level=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    *) echo "usage: $0 [--size-mib N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--size-mib N] [--level N] [--keep]" >&2; exit 2 ;;
   esac
 done
 for tool in restic rclone /usr/bin/time; do
@@ -108,6 +110,7 @@ spec:
   schedule: {cron: '@daily'}
   destination: {bucket: crmguard, endpoint: 'http://127.0.0.1:$s3port', forcePathStyle: true, credentials: {secretRef: {name: s3}}}
   encryption: {key: {secretRef: {name: k, key: key}}}
+  compression: {level: $level}
 EOF
 export CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR="$work/bin" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key
 CRMGUARD_ENCRYPTION_KEY=$(head -c 32 /dev/urandom | base64)

@@ -416,6 +416,65 @@ impl Read for ChannelReader {
     }
 }
 
+/// Copies a reader into a channel in blocks; an error is passed on to the receiving side.
+fn pump(r: &mut dyn Read, tx: &std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
+    loop {
+        let mut block = vec![0u8; 256 * 1024];
+        let n = match read_some(r, &mut block) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        block.truncate(n);
+        tx.send(Ok(block)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the decompressing side stopped"))?;
+    }
+}
+
+/// Reads until `buf` is full or the end.
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The receiving side of [`pump`] as a `Read`.
+struct BlockReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    block: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for BlockReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.block.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.block = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.pos);
+        buf[..n].copy_from_slice(&self.block[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// What a verification pass established.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -443,38 +502,50 @@ where
     let counter = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start(format!("reading {}", object.key), counter.clone(), progress_every);
     let purpose = object.purpose.clone();
+    // Two stages on two threads: (1) stored bytes -> sha256 -> decryption, (2) decompression -> sink.
     let consumer = tokio::task::spawn_blocking(move || -> io::Result<(u64, String, u64, u64, S)> {
-        let mut stored = HashingReader::new(ChannelReader { rx, piece: Bytes::new() }, Some(counter));
+        let (btx, brx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+        let stage1 = std::thread::spawn(move || -> io::Result<(u64, String, u64)> {
+            let mut stored = HashingReader::new(ChannelReader { rx, piece: Bytes::new() }, Some(counter));
+            let chunks = match key {
+                Some(key) => {
+                    let mut dec = DecryptReader::new(&mut stored, key, &purpose);
+                    pump(&mut dec, &btx)?;
+                    dec.chunks()
+                }
+                None => {
+                    pump(&mut stored, &btx)?;
+                    0
+                }
+            };
+            Ok((stored.bytes, hex(&stored.sha.clone().finalize()), chunks))
+        });
+        let mut input = BlockReader { rx: brx, block: Vec::new(), pos: 0 };
         let mut out = HashingWriter::counting(sink);
-        let chunks = match key {
-            Some(key) => {
-                let mut dec = DecryptReader::new(&mut stored, key, &purpose);
-                let mut z = zstd::stream::read::Decoder::new(&mut dec)?;
-                io::copy(&mut z, &mut out)?;
-                drop(z);
-                // zstd stops at the end of its frame; the encryption layer must still see its final chunk.
-                let mut rest = Vec::new();
-                dec.read_to_end(&mut rest)?;
-                if !rest.is_empty() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd stream"));
-                }
-                dec.chunks()
+        let decoded = (|| -> io::Result<()> {
+            let mut z = zstd::stream::read::Decoder::new(&mut input)?;
+            io::copy(&mut z, &mut out)?;
+            drop(z);
+            // zstd stops at the end of its frame; the layers below must still see their end (the final chunk).
+            let mut rest = Vec::new();
+            input.read_to_end(&mut rest)?;
+            if !rest.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd stream"));
             }
-            None => {
-                let mut z = zstd::stream::read::Decoder::new(&mut stored)?;
-                io::copy(&mut z, &mut out)?;
-                drop(z);
-                let mut rest = Vec::new();
-                stored.read_to_end(&mut rest)?;
-                if !rest.is_empty() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd stream"));
-                }
-                0
-            }
+            Ok(())
+        })();
+        drop(input);
+        let first = stage1.join().map_err(|_| io::Error::other("reader thread panicked"))?;
+        // The first stage's error (authentication, truncation) explains a failed decompression, unless the
+        // first stage only stopped because the second one had failed.
+        let (stored_bytes, stored_sha, chunks) = match (first, decoded) {
+            (Err(e1), Err(e2)) if e1.kind() == io::ErrorKind::BrokenPipe => return Err(e2),
+            (Err(e1), _) => return Err(e1),
+            (Ok(_), Err(e2)) => return Err(e2),
+            (Ok(v), Ok(())) => v,
         };
-        let stored_sha = hex(&stored.sha.clone().finalize());
         let (sink, _, raw_bytes) = out.finish();
-        Ok((stored.bytes, stored_sha, raw_bytes, chunks, sink))
+        Ok((stored_bytes, stored_sha, raw_bytes, chunks, sink))
     });
     let fetched = store.get_stream(&object.key, tx).await;
     let consumed = consumer.await.map_err(|e| PipelineError::Stream(format!("reader thread failed: {e}")))?;

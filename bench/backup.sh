@@ -137,7 +137,9 @@ rm -f "$work/random.bin"
 run raw-get rclone cat s3:raw/random.bin
 rclone purge s3:raw >/dev/null 2>&1 || true
 sync
-run crmguard-backup "$bin" backup run -f "$work/policy.yaml"
+# CRMGUARD_BENCH_ARGS: extra flags for `crmguard backup run`, e.g. "--parts-in-flight 1".
+# shellcheck disable=SC2086
+run crmguard-backup "$bin" backup run -f "$work/policy.yaml" ${CRMGUARD_BENCH_ARGS:-}
 run restic-backup restic backup --stdin --stdin-filename crm.dump --compression auto -q <"$work/crm.dump"
 run rclone-backup sh -c "rclone rcat s3:rclone/crm.dump <'$work/crm.dump'"
 run crmguard-restore "$bin" backup fetch -f "$work/policy.yaml" --backup latest -o /dev/null

@@ -359,34 +359,11 @@ pub async fn verify_archive(
     progress_every: std::time::Duration,
 ) -> Result<pipeline::Verified, PipelineError> {
     let bad = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
-    match source::start_archive_check(conn).map_err(|e| bad(e.to_string()))? {
-        Some(mut tool) => {
-            let stdin = tool.stdin().ok_or_else(|| bad("pg_restore has no stdin".into()))?;
-            let read = pipeline::read_object(store, object, key, stdin, progress_every).await;
-            let (read, checked) = tokio::task::spawn_blocking(move || {
-                let read = read.map(|(v, stdin)| {
-                    drop(stdin);
-                    v
-                });
-                (read, tool.finish())
-            })
-            .await
-            .map_err(|e| bad(e.to_string()))?;
-            let verified = read?;
-            checked.map_err(|e| bad(format!("the dump is not a complete pg_dump archive: {e}")))?;
-            Ok(verified)
-        }
-        None => {
-            let (verified, tail) =
-                pipeline::read_object(store, object, key, source::DumpTail::default(), progress_every).await?;
-            if !tail.complete() {
-                return Err(bad(
-                    "the dump does not end with mysqldump's '-- Dump completed' line: it is incomplete".into()
-                ));
-            }
-            Ok(verified)
-        }
-    }
+    // The same checks that ran on the outgoing stream at backup time, now on what was read back.
+    let checks = source::StreamChecks::start(conn).map_err(|e| bad(e.to_string()))?;
+    let (verified, checks) = pipeline::read_object(store, object, key, checks, progress_every).await?;
+    tokio::task::spawn_blocking(move || checks.finish()).await.map_err(|e| bad(e.to_string()))?.map_err(bad)?;
+    Ok(verified)
 }
 
 fn stored(purpose: &str, key: String, s: &pipeline::StreamStats) -> StoredObject {

@@ -676,6 +676,16 @@ impl StreamChecks {
     }
 }
 
+impl Write for StreamChecks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Keeps the last bytes of a stream, to check that a mysqldump ended with its completion line.
 #[derive(Debug, Default)]
 pub struct DumpTail(pub Vec<u8>);

@@ -16,6 +16,22 @@ const BUCKET: &str = "crm-backups";
 const KEY_A: &str = "q0ZV5ZcTzr1sYkP0bGm4mPpU7oZ4iEYb3dn3Kfx5mUI=";
 const KEY_B: &str = "6m1cN5b5W3hXy8fQJx0vq3yYkq7h8sL2pHf0aZc9JtE=";
 
+/// The environment a backup job's pod gets from its Secrets: database login, S3 keys, the encryption key.
+fn job_env(db_user: &str, db_password: &str) -> BTreeMap<String, String> {
+    let s3 = SeaweedFs::shared();
+    [
+        ("CRMGUARD_DB_USERNAME", db_user.to_string()),
+        ("CRMGUARD_DB_PASSWORD", db_password.to_string()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("CRMGUARD_ENCRYPTION_KEY", KEY_A.to_string()),
+        ("CRMGUARD_LOG_FORMAT", "text".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// One test's world: a database with CRM data, a policy file, the environment of the backup job.
 struct Case {
     name: String,
@@ -100,19 +116,9 @@ spec:
             ),
         )
         .unwrap();
-        let mut env = BTreeMap::new();
-        for (k, v) in [
-            ("CRMGUARD_DB_USERNAME", pg.user.clone()),
-            ("CRMGUARD_DB_PASSWORD", pg.password.clone()),
-            ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
-            ("CRMGUARD_ENCRYPTION_KEY", KEY_A.to_string()),
-            ("CRMGUARD_DB_BIN_DIR", pg_bin_dir().display().to_string()),
-            ("CRMGUARD_LOG_FORMAT", "text".to_string()),
-            ("CRMGUARD_TERMINATION_LOG", dir.path.join("termination-log").display().to_string()),
-        ] {
-            env.insert(k.to_string(), v);
-        }
+        let mut env = job_env(&pg.user, &pg.password);
+        env.insert("CRMGUARD_DB_BIN_DIR".into(), pg_bin_dir().display().to_string());
+        env.insert("CRMGUARD_TERMINATION_LOG".into(), dir.path.join("termination-log").display().to_string());
         seed(pg, &db, 5000);
         Case { name: db, dir, policy, env }
     }
@@ -746,17 +752,7 @@ spec:
         ),
     )
     .unwrap();
-    let mut env = BTreeMap::new();
-    for (k, v) in [
-        ("CRMGUARD_DB_USERNAME", my.user.clone()),
-        ("CRMGUARD_DB_PASSWORD", my.password.clone()),
-        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
-        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
-        ("CRMGUARD_ENCRYPTION_KEY", KEY_A.to_string()),
-        ("CRMGUARD_LOG_FORMAT", "text".to_string()),
-    ] {
-        env.insert(k.to_string(), v);
-    }
+    let env = job_env(&my.user, &my.password);
     (Case { name: db.clone(), dir, policy, env }, db)
 }
 

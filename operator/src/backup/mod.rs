@@ -641,35 +641,14 @@ pub fn compare_counts(
 
 /// A `Write` that unpacks a tar stream on a thread.
 struct TarSink {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    tx: Option<std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>>,
     worker: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TarSink {
     fn new(dir: PathBuf) -> TarSink {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let worker = std::thread::spawn(move || {
-            struct Rx(std::sync::mpsc::Receiver<Vec<u8>>, Vec<u8>, usize);
-            impl std::io::Read for Rx {
-                fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                    while self.2 == self.1.len() {
-                        match self.0.recv() {
-                            Ok(v) => {
-                                self.1 = v;
-                                self.2 = 0;
-                            }
-                            Err(_) => return Ok(0),
-                        }
-                    }
-                    let n = buf.len().min(self.1.len() - self.2);
-                    buf[..n].copy_from_slice(&self.1[self.2..self.2 + n]);
-                    self.2 += n;
-                    Ok(n)
-                }
-            }
-            let mut rx = Rx(rx, Vec::new(), 0);
-            pipeline::read_tar(&mut rx, &dir)
-        });
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let worker = std::thread::spawn(move || pipeline::read_tar(&mut pipeline::BlockReader::new(rx), &dir));
         TarSink { tx: Some(tx), worker: Some(worker) }
     }
 
@@ -686,7 +665,7 @@ impl TarSink {
 impl std::io::Write for TarSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let tx = self.tx.as_ref().ok_or_else(|| std::io::Error::other("closed"))?;
-        tx.send(buf.to_vec())
+        tx.send(Ok(buf.to_vec()))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tar unpacking stopped"))?;
         Ok(buf.len())
     }

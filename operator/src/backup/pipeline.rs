@@ -420,7 +420,7 @@ impl Read for ChannelReader {
 fn pump(r: &mut dyn Read, tx: &std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
     loop {
         let mut block = vec![0u8; 256 * 1024];
-        let n = match read_some(r, &mut block) {
+        let n = match crypto::read_full(r, &mut block) {
             Ok(n) => n,
             Err(e) => {
                 let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
@@ -435,25 +435,19 @@ fn pump(r: &mut dyn Read, tx: &std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>)
     }
 }
 
-/// Reads until `buf` is full or the end.
-fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-/// The receiving side of [`pump`] as a `Read`.
-struct BlockReader {
+/// The receiving side of [`pump`] (or any channel of blocks) as a `Read`; an error block is returned as the
+/// read's error.
+pub(crate) struct BlockReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     block: Vec<u8>,
     pos: usize,
+}
+
+impl BlockReader {
+    /// Reads the blocks `rx` receives, until its senders are gone.
+    pub(crate) fn new(rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>) -> Self {
+        BlockReader { rx, block: Vec::new(), pos: 0 }
+    }
 }
 
 impl Read for BlockReader {
@@ -520,7 +514,7 @@ where
             };
             Ok((stored.bytes, hex(&stored.sha.clone().finalize()), chunks))
         });
-        let mut input = BlockReader { rx: brx, block: Vec::new(), pos: 0 };
+        let mut input = BlockReader::new(brx);
         let mut out = HashingWriter::counting(sink);
         let decoded = (|| -> io::Result<()> {
             let mut z = zstd::stream::read::Decoder::new(&mut input)?;

@@ -124,7 +124,7 @@ run() {
   local name=$1; shift
   local start end
   start=$(date +%s%N)
-  /usr/bin/time -f '%M' -o "$work/$name.rss" "$@" >"$work/$name.out" 2>"$work/$name.err" || {
+  /usr/bin/time -f '%M %U %S' -o "$work/$name.rss" "$@" >"$work/$name.out" 2>"$work/$name.err" || {
     echo "$name failed:" >&2; tail -5 "$work/$name.err" >&2; exit 1; }
   end=$(date +%s%N)
   awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f\n", (b - a) / 1e9 }' >"$work/$name.secs"
@@ -152,19 +152,21 @@ echo "$(stored crmguard) $(stored restic) $(stored rclone)" >"$work/stored"
 python3 - "$work" "$dump_bytes" <<'PY'
 import sys, pathlib
 w, dump = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-def get(n): return float((w / f"{n}.secs").read_text()), int((w / f"{n}.rss").read_text()) / 1024
+def usage(n): return (w / f"{n}.rss").read_text().split()
+def get(n): return float((w / f"{n}.secs").read_text()), int(usage(n)[0]) / 1024
+def cpu(n): return float(usage(n)[1]) + float(usage(n)[2])
 mib = dump / 1048576
 stored = dict(zip(["crmguard", "restic", "rclone"], map(int, (w / "stored").read_text().split())))
 print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed)\n")
-print(f"{'':24}{'seconds':>9}{'MiB/s':>9}{'peak RSS MiB':>14}{'stored MiB':>12}")
+print(f"{'':24}{'seconds':>9}{'MiB/s':>9}{'peak RSS MiB':>14}{'stored MiB':>12}{'CPU s':>8}")
 s, r = get("raw-put"); print(f"{'S3 raw PUT (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
 s, r = get("raw-get"); print(f"{'S3 raw GET (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
 res = {}
 for op in ["backup", "restore"]:
     for t in ["crmguard", "restic", "rclone"]:
         s, r = get(f"{t}-{op}"); res[(t, op)] = mib / s
-        st = f"{stored[t]/1048576:12.0f}" if op == "backup" else ""
-        print(f"{t + ' ' + op:24}{s:9.1f}{mib/s:9.1f}{r:14.1f}{st}")
+        st = f"{stored[t]/1048576:12.0f}" if op == "backup" else f"{'':12}"
+        print(f"{t + ' ' + op:24}{s:9.1f}{mib/s:9.1f}{r:14.1f}{st}{cpu(f'{t}-{op}'):8.1f}")
 import json
 rep = json.loads((w / "crmguard-backup.out").read_text().strip().splitlines()[-1])
 print(f"\ncrmguard backup phases: {rep['durationSeconds'] - rep['verifySeconds']:.1f} s dump+compress+encrypt+upload "

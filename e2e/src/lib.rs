@@ -51,6 +51,11 @@ impl Drop for Operator {
 impl Operator {
     /// Starts the operator with `kubeconfig` and extra arguments; logs go to a file in a temporary directory.
     pub fn start(kubeconfig: &str, extra: &[&str]) -> Operator {
+        Operator::start_with_env(kubeconfig, extra, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment variables (e.g. `VAULT_TOKEN`).
+    pub fn start_with_env(kubeconfig: &str, extra: &[&str], env: &[(&str, &str)]) -> Operator {
         let dir = TempDir::new("operator");
         let kc = dir.path.join("kubeconfig");
         std::fs::write(&kc, kubeconfig).expect("write kubeconfig");
@@ -62,6 +67,7 @@ impl Operator {
             .args(["--http-addr", &format!("127.0.0.1:{http_port}"), "--resync-seconds", "600"])
             .args(extra)
             .env("KUBECONFIG", &kc)
+            .envs(env.iter().copied())
             .stdout(logfile.try_clone().expect("log file"))
             .stderr(logfile)
             .spawn()

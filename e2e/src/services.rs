@@ -401,6 +401,7 @@ impl SeaweedFs {
 pub struct OpenBao {
     pub port: u16,
     pub token: String,
+    log: PathBuf,
     _dir: TempDir,
 }
 
@@ -409,6 +410,19 @@ impl OpenBao {
     pub fn shared() -> &'static OpenBao {
         static BAO: OnceLock<OpenBao> = OnceLock::new();
         BAO.get_or_init(OpenBao::start)
+    }
+
+    /// A server of the calling test's own (e.g. to seal it without disturbing other tests).
+    pub fn start_private() -> OpenBao {
+        OpenBao::start()
+    }
+
+    /// The dev server's unseal key, from its log.
+    pub fn unseal_key(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .find_map(|l| l.trim().strip_prefix("Unseal Key: ").map(|k| k.trim().to_string()))
+            .expect("the dev server prints its unseal key")
     }
 
     fn start() -> OpenBao {
@@ -424,7 +438,7 @@ impl OpenBao {
         let cleanup = format!("rm -rf {}", dir.path.display());
         spawn_watched(&find_program("bao"), &args, &log, None, "kill -TERM $child", &cleanup);
         wait_port(port, "OpenBao", &log);
-        let bao = OpenBao { port, token: "root".into(), _dir: dir };
+        let bao = OpenBao { port, token: "root".into(), log, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         while bao.cli(&["status"]).is_err() {
             assert!(Instant::now() < deadline, "OpenBao is not ready");

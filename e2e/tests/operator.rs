@@ -210,7 +210,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     })
     .await;
 
-    // AccessPolicy: RBAC applied; Vault is not managed yet and Ready says so instead of pretending.
+    // AccessPolicy: RBAC applied; this operator has no Vault address, and Ready says so instead of pretending.
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), ns);
     aps.create(&PostParams::default(), &example("access-policy.yaml", ns)).await.unwrap();
     let ap = eventually(30, "AccessPolicy status", || async {
@@ -225,7 +225,8 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     let conds = &ap.status.as_ref().unwrap().conditions;
     assert_eq!(ready(Some(conds), "RbacApplied").unwrap().0, "True");
     let (s, r, _) = ready(Some(conds), "Ready").unwrap();
-    assert_eq!((s.as_str(), r.as_str()), ("False", "NotImplemented"));
+    assert_eq!((s.as_str(), r.as_str()), ("False", "VaultAddressMissing"));
+    assert_eq!(ap.metadata.finalizers, Some(vec!["crmguard.io/vault-cleanup".to_string()]));
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     assert_eq!(roles.list(&ListParams::default()).await.unwrap().items.len(), 3);
 

@@ -92,9 +92,23 @@ struct RunArgs {
     /// Image used by backup and restore jobs.
     #[arg(long, env = "CRMGUARD_IMAGE")]
     image: Option<String>,
-    /// Vault address handed to backup and restore jobs that use Vault (credentials or Transit keys).
+    /// Vault address: used by AccessPolicies that do not name their own, and handed to backup and restore jobs
+    /// that use Vault (credentials or Transit keys).
     #[arg(long, env = "CRMGUARD_VAULT_ADDR")]
     vault_addr: Option<String>,
+    /// Mount of Vault's Kubernetes auth method the operator logs in with (ignored when VAULT_TOKEN is set).
+    #[arg(long, env = "CRMGUARD_VAULT_AUTH_MOUNT", default_value = "kubernetes")]
+    vault_auth_mount: String,
+    /// Vault role the operator logs in as.
+    #[arg(long, env = "CRMGUARD_VAULT_ROLE", default_value = "crmguard-operator")]
+    vault_role: String,
+    /// ServiceAccount token presented to Vault's Kubernetes auth.
+    #[arg(
+        long,
+        env = "CRMGUARD_VAULT_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    vault_token_file: String,
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
@@ -127,6 +141,15 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         build.image = image;
     }
     build.vault_addr = args.vault_addr.filter(|a| !a.is_empty());
+    // VAULT_TOKEN (development, tests) wins over Kubernetes auth, as for the jobs and the Vault CLI.
+    let vault_auth = match std::env::var("VAULT_TOKEN") {
+        Ok(t) if !t.is_empty() => crmguard::vault::admin::OperatorAuth::Token(t.into()),
+        _ => crmguard::vault::admin::OperatorAuth::Kubernetes {
+            mount: args.vault_auth_mount,
+            role: args.vault_role,
+            jwt_file: args.vault_token_file,
+        },
+    };
     let opts = crmguard::runtime::RunOptions {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         concurrency: args.concurrency.max(1),
@@ -140,6 +163,7 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         }),
         build,
         resync: std::time::Duration::from_secs(args.resync_seconds.max(10)),
+        vault_auth,
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;

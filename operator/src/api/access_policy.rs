@@ -294,6 +294,9 @@ pub struct TeamStatus {
     /// Vault policy name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_policy: Option<String>,
+    /// Vault Kubernetes-auth roles the team's ServiceAccounts log in with (one per ServiceAccount namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vault_roles: Vec<String>,
     /// Secret with the current credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
@@ -325,4 +328,8 @@ pub struct AccessPolicyStatus {
     /// The next instant a grant expires or a credential must be renewed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_expiry: Option<Time>,
+    /// resourceVersion of the `spec.vault.connectionSecretRef` Secret last written to Vault (a change rewrites
+    /// the connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_version: Option<String>,
 }

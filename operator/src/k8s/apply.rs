@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::meta::{OWNER_LABEL, Owner};
 
 /// The kinds crmguard writes (children it creates, and pods it labels for quarantine), with their plurals.
-pub const CHILD_KINDS: [(&str, &str, &str); 9] = [
+pub const CHILD_KINDS: [(&str, &str, &str); 12] = [
     ("v1", "Pod", "pods"),
     ("v1", "ConfigMap", "configmaps"),
     ("v1", "ServiceAccount", "serviceaccounts"),
@@ -21,6 +21,10 @@ pub const CHILD_KINDS: [(&str, &str, &str); 9] = [
     ("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
     ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
     ("v1", "Secret", "secrets"),
+    // Workloads restarted after a credential rotation (a pod-template annotation).
+    ("apps/v1", "Deployment", "deployments"),
+    ("apps/v1", "StatefulSet", "statefulsets"),
+    ("apps/v1", "DaemonSet", "daemonsets"),
 ];
 
 /// ApiResource of a child kind.
@@ -154,13 +158,20 @@ pub struct ObjectPatch {
     pub patch: Value,
 }
 
-/// Applies merge patches in `namespace`; an object that is gone meanwhile is skipped.
+/// Applies merge patches in `namespace`; an object that already holds the patch is not written (so a steady
+/// state writes nothing), and one that is gone is skipped.
 pub async fn patch_objects(client: &Client, namespace: &str, patches: &[ObjectPatch]) -> Result<usize, ApplyError> {
     let mut done = 0;
     for p in patches {
         let child = format!("{}/{}", p.kind, p.name);
         let ar = api_resource(p.api_version, p.kind).ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+        let current = api.get_opt(&p.name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
+        match current.and_then(|c| serde_json::to_value(c).ok()) {
+            None => continue,
+            Some(c) if is_subset(&p.patch, &c) => continue,
+            Some(_) => {}
+        }
         match api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&p.patch)).await {
             Ok(_) => done += 1,
             Err(kube::Error::Api(s)) if s.code == 404 => {}

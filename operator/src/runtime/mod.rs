@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub build: BuildContext,
     /// Steady-state requeue interval.
     pub resync: Duration,
+    /// How the operator logs in to Vault (AccessPolicy); the address is `build.vault_addr` unless a policy
+    /// names its own.
+    pub vault_auth: crate::vault::admin::OperatorAuth,
 }
 
 /// Why the operator stopped.
@@ -166,6 +169,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         failures: Default::default(),
         now: jiff::Timestamp::now,
         resync: opts.resync,
+        vault: Arc::new(crate::vault::admin::Sessions::new(opts.vault_auth.clone(), opts.build.vault_addr.clone())),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };

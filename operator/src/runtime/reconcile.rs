@@ -33,6 +33,8 @@ pub struct Context {
     pub now: fn() -> jiff::Timestamp,
     /// Requeue interval in steady state.
     pub resync: Duration,
+    /// The operator's Vault logins (AccessPolicy).
+    pub vault: Arc<crate::vault::admin::Sessions>,
 }
 
 impl std::fmt::Debug for Context {
@@ -83,12 +85,16 @@ pub enum Error {
     Apply(#[from] ApplyError),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// Removing what a resource left outside the cluster (e.g. in Vault) failed; deletion waits for it.
+    #[error("cleanup before deletion: {0}")]
+    Cleanup(String),
 }
 
 impl Error {
     /// Category for metrics labels and Event reasons.
     pub fn category(&self) -> &'static str {
         match self {
+            Error::Cleanup(_) => "cleanup",
             Error::Apply(ApplyError::UnknownKind(_)) => "bug",
             Error::Apply(ApplyError::Kube { source, .. }) | Error::Kube(source) => match source {
                 kube::Error::Api(s) if s.code == 409 => "conflict",
@@ -116,6 +122,20 @@ pub trait Reconcilable:
     const CONTROLLER: &'static str;
     /// Resolve, validate and build. Field errors mean the spec is invalid (Ready=False, wait for a change).
     fn desired(&self, ctx: &Context) -> impl Future<Output = Result<Result<Desired, Vec<FieldError>>, Error>> + Send;
+
+    /// A finalizer for kinds that leave state outside the cluster (children inside it go with owner references).
+    const FINALIZER: Option<&'static str> = None;
+
+    /// Whether this object currently needs [`Self::FINALIZER`] (it is added before anything is created outside).
+    fn needs_finalizer(&self) -> bool {
+        false
+    }
+
+    /// Removes the state outside the cluster while the object is being deleted; retried until it succeeds,
+    /// then the finalizer is removed. "Already gone" must count as success.
+    fn cleanup(&self, _ctx: &Context) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Ok(()) }
+    }
 }
 
 fn now_time(ctx: &Context) -> Time {
@@ -170,9 +190,22 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
 }
 
 async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Context) -> Result<Action, Error> {
+    let finalizers = guard.meta().finalizers.clone().unwrap_or_default();
+    let has_finalizer = K::FINALIZER.is_some_and(|f| finalizers.iter().any(|x| x == f));
     if guard.meta().deletion_timestamp.is_some() {
-        // Children go with their owner through owner references; nothing outside the cluster to clean up here.
+        // Children go with their owner through owner references; state outside the cluster is removed by the
+        // kind's cleanup before our finalizer is released.
+        if let (true, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0) {
+            obj.cleanup(ctx).await?;
+            set_finalizers(guard, ctx, finalizers.iter().filter(|x| *x != f).cloned().collect()).await?;
+            tracing::info!(finalizer = f, "cleaned up; finalizer removed");
+        }
         return Ok(Action::await_change());
+    }
+    if let (false, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0)
+        && obj.needs_finalizer()
+    {
+        set_finalizers(guard, ctx, finalizers.iter().cloned().chain([f.to_string()]).collect()).await?;
     }
     let desired = match &guard.0 {
         Ok(obj) => obj.desired(ctx).await?,
@@ -277,6 +310,22 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
         _ => Action::requeue(ctx.resync),
     })
+}
+
+/// Replaces the object's finalizers, guarded by its resourceVersion (a concurrent change makes this fail and
+/// the reconcile retry with the fresh object).
+async fn set_finalizers<K: Reconcilable>(
+    guard: &DeserializeGuard<K>,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), guard.meta().namespace.as_deref().unwrap_or_default(), &ar);
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": guard.meta().resource_version}});
+    api.patch(&guard.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ctx.metrics.wrote(K::CONTROLLER, "finalizer", 1);
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> String {

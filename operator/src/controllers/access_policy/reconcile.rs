@@ -1,9 +1,11 @@
-//! AccessPolicy: validate -> per-team RBAC at `now` -> applied; requeued at the next grant expiry.
-//! Vault policies, roles and credentials are not managed yet; a spec that asks for them is reported as such.
+//! AccessPolicy: validate -> per-team RBAC at `now` -> Vault policies, roles and credentials -> applied;
+//! requeued at the next grant expiry or lease renewal, and retried after 30 s while Vault cannot be used.
+
+use std::collections::BTreeSet;
 
 use serde_json::json;
 
-use super::{build, validate};
+use super::{build, validate, vault_sync};
 use crate::api::AccessPolicy;
 use crate::api::condition::Status;
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
@@ -11,6 +13,15 @@ use crate::validation::FieldError;
 
 impl Reconcilable for AccessPolicy {
     const CONTROLLER: &'static str = "accesspolicy";
+    const FINALIZER: Option<&'static str> = Some(vault_sync::FINALIZER);
+
+    fn needs_finalizer(&self) -> bool {
+        self.spec.vault.is_some()
+    }
+
+    async fn cleanup(&self, ctx: &Context) -> Result<(), Error> {
+        vault_sync::cleanup(self, ctx).await
+    }
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
@@ -19,40 +30,65 @@ impl Reconcilable for AccessPolicy {
         };
         let now = (ctx.now)();
         let rbac = build::build(&v, now);
+        let vault = vault_sync::reconcile(self, &v, ctx, now).await?;
         let mut d = Desired {
             owner: Some(v.owner.clone()),
             prune: vec![("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")],
-            required: vec!["RbacApplied", "VaultConfigured"],
+            required: vec!["RbacApplied", "VaultConfigured", "CredentialsIssued"],
             ..Desired::default()
         };
-        let mut teams = vec![];
         for t in &rbac.teams {
             d.children.extend(serde_json::to_value(&t.role).ok());
             d.children.extend(serde_json::to_value(&t.binding).ok());
-            teams.push(json!({"name": t.team, "role": t.role.metadata.name}));
         }
+        d.children.extend(vault.secrets.iter().cloned());
+        d.patches = vault.patches.clone();
+        d.events = vault.events.clone();
+        // Grants that expired since the last status: one Event each.
+        let known: BTreeSet<&str> = self
+            .status
+            .iter()
+            .flat_map(|s| s.teams.iter())
+            .flat_map(|t| t.expired_grants.iter().map(String::as_str))
+            .collect();
+        let expired: Vec<&String> = rbac.expired.iter().chain(vault.objects.expired.iter()).collect();
+        for e in expired.iter().filter(|e| !known.contains(e.split_once(": ").map_or("", |(_, g)| g))) {
+            d.events.push((true, "GrantExpired", format!("{e}; removed from RBAC and Vault")));
+        }
+        let mut teams = vec![];
         for t in &self.spec.teams {
-            if !rbac.teams.iter().any(|r| r.team == t.name) {
-                teams.push(json!({"name": t.name}));
+            let r = rbac.teams.iter().find(|r| r.team == t.name);
+            let o = vault.teams.get(&t.name).cloned().unwrap_or_default();
+            let prefix = format!("{}: ", t.name);
+            let expired_grants: Vec<&str> = expired.iter().filter_map(|e| e.strip_prefix(&prefix)).collect();
+            let mut team = json!({"name": t.name});
+            if let Some(r) = r {
+                team["role"] = json!(r.role.metadata.name);
             }
+            if let Some(p) = o.vault_policy {
+                team["vaultPolicy"] = json!(p);
+            }
+            if !o.vault_roles.is_empty() {
+                team["vaultRoles"] = json!(o.vault_roles);
+            }
+            if let Some(s) = o.secret_name {
+                team["secretName"] = json!(s);
+            }
+            if let Some(e) = o.expires_at {
+                team["credentialsExpireAt"] = json!(e.to_string());
+            }
+            if !expired_grants.is_empty() {
+                team["expiredGrants"] = json!(expired_grants);
+            }
+            teams.push(team);
         }
         let mut rbac_msg = format!("{} Role(s) and RoleBinding(s) in effect", rbac.teams.len());
         if !rbac.expired.is_empty() {
             rbac_msg.push_str(&format!("; expired and removed: {}", rbac.expired.join("; ")));
         }
         d.conditions.push(Cond::new("RbacApplied", Status::True, "Applied", rbac_msg));
-        let wants_vault = self.spec.teams.iter().any(|t| !t.vault.is_empty() || t.database.is_some());
-        d.conditions.push(if wants_vault {
-            Cond::new(
-                "VaultConfigured",
-                Status::False,
-                "NotImplemented",
-                "this crmguard build applies the Kubernetes RBAC only; Vault policies, roles and database credentials \
-                 are not managed yet, so no credentials are issued",
-            )
-        } else {
-            Cond::new("VaultConfigured", Status::True, "NotRequested", "no team has Vault or database grants")
-        });
+        d.conditions.push(vault.vault.clone());
+        d.conditions.push(vault.credentials.clone());
         d.conditions.push(if v.warnings.is_empty() {
             Cond::new("LeastPrivilege", Status::True, "NoWildcards", "every grant names its verbs and resources")
         } else {
@@ -60,11 +96,22 @@ impl Reconcilable for AccessPolicy {
         });
         d.status.insert("teamCount".into(), json!(self.spec.teams.len()));
         d.status.insert("teams".into(), json!(teams));
-        if let Some(next) = rbac.next_expiry {
+        if let Some(version) = &vault.connection_secret_version {
+            d.status.insert("connectionSecretVersion".into(), json!(version));
+        } else if let Some(old) = self.status.as_ref().and_then(|s| s.connection_secret_version.clone()) {
+            // Keep what was written while Vault is briefly unusable.
+            if vault.vault.status != Status::True {
+                d.status.insert("connectionSecretVersion".into(), json!(old));
+            }
+        }
+        let next = [rbac.next_expiry, vault.next].into_iter().flatten().min();
+        if let Some(next) = next {
             d.status.insert("nextExpiry".into(), json!(next.to_string()));
-            let wait = next.duration_since(now);
-            d.requeue_after =
-                Some(std::time::Duration::try_from(wait).unwrap_or_default() + std::time::Duration::from_secs(1));
+            let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();
+            d.requeue_after = Some(wait + std::time::Duration::from_secs(1));
+        }
+        if let Some(retry) = vault.retry {
+            d.requeue_after = Some(d.requeue_after.map_or(retry, |r| r.min(retry)));
         }
         Ok(Ok(d))
     }

@@ -55,5 +55,21 @@ pub fn validate(policy: &AccessPolicy) -> Result<ValidatedAccessPolicy, Vec<Fiel
             }
         }
     }
+    if let Some(vault) = &policy.spec.vault
+        && vault.connection_secret_ref.is_some()
+    {
+        let conns: std::collections::BTreeSet<&str> =
+            policy.spec.teams.iter().filter_map(|t| t.database.as_ref()).map(|d| d.connection.as_str()).collect();
+        if conns.len() > 1 {
+            errors.push(FieldError::new(
+                "spec.vault.connectionSecretRef",
+                format!(
+                    "configures one database connection, but the teams use {}; give every team the same \
+                     database.connection, or configure the connections in Vault and drop connectionSecretRef",
+                    conns.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
     if errors.is_empty() { Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings }) } else { Err(errors) }
 }

@@ -2,6 +2,8 @@
 //! `VAULT_CACERT` environment, and a token from `VAULT_TOKEN` or, in a pod, a login with Vault's Kubernetes auth
 //! method using the pod's projected ServiceAccount token. Tokens are never logged or put into errors.
 
+pub mod admin;
+
 use std::path::Path;
 
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};

@@ -1,0 +1,441 @@
+//! AccessPolicy against real OpenBao (Vault's API) and PostgreSQL, with the real `crmguard run` process: the
+//! sales team's credential reads sales tables and is refused on invoices (finance the reverse), rotation gives
+//! new working credentials and the old ones die after the grace period, one rotation = one workload restart
+//! (an operator restart alone restarts nothing), expired grants leave RBAC and Vault, deletion leaves nothing
+//! in Vault and revokes every lease, and a sealed or unreachable Vault is a condition, not a crash loop.
+//! No credential value ever appears in the operator's log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use std::process::Command;
+
+use crmguard::api::AccessPolicy;
+use e2e::services::{OpenBao, Postgres, find_program};
+use e2e::{Cluster, Operator, eventually};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::Role;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+fn cond(ap: &AccessPolicy, t: &str) -> Option<(String, String, String)> {
+    ap.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Runs SQL as `user`; Ok(stdout) or Err(stderr). Passwords go through the environment only.
+fn sql_as(pg: &Postgres, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(find_program("psql"))
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", user, "-d", db, "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn bao_json(bao: &OpenBao, args: &[&str]) -> Option<Value> {
+    let mut a = args.to_vec();
+    a.insert(1, "-format=json");
+    bao.cli(&a).ok().and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn bao_list(bao: &OpenBao, path: &str) -> Vec<String> {
+    bao_json(bao, &["list", path])
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+fn creds(s: &Secret) -> (String, String) {
+    let d = s.data.clone().unwrap_or_default();
+    let get = |k: &str| String::from_utf8(d.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap();
+    (get("username"), get("password"))
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn now_plus(secs: i64) -> String {
+    jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap()
+        .round(jiff::Unit::Second)
+        .unwrap()
+        .to_string()
+}
+
+struct Fixture {
+    bao: &'static OpenBao,
+    pg: &'static Postgres,
+    db: String,
+    auth_mount: String,
+    db_mount: String,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let (bao, pg) = (OpenBao::shared(), Postgres::shared());
+        let id = format!("{tag}{}", std::process::id());
+        let db = format!("crm_{id}");
+        pg.sql("postgres", &format!("CREATE DATABASE {db}"));
+        pg.sql(
+            &db,
+            "CREATE TABLE accounts (id int PRIMARY KEY, name text);
+             CREATE TABLE contacts (id int PRIMARY KEY, account int, email text);
+             CREATE TABLE deals (id int PRIMARY KEY, account int, amount numeric);
+             CREATE TABLE invoices (id int PRIMARY KEY, account int, total numeric);
+             INSERT INTO accounts SELECT i, 'Account ' || i FROM generate_series(1, 7) i;
+             INSERT INTO contacts SELECT i, i % 7 + 1, 'c' || i || '@example.com' FROM generate_series(1, 20) i;
+             INSERT INTO deals SELECT i, i % 7 + 1, i * 100 FROM generate_series(1, 5) i;
+             INSERT INTO invoices SELECT i, i % 7 + 1, i * 42 FROM generate_series(1, 3) i;",
+        );
+        let (auth_mount, db_mount) = (format!("k8s-{id}"), format!("db-{id}"));
+        bao.cli(&["auth", "enable", &format!("-path={auth_mount}"), "kubernetes"]).unwrap();
+        bao.cli(&["secrets", "enable", &format!("-path={db_mount}"), "database"]).unwrap();
+        Fixture { bao, pg, db, auth_mount, db_mount }
+    }
+
+    fn connection_secret(&self, ns: &str) -> Secret {
+        let url = format!(
+            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/{}?sslmode=disable",
+            self.pg.port, self.db
+        );
+        serde_json::from_value(json!({
+            "metadata": {"name": "crm-vault-connection", "namespace": ns},
+            // `data`, not `stringData`: the stand-in does not model that conversion (see its README).
+            "data": {"connection_url": b64(&url), "username": b64(&self.pg.user), "password": b64(&self.pg.password)},
+        }))
+        .unwrap()
+    }
+}
+
+/// The policy: sales reads accounts/contacts/deals, finance reads invoices. `sales_update` adds UPDATE on
+/// deals to sales (a rotation); `expiring` adds a Kubernetes and a Vault grant to sales that expire then.
+fn policy(f: &Fixture, ns: &str, sales_update: bool, expiring: Option<&str>) -> Value {
+    let mut sales_grants = vec![json!({"tables": ["accounts", "contacts", "deals"], "privileges": ["SELECT"]})];
+    if sales_update {
+        sales_grants.push(json!({"tables": ["deals"], "privileges": ["UPDATE"]}));
+    }
+    let mut k8s = vec![json!({"resources": ["pods"], "verbs": ["get", "list"]})];
+    let mut vault = vec![json!({"path": "secret/data/crm/sales/*", "capabilities": ["read", "list"]})];
+    if let Some(at) = expiring {
+        k8s.push(json!({"resources": ["configmaps"], "verbs": ["get"], "expiresAt": at}));
+        vault.push(json!({"path": "secret/data/crm/break-glass", "capabilities": ["read"], "expiresAt": at}));
+    }
+    json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+        "metadata": {"name": "crm-access", "namespace": ns},
+        "spec": {
+            "vault": {
+                "address": f.bao.addr(), "kubernetesAuthMount": f.auth_mount, "databaseMount": f.db_mount,
+                "connectionSecretRef": {"name": "crm-vault-connection", "key": "connection_url"},
+            },
+            "teams": [
+                {
+                    "name": "sales",
+                    "subjects": [{"kind": "ServiceAccount", "name": "sales-app"}, {"kind": "Group", "name": "crm-sales"}],
+                    "kubernetes": k8s, "vault": vault,
+                    "database": {"connection": "crm", "grants": sales_grants},
+                    "credentials": {"ttl": "10m", "maxTtl": "1h", "revokeGracePeriod": "3s",
+                                    "restartWorkloads": [{"kind": "Deployment", "name": "sales-reports"}]},
+                },
+                {
+                    "name": "finance",
+                    "subjects": [{"kind": "ServiceAccount", "name": "finance-app"}],
+                    "database": {"connection": "crm", "grants": [{"tables": ["invoices"], "privileges": ["SELECT"]}]},
+                    "credentials": {},
+                },
+            ],
+        },
+    })
+}
+
+fn deployment(ns: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "sales-reports", "namespace": ns},
+        "spec": {
+            "selector": {"matchLabels": {"app": "sales-reports"}},
+            "template": {"metadata": {"labels": {"app": "sales-reports"}},
+                         "spec": {"containers": [{"name": "app", "image": "busybox"}]}},
+        },
+    }))
+    .unwrap()
+}
+
+async fn secret(api: &Api<Secret>, name: &str) -> Secret {
+    eventually(60, &format!("Secret {name}"), || async {
+        api.get_opt(name).await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
+    let cluster = Cluster::start("access-vault").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let f = Fixture::new("a");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &f.connection_secret(&ns)).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments.create(&PostParams::default(), &deployment(&ns)).await.unwrap();
+    let addr = f.bao.addr();
+    let args = ["--leader-election=false", "--namespace", &ns, "--vault-addr", &addr];
+    let env = [("VAULT_TOKEN", f.bao.token.as_str())];
+    let mut op = Operator::start_with_env(&cluster.kubeconfig, &args, &env);
+    op.wait_ready(60).await;
+
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+    let ap: AccessPolicy = serde_json::from_value(policy(&f, &ns, false, None)).unwrap();
+    aps.create(&PostParams::default(), &ap).await.unwrap();
+    let ap = ready(&aps, &op, 1).await;
+    assert_eq!(ap.metadata.finalizers, Some(vec!["crmguard.io/vault-cleanup".to_string()]));
+    let (s, r, m) = cond(&ap, "CredentialsIssued").unwrap();
+    assert_eq!((s.as_str(), r.as_str()), ("True", "Issued"), "{m}");
+    assert!(!m.contains(&f.pg.password));
+
+    // Vault holds the team's policy, Kubernetes-auth role and database role, with exactly its grants.
+    let prefix = format!("crmguard_{ns}_crm-access_");
+    let sales_policy = bao_json(f.bao, &["read", &format!("sys/policies/acl/{prefix}sales")]).expect("sales policy");
+    let text = sales_policy["data"]["policy"].as_str().unwrap();
+    let doc: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(doc["path"]["secret/data/crm/sales/*"]["capabilities"], json!(["list", "read"]));
+    assert_eq!(doc["path"][format!("{}/creds/{prefix}sales", f.db_mount)]["capabilities"], json!(["read"]));
+    let role = bao_json(f.bao, &["read", &format!("auth/{}/role/{prefix}sales", f.auth_mount)]).expect("auth role");
+    assert_eq!(role["data"]["bound_service_account_names"], json!(["sales-app"]));
+    assert_eq!(role["data"]["bound_service_account_namespaces"], json!([ns]));
+    assert_eq!(role["data"]["token_policies"], json!([format!("{prefix}sales")]));
+    let mut db_roles = bao_list(f.bao, &format!("{}/roles", f.db_mount));
+    db_roles.sort();
+    assert_eq!(db_roles, [format!("{prefix}finance"), format!("{prefix}sales")]);
+
+    // Real SQL with the delivered credentials: each team sees its own tables only.
+    let sales_secret = secret(&secrets, "crm-access-sales-db").await;
+    let finance_secret = secret(&secrets, "crm-access-finance-db").await;
+    let (su, sp) = creds(&sales_secret);
+    let (fu, fp) = creds(&finance_secret);
+    let mut seen_passwords = vec![sp.clone(), fp.clone(), f.pg.password.clone()];
+    assert_eq!(sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
+    assert_eq!(sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
+    let refused = sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM invoices").unwrap_err();
+    assert!(refused.contains("permission denied"), "{refused}");
+    assert!(sql_as(f.pg, &f.db, &su, &sp, "UPDATE deals SET amount = 1").unwrap_err().contains("permission denied"));
+    assert_eq!(sql_as(f.pg, &f.db, &fu, &fp, "SELECT count(*) FROM invoices").as_deref(), Ok("3"));
+    assert!(sql_as(f.pg, &f.db, &fu, &fp, "SELECT count(*) FROM accounts").unwrap_err().contains("permission denied"));
+    let expires =
+        ap.status.as_ref().unwrap().teams.iter().find(|t| t.name == "sales").unwrap().credentials_expire_at.clone();
+    assert!(expires.is_some(), "status names the expiry");
+
+    // The listed workload got one restart for this credential generation.
+    let annotation = crmguard::controllers::access_policy::vault_sync::restart_annotation("crm-access", "sales");
+    let restart_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(&annotation).cloned())
+    };
+    let d1 = eventually(30, "the restart annotation", || async {
+        let d = deployments.get("sales-reports").await.map_err(|e| e.to_string())?;
+        restart_of(&d).map(|_| d).ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    let issued_1 = restart_of(&d1).unwrap();
+
+    // Rotation: sales gains UPDATE on deals -> new credentials that can update; the old ones die after 3 s.
+    let p = policy(&f, &ns, true, None);
+    aps.patch("crm-access", &PatchParams::default(), &Patch::Merge(&json!({"spec": p["spec"]}))).await.unwrap();
+    ready(&aps, &op, 2).await;
+    let rotated = eventually(30, "new sales credentials", || async {
+        let s = secrets.get("crm-access-sales-db").await.map_err(|e| e.to_string())?;
+        if creds(&s).0 != su { Ok(s) } else { Err("same user".into()) }
+    })
+    .await;
+    let (su2, sp2) = creds(&rotated);
+    seen_passwords.push(sp2.clone());
+    assert_eq!(sql_as(f.pg, &f.db, &su2, &sp2, "UPDATE deals SET amount = amount WHERE id = 1").as_deref(), Ok(""));
+    assert!(
+        sql_as(f.pg, &f.db, &su2, &sp2, "SELECT count(*) FROM invoices").unwrap_err().contains("permission denied")
+    );
+    eventually(30, "the old sales credential to stop working", || async {
+        match sql_as(f.pg, &f.db, &su, &sp, "SELECT 1") {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still works".to_string()),
+        }
+    })
+    .await;
+    let d2 = eventually(30, "one more restart", || async {
+        let d = deployments.get("sales-reports").await.map_err(|e| e.to_string())?;
+        if restart_of(&d) != Some(issued_1.clone()) { Ok(d) } else { Err("not yet".into()) }
+    })
+    .await;
+    let gen2 = d2.metadata.generation.unwrap();
+    assert_eq!(gen2, d1.metadata.generation.unwrap() + 1, "one rotation = one restart");
+    // Finance was not rotated.
+    assert_eq!(creds(&secrets.get("crm-access-finance-db").await.unwrap()).0, fu);
+
+    // An operator restart alone restarts nothing and issues nothing.
+    let mut logs = op.logs();
+    drop(op);
+    op = Operator::start_with_env(&cluster.kubeconfig, &args, &env);
+    op.wait_ready(60).await;
+    eventually(60, "the new operator to reconcile the policy", || async {
+        match op.metric("crmguard_reconcile_total{controller=\"accesspolicy\"}") {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    ready(&aps, &op, 2).await;
+    let d3 = deployments.get("sales-reports").await.unwrap();
+    assert_eq!(d3.metadata.generation, Some(gen2), "no restart from an operator restart");
+    assert_eq!(creds(&secrets.get("crm-access-sales-db").await.unwrap()).0, su2);
+
+    // Expiring grants: present until their time, then gone from RBAC and Vault, with an Event.
+    let at = now_plus(8);
+    let p = policy(&f, &ns, true, Some(&at));
+    aps.patch("crm-access", &PatchParams::default(), &Patch::Merge(&json!({"spec": p["spec"]}))).await.unwrap();
+    ready(&aps, &op, 3).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let policy_text = || {
+        bao_json(f.bao, &["read", &format!("sys/policies/acl/{prefix}sales")])
+            .and_then(|v| v["data"]["policy"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert!(policy_text().contains("break-glass"), "the grant is live until {at}");
+    let role_rules = || async { serde_json::to_string(&roles.get("crm-access-sales").await.unwrap().rules).unwrap() };
+    assert!(role_rules().await.contains("configmaps"));
+    eventually(60, "the expired grants to leave RBAC and Vault", || async {
+        let (v, k) = (policy_text(), role_rules().await);
+        if !v.contains("break-glass") && !k.contains("configmaps") && v.contains("secret/data/crm/sales/*") {
+            Ok(())
+        } else {
+            Err(format!("vault: {v}; rbac: {k}"))
+        }
+    })
+    .await;
+    let ap = aps.get("crm-access").await.unwrap();
+    let sales = ap.status.as_ref().unwrap().teams.iter().find(|t| t.name == "sales").unwrap().clone();
+    assert_eq!(sales.expired_grants.len(), 2, "{:?}", sales.expired_grants);
+
+    // Deletion: the finalizer revokes every lease and removes every Vault object of the policy.
+    aps.delete("crm-access", &DeleteParams::default()).await.unwrap();
+    eventually(60, "the AccessPolicy to be gone", || async {
+        match aps.get_opt("crm-access").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(ap) => Err(format!("still there: {:?}; {}", ap.metadata.finalizers, tail(&op.logs()))),
+        }
+    })
+    .await;
+    let leftovers: Vec<String> = [
+        bao_list(f.bao, "sys/policies/acl"),
+        bao_list(f.bao, &format!("auth/{}/role", f.auth_mount)),
+        bao_list(f.bao, &format!("{}/roles", f.db_mount)),
+    ]
+    .concat()
+    .into_iter()
+    .filter(|n| n.starts_with(&prefix))
+    .collect();
+    assert!(leftovers.is_empty(), "left in Vault: {leftovers:?}");
+    for (user, pass) in [(&su2, &sp2), (&fu, &fp)] {
+        assert!(sql_as(f.pg, &f.db, user, pass, "SELECT 1").is_err(), "{user} was revoked");
+    }
+    let roles_left =
+        f.pg.sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname IN ('{su}', '{su2}', '{fu}')"));
+    assert_eq!(roles_left, "0", "revocation dropped the database roles");
+
+    // No credential in any log line.
+    logs.push_str(&op.logs());
+    for p in &seen_passwords {
+        assert!(!logs.contains(p.as_str()), "a credential value appears in the operator's log");
+    }
+}
+
+async fn ready(aps: &Api<AccessPolicy>, op: &Operator, generation: i64) -> AccessPolicy {
+    eventually(90, "AccessPolicy Ready=True", || async {
+        let ap = aps.get("crm-access").await.map_err(|e| e.to_string())?;
+        let st = ap.status.clone().unwrap_or_default();
+        match cond(&ap, "Ready") {
+            Some((s, _, _)) if s == "True" && st.observed_generation == Some(generation) => Ok(ap),
+            other => Err(format!("{other:?} {:?}; log tail: {}", st.conditions, tail(&op.logs()))),
+        }
+    })
+    .await
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_or_unreachable_vault_is_reported_and_recovered_from() {
+    let cluster = Cluster::start("access-sealed").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let bao = OpenBao::start_private();
+    let args = ["--leader-election=false", "--namespace", &ns];
+    let op = Operator::start_with_env(&cluster.kubeconfig, &args, &[("VAULT_TOKEN", bao.token.as_str())]);
+    op.wait_ready(60).await;
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+    let mk = |name: &str, addr: &str| -> AccessPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"vault": {"address": addr}, "teams": [{
+                "name": "support", "subjects": [{"kind": "Group", "name": "support"}],
+                "vault": [{"path": "secret/data/crm/support/*", "capabilities": ["read"]}],
+            }]},
+        }))
+        .unwrap()
+    };
+    let closed = format!("http://127.0.0.1:{}", e2e::free_port());
+    aps.create(&PostParams::default(), &mk("ok", &bao.addr())).await.unwrap();
+    aps.create(&PostParams::default(), &mk("nowhere", &closed)).await.unwrap();
+    let wait = |name: &'static str, want: (&'static str, &'static str)| {
+        let aps = aps.clone();
+        async move {
+            eventually(60, &format!("{name}: VaultConfigured {want:?}"), || async {
+                let ap = aps.get(name).await.map_err(|e| e.to_string())?;
+                match cond(&ap, "VaultConfigured") {
+                    Some((s, r, m)) if (s.as_str(), r.as_str()) == want => Ok(m),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await
+        }
+    };
+    wait("ok", ("True", "Synced")).await;
+    let m = wait("nowhere", ("False", "VaultUnreachable")).await;
+    assert!(m.contains(&closed), "{m}");
+
+    bao.cli(&["operator", "seal"]).unwrap();
+    // Any event makes the operator look again (it also retries on its own within its resync).
+    aps.patch("ok", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"poke": "1"}}})))
+        .await
+        .unwrap();
+    let m = wait("ok", ("False", "VaultSealed")).await;
+    assert!(m.contains("sealed"), "{m}");
+    let ready = cond(&aps.get("ok").await.unwrap(), "Ready").unwrap();
+    assert_eq!((ready.0.as_str(), ready.1.as_str()), ("False", "VaultSealed"));
+    let mut child = op;
+    assert!(child.child.try_wait().unwrap().is_none(), "the operator keeps running");
+    bao.cli(&["operator", "unseal", &bao.unseal_key()]).unwrap();
+    // Recovery needs no poke: the operator retries by itself.
+    wait("ok", ("True", "Synced")).await;
+    assert!(child.child.try_wait().unwrap().is_none());
+    assert!(!child.logs().contains(&bao.unseal_key()));
+    let _ = &mut child;
+}

@@ -194,7 +194,8 @@ def main():
         ops = Helm(lib, kubeconfig, "ops")
         values = {"replicaCount": 2, "watchNamespaces": ["crm", "crm-staging"], "logging": {"format": "text", "level": "debug"},
                   "serviceMonitor": {"enabled": True}, "networkPolicy": {"ingressFromNamespaces": ["monitoring"]},
-                  "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"}}
+                  "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"},
+                  "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}}}
         release, err = ops.install("guard", values)
         check(release is not None, f"install with non-default values: {err}")
         dep = get(server, "/apis/apps/v1/namespaces/ops/deployments/guard")
@@ -202,6 +203,13 @@ def main():
         check(dep["spec"]["replicas"] == 2, "two replicas")
         check("--namespace=crm,crm-staging" in args_ and "--log-format=text" in args_, f"args {args_}")
         check(dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":1.2.3"), "image tag")
+        check("--vault-addr=https://vault.vault.svc:8200" in args_ and "--vault-role=crm-op" in args_
+              and "--vault-auth-mount=kubernetes" in args_, f"vault args {args_}")
+        pod = dep["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        check(env.get("VAULT_CACERT") == "/etc/crmguard/vault-ca/ca.crt", f"VAULT_CACERT {env}")
+        check(pod["volumes"][0]["secret"]["secretName"] == "vault-ca"
+              and pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/crmguard/vault-ca", "Vault CA mounted")
         get(server, "/apis/monitoring.coreos.com/v1/namespaces/ops/servicemonitors/guard")
         role = get(server, "/apis/rbac.authorization.k8s.io/v1/clusterroles/guard")
         check(not any("escalate" in r["verbs"] for r in role["rules"]), "no escalate when accessPolicyCanGrant is false")

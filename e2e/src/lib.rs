@@ -262,3 +262,44 @@ impl Drop for Cluster {
         .join();
     }
 }
+
+/// Installs the RBAC objects of the rendered chart (manifests/crmguard.yaml): the operator's ServiceAccount
+/// `crmguard-system/crmguard` then has exactly the chart's rights.
+pub async fn install_chart_rbac(client: &kube::Client) {
+    let text = std::fs::read_to_string(repo_root().join("manifests/crmguard.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let pp = kube::api::PostParams::default();
+    let mut installed = 0;
+    for d in docs.into_iter().filter(|d| !d.is_null()) {
+        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+        match d["kind"].as_str().unwrap_or_default() {
+            "ClusterRole" => drop(
+                kube::Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "ClusterRoleBinding" => drop(
+                kube::Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "Role" => drop(
+                kube::Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "RoleBinding" => drop(
+                kube::Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), &ns)
+                    .create(&pp, &serde_json::from_value(d).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            _ => continue,
+        }
+        installed += 1;
+    }
+    assert_eq!(installed, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
+}

@@ -195,7 +195,16 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     let addr = f.bao.addr();
     let args = ["--leader-election=false", "--namespace", &ns, "--vault-addr", &addr];
     let env = [("VAULT_TOKEN", f.bao.token.as_str())];
-    let mut op = Operator::start_with_env(&cluster.kubeconfig, &args, &env);
+    // On the stand-in the operator runs with exactly the chart's RBAC (on a real cluster: whatever the
+    // kubeconfig grants; install the chart there).
+    let kubeconfig = match &cluster.standin {
+        Some(server) => {
+            e2e::install_chart_rbac(&client).await;
+            server.kubeconfig_as_service_account("crmguard-system", "crmguard")
+        }
+        None => cluster.kubeconfig.clone(),
+    };
+    let mut op = Operator::start_with_env(&kubeconfig, &args, &env);
     op.wait_ready(60).await;
 
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
@@ -290,7 +299,7 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     // An operator restart alone restarts nothing and issues nothing.
     let mut logs = op.logs();
     drop(op);
-    op = Operator::start_with_env(&cluster.kubeconfig, &args, &env);
+    op = Operator::start_with_env(&kubeconfig, &args, &env);
     op.wait_ready(60).await;
     eventually(60, "the new operator to reconcile the policy", || async {
         match op.metric("crmguard_reconcile_total{controller=\"accesspolicy\"}") {
@@ -327,9 +336,21 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
         }
     })
     .await;
-    let ap = aps.get("crm-access").await.unwrap();
-    let sales = ap.status.as_ref().unwrap().teams.iter().find(|t| t.name == "sales").unwrap().clone();
-    assert_eq!(sales.expired_grants.len(), 2, "{:?}", sales.expired_grants);
+    // The status is written right after the children and Vault: wait for it too.
+    let expired = eventually(30, "status to list the expired grants", || async {
+        let ap = aps.get("crm-access").await.map_err(|e| e.to_string())?;
+        let sales = ap.status.unwrap_or_default().teams.into_iter().find(|t| t.name == "sales").unwrap_or_default();
+        if sales.expired_grants.len() == 2 {
+            Ok(sales.expired_grants)
+        } else {
+            Err(format!("{:?}", sales.expired_grants))
+        }
+    })
+    .await;
+    assert!(
+        expired.iter().any(|g| g.contains("break-glass")) && expired.iter().any(|g| g.contains("configmaps")),
+        "{expired:?}"
+    );
 
     // Deletion: the finalizer revokes every lease and removes every Vault object of the policy.
     aps.delete("crm-access", &DeleteParams::default()).await.unwrap();

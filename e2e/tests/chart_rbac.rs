@@ -5,46 +5,10 @@
 
 use crmguard::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
 use e2e::{Cluster, Operator, eventually};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::Role;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
-
-async fn install_chart_rbac(client: &kube::Client) {
-    let text = std::fs::read_to_string(e2e::repo_root().join("manifests/crmguard.yaml")).unwrap();
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
-    let pp = PostParams::default();
-    let mut installed = 0;
-    for d in docs.into_iter().filter(|d| !d.is_null()) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        match d["kind"].as_str().unwrap_or_default() {
-            "ClusterRole" => drop(
-                Api::<ClusterRole>::all(client.clone()).create(&pp, &serde_json::from_value(d).unwrap()).await.unwrap(),
-            ),
-            "ClusterRoleBinding" => drop(
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            "Role" => drop(
-                Api::<Role>::namespaced(client.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            "RoleBinding" => drop(
-                Api::<RoleBinding>::namespaced(client.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            _ => continue,
-        }
-        installed += 1;
-    }
-    assert_eq!(installed, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
-}
 
 fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
     let path = e2e::repo_root().join("examples/crm").join(file);
@@ -61,7 +25,7 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
         return;
     };
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    install_chart_rbac(&client).await;
+    e2e::install_chart_rbac(&client).await;
     let kubeconfig = server.kubeconfig_as_service_account("crmguard-system", "crmguard");
     let op = Operator::start(
         &kubeconfig,

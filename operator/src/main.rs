@@ -141,6 +141,17 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         build.image = image;
     }
     build.vault_addr = args.vault_addr.filter(|a| !a.is_empty());
+    // Vault's CA (VAULT_CACERT, as for the Vault CLI): trusted by the operator through vaultrs, and handed to jobs.
+    if let Ok(path) = std::env::var("VAULT_CACERT")
+        && !path.is_empty()
+    {
+        let pem = std::fs::read_to_string(&path)
+            .map_err(|e| format!("VAULT_CACERT={path}: cannot read Vault's CA certificate: {e}"))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!("VAULT_CACERT={path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
+        }
+        build.vault_ca_pem = Some(pem);
+    }
     // VAULT_TOKEN (development, tests) wins over Kubernetes auth, as for the jobs and the Vault CLI.
     let vault_auth = match std::env::var("VAULT_TOKEN") {
         Ok(t) if !t.is_empty() => crmguard::vault::admin::OperatorAuth::Token(t.into()),

@@ -105,6 +105,8 @@ pub struct Planned {
     pub warnings: Vec<String>,
     /// True when the document is not a crmguard resource and was ignored.
     pub skipped: bool,
+    /// What the operator would write to Vault (AccessPolicy): `(path, body)`.
+    pub vault: Vec<(String, Value)>,
 }
 
 fn describe(v: &Value) -> String {
@@ -153,6 +155,7 @@ pub fn plan(docs: &[Document], namespace: Option<&str>, ctx: &BuildContext, now:
                 errors: vec![],
                 warnings: vec![],
                 skipped: false,
+                vault: vec![],
             };
             let ours = v.get("apiVersion").and_then(Value::as_str).is_some_and(|a| a.starts_with("crmguard.io/"));
             let Some(kind) = crmguard_kind(v) else {
@@ -190,6 +193,7 @@ pub fn plan(docs: &[Document], namespace: Option<&str>, ctx: &BuildContext, now:
                 }),
                 "AccessPolicy" => {
                     typed::<AccessPolicy>(&v).and_then(|p| access_policy::validate::validate(&p)).map(|p| {
+                        planned.vault = vault_plan(&p, now);
                         let rbac = access_policy::build::build(&p, now);
                         let mut warnings = p.warnings.clone();
                         warnings.extend(rbac.expired.iter().map(|e| format!("grant expired and left out: {e}")));
@@ -243,6 +247,39 @@ pub fn render(plans: &[Planned]) -> String {
         for child in &p.children {
             out.push_str("---\n");
             out.push_str(&serde_saphyr::to_string(child).unwrap_or_default());
+        }
+        if !p.vault.is_empty() {
+            let _ = writeln!(
+                out,
+                "# {}: written to Vault through its HTTP API (database statements shown for PostgreSQL; a MySQL \
+                 connection gets MySQL ones), plus short-lived credentials read from <mount>/creds/<role> into a \
+                 Secret per team:",
+                p.resource
+            );
+            for (path, body) in &p.vault {
+                let _ = writeln!(out, "#   {path}:");
+                for line in serde_saphyr::to_string(body).unwrap_or_default().lines() {
+                    let _ = writeln!(out, "#     {line}");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The Vault writes of an AccessPolicy, as `(path, body)`.
+fn vault_plan(p: &access_policy::validate::ValidatedAccessPolicy, now: Timestamp) -> Vec<(String, Value)> {
+    use access_policy::vault_objects::{self, Engine};
+    let settings = p.policy.spec.vault.clone().unwrap_or_else(vault_objects::default_settings);
+    let (auth, db) = (settings.kubernetes_auth_mount.trim_matches('/'), settings.database_mount.trim_matches('/'));
+    let mut out = Vec::new();
+    for t in vault_objects::build(p, now).teams {
+        out.push((format!("sys/policies/acl/{}", t.policy_name), serde_json::json!({"policy": t.policy})));
+        for r in t.auth_roles {
+            out.push((format!("auth/{auth}/role/{}", r.name), r.body));
+        }
+        if let Some(role) = t.db_role {
+            out.push((format!("{db}/roles/{}", role.name), vault_objects::db_role_body(Engine::Postgres, &role)));
         }
     }
     out

@@ -155,3 +155,24 @@ fn a_restore_job_names_the_backup_target_and_options_and_passes_target_vault_cre
     let att = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "attachments").unwrap();
     assert_eq!(att.read_only, Some(false), "a restore writes the attachments back");
 }
+
+#[test]
+fn vaults_ca_reaches_jobs_through_their_config_map() {
+    let p = policy(support::example("CrmBackupPolicy"));
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_string();
+    let with_ca = BuildContext { vault_ca_pem: Some(pem.clone()), ..ctx() };
+    let v = validate::validate(&p).unwrap();
+    let children = build::build(&v, &with_ca);
+    assert_eq!(children.config_map.data.as_ref().unwrap()[build::VAULT_CA_FILE], pem);
+    let env = build::job_env(&v.spec, &with_ca);
+    let ca = env.iter().find(|e| e.name == "VAULT_CACERT").expect("VAULT_CACERT");
+    assert_eq!(ca.value.as_deref(), Some("/etc/crmguard/vault-ca.crt"));
+    // Without a CA the jobs trust the system roots and get no VAULT_CACERT.
+    let plain = build::job_env(&v.spec, &ctx_plain());
+    assert!(plain.iter().all(|e| e.name != "VAULT_CACERT"));
+    assert!(!build::build(&v, &ctx_plain()).config_map.data.unwrap().contains_key(build::VAULT_CA_FILE));
+}
+
+fn ctx_plain() -> BuildContext {
+    ctx()
+}

@@ -7,7 +7,7 @@ mod support;
 
 use crmguard::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use crmguard::controllers::BuildContext;
-use crmguard::plan::plan;
+use crmguard::plan::{plan, render};
 use crmguard::validation::{admit, with_defaults};
 use serde_json::Value;
 use support::examples;
@@ -143,4 +143,29 @@ fn expired_grants_are_left_out_of_rbac() {
         ap.children.iter().filter(|c| c["kind"] == "Role").map(|c| c["metadata"]["name"].as_str().unwrap()).collect();
     assert_eq!(roles, ["crm-teams-sales", "crm-teams-finance"], "oncall's break-glass grant expired in 2030");
     assert!(ap.warnings.iter().any(|w| w.contains("oncall") && w.contains("expired")), "{:?}", ap.warnings);
+}
+
+#[test]
+fn the_plan_shows_each_teams_vault_objects_with_only_its_tables() {
+    let now: jiff::Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+    let plans = plan(&examples(), None, &BuildContext::default(), now);
+    let ap = plans.iter().find(|p| p.resource.starts_with("AccessPolicy")).unwrap();
+    let paths: Vec<&str> = ap.vault.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(paths.contains(&"sys/policies/acl/crmguard_crm_crm-teams_sales"), "{paths:?}");
+    assert!(paths.contains(&"auth/kubernetes/role/crmguard_crm_crm-teams_sales"), "{paths:?}");
+    let role = |team: &str| {
+        let path = format!("database/roles/crmguard_crm_crm-teams_{team}");
+        let (_, body) = ap.vault.iter().find(|(p, _)| *p == path).unwrap_or_else(|| panic!("{path} in {paths:?}"));
+        body["creation_statements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (sales, finance) = (role("sales"), role("finance"));
+    assert!(sales.contains("\"public\".\"accounts\"") && !sales.contains("invoices"), "{sales}");
+    assert!(finance.contains("invoices") && !finance.contains("accounts"), "{finance}");
+    assert!(render(&plans).contains("#   database/roles/crmguard_crm_crm-teams_sales:"));
 }

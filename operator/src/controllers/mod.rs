@@ -19,6 +19,9 @@ pub struct BuildContext {
     pub image_pull_policy: String,
     /// Vault address given to jobs that use Vault (`VAULT_ADDR`).
     pub vault_addr: Option<String>,
+    /// PEM of the CA that signed Vault's certificate (the operator's `VAULT_CACERT`), handed to jobs through
+    /// their ConfigMap (a CA certificate is public) so they trust the same Vault.
+    pub vault_ca_pem: Option<String>,
 }
 
 impl Default for BuildContext {
@@ -27,6 +30,7 @@ impl Default for BuildContext {
             image: format!("ghcr.io/crmguard/crmguard:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
             vault_addr: None,
+            vault_ca_pem: None,
         }
     }
 }

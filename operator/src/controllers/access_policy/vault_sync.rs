@@ -75,7 +75,7 @@ impl Outcome {
 
     /// Vault could not be used: say why, retry soon, and keep reporting what earlier passes created (so that
     /// status, and deletion's cleanup, still know it).
-    fn vault_failed(&mut self, e: &ApiError, p: &AccessPolicy) {
+    fn vault_failed(&mut self, e: &ApiError, p: &AccessPolicy, now: Timestamp) {
         for t in p.status.iter().flat_map(|s| s.teams.iter()) {
             self.teams.insert(
                 t.name.clone(),
@@ -96,6 +96,16 @@ impl Outcome {
              Secrets already delivered stay until their leases end",
         );
         self.retry = Some(VAULT_RETRY);
+        let lapsed: Vec<String> = self
+            .teams
+            .iter()
+            .filter_map(|(team, t)| t.expires_at.filter(|x| *x <= now).map(|x| format!("{team} (at {x})")))
+            .collect();
+        if !lapsed.is_empty() {
+            let msg = format!("database credentials expired without renewal: {}", lapsed.join(", "));
+            self.credentials.message = format!("{msg}; {}", self.credentials.message);
+            self.events.push((true, "CredentialsExpired", format!("{msg}, because Vault cannot be used: {e}")));
+        }
     }
 
     fn note(&mut self, t: Timestamp) {
@@ -159,7 +169,7 @@ pub async fn reconcile(
     let api = match api {
         Ok(api) => api,
         Err(e) => {
-            out.vault_failed(&e, p);
+            out.vault_failed(&e, p, now);
             return Ok(out);
         }
     };
@@ -171,7 +181,7 @@ pub async fn reconcile(
             if matches!(e, ApiError::Forbidden { .. }) {
                 ctx.vault.forget(api.addr()).await;
             }
-            out.vault_failed(&e, p);
+            out.vault_failed(&e, p, now);
         }
     }
     Ok(out)

@@ -23,6 +23,8 @@ use crate::k8s::meta::{CRONJOB_NAME_MAX, NAME_MAX, Owner, child_name};
 pub const CONFIG_DIR: &str = "/etc/crmguard";
 /// File name of the job configuration inside [`CONFIG_DIR`].
 pub const CONFIG_FILE: &str = "policy.json";
+/// Key (and file in [`CONFIG_DIR`]) of Vault's CA certificate in the job ConfigMap.
+pub const VAULT_CA_FILE: &str = "vault-ca.crt";
 /// Where Vault's projected ServiceAccount token is mounted.
 pub const VAULT_TOKEN_DIR: &str = "/var/run/secrets/vault";
 /// Where the attachments volume is mounted (read-only) in backup jobs.
@@ -92,7 +94,12 @@ pub fn build(policy: &ValidatedBackupPolicy, ctx: &BuildContext) -> Children {
     let config_json = serde_json::to_string_pretty(&config).unwrap_or_default();
     let config_map = ConfigMap {
         metadata: owner.child_meta(n.config_map.clone(), "backup"),
-        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config_json)])),
+        data: Some(
+            [(CONFIG_FILE.to_string(), config_json)]
+                .into_iter()
+                .chain(ctx.vault_ca_pem.clone().map(|pem| (VAULT_CA_FILE.to_string(), pem)))
+                .collect(),
+        ),
         ..ConfigMap::default()
     };
     let service_account = ServiceAccount {
@@ -151,6 +158,10 @@ pub fn job_env(spec: &CrmBackupPolicySpec, ctx: &BuildContext) -> Vec<EnvVar> {
     let mut env = Vec::new();
     if let (true, Some(addr)) = (uses_vault(spec), &ctx.vault_addr) {
         env.push(EnvVar { name: "VAULT_ADDR".into(), value: Some(addr.clone()), ..EnvVar::default() });
+        if ctx.vault_ca_pem.is_some() {
+            let path = format!("{CONFIG_DIR}/{VAULT_CA_FILE}");
+            env.push(EnvVar { name: "VAULT_CACERT".into(), value: Some(path), ..EnvVar::default() });
+        }
     }
     if let Some(s) = &spec.source.credentials.secret_ref {
         env.push(secret_env("CRMGUARD_DB_USERNAME", &s.name, &s.username_key));

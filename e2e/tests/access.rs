@@ -538,3 +538,48 @@ async fn a_mysql_connection_gets_mysql_grants_on_exactly_the_teams_tables() {
     .await;
     assert!(!op.logs().contains(&pass), "a credential value appears in the operator's log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_in_place_at_the_configured_fraction() {
+    let cluster = Cluster::start("access-renew").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let f = Fixture::new("r");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &f.connection_secret(&ns)).await.unwrap();
+    let op = Operator::start_with_env(
+        &cluster.kubeconfig,
+        &["--leader-election=false", "--namespace", &ns],
+        &[("VAULT_TOKEN", f.bao.token.as_str())],
+    );
+    op.wait_ready(60).await;
+    // A 1-minute lease renewed at 10 %: every ~6 s, same credential, later expiry.
+    let mut p = policy(&f, &ns, false, None);
+    p["spec"]["teams"][0]["credentials"] = json!({"ttl": "1m", "maxTtl": "1h", "renewAtPercent": 10});
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+    aps.create(&PostParams::default(), &serde_json::from_value(p).unwrap()).await.unwrap();
+    ready(&aps, &op, 1).await;
+    let annotations = |s: &Secret| s.metadata.annotations.clone().unwrap_or_default();
+    let first = secret(&secrets, "crm-access-sales-db").await;
+    let (a1, (user, pass)) = (annotations(&first), creds(&first));
+    let renewed = eventually(40, "a renewal", || async {
+        let s = secrets.get("crm-access-sales-db").await.map_err(|e| e.to_string())?;
+        let a = annotations(&s);
+        if a.get("crmguard.io/renewed-at") != a1.get("crmguard.io/renewed-at") { Ok(s) } else { Err("not yet".into()) }
+    })
+    .await;
+    let a2 = annotations(&renewed);
+    assert_eq!(creds(&renewed), (user.clone(), pass.clone()), "renewal keeps the credential");
+    assert_eq!(a2["crmguard.io/lease-id"], a1["crmguard.io/lease-id"]);
+    assert_eq!(a2["crmguard.io/issued-at"], a1["crmguard.io/issued-at"]);
+    let exp = |a: &std::collections::BTreeMap<String, String>| {
+        a["crmguard.io/expires-at"].parse::<jiff::Timestamp>().unwrap()
+    };
+    assert!(exp(&a2) > exp(&a1), "the lease was extended: {} -> {}", exp(&a1), exp(&a2));
+    assert_eq!(sql_as(f.pg, &f.db, &user, &pass, "SELECT count(*) FROM deals").as_deref(), Ok("5"));
+    // Vault agrees: the lease's expiry moved.
+    let lease =
+        bao_json(f.bao, &["write", "sys/leases/lookup", &format!("lease_id={}", a2["crmguard.io/lease-id"])]).unwrap();
+    let vault_expiry: jiff::Timestamp = lease["data"]["expire_time"].as_str().unwrap().parse().unwrap();
+    assert!((vault_expiry.as_second() - exp(&a2).as_second()).abs() <= 2, "{vault_expiry} vs {}", exp(&a2));
+    assert!(!op.logs().contains(&pass));
+}

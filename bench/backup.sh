@@ -2,7 +2,10 @@
 # Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
 # writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
 #
-#   bench/backup.sh [--size-mib 2048] [--level 3] [--keep]
+#   bench/backup.sh [--size-mib 2048] [--level 3] [--keep] [--hold]
+#
+# --hold: after the report, keep the servers running and write $work/env.sh (source it to run crmguard, restic
+# or a profiler against the same data by hand); Ctrl-C ends it.
 #
 # Needs a release build (built here), scripts/install-services, and restic + rclone (apt-get install restic
 # rclone). Everything runs on this machine: PostgreSQL and SeaweedFS share the CPU with the tool under test,
@@ -19,12 +22,14 @@ cd "$(dirname "$0")/.."
 size_mib=2048
 level=3
 keep=0
+hold=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib=$2; shift 2 ;;
     --level) level=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    *) echo "usage: $0 [--size-mib N] [--level N] [--keep]" >&2; exit 2 ;;
+    --hold) hold=1; shift ;;
+    *) echo "usage: $0 [--size-mib N] [--level N] [--keep] [--hold]" >&2; exit 2 ;;
   esac
 done
 for tool in restic rclone /usr/bin/time; do
@@ -47,6 +52,7 @@ cleanup() {
   [ "$keep" = 1 ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- servers ---------------------------------------------------------------------------------------------
@@ -176,3 +182,14 @@ for op in ["backup", "restore"]:
     print(f"{op}: crmguard / restic throughput = {res[('crmguard', op)] / res[('restic', op)]:.2f}x, "
           f"crmguard / rclone = {res[('crmguard', op)] / res[('rclone', op)]:.2f}x")
 PY
+if [ "$hold" = 1 ]; then
+  {
+    echo "export work=$work bin=$bin CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR=$work/bin"
+    echo "export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key CRMGUARD_ENCRYPTION_KEY=$CRMGUARD_ENCRYPTION_KEY"
+    echo "export CRMGUARD_LOG_LEVEL=warn RESTIC_REPOSITORY=$RESTIC_REPOSITORY RESTIC_PASSWORD=$RESTIC_PASSWORD"
+    echo "export RCLONE_CONFIG=$RCLONE_CONFIG $(env | grep '^RCLONE_CONFIG_S3_' | tr '\n' ' ')"
+    echo "# e.g.: \$bin backup run -f \$work/policy.yaml"
+  } >"$work/env.sh"
+  echo "holding: source $work/env.sh (Ctrl-C ends)" >&2
+  while sleep 3600; do :; done
+fi

@@ -183,13 +183,19 @@ async fn secret(api: &Api<Secret>, name: &str) -> Secret {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
-    let cluster = Cluster::start("access-vault").await;
+/// A cluster namespace with the Vault connection Secret, a PostgreSQL database and Vault mounts of its own.
+async fn start(test: &str, tag: &str) -> (Cluster, kube::Client, String, Fixture, Api<Secret>) {
+    let cluster = Cluster::start(test).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-    let f = Fixture::new("a");
+    let f = Fixture::new(tag);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets.create(&PostParams::default(), &f.connection_secret(&ns)).await.unwrap();
+    (cluster, client, ns, f, secrets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
+    let (cluster, client, ns, f, secrets) = start("access-vault", "a").await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     deployments.create(&PostParams::default(), &deployment(&ns)).await.unwrap();
     let addr = f.bao.addr();
@@ -541,11 +547,7 @@ async fn a_mysql_connection_gets_mysql_grants_on_exactly_the_teams_tables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_renewed_in_place_at_the_configured_fraction() {
-    let cluster = Cluster::start("access-renew").await;
-    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-    let f = Fixture::new("r");
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets.create(&PostParams::default(), &f.connection_secret(&ns)).await.unwrap();
+    let (cluster, client, ns, f, secrets) = start("access-renew", "r").await;
     let op = Operator::start_with_env(
         &cluster.kubeconfig,
         &["--leader-election=false", "--namespace", &ns],

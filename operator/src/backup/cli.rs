@@ -27,7 +27,7 @@ pub struct PolicyArgs {
     /// crmguard out and for air-gapped copies).
     #[arg(long)]
     pub store_dir: Option<PathBuf>,
-    /// Size of the first multipart parts in MiB (at least 5); memory use is about (parts in flight + 2) x this.
+    /// Size of the first multipart parts in MiB (at least 5); memory use is about (parts in flight + 1) x this.
     #[arg(long, default_value_t = 5)]
     pub part_size_mib: usize,
     /// Parts uploaded at the same time.

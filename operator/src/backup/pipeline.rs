@@ -1,7 +1,7 @@
 //! The streaming data path. Backup: source (dump child process or tar of a directory) -> sha256 of the raw
 //! stream -> zstd -> chunked AEAD -> sha256 of the stored bytes -> multipart parts, a bounded number in flight.
 //! Verification and restore run the same layers backwards. Nothing ever holds a whole backup in memory or on
-//! disk: memory is bounded by (parts in flight + 2) x part size plus the codec windows.
+//! disk: memory is bounded by (parts in flight + 1) x part size plus the codec windows.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -25,7 +25,7 @@ const JOB_SIZE: u32 = 2 << 20;
 pub struct PipelineOptions {
     /// Size of the first 2000 multipart parts (5 MiB, the S3 minimum, by default); it doubles every 2000 parts
     /// (S3 allows 10 000), so memory stays flat up to about 10 GiB stored per object and the limit is far
-    /// beyond any CRM database. Parts held at once: `parts_in_flight` + 2.
+    /// beyond any CRM database. Parts held at once: `parts_in_flight` + 1.
     pub part_size: usize,
     /// Parts uploaded concurrently.
     pub parts_in_flight: usize,
@@ -130,24 +130,75 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Collects the stored stream into parts and hands them to the uploader (blocking when it is busy).
+/// Part buffers that may exist at once (being filled, queued or uploading): the memory bound of the upload.
+struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One part buffer's place; given back when dropped (after its upload, or when the upload is abandoned).
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn new(n: usize) -> Arc<Slots> {
+        Arc::new(Slots { free: std::sync::Mutex::new(n), freed: std::sync::Condvar::new() })
+    }
+
+    /// Blocks until a part buffer may be started.
+    fn acquire(self: &Arc<Self>) -> Slot {
+        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *free -= 1;
+        Slot(self.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// A part on its way to S3, holding its slot.
+type Part = (Bytes, Slot);
+
+/// Collects the stored stream into parts and hands them to the uploader. A part buffer is started only when
+/// one of `parts_in_flight + 1` slots is free, so at most that many parts exist at once.
 struct PartSink {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
+    tx: tokio::sync::mpsc::Sender<Part>,
     buf: Vec<u8>,
     base: usize,
     sent: u32,
+    slots: Arc<Slots>,
+    slot: Option<Slot>,
 }
 
 impl PartSink {
+    fn new(tx: tokio::sync::mpsc::Sender<Part>, part_size: usize, in_flight: usize) -> PartSink {
+        let slots = Slots::new(in_flight + 1);
+        PartSink { tx, buf: Vec::new(), base: part_size.max(5 << 20), sent: 0, slots, slot: None }
+    }
+
     fn part_size(&self) -> usize {
         self.base << (self.sent / 2000).min(6)
     }
 
+    fn start(&mut self) {
+        if self.slot.is_none() {
+            self.slot = Some(self.slots.acquire());
+            self.buf.reserve_exact(self.part_size());
+        }
+    }
+
     fn send(&mut self) -> io::Result<()> {
-        let size = self.part_size();
-        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(size));
+        self.start();
+        let part = std::mem::take(&mut self.buf);
+        let slot = self.slot.take().ok_or_else(|| io::Error::other("part without a slot"))?;
         self.tx
-            .blocking_send(Bytes::from(part))
+            .blocking_send((Bytes::from(part), slot))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
         self.sent += 1;
         Ok(())
@@ -163,6 +214,7 @@ impl PartSink {
 
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.start();
         let room = self.part_size() - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
@@ -322,10 +374,10 @@ where
     A: FnOnce() + Send + 'static,
 {
     let upload = store.start_upload(key).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
     let counter = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start(format!("{purpose} backup"), counter.clone(), opts.progress_every);
-    let sink = PartSink { tx, buf: Vec::with_capacity(opts.part_size), base: opts.part_size.max(5 << 20), sent: 0 };
+    let sink = PartSink::new(tx, opts.part_size, opts.parts_in_flight.max(1));
     let tuning = (opts.chunk_log2, opts.compress_threads);
     let producer = tokio::task::spawn_blocking(move || {
         let produced = produce(fill, &protection, tuning, purpose, sink, counter);
@@ -369,7 +421,7 @@ where
 
 async fn upload_parts(
     upload: &Upload,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<Part>,
     in_flight: usize,
 ) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, StoreError> {
     let mut running = tokio::task::JoinSet::new();
@@ -384,10 +436,14 @@ async fn upload_parts(
                 done.push(join(r)?);
             }
         }
-        let Some(part) = rx.recv().await else { break };
+        let Some((part, slot)) = rx.recv().await else { break };
         number += 1;
         let u = upload.clone();
-        running.spawn(async move { u.part(number, part).await });
+        running.spawn(async move {
+            let done = u.part(number, part).await;
+            drop(slot); // the buffer is free once the request is done with it
+            done
+        });
     }
     while let Some(r) = running.join_next().await {
         done.push(join(r)?);
@@ -668,4 +724,40 @@ pub fn read_tar(input: &mut dyn Read, dir: &Path) -> io::Result<()> {
     archive.set_preserve_permissions(false);
     archive.set_overwrite(true);
     archive.unpack(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_parts_in_flight_plus_one_part_buffers_exist() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(1);
+        let part = 5 << 20;
+        let producer = std::thread::spawn(move || {
+            let mut sink = PartSink::new(tx, part, 2);
+            let block = vec![7u8; 1 << 20];
+            for _ in 0..(10 * 5) {
+                sink.write_all(&block)?;
+            }
+            sink.finish()
+        });
+        // Hold every part received (as an upload that never finishes would).
+        let mut held = Vec::new();
+        while held.len() < 3 {
+            held.push(rx.blocking_recv().expect("a part"));
+        }
+        // Three slots are taken: the producer cannot start a fourth buffer however long it waits.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "a fourth part exists while three are held");
+        assert_eq!(held.iter().map(|(b, _)| b.len()).sum::<usize>(), 3 * part);
+        drop(held);
+        let mut rest = 0;
+        while let Some((bytes, _slot)) = rx.blocking_recv() {
+            assert_eq!(bytes.len(), part);
+            rest += 1;
+        }
+        assert_eq!(rest, 7);
+        assert_eq!(producer.join().expect("producer").expect("sink"), 10);
+    }
 }

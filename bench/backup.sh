@@ -7,7 +7,7 @@
 # --hold: after the report, keep the servers running and write $work/env.sh (source it to run crmguard, restic
 # or a profiler against the same data by hand); Ctrl-C ends it.
 #
-# Needs a release build (built here), scripts/install-services, and restic + rclone (apt-get install restic
+# Needs the shipped build (`--profile dist`: LTO, built here; about 10 minutes the first time), scripts/install-services, and restic + rclone (apt-get install restic
 # rclone). Everything runs on this machine: PostgreSQL and SeaweedFS share the CPU with the tool under test,
 # as they would share a node. Not run in CI.
 #
@@ -36,8 +36,8 @@ for tool in restic rclone /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "$tool is missing: apt-get install -y restic rclone time" >&2; exit 1; }
 done
 scripts/install-services >/dev/null
-cargo build --release -p crmguard >&2
-bin=$PWD/target/release/crmguard
+cargo build --profile dist -p crmguard >&2
+bin=$PWD/target/dist/crmguard
 weed=$PWD/.ci/venv/bin/weed
 pgbin=$(dirname "$(readlink -f "$(command -v initdb || echo /usr/lib/postgresql/15/bin/initdb)")")
 
@@ -45,7 +45,7 @@ work=$(mktemp -d /tmp/crmguard-bench-XXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   [ -f "$work/pg/data/postmaster.pid" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
   sleep 1
   rm -f /tmp/seaweedfs-*-"$s3port".sock
@@ -191,5 +191,6 @@ if [ "$hold" = 1 ]; then
     echo "# e.g.: \$bin backup run -f \$work/policy.yaml"
   } >"$work/env.sh"
   echo "holding: source $work/env.sh (Ctrl-C ends)" >&2
-  while sleep 3600; do :; done
+  sleep infinity &
+  wait $!  # a signal interrupts wait (not a foreground sleep), so cleanup runs at once
 fi

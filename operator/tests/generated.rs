@@ -139,3 +139,23 @@ fn readme_documents_every_chart_value() {
     let missing: Vec<&String> = keys.iter().filter(|k| !readme.contains(&format!("`{k}`"))).collect();
     assert!(missing.is_empty(), "README's chart-values table lacks {missing:?}");
 }
+
+/// The Dockerfile builds what the benchmarks measure and runs as the user the pods declare, with the database
+/// clients the jobs call, on the toolchain the workspace requires.
+#[test]
+fn dockerfile_agrees_with_the_pods_and_the_workspace() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let run_as = crmguard::controllers::backup_policy::build::RUN_AS;
+    assert!(docker.contains(&format!("USER {run_as}:{run_as}")), "image user must be the pods' runAsUser {run_as}");
+    let chart = std::fs::read_to_string(root.join("charts/crmguard/templates/deployment.yaml")).unwrap();
+    assert!(chart.contains(&format!("runAsUser: {run_as}")), "the chart's operator pod runs as {run_as}");
+    assert!(docker.contains("cargo build --locked --profile dist -p crmguard"));
+    assert!(docker.contains("ENTRYPOINT [\"/usr/local/bin/crmguard\"]"), "jobs pass only args to the image");
+    for tool in ["postgresql-client-${PG_MAJOR}", "mariadb-client", "pg_dump\" --version", "mysqldump --version"] {
+        assert!(docker.contains(tool), "the image installs and checks {tool}");
+    }
+    let workspace = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let rust = workspace.lines().find_map(|l| l.strip_prefix("rust-version = ")).unwrap().trim_matches('"');
+    assert!(docker.contains(&format!("ARG RUST_VERSION={rust}")), "builder toolchain = rust-version {rust}");
+}

@@ -252,7 +252,11 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     assert!(sql_as(f.pg, &f.db, &fu, &fp, "SELECT count(*) FROM accounts").unwrap_err().contains("permission denied"));
     let expires =
         ap.status.as_ref().unwrap().teams.iter().find(|t| t.name == "sales").unwrap().credentials_expire_at.clone();
-    assert!(expires.is_some(), "status names the expiry");
+    let expires = expires.expect("status names the expiry").0.as_second() as f64;
+    let series = format!(
+        "crmguard_credentials_expiry_timestamp_seconds{{namespace=\"{ns}\",name=\"crm-access\",team=\"sales\"}}"
+    );
+    assert_eq!(op.metric(&series), Some(expires), "the expiry is on /metrics for CredentialsExpiring");
 
     // The listed workload got one restart for this credential generation.
     let annotation = crmguard::controllers::access_policy::vault_sync::restart_annotation("crm-access", "sales");

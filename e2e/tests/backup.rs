@@ -646,6 +646,13 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     let st = policies.get("statusflow").await.unwrap().status.unwrap();
     let b = st.last_successful_backup.unwrap();
     assert!(b.stored_bytes.unwrap() > 0 && b.sha256.as_ref().is_some_and(|s| s.len() == 64), "{b:?}");
+    // The same facts on /metrics, for alerting (BackupStale compares the age with backup_rpo_seconds).
+    let series = |m: &str| format!("crmguard_{m}{{namespace=\"{ns}\",name=\"statusflow\"}}");
+    let completed = b.completion_time.as_ref().unwrap().0.as_second() as f64;
+    assert_eq!(op.metric(&series("backup_last_success_timestamp_seconds")), Some(completed));
+    assert_eq!(op.metric(&series("backup_last_success_size_bytes")), Some(b.stored_bytes.unwrap() as f64));
+    assert_eq!(op.metric(&series("backup_healthy")), Some(1.0));
+    assert!(op.metric(&series("backup_rpo_seconds")).is_some_and(|v| v > 0.0));
 
     // A CrmRestore: the operator creates the Job; we run its command for real and play the kubelet.
     let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), &ns);

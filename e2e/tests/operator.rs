@@ -322,6 +322,8 @@ async fn quarantine_isolates_then_the_ttl_releases() {
     .await;
     assert_eq!(st.quarantines[0].pod, "web-0");
     assert_eq!(st.quarantines[0].requested_by, "spec");
+    let series = format!("crmguard_quarantined_pods{{namespace=\"{ns}\",name=\"crm-firewall\"}}");
+    assert_eq!(op.metric(&series), Some(1.0), "the metric follows the status");
     // The standing quarantine policy selects exactly the labelled pods.
     let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     let qp = np.get("crm-firewall-quarantine").await.unwrap();
@@ -337,6 +339,9 @@ async fn quarantine_isolates_then_the_ttl_releases() {
         if st.quarantined_pods == Some(0) { Ok(()) } else { Err(format!("{:?}", st.quarantined_pods)) }
     })
     .await;
+    assert_eq!(op.metric(&series), Some(0.0));
+    let ready = format!("crmguard_resource_ready{{namespace=\"{ns}\",name=\"crm-firewall\",kind=\"NetworkGuard\"}}");
+    assert_eq!(op.metric(&ready), Some(1.0));
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, ns);
     let reasons: Vec<String> =
         events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();

@@ -1,6 +1,10 @@
-//! Prometheus metrics of the operator. Labels never carry object names, so cardinality stays bounded.
+//! Prometheus metrics of the operator. Controller metrics carry no object names. Per-object gauges (backup
+//! age and size, credential expiry, quarantined pods, readiness) carry `namespace` and `name` (plus `team` or
+//! `kind`): one series per crmguard resource, replaced on every reconcile and removed with the resource, so the
+//! cardinality is that of the resources themselves.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -27,6 +31,26 @@ struct ErrorLabels {
     category: String,
 }
 
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Per-object gauges: (metric name without prefix, help). Controllers may set only these.
+pub const OBJECT_GAUGES: [(&str, &str); 10] = [
+    ("resource_ready", "1 when the resource's Ready condition is True, else 0 (labels: kind, namespace, name)"),
+    ("backup_last_success_timestamp_seconds", "Completion time of the newest verified backup of a CrmBackupPolicy"),
+    ("backup_last_success_size_bytes", "Stored size of the newest verified backup"),
+    ("backup_last_success_duration_seconds", "Duration of the newest verified backup, verification included"),
+    ("backup_last_failure_timestamp_seconds", "Time of the newest failed backup run"),
+    ("backup_rpo_seconds", "The policy's RPO: the newest verified backup should never be older than this"),
+    ("backup_healthy", "1 while BackupHealthy is True (a verified backup within the RPO, last run fine), else 0"),
+    ("restore_last_verified_timestamp_seconds", "Time of the newest verified restore drill of a CrmBackupPolicy"),
+    ("credentials_expiry_timestamp_seconds", "When a team's current database credential lease ends (label team)"),
+    ("quarantined_pods", "Pods a NetworkGuard currently isolates"),
+];
+
+/// One sample of a per-object gauge: metric (from [`OBJECT_GAUGES`]), extra labels, value.
+pub type ObjectSample = (&'static str, Vec<(&'static str, String)>, f64);
+
 /// The operator's metrics and their registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +60,9 @@ pub struct Metrics {
     durations: Family<ControllerLabel, Histogram>,
     writes: Family<WriteLabels, Counter>,
     leader: Gauge,
+    objects: Arc<HashMap<&'static str, Family<Labels, FloatGauge>>>,
+    /// The series each object set last time: (kind, namespace, name) -> (metric, labels).
+    owned: Arc<Mutex<BTreeMap<(String, String, String), Vec<(&'static str, Labels)>>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,7 +94,22 @@ impl Default for Metrics {
             writes.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Metrics { registry: Arc::new(registry), reconciles, errors, durations, writes, leader }
+        let mut objects = HashMap::new();
+        for (name, help) in OBJECT_GAUGES {
+            let family = Family::<Labels, FloatGauge>::default();
+            registry.register(name, help, family.clone());
+            objects.insert(name, family);
+        }
+        Metrics {
+            registry: Arc::new(registry),
+            reconciles,
+            errors,
+            durations,
+            writes,
+            leader,
+            objects: Arc::new(objects),
+            owned: Arc::default(),
+        }
     }
 }
 
@@ -89,6 +131,47 @@ impl Metrics {
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
     }
+    /// Replaces the per-object series of one resource with `samples` (series it no longer sets disappear).
+    pub fn set_object(&self, kind: &str, namespace: &str, name: &str, samples: &[ObjectSample]) {
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
+        let mut fresh = Vec::new();
+        for (metric, extra, value) in samples {
+            let Some(family) = self.objects.get(metric) else { continue };
+            let mut labels: Labels = vec![("namespace".into(), namespace.into()), ("name".into(), name.into())];
+            labels.extend(extra.iter().map(|(k, v)| ((*k).to_string(), v.clone())));
+            family.get_or_create(&labels).set(*value);
+            fresh.push((*metric, labels));
+        }
+        let mut owned = self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (metric, labels) in owned.remove(&key).unwrap_or_default() {
+            if !fresh.contains(&(metric, labels.clone()))
+                && let Some(family) = self.objects.get(metric)
+            {
+                family.remove(&labels);
+            }
+        }
+        owned.insert(key, fresh);
+    }
+
+    /// Removes the series of resources of `kind` (in namespace `scope`, or all) that no longer exist (`live`:
+    /// their namespace/name).
+    pub fn retain_objects(&self, kind: &str, scope: Option<&str>, live: &BTreeSet<(String, String)>) {
+        let gone: Vec<(String, String)> = {
+            let owned = self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            owned
+                .keys()
+                .filter(|(k, ns, n)| {
+                    k == kind && scope.is_none_or(|s| s == ns) && !live.contains(&(ns.clone(), n.clone()))
+                })
+                .map(|(_, ns, n)| (ns.clone(), n.clone()))
+                .collect()
+        };
+        for (ns, name) in gone {
+            self.set_object(kind, &ns, &name, &[]);
+            self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(kind.to_string(), ns, name));
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -117,5 +200,27 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("crmguard_reconcile_duration_seconds_count{controller=\"networkguard\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn object_series_are_replaced_and_removed_with_their_resource() {
+        let m = Metrics::default();
+        let team = |t: &str, v: f64| ("credentials_expiry_timestamp_seconds", vec![("team", t.to_string())], v);
+        m.set_object("AccessPolicy", "crm", "ap", &[team("sales", 10.0), team("finance", 20.0)]);
+        let text = m.render();
+        let series = "crmguard_credentials_expiry_timestamp_seconds{namespace=\"crm\",name=\"ap\",team=\"sales\"} 10";
+        assert!(text.contains(series), "{text}");
+        // finance lost its credentials: its series goes; sales is updated.
+        m.set_object("AccessPolicy", "crm", "ap", &[team("sales", 11.0)]);
+        let text = m.render();
+        assert!(!text.contains("team=\"finance\""), "{text}");
+        assert!(text.contains("team=\"sales\"} 11"), "{text}");
+        m.set_object("NetworkGuard", "crm", "ng", &[("quarantined_pods", vec![], 2.0)]);
+        m.retain_objects("AccessPolicy", Some("other"), &BTreeSet::new());
+        assert!(m.render().contains("team=\"sales\"} 11"), "another namespace's sweep leaves it");
+        m.retain_objects("AccessPolicy", None, &BTreeSet::new());
+        let text = m.render();
+        assert!(!text.contains("crmguard_credentials_expiry_timestamp_seconds{"), "{text}");
+        assert!(text.contains("crmguard_quarantined_pods{namespace=\"crm\",name=\"ng\"} 2"), "{text}");
     }
 }

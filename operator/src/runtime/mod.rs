@@ -113,14 +113,28 @@ where
         tracing::debug!(kind = %K::kind(&()), "cache synced");
     }
     .boxed();
-    let run = c
-        .run(reconcile::<K>, error_policy::<K>, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
-        .boxed();
+    // Per-object metric series of resources that were deleted (no reconcile runs for those) are swept.
+    let (swept, metrics, scope) = (c.store(), ctx.metrics.clone(), ns.map(str::to_string));
+    let sweep = async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let live = swept
+                .state()
+                .iter()
+                .map(|o| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default()))
+                .collect();
+            metrics.retain_objects(&K::kind(&()), scope.as_deref(), &live);
+        }
+    };
+    let run = c.run(reconcile::<K>, error_policy::<K>, ctx).for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "controller event");
+        }
+    });
+    let run = async move {
+        futures::future::select(run.boxed(), sweep.boxed()).await;
+    }
+    .boxed();
     (run, ready)
 }
 

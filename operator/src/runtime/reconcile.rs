@@ -76,6 +76,8 @@ pub struct Desired {
     pub patches: Vec<ObjectPatch>,
     /// Events to record once the changes are made: (warning?, reason, note).
     pub events: Vec<(bool, &'static str, String)>,
+    /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
+    pub gauges: Vec<crate::runtime::metrics::ObjectSample>,
 }
 
 /// Errors of a reconcile that are worth a retry.
@@ -195,6 +197,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     if guard.meta().deletion_timestamp.is_some() {
         // Children go with their owner through owner references; state outside the cluster is removed by the
         // kind's cleanup before our finalizer is released.
+        let (ns, name) = (guard.meta().namespace.clone().unwrap_or_default(), guard.name_any());
+        ctx.metrics.set_object(&K::kind(&()), &ns, &name, &[]);
         if let (true, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0) {
             obj.cleanup(ctx).await?;
             set_finalizers(guard, ctx, finalizers.iter().filter(|x| *x != f).cloned().collect()).await?;
@@ -224,6 +228,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         serde_json::from_value(current_status.get("conditions").cloned().unwrap_or(json!([]))).unwrap_or_default();
     let now = now_time(ctx);
     let mut status = Map::new();
+    let mut gauges = Vec::new();
     let (ready, ready_reason, ready_message, requeue) = match desired {
         Err(errors) => {
             let message =
@@ -260,6 +265,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 );
             }
             status = desired.status.clone();
+            gauges = desired.gauges.clone();
             let failing: Vec<&Cond> = desired
                 .conditions
                 .iter()
@@ -276,6 +282,12 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             }
         }
     };
+    gauges.push((
+        "resource_ready",
+        vec![("kind", K::kind(&()).to_string())],
+        f64::from(u8::from(ready == Status::True)),
+    ));
+    ctx.metrics.set_object(&K::kind(&()), guard.meta().namespace.as_deref().unwrap_or_default(), &name, &gauges);
     let was = condition::find(&conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
     set_condition(&mut conditions, new_condition(READY, ready, ready_reason, ready_message.clone(), generation, &now));
     status.insert("observedGeneration".into(), json!(generation));

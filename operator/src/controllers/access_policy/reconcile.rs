@@ -76,6 +76,8 @@ impl Reconcilable for AccessPolicy {
             }
             if let Some(e) = o.expires_at {
                 team["credentialsExpireAt"] = json!(e.to_string());
+                let labels = vec![("team", t.name.clone())];
+                d.gauges.push(("credentials_expiry_timestamp_seconds", labels, e.as_second() as f64));
             }
             if !expired_grants.is_empty() {
                 team["expiredGrants"] = json!(expired_grants);

@@ -153,6 +153,7 @@ impl Reconcilable for CrmBackupPolicy {
         if let Some(r) = &h.last_verified_restore {
             d.status.insert("lastVerifiedRestore".into(), serde_json::to_value(r).unwrap_or_default());
         }
+        d.gauges = gauges(&h, v.rpo);
         let mut plaintext = Vec::new();
         if self.spec.destination.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
             plaintext.push("the S3 endpoint is plain http (use https://)");
@@ -176,4 +177,22 @@ impl Reconcilable for CrmBackupPolicy {
         d.status.insert("cronJobName".into(), json!(cron_job));
         Ok(Ok(d))
     }
+}
+
+/// The policy's metric samples (see `runtime::metrics::OBJECT_GAUGES`).
+fn gauges(h: &status::Health, rpo: std::time::Duration) -> Vec<crate::runtime::metrics::ObjectSample> {
+    let secs = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_second() as f64;
+    let mut g = vec![("backup_rpo_seconds", vec![], rpo.as_secs_f64())];
+    let healthy = h.conditions.iter().any(|c| c.type_ == "BackupHealthy" && c.status == Status::True);
+    g.push(("backup_healthy", vec![], f64::from(u8::from(healthy))));
+    if let Some(b) = &h.last_successful_backup {
+        g.extend(b.completion_time.as_ref().map(|t| ("backup_last_success_timestamp_seconds", vec![], secs(t))));
+        g.extend(b.stored_bytes.map(|n| ("backup_last_success_size_bytes", vec![], n as f64)));
+        g.extend(b.duration_seconds.map(|n| ("backup_last_success_duration_seconds", vec![], n as f64)));
+    }
+    g.extend(h.last_failure_time.as_ref().map(|t| ("backup_last_failure_timestamp_seconds", vec![], secs(t))));
+    if let Some(t) = h.last_verified_restore.as_ref().and_then(|r| r.time.as_ref()) {
+        g.push(("restore_last_verified_timestamp_seconds", vec![], secs(t)));
+    }
+    g
 }

@@ -125,6 +125,7 @@ impl Reconcilable for NetworkGuard {
             Cond::new("Quarantined", Status::False, "NoneIsolated", "no pod is isolated")
         });
         d.status.insert("quarantinedPods".into(), json!(qp.active));
+        d.gauges.push(("quarantined_pods", vec![], qp.active as f64));
         d.status.insert("quarantines".into(), json!(qp.records));
         if let Some(next) = qp.next_expiry {
             let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();

@@ -33,6 +33,8 @@ struct ErrorLabels {
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+/// (kind, namespace, name) -> the series that object set.
+type Owned = BTreeMap<(String, String, String), Vec<(&'static str, Labels)>>;
 
 /// Per-object gauges: (metric name without prefix, help). Controllers may set only these.
 pub const OBJECT_GAUGES: [(&str, &str); 10] = [
@@ -62,7 +64,7 @@ pub struct Metrics {
     leader: Gauge,
     objects: Arc<HashMap<&'static str, Family<Labels, FloatGauge>>>,
     /// The series each object set last time: (kind, namespace, name) -> (metric, labels).
-    owned: Arc<Mutex<BTreeMap<(String, String, String), Vec<(&'static str, Labels)>>>>,
+    owned: Arc<Mutex<Owned>>,
 }
 
 impl std::fmt::Debug for Metrics {

@@ -183,19 +183,22 @@ def main():
         get(server, "/apis/networking.k8s.io/v1/namespaces/crmguard-system/networkpolicies/crmguard")
         passed_before = passed
 
-        # Non-default values (ServiceMonitor needs its CRD).
-        post(server, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", {
-            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-                     "names": {"plural": "servicemonitors", "kind": "ServiceMonitor"},
-                     "versions": [{"name": "v1", "served": True, "storage": True,
-                                   "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}})
+        # Non-default values (ServiceMonitor and PrometheusRule need their CRDs).
+        for plural, kind in [("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")]:
+            post(server, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", {
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+                "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                         "names": {"plural": plural, "kind": kind},
+                         "versions": [{"name": "v1", "served": True, "storage": True,
+                                       "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}})
         ops = Helm(lib, kubeconfig, "ops")
         values = {"replicaCount": 2, "watchNamespaces": ["crm", "crm-staging"], "logging": {"format": "text", "level": "debug"},
                   "serviceMonitor": {"enabled": True}, "networkPolicy": {"ingressFromNamespaces": ["monitoring"]},
                   "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"},
-                  "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}}}
+                  "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}},
+                  "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+                  "grafanaDashboard": {"enabled": True}}
         release, err = ops.install("guard", values)
         check(release is not None, f"install with non-default values: {err}")
         dep = get(server, "/apis/apps/v1/namespaces/ops/deployments/guard")
@@ -211,6 +214,16 @@ def main():
         check(pod["volumes"][0]["secret"]["secretName"] == "vault-ca"
               and pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/crmguard/vault-ca", "Vault CA mounted")
         get(server, "/apis/monitoring.coreos.com/v1/namespaces/ops/servicemonitors/guard")
+        rule = get(server, "/apis/monitoring.coreos.com/v1/namespaces/ops/prometheusrules/guard")
+        alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+        check({"CrmguardBackupStale", "CrmguardBackupFailed", "CrmguardCredentialsExpiring",
+               "CrmguardQuarantineActive"} <= alerts, f"alerts {alerts}")
+        check(rule["metadata"]["labels"].get("release") == "kube-prometheus", "rule selector label")
+        check(all("{{ $labels" in r["annotations"]["summary"] or "$value" in r["annotations"]["summary"]
+                  for g in rule["spec"]["groups"] for r in g["rules"]), "Prometheus templates survive Helm")
+        dash = get(server, "/api/v1/namespaces/ops/configmaps/guard-dashboard")
+        check(dash["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard sidecar label")
+        check(json.loads(dash["data"]["crmguard.json"])["uid"] == "crmguard", "dashboard JSON")
         role = get(server, "/apis/rbac.authorization.k8s.io/v1/clusterroles/guard")
         check(not any("escalate" in r["verbs"] for r in role["rules"]), "no escalate when accessPolicyCanGrant is false")
         np = get(server, "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies/guard")

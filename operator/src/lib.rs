@@ -7,6 +7,7 @@ pub mod controllers;
 pub mod k8s;
 pub mod netpol;
 pub mod plan;
+pub mod posture;
 pub mod runtime;
 pub mod validation;
 pub mod vault;

@@ -38,6 +38,19 @@ enum Command {
         #[command(subcommand)]
         command: crmguard::backup::cli::RestoreCommand,
     },
+    /// The security posture of CRM namespaces: findings with severities and a score, from files (-f) or from
+    /// the cluster of the current kubeconfig (--namespace), as text or as the PolicyReport the operator writes.
+    Report {
+        /// Files or directories with crmguard resources; without them the cluster is asked.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Namespace to assess (required without -f; with -f, the namespace of resources that name none).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// `text`, or `policyreport` (wgpolicyk8s.io/v1alpha2 YAML).
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "policyreport"])]
+        output: String,
+    },
     /// Show, without a cluster, every object the operator would create for the given custom resources, and
     /// every validation error the API server or the operator would report.
     Plan {
@@ -112,6 +125,9 @@ struct RunArgs {
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
+    /// How often the posture PolicyReports (one per namespace) are recomputed, in seconds.
+    #[arg(long, env = "CRMGUARD_POSTURE_SECONDS", default_value_t = 60)]
+    posture_seconds: u64,
 }
 
 fn init_logging(format: &str, level: &str) -> Result<(), String> {
@@ -174,6 +190,7 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         }),
         build,
         resync: std::time::Duration::from_secs(args.resync_seconds.max(10)),
+        posture_every: std::time::Duration::from_secs(args.posture_seconds.max(1)),
         vault_auth,
     };
     let runtime =
@@ -219,6 +236,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { files, namespace, output } => report(files, namespace, &output),
         Command::Plan { files, namespace, image, explain } => {
             let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
             let mut ctx = BuildContext::default();
@@ -258,4 +276,35 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn report(files: Vec<PathBuf>, namespace: Option<String>, output: &str) -> Result<ExitCode, String> {
+    use crmguard::posture;
+    let now = Timestamp::now();
+    let inputs = if files.is_empty() {
+        let ns = namespace.ok_or("give --namespace NS (the cluster of the current kubeconfig is asked) or -f FILES")?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
+        vec![runtime.block_on(async {
+            let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the cluster: {e}"))?;
+            posture::inputs_from_cluster(&client, &ns).await.map_err(|e| format!("listing crmguard resources: {e}"))
+        })?]
+    } else {
+        let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
+        posture::inputs_from_documents(&docs, namespace.as_deref())
+    };
+    if inputs.is_empty() {
+        return Err("no crmguard resources in the input".into());
+    }
+    let mut worst = 100;
+    for i in &inputs {
+        let r = posture::assess(i, now);
+        worst = worst.min(r.score);
+        if output == "policyreport" {
+            print!("---\n{}", serde_saphyr::to_string(&posture::policy_report(&r, now)).map_err(|e| e.to_string())?);
+        } else {
+            print!("{}", posture::render(&r));
+        }
+    }
+    Ok(if worst == 100 { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }

@@ -159,3 +159,37 @@ fn dockerfile_agrees_with_the_pods_and_the_workspace() {
     let rust = workspace.lines().find_map(|l| l.strip_prefix("rust-version = ")).unwrap().trim_matches('"');
     assert!(docker.contains(&format!("ARG RUST_VERSION={rust}")), "builder toolchain = rust-version {rust}");
 }
+
+/// Every metric the chart's alerts and dashboard query is one the operator exports (a renamed metric would
+/// otherwise silence an alert without anyone noticing).
+#[test]
+fn chart_alerts_and_dashboard_use_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // One sample of every series the operator can export (families without samples are not rendered).
+    let m = crmguard::runtime::metrics::Metrics::default();
+    m.reconciled("c");
+    m.failed("c", "api");
+    m.observe_duration("c", std::time::Duration::from_millis(1));
+    m.wrote("c", "apply", 1);
+    let samples: Vec<_> =
+        crmguard::runtime::metrics::OBJECT_GAUGES.iter().map(|(name, _)| (*name, vec![], 1.0)).collect();
+    m.set_object("Kind", "ns", "n", &samples);
+    let exported = m.render();
+    let mut used = std::collections::BTreeSet::new();
+    for file in ["charts/crmguard/templates/prometheusrule.yaml", "charts/crmguard/files/dashboard.json"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (i, _) in text.match_indices("crmguard_") {
+            let name: String =
+                text[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+            used.insert(name);
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in &used {
+        let base = ["_total", "_bucket", "_count", "_sum"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        assert!(
+            exported.contains(&format!("# TYPE {base} ")) || exported.contains(&format!("# TYPE {name} ")),
+            "{name} is used by the chart but not exported:\n{exported}"
+        );
+    }
+}

@@ -37,7 +37,7 @@ type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type Owned = BTreeMap<(String, String, String), Vec<(&'static str, Labels)>>;
 
 /// Per-object gauges: (metric name without prefix, help). Controllers may set only these.
-pub const OBJECT_GAUGES: [(&str, &str); 10] = [
+pub const OBJECT_GAUGES: [(&str, &str); 12] = [
     ("resource_ready", "1 when the resource's Ready condition is True, else 0 (labels: kind, namespace, name)"),
     ("backup_last_success_timestamp_seconds", "Completion time of the newest verified backup of a CrmBackupPolicy"),
     ("backup_last_success_size_bytes", "Stored size of the newest verified backup"),
@@ -48,6 +48,8 @@ pub const OBJECT_GAUGES: [(&str, &str); 10] = [
     ("restore_last_verified_timestamp_seconds", "Time of the newest verified restore drill of a CrmBackupPolicy"),
     ("credentials_expiry_timestamp_seconds", "When a team's current database credential lease ends (label team)"),
     ("quarantined_pods", "Pods a NetworkGuard currently isolates"),
+    ("posture_score", "Security posture score of a namespace, 0-100 (name: the PolicyReport, crmguard)"),
+    ("posture_findings", "Posture findings of a namespace by result (fail, warn, pass, skip)"),
 ];
 
 /// One sample of a per-object gauge: metric (from [`OBJECT_GAUGES`]), extra labels, value.

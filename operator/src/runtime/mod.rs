@@ -4,6 +4,7 @@
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod posture;
 pub mod reconcile;
 pub mod webhook;
 
@@ -40,6 +41,8 @@ pub struct RunOptions {
     pub build: BuildContext,
     /// Steady-state requeue interval.
     pub resync: Duration,
+    /// How often the posture PolicyReports are recomputed.
+    pub posture_every: Duration,
     /// How the operator logs in to Vault (AccessPolicy); the address is `build.vault_addr` unless a policy
     /// names its own.
     pub vault_auth: crate::vault::admin::OperatorAuth,
@@ -90,7 +93,8 @@ where
     }
 }
 
-type Running = (BoxFuture<'static, ()>, BoxFuture<'static, ()>);
+type Running<K> =
+    (BoxFuture<'static, ()>, BoxFuture<'static, ()>, kube::runtime::reflector::Store<DeserializeGuard<K>>);
 
 /// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
 fn controller<K>(
@@ -98,7 +102,7 @@ fn controller<K>(
     ns: Option<&str>,
     concurrency: u16,
     owns: impl FnOnce(Controller<DeserializeGuard<K>>) -> Controller<DeserializeGuard<K>>,
-) -> Running
+) -> Running<K>
 where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
@@ -106,6 +110,7 @@ where
         .with_config(ControllerConfig::default().concurrency(concurrency));
     let c = owns(c);
     let store = c.store();
+    let cache = store.clone();
     let ready = async move {
         // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
         // the same store, so a second waiter may never be woken: poll again periodically instead.
@@ -135,7 +140,7 @@ where
         futures::future::select(run.boxed(), sweep.boxed()).await;
     }
     .boxed();
-    (run, ready)
+    (run, ready, cache)
 }
 
 fn owns_cfg() -> WatcherConfig {
@@ -189,10 +194,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
     let mut runs = Vec::new();
     let mut readies = Vec::new();
+    let mut stores = posture::Stores::default();
     for ns in &namespaces {
         let ns = ns.as_deref();
         let cl = client.clone();
-        let (r, ready) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
+        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
             c.owns(api::<k8s_openapi::api::batch::v1::CronJob>(&cl, ns), owns_cfg())
                 .owns(api::<k8s_openapi::api::core::v1::ConfigMap>(&cl, ns), owns_cfg())
                 .owns(api::<k8s_openapi::api::core::v1::ServiceAccount>(&cl, ns), owns_cfg())
@@ -207,28 +213,32 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     Some(kube::runtime::reflector::ObjectRef::new(policy).within(&ns))
                 })
         });
+        stores.backups.push(s);
         runs.push(r);
         readies.push(ready);
         let cl = client.clone();
-        let (r, ready) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, |c| {
+        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, |c| {
             c.owns(api::<k8s_openapi::api::batch::v1::Job>(&cl, ns), owns_cfg())
         });
         runs.push(r);
         readies.push(ready);
         let cl = client.clone();
-        let (r, ready) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
+        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
             c.owns(api::<k8s_openapi::api::rbac::v1::Role>(&cl, ns), owns_cfg())
                 .owns(api::<k8s_openapi::api::rbac::v1::RoleBinding>(&cl, ns), owns_cfg())
         });
+        stores.access.push(s);
         runs.push(r);
         readies.push(ready);
         let cl = client.clone();
-        let (r, ready) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, |c| {
+        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, |c| {
             c.owns(api::<k8s_openapi::api::networking::v1::NetworkPolicy>(&cl, ns), owns_cfg())
         });
+        stores.guards.push(s);
         runs.push(r);
         readies.push(ready);
     }
+    tokio::spawn(posture::run(client.clone(), stores, metrics.clone(), opts.posture_every, jiff::Timestamp::now));
     let h = health.clone();
     tokio::spawn(async move {
         futures::future::join_all(readies).await;

@@ -1,0 +1,135 @@
+//! The posture writer: every interval, one PolicyReport (`wgpolicyk8s.io/v1alpha2`, name `crmguard`) per
+//! namespace that holds crmguard resources, computed from the controllers' caches, written only when a result
+//! changed; removed when the namespace's last crmguard resource goes. Scores also go to /metrics. Clusters
+//! without the PolicyReport CRD still get the metrics and `crmguard report`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::{ApiResource, DeserializeGuard, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use serde_json::Value;
+
+use crate::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
+use crate::posture::{self, Inputs, Outcome};
+use crate::runtime::metrics::Metrics;
+
+/// The controllers' caches (one per watched namespace, or one for all).
+#[derive(Default)]
+pub struct Stores {
+    pub backups: Vec<Store<DeserializeGuard<CrmBackupPolicy>>>,
+    pub guards: Vec<Store<DeserializeGuard<NetworkGuard>>>,
+    pub access: Vec<Store<DeserializeGuard<AccessPolicy>>>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stores")
+    }
+}
+
+fn collect<K: Clone + kube::Resource<DynamicType = ()>>(stores: &[Store<DeserializeGuard<K>>]) -> Vec<K> {
+    stores.iter().flat_map(|s| s.state()).filter_map(|o| o.0.as_ref().ok().cloned()).collect()
+}
+
+/// The inputs of every namespace with crmguard resources.
+pub fn inputs(stores: &Stores) -> BTreeMap<String, Inputs> {
+    fn entry(by_ns: &mut BTreeMap<String, Inputs>, ns: String) -> &mut Inputs {
+        by_ns.entry(ns.clone()).or_insert_with(|| Inputs { namespace: ns, with_status: true, ..Inputs::default() })
+    }
+    let mut by_ns: BTreeMap<String, Inputs> = BTreeMap::new();
+    for p in collect(&stores.backups) {
+        entry(&mut by_ns, p.namespace().unwrap_or_default()).backups.push(p);
+    }
+    for g in collect(&stores.guards) {
+        entry(&mut by_ns, g.namespace().unwrap_or_default()).guards.push(g);
+    }
+    for a in collect(&stores.access) {
+        entry(&mut by_ns, a.namespace().unwrap_or_default()).access.push(a);
+    }
+    by_ns
+}
+
+fn report_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", "PolicyReport");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk_with_plural(&gvk, "policyreports"))
+}
+
+/// Results without their timestamps, to tell a real change from the clock moving.
+fn comparable(report: &Value) -> Value {
+    let mut r = report.clone();
+    if let Some(results) = r["results"].as_array_mut() {
+        for x in results {
+            if let Some(o) = x.as_object_mut() {
+                o.remove("timestamp");
+            }
+        }
+    }
+    serde_json::json!([r["results"], r["summary"], r["metadata"]["annotations"]["crmguard.io/score"]])
+}
+
+/// Runs until the process ends.
+pub async fn run(client: Client, stores: Stores, metrics: Metrics, every: Duration, now: fn() -> jiff::Timestamp) {
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut missing_crd_logged = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let all = inputs(&stores);
+        let t = now();
+        for (ns, input) in &all {
+            let report = posture::assess(input, t);
+            let mut samples = vec![("posture_score", vec![], f64::from(report.score))];
+            for o in [Outcome::Fail, Outcome::Warn, Outcome::Pass, Outcome::Skip] {
+                samples.push(("posture_findings", vec![("result", o.as_str().to_string())], report.count(o) as f64));
+            }
+            metrics.set_object("PolicyReport", ns, "crmguard", &samples);
+            let desired = posture::policy_report(&report, t);
+            let api = report_api(&client, ns);
+            let current = match api.get_opt("crmguard").await {
+                Ok(c) => c.and_then(|c| serde_json::to_value(c).ok()),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    if !missing_crd_logged {
+                        tracing::warn!(
+                            "the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed: the posture is on /metrics \
+                             and `crmguard report` only"
+                        );
+                        missing_crd_logged = true;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, error = %e, "cannot read the PolicyReport");
+                    continue;
+                }
+            };
+            reported.insert(ns.clone());
+            if current.as_ref().is_some_and(|c| comparable(c) == comparable(&desired)) {
+                continue;
+            }
+            match api.patch("crmguard", &PatchParams::apply("crmguard/posture").force(), &Patch::Apply(&desired)).await
+            {
+                Ok(_) => {
+                    metrics.wrote("posture", "apply", 1);
+                    tracing::info!(namespace = %ns, score = report.score, fail = report.count(Outcome::Fail), "posture report written");
+                }
+                Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot write the PolicyReport"),
+            }
+        }
+        let live: BTreeSet<(String, String)> = all.keys().map(|ns| (ns.clone(), "crmguard".to_string())).collect();
+        metrics.retain_objects("PolicyReport", None, &live);
+        for ns in reported.clone().iter().filter(|ns| !all.contains_key(*ns)) {
+            match report_api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
+                Ok(_) => {
+                    metrics.wrote("posture", "delete", 1);
+                    reported.remove(ns);
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    reported.remove(ns);
+                }
+                Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot delete the PolicyReport"),
+            }
+        }
+    }
+}

@@ -198,7 +198,9 @@ def main():
                   "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"},
                   "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}},
                   "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
-                  "grafanaDashboard": {"enabled": True}}
+                  "grafanaDashboard": {"enabled": True},
+                  "audit": {"bucket": "crm-audit", "endpoint": "https://s3.example:9000", "forcePathStyle": True,
+                            "credentialsSecret": "audit-s3"}}
         release, err = ops.install("guard", values)
         check(release is not None, f"install with non-default values: {err}")
         dep = get(server, "/apis/apps/v1/namespaces/ops/deployments/guard")
@@ -211,6 +213,10 @@ def main():
         pod = dep["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         check(env.get("VAULT_CACERT") == "/etc/crmguard/vault-ca/ca.crt", f"VAULT_CACERT {env}")
+        check("--audit-bucket=crm-audit" in args_ and "--audit-stream=guard" in args_
+              and "--audit-endpoint=https://s3.example:9000" in args_ and "--audit-force-path-style=true" in args_,
+              f"audit args {args_}")
+        check("AWS_ACCESS_KEY_ID" in env, "audit credentials from the Secret")
         check(pod["volumes"][0]["secret"]["secretName"] == "vault-ca"
               and pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/crmguard/vault-ca", "Vault CA mounted")
         get(server, "/apis/monitoring.coreos.com/v1/namespaces/ops/servicemonitors/guard")

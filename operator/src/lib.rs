@@ -2,6 +2,7 @@
 //! attachments volume) with verified encrypted backups, least-privilege access and a network guard.
 
 pub mod api;
+pub mod audit;
 pub mod backup;
 pub mod controllers;
 pub mod k8s;

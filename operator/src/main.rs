@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: crmguard::backup::cli::RestoreCommand,
     },
+    /// The audit trail of the operator's writes.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// The security posture of CRM namespaces: findings with severities and a score, from files (-f) or from
     /// the cluster of the current kubeconfig (--namespace), as text or as the PolicyReport the operator writes.
     Report {
@@ -67,6 +72,67 @@ enum Command {
         /// the policies name) the planned NetworkPolicies allow, and why.
         #[arg(long)]
         explain: bool,
+    },
+}
+
+/// Where the audit trail's hash-chained segments are kept (every record is also logged, target crmguard::audit).
+#[derive(clap::Args, Debug, Clone)]
+struct AuditArgs {
+    /// S3 bucket for the audit segments (keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, else the ambient
+    /// AWS chain). Without it (and without --audit-dir) the audit trail is the log only.
+    #[arg(long, env = "CRMGUARD_AUDIT_BUCKET")]
+    audit_bucket: Option<String>,
+    /// A local directory instead of a bucket (development, or a mounted volume).
+    #[arg(long, env = "CRMGUARD_AUDIT_DIR", conflicts_with = "audit_bucket")]
+    audit_dir: Option<PathBuf>,
+    /// Key prefix of the segments.
+    #[arg(long, env = "CRMGUARD_AUDIT_PREFIX", default_value = "crmguard-audit")]
+    audit_prefix: String,
+    /// Name of the chain (one per operator installation).
+    #[arg(long, env = "CRMGUARD_AUDIT_STREAM", default_value = "operator")]
+    audit_stream: String,
+    /// S3 endpoint for S3-compatible storage, e.g. https://minio.example:9000.
+    #[arg(long, env = "CRMGUARD_AUDIT_ENDPOINT")]
+    audit_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "CRMGUARD_AUDIT_REGION", default_value = "us-east-1")]
+    audit_region: String,
+    /// Path-style S3 addressing (most S3-compatible servers).
+    #[arg(long, env = "CRMGUARD_AUDIT_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set)]
+    audit_force_path_style: bool,
+}
+
+impl AuditArgs {
+    async fn store(&self) -> Result<Option<crmguard::backup::store::Store>, String> {
+        use crmguard::backup::store::{S3Settings, Store};
+        if let Some(dir) = &self.audit_dir {
+            return Ok(Some(Store::dir(dir)));
+        }
+        let Some(bucket) = &self.audit_bucket else { return Ok(None) };
+        let static_keys = match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
+            (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Some((a, s, std::env::var("AWS_SESSION_TOKEN").ok())),
+            _ => None,
+        };
+        let settings = S3Settings {
+            bucket: bucket.clone(),
+            region: self.audit_region.clone(),
+            endpoint: self.audit_endpoint.clone(),
+            force_path_style: self.audit_force_path_style,
+            static_keys,
+            ca_pem: std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok()),
+            max_attempts: 5,
+        };
+        Store::s3(&settings).await.map(Some).map_err(|e| format!("audit bucket: {e}"))
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the audit chain: every segment present, in order and unmodified. Exits 1 and names the segment
+    /// when one was modified, removed or moved.
+    Verify {
+        #[command(flatten)]
+        audit: AuditArgs,
     },
 }
 
@@ -125,6 +191,11 @@ struct RunArgs {
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
+    #[command(flatten)]
+    audit: AuditArgs,
+    /// How often audit segments are written (seconds); a segment also closes at 1000 records.
+    #[arg(long, env = "CRMGUARD_AUDIT_FLUSH_SECONDS", default_value_t = 60)]
+    audit_flush_seconds: u64,
     /// How often the posture PolicyReports (one per namespace) are recomputed, in seconds.
     #[arg(long, env = "CRMGUARD_POSTURE_SECONDS", default_value_t = 60)]
     posture_seconds: u64,
@@ -192,10 +263,24 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         resync: std::time::Duration::from_secs(args.resync_seconds.max(10)),
         posture_every: std::time::Duration::from_secs(args.posture_seconds.max(1)),
         vault_auth,
+        audit: None,
     };
+    let (audit_args, audit_flush) =
+        (args.audit.clone(), std::time::Duration::from_secs(args.audit_flush_seconds.max(1)));
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
-    match runtime.block_on(crmguard::runtime::run(opts)) {
+    let result = runtime.block_on(async move {
+        let mut opts = opts;
+        opts.audit = audit_args.store().await.map_err(std::io::Error::other)?.map(|store| crmguard::audit::Shipping {
+            store,
+            prefix: audit_args.audit_prefix.clone(),
+            stream: audit_args.audit_stream.clone(),
+            flush_every: audit_flush,
+            max_records: 1000,
+        });
+        crmguard::runtime::run(opts).await.map_err(std::io::Error::other)
+    });
+    match result {
         Ok(()) => {
             // Do not wait for stuck tasks (e.g. watches on an unreachable API server) at shutdown.
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
@@ -237,6 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { files, namespace, output } => report(files, namespace, &output),
+        Command::Audit { command: AuditCommand::Verify { audit } } => audit_verify(&audit),
         Command::Plan { files, namespace, image, explain } => {
             let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
             let mut ctx = BuildContext::default();
@@ -307,4 +393,37 @@ fn report(files: Vec<PathBuf>, namespace: Option<String>, output: &str) -> Resul
         }
     }
     Ok(if worst == 100 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+fn audit_verify(args: &AuditArgs) -> Result<ExitCode, String> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
+    runtime.block_on(async {
+        let store = args.store().await?.ok_or("give --audit-bucket (with --audit-endpoint etc.) or --audit-dir")?;
+        let dir = format!("{}/{}/", args.audit_prefix.trim_end_matches('/'), args.audit_stream);
+        let mut segments = Vec::new();
+        for o in store.list(&dir).await.map_err(|e| e.to_string())?.into_iter().filter(|o| o.key.ends_with(".jsonl")) {
+            let bytes = store.get(&o.key).await.map_err(|e| e.to_string())?;
+            segments.push((o.key, bytes.to_vec()));
+        }
+        if segments.is_empty() {
+            return Err(format!("no audit segments under {}", store.describe(&dir)));
+        }
+        let v = crmguard::audit::verify(segments);
+        println!(
+            "{} segment(s), {} record(s); newest segment sha256 {} (compare with the operator's last \"audit segment written\" log line)",
+            v.segments,
+            v.records,
+            v.head.as_deref().unwrap_or("-")
+        );
+        if v.problems.is_empty() {
+            println!("the chain is intact");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            for p in &v.problems {
+                println!("BROKEN: {p}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    })
 }

@@ -160,8 +160,12 @@ pub struct ObjectPatch {
 
 /// Applies merge patches in `namespace`; an object that already holds the patch is not written (so a steady
 /// state writes nothing), and one that is gone is skipped.
-pub async fn patch_objects(client: &Client, namespace: &str, patches: &[ObjectPatch]) -> Result<usize, ApplyError> {
-    let mut done = 0;
+pub async fn patch_objects(
+    client: &Client,
+    namespace: &str,
+    patches: &[ObjectPatch],
+) -> Result<Vec<String>, ApplyError> {
+    let mut done = Vec::new();
     for p in patches {
         let child = format!("{}/{}", p.kind, p.name);
         let ar = api_resource(p.api_version, p.kind).ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
@@ -173,7 +177,7 @@ pub async fn patch_objects(client: &Client, namespace: &str, patches: &[ObjectPa
             Some(_) => {}
         }
         match api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&p.patch)).await {
-            Ok(_) => done += 1,
+            Ok(_) => done.push(child),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(source) => return Err(ApplyError::Kube { child, source }),
         }

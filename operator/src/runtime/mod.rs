@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub resync: Duration,
     /// How often the posture PolicyReports are recomputed.
     pub posture_every: Duration,
+    /// Where audit segments go (the log gets every record regardless).
+    pub audit: Option<crate::audit::Shipping>,
     /// How the operator logs in to Vault (AccessPolicy); the address is `build.vault_addr` unless a policy
     /// names its own.
     pub vault_auth: crate::vault::admin::OperatorAuth,
@@ -178,6 +180,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         lost = async move { leader::hold(&c, &cfg).await }.boxed();
     }
 
+    let audit = match opts.audit.clone() {
+        Some(shipping) => {
+            let (auditor, rx) = crate::audit::Auditor::shipping();
+            tracing::info!(stream = %shipping.stream, location = %shipping.store.describe(&shipping.prefix), "shipping the audit trail");
+            tokio::spawn(crate::audit::ship(shipping, rx));
+            auditor
+        }
+        None => crate::audit::Auditor::default(),
+    };
     let reporter =
         Reporter { controller: "crmguard".into(), instance: opts.lease.as_ref().map(|l| l.identity.clone()) };
     let ctx = Arc::new(Context {
@@ -189,6 +200,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         now: jiff::Timestamp::now,
         resync: opts.resync,
         vault: Arc::new(crate::vault::admin::Sessions::new(opts.vault_auth.clone(), opts.build.vault_addr.clone())),
+        audit: audit.clone(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
@@ -238,7 +250,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         runs.push(r);
         readies.push(ready);
     }
-    tokio::spawn(posture::run(client.clone(), stores, metrics.clone(), opts.posture_every, jiff::Timestamp::now));
+    tokio::spawn(posture::run(
+        client.clone(),
+        stores,
+        metrics.clone(),
+        audit,
+        opts.posture_every,
+        jiff::Timestamp::now,
+    ));
     let h = health.clone();
     tokio::spawn(async move {
         futures::future::join_all(readies).await;

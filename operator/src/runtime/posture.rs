@@ -71,7 +71,14 @@ fn comparable(report: &Value) -> Value {
 }
 
 /// Runs until the process ends.
-pub async fn run(client: Client, stores: Stores, metrics: Metrics, every: Duration, now: fn() -> jiff::Timestamp) {
+pub async fn run(
+    client: Client,
+    stores: Stores,
+    metrics: Metrics,
+    audit: crate::audit::Auditor,
+    every: Duration,
+    now: fn() -> jiff::Timestamp,
+) {
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut missing_crd_logged = false;
     loop {
@@ -112,6 +119,8 @@ pub async fn run(client: Client, stores: Stores, metrics: Metrics, every: Durati
             {
                 Ok(_) => {
                     metrics.wrote("posture", "apply", 1);
+                    let why = format!("score {}, {} failed", report.score, report.count(Outcome::Fail));
+                    audit.record("posture", "apply", "PolicyReport", ns, "crmguard", &why);
                     tracing::info!(namespace = %ns, score = report.score, fail = report.count(Outcome::Fail), "posture report written");
                 }
                 Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot write the PolicyReport"),
@@ -123,6 +132,7 @@ pub async fn run(client: Client, stores: Stores, metrics: Metrics, every: Durati
             match report_api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
                 Ok(_) => {
                     metrics.wrote("posture", "delete", 1);
+                    audit.record("posture", "delete", "PolicyReport", ns, "crmguard", "no crmguard resources left");
                     reported.remove(ns);
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {

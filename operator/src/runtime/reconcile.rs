@@ -35,6 +35,8 @@ pub struct Context {
     pub resync: Duration,
     /// The operator's Vault logins (AccessPolicy).
     pub vault: Arc<crate::vault::admin::Sessions>,
+    /// Every write, as an audit record.
+    pub audit: crate::audit::Auditor,
 }
 
 impl std::fmt::Debug for Context {
@@ -78,6 +80,8 @@ pub struct Desired {
     pub events: Vec<(bool, &'static str, String)>,
     /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
     pub gauges: Vec<crate::runtime::metrics::ObjectSample>,
+    /// Writes made outside the Kubernetes API while computing this (Vault): (action, kind, name, reason).
+    pub audit: Vec<(&'static str, &'static str, String, String)>,
 }
 
 /// Errors of a reconcile that are worth a retry.
@@ -240,11 +244,49 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 let report = apply_children(&ctx.client, &manager, owner, &desired.children, &desired.prune).await?;
                 ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
                 ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
+                let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);
+                for c in &report.applied {
+                    ctx.audit.record_child(
+                        K::CONTROLLER,
+                        "apply",
+                        &owner.namespace,
+                        c,
+                        &format!("desired by {because}"),
+                    );
+                }
+                for c in &report.pruned {
+                    ctx.audit.record_child(
+                        K::CONTROLLER,
+                        "prune",
+                        &owner.namespace,
+                        c,
+                        &format!("no longer desired by {because}"),
+                    );
+                }
                 if !report.applied.is_empty() || !report.pruned.is_empty() {
                     tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
                 }
                 let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await?;
-                ctx.metrics.wrote(K::CONTROLLER, "patch", patched);
+                ctx.metrics.wrote(K::CONTROLLER, "patch", patched.len());
+                for c in &patched {
+                    ctx.audit.record_child(
+                        K::CONTROLLER,
+                        "patch",
+                        &owner.namespace,
+                        c,
+                        &format!("requested by {because}"),
+                    );
+                }
+                for (action, kind, target, reason) in &desired.audit {
+                    ctx.audit.record(
+                        K::CONTROLLER,
+                        action,
+                        kind,
+                        &owner.namespace,
+                        target,
+                        &format!("{reason} ({because})"),
+                    );
+                }
             }
             for (warning, reason, note) in &desired.events {
                 let event = Event {
@@ -303,6 +345,15 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
         ctx.metrics.wrote(K::CONTROLLER, "status", 1);
+        let ns = guard.meta().namespace.clone().unwrap_or_default();
+        ctx.audit.record(
+            K::CONTROLLER,
+            "status",
+            &K::kind(&()),
+            &ns,
+            &name,
+            &format!("Ready={} ({ready_reason})", ready.as_str()),
+        );
     }
     if was != Some((ready.as_str().to_string(), ready_reason.to_string())) {
         let type_ = if ready == Status::True { EventType::Normal } else { EventType::Warning };
@@ -337,6 +388,13 @@ async fn set_finalizers<K: Reconcilable>(
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": guard.meta().resource_version}});
     api.patch(&guard.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     ctx.metrics.wrote(K::CONTROLLER, "finalizer", 1);
+    let ns = guard.meta().namespace.clone().unwrap_or_default();
+    let reason = if guard.meta().deletion_timestamp.is_some() {
+        "cleanup done, released"
+    } else {
+        "added before anything is created outside the cluster"
+    };
+    ctx.audit.record(K::CONTROLLER, "finalizer", &K::kind(&()), &ns, &guard.name_any(), reason);
     Ok(())
 }
 

@@ -44,6 +44,7 @@ impl Reconcilable for AccessPolicy {
         d.children.extend(vault.secrets.iter().cloned());
         d.patches = vault.patches.clone();
         d.events = vault.events.clone();
+        d.audit = vault.audit.clone();
         // Grants that expired since the last status: one Event each.
         let known: BTreeSet<&str> = self
             .status

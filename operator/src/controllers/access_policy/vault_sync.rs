@@ -55,6 +55,8 @@ pub struct Outcome {
     pub retry: Option<Duration>,
     /// resourceVersion of the connection Secret now written to Vault.
     pub connection_secret_version: Option<String>,
+    /// Vault writes made: (action, "Vault", path, reason), for the audit trail.
+    pub audit: Vec<(&'static str, &'static str, String, String)>,
 }
 
 impl Outcome {
@@ -70,6 +72,7 @@ impl Outcome {
             objects,
             retry: None,
             connection_secret_version: None,
+            audit: vec![],
         }
     }
 
@@ -106,6 +109,10 @@ impl Outcome {
             self.credentials.message = format!("{msg}; {}", self.credentials.message);
             self.events.push((true, "CredentialsExpired", format!("{msg}, because Vault cannot be used: {e}")));
         }
+    }
+
+    fn audit(&mut self, action: &'static str, path: String, reason: impl Into<String>) {
+        self.audit.push((action, "Vault", path, reason.into()));
     }
 
     fn note(&mut self, t: Timestamp) {
@@ -206,9 +213,14 @@ async fn sync_objects(
         if current.as_ref().and_then(|c| c["data"]["policy"].as_str()) != Some(text.as_str()) {
             api.write(&path, &json!({ "policy": text })).await?;
             written += 1;
+            out.audit("vault-write", path, format!("policy of team {}", t.team));
         }
         for r in &t.auth_roles {
-            written += write_if_changed(api, &format!("auth/{auth}/role/{}", r.name), &r.body).await?;
+            let path = format!("auth/{auth}/role/{}", r.name);
+            if write_if_changed(api, &path, &r.body).await? == 1 {
+                written += 1;
+                out.audit("vault-write", path, format!("Kubernetes-auth role of team {}", t.team));
+            }
         }
     }
     // Connections: configured from the referenced Secret when asked, else read to learn their engine.
@@ -228,6 +240,13 @@ async fn sync_objects(
                 Ok((version, n)) => {
                     out.connection_secret_version = Some(version);
                     written += n;
+                    if n > 0 {
+                        out.audit(
+                            "vault-write",
+                            format!("{db}/config/{conn}"),
+                            "database connection from spec.vault.connectionSecretRef",
+                        );
+                    }
                 }
                 Err(ConnError::Vault(e)) => return Err(e),
                 Err(ConnError::Secret(msg)) => {
@@ -252,7 +271,19 @@ async fn sync_objects(
             continue; // reported with the team's credentials
         }
         let body = vault_objects::db_role_body(*engine, role);
-        written += write_if_changed(api, &format!("{db}/roles/{}", role.name), &body).await?;
+        let path = format!("{db}/roles/{}", role.name);
+        if write_if_changed(api, &path, &body).await? == 1 {
+            written += 1;
+            out.audit(
+                "vault-write",
+                path,
+                format!(
+                    "database role of team {}: {}",
+                    t.team,
+                    role.grants.iter().cloned().collect::<Vec<_>>().join(",")
+                ),
+            );
+        }
     }
     // Anything else under this policy's prefix is stale (a removed team, a namespace no longer bound).
     let want_policies: BTreeSet<&str> = objects.teams.iter().map(|t| t.policy_name.as_str()).collect();
@@ -261,6 +292,10 @@ async fn sync_objects(
     let want_db: BTreeSet<&str> =
         objects.teams.iter().filter_map(|t| t.db_role.as_ref().map(|r| r.name.as_str())).collect();
     let removed = remove_under_prefix(api, s, &objects.prefix, &want_policies, &want_auth, &want_db).await?;
+    for path in &removed {
+        out.audit("vault-delete", path.clone(), "stale: no longer in the policy");
+    }
+    let removed = removed.len();
     let (np, na, nd) = (want_policies.len(), want_auth.len(), want_db.len());
     let mut msg = format!(
         "Vault at {}: {np} policies, {na} Kubernetes-auth roles (mount {auth}), {nd} database roles (mount {db})",
@@ -293,7 +328,7 @@ async fn write_if_changed(api: &VaultApi, path: &str, body: &Value) -> Result<us
     Ok(1)
 }
 
-/// Deletes the policies and roles under `prefix` that are not wanted; returns how many.
+/// Deletes the policies and roles under `prefix` that are not wanted; returns their paths.
 async fn remove_under_prefix(
     api: &VaultApi,
     s: &VaultSettings,
@@ -301,9 +336,9 @@ async fn remove_under_prefix(
     policies: &BTreeSet<&str>,
     auth_roles: &BTreeSet<&str>,
     db_roles: &BTreeSet<&str>,
-) -> Result<usize, ApiError> {
+) -> Result<Vec<String>, ApiError> {
     let (auth, db) = (mount(&s.kubernetes_auth_mount), mount(&s.database_mount));
-    let mut removed = 0;
+    let mut removed = Vec::new();
     for (list, item, wanted) in [
         ("sys/policies/acl".to_string(), "sys/policies/acl", policies),
         (format!("auth/{auth}/role"), &*format!("auth/{auth}/role"), auth_roles),
@@ -313,7 +348,7 @@ async fn remove_under_prefix(
             if name.starts_with(prefix) && !wanted.contains(name.as_str()) {
                 api.delete(&format!("{item}/{name}")).await?;
                 tracing::info!(vault_object = %format!("{item}/{name}"), "removed stale Vault object");
-                removed += 1;
+                removed.push(format!("{item}/{name}"));
             }
         }
     }
@@ -446,6 +481,11 @@ async fn issue_credentials(
             match api.revoke(&prev.lease_id).await {
                 Ok(()) => {
                     state.previous = None;
+                    out.audit(
+                        "lease-revoke",
+                        format!("{db}/creds/{}", role.name),
+                        format!("team {}: previous credential, grace period over", team.name),
+                    );
                     out.events.push((
                         false,
                         "CredentialsRevoked",
@@ -470,6 +510,7 @@ async fn issue_credentials(
                             now.checked_add(SignedDuration::try_from(dur).unwrap_or_default()).unwrap_or(l.expires_at);
                     }
                     tracing::info!(team = %team.name, expires_at = %state.current.as_ref().map(|l| l.expires_at.to_string()).unwrap_or_default(), "database credential lease renewed");
+                    out.audit("lease-renew", format!("{db}/creds/{}", role.name), format!("team {}", team.name));
                 }
                 Ok(_) | Err(ApiError::Status { code: 400, .. }) => step = Step::Issue(IssueReason::Expired),
                 Err(e) => {
@@ -523,6 +564,11 @@ async fn issue_credentials(
                         (false, "CredentialsRotated", format!("team {}: new database credentials in Secret {name} ({}), lease until {until}; the previous one is revoked {}{restarts}", team.name, reason.describe(), if reason.revoke_at_once() { "now".to_string() } else { format!("after the grace period ({})", team.credentials.as_ref().map(|c| c.revoke_grace_period.as_str()).unwrap_or("5m")) }))
                     });
                     tracing::info!(team = %team.name, secret = %name, reason = reason.describe(), "database credentials issued");
+                    out.audit(
+                        "lease-issue",
+                        format!("{db}/creds/{}", role.name),
+                        format!("team {}: {} into Secret {name}", team.name, reason.describe()),
+                    );
                 }
                 Err(e) => {
                     failed.push((format!("{}: issuing credentials failed: {e}", team.name), e.reason()));
@@ -606,6 +652,7 @@ async fn remove_stale_secrets(
         }
         if let Some(api) = api {
             revoke_all(api, &sec).await.map_err(|e| Error::Cleanup(e.to_string()))?;
+            out.audit("lease-revoke", format!("Secret {name}"), "the team no longer has database grants");
         } else {
             // Without Vault the leases simply run out; the Secret must not outlive the grant.
             tracing::warn!(secret = %name, "removing credentials without Vault access; their leases expire on their own");
@@ -658,16 +705,30 @@ pub async fn cleanup(p: &AccessPolicy, ctx: &Context) -> Result<(), Error> {
         if sec.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid) {
             revoke_all(&api, &sec).await.map_err(fail)?;
             revoked += 1;
+            ctx.audit.record(
+                "accesspolicy",
+                "lease-revoke",
+                "Vault",
+                &owner.namespace,
+                &format!("Secret {name}"),
+                "policy deleted",
+            );
         }
     }
     let none = BTreeSet::new();
     let prefix = vault_objects::prefix(&owner.namespace, &owner.name);
     let removed = remove_under_prefix(&api, &s, &prefix, &none, &none, &none).await.map_err(fail)?;
+    for path in &removed {
+        ctx.audit.record("accesspolicy", "vault-delete", "Vault", &owner.namespace, path, "policy deleted");
+    }
+    let removed = removed.len();
     if s.connection_secret_ref.is_some() {
         let conns: BTreeSet<&str> =
             p.spec.teams.iter().filter_map(|t| t.database.as_ref()).map(|d| d.connection.as_str()).collect();
         for c in conns {
-            api.delete(&format!("{}/config/{c}", mount(&s.database_mount))).await.map_err(fail)?;
+            let path = format!("{}/config/{c}", mount(&s.database_mount));
+            api.delete(&path).await.map_err(fail)?;
+            ctx.audit.record("accesspolicy", "vault-delete", "Vault", &owner.namespace, &path, "policy deleted");
         }
     }
     tracing::info!(revoked_secrets = revoked, removed_objects = removed, "Vault cleanup done");

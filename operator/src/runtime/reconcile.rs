@@ -188,9 +188,7 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(pe) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
-            tracing::debug!(error = %pe, "could not publish an Event");
-        }
+        publish(&ctx, guard.as_ref(), event, K::CONTROLLER).await;
     }
     result
 }
@@ -296,9 +294,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                     action: "Reconcile".into(),
                     secondary: None,
                 };
-                if let Err(e) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
-                    tracing::warn!(error = %e, "could not publish an Event");
-                }
+                publish(ctx, guard, event, K::CONTROLLER).await;
             }
             for c in &desired.conditions {
                 set_condition(
@@ -364,15 +360,22 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+        publish(ctx, guard, event, K::CONTROLLER).await;
     }
     Ok(match (ready_reason, requeue) {
         (reason::INVALID_SPEC, _) => Action::await_change(),
         (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
         _ => Action::requeue(ctx.resync),
     })
+}
+
+/// Publishes an Event about the object (a failure is only logged) and audits it.
+async fn publish<K: Reconcilable>(ctx: &Context, guard: &DeserializeGuard<K>, event: Event, controller: &str) {
+    let ns = guard.meta().namespace.clone().unwrap_or_default();
+    match ctx.recorder.publish(&event, &guard.object_ref(&())).await {
+        Ok(()) => ctx.audit.record(controller, "event", &K::kind(&()), &ns, &guard.name_any(), &event.reason),
+        Err(e) => tracing::warn!(error = %e, "could not publish an Event"),
+    }
 }
 
 /// Replaces the object's finalizers, guarded by its resourceVersion (a concurrent change makes this fail and

@@ -194,13 +194,15 @@ def main():
                                        "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}})
         ops = Helm(lib, kubeconfig, "ops")
         values = {"replicaCount": 2, "watchNamespaces": ["crm", "crm-staging"], "logging": {"format": "text", "level": "debug"},
-                  "serviceMonitor": {"enabled": True}, "networkPolicy": {"ingressFromNamespaces": ["monitoring"]},
+                  "serviceMonitor": {"enabled": True},
                   "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"},
                   "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}},
                   "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
                   "grafanaDashboard": {"enabled": True},
                   "audit": {"bucket": "crm-audit", "endpoint": "https://s3.example:9000", "forcePathStyle": True,
-                            "credentialsSecret": "audit-s3"}}
+                            "credentialsSecret": "audit-s3"},
+                  "defaultS3": {"endpoint": "https://minio.storage:9000", "forcePathStyle": True},
+                  "networkPolicy": {"ingressFromNamespaces": ["monitoring"], "extraEgressPorts": [9000]}}
         release, err = ops.install("guard", values)
         check(release is not None, f"install with non-default values: {err}")
         dep = get(server, "/apis/apps/v1/namespaces/ops/deployments/guard")
@@ -217,6 +219,8 @@ def main():
               and "--audit-endpoint=https://s3.example:9000" in args_ and "--audit-force-path-style=true" in args_,
               f"audit args {args_}")
         check("AWS_ACCESS_KEY_ID" in env, "audit credentials from the Secret")
+        check("--default-s3-endpoint=https://minio.storage:9000" in args_ and "--default-s3-force-path-style=true" in args_,
+              f"default S3 args {args_}")
         check(pod["volumes"][0]["secret"]["secretName"] == "vault-ca"
               and pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/crmguard/vault-ca", "Vault CA mounted")
         get(server, "/apis/monitoring.coreos.com/v1/namespaces/ops/servicemonitors/guard")
@@ -235,6 +239,7 @@ def main():
         np = get(server, "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies/guard")
         check(np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"},
               "ingress limited to the monitoring namespace")
+        check({"port": 9000, "protocol": "TCP"} in np["spec"]["egress"][0]["ports"], "extra egress port")
         check(passed > passed_before, "non-default checks ran")
 
         # values.schema.json refuses bad values with a reason.

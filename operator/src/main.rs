@@ -191,6 +191,15 @@ struct RunArgs {
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
+    /// S3 endpoint for backup policies whose destination names none (a platform's S3-compatible store).
+    #[arg(long, env = "CRMGUARD_DEFAULT_S3_ENDPOINT")]
+    default_s3_endpoint: Option<String>,
+    /// Region used with --default-s3-endpoint (replaces the policy's region).
+    #[arg(long, env = "CRMGUARD_DEFAULT_S3_REGION")]
+    default_s3_region: Option<String>,
+    /// Path-style addressing with --default-s3-endpoint.
+    #[arg(long, env = "CRMGUARD_DEFAULT_S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set)]
+    default_s3_force_path_style: bool,
     #[command(flatten)]
     audit: AuditArgs,
     /// How often audit segments are written (seconds); a segment also closes at 1000 records.
@@ -228,6 +237,12 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         build.image = image;
     }
     build.vault_addr = args.vault_addr.filter(|a| !a.is_empty());
+    build.default_s3 =
+        args.default_s3_endpoint.filter(|e| !e.is_empty()).map(|endpoint| crmguard::controllers::DefaultS3 {
+            endpoint,
+            region: args.default_s3_region.filter(|r| !r.is_empty()),
+            force_path_style: args.default_s3_force_path_style,
+        });
     // Vault's CA (VAULT_CACERT, as for the Vault CLI): trusted by the operator through vaultrs, and handed to jobs.
     if let Ok(path) = std::env::var("VAULT_CACERT")
         && !path.is_empty()

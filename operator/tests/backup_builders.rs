@@ -176,3 +176,30 @@ fn vaults_ca_reaches_jobs_through_their_config_map() {
 fn ctx_plain() -> BuildContext {
     ctx()
 }
+
+#[test]
+fn the_platforms_default_s3_endpoint_fills_in_only_where_a_policy_names_none() {
+    let def = crmguard::controllers::DefaultS3 {
+        endpoint: "https://minio.storage:9000".into(),
+        region: Some("eu-west-1".into()),
+        force_path_style: true,
+    };
+    let with_default = BuildContext { default_s3: Some(def), ..ctx() };
+    let config = |p: &CrmBackupPolicy, c: &BuildContext| -> serde_json::Value {
+        let cm = build::build(&validate::validate(p).unwrap(), c).config_map;
+        serde_json::from_str(&cm.data.unwrap()["policy.json"]).unwrap()
+    };
+    let mut v = support::example("CrmBackupPolicy");
+    v["spec"]["destination"].as_object_mut().unwrap().remove("endpoint");
+    let d = config(&policy(v), &with_default)["spec"]["destination"].clone();
+    assert_eq!(
+        (&d["endpoint"], &d["region"], &d["forcePathStyle"]),
+        (&json!("https://minio.storage:9000"), &json!("eu-west-1"), &json!(true))
+    );
+    // A policy's own endpoint wins, region and addressing included.
+    let mut v = support::example("CrmBackupPolicy");
+    support::set(&mut v, "/spec/destination/endpoint", json!("https://s3.own.example"));
+    let own = policy(v);
+    let d = config(&own, &with_default)["spec"]["destination"].clone();
+    assert_eq!(d, serde_json::to_value(&own.spec.destination).unwrap());
+}

@@ -22,6 +22,32 @@ pub struct BuildContext {
     /// PEM of the CA that signed Vault's certificate (the operator's `VAULT_CACERT`), handed to jobs through
     /// their ConfigMap (a CA certificate is public) so they trust the same Vault.
     pub vault_ca_pem: Option<String>,
+    /// The platform's S3 endpoint for policies whose destination names none (`--default-s3-endpoint`).
+    pub default_s3: Option<DefaultS3>,
+}
+
+/// Operator-wide S3 defaults, applied to a policy's destination when it has no `endpoint` of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DefaultS3 {
+    pub endpoint: String,
+    /// Replaces the destination's region when set.
+    pub region: Option<String>,
+    pub force_path_style: bool,
+}
+
+impl BuildContext {
+    /// The destination a policy's jobs use: its own, or with the operator's default endpoint filled in.
+    pub fn destination(&self, d: &crate::api::common::S3Location) -> crate::api::common::S3Location {
+        let mut d = d.clone();
+        if let (None, Some(def)) = (&d.endpoint, &self.default_s3) {
+            d.endpoint = Some(def.endpoint.clone());
+            if let Some(r) = &def.region {
+                d.region = r.clone();
+            }
+            d.force_path_style |= def.force_path_style;
+        }
+        d
+    }
 }
 
 impl Default for BuildContext {
@@ -31,6 +57,7 @@ impl Default for BuildContext {
             image_pull_policy: "IfNotPresent".into(),
             vault_addr: None,
             vault_ca_pem: None,
+            default_s3: None,
         }
     }
 }

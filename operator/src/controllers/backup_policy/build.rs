@@ -88,7 +88,11 @@ pub fn build(policy: &ValidatedBackupPolicy, ctx: &BuildContext) -> Children {
         namespace: owner.namespace.clone(),
         prefix: policy.prefix.clone(),
         port: policy.port,
-        spec: policy.spec.clone(),
+        spec: {
+            let mut spec = policy.spec.clone();
+            spec.destination = ctx.destination(&spec.destination);
+            spec
+        },
     };
     // Serialising plain data structures cannot fail; fall back to an empty document rather than panic.
     let config_json = serde_json::to_string_pretty(&config).unwrap_or_default();

@@ -155,7 +155,7 @@ impl Reconcilable for CrmBackupPolicy {
         }
         d.gauges = gauges(&h, v.rpo);
         let mut plaintext = Vec::new();
-        if self.spec.destination.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+        if ctx.build.destination(&self.spec.destination).endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
             plaintext.push("the S3 endpoint is plain http (use https://)");
         }
         if matches!(self.spec.source.tls_mode, TlsMode::Disable | TlsMode::Prefer) {

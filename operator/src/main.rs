@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator: reconcile every crmguard resource in the watched namespaces.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CustomResourceDefinition as YAML, or write one file per CRD into each --out-dir.
     Crd {
         /// Directory to write `<plural>.<group>.yaml` files into (repeatable). Prints to stdout when absent.
@@ -311,7 +311,7 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Command::Run(args) => run_operator(args),
+        Command::Run(args) => run_operator(*args),
         Command::Backup { command } => {
             init_job_logging()?;
             crmguard::backup::cli::backup(command)

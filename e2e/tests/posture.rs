@@ -107,6 +107,23 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
     })
     .await;
 
+    // `crmguard report` asks the same cluster and agrees with the operator's report.
+    let dir = e2e::TempDir::new("report");
+    let kc = dir.path.join("kubeconfig");
+    std::fs::write(&kc, &cluster.kubeconfig).unwrap();
+    let out = std::process::Command::new(e2e::crmguard_bin())
+        .args(["report", "-n", &ns, "-o", "policyreport"])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .unwrap();
+    let printed: Value =
+        serde_saphyr::from_str(String::from_utf8_lossy(&out.stdout).trim_start_matches("---\n")).unwrap();
+    let operators = report().await.unwrap();
+    assert_eq!(printed["summary"], operators["summary"], "{printed}");
+    assert_eq!(result(&printed, "crmguard-network-default-deny").as_deref(), Some("pass"));
+    let expected_code = if printed["metadata"]["annotations"]["crmguard.io/score"] == "100" { 0 } else { 3 };
+    assert_eq!(out.status.code(), Some(expected_code), "{}", String::from_utf8_lossy(&out.stderr));
+
     // The namespace's last crmguard resource goes: so does its report.
     backups.delete("crm-db", &DeleteParams::default()).await.unwrap();
     guards.delete("crm-firewall", &DeleteParams::default()).await.unwrap();

@@ -303,3 +303,12 @@ pub async fn install_chart_rbac(client: &kube::Client) {
     }
     assert_eq!(installed, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
 }
+
+/// An example resource from examples/crm, moved into namespace `ns`.
+pub fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
+    let path = repo_root().join("examples/crm").join(file);
+    let mut v: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml");
+    v["metadata"]["namespace"] = serde_json::json!(ns);
+    serde_json::from_value(v).expect("example resource")
+}

@@ -9,14 +9,7 @@ use crmguard::api::NetworkGuard;
 use e2e::services::SeaweedFs;
 use e2e::{Cluster, Operator, eventually};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-
-fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
-    let path = e2e::repo_root().join("examples/crm").join(file);
-    let mut v: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["metadata"]["namespace"] = json!(ns);
-    serde_json::from_value(v).unwrap()
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_chained_into_s3_and_tampering_is_named() {
@@ -48,7 +41,7 @@ async fn writes_are_chained_into_s3_and_tampering_is_named() {
 
     // Three rounds of writes, each in its own segment (segments close every second).
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), &ns);
-    guards.create(&PostParams::default(), &example("network-guard.yaml", &ns)).await.unwrap();
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", &ns)).await.unwrap();
     let dir = format!("trail/{stream}/");
     let segments = || async {
         let mut keys: Vec<String> = store.list(&dir).await.unwrap().into_iter().map(|o| o.key).collect();

@@ -8,14 +8,7 @@ use e2e::{Cluster, Operator, eventually};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use serde_json::{Value, json};
-
-fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
-    let path = e2e::repo_root().join("examples/crm").join(file);
-    let mut v: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["metadata"]["namespace"] = json!(ns);
-    serde_json::from_value(v).unwrap()
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_works_with_exactly_the_charts_rbac() {
@@ -53,11 +46,11 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
         .unwrap();
 
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
-    policies.create(&PostParams::default(), &example("backup-policy.yaml", ns)).await.unwrap();
+    policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), ns);
-    aps.create(&PostParams::default(), &example("access-policy.yaml", ns)).await.unwrap();
+    aps.create(&PostParams::default(), &e2e::example("access-policy.yaml", ns)).await.unwrap();
 
     eventually(60, "every controller to have done its work under the chart's RBAC", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;

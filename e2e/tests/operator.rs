@@ -11,13 +11,6 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
-    let path = e2e::repo_root().join("examples/crm").join(file);
-    let mut v: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["metadata"]["namespace"] = json!(ns);
-    serde_json::from_value(v).unwrap()
-}
-
 fn ready(
     conds: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
     t: &str,
@@ -51,7 +44,7 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
         pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
     }
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    let g = guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
+    let g = guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
     let uid = g.metadata.uid.clone().unwrap();
     eventually(30, "NetworkGuard Ready=True with observedGeneration 1", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
@@ -175,7 +168,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     op.wait_ready(20).await;
 
     // Passes the CRD schema and CEL (the API server accepts it), fails the operator's cron check.
-    let mut p: CrmBackupPolicy = example("backup-policy.yaml", ns);
+    let mut p: CrmBackupPolicy = e2e::example("backup-policy.yaml", ns);
     p.spec.schedule.cron = "99 2 * * *".into();
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
     policies.create(&PostParams::default(), &p).await.unwrap();
@@ -212,7 +205,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
 
     // AccessPolicy: RBAC applied; this operator has no Vault address, and Ready says so instead of pretending.
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), ns);
-    aps.create(&PostParams::default(), &example("access-policy.yaml", ns)).await.unwrap();
+    aps.create(&PostParams::default(), &e2e::example("access-policy.yaml", ns)).await.unwrap();
     let ap = eventually(30, "AccessPolicy status", || async {
         let ap = aps.get("crm-teams").await.map_err(|e| e.to_string())?;
         if ap.status.as_ref().is_some_and(|s| s.observed_generation == Some(1)) {
@@ -232,7 +225,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
 
     // CrmRestore: the restore Job is created for the (now valid) policy, and the phase follows the Job.
     let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), ns);
-    restores.create(&PostParams::default(), &example("restore.yaml", ns)).await.unwrap();
+    restores.create(&PostParams::default(), &e2e::example("restore.yaml", ns)).await.unwrap();
     let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
     let job = eventually(30, "the restore Job", || async {
         jobs.get_opt("crm-db-check-restore").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
@@ -263,7 +256,7 @@ async fn a_malformed_object_does_not_break_the_watch() {
         "spec": {"podSelector": {}, "ingress": [{"name": "huge", "ports": [{"port": 4294967296u64}]}]}});
     raw.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap();
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &example("network-guard.yaml", ns)).await.unwrap();
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
     eventually(30, "the good guard Ready despite the bad one", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
         match ready(g.status.as_ref().map(|s| &s.conditions), "Ready") {
@@ -294,7 +287,7 @@ async fn quarantine_isolates_then_the_ttl_releases() {
             "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
         pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
     }
-    let mut g: NetworkGuard = example("network-guard.yaml", ns);
+    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
     g.spec.quarantine = Some(
         serde_json::from_value(json!({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "web"}},
             "reason": "falco: shell spawned in crm-web", "ttl": "4s"}))
@@ -367,8 +360,8 @@ async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
     }
     // A backup policy, so that `backupFirst` has a CronJob to start a backup from.
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
-    policies.create(&PostParams::default(), &example("backup-policy.yaml", ns)).await.unwrap();
-    let mut g: NetworkGuard = example("network-guard.yaml", ns);
+    policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
+    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
     g.spec.webhook.as_mut().unwrap().ttl = "5s".into();
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     guards.create(&PostParams::default(), &g).await.unwrap();

@@ -10,13 +10,6 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{Value, json};
 
-fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
-    let path = e2e::repo_root().join("examples/crm").join(file);
-    let mut v: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["metadata"]["namespace"] = json!(ns);
-    serde_json::from_value(v).unwrap()
-}
-
 fn result(report: &Value, policy: &str) -> Option<String> {
     report["results"]
         .as_array()?
@@ -61,7 +54,7 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
 
     // A backup policy and no firewall: default deny is a failed finding.
     let backups: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
-    backups.create(&PostParams::default(), &example("backup-policy.yaml", &ns)).await.unwrap();
+    backups.create(&PostParams::default(), &e2e::example("backup-policy.yaml", &ns)).await.unwrap();
     let r = eventually(60, "a report with the missing firewall", || async {
         let r = report().await?;
         match result(&r, "crmguard-network-default-deny").as_deref() {
@@ -97,7 +90,7 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
 
     // A NetworkGuard with default deny clears the finding.
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), &ns);
-    guards.create(&PostParams::default(), &example("network-guard.yaml", &ns)).await.unwrap();
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", &ns)).await.unwrap();
     eventually(60, "the finding to clear", || async {
         let r = report().await?;
         match result(&r, "crmguard-network-default-deny").as_deref() {

@@ -589,3 +589,122 @@ async fn leases_are_renewed_in_place_at_the_configured_fraction() {
     assert!((vault_expiry.as_second() - exp(&a2).as_second()).abs() <= 2, "{vault_expiry} vs {}", exp(&a2));
     assert!(!op.logs().contains(&pass));
 }
+
+/// The README's Vault policy for the operator, with this test's mounts.
+fn documented_operator_policy(auth_mount: &str, db_mount: &str) -> String {
+    let readme = std::fs::read_to_string(e2e::repo_root().join("README.md")).unwrap();
+    let start = readme.find("```hcl\n").expect("the README documents the operator's Vault policy") + 7;
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end]
+        .replace("auth/kubernetes/", &format!("auth/{auth_mount}/"))
+        .replace("\"database/", &format!("\"{db_mount}/"))
+}
+
+/// Vault insists on a CA for the Kubernetes host; the stand-in speaks plain HTTP, so this one (a throwaway
+/// self-signed certificate, no key kept) is never used.
+const UNUSED_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBnTCCAUOgAwIBAgIUQBccAZTMg1lETWIf3vw9Uvkh6MAwCgYIKoZIzj0EAwIw\nIzEhMB8GA1UEAwwYY3JtZ3VhcmQtc3RhbmRpbi10ZXN0LWNhMCAXDTI2MTEyOTEy\nMzkxMloYDzIxMjYxMTA1MTIzOTEyWjAjMSEwHwYDVQQDDBhjcm1ndWFyZC1zdGFu\nZGluLXRlc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARu+hrpIRpmdzPO\nexqNjdVKpJquZBDbtwQ/iz5/vsXpvqKg5MbvhOw8uEL/q58KEaIPJZkQeY61/aUh\nxdXA3Qwzo1MwUTAdBgNVHQ4EFgQUDPoVyHaCSQmVOoFbaKfeDRVIcpUwHwYDVR0j\nBBgwFoAUDPoVyHaCSQmVOoFbaKfeDRVIcpUwDwYDVR0TAQH/BAUwAwEB/zAKBggq\nhkjOPQQDAgNIADBFAiA/mH3S/Hs2xfngiYx1AYpaDZVwIvrGqUjaCFYcO6bzPQIh\nALlTsWzM8CWL9by72fxrqTK2Wu9XoWM9JEGKJH2Ijv6M\n-----END CERTIFICATE-----";
+
+fn unsigned_jwt(namespace: &str, name: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let now = jiff::Timestamp::now().as_second();
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc.cluster.local", "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "aud": ["https://kubernetes.default.svc.cluster.local"], "iat": now, "nbf": now, "exp": now + 3600,
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": "0a1b2c3d-0000-4000-8000-000000000001"}},
+    });
+    format!("{}.{}.{}", b64(json!({"alg": "RS256", "kid": "standin"})), b64(claims), b64(json!("unsigned")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suffices() {
+    let cluster = Cluster::start("access-k8s-auth").await;
+    let Some(server) = cluster.standin.as_ref() else {
+        eprintln!("skipped on a real cluster: it needs Vault's Kubernetes auth configured for that cluster");
+        return;
+    };
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let f = Fixture::new("k");
+    // The connection configured by hand, as the documented policy only reads connections.
+    f.bao
+        .cli(&[
+            "write",
+            &format!("{}/config/crm", f.db_mount),
+            "plugin_name=postgresql-database-plugin",
+            &format!(
+                "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/{}?sslmode=disable",
+                f.pg.port, f.db
+            ),
+            &format!("username={}", f.pg.user),
+            &format!("password={}", f.pg.password),
+            "allowed_roles=*",
+        ])
+        .unwrap();
+    // The operator's identity in Vault: exactly the README's policy, bound to its ServiceAccount.
+    let dir = e2e::TempDir::new("k8s-auth");
+    let policy_file = dir.path.join("operator.hcl");
+    std::fs::write(&policy_file, documented_operator_policy(&f.auth_mount, &f.db_mount)).unwrap();
+    f.bao.cli(&["policy", "write", "crmguard-operator-e2e", policy_file.to_str().unwrap()]).unwrap();
+    let op_mount = format!("k8s-op-{}", std::process::id());
+    f.bao.cli(&["auth", "enable", &format!("-path={op_mount}"), "kubernetes"]).unwrap();
+    f.bao
+        .cli(&[
+            "write",
+            &format!("auth/{op_mount}/config"),
+            &format!("kubernetes_host={}", server.url()),
+            "token_reviewer_jwt=standin",
+            "disable_local_ca_jwt=true",
+            &format!("kubernetes_ca_cert={UNUSED_CA}"),
+        ])
+        .unwrap();
+    f.bao
+        .cli(&[
+            "write",
+            &format!("auth/{op_mount}/role/crmguard-operator"),
+            "bound_service_account_names=crmguard",
+            "bound_service_account_namespaces=crmguard-system",
+            "token_policies=crmguard-operator-e2e",
+            "token_ttl=20m",
+        ])
+        .unwrap();
+    let jwt = dir.path.join("token");
+    std::fs::write(&jwt, unsigned_jwt("crmguard-system", "crmguard")).unwrap();
+    let addr = f.bao.addr();
+    let op = Operator::start(
+        &cluster.kubeconfig,
+        &[
+            "--leader-election=false",
+            "--namespace",
+            &ns,
+            "--vault-addr",
+            &addr,
+            "--vault-auth-mount",
+            &op_mount,
+            "--vault-role",
+            "crmguard-operator",
+            "--vault-token-file",
+            jwt.to_str().unwrap(),
+        ],
+    );
+    op.wait_ready(60).await;
+    let mut p = policy(&f, &ns, false, None);
+    p["spec"]["vault"].as_object_mut().unwrap().remove("connectionSecretRef");
+    p["spec"]["teams"][0]["credentials"].as_object_mut().unwrap().remove("restartWorkloads");
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+    aps.create(&PostParams::default(), &serde_json::from_value(p).unwrap()).await.unwrap();
+    ready(&aps, &op, 1).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let (user, pass) = creds(&secret(&secrets, "crm-access-sales-db").await);
+    assert_eq!(sql_as(f.pg, &f.db, &user, &pass, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
+    // Cleanup works with the same identity and policy.
+    aps.delete("crm-access", &DeleteParams::default()).await.unwrap();
+    eventually(60, "the AccessPolicy to be gone", || async {
+        match aps.get_opt("crm-access").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err(tail(&op.logs())),
+        }
+    })
+    .await;
+    assert!(sql_as(f.pg, &f.db, &user, &pass, "SELECT 1").is_err(), "the lease was revoked");
+    assert!(!op.logs().contains(&pass));
+}

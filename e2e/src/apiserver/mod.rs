@@ -437,6 +437,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         "/healthz" | "/readyz" | "/livez" => return respond(200, &json!("ok")),
         _ => {}
     }
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" && req.method() == Method::POST {
+        let who = authz::caller(req.headers().get("authorization").and_then(|v| v.to_str().ok()));
+        if who == authz::Caller::Anonymous {
+            return error(&ApiError::new(401, "Unauthorized", "Unauthorized"));
+        }
+        return match body_json(req).await {
+            Ok((body, _)) => respond(201, &token_review(&body)),
+            Err(e) => error(&e),
+        };
+    }
     // Group-version discovery: /api/<version> and /apis/<group>/<version>.
     match path.trim_matches('/').split('/').collect::<Vec<_>>().as_slice() {
         ["api", version] => return respond(200, &discovery_resources(&state, "", version)),
@@ -817,4 +827,45 @@ fn discovery_resources(state: &State, group: &str, version: &str) -> Value {
     }
     let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// A TokenReview (what Vault's Kubernetes auth asks): a `serviceaccount:<ns>:<name>` token, or a ServiceAccount
+/// JWT whose claims name the account (`kubernetes.io.namespace` / `.serviceaccount.name` / `.uid`, or the legacy
+/// `kubernetes.io/serviceaccount/*` claims), is authenticated as that ServiceAccount. JWT signatures are NOT
+/// checked here (a real API server checks them); the stand-in README says so.
+pub fn token_review(review: &Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let account = match token.strip_prefix("serviceaccount:").and_then(|r| r.split_once(':')) {
+        Some((ns, name)) => Some((ns.to_string(), name.to_string(), String::new())),
+        None => jwt_account(token),
+    };
+    let status = match account {
+        Some((ns, name, uid)) => json!({
+            "authenticated": true,
+            "user": {
+                "username": format!("system:serviceaccount:{ns}:{name}"),
+                "uid": uid,
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+            },
+            "audiences": review["spec"]["audiences"].clone(),
+        }),
+        None => json!({"authenticated": false, "error": "token is not a ServiceAccount token of this stand-in"}),
+    };
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status})
+}
+
+fn jwt_account(token: &str) -> Option<(String, String, String)> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let k = &claims["kubernetes.io"];
+    let str_of = |v: &Value| v.as_str().map(str::to_string);
+    let ns = str_of(&k["namespace"]).or_else(|| str_of(&claims["kubernetes.io/serviceaccount/namespace"]))?;
+    let name = str_of(&k["serviceaccount"]["name"])
+        .or_else(|| str_of(&claims["kubernetes.io/serviceaccount/service-account.name"]))?;
+    let uid = str_of(&k["serviceaccount"]["uid"])
+        .or_else(|| str_of(&claims["kubernetes.io/serviceaccount/service-account.uid"]))
+        .unwrap_or_default();
+    Some((ns, name, uid))
 }

@@ -1,4 +1,4 @@
-//! The newcomer's path, through the real binary: `crmguard plan -f examples/` and `crmguard crd`.
+//! The newcomer's path, through the real binary: `crmguard plan -f examples/`, `crmguard report` and `crmguard crd`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
@@ -78,4 +78,22 @@ fn plan_explain_prints_the_flow_matrix() {
     assert!(line("crm/web", "crm/db", "5432/TCP").contains("ALLOW"));
     assert!(line("crm/db", "8.8.8.8", "443/TCP").contains("deny"));
     assert!(stdout.contains("# flow matrix: 9 pods, 9 policies"), "{stdout}");
+}
+
+#[test]
+fn report_of_the_examples_scores_them_offline() {
+    let out = crmguard(&["report", "-f", "examples/"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The example's S3 keys are a long-lived Secret: a low warning, so the score is 99 and the exit code 3.
+    assert_eq!(out.status.code(), Some(3), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("namespace crm: score 99/100"), "{stdout}");
+    assert!(
+        stdout.contains("SKIP critical backup-within-rpo"),
+        "status checks are skipped offline, not passed: {stdout}"
+    );
+    let out = crmguard(&["report", "-f", "examples/", "-o", "policyreport"]);
+    let report: serde_json::Value =
+        serde_saphyr::from_str(String::from_utf8_lossy(&out.stdout).trim_start_matches("---\n")).unwrap();
+    assert_eq!(report["kind"], "PolicyReport");
+    assert_eq!(report["summary"]["warn"], 1);
 }

@@ -190,25 +190,21 @@ fn backup_findings(inputs: &Inputs, now: Timestamp, f: &mut Vec<Finding>) {
         } else {
             finding("encrypted-in-transit", "Transport", Severity::Medium, Outcome::Fail, r(), plain.join("; "))
         });
-        let static_creds = p.spec.source.credentials.secret_ref.is_some();
-        f.push(if static_creds {
-            finding(
-                "short-lived-credentials",
-                "Access",
-                Severity::Low,
-                Outcome::Warn,
-                r(),
-                "the database password is a long-lived Secret; source.credentials.vault issues short-lived ones",
-            )
+        let mut static_creds = Vec::new();
+        if p.spec.source.credentials.secret_ref.is_some() {
+            static_creds.push(
+                "the database password is a long-lived Secret (source.credentials.vault issues short-lived ones)",
+            );
+        }
+        if p.spec.destination.credentials.as_ref().is_some_and(|c| c.secret_ref.is_some()) {
+            static_creds.push(
+                "the S3 keys are a long-lived Secret (destination.credentials.vault, or none for the pod's workload identity)",
+            );
+        }
+        f.push(if static_creds.is_empty() {
+            finding("short-lived-credentials", "Access", Severity::Low, Outcome::Pass, r(), "no long-lived credentials")
         } else {
-            finding(
-                "short-lived-credentials",
-                "Access",
-                Severity::Low,
-                Outcome::Pass,
-                r(),
-                "credentials come from Vault",
-            )
+            finding("short-lived-credentials", "Access", Severity::Low, Outcome::Warn, r(), static_creds.join("; "))
         });
         if p.spec.verification.restore_drill.is_none() {
             f.push(finding(
@@ -581,7 +577,7 @@ mod tests {
         let stale = json!({"conditions": [{"type": "BackupHealthy", "status": "False", "reason": "BackupTooOld",
             "message": "newest verified backup is 3d old", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
         let bad = backup(
-            json!({"spec": {"encryption": {"enabled": false, "key": null}, "destination": {"endpoint": "http://s3"},
+            json!({"spec": {"encryption": {"enabled": false, "key": null}, "destination": {"endpoint": "http://s3", "credentials": {"secretRef": {"name": "s3"}}},
                    "source": {"tlsMode": "disable", "credentials": {"vault": null, "secretRef": {"name": "db"}}},
                    "verification": {"restoreDrill": null}}}),
             stale,
@@ -605,6 +601,8 @@ mod tests {
         ] {
             assert_eq!(outcome(&r, check), [want], "{check}: {}", render(&r));
         }
+        let creds = r.findings.iter().find(|f| f.check == "short-lived-credentials").expect("finding");
+        assert!(creds.message.contains("database password") && creds.message.contains("S3 keys"), "{}", creds.message);
         // 100 - (30 + 15 + 15 + 8 + 8) - (15 + 3) / 2 with integer halves: 16.
         assert_eq!(r.score, 16, "{}", render(&r));
         // An old drill is a finding; a recent one clears it.

@@ -2,7 +2,10 @@
 # Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
 # writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
 #
-#   bench/backup.sh [--size-mib 2048] [--level 3] [--keep] [--hold]
+#   bench/backup.sh [--size-mib 2048] [--level 3] [--runs 3] [--keep] [--hold]
+#
+# --runs N: each tool backs up and restores N times (restic into a fresh repository each time, so nothing is
+# deduplicated against an earlier run); the report shows the median time and CPU and the highest peak RSS.
 #
 # --hold: after the report, keep the servers running and write $work/env.sh (source it to run crmguard, restic
 # or a profiler against the same data by hand); Ctrl-C ends it.
@@ -23,13 +26,15 @@ size_mib=2048
 level=3
 keep=0
 hold=0
+runs=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib=$2; shift 2 ;;
     --level) level=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --hold) hold=1; shift ;;
-    *) echo "usage: $0 [--size-mib N] [--level N] [--keep] [--hold]" >&2; exit 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    *) echo "usage: $0 [--size-mib N] [--level N] [--runs N] [--keep] [--hold]" >&2; exit 2 ;;
   esac
 done
 for tool in restic rclone /usr/bin/time; do
@@ -121,8 +126,8 @@ EOF
 export CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR="$work/bin" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key
 CRMGUARD_ENCRYPTION_KEY=$(head -c 32 /dev/urandom | base64)
 export CRMGUARD_ENCRYPTION_KEY CRMGUARD_LOG_LEVEL=warn
-export RESTIC_REPOSITORY="s3:http://127.0.0.1:$s3port/restic" RESTIC_PASSWORD=bench-password
-restic init --repository-version 2 >/dev/null
+export RESTIC_PASSWORD=bench-password
+restic_base="s3:http://127.0.0.1:$s3port/restic"
 
 # --- measurements ------------------------------------------------------------------------------------------
 # run NAME CMD...: wall seconds and peak RSS (KiB) of CMD into $work/NAME.{secs,rss}
@@ -143,27 +148,41 @@ rm -f "$work/random.bin"
 run raw-get rclone cat s3:raw/random.bin
 rclone purge s3:raw >/dev/null 2>&1 || true
 sync
-# CRMGUARD_BENCH_ARGS: extra flags for `crmguard backup run`, e.g. "--parts-in-flight 1".
-# shellcheck disable=SC2086
-run crmguard-backup "$bin" backup run -f "$work/policy.yaml" ${CRMGUARD_BENCH_ARGS:-}
-run restic-backup restic backup --stdin --stdin-filename crm.dump --compression auto -q <"$work/crm.dump"
-run rclone-backup sh -c "rclone rcat s3:rclone/crm.dump <'$work/crm.dump'"
-run crmguard-restore "$bin" backup fetch -f "$work/policy.yaml" --backup latest -o /dev/null
-run restic-restore restic dump latest /crm.dump
-run rclone-restore rclone cat s3:rclone/crm.dump
-echo "$(stored crmguard) $(stored restic) $(stored rclone)" >"$work/stored"
+for i in $(seq "$runs"); do
+  export RESTIC_REPOSITORY="$restic_base/run-$i"
+  restic init --repository-version 2 >/dev/null
+  # CRMGUARD_BENCH_ARGS: extra flags for `crmguard backup run`, e.g. "--parts-in-flight 1".
+  # shellcheck disable=SC2086
+  run "crmguard-backup-$i" "$bin" backup run -f "$work/policy.yaml" ${CRMGUARD_BENCH_ARGS:-}
+  run "restic-backup-$i" restic backup --stdin --stdin-filename crm.dump --compression auto -q <"$work/crm.dump"
+  run "rclone-backup-$i" sh -c "rclone rcat s3:rclone/crm.dump <'$work/crm.dump'"
+  run "crmguard-restore-$i" "$bin" backup fetch -f "$work/policy.yaml" --backup latest -o /dev/null
+  run "restic-restore-$i" restic dump latest /crm.dump
+  run "rclone-restore-$i" rclone cat s3:rclone/crm.dump
+done
+# Stored bytes of one backup each: crmguard's own report, restic's first repository, rclone's object.
+crm_stored=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["storedBytes"])' "$work/crmguard-backup-1.out")
+echo "$crm_stored $(stored restic/run-1) $(stored rclone)" >"$work/stored"
 [ "$keep" = 1 ] && rclone ls s3:crmguard >&2
 
 # --- report ------------------------------------------------------------------------------------------------
 python3 - "$work" "$dump_bytes" <<'PY'
 import sys, pathlib
 w, dump = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+import statistics
+runs = len(list(w.glob("crmguard-backup-*.secs")))
 def usage(n): return (w / f"{n}.rss").read_text().split()
-def get(n): return float((w / f"{n}.secs").read_text()), int(usage(n)[0]) / 1024
-def cpu(n): return float(usage(n)[1]) + float(usage(n)[2])
+def one(n): return float((w / f"{n}.secs").read_text()), int(usage(n)[0]) / 1024
+def get(n):
+    if (w / f"{n}.secs").exists():
+        return one(n)
+    samples = [one(f"{n}-{i}") for i in range(1, runs + 1)]
+    return statistics.median(s for s, _ in samples), max(r for _, r in samples)
+def cpu(n): return statistics.median(float(usage(f"{n}-{i}")[1]) + float(usage(f"{n}-{i}")[2]) for i in range(1, runs + 1))
+def spread(n): return [float((w / f"{n}-{i}.secs").read_text()) for i in range(1, runs + 1)]
 mib = dump / 1048576
 stored = dict(zip(["crmguard", "restic", "rclone"], map(int, (w / "stored").read_text().split())))
-print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed)\n")
+print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed); {runs} run(s) each: median seconds and CPU, highest RSS\n")
 print(f"{'':24}{'seconds':>9}{'MiB/s':>9}{'peak RSS MiB':>14}{'stored MiB':>12}{'CPU s':>8}")
 s, r = get("raw-put"); print(f"{'S3 raw PUT (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
 s, r = get("raw-get"); print(f"{'S3 raw GET (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
@@ -174,19 +193,21 @@ for op in ["backup", "restore"]:
         st = f"{stored[t]/1048576:12.0f}" if op == "backup" else f"{'':12}"
         print(f"{t + ' ' + op:24}{s:9.1f}{mib/s:9.1f}{r:14.1f}{st}{cpu(f'{t}-{op}'):8.1f}")
 import json
-rep = json.loads((w / "crmguard-backup.out").read_text().strip().splitlines()[-1])
+rep = json.loads((w / "crmguard-backup-1.out").read_text().strip().splitlines()[-1])
 print(f"\ncrmguard backup phases: {rep['durationSeconds'] - rep['verifySeconds']:.1f} s dump+compress+encrypt+upload "
       f"(row counts and archive check alongside), {rep['verifySeconds']:.1f} s verification (re-read, sha256, decrypt, decompress)")
 print()
 for op in ["backup", "restore"]:
     print(f"{op}: crmguard / restic throughput = {res[('crmguard', op)] / res[('restic', op)]:.2f}x, "
           f"crmguard / rclone = {res[('crmguard', op)] / res[('rclone', op)]:.2f}x")
+    for t in ["crmguard", "restic"]:
+        print(f"  {t} {op} seconds per run: {', '.join(f'{x:.1f}' for x in spread(f'{t}-{op}'))}")
 PY
 if [ "$hold" = 1 ]; then
   {
     echo "export work=$work bin=$bin CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR=$work/bin"
     echo "export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key CRMGUARD_ENCRYPTION_KEY=$CRMGUARD_ENCRYPTION_KEY"
-    echo "export CRMGUARD_LOG_LEVEL=warn RESTIC_REPOSITORY=$RESTIC_REPOSITORY RESTIC_PASSWORD=$RESTIC_PASSWORD"
+    echo "export CRMGUARD_LOG_LEVEL=warn RESTIC_REPOSITORY=$restic_base/run-1 RESTIC_PASSWORD=$RESTIC_PASSWORD"
     echo "export RCLONE_CONFIG=$RCLONE_CONFIG $(env | grep '^RCLONE_CONFIG_S3_' | tr '\n' ' ')"
     echo "# e.g.: \$bin backup run -f \$work/policy.yaml"
   } >"$work/env.sh"

@@ -287,6 +287,37 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn the_writer_continues_the_chain_after_a_restart() {
+        let root = std::env::temp_dir().join(format!("crmguard-audit-test-{}", std::process::id()));
+        let store = Store::dir(&root);
+        let shipping = Shipping {
+            store: store.clone(),
+            prefix: "trail".into(),
+            stream: "op".into(),
+            flush_every: Duration::from_millis(50),
+            max_records: 2,
+        };
+        // Two operator lifetimes, each writing three records, then stopping (the queue closes).
+        for round in 0..2 {
+            let (auditor, rx) = Auditor::shipping();
+            let writer = tokio::spawn(ship(shipping.clone(), rx));
+            for i in 0..3 {
+                auditor.record("c", "apply", "Role", "crm", &format!("r{round}{i}"), "test");
+            }
+            drop(auditor);
+            writer.await.expect("writer");
+        }
+        let mut segments = Vec::new();
+        for o in store.list("trail/op/").await.expect("list") {
+            segments.push((o.key.clone(), store.get(&o.key).await.expect("get").to_vec()));
+        }
+        let v = verify(segments);
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.records, v.segments), (6, 4), "2 + 1 records per lifetime, the second continuing the first");
+    }
+
     #[test]
     fn an_intact_chain_verifies() {
         let v = verify(chain(5));

@@ -270,7 +270,7 @@ pub fn render(plans: &[Planned]) -> String {
 /// The Vault writes of an AccessPolicy, as `(path, body)`.
 fn vault_plan(p: &access_policy::validate::ValidatedAccessPolicy, now: Timestamp) -> Vec<(String, Value)> {
     use access_policy::vault_objects::{self, Engine};
-    let settings = p.policy.spec.vault.clone().unwrap_or_else(vault_objects::default_settings);
+    let settings = p.policy.spec.vault.clone().unwrap_or_default();
     let (auth, db) = (settings.kubernetes_auth_mount.trim_matches('/'), settings.database_mount.trim_matches('/'));
     let mut out = Vec::new();
     for t in vault_objects::build(p, now).teams {

@@ -258,6 +258,20 @@ fn default_grace() -> String {
     "5m".into()
 }
 
+impl Default for CredentialDelivery {
+    /// `credentials: {}`: the CRD's defaults.
+    fn default() -> Self {
+        CredentialDelivery {
+            secret_name: None,
+            ttl: default_ttl(),
+            max_ttl: default_max_ttl(),
+            renew_at_percent: default_renew_percent(),
+            revoke_grace_period: default_grace(),
+            restart_workloads: vec![],
+        }
+    }
+}
+
 /// Vault connection and mounts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -280,6 +294,18 @@ pub struct VaultSettings {
 
 fn default_database_mount() -> String {
     "database".into()
+}
+
+impl Default for VaultSettings {
+    /// `vault: {}`: the operator's address and the default mounts.
+    fn default() -> Self {
+        VaultSettings {
+            address: None,
+            kubernetes_auth_mount: super::common::default_kubernetes_auth_mount(),
+            database_mount: default_database_mount(),
+            connection_secret_ref: None,
+        }
+    }
 }
 
 /// Observed state of one team.

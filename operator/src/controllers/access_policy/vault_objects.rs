@@ -112,7 +112,7 @@ fn live(
 /// Builds the Vault objects at `now`. `database_mount` and `auth_mount` come from `spec.vault`.
 pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
     let owner = &v.owner;
-    let settings = v.policy.spec.vault.clone().unwrap_or_else(default_settings);
+    let settings = v.policy.spec.vault.clone().unwrap_or_default();
     let db_mount = settings.database_mount.trim_matches('/').to_string();
     let mut out = VaultObjects { prefix: prefix(&owner.namespace, &owner.name), ..VaultObjects::default() };
     let mut note_expiry = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
@@ -159,7 +159,7 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
                     }
                 }
             }
-            let delivery = team.credentials.clone().unwrap_or_else(default_delivery);
+            let delivery = team.credentials.clone().unwrap_or_default();
             (!grants.is_empty()).then(|| DbRole {
                 name: base.clone(),
                 connection: db.connection.clone(),
@@ -188,28 +188,6 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
     out
 }
 
-/// `spec.vault: {}` (the CRD's defaults).
-pub fn default_settings() -> crate::api::access_policy::VaultSettings {
-    crate::api::access_policy::VaultSettings {
-        address: None,
-        kubernetes_auth_mount: "kubernetes".into(),
-        database_mount: "database".into(),
-        connection_secret_ref: None,
-    }
-}
-
-/// Default credential delivery (the CRD's defaults), for teams that give none.
-pub fn default_delivery() -> crate::api::access_policy::CredentialDelivery {
-    crate::api::access_policy::CredentialDelivery {
-        secret_name: None,
-        ttl: "1h".into(),
-        max_ttl: "24h".into(),
-        renew_at_percent: 67,
-        revoke_grace_period: "5m".into(),
-        restart_workloads: vec![],
-    }
-}
-
 /// One Kubernetes-auth role per namespace of the team's ServiceAccounts (Vault binds names x namespaces, so one
 /// role for several namespaces would admit a same-named account in each): `<base>` for the policy's namespace,
 /// `<base>_<namespace>` for others. Users and groups do not log in through Kubernetes auth.
@@ -218,7 +196,7 @@ fn auth_roles(team: &Team, base: &str, namespace: &str) -> Vec<AuthRole> {
     for s in team.subjects.iter().filter(|s| s.kind == SubjectKind::ServiceAccount) {
         by_ns.entry(s.namespace.clone().unwrap_or_else(|| namespace.to_string())).or_default().insert(s.name.clone());
     }
-    let delivery = team.credentials.clone().unwrap_or_else(default_delivery);
+    let delivery = team.credentials.clone().unwrap_or_default();
     by_ns
         .into_iter()
         .map(|(ns, names)| AuthRole {

@@ -122,7 +122,7 @@ impl Outcome {
 
 /// The policy's Vault settings (`spec.vault`, or the defaults).
 pub fn settings(p: &AccessPolicy) -> VaultSettings {
-    p.spec.vault.clone().unwrap_or_else(vault_objects::default_settings)
+    p.spec.vault.clone().unwrap_or_default()
 }
 
 /// Name of the Secret that receives a team's credentials.
@@ -139,7 +139,7 @@ pub fn restart_annotation(policy: &str, team: &str) -> String {
 }
 
 fn delivery(team: &Team) -> Delivery {
-    let c = team.credentials.clone().unwrap_or_else(vault_objects::default_delivery);
+    let c = team.credentials.clone().unwrap_or_default();
     let d = |s: &str, f: u64| parse_duration(s).unwrap_or(Duration::from_secs(f));
     Delivery {
         ttl: d(&c.ttl, 3600),
@@ -441,6 +441,7 @@ async fn issue_credentials(
             continue;
         };
         let name = secret_name(&owner.name, team);
+        let failed_before = failed.len();
         wanted_secrets.insert(name.clone());
         out.teams.entry(team.name.clone()).or_default().secret_name = Some(name.clone());
         if let Err(e) = vault_objects::check_identifiers(role) {
@@ -583,7 +584,7 @@ async fn issue_credentials(
             out.note(due);
         }
         out.teams.entry(team.name.clone()).or_default().expires_at = Some(l.expires_at);
-        if !failed.iter().any(|(m, _)| m.starts_with(&format!("{}:", team.name))) {
+        if failed.len() == failed_before {
             issued.push(format!("{} (Secret {name}, lease until {})", team.name, l.expires_at));
         }
         let mut meta = owner.child_meta(name.clone(), &format!("credentials-{}", team.name));

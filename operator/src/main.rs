@@ -109,19 +109,8 @@ impl AuditArgs {
             return Ok(Some(Store::dir(dir)));
         }
         let Some(bucket) = &self.audit_bucket else { return Ok(None) };
-        let static_keys = match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
-            (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Some((a, s, std::env::var("AWS_SESSION_TOKEN").ok())),
-            _ => None,
-        };
-        let settings = S3Settings {
-            bucket: bucket.clone(),
-            region: self.audit_region.clone(),
-            endpoint: self.audit_endpoint.clone(),
-            force_path_style: self.audit_force_path_style,
-            static_keys,
-            ca_pem: std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok()),
-            max_attempts: 5,
-        };
+        let settings =
+            S3Settings::from_env(bucket, &self.audit_region, self.audit_endpoint.clone(), self.audit_force_path_style);
         Store::s3(&settings).await.map(Some).map_err(|e| format!("audit bucket: {e}"))
     }
 }

@@ -64,6 +64,11 @@ impl S3Settings {
     /// Settings from a policy's destination; keys come from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (set
     /// from the policy's Secret by the job) or the ambient chain.
     pub fn from_location(loc: &S3Location) -> Self {
+        Self::from_env(&loc.bucket, &loc.region, loc.endpoint.clone(), loc.force_path_style)
+    }
+
+    /// Settings for a bucket, with keys and CA from the environment as described at [`Self::from_location`].
+    pub fn from_env(bucket: &str, region: &str, endpoint: Option<String>, force_path_style: bool) -> Self {
         let static_keys = match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
             (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Some((a, s, std::env::var("AWS_SESSION_TOKEN").ok())),
             _ => None,
@@ -75,10 +80,10 @@ impl S3Settings {
             .map(String::into_bytes)
             .or_else(|| std::env::var("CRMGUARD_S3_CA_FILE").ok().and_then(|p| std::fs::read(p).ok()));
         S3Settings {
-            bucket: loc.bucket.clone(),
-            region: loc.region.clone(),
-            endpoint: loc.endpoint.clone(),
-            force_path_style: loc.force_path_style,
+            bucket: bucket.to_string(),
+            region: region.to_string(),
+            endpoint,
+            force_path_style,
             static_keys,
             ca_pem,
             max_attempts: 5,

@@ -173,24 +173,22 @@ impl Postgres {
         pg
     }
 
-    fn psql(&self, db: &str) -> Command {
-        let mut c = Command::new(find_program("psql"));
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(["-U", &self.user, "-d", db])
-            .env("PGPASSWORD", &self.password);
-        c
+    /// Runs SQL as the superuser, returning stdout or stderr.
+    pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        self.try_sql_as(db, &self.user, &self.password, sql)
     }
 
-    /// Runs SQL, returning stdout or stderr.
-    pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = self.psql(db).arg("-c").arg(sql).output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+    /// Runs SQL as `user` (the password goes through the environment), returning stdout or stderr.
+    pub fn try_sql_as(&self, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        text_output(
+            Command::new(find_program("psql"))
+                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-U", user, "-d", db, "-c", sql])
+                .env("PGPASSWORD", password)
+                .env("PGCONNECT_TIMEOUT", "5"),
+        )
     }
 
     /// Runs SQL and panics on error.
@@ -201,6 +199,16 @@ impl Postgres {
     /// Whether a database exists.
     pub fn database_exists(&self, db: &str) -> bool {
         self.sql("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'")) == "1"
+    }
+}
+
+/// Runs a command: its trimmed stdout on success, its trimmed stderr otherwise.
+fn text_output(c: &mut Command) -> Result<String, String> {
+    let out = c.output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 
@@ -276,21 +284,21 @@ impl MariaDb {
 
     /// Runs SQL over TCP as `crm`, returning stdout or stderr.
     pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        self.try_sql_as(db, &self.user, &self.password, sql)
+    }
+
+    /// Runs SQL as `user` (the password goes through the environment); `db` may be empty.
+    pub fn try_sql_as(&self, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
         let mut c = Command::new(find_program("mysql"));
         c.args(["--no-defaults", "-h", "127.0.0.1", "--protocol=TCP", "--batch", "--skip-column-names"])
             .arg(format!("--port={}", self.port))
-            .arg(format!("--user={}", self.user))
-            .env("MYSQL_PWD", &self.password)
+            .arg(format!("--user={user}"))
+            .env("MYSQL_PWD", password)
             .args(["-e", sql]);
         if !db.is_empty() {
             c.arg(db);
         }
-        let out = c.output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+        text_output(&mut c)
     }
 
     /// Runs SQL and panics on error.

@@ -7,10 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
-use std::process::Command;
-
 use crmguard::api::AccessPolicy;
-use e2e::services::{OpenBao, Postgres, find_program};
+use e2e::services::{OpenBao, Postgres};
 use e2e::{Cluster, Operator, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -25,22 +23,6 @@ fn cond(ap: &AccessPolicy, t: &str) -> Option<(String, String, String)> {
         .iter()
         .find(|c| c.type_ == t)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-/// Runs SQL as `user`; Ok(stdout) or Err(stderr). Passwords go through the environment only.
-fn sql_as(pg: &Postgres, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new(find_program("psql"))
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
-        .args(["-U", user, "-d", db, "-c", sql])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
 }
 
 fn bao_json(bao: &OpenBao, args: &[&str]) -> Option<Value> {
@@ -243,13 +225,15 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     let (su, sp) = creds(&sales_secret);
     let (fu, fp) = creds(&finance_secret);
     let mut seen_passwords = vec![sp.clone(), fp.clone(), f.pg.password.clone()];
-    assert_eq!(sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
-    assert_eq!(sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
-    let refused = sql_as(f.pg, &f.db, &su, &sp, "SELECT count(*) FROM invoices").unwrap_err();
+    assert_eq!(f.pg.try_sql_as(&f.db, &su, &sp, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
+    assert_eq!(f.pg.try_sql_as(&f.db, &su, &sp, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
+    let refused = f.pg.try_sql_as(&f.db, &su, &sp, "SELECT count(*) FROM invoices").unwrap_err();
     assert!(refused.contains("permission denied"), "{refused}");
-    assert!(sql_as(f.pg, &f.db, &su, &sp, "UPDATE deals SET amount = 1").unwrap_err().contains("permission denied"));
-    assert_eq!(sql_as(f.pg, &f.db, &fu, &fp, "SELECT count(*) FROM invoices").as_deref(), Ok("3"));
-    assert!(sql_as(f.pg, &f.db, &fu, &fp, "SELECT count(*) FROM accounts").unwrap_err().contains("permission denied"));
+    assert!(f.pg.try_sql_as(&f.db, &su, &sp, "UPDATE deals SET amount = 1").unwrap_err().contains("permission denied"));
+    assert_eq!(f.pg.try_sql_as(&f.db, &fu, &fp, "SELECT count(*) FROM invoices").as_deref(), Ok("3"));
+    assert!(
+        f.pg.try_sql_as(&f.db, &fu, &fp, "SELECT count(*) FROM accounts").unwrap_err().contains("permission denied")
+    );
     let expires =
         ap.status.as_ref().unwrap().teams.iter().find(|t| t.name == "sales").unwrap().credentials_expire_at.clone();
     let expires = expires.expect("status names the expiry").0.as_second() as f64;
@@ -285,12 +269,12 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     .await;
     let (su2, sp2) = creds(&rotated);
     seen_passwords.push(sp2.clone());
-    assert_eq!(sql_as(f.pg, &f.db, &su2, &sp2, "UPDATE deals SET amount = amount WHERE id = 1").as_deref(), Ok(""));
+    assert_eq!(f.pg.try_sql_as(&f.db, &su2, &sp2, "UPDATE deals SET amount = amount WHERE id = 1").as_deref(), Ok(""));
     assert!(
-        sql_as(f.pg, &f.db, &su2, &sp2, "SELECT count(*) FROM invoices").unwrap_err().contains("permission denied")
+        f.pg.try_sql_as(&f.db, &su2, &sp2, "SELECT count(*) FROM invoices").unwrap_err().contains("permission denied")
     );
     eventually(30, "the old sales credential to stop working", || async {
-        match sql_as(f.pg, &f.db, &su, &sp, "SELECT 1") {
+        match f.pg.try_sql_as(&f.db, &su, &sp, "SELECT 1") {
             Err(_) => Ok(()),
             Ok(_) => Err("still works".to_string()),
         }
@@ -382,7 +366,7 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     .collect();
     assert!(leftovers.is_empty(), "left in Vault: {leftovers:?}");
     for (user, pass) in [(&su2, &sp2), (&fu, &fp)] {
-        assert!(sql_as(f.pg, &f.db, user, pass, "SELECT 1").is_err(), "{user} was revoked");
+        assert!(f.pg.try_sql_as(&f.db, user, pass, "SELECT 1").is_err(), "{user} was revoked");
     }
     let roles_left =
         f.pg.sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname IN ('{su}', '{su2}', '{fu}')"));
@@ -471,20 +455,6 @@ async fn sealed_or_unreachable_vault_is_reported_and_recovered_from() {
     let _ = &mut child;
 }
 
-/// Runs SQL on MariaDB as `user` (password through the environment).
-fn mysql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new(find_program("mysql"))
-        .args(["--protocol=tcp", "-h", "127.0.0.1", "-P", &port.to_string(), "-u", user, "-N", "-B", "-e", sql])
-        .env("MYSQL_PWD", password)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mysql_connection_gets_mysql_grants_on_exactly_the_teams_tables() {
     let cluster = Cluster::start("access-mysql").await;
@@ -534,13 +504,13 @@ async fn a_mysql_connection_gets_mysql_grants_on_exactly_the_teams_tables() {
     ready(&aps, &op, 1).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let (user, pass) = creds(&secret(&secrets, "finance-mysql").await);
-    assert_eq!(mysql_as(maria.port, &user, &pass, &format!("SELECT count(*) FROM {db}.invoices")).as_deref(), Ok("2"));
-    let refused = mysql_as(maria.port, &user, &pass, &format!("SELECT count(*) FROM {db}.accounts")).unwrap_err();
+    assert_eq!(maria.try_sql_as("", &user, &pass, &format!("SELECT count(*) FROM {db}.invoices")).as_deref(), Ok("2"));
+    let refused = maria.try_sql_as("", &user, &pass, &format!("SELECT count(*) FROM {db}.accounts")).unwrap_err();
     assert!(refused.contains("denied"), "{refused}");
     // Deleting the policy revokes the lease: the MySQL user is dropped.
     aps.delete("crm-access", &DeleteParams::default()).await.unwrap();
     eventually(60, "the MySQL user to be dropped", || async {
-        match mysql_as(maria.port, &user, &pass, "SELECT 1") {
+        match maria.try_sql_as("", &user, &pass, "SELECT 1") {
             Err(_) => Ok(()),
             Ok(_) => Err("still logs in".to_string()),
         }
@@ -581,7 +551,7 @@ async fn leases_are_renewed_in_place_at_the_configured_fraction() {
         a["crmguard.io/expires-at"].parse::<jiff::Timestamp>().unwrap()
     };
     assert!(exp(&a2) > exp(&a1), "the lease was extended: {} -> {}", exp(&a1), exp(&a2));
-    assert_eq!(sql_as(f.pg, &f.db, &user, &pass, "SELECT count(*) FROM deals").as_deref(), Ok("5"));
+    assert_eq!(f.pg.try_sql_as(&f.db, &user, &pass, "SELECT count(*) FROM deals").as_deref(), Ok("5"));
     // Vault agrees: the lease's expiry moved.
     let lease =
         bao_json(f.bao, &["write", "sys/leases/lookup", &format!("lease_id={}", a2["crmguard.io/lease-id"])]).unwrap();
@@ -695,7 +665,7 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
     ready(&aps, &op, 1).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let (user, pass) = creds(&secret(&secrets, "crm-access-sales-db").await);
-    assert_eq!(sql_as(f.pg, &f.db, &user, &pass, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
+    assert_eq!(f.pg.try_sql_as(&f.db, &user, &pass, "SELECT count(*) FROM accounts").as_deref(), Ok("7"));
     // Cleanup works with the same identity and policy.
     aps.delete("crm-access", &DeleteParams::default()).await.unwrap();
     eventually(60, "the AccessPolicy to be gone", || async {
@@ -705,6 +675,6 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
         }
     })
     .await;
-    assert!(sql_as(f.pg, &f.db, &user, &pass, "SELECT 1").is_err(), "the lease was revoked");
+    assert!(f.pg.try_sql_as(&f.db, &user, &pass, "SELECT 1").is_err(), "the lease was revoked");
     assert!(!op.logs().contains(&pass));
 }

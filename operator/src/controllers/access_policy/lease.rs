@@ -109,6 +109,26 @@ pub struct Delivery {
     pub grace: Duration,
 }
 
+impl Delivery {
+    /// A team's settings (its `credentials`, or the CRD's defaults). Durations were validated; the fallbacks are
+    /// the CRD's defaults.
+    pub fn of(team: &crate::api::access_policy::Team) -> Delivery {
+        let c = team.credentials.clone().unwrap_or_default();
+        let d = |s: &str, f: u64| crate::api::common::parse_duration(s).unwrap_or(Duration::from_secs(f));
+        Delivery {
+            ttl: d(&c.ttl, 3600),
+            max_ttl: d(&c.max_ttl, 86400),
+            renew_fraction: f64::from(c.renew_at_percent.clamp(10, 90)) / 100.0,
+            grace: d(&c.revoke_grace_period, 300),
+        }
+    }
+
+    /// Whole seconds of a duration, at least 1 (Vault's TTL fields).
+    pub fn secs(d: Duration) -> u64 {
+        d.as_secs().max(1)
+    }
+}
+
 /// Why new credentials are issued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IssueReason {

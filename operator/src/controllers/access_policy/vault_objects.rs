@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
+use super::lease::Delivery;
 use super::validate::ValidatedAccessPolicy;
 use crate::api::access_policy::{SqlPrivilege, SubjectKind, Team, VaultCapability};
-use crate::api::common::parse_duration;
 
 /// SQL dialect of the database behind a Vault connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,10 +95,6 @@ fn privilege(p: SqlPrivilege) -> &'static str {
     }
 }
 
-fn seconds(d: &str, fallback: u64) -> u64 {
-    parse_duration(d).map(|d| d.as_secs().max(1)).unwrap_or(fallback)
-}
-
 fn live(
     expires: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     now: Timestamp,
@@ -159,13 +155,13 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
                     }
                 }
             }
-            let delivery = team.credentials.clone().unwrap_or_default();
+            let delivery = Delivery::of(team);
             (!grants.is_empty()).then(|| DbRole {
                 name: base.clone(),
                 connection: db.connection.clone(),
                 grants,
-                ttl_seconds: seconds(&delivery.ttl, 3600),
-                max_ttl_seconds: seconds(&delivery.max_ttl, 86400),
+                ttl_seconds: Delivery::secs(delivery.ttl),
+                max_ttl_seconds: Delivery::secs(delivery.max_ttl),
             })
         });
         if let Some(r) = &db_role {
@@ -196,7 +192,7 @@ fn auth_roles(team: &Team, base: &str, namespace: &str) -> Vec<AuthRole> {
     for s in team.subjects.iter().filter(|s| s.kind == SubjectKind::ServiceAccount) {
         by_ns.entry(s.namespace.clone().unwrap_or_else(|| namespace.to_string())).or_default().insert(s.name.clone());
     }
-    let delivery = team.credentials.clone().unwrap_or_default();
+    let delivery = Delivery::of(team);
     by_ns
         .into_iter()
         .map(|(ns, names)| AuthRole {
@@ -205,8 +201,8 @@ fn auth_roles(team: &Team, base: &str, namespace: &str) -> Vec<AuthRole> {
                 "bound_service_account_names": names,
                 "bound_service_account_namespaces": [ns],
                 "token_policies": [base],
-                "token_ttl": seconds(&delivery.ttl, 3600),
-                "token_max_ttl": seconds(&delivery.max_ttl, 86400),
+                "token_ttl": Delivery::secs(delivery.ttl),
+                "token_max_ttl": Delivery::secs(delivery.max_ttl),
             }),
         })
         .collect()

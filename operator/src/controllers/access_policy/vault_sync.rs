@@ -17,7 +17,6 @@ use super::validate::ValidatedAccessPolicy;
 use super::vault_objects::{self, Engine, VaultObjects};
 use crate::api::AccessPolicy;
 use crate::api::access_policy::{Team, VaultSettings, WorkloadKind};
-use crate::api::common::parse_duration;
 use crate::api::condition::Status;
 use crate::k8s::apply::{ObjectPatch, is_subset};
 use crate::k8s::meta::{NAME_MAX, child_name};
@@ -136,17 +135,6 @@ pub fn secret_name(policy: &str, team: &Team) -> String {
 /// Pod-template annotation that restarts a workload once per credential generation.
 pub fn restart_annotation(policy: &str, team: &str) -> String {
     format!("crmguard.io/creds-{}", child_name(policy, team, 50))
-}
-
-fn delivery(team: &Team) -> Delivery {
-    let c = team.credentials.clone().unwrap_or_default();
-    let d = |s: &str, f: u64| parse_duration(s).unwrap_or(Duration::from_secs(f));
-    Delivery {
-        ttl: d(&c.ttl, 3600),
-        max_ttl: d(&c.max_ttl, 86400),
-        renew_fraction: f64::from(c.renew_at_percent.clamp(10, 90)) / 100.0,
-        grace: d(&c.revoke_grace_period, 300),
-    }
 }
 
 fn mount(m: &str) -> &str {
@@ -470,7 +458,7 @@ async fn issue_credentials(
             ));
             continue;
         }
-        let d = delivery(team);
+        let d = Delivery::of(team);
         let grants = role.grants.iter().cloned().collect::<Vec<_>>().join(",");
         let annotations = current.as_ref().and_then(|c| c.metadata.annotations.clone()).unwrap_or_default();
         let mut state = State::from_annotations(&annotations);

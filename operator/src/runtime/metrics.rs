@@ -160,20 +160,18 @@ impl Metrics {
     /// Removes the series of resources of `kind` (in namespace `scope`, or all) that no longer exist (`live`:
     /// their namespace/name).
     pub fn retain_objects(&self, kind: &str, scope: Option<&str>, live: &BTreeSet<(String, String)>) {
-        let gone: Vec<(String, String)> = {
-            let owned = self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            owned
-                .keys()
-                .filter(|(k, ns, n)| {
-                    k == kind && scope.is_none_or(|s| s == ns) && !live.contains(&(ns.clone(), n.clone()))
-                })
-                .map(|(_, ns, n)| (ns.clone(), n.clone()))
-                .collect()
-        };
-        for (ns, name) in gone {
-            self.set_object(kind, &ns, &name, &[]);
-            self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(kind.to_string(), ns, name));
-        }
+        let mut owned = self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        owned.retain(|(k, ns, n), series| {
+            let keep = k != kind || scope.is_some_and(|s| s != ns) || live.contains(&(ns.clone(), n.clone()));
+            if !keep {
+                for (metric, labels) in series.iter() {
+                    if let Some(family) = self.objects.get(metric) {
+                        family.remove(labels);
+                    }
+                }
+            }
+            keep
+        });
     }
 
     /// The Prometheus text exposition.

@@ -2,14 +2,12 @@
 //! never leaves Vault) or by a 32-byte key from a Kubernetes Secret (AES-256-GCM with the backup id as
 //! associated data, so a wrapped key cannot be moved to another backup).
 
-use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::crypto::{DataKey, KEY_LEN};
+use super::crypto::{self, DataKey, KEY_LEN};
 use crate::api::backup_policy::EncryptionKey;
 use crate::vault::{VaultError, describe};
 
@@ -142,10 +140,7 @@ impl Kek {
             Kek::Secret { key } => {
                 let mut nonce = [0u8; 12];
                 getrandom::fill(&mut nonce).map_err(|e| KeyError::Random(e.to_string()))?;
-                let cipher = Aes256Gcm::new(key.into());
-                let aad = wrap_aad(backup_id);
-                let ct = cipher
-                    .encrypt((&nonce).into(), Payload { msg: dek.expose(), aad: &aad })
+                let ct = crypto::aes256gcm_seal(key, nonce, &wrap_aad(backup_id), dek.expose())
                     .map_err(|_| KeyError::Damaged("wrapping failed".into()))?;
                 let mut blob = nonce.to_vec();
                 blob.extend_from_slice(&ct);
@@ -180,12 +175,10 @@ impl Kek {
                 if blob.len() < 12 + 16 {
                     return Err(KeyError::Damaged("too short".into()));
                 }
-                let cipher = Aes256Gcm::new(key.into());
-                let aad = wrap_aad(backup_id);
-                let plain =
-                    cipher.decrypt(blob[..12].into(), Payload { msg: &blob[12..], aad: &aad }).map_err(|_| {
-                        KeyError::Damaged("authentication failed (modified, or moved from another backup)".into())
-                    })?;
+                let (nonce, sealed) = blob.split_first_chunk::<12>().ok_or(KeyError::Damaged("too short".into()))?;
+                let plain = crypto::aes256gcm_open(key, *nonce, &wrap_aad(backup_id), sealed).ok_or_else(|| {
+                    KeyError::Damaged("authentication failed (modified, or moved from another backup)".into())
+                })?;
                 DataKey::from_bytes(&plain).map_err(|e| KeyError::Damaged(e.to_string()))
             }
             (
@@ -234,6 +227,29 @@ mod tests {
         assert!(matches!(err, KeyError::WrongKey { .. }));
         let msg = err.to_string();
         assert!(msg.contains(&fingerprint(&[7u8; 32])) && msg.contains(&fingerprint(&[8u8; 32])), "{msg}");
+    }
+
+    /// A data key wrapped by the first implementation (RustCrypto's aes-gcm) still unwraps: fixed KEK, nonce
+    /// and data key give exactly this blob.
+    #[tokio::test]
+    async fn keys_wrapped_by_earlier_versions_still_unwrap() {
+        let kek = Kek::Secret { key: [9u8; 32] };
+        let mut blob = vec![5u8; 12];
+        blob.extend(
+            (0..48)
+                .map(|i| {
+                    u8::from_str_radix(
+                        &"cc74b55508db1f4e412756fdde6c6a7602cfb193b6d0b5cf017715a269f4a30c2d1a999198fbe529259ddae14d827b85"
+                            [2 * i..2 * i + 2],
+                        16,
+                    )
+                })
+                .collect::<Result<Vec<u8>, _>>()
+                .unwrap(),
+        );
+        let wrapped = WrappedKey::Secret { fingerprint: fingerprint(&[9u8; 32]), ciphertext: B64.encode(&blob) };
+        assert_eq!(kek.unwrap(&wrapped, "b1").await.unwrap().expose(), &[3u8; 32]);
+        assert_eq!(crypto::aes256gcm_seal(&[9u8; 32], [5u8; 12], &wrap_aad("b1"), &[3u8; 32]).unwrap(), blob[12..]);
     }
 
     #[test]

@@ -283,7 +283,7 @@ fn produce(
     let sealer = match &protection.encryption {
         Some((alg, key)) => {
             let header = Header::new(*alg, chunk_log2)?;
-            Sealer::Sealed(EncryptWriter::new(stored, key, header, purpose))
+            Sealer::Sealed(EncryptWriter::new(stored, key, header, purpose)?)
         }
         None => Sealer::Plain(stored),
     };
@@ -665,16 +665,17 @@ pub async fn verify_sampled(
         stored.read_exact(&mut h)?;
         let header = Header::parse(&h)?;
         let count = crypto::chunk_count(&header, expected_stored)?;
-        let cipher = ChunkCipher::new(&key, header.clone(), &purpose);
+        let cipher = ChunkCipher::new(&key, header.clone(), &purpose)?;
         let full = header.chunk_size() + TAG_LEN;
-        let mut buf = vec![0u8; full];
+        let mut buf = Vec::with_capacity(full);
         let mut opened = 0;
         for i in 0..count {
             let last = i + 1 == count;
             let len = if last { (expected_stored - crypto::chunk_offset(&header, i)) as usize } else { full };
-            stored.read_exact(&mut buf[..len])?;
+            buf.resize(len, 0);
+            stored.read_exact(&mut buf)?;
             if sampled(i, count, percent) {
-                cipher.open(i, last, &buf[..len])?;
+                cipher.open_in_place(i, last, &mut buf)?;
                 opened += 1;
             }
         }

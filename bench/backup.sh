@@ -16,7 +16,7 @@
 #
 # Fairness: every tool reads the same dump. crmguard runs its real pipeline (pg_dump stand-in = `cat dump`,
 # zstd at --level (the policy default, 3, unless given), AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
-# decompress, pg_restore archive check) and is timed end to end, verification included. restic backs up the dump
+# decompress; the pg_dump archive structure check alongside) and is timed end to end, verification included. restic backs up the dump
 # from stdin into an encrypted, compressed (auto) repository. rclone uploads it as is (no compression, no
 # encryption). Restore = download, decrypt, decompress to /dev/null (crmguard `backup fetch`, `restic dump`,
 # `rclone cat`).

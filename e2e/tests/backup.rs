@@ -312,11 +312,16 @@ fn broken_pg_dump(dir: &Path, mode: &str) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let real = pg_bin_dir().join("pg_dump");
-    let tail = match mode {
-        "killed" => "kill -KILL $$",
-        _ => "exit 0",
+    let script = match mode {
+        "killed" => format!("#!/bin/sh\n\"{}\" \"$@\" | head -c 60000\nkill -KILL $$\n", real.display()),
+        // The archive's minor version byte (the 7th) becomes 17, a version the built-in check does not know.
+        "future" => format!(
+            "#!/bin/sh\n\"{}\" \"$@\" | {{ dd bs=1 count=6 2>/dev/null; printf '\\021'; dd bs=1 count=1 of=/dev/null \
+             2>/dev/null; cat; }}\n",
+            real.display()
+        ),
+        _ => format!("#!/bin/sh\n\"{}\" \"$@\" | head -c 60000\nexit 0\n", real.display()),
     };
-    let script = format!("#!/bin/sh\n\"{}\" \"$@\" | head -c 60000\n{tail}\n", real.display());
     let path = bin.join("pg_dump");
     std::fs::write(&path, script).unwrap();
     Command::new("chmod").arg("+x").arg(&path).status().unwrap();
@@ -349,7 +354,22 @@ fn a_truncated_dump_that_claims_success_is_caught_by_verification() {
     case.env.insert("CRMGUARD_DB_BIN_DIR".into(), broken_pg_dump(&case.dir.path, "exit0").display().to_string());
     let (report, stderr) = case.fails(&["backup", "run"]);
     assert_eq!(report["reason"], "VerificationFailed", "{report}\n{stderr}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("not a complete pg_dump archive") && msg.contains("truncated"), "{msg}");
     assert!(case.list().is_empty(), "an unverified backup must not be listed");
+}
+
+#[test]
+fn an_archive_version_the_built_in_check_does_not_know_is_handed_to_pg_restore_from_its_first_byte() {
+    // pg_restore 15 does not know version 1.17 either, so the backup fails, with pg_restore's own words: proof that
+    // the fallback ran and saw the archive's header.
+    let mut case = Case::new("futuredump", "{key: {secretRef: {name: k, key: key}}}", "");
+    case.env.insert("CRMGUARD_DB_BIN_DIR".into(), broken_pg_dump(&case.dir.path, "future").display().to_string());
+    let (report, stderr) = case.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "VerificationFailed", "{report}\n{stderr}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("pg_restore") && msg.contains("unsupported version (1.17)"), "{msg}");
+    assert!(case.list().is_empty());
 }
 
 #[test]
@@ -818,4 +838,60 @@ fn mariadb_backups_count_rows_in_the_dumped_snapshot_and_restore_the_same_tables
     assert_eq!(report["reason"], "VerificationFailed", "{report}");
     assert!(report["message"].as_str().unwrap().contains("Dump completed"), "{report}");
     assert_eq!(case.list().len(), 1);
+}
+
+/// `pg_restore --file=/dev/null`'s verdict on an archive given on stdin.
+fn pg_restore_accepts(bytes: &[u8]) -> bool {
+    use std::io::Write;
+    let mut child = Command::new(pg_bin_dir().join("pg_restore"))
+        .arg("--file=/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(bytes);
+    child.wait().unwrap().success()
+}
+
+#[test]
+fn the_built_in_archive_check_agrees_with_pg_restore_on_real_pg_dump_archives() {
+    use crmguard::backup::pgarchive::PgArchiveCheck;
+    let pg = Postgres::shared();
+    let db = unique("archive");
+    seed(pg, &db, 300);
+    // Large objects (a BLOBS block) and an empty table (a data block with no chunks).
+    pg.sql(
+        &db,
+        "CREATE TABLE empty (a int);
+         SELECT lo_from_bytea(0, 'hello'::bytea);
+         SELECT lo_from_bytea(0, decode(repeat('ab', 70000), 'hex'));",
+    );
+    let out = Command::new(pg_bin_dir().join("pg_dump"))
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", &pg.user, "--format=custom", "--compress=0", &db])
+        .env("PGPASSWORD", &pg.password)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dump = out.stdout;
+    let check = |bytes: &[u8], piece: usize| {
+        let mut c = PgArchiveCheck::new();
+        for p in bytes.chunks(piece) {
+            c.feed(p);
+        }
+        c.finish()
+    };
+    let summary = check(&dump, 65536).unwrap();
+    // contacts, finance.deals, files, empty, and the large objects.
+    assert_eq!(summary.data_blocks, 5, "{summary:?}");
+    assert_eq!(summary.bytes, dump.len() as u64);
+    assert_eq!(check(&dump, 7).unwrap(), summary, "splitting the stream changes nothing");
+    assert!(pg_restore_accepts(&dump));
+    // Cut at 60 places across the archive (header, table of contents, inside and between blocks): both refuse.
+    for i in 0..60 {
+        let cut = dump.len() * i / 60 + i % 7;
+        let verdict = check(&dump[..cut], 4096);
+        assert!(verdict.is_err(), "the built-in check accepted a dump cut at {cut} of {} bytes", dump.len());
+        assert!(!pg_restore_accepts(&dump[..cut]), "pg_restore accepted a dump cut at {cut}");
+    }
 }

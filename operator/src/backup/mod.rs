@@ -9,6 +9,7 @@ pub mod cli;
 pub mod crypto;
 pub mod keys;
 pub mod manifest;
+pub mod pgarchive;
 pub mod pipeline;
 pub mod retention;
 pub mod source;

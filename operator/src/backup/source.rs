@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use super::pgarchive::{Feed, PgArchiveCheck};
 use crate::api::backup_policy::{Engine, TlsMode};
 use crate::api::common::DatabaseCredentials;
 use crate::vault::{VaultError, describe};
@@ -583,9 +584,8 @@ pub fn recreate_database(conn: &DbConn, database: &str) -> Result<(), SourceErro
     Ok(())
 }
 
-/// Starts a check that reads a whole dump from stdin without a database: `pg_restore --file=/dev/null` parses
-/// every block of a custom-format archive and fails on a truncated or damaged one. (MySQL dumps are checked for
-/// mysqldump's completion line instead; see `DumpTail`.)
+/// Starts `pg_restore --file=/dev/null`, which reads a whole custom-format archive from stdin without a database
+/// and fails on a truncated or damaged one: the check for archive versions the built-in one does not know.
 pub fn start_archive_check(conn: &DbConn) -> Result<Option<Tool>, SourceError> {
     match conn.engine {
         Engine::Postgres => {
@@ -597,11 +597,22 @@ pub fn start_archive_check(conn: &DbConn) -> Result<Option<Tool>, SourceError> {
     }
 }
 
-/// Checks on the raw dump stream as it passes: `pg_restore --file=/dev/null` parses the archive (a truncated or
-/// damaged archive fails it), a mysqldump must end with its completion line, and MySQL rows are counted.
+/// How a PostgreSQL archive is checked as it passes.
+#[derive(Debug)]
+enum ArchiveCheck {
+    /// In this process: the archive's structure, every data block present once (see `pgarchive`).
+    Parse(Box<PgArchiveCheck>),
+    /// `pg_restore --file=/dev/null`, for archive versions the parser does not know.
+    Tool(Tool, Option<ChildStdin>),
+}
+
+/// Checks on the raw dump stream as it passes: a PostgreSQL archive must be complete (every block of its table
+/// of contents, nothing cut; see [`PgArchiveCheck`]), a mysqldump must end with its completion line, and MySQL
+/// rows are counted.
 #[derive(Debug)]
 pub struct StreamChecks {
-    archive: Option<(Tool, Option<ChildStdin>)>,
+    conn: Option<DbConn>,
+    archive: Option<ArchiveCheck>,
     archive_error: Option<String>,
     tail: Option<DumpTail>,
     counter: Option<MysqlRowCounter>,
@@ -611,16 +622,10 @@ pub struct StreamChecks {
 impl StreamChecks {
     /// Starts the checks for the engine of `conn`.
     pub fn start(conn: &DbConn) -> Result<StreamChecks, SourceError> {
-        let archive = match start_archive_check(conn)? {
-            Some(mut tool) => {
-                let stdin = tool.stdin();
-                Some((tool, stdin))
-            }
-            None => None,
-        };
         let mysql = conn.engine == Engine::Mysql;
         Ok(StreamChecks {
-            archive,
+            conn: Some(conn.clone()),
+            archive: (!mysql).then(|| ArchiveCheck::Parse(Box::default())),
             archive_error: None,
             tail: mysql.then(DumpTail::default),
             counter: mysql.then(|| MysqlRowCounter::new(&conn.database)),
@@ -630,7 +635,7 @@ impl StreamChecks {
 
     /// Only counts (the result after `finish`).
     pub fn counted(counts: BTreeMap<String, u64>) -> StreamChecks {
-        StreamChecks { archive: None, archive_error: None, tail: None, counter: None, counts }
+        StreamChecks { conn: None, archive: None, archive_error: None, tail: None, counter: None, counts }
     }
 
     /// The counts.
@@ -640,13 +645,23 @@ impl StreamChecks {
 
     /// Feeds raw dump bytes. A check that fails is remembered and reported by `finish`.
     pub fn feed(&mut self, data: &[u8]) {
-        if let Some((_, Some(stdin))) = &mut self.archive
-            && let Err(e) = stdin.write_all(data)
-        {
-            self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
-            if let Some((_, s)) = &mut self.archive {
-                *s = None;
+        match &mut self.archive {
+            Some(ArchiveCheck::Parse(p)) => {
+                if let Feed::Unsupported { version, prefix } = p.feed(data) {
+                    tracing::info!(
+                        version,
+                        "pg_dump archive version unknown to the built-in check: pg_restore checks it"
+                    );
+                    self.hand_to_pg_restore(&prefix);
+                }
             }
+            Some(ArchiveCheck::Tool(_, stdin @ Some(_))) => {
+                if let Some(Err(e)) = stdin.as_mut().map(|s| s.write_all(data)) {
+                    self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
+                    *stdin = None;
+                }
+            }
+            _ => {}
         }
         if let Some(t) = &mut self.tail {
             let _ = t.write_all(data);
@@ -656,16 +671,51 @@ impl StreamChecks {
         }
     }
 
+    /// Starts `pg_restore --file=/dev/null` and gives it the archive's first bytes.
+    fn hand_to_pg_restore(&mut self, prefix: &[u8]) {
+        let started = match &self.conn {
+            Some(conn) => start_archive_check(conn),
+            None => Ok(None),
+        };
+        match started {
+            Ok(Some(mut tool)) => {
+                let mut stdin = tool.stdin();
+                if let Some(Err(e)) = stdin.as_mut().map(|s| s.write_all(prefix)) {
+                    self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
+                    stdin = None;
+                }
+                self.archive = Some(ArchiveCheck::Tool(tool, stdin));
+            }
+            Ok(None) => self.archive = None,
+            Err(e) => {
+                self.archive_error.get_or_insert_with(|| format!("could not start pg_restore to check the dump: {e}"));
+                self.archive = None;
+            }
+        }
+    }
+
     /// The verdict: MySQL row counts (empty for PostgreSQL) or why the dump is not complete.
     pub fn finish(mut self) -> Result<BTreeMap<String, u64>, String> {
-        if let Some((tool, stdin)) = self.archive.take() {
-            drop(stdin);
-            if let Err(e) = tool.finish() {
-                return Err(format!("the dump is not a complete pg_dump archive: {e}"));
+        match self.archive.take() {
+            Some(ArchiveCheck::Parse(p)) => {
+                let summary = p.finish().map_err(|e| format!("the dump is not a complete pg_dump archive: {e}"))?;
+                tracing::debug!(
+                    version = summary.version,
+                    entries = summary.toc_entries,
+                    blocks = summary.data_blocks,
+                    "pg_dump archive complete"
+                );
             }
-            if let Some(e) = self.archive_error {
-                return Err(e);
+            Some(ArchiveCheck::Tool(tool, stdin)) => {
+                drop(stdin);
+                if let Err(e) = tool.finish() {
+                    return Err(format!("the dump is not a complete pg_dump archive: {e}"));
+                }
             }
+            None => {}
+        }
+        if let Some(e) = self.archive_error {
+            return Err(e);
         }
         if let Some(t) = &self.tail
             && !t.complete()

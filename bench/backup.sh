@@ -2,7 +2,7 @@
 # Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
 # writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
 #
-#   bench/backup.sh [--size-mib 2048] [--level 3] [--runs 3] [--keep] [--hold]
+#   bench/backup.sh [--size-mib 2048] [--level N] [--runs 3] [--keep] [--hold]
 #
 # --runs N: each tool backs up and restores N times (restic into a fresh repository each time, so nothing is
 # deduplicated against an earlier run); the report shows the median time and CPU and the highest peak RSS.
@@ -15,7 +15,7 @@
 # as they would share a node. Not run in CI.
 #
 # Fairness: every tool reads the same dump. crmguard runs its real pipeline (pg_dump stand-in = `cat dump`,
-# zstd at --level (the policy default, 3, unless given), AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
+# zstd at --level (the policy default, 1, unless given), AES-256-GCM, multipart upload, then its full verification: re-read, sha256, decrypt,
 # decompress; the pg_dump archive structure check alongside) and is timed end to end, verification included. restic backs up the dump
 # from stdin into an encrypted, compressed (auto) repository. rclone uploads it as is (no compression, no
 # encryption). Restore = download, decrypt, decompress to /dev/null (crmguard `backup fetch`, `restic dump`,
@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=2048
-level=3
+level=
 keep=0
 hold=0
 runs=3
@@ -121,8 +121,8 @@ spec:
   schedule: {cron: '@daily'}
   destination: {bucket: crmguard, endpoint: 'http://127.0.0.1:$s3port', forcePathStyle: true, credentials: {secretRef: {name: s3}}}
   encryption: {key: {secretRef: {name: k, key: key}}}
-  compression: {level: $level}
 EOF
+[ -n "$level" ] && echo "  compression: {level: $level}" >>"$work/policy.yaml"
 export CRMGUARD_DB_USERNAME=postgres CRMGUARD_DB_BIN_DIR="$work/bin" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret-key
 CRMGUARD_ENCRYPTION_KEY=$(head -c 32 /dev/urandom | base64)
 export CRMGUARD_ENCRYPTION_KEY CRMGUARD_LOG_LEVEL=warn

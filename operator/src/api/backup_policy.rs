@@ -252,7 +252,8 @@ fn default_transit_mount() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Compression {
-    /// zstd level, 1 (fastest) to 19 (smallest).
+    /// zstd level, 1 (fastest, the default) to 19 (smallest). On CRM-like dumps level 3 stores about 5 % less
+    /// than level 1 for about twice the compression CPU; levels above 9 are rarely worth their time.
     #[serde(default = "default_level")]
     #[schemars(range(min = 1, max = 19))]
     pub level: i32,
@@ -265,7 +266,7 @@ impl Default for Compression {
 }
 
 fn default_level() -> i32 {
-    3
+    1
 }
 
 /// How many backups to keep. Counts combine like restic's `forget`: a backup is kept when any rule keeps it.

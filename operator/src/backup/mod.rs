@@ -349,8 +349,8 @@ pub async fn run_backup(
     Ok(manifest)
 }
 
-/// Full verification of a database object plus a structural check of the dump itself: `pg_restore` parses the
-/// whole archive (no database needed), or the mysqldump must end with its completion line. This catches a dump
+/// Full verification of a database object plus a structural check of the dump itself: the pg_dump archive must
+/// be complete (see `pgarchive`; no database needed), or the mysqldump must end with its completion line. This catches a dump
 /// tool that stopped early yet exited 0, which checksums alone cannot (they faithfully protect a short dump).
 pub async fn verify_archive(
     store: &Store,

@@ -132,34 +132,42 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Part buffers that may exist at once (being filled, queued or uploading): the memory bound of the upload.
+/// Bytes of part buffers that may exist at once (being filled, queued or uploading): the memory bound of the
+/// upload. The budget is (parts in flight + 1) x the first part size, and at least two parts of the current size
+/// (one filling while one uploads), so it grows only once parts are bigger than half of it.
 struct Slots {
-    free: std::sync::Mutex<usize>,
+    /// (budget, bytes free)
+    state: std::sync::Mutex<(usize, usize)>,
     freed: std::sync::Condvar,
 }
 
-/// One part buffer's place; given back when dropped (after its upload, or when the upload is abandoned).
-struct Slot(Arc<Slots>);
+/// One part buffer's place (its size in bytes); given back when dropped (after its upload, or when the upload is
+/// abandoned).
+struct Slot(Arc<Slots>, usize);
 
 impl Slots {
-    fn new(n: usize) -> Arc<Slots> {
-        Arc::new(Slots { free: std::sync::Mutex::new(n), freed: std::sync::Condvar::new() })
+    fn new(budget: usize) -> Arc<Slots> {
+        Arc::new(Slots { state: std::sync::Mutex::new((budget, budget)), freed: std::sync::Condvar::new() })
     }
 
-    /// Blocks until a part buffer may be started.
-    fn acquire(self: &Arc<Self>) -> Slot {
-        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Blocks until a part buffer of `bytes` may be started.
+    fn acquire(self: &Arc<Self>, bytes: usize) -> Slot {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.0 < 2 * bytes {
+            let more = 2 * bytes - state.0;
+            *state = (state.0 + more, state.1 + more);
         }
-        *free -= 1;
-        Slot(self.clone())
+        while state.1 < bytes {
+            state = self.freed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.1 -= bytes;
+        Slot(self.clone(), bytes)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1 += self.1;
         self.0.freed.notify_one();
     }
 }
@@ -176,21 +184,28 @@ struct PartSink {
     sent: u32,
     slots: Arc<Slots>,
     slot: Option<Slot>,
+    /// Parts of each size before the size doubles.
+    per_size: u32,
 }
+
+/// Parts of one size before the part size doubles: 2000 x 5 MiB = 9.8 GiB stored at the first size; S3 allows
+/// 10 000 parts, so an object may reach about 300 GiB.
+const PARTS_PER_SIZE: u32 = 2000;
 
 impl PartSink {
     fn new(tx: tokio::sync::mpsc::Sender<Part>, part_size: usize, in_flight: usize) -> PartSink {
-        let slots = Slots::new(in_flight + 1);
-        PartSink { tx, buf: Vec::new(), base: part_size.max(5 << 20), sent: 0, slots, slot: None }
+        let base = part_size.max(5 << 20);
+        let slots = Slots::new((in_flight + 1) * base);
+        PartSink { tx, buf: Vec::new(), base, sent: 0, slots, slot: None, per_size: PARTS_PER_SIZE }
     }
 
     fn part_size(&self) -> usize {
-        self.base << (self.sent / 2000).min(6)
+        self.base << (self.sent / self.per_size).min(6)
     }
 
     fn start(&mut self) {
         if self.slot.is_none() {
-            self.slot = Some(self.slots.acquire());
+            self.slot = Some(self.slots.acquire(self.part_size()));
             self.buf.reserve_exact(self.part_size());
         }
     }
@@ -765,5 +780,34 @@ mod tests {
         }
         assert_eq!(rest, 7);
         assert_eq!(producer.join().expect("producer").expect("sink"), 10);
+    }
+
+    #[test]
+    fn bigger_parts_keep_two_in_memory_not_three() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(1);
+        let part = 5 << 20;
+        let producer = std::thread::spawn(move || {
+            let mut sink = PartSink::new(tx, part, 2);
+            sink.per_size = 3; // the size doubles after 3 parts instead of 2000
+            let block = vec![7u8; 1 << 20];
+            for _ in 0..(3 * 5 + 3 * 10) {
+                sink.write_all(&block)?;
+            }
+            sink.finish()
+        });
+        // The three first-size parts, released at once.
+        for _ in 0..3 {
+            assert_eq!(rx.blocking_recv().expect("a part").0.len(), part);
+        }
+        // Holding one 10 MiB part: a second can be filled (2 x 10 MiB budget), a third cannot.
+        let first = rx.blocking_recv().expect("a part");
+        assert_eq!(first.0.len(), 2 * part);
+        std::thread::sleep(Duration::from_millis(300));
+        let second = rx.try_recv().expect("the second 10 MiB part is ready while the first uploads");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "a third 10 MiB part exists while two are held");
+        drop((first, second));
+        assert_eq!(rx.blocking_recv().expect("the third part, once the others are gone").0.len(), 2 * part);
+        assert_eq!(producer.join().expect("producer").expect("sink"), 6);
     }
 }

@@ -410,6 +410,7 @@ fn killing_the_uploader_leaves_no_listed_backup_and_cleanup_removes_its_upload()
         store_dir: None,
         part_size_mib: 8,
         parts_in_flight: 2,
+        parts_per_object: 10_000,
         progress_seconds: 10,
         compress_threads: None,
     })
@@ -894,4 +895,62 @@ fn the_built_in_archive_check_agrees_with_pg_restore_on_real_pg_dump_archives() 
         assert!(verdict.is_err(), "the built-in check accepted a dump cut at {cut} of {} bytes", dump.len());
         assert!(!pg_restore_accepts(&dump[..cut]), "pg_restore accepted a dump cut at {cut}");
     }
+}
+
+#[test]
+fn a_backup_longer_than_one_object_continues_in_segments_that_verify_restore_and_expire_together() {
+    // One part per object here (10 000 in production), so a 3-part backup is stored as three objects.
+    let case = Case::new("segments", "{key: {secretRef: {name: k, key: key}}}", "  retention: {keepLast: 1}\n");
+    let pg = Postgres::shared();
+    // About 26 MB of hex that zstd halves at best: at least three 5 MiB parts.
+    pg.sql(
+        &case.name,
+        "CREATE TABLE bulk (id int PRIMARY KEY, v text);
+         INSERT INTO bulk SELECT i, md5(random()::text) || md5(random()::text) FROM generate_series(1, 400000) i;",
+    );
+    let before = fingerprint(pg, &case.name);
+    let first = case.ok(&["backup", "run", "--parts-per-object", "1"]);
+    let id = first["backupId"].as_str().unwrap().to_string();
+    let object = case.list()[0]["objects"][0].clone();
+    let segments = object["segments"].as_u64().unwrap();
+    assert!(segments >= 3, "{object}");
+    assert_eq!(object["parts"].as_u64().unwrap(), segments, "one part per segment");
+    let key = object["key"].as_str().unwrap().to_string();
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let stored: Vec<String> = rt
+        .block_on(store.list(&format!("{}/{id}/", case.prefix())))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.starts_with(&key))
+        .collect();
+    let expected: Vec<String> =
+        (0..segments as u32).map(|i| crmguard::backup::manifest::segment_key(&key, i)).collect();
+    assert_eq!(stored, expected);
+
+    case.ok(&["backup", "verify", "--backup", &id]);
+    let target = format!("{}_restored", case.name);
+    case.ok(&["restore", "run", "--backup", &id, "--target-database", &target, "--create-database"]);
+    assert_eq!(fingerprint(pg, &target), before, "the restored tables differ");
+
+    // A flipped byte in the last segment is caught like one in the first.
+    let last = expected.last().unwrap();
+    let mut bytes = rt.block_on(get(&store, last));
+    bytes[10] ^= 0x01;
+    rt.block_on(store.put(last, bytes.clone().into())).unwrap();
+    let (report, stderr) = case.fails(&["backup", "verify", "--backup", &id]);
+    assert!(stderr.contains("verification of") || report["reason"] == "VerificationFailed", "{report}\n{stderr}");
+    bytes[10] ^= 0x01;
+    rt.block_on(store.put(last, bytes.into())).unwrap();
+
+    // keepLast 1: the next backup expires this one, every segment with it.
+    let second = case.ok(&["backup", "run", "--parts-per-object", "1"]);
+    assert_ne!(second["backupId"], first["backupId"]);
+    let left = rt.block_on(store.list(&format!("{}/{id}/", case.prefix()))).unwrap();
+    assert!(
+        left.is_empty(),
+        "segments of the expired backup are left: {:?}",
+        left.iter().map(|o| &o.key).collect::<Vec<_>>()
+    );
 }

@@ -33,6 +33,10 @@ pub struct PolicyArgs {
     /// Parts uploaded at the same time.
     #[arg(long, default_value_t = 2)]
     pub parts_in_flight: usize,
+    /// Parts per S3 object (at most 10 000, S3's limit): a longer backup continues in further objects
+    /// (`<key>.0001`, ...), so memory stays the same whatever the backup's size.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub parts_per_object: u32,
     /// zstd compression threads (default: the CPUs available, at most 4).
     #[arg(long)]
     pub compress_threads: Option<u32>,
@@ -190,6 +194,7 @@ async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<Path
         options: PipelineOptions {
             part_size: args.part_size_mib.max(5) << 20,
             parts_in_flight: args.parts_in_flight.max(1),
+            parts_per_object: args.parts_per_object,
             progress_every: std::time::Duration::from_secs(args.progress_seconds.max(1)),
             compress_threads: args.compress_threads.unwrap_or(PipelineOptions::default().compress_threads).clamp(1, 16),
             ..PipelineOptions::default()

@@ -47,6 +47,31 @@ pub struct StoredObject {
     pub chunks: u64,
     /// Multipart upload parts.
     pub parts: u32,
+    /// Objects the stored stream is split into, every one a multipart upload of at most 10 000 parts (S3's
+    /// limit): 1 except for huge backups. The first is `key`, the next `key.0001`, `key.0002`, ...; their
+    /// concatenation is the stored stream that `sha256` and `stored_bytes` describe.
+    #[serde(default = "one_segment", skip_serializing_if = "is_one_segment")]
+    pub segments: u32,
+}
+
+fn one_segment() -> u32 {
+    1
+}
+
+fn is_one_segment(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The key of segment `index` of an object stored at `key`.
+pub fn segment_key(key: &str, index: u32) -> String {
+    if index == 0 { key.to_string() } else { format!("{key}.{index:04}") }
+}
+
+impl StoredObject {
+    /// Every key the object occupies, in stream order.
+    pub fn segment_keys(&self) -> Vec<String> {
+        (0..self.segments.max(1)).map(|i| segment_key(&self.key, i)).collect()
+    }
 }
 
 /// Encryption facts.
@@ -198,6 +223,8 @@ mod tests {
         assert!(a.starts_with("20261129T021500Z-") && a.len() == 21, "{a}");
         assert!(a < b);
         assert_eq!(object_key("/crm/prod/", "x", MANIFEST), "crm/prod/x/manifest.json");
+        assert_eq!(segment_key("a/database.dump.zst.enc", 0), "a/database.dump.zst.enc");
+        assert_eq!(segment_key("a/database.dump.zst.enc", 12), "a/database.dump.zst.enc.0012");
         assert_eq!(object_key("", "x", MANIFEST), "x/manifest.json");
     }
 }

@@ -377,6 +377,7 @@ fn stored(purpose: &str, key: String, s: &pipeline::StreamStats) -> StoredObject
         sha256: s.sha256.clone(),
         chunks: s.chunks,
         parts: s.parts,
+        segments: s.segments,
     }
 }
 
@@ -416,7 +417,7 @@ pub async fn housekeeping(
     for id in &decision.delete {
         let Some(m) = catalog.backups.iter().find(|m| &m.id == id) else { continue };
         let mut keys = vec![object_key(&config.prefix, id, MANIFEST)];
-        keys.extend(m.objects.iter().map(|o| o.key.clone()));
+        keys.extend(m.objects.iter().flat_map(StoredObject::segment_keys));
         store.delete(&keys).await?;
         out.deleted_backups.push(id.clone());
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::crypto::{self, ChunkCipher, DataKey, DecryptReader, EncryptWriter, Header, TAG_LEN};
-use super::manifest::StoredObject;
+use super::manifest::{StoredObject, segment_key};
 use super::store::{Store, StoreError, Upload};
 use crate::api::backup_policy::{Algorithm, VerificationMode};
 
@@ -25,9 +25,8 @@ const WINDOW_LOG: u32 = 20;
 /// Tuning of the data path.
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
-    /// Size of the first 2000 multipart parts (5 MiB, the S3 minimum, by default); it doubles every 2000 parts
-    /// (S3 allows 10 000), so memory stays flat up to about 10 GiB stored per object and the limit is far
-    /// beyond any CRM database. Parts held at once: `parts_in_flight` + 1.
+    /// Size of the multipart parts (5 MiB, the S3 minimum, by default). Parts held at once: `parts_in_flight`
+    /// + 1, whatever the size of the backup.
     pub part_size: usize,
     /// Parts uploaded concurrently.
     pub parts_in_flight: usize,
@@ -37,7 +36,13 @@ pub struct PipelineOptions {
     pub progress_every: Duration,
     /// zstd worker threads (1 = compress on the pipeline's own thread).
     pub compress_threads: u32,
+    /// Parts per S3 object (S3 allows 10 000): a longer stream continues in the next segment object, so the
+    /// part size, and with it memory, never has to grow (10 000 x 5 MiB = 48.8 GiB per segment).
+    pub parts_per_object: u32,
 }
+
+/// S3's limit of parts per multipart upload.
+pub const MAX_PARTS_PER_OBJECT: u32 = 10_000;
 
 impl Default for PipelineOptions {
     fn default() -> Self {
@@ -47,6 +52,7 @@ impl Default for PipelineOptions {
             chunk_log2: crypto::DEFAULT_CHUNK_LOG2,
             progress_every: Duration::from_secs(10),
             compress_threads: std::thread::available_parallelism().map(|n| n.get().min(4) as u32).unwrap_or(1),
+            parts_per_object: MAX_PARTS_PER_OBJECT,
         }
     }
 }
@@ -133,8 +139,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Bytes of part buffers that may exist at once (being filled, queued or uploading): the memory bound of the
-/// upload. The budget is (parts in flight + 1) x the first part size, and at least two parts of the current size
-/// (one filling while one uploads), so it grows only once parts are bigger than half of it.
+/// upload, (parts in flight + 1) x the part size. (Never below two parts, so that one fills while one uploads.)
 struct Slots {
     /// (budget, bytes free)
     state: std::sync::Mutex<(usize, usize)>,
@@ -154,6 +159,7 @@ impl Slots {
     fn acquire(self: &Arc<Self>, bytes: usize) -> Slot {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if state.0 < 2 * bytes {
+            // Only when a part is bigger than the budget was made for.
             let more = 2 * bytes - state.0;
             *state = (state.0 + more, state.1 + more);
         }
@@ -184,23 +190,17 @@ struct PartSink {
     sent: u32,
     slots: Arc<Slots>,
     slot: Option<Slot>,
-    /// Parts of each size before the size doubles.
-    per_size: u32,
 }
-
-/// Parts of one size before the part size doubles: 2000 x 5 MiB = 9.8 GiB stored at the first size; S3 allows
-/// 10 000 parts, so an object may reach about 300 GiB.
-const PARTS_PER_SIZE: u32 = 2000;
 
 impl PartSink {
     fn new(tx: tokio::sync::mpsc::Sender<Part>, part_size: usize, in_flight: usize) -> PartSink {
         let base = part_size.max(5 << 20);
         let slots = Slots::new((in_flight + 1) * base);
-        PartSink { tx, buf: Vec::new(), base, sent: 0, slots, slot: None, per_size: PARTS_PER_SIZE }
+        PartSink { tx, buf: Vec::new(), base, sent: 0, slots, slot: None }
     }
 
     fn part_size(&self) -> usize {
-        self.base << (self.sent / self.per_size).min(6)
+        self.base
     }
 
     fn start(&mut self) {
@@ -283,6 +283,7 @@ pub struct StreamStats {
     pub sha256: String,
     pub chunks: u64,
     pub parts: u32,
+    pub segments: u32,
 }
 
 /// Runs the compress/encrypt/split chain over what `fill` writes. Blocking; runs on its own thread.
@@ -329,7 +330,8 @@ fn produce(
     };
     let (sink, sha256, stored_bytes) = stored.finish();
     let parts = sink.finish()?;
-    Ok(StreamStats { raw_bytes, compressed_bytes, stored_bytes, sha256, chunks, parts })
+    // Segments are the uploader's business; it fills them in.
+    Ok(StreamStats { raw_bytes, compressed_bytes, stored_bytes, sha256, chunks, parts, segments: 0 })
 }
 
 /// Logs progress (bytes and rate) until dropped.
@@ -393,7 +395,8 @@ where
     D: FnOnce() -> Result<(), PipelineError> + Send + 'static,
     A: FnOnce() + Send + 'static,
 {
-    let upload = store.start_upload(key).await?;
+    let mut segments =
+        Segments { key: key.to_string(), current: Some(store.start_upload(key).await?), ..Default::default() };
     let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
     let counter = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start(format!("{purpose} backup"), counter.clone(), opts.progress_every);
@@ -413,62 +416,107 @@ where
             }
         }
     });
-    let uploaded = upload_parts(&upload, rx, opts.parts_in_flight.max(1)).await;
+    let per_object = opts.parts_per_object.clamp(1, MAX_PARTS_PER_OBJECT);
+    let uploaded = upload_parts(store, &mut segments, rx, opts.parts_in_flight.max(1), per_object).await;
     let produced = producer.await.map_err(|e| PipelineError::Stream(format!("backup thread failed: {e}")));
-    match (produced, uploaded) {
-        (Ok(Ok(stats)), Ok(parts)) if parts.len() as u32 == stats.parts => {
-            upload.complete(parts).await?;
-            Ok(stats)
-        }
-        (produced, uploaded) => {
-            let error = match (produced, uploaded) {
-                // A failed upload stops the stream (and so the source, which is killed): it is the cause. A
-                // source that fails first only ends the stream, and the upload itself succeeds.
-                (_, Err(e)) => e.into(),
-                (Ok(Err(e)), _) => e,
-                (Err(e), _) => e,
-                (Ok(Ok(stats)), Ok(parts)) => {
-                    PipelineError::Stream(format!("{} parts produced but {} uploaded", stats.parts, parts.len()))
+    let outcome = match (produced, uploaded) {
+        (Ok(Ok(stats)), Ok(())) if segments.total == stats.parts => match segments.current.take() {
+            Some(last) => match last.clone().complete(std::mem::take(&mut segments.parts)).await {
+                Ok(()) => Ok(StreamStats { segments: segments.completed.len() as u32 + 1, ..stats }),
+                Err(e) => {
+                    segments.current = Some(last);
+                    Err(e.into())
                 }
-            };
-            if let Err(e) = upload.abort().await {
-                tracing::warn!(error = %e, "could not abort the multipart upload; it is removed by the next cleanup");
-            }
-            Err(error)
+            },
+            None => Err(PipelineError::Stream("no upload to complete".into())),
+        },
+        // A failed upload stops the stream (and so the source, which is killed): it is the cause. A source that
+        // fails first only ends the stream, and the upload itself succeeds.
+        (_, Err(e)) => Err(e.into()),
+        (Ok(Err(e)), _) => Err(e),
+        (Err(e), _) => Err(e),
+        (Ok(Ok(stats)), Ok(())) => {
+            Err(PipelineError::Stream(format!("{} parts produced but {} uploaded", stats.parts, segments.total)))
+        }
+    };
+    if outcome.is_err() {
+        if let Some(upload) = segments.current.take()
+            && let Err(e) = upload.abort().await
+        {
+            tracing::warn!(error = %e, "could not abort the multipart upload; it is removed by the next cleanup");
+        }
+        if !segments.completed.is_empty()
+            && let Err(e) = store.delete(&segments.completed).await
+        {
+            tracing::warn!(error = %e, "could not remove the segments already stored; the next cleanup removes them");
         }
     }
+    outcome
+}
+
+/// The multipart uploads of one stored stream: the segments completed so far and the one being filled.
+#[derive(Default)]
+struct Segments {
+    key: String,
+    completed: Vec<String>,
+    current: Option<Upload>,
+    /// Parts of the current segment that are done.
+    parts: Vec<aws_sdk_s3::types::CompletedPart>,
+    /// Parts uploaded in all.
+    total: u32,
 }
 
 async fn upload_parts(
-    upload: &Upload,
+    store: &Store,
+    seg: &mut Segments,
     mut rx: tokio::sync::mpsc::Receiver<Part>,
     in_flight: usize,
-) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, StoreError> {
+    per_object: u32,
+) -> Result<(), StoreError> {
     let mut running = tokio::task::JoinSet::new();
-    let mut done = Vec::new();
-    let mut number = 0i32;
-    let join = |r: Result<Result<_, StoreError>, tokio::task::JoinError>| {
-        r.map_err(|e| StoreError::S3 { op: "PUT part", key: upload.key.clone(), message: e.to_string() })?
+    let mut number = 0u32;
+    let join = |key: &str, r: Result<Result<_, StoreError>, tokio::task::JoinError>| {
+        r.map_err(|e| StoreError::S3 { op: "PUT part", key: key.to_string(), message: e.to_string() })?
     };
     loop {
         while running.len() >= in_flight {
             if let Some(r) = running.join_next().await {
-                done.push(join(r)?);
+                seg.parts.push(join(&seg.key, r)?);
+                seg.total += 1;
             }
         }
         let Some((part, slot)) = rx.recv().await else { break };
+        if number == per_object {
+            // This segment is full: finish it and continue in the next object.
+            while let Some(r) = running.join_next().await {
+                seg.parts.push(join(&seg.key, r)?);
+                seg.total += 1;
+            }
+            let Some(full) = seg.current.take() else { break };
+            if let Err(e) = full.clone().complete(std::mem::take(&mut seg.parts)).await {
+                seg.current = Some(full);
+                return Err(e);
+            }
+            seg.completed.push(full.key);
+            let next = segment_key(&seg.key, seg.completed.len() as u32);
+            tracing::info!(key = next, "continuing in the next segment object");
+            seg.current = Some(store.start_upload(&next).await?);
+            number = 0;
+        }
+        let Some(upload) = seg.current.clone() else { break };
         number += 1;
-        let u = upload.clone();
+        let n = number as i32;
         running.spawn(async move {
-            let done = u.part(number, part).await;
+            let done = upload.part(n, part).await;
             drop(slot); // the buffer is free once the request is done with it
             done
         });
     }
     while let Some(r) = running.join_next().await {
-        done.push(join(r)?);
+        seg.parts.push(join(&seg.key, r)?);
+        seg.total += 1;
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Reads `Bytes` pieces from a channel as a blocking `Read`.
@@ -617,7 +665,7 @@ where
         let (sink, _, raw_bytes) = out.finish();
         Ok((stored_bytes, stored_sha, raw_bytes, chunks, sink))
     });
-    let fetched = store.get_stream(&object.key, tx).await;
+    let fetched = get_segments(store, object, tx).await;
     let consumed = consumer.await.map_err(|e| PipelineError::Stream(format!("reader thread failed: {e}")))?;
     let verify = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
     let (stored_bytes, stored_sha, raw_bytes, chunks, sink) = match (consumed, fetched) {
@@ -647,6 +695,19 @@ where
         )));
     }
     Ok((Verified { stored_bytes, decrypted_chunks: chunks, raw_checked: true, raw_bytes }, sink))
+}
+
+/// Streams every segment of `object`, in order, into `tx`; the receiver sees one stream that ends after the last.
+async fn get_segments(
+    store: &Store,
+    object: &StoredObject,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for key in object.segment_keys() {
+        total += store.get_stream(&key, tx.clone()).await?;
+    }
+    Ok(total)
 }
 
 /// Deterministic choice of chunks for sampled verification: the first and last chunk always, and about
@@ -697,7 +758,7 @@ pub async fn verify_sampled(
         io::copy(&mut stored, &mut io::sink())?;
         Ok((stored.bytes, hex(&stored.sha.clone().finalize()), opened))
     });
-    let fetched = store.get_stream(&object.key, tx).await;
+    let fetched = get_segments(store, object, tx).await;
     let verify = |reason: String| PipelineError::Verify { key: object.key.clone(), reason };
     let consumed = consumer.await.map_err(|e| PipelineError::Stream(format!("reader thread failed: {e}")))?;
     let (bytes, sha, opened) = match (consumed, fetched) {
@@ -780,34 +841,5 @@ mod tests {
         }
         assert_eq!(rest, 7);
         assert_eq!(producer.join().expect("producer").expect("sink"), 10);
-    }
-
-    #[test]
-    fn bigger_parts_keep_two_in_memory_not_three() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(1);
-        let part = 5 << 20;
-        let producer = std::thread::spawn(move || {
-            let mut sink = PartSink::new(tx, part, 2);
-            sink.per_size = 3; // the size doubles after 3 parts instead of 2000
-            let block = vec![7u8; 1 << 20];
-            for _ in 0..(3 * 5 + 3 * 10) {
-                sink.write_all(&block)?;
-            }
-            sink.finish()
-        });
-        // The three first-size parts, released at once.
-        for _ in 0..3 {
-            assert_eq!(rx.blocking_recv().expect("a part").0.len(), part);
-        }
-        // Holding one 10 MiB part: a second can be filled (2 x 10 MiB budget), a third cannot.
-        let first = rx.blocking_recv().expect("a part");
-        assert_eq!(first.0.len(), 2 * part);
-        std::thread::sleep(Duration::from_millis(300));
-        let second = rx.try_recv().expect("the second 10 MiB part is ready while the first uploads");
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(rx.try_recv().is_err(), "a third 10 MiB part exists while two are held");
-        drop((first, second));
-        assert_eq!(rx.blocking_recv().expect("the third part, once the others are gone").0.len(), 2 * part);
-        assert_eq!(producer.join().expect("producer").expect("sink"), 6);
     }
 }

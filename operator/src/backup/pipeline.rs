@@ -138,42 +138,34 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Bytes of part buffers that may exist at once (being filled, queued or uploading): the memory bound of the
-/// upload, (parts in flight + 1) x the part size. (Never below two parts, so that one fills while one uploads.)
+/// Part buffers that may exist at once (being filled, queued or uploading): the memory bound of the upload.
 struct Slots {
-    /// (budget, bytes free)
-    state: std::sync::Mutex<(usize, usize)>,
+    free: std::sync::Mutex<usize>,
     freed: std::sync::Condvar,
 }
 
-/// One part buffer's place (its size in bytes); given back when dropped (after its upload, or when the upload is
-/// abandoned).
-struct Slot(Arc<Slots>, usize);
+/// One part buffer's place; given back when dropped (after its upload, or when the upload is abandoned).
+struct Slot(Arc<Slots>);
 
 impl Slots {
-    fn new(budget: usize) -> Arc<Slots> {
-        Arc::new(Slots { state: std::sync::Mutex::new((budget, budget)), freed: std::sync::Condvar::new() })
+    fn new(n: usize) -> Arc<Slots> {
+        Arc::new(Slots { free: std::sync::Mutex::new(n), freed: std::sync::Condvar::new() })
     }
 
-    /// Blocks until a part buffer of `bytes` may be started.
-    fn acquire(self: &Arc<Self>, bytes: usize) -> Slot {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.0 < 2 * bytes {
-            // Only when a part is bigger than the budget was made for.
-            let more = 2 * bytes - state.0;
-            *state = (state.0 + more, state.1 + more);
+    /// Blocks until a part buffer may be started.
+    fn acquire(self: &Arc<Self>) -> Slot {
+        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        while state.1 < bytes {
-            state = self.freed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        state.1 -= bytes;
-        Slot(self.clone(), bytes)
+        *free -= 1;
+        Slot(self.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1 += self.1;
+        *self.0.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
         self.0.freed.notify_one();
     }
 }
@@ -186,7 +178,7 @@ type Part = (Bytes, Slot);
 struct PartSink {
     tx: tokio::sync::mpsc::Sender<Part>,
     buf: Vec<u8>,
-    base: usize,
+    part_size: usize,
     sent: u32,
     slots: Arc<Slots>,
     slot: Option<Slot>,
@@ -194,19 +186,14 @@ struct PartSink {
 
 impl PartSink {
     fn new(tx: tokio::sync::mpsc::Sender<Part>, part_size: usize, in_flight: usize) -> PartSink {
-        let base = part_size.max(5 << 20);
-        let slots = Slots::new((in_flight + 1) * base);
-        PartSink { tx, buf: Vec::new(), base, sent: 0, slots, slot: None }
-    }
-
-    fn part_size(&self) -> usize {
-        self.base
+        let slots = Slots::new(in_flight + 1);
+        PartSink { tx, buf: Vec::new(), part_size: part_size.max(5 << 20), sent: 0, slots, slot: None }
     }
 
     fn start(&mut self) {
         if self.slot.is_none() {
-            self.slot = Some(self.slots.acquire(self.part_size()));
-            self.buf.reserve_exact(self.part_size());
+            self.slot = Some(self.slots.acquire());
+            self.buf.reserve_exact(self.part_size);
         }
     }
 
@@ -232,10 +219,10 @@ impl PartSink {
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.start();
-        let room = self.part_size() - self.buf.len();
+        let room = self.part_size - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == self.part_size() {
+        if self.buf.len() == self.part_size {
             self.send()?;
         }
         Ok(n)

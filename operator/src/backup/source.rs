@@ -645,23 +645,21 @@ impl StreamChecks {
 
     /// Feeds raw dump bytes. A check that fails is remembered and reported by `finish`.
     pub fn feed(&mut self, data: &[u8]) {
-        match &mut self.archive {
-            Some(ArchiveCheck::Parse(p)) => {
-                if let Feed::Unsupported { version, prefix } = p.feed(data) {
-                    tracing::info!(
-                        version,
-                        "pg_dump archive version unknown to the built-in check: pg_restore checks it"
-                    );
-                    self.hand_to_pg_restore(&prefix);
-                }
-            }
-            Some(ArchiveCheck::Tool(_, stdin @ Some(_))) => {
-                if let Some(Err(e)) = stdin.as_mut().map(|s| s.write_all(data)) {
-                    self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
-                    *stdin = None;
-                }
-            }
-            _ => {}
+        // An archive version the parser does not know goes to pg_restore, starting with every byte seen so far.
+        let mut handed = None;
+        if let Some(ArchiveCheck::Parse(p)) = &mut self.archive
+            && let Feed::Unsupported { version, prefix } = p.feed(data)
+        {
+            tracing::info!(version, "pg_dump archive version unknown to the built-in check: pg_restore checks it");
+            self.archive = self.start_pg_restore();
+            handed = Some(prefix);
+        }
+        if let Some(ArchiveCheck::Tool(_, stdin)) = &mut self.archive
+            && let Some(s) = stdin
+            && let Err(e) = s.write_all(handed.as_deref().unwrap_or(data))
+        {
+            self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
+            *stdin = None;
         }
         if let Some(t) = &mut self.tail {
             let _ = t.write_all(data);
@@ -671,26 +669,18 @@ impl StreamChecks {
         }
     }
 
-    /// Starts `pg_restore --file=/dev/null` and gives it the archive's first bytes.
-    fn hand_to_pg_restore(&mut self, prefix: &[u8]) {
-        let started = match &self.conn {
-            Some(conn) => start_archive_check(conn),
-            None => Ok(None),
-        };
-        match started {
-            Ok(Some(mut tool)) => {
-                let mut stdin = tool.stdin();
-                if let Some(Err(e)) = stdin.as_mut().map(|s| s.write_all(prefix)) {
-                    self.archive_error.get_or_insert_with(|| format!("pg_restore stopped reading: {e}"));
-                    stdin = None;
-                }
-                self.archive = Some(ArchiveCheck::Tool(tool, stdin));
+    /// Starts `pg_restore --file=/dev/null` as the archive check; a failure to start is the check's error.
+    fn start_pg_restore(&mut self) -> Option<ArchiveCheck> {
+        match self.conn.as_ref().map(start_archive_check) {
+            Some(Ok(Some(mut tool))) => {
+                let stdin = tool.stdin();
+                Some(ArchiveCheck::Tool(tool, stdin))
             }
-            Ok(None) => self.archive = None,
-            Err(e) => {
+            Some(Err(e)) => {
                 self.archive_error.get_or_insert_with(|| format!("could not start pg_restore to check the dump: {e}"));
-                self.archive = None;
+                None
             }
+            Some(Ok(None)) | None => None,
         }
     }
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Renders and checks charts/crmguard with the real Helm engine (helm-sdkpy's shared library, loaded with ctypes),
-installing it into the API-server stand-in (HELM_DRIVER=memory: Helm's Secret storage speaks protobuf, which the
-stand-in does not). Checks default and non-default values, a refused values file, and what the chart creates;
-then builds manifests/ with `kubectl kustomize` and applies it server-side into a fresh stand-in.
+installing it into a real control plane (kube-apiserver, kube-controller-manager and etcd of e2e/kube/newest,
+started by `target/debug/controlplane`; releases stored as Secrets, as Helm does by default). Checks default and
+non-default values, a refused values file, and what the chart creates; then builds manifests/ with
+`kubectl kustomize` and applies it server-side into a fresh control plane.
 
-    python3 .ci/helm_check.py --standin target/debug/standin [--write-manifest manifests/crmguard.yaml]
+    python3 .ci/helm_check.py --controlplane target/debug/controlplane [--write-manifest manifests/crmguard.yaml]
 """
 import argparse
 import ctypes
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,36 +51,56 @@ def kubectl_binary():
     return exe[0]
 
 
-def start_standin(standin, *args):
-    """Starts the stand-in; returns the process, its kubeconfig path and its URL."""
+def start_controlplane(controlplane, *args):
+    """Starts a control plane; returns the process and its admin kubeconfig path once the API server is ready."""
     kubeconfig = os.path.join(tempfile.mkdtemp(), "kubeconfig")
-    proc = subprocess.Popen([standin, *args], stdout=open(kubeconfig, "w"), stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        if "server:" in open(kubeconfig).read():
+    log = open(kubeconfig + ".log", "w")
+    proc = subprocess.Popen([controlplane, *args], stdout=open(kubeconfig, "w"), stderr=log)
+    for _ in range(1800):
+        if "current-context" in open(kubeconfig).read():
+            return proc, kubeconfig
+        if proc.poll() is not None:
             break
         time.sleep(0.1)
-    server = [line.split()[-1] for line in open(kubeconfig) if "server:" in line][0]
-    return proc, kubeconfig, server
+    proc.kill()
+    raise RuntimeError(f"the control plane did not start: {open(kubeconfig + '.log').read()[-4000:]}")
 
 
-def check_manifests(standin, kubectl):
-    """`kubectl kustomize manifests/` builds, and `kubectl apply -k` (server-side) installs it into a stand-in."""
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def check_manifests(controlplane, kubectl):
+    """`kubectl kustomize manifests/` builds, and `kubectl apply -k` (server-side) installs it into a control plane."""
     out = subprocess.run([kubectl, "kustomize", os.path.join(ROOT, "manifests")], capture_output=True, text=True)
     kinds = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("kind:")]
     check(out.returncode == 0, f"kubectl kustomize manifests/: {out.stderr}")
     check(kinds.count("CustomResourceDefinition") == 4 and "Deployment" in kinds and "Namespace" in kinds, f"kinds {kinds}")
-    proc, kubeconfig, server = start_standin(standin, "--no-crds")
+    proc, kubeconfig = start_controlplane(controlplane, "--no-crds")
+    server = kubeconfig
     try:
-        # The stand-in serves no /openapi documents, hence --validate=false (schema checks happen in admission).
-        out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "-k", os.path.join(ROOT, "manifests"),
-                              "--server-side", "--validate=false"], capture_output=True, text=True)
+        out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "--cache-dir", kubeconfig + ".cache", "apply", "-k",
+                              os.path.join(ROOT, "manifests"), "--server-side"], capture_output=True, text=True)
         check(out.returncode == 0, f"kubectl apply -k manifests/: {out.stderr}")
         dep = get(server, "/apis/apps/v1/namespaces/crmguard-system/deployments/crmguard")
         check(dep["metadata"]["managedFields"][0]["manager"] == "kubectl", "applied server-side by kubectl")
-        get(server, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/networkguards.crmguard.io")
+        crd = get(server, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/networkguards.crmguard.io")
+        check(any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"]),
+              "the CRDs of manifests/ are Established")
+        # The examples apply to what manifests/ installed (server-side, with the API server's own validation).
+        out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "--cache-dir", kubeconfig + ".cache", "create",
+                              "namespace", "crm"], capture_output=True, text=True)
+        check(out.returncode == 0, f"create namespace crm: {out.stderr}")
+        out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "--cache-dir", kubeconfig + ".cache", "apply", "-f",
+                              os.path.join(ROOT, "examples", "crm"), "--server-side"], capture_output=True, text=True)
+        check(out.returncode == 0, f"kubectl apply -f examples/crm/: {out.stderr}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop(proc)
 
 
 def helm_library():
@@ -113,8 +133,7 @@ class Helm:
 
     def install(self, release, values):
         out = ctypes.c_char_p()
-        # The stand-in serves no /openapi documents (create_namespace would need them); it needs no namespaces.
-        opts = {"wait": False, "disable_openapi_validation": True}
+        opts = {"wait": False, "create_namespace": True}
         rc = self.lib.helm_sdkpy_install(self.handle, release.encode(), CHART.encode(), json.dumps(values).encode(),
                                          None, json.dumps(opts).encode(), ctypes.byref(out))
         if rc != 0:
@@ -122,28 +141,30 @@ class Helm:
         return json.loads(out.value), None
 
 
-def get(server, path):
-    with urllib.request.urlopen(server + path) as r:
-        return json.loads(r.read())
+def kubectl(kubeconfig, *args, stdin=None):
+    out = subprocess.run([kubectl_binary(), "--kubeconfig", kubeconfig, "--cache-dir", kubeconfig + ".cache", *args],
+                         input=stdin, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr}")
+    return out.stdout
 
 
-def post(server, path, body):
-    req = urllib.request.Request(server + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.loads(r.read())
+def get(kubeconfig, path):
+    return json.loads(kubectl(kubeconfig, "get", "--raw", path))
+
+
+def post(kubeconfig, path, body):
+    return json.loads(kubectl(kubeconfig, "create", "--raw", path, "-f", "-", stdin=json.dumps(body)))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--standin", required=True)
+    ap.add_argument("--controlplane", required=True)
     ap.add_argument("--write-manifest")
     args = ap.parse_args()
-    if os.environ.get("HELM_DRIVER") != "memory":
-        # The Go runtime inside the library reads its environment when the process starts: re-exec with it set.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "HELM_DRIVER": "memory"})
     lib = helm_library()
-    proc, kubeconfig, server = start_standin(args.standin)
+    proc, kubeconfig = start_controlplane(args.controlplane)
+    server = kubeconfig
     try:
         helm = Helm(lib, kubeconfig, "crmguard-system")
 
@@ -248,9 +269,8 @@ def main():
         release, err = Helm(lib, kubeconfig, "bad2").install("bad2", {"logging": {"format": "xml"}})
         check(release is None and "format" in (err or ""), f"logging.format xml refused: {err}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-    check_manifests(args.standin, kubectl_binary())
+        stop(proc)
+    check_manifests(args.controlplane, kubectl_binary())
     print(f"helm chart and manifests: {passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 

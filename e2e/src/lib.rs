@@ -2,8 +2,12 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failed set-up is a failed test
 
-pub mod apiserver;
+pub mod controlplane;
+pub mod faultproxy;
+pub mod kubelet;
 pub mod services;
+
+pub use controlplane::ControlPlane;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -154,9 +158,14 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(prefix: &str) -> TempDir {
+        TempDir::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    /// A temporary directory under `base`.
+    pub fn new_in(base: &std::path::Path, prefix: &str) -> TempDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("crmguard-{prefix}-{}-{n}", std::process::id()));
+        let path = base.join(format!("crmguard-{prefix}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).expect("temp dir");
         TempDir { path }
     }
@@ -188,14 +197,18 @@ where
     }
 }
 
-/// Where an e2e test runs: the API-server stand-in (default), or the cluster of `KUBECONFIG` when
-/// `CRMGUARD_E2E=cluster` is set (opt-in, so that a developer's `cargo test` never touches their cluster by
-/// accident). Each test gets its own namespace, deleted afterwards on a real cluster.
+/// The user the operator processes of the tests run as (a member of `system:masters`), unless a test gives
+/// them another identity (the chart's ServiceAccount, for the RBAC tests). Its writes are in the audit log.
+pub const OPERATOR_USER: &str = "e2e-operator";
+
+/// One test's share of the control plane: this binary's [`ControlPlane`] (real etcd, kube-apiserver and
+/// kube-controller-manager), crmguard's CRDs installed and Established, and a fresh namespace, deleted
+/// afterwards by the real namespace controller.
 pub struct Cluster {
-    /// The stand-in, when the test runs on it.
-    pub standin: Option<apiserver::ApiServer>,
+    pub cp: &'static ControlPlane,
+    /// The tests' own client (system:masters).
     pub client: kube::Client,
-    /// Kubeconfig text for the operator process.
+    /// Kubeconfig for an operator process: user [`OPERATOR_USER`].
     pub kubeconfig: String,
     /// This test's namespace.
     pub namespace: String,
@@ -203,55 +216,72 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("namespace", &self.namespace).field("standin", &self.standin.is_some()).finish()
+        f.debug_struct("Cluster").field("namespace", &self.namespace).field("server", &self.cp.server).finish()
     }
 }
 
-/// True when the e2e suite targets a real cluster.
-pub fn real_cluster() -> bool {
-    std::env::var("CRMGUARD_E2E").is_ok_and(|v| v == "cluster")
+/// Installs crmguard's CRDs (server-side apply) and waits until the API server serves them.
+pub async fn install_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crmguard::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &PatchParams::apply("crmguard-e2e").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("the API server refused CRD {name}: {e}"));
+        eventually(60, &format!("CRD {name} to be Established"), || async {
+            let c = crds.get(&name).await.map_err(|e| e.to_string())?;
+            let conds = c.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conds.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                Ok(())
+            } else {
+                Err(format!("{conds:?}"))
+            }
+        })
+        .await;
+    }
 }
 
 impl Cluster {
-    /// A cluster with crmguard's CRDs installed and a fresh namespace for `test`.
+    /// The shared control plane with crmguard's CRDs installed and a fresh namespace for `test`.
     pub async fn start(test: &str) -> Cluster {
         use k8s_openapi::api::core::v1::Namespace;
-        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-        use kube::api::{Api, Patch, PatchParams, PostParams};
-        let (standin, client, kubeconfig) = if real_cluster() {
-            let path = std::env::var("KUBECONFIG").expect("CRMGUARD_E2E=cluster needs KUBECONFIG");
-            let text = std::fs::read_to_string(&path).expect("read KUBECONFIG");
-            let client = kube::Client::try_default().await.expect("client for KUBECONFIG");
-            (None, client, text)
-        } else {
-            let server = apiserver::ApiServer::start().await.expect("stand-in");
-            let client = server.client();
-            let kc = server.kubeconfig();
-            (Some(server), client, kc)
-        };
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in crmguard::api::crds() {
-            let name = crd.metadata.name.clone().unwrap_or_default();
-            crds.patch(&name, &PatchParams::apply("crmguard-e2e").force(), &Patch::Apply(&crd))
-                .await
-                .expect("install CRD");
-        }
+        use kube::api::{Api, PostParams};
+        let cp = ControlPlane::shared();
+        let client = ControlPlane::client_for(&cp.admin_kubeconfig()).await;
+        install_crds(&client).await;
         let slug: String =
             test.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
         let namespace = format!("e2e-{}-{}", &slug[..slug.len().min(40)], std::process::id()).replace("--", "-");
         let ns: Namespace =
             serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).expect("namespace");
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
-        Cluster { standin, client, kubeconfig, namespace }
+        // Pods need the namespace's `default` ServiceAccount, which the serviceaccount controller creates.
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+        eventually(60, "the namespace's default ServiceAccount", || async {
+            sas.get_opt("default").await.map_err(|e| e.to_string())?.map(drop).ok_or_else(|| "absent".to_string())
+        })
+        .await;
+        let kubeconfig = operator_kubeconfig(cp);
+        Cluster { cp, client, kubeconfig, namespace }
     }
+
+    /// Writes the audit log holds of `user` in this test's namespace (and cluster-scoped ones).
+    pub fn writes_by(&self, user: &str) -> Vec<controlplane::AuditWrite> {
+        self.cp.writes_by(user).into_iter().filter(|w| w.namespace == self.namespace).collect()
+    }
+}
+
+/// Kubeconfig of [`OPERATOR_USER`] (one client certificate per test binary).
+fn operator_kubeconfig(cp: &ControlPlane) -> String {
+    static KC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KC.get_or_init(|| cp.kubeconfig_for(OPERATOR_USER, &["system:masters"])).clone()
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if self.standin.is_some() {
-            return;
-        }
-        // Delete the test namespace on a real cluster; Drop cannot await, so use a short-lived runtime.
+        // Delete the test namespace; Drop cannot await, so use a short-lived runtime.
         let client = self.client.clone();
         let ns = self.namespace.clone();
         let _ = std::thread::spawn(move || {
@@ -265,45 +295,43 @@ impl Drop for Cluster {
     }
 }
 
-/// Installs the RBAC objects of the rendered chart (manifests/crmguard.yaml): the operator's ServiceAccount
-/// `crmguard-system/crmguard` then has exactly the chart's rights.
-pub async fn install_chart_rbac(client: &kube::Client) {
+/// Installs what the rendered chart (manifests/crmguard.yaml) gives the operator's identity: the namespace
+/// `crmguard-system`, the ServiceAccount `crmguard` and the chart's RBAC objects (server-side apply, so tests
+/// sharing a control plane may all call it), and returns a kubeconfig with a TokenRequest token of that
+/// ServiceAccount: an operator started with it has exactly the chart's rights.
+pub async fn install_chart_rbac(cluster: &Cluster) -> String {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    let client = &cluster.client;
     let text = std::fs::read_to_string(repo_root().join("manifests/crmguard.yaml")).unwrap();
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
-    let pp = kube::api::PostParams::default();
-    let mut installed = 0;
-    for d in docs.into_iter().filter(|d| !d.is_null()) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        match d["kind"].as_str().unwrap_or_default() {
-            "ClusterRole" => drop(
-                kube::Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            "ClusterRoleBinding" => drop(
-                kube::Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            "Role" => drop(
-                kube::Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            "RoleBinding" => drop(
-                kube::Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), &ns)
-                    .create(&pp, &serde_json::from_value(d).unwrap())
-                    .await
-                    .unwrap(),
-            ),
-            _ => continue,
-        }
-        installed += 1;
+    let pp = PatchParams::apply("crmguard-e2e").force();
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "crmguard-system"}});
+    let mut wanted = vec![ns];
+    wanted.extend(docs.into_iter().filter(|d| {
+        matches!(
+            d["kind"].as_str(),
+            Some("ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" | "ServiceAccount")
+        )
+    }));
+    let mut rbac = 0;
+    for d in wanted {
+        let (api_version, kind) = (d["apiVersion"].as_str().unwrap(), d["kind"].as_str().unwrap());
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+        let plural = format!("{}s", kind.to_ascii_lowercase());
+        let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        let api: Api<DynamicObject> = match d["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        api.patch(&name, &pp, &Patch::Apply(&d)).await.unwrap_or_else(|e| panic!("apply {kind} {name}: {e}"));
+        rbac += usize::from(kind.contains("Role"));
     }
-    assert_eq!(installed, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
+    assert_eq!(rbac, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
+    let token = ControlPlane::token_for(client, "crmguard-system", "crmguard", &[]).await;
+    cluster.cp.kubeconfig_with_token("crmguard", &token)
 }
 
 /// An example resource from examples/crm, moved into namespace `ns`.

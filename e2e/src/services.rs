@@ -52,7 +52,14 @@ pub fn pg_bin_dir() -> PathBuf {
 
 /// Starts `program args` under a watchdog that, when this test process exits, runs `stop` (a shell snippet;
 /// `$child` is the started process), waits for the process to end (KILL after 10 s) and runs `cleanup`.
-fn spawn_watched(program: &Path, args: &[String], log: &Path, run_as: Option<&str>, stop: &str, cleanup: &str) {
+pub(crate) fn spawn_watched(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    run_as: Option<&str>,
+    stop: &str,
+    cleanup: &str,
+) {
     let parent = std::process::id().to_string();
     let mut argv: Vec<String> = Vec::new();
     if let Some(user) = run_as {
@@ -203,7 +210,7 @@ impl Postgres {
 }
 
 /// Runs a command: its trimmed stdout on success, its trimmed stderr otherwise.
-fn text_output(c: &mut Command) -> Result<String, String> {
+pub(crate) fn text_output(c: &mut Command) -> Result<String, String> {
     let out = c.output().map_err(|e| e.to_string())?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

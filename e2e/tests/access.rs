@@ -183,15 +183,9 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     let addr = f.bao.addr();
     let args = ["--leader-election=false", "--namespace", &ns, "--vault-addr", &addr];
     let env = [("VAULT_TOKEN", f.bao.token.as_str())];
-    // On the stand-in the operator runs with exactly the chart's RBAC (on a real cluster: whatever the
-    // kubeconfig grants; install the chart there).
-    let kubeconfig = match &cluster.standin {
-        Some(server) => {
-            e2e::install_chart_rbac(&client).await;
-            server.kubeconfig_as_service_account("crmguard-system", "crmguard")
-        }
-        None => cluster.kubeconfig.clone(),
-    };
+    // The operator runs with exactly the chart's RBAC: the real API server's escalation checks apply to the
+    // Roles it creates for the teams.
+    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
     let mut op = Operator::start_with_env(&kubeconfig, &args, &env);
     op.wait_ready(60).await;
 
@@ -572,28 +566,29 @@ fn documented_operator_policy(auth_mount: &str, db_mount: &str) -> String {
 
 /// Vault insists on a CA for the Kubernetes host; the stand-in speaks plain HTTP, so this one (a throwaway
 /// self-signed certificate, no key kept) is never used.
-const UNUSED_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBnTCCAUOgAwIBAgIUQBccAZTMg1lETWIf3vw9Uvkh6MAwCgYIKoZIzj0EAwIw\nIzEhMB8GA1UEAwwYY3JtZ3VhcmQtc3RhbmRpbi10ZXN0LWNhMCAXDTI2MTEyOTEy\nMzkxMloYDzIxMjYxMTA1MTIzOTEyWjAjMSEwHwYDVQQDDBhjcm1ndWFyZC1zdGFu\nZGluLXRlc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARu+hrpIRpmdzPO\nexqNjdVKpJquZBDbtwQ/iz5/vsXpvqKg5MbvhOw8uEL/q58KEaIPJZkQeY61/aUh\nxdXA3Qwzo1MwUTAdBgNVHQ4EFgQUDPoVyHaCSQmVOoFbaKfeDRVIcpUwHwYDVR0j\nBBgwFoAUDPoVyHaCSQmVOoFbaKfeDRVIcpUwDwYDVR0TAQH/BAUwAwEB/zAKBggq\nhkjOPQQDAgNIADBFAiA/mH3S/Hs2xfngiYx1AYpaDZVwIvrGqUjaCFYcO6bzPQIh\nALlTsWzM8CWL9by72fxrqTK2Wu9XoWM9JEGKJH2Ijv6M\n-----END CERTIFICATE-----";
-
-fn unsigned_jwt(namespace: &str, name: &str) -> String {
-    use base64::Engine as _;
-    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-    let now = jiff::Timestamp::now().as_second();
-    let claims = json!({
-        "iss": "https://kubernetes.default.svc.cluster.local", "sub": format!("system:serviceaccount:{namespace}:{name}"),
-        "aud": ["https://kubernetes.default.svc.cluster.local"], "iat": now, "nbf": now, "exp": now + 3600,
-        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": "0a1b2c3d-0000-4000-8000-000000000001"}},
-    });
-    format!("{}.{}.{}", b64(json!({"alg": "RS256", "kid": "standin"})), b64(claims), b64(json!("unsigned")))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suffices() {
     let cluster = Cluster::start("access-k8s-auth").await;
-    let Some(server) = cluster.standin.as_ref() else {
-        eprintln!("skipped on a real cluster: it needs Vault's Kubernetes auth configured for that cluster");
-        return;
-    };
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    // The operator's identity: the chart's ServiceAccount crmguard-system/crmguard with the chart's RBAC.
+    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
+    // Vault reviews tokens with a ServiceAccount of its own that may create TokenReviews, as documented for
+    // Vault's Kubernetes auth.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "vault-auth"}})).unwrap())
+        .await
+        .unwrap();
+    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{ns}-vault-auth")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "vault-auth", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &crb)
+        .await
+        .unwrap();
+    let reviewer = e2e::ControlPlane::token_for(&client, &ns, "vault-auth", &[]).await;
     let f = Fixture::new("k");
     // The connection configured by hand, as the documented policy only reads connections.
     f.bao
@@ -621,10 +616,10 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
         .cli(&[
             "write",
             &format!("auth/{op_mount}/config"),
-            &format!("kubernetes_host={}", server.url()),
-            "token_reviewer_jwt=standin",
+            &format!("kubernetes_host={}", cluster.cp.server),
+            &format!("token_reviewer_jwt={reviewer}"),
             "disable_local_ca_jwt=true",
-            &format!("kubernetes_ca_cert={UNUSED_CA}"),
+            &format!("kubernetes_ca_cert={}", cluster.cp.ca_pem),
         ])
         .unwrap();
     f.bao
@@ -637,11 +632,12 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
             "token_ttl=20m",
         ])
         .unwrap();
+    // The operator's ServiceAccount token, as its pod would have it (signed by the API server).
     let jwt = dir.path.join("token");
-    std::fs::write(&jwt, unsigned_jwt("crmguard-system", "crmguard")).unwrap();
+    std::fs::write(&jwt, e2e::ControlPlane::token_for(&client, "crmguard-system", "crmguard", &[]).await).unwrap();
     let addr = f.bao.addr();
     let op = Operator::start(
-        &cluster.kubeconfig,
+        &kubeconfig,
         &[
             "--leader-election=false",
             "--namespace",

@@ -13,13 +13,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_works_with_exactly_the_charts_rbac() {
     let cluster = Cluster::start("chart-rbac").await;
-    let Some(server) = cluster.standin.as_ref() else {
-        eprintln!("skipped on a real cluster: install the chart there and run the suite against it instead");
-        return;
-    };
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    e2e::install_chart_rbac(&client).await;
-    let kubeconfig = server.kubeconfig_as_service_account("crmguard-system", "crmguard");
+    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
     let op = Operator::start(
         &kubeconfig,
         &[
@@ -85,14 +80,14 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_charts_rbac_the_operator_is_refused() {
     let cluster = Cluster::start("no-rbac").await;
-    let Some(server) = cluster.standin.as_ref() else {
-        eprintln!("skipped on a real cluster: it needs a ServiceAccount token the stand-in way");
-        return;
-    };
-    let mut op = Operator::start(
-        &server.kubeconfig_as_service_account("crmguard-system", "nobody"),
-        &["--leader-election=false"],
-    );
+    // A ServiceAccount that no RoleBinding names, with a real token.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "nobody"}})).unwrap())
+        .await
+        .unwrap();
+    let token = e2e::ControlPlane::token_for(&cluster.client, &cluster.namespace, "nobody", &[]).await;
+    let mut op = Operator::start(&cluster.cp.kubeconfig_with_token("nobody", &token), &["--leader-election=false"]);
     let code = eventually(30, "the operator to exit", || {
         let r = op.child.try_wait();
         async move {
@@ -104,5 +99,6 @@ async fn without_the_charts_rbac_the_operator_is_refused() {
     })
     .await;
     assert_eq!(code, Some(2));
-    assert!(op.logs().contains("is forbidden: User \"system:serviceaccount:crmguard-system:nobody\""), "{}", op.logs());
+    let who = format!("is forbidden: User \"system:serviceaccount:{}:nobody\"", cluster.namespace);
+    assert!(op.logs().contains(&who), "{}", op.logs());
 }

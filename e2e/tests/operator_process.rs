@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use crmguard::api::NetworkGuard;
-use e2e::apiserver::ApiServer;
-use e2e::{Cluster, Operator, eventually};
+use e2e::faultproxy::FaultProxy;
+use e2e::{Cluster, ControlPlane, Operator, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams, PostParams};
@@ -43,12 +43,10 @@ async fn exit_code(op: &mut Operator, secs: u64) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_without_crds_fails_with_the_install_command() {
-    if e2e::real_cluster() {
-        eprintln!("skipped on a real cluster: it needs an API server without crmguard's CRDs");
-        return;
-    }
-    let server = ApiServer::start().await.unwrap();
-    let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false"]);
+    // A control plane of its own: the shared one has the CRDs.
+    let cp = ControlPlane::start_private();
+    let mut op =
+        Operator::start(&cp.kubeconfig_for(e2e::OPERATOR_USER, &["system:masters"]), &["--leader-election=false"]);
     let code = exit_code(&mut op, 30).await;
     assert_eq!(code, Some(2), "errors exit with 2");
     let logs = op.logs();
@@ -111,15 +109,12 @@ async fn two_replicas_have_one_writer_and_fail_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_through_api_errors_and_dropped_watches() {
     let cluster = Cluster::start("faults").await;
-    let Some(server) = cluster.standin.as_ref() else {
-        eprintln!("skipped on a real cluster: it needs the stand-in's fault injection");
-        return;
-    };
+    let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", ns]);
     op.wait_ready(30).await;
     // The operator's NetworkPolicy writes fail 3 times, every request is slow, and all watches are cut.
-    server.fail_next_writes(3, Some("networkpolicies"));
+    server.fail_next_writes(3, Some("networkpolicies")).await;
     server.set_latency_ms(20);
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
@@ -164,11 +159,8 @@ async fn a_replica_that_loses_the_lease_stops_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_works_while_the_api_server_does_not_answer() {
     let cluster = Cluster::start("sigterm-unreachable").await;
-    let Some(server) = cluster.standin.as_ref() else {
-        eprintln!("skipped on a real cluster: it needs the stand-in to stop answering");
-        return;
-    };
-    let mut op = Operator::start(&cluster.kubeconfig, &["--leader-election=false"]);
+    let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
+    let mut op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", &cluster.namespace]);
     op.wait_ready(30).await;
     server.set_latency_ms(3_600_000);
     server.drop_watches();

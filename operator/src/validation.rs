@@ -69,12 +69,25 @@ fn schemas() -> &'static BTreeMap<String, KindSchema> {
 /// default `--validate=strict`), unless `x-kubernetes-preserve-unknown-fields` is set.
 fn to_strict_draft4(schema: &mut Value) {
     let Some(obj) = schema.as_object_mut() else { return };
+    // The API server reads an integer as any JSON number without a fractional part (`3.0` is accepted).
+    if obj.get("type") == Some(&Value::String("integer".into())) {
+        obj.insert("type".into(), Value::String("number".into()));
+        obj.insert("multipleOf".into(), serde_json::json!(1));
+    }
     if let (Some(Value::Bool(true)), Some(Value::String(t))) = (obj.get("nullable"), obj.get("type").cloned()) {
-        obj.insert("type".into(), serde_json::json!([t, "null"]));
+        // Observed on the real API server (e2e/tests/admission.rs): a nullable date-time also admits an array.
+        let types = if obj.get("format") == Some(&Value::String("date-time".into())) {
+            serde_json::json!([t, "null", "array"])
+        } else {
+            serde_json::json!([t, "null"])
+        };
+        obj.insert("type".into(), types);
     }
     if obj.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) && !obj.contains_key("type") {
         let nullable = obj.get("nullable") == Some(&Value::Bool(true));
-        let mut types = vec![serde_json::json!({"type": "integer"}), serde_json::json!({"type": "string"})];
+        // An integer is any number without a fractional part (5432.0 is accepted, as JSON numbers are).
+        let mut types =
+            vec![serde_json::json!({"type": "number", "multipleOf": 1}), serde_json::json!({"type": "string"})];
         if nullable {
             types.push(serde_json::json!({"type": "null"}));
         }
@@ -174,6 +187,23 @@ pub fn admit_update(obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
         errors.push(FieldError::new("", format!("no schema for kind {kind}")));
         return errors;
     };
+    // Strict field validation (kubectl's default, `fieldValidation=Strict`) of what lies outside `spec`.
+    if let Some(o) = obj.as_object() {
+        for k in o.keys().filter(|k| !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str())) {
+            errors.push(FieldError::new(
+                k.clone(),
+                "unknown field: a resource has apiVersion, kind, metadata, spec and status",
+            ));
+        }
+    }
+    check_metadata(obj.get("metadata"), &mut errors);
+    if let (Some(status), Some(status_schema)) = (obj.get("status"), schema.root.pointer("/properties/status")) {
+        unknown_fields(status_schema, status, "status", &mut errors);
+    }
+    // As the API server decodes: null in a field that is not nullable is dropped, then defaults are applied;
+    // the schema and the rules see the result.
+    let obj = with_defaults(&prune_nulls(&schema.root, obj));
+    let old = old.map(|o| with_defaults(&prune_nulls(&schema.root, o)));
     let Some(spec) = obj.get("spec") else {
         errors.push(FieldError::new("spec", "Required value"));
         return errors;
@@ -181,16 +211,196 @@ pub fn admit_update(obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
     for e in schema.spec.iter_errors(spec) {
         errors.push(FieldError::new(json_pointer_to_path("spec", e.instance_path().as_str()), e.to_string()));
     }
+    if let Some(spec_schema) = schema.root.pointer("/properties/spec") {
+        duplicates(spec_schema, spec, "spec", &mut errors);
+    }
     if !errors.is_empty() {
         // CEL rules assume a schema-valid object (as in the API server, which stops here too).
         return errors;
     }
-    if let Err(cel_errors) = CelValidator::new().validate_compiled(&schema.cel, obj, old) {
+    // The API server's CEL sees a field whose value is null as absent: `has()` is false and its rules do not run.
+    let (obj, old) = (without_nulls(&obj), old.map(|o| without_nulls(&o)));
+    if let Err(cel_errors) = CelValidator::new().validate_compiled(&schema.cel, &obj, old.as_ref()) {
         for e in cel_errors.into_vec() {
             errors.push(FieldError::new(e.field_path.clone(), e.message.clone()));
         }
     }
     errors
+}
+
+/// The fields of `metadata` (ObjectMeta) a client may send.
+const OBJECT_META_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// A qualified name as label and annotation keys use it: an optional DNS-subdomain prefix and `/`, then a
+/// name of at most 63 characters of alphanumerics, `-`, `_` and `.`, starting and ending alphanumeric.
+fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    prefix.is_none_or(is_dns_subdomain) && is_label_value(name) && !name.is_empty()
+}
+
+/// A label value: empty, or at most 63 characters of alphanumerics, `-`, `_` and `.`, starting and ending
+/// alphanumeric.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && v.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+            && v.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric))
+}
+
+fn check_metadata(meta: Option<&Value>, errors: &mut Vec<FieldError>) {
+    let Some(meta) = meta.and_then(Value::as_object) else { return };
+    for k in meta.keys().filter(|k| !OBJECT_META_FIELDS.contains(&k.as_str())) {
+        errors.push(FieldError::new(format!("metadata.{k}"), "unknown field"));
+    }
+    for (field, values) in [("labels", true), ("annotations", false)] {
+        let Some(map) = meta.get(field).and_then(Value::as_object) else { continue };
+        for (k, v) in map {
+            if !is_qualified_name(k) {
+                errors.push(FieldError::new(
+                    format!("metadata.{field}"),
+                    format!("Invalid value {k:?}: a key is an optional DNS prefix and '/', then at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"),
+                ));
+            }
+            if values && !v.as_str().is_some_and(is_label_value) {
+                errors.push(FieldError::new(
+                    format!("metadata.{field}.{k}"),
+                    format!("Invalid value {v}: a label value is at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"),
+                ));
+            }
+        }
+    }
+}
+
+/// Drops `null` from every object field whose schema is not nullable, as the API server does before defaulting.
+fn prune_nulls(schema: &Value, v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            let mut out = serde_json::Map::new();
+            for (k, child) in o {
+                let child_schema = props.and_then(|p| p.get(k)).or(additional);
+                let nullable = child_schema.is_some_and(|s| s.get("nullable") == Some(&Value::Bool(true)));
+                if child.is_null() && child_schema.is_some() && !nullable {
+                    continue;
+                }
+                let pruned = match child_schema {
+                    Some(s) => prune_nulls(s, child),
+                    None => child.clone(),
+                };
+                out.insert(k.clone(), pruned);
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => match schema.get("items") {
+            Some(items) => Value::Array(a.iter().map(|i| prune_nulls(items, i)).collect()),
+            None => v.clone(),
+        },
+        _ => v.clone(),
+    }
+}
+
+/// The object without any null-valued field (at any depth).
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            Value::Object(o.iter().filter(|(_, c)| !c.is_null()).map(|(k, c)| (k.clone(), without_nulls(c))).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Fields the schema does not declare (strict decoding reports them wherever they are).
+fn unknown_fields(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (k, child) in o {
+                match props.and_then(|p| p.get(k)).or(additional) {
+                    Some(s) => unknown_fields(s, child, &format!("{path}.{k}"), errors),
+                    None if props.is_some() => errors.push(FieldError::new(format!("{path}.{k}"), "unknown field")),
+                    None => {}
+                }
+            }
+        }
+        Value::Array(a) => {
+            if let Some(items) = schema.get("items") {
+                for (i, child) in a.iter().enumerate() {
+                    unknown_fields(items, child, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Duplicate entries of lists the schema declares as `x-kubernetes-list-type: map` (by their keys) or `set`.
+fn duplicates(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    match v {
+        Value::Object(o) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (k, child) in o {
+                if let Some(s) = props.and_then(|p| p.get(k)).or(additional) {
+                    duplicates(s, child, &format!("{path}.{k}"), errors);
+                }
+            }
+        }
+        Value::Array(a) => {
+            let list_type = schema.get("x-kubernetes-list-type").and_then(Value::as_str);
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut seen: Vec<Value> = vec![];
+            for (i, item) in a.iter().enumerate() {
+                let id = match list_type {
+                    Some("map") => Value::Object(
+                        keys.iter().filter_map(|k| Some((k.to_string(), item.get(*k)?.clone()))).collect(),
+                    ),
+                    Some("set") => item.clone(),
+                    _ => continue,
+                };
+                if seen.contains(&id) {
+                    errors.push(FieldError::new(format!("{path}[{i}]"), format!("Duplicate value: {id}")));
+                } else {
+                    seen.push(id);
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                for (i, child) in a.iter().enumerate() {
+                    duplicates(items, child, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Reads a (defaulted) object into its typed form. The schema admits a few values the typed API cannot hold

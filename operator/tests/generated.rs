@@ -193,3 +193,50 @@ fn chart_alerts_and_dashboard_use_only_exported_metrics() {
         );
     }
 }
+
+/// One supported range, said the same everywhere: the operator's startup check, the chart's `kubeVersion`, the
+/// README, and the oldest control plane the tests build (e2e/kube/oldest).
+#[test]
+fn the_supported_kubernetes_range_is_said_the_same_everywhere() {
+    use crmguard::runtime::MIN_KUBERNETES;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let min = format!("{}.{}", MIN_KUBERNETES.major, MIN_KUBERNETES.minor);
+    let chart = read("charts/crmguard/Chart.yaml");
+    assert!(chart.contains(&format!("kubeVersion: \">={min}.0-0\"")), "Chart.yaml kubeVersion is not >={min}");
+    let readme = read("README.md");
+    assert!(readme.contains(&format!("Kubernetes **{min} and newer**")), "README does not say {min} and newer");
+    let oldest = read("e2e/kube/oldest/go.mod");
+    let pinned = oldest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes v"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert!(pinned.starts_with(&format!("{min}.")), "e2e/kube/oldest pins {pinned}, not {min}.x");
+    assert!(readme.contains(&format!("tested: {pinned} and")), "README's tested versions do not name {pinned}");
+    let newest = read("e2e/kube/newest/go.mod");
+    let newest = newest.lines().find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes v")).unwrap();
+    let newest = newest.split_whitespace().next().unwrap();
+    assert!(readme.contains(&format!("and {newest})")), "README's tested versions do not name {newest}");
+}
+
+/// The operator refuses an API server older than the supported range and names its version; providers'
+/// `"33+"` minors are read as 33.
+#[test]
+fn an_api_server_older_than_the_supported_range_is_refused() {
+    use crmguard::runtime::check_kubernetes_version;
+    let info = |major: &str, minor: &str, git: &str| k8s_openapi::apimachinery::pkg::version::Info {
+        major: major.into(),
+        minor: minor.into(),
+        git_version: git.into(),
+        ..Default::default()
+    };
+    let err = check_kubernetes_version(&info("1", "32", "v1.32.9")).unwrap_err().to_string();
+    assert!(err.contains("Kubernetes v1.32.9, older than 1.33"), "{err}");
+    assert!(check_kubernetes_version(&info("1", "33+", "v1.33.4-eks-1")).is_ok());
+    assert!(check_kubernetes_version(&info("1", "37", "v1.37.2")).is_ok());
+    assert!(check_kubernetes_version(&info("2", "0", "v2.0.0")).is_ok());
+    let err = check_kubernetes_version(&info("", "", "v0.0.0-master")).unwrap_err().to_string();
+    assert!(err.contains("not major.minor"), "{err}");
+}

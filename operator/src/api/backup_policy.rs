@@ -36,6 +36,7 @@ use super::common::{DatabaseCredentials, LocalObjectReference, S3Location, Secre
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.encryption)").message("encryption is required: backups are encrypted by default and need a key, so set encryption.key.vaultTransit or encryption.key.secretRef, or opt out with encryption.enabled: false"))]
 pub struct CrmBackupPolicySpec {
     /// The database to back up (and optionally the attachments volume).
     pub source: BackupSource,
@@ -43,9 +44,10 @@ pub struct CrmBackupPolicySpec {
     pub schedule: BackupSchedule,
     /// S3-compatible bucket that receives the backups.
     pub destination: S3Location,
-    /// Client-side encryption of every backup. On by default; a key must be named unless it is explicitly
-    /// turned off.
+    /// Client-side encryption of every backup. On by default, so it needs a key (`key.vaultTransit` or
+    /// `key.secretRef`) unless it is explicitly turned off with `enabled: false`; omitting it is refused.
     #[serde(default)]
+    #[schemars(transform = without_default)]
     pub encryption: Encryption,
     /// zstd compression of the dump before encryption.
     #[serde(default)]
@@ -211,6 +213,12 @@ impl Default for Encryption {
 
 fn default_true() -> bool {
     true
+}
+
+/// Leaves a field's schema without a `default`: the API server validates defaults against the schema's rules,
+/// and a default that fails them (an enabled encryption without a key) makes the whole CRD invalid.
+fn without_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 /// The key-encryption key: exactly one of `vaultTransit` or `secretRef`.

@@ -187,9 +187,10 @@ pub struct IpBlock {
     #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"))]
     #[schemars(length(min = 1, max = 64))]
     pub cidr: String,
-    /// CIDRs inside `cidr` that are excluded.
+    /// CIDRs inside `cidr` that are excluded (at most 16: each is checked against `cidr` on admission, and the
+    /// API server's validation budget bounds that work).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
     pub except: Vec<String>,
 }
 

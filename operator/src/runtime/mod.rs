@@ -62,10 +62,55 @@ pub enum RunError {
     CrdMissing(&'static str),
     #[error("cannot list {0}: {1}")]
     Startup(&'static str, #[source] kube::Error),
+    #[error(
+        "the API server runs Kubernetes {0}, older than {MIN_KUBERNETES}, the oldest version crmguard supports: its \
+         CRDs use validation rules that older API servers cannot enforce. Upgrade the cluster, or run a crmguard \
+         release that supports {0}"
+    )]
+    UnsupportedKubernetes(String),
+    #[error("the API server reports a version that is not major.minor: {0}")]
+    UnknownKubernetes(String),
     #[error("cannot serve metrics and health on {0}: {1}")]
     Http(SocketAddr, #[source] std::io::Error),
     #[error("lost leadership: {0}; exiting so that only one replica writes")]
     LostLease(String),
+}
+
+/// The oldest Kubernetes minor version crmguard supports (the chart's `kubeVersion`, the README and
+/// e2e/kube/oldest say the same; a test keeps them in step). The CRDs' CEL rules use the CIDR/IP and URL
+/// libraries (1.31+), and the operator is built against the 1.33 API.
+pub const MIN_KUBERNETES: KubeVersion = KubeVersion { major: 1, minor: 33 };
+
+/// A Kubernetes major.minor version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KubeVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl std::fmt::Display for KubeVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl KubeVersion {
+    /// Reads `/version`'s major and minor, as providers report them (`"1"`, `"33+"`).
+    pub fn parse(major: &str, minor: &str) -> Option<KubeVersion> {
+        let num = |s: &str| s.trim_end_matches('+').parse().ok();
+        Some(KubeVersion { major: num(major)?, minor: num(minor)? })
+    }
+}
+
+/// Refuses an API server older than [`MIN_KUBERNETES`].
+pub fn check_kubernetes_version(info: &k8s_openapi::apimachinery::pkg::version::Info) -> Result<KubeVersion, RunError> {
+    let v = KubeVersion::parse(&info.major, &info.minor).ok_or_else(|| {
+        RunError::UnknownKubernetes(format!("{:?}.{:?} ({})", info.major, info.minor, info.git_version))
+    })?;
+    if v < MIN_KUBERNETES {
+        return Err(RunError::UnsupportedKubernetes(info.git_version.clone()));
+    }
+    Ok(v)
 }
 
 async fn check_crd<K>(client: &Client) -> Result<(), RunError>
@@ -152,6 +197,9 @@ fn owns_cfg() -> WatcherConfig {
 /// Runs the operator until SIGTERM/SIGINT (Ok) or a fatal error.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
+    let info = client.apiserver_version().await.map_err(RunError::Client)?;
+    let version = check_kubernetes_version(&info)?;
+    tracing::info!(kubernetes = %info.git_version, supported = %format!(">= {MIN_KUBERNETES}"), %version, "connected to the API server");
     check_crd::<CrmBackupPolicy>(&client).await?;
     check_crd::<CrmRestore>(&client).await?;
     check_crd::<AccessPolicy>(&client).await?;

@@ -1,0 +1,408 @@
+//! A test kubelet: the piece of a node that the control plane lacks here. It watches the Pods of one namespace
+//! (those the Job controller creates for crmguard's CronJobs and Jobs), and for each new one does what a kubelet
+//! does with a container, on this machine:
+//! - volumes: ConfigMaps, Secrets and projected ServiceAccount tokens (TokenRequest, bound to the Pod, with the
+//!   audience the volume names) are read from the API and written to files; emptyDirs are fresh directories;
+//!   a PersistentVolumeClaim is the `hostPath`/`local` path of the PersistentVolume it names;
+//! - environment: `value`, `valueFrom` (Secret and ConfigMap keys, the Pod's own fields) and `envFrom`;
+//! - the container's command (the image's entrypoint when `command` is empty: [`image_entrypoint`]) runs in a
+//!   private mount namespace (`unshare -m`) in which every volume is bind-mounted at its `mountPath`
+//!   (read-only where the mount says so) and a fresh file at `terminationMessagePath`;
+//! - status: Running with a start time, then Succeeded or Failed with the exit code and the termination message
+//!   (or, with `FallbackToLogsOnError`, the log's tail), written through the Pod's status subresource.
+//!
+//! What it does not do: pull images (the crmguard image is this workspace's binary), enforce resources, users or
+//! network policy, restart containers (crmguard's Pods use `restartPolicy: Never`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::{TempDir, crmguard_bin};
+
+/// The command an image runs when the container names none.
+pub fn image_entrypoint(image: &str) -> Option<Vec<String>> {
+    let repo = image.split('@').next().unwrap_or(image);
+    let repo = repo.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(repo, |(r, _)| r);
+    if repo.ends_with("crmguard/crmguard") {
+        return Some(vec![crmguard_bin().display().to_string()]);
+    }
+    None
+}
+
+/// A running test kubelet for one namespace; stops (and kills what it started) on drop.
+#[derive(Debug)]
+pub struct TestKubelet {
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Pods started (by uid) and the logs of their containers.
+    started: BTreeMap<String, PathBuf>,
+    dir: Option<TempDir>,
+}
+
+impl Drop for TestKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestKubelet {
+    /// Starts running the Pods of `namespace` as they appear.
+    pub fn start(client: kube::Client, namespace: &str) -> TestKubelet {
+        // Like a kubelet's /var/lib/kubelet: outside /tmp, which pods mount over with an emptyDir.
+        let base = Path::new("/var/lib/crmguard-e2e-kubelet");
+        let _ = std::fs::create_dir_all(base);
+        let state = Arc::new(Mutex::new(State { dir: Some(TempDir::new_in(base, "pods")), ..State::default() }));
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher(pods.clone(), watcher::Config::default()));
+            while let Some(ev) = events.next().await {
+                let list = match ev {
+                    Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => vec![p],
+                    _ => continue,
+                };
+                for pod in list {
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                    if pod.metadata.deletion_timestamp.is_some() || !(phase.is_empty() || phase == "Pending") {
+                        continue;
+                    }
+                    let root = {
+                        let mut s = st.lock().await;
+                        if s.started.contains_key(&uid) {
+                            continue;
+                        }
+                        let root = s.dir.as_ref().map(|d| d.path.join(&uid)).unwrap_or_default();
+                        s.started.insert(uid.clone(), root.join("log"));
+                        root
+                    };
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let name = pod.metadata.name.clone().unwrap_or_default();
+                        if let Err(e) = run_pod(&client, &pod, &root).await {
+                            let pods: Api<Pod> =
+                                Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
+                            let msg = format!("test kubelet: {e}");
+                            let _ = set_status(&pods, &name, &pod, Outcome::Finished { code: 128, message: msg }).await;
+                        }
+                    });
+                }
+            }
+        });
+        TestKubelet { task, state }
+    }
+
+    /// The combined stdout and stderr of every container started so far, for a failed test's message.
+    pub async fn logs(&self) -> String {
+        let s = self.state.lock().await;
+        s.started.values().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("\n---\n")
+    }
+}
+
+enum Outcome {
+    Running,
+    Finished { code: i32, message: String },
+}
+
+async fn set_status(pods: &Api<Pod>, name: &str, pod: &Pod, outcome: Outcome) -> Result<(), kube::Error> {
+    let container = pod.spec.as_ref().and_then(|s| s.containers.first()).cloned().unwrap_or_default();
+    let now = jiff::Timestamp::now().to_string();
+    let started = pod.status.as_ref().and_then(|s| s.start_time.clone()).map_or(now.clone(), |t| t.0.to_string());
+    let (phase, state, ready) = match outcome {
+        Outcome::Running => ("Running", json!({"running": {"startedAt": now}}), true),
+        Outcome::Finished { code, message } => (
+            if code == 0 { "Succeeded" } else { "Failed" },
+            json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                "message": message, "startedAt": started, "finishedAt": now}}),
+            false,
+        ),
+    };
+    let status = json!({"status": {
+        "phase": phase,
+        "startTime": started,
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}],
+        "containerStatuses": [{"name": container.name, "image": container.image.unwrap_or_default(), "imageID": "",
+            "ready": ready, "restartCount": 0, "started": ready, "state": state}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.map(drop)
+}
+
+fn decode(data: &k8s_openapi::ByteString) -> Vec<u8> {
+    data.0.clone()
+}
+
+/// Writes the files of one volume into `dir`.
+async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path) -> Result<(), String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let write = |name: &str, bytes: &[u8]| -> Result<(), String> {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(p, bytes).map_err(|e| e.to_string())
+    };
+    if let Some(cm) = &v.config_map {
+        let m = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&cm.name).await.map_err(|e| e.to_string())?;
+        let mut files: BTreeMap<String, Vec<u8>> =
+            m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        files.extend(m.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))));
+        for (key, path) in items(&files, cm.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect())) {
+            write(&path, &files[&key])?;
+        }
+    } else if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        let m = Api::<Secret>::namespaced(client.clone(), ns).get(&name).await.map_err(|e| e.to_string())?;
+        let files: BTreeMap<String, Vec<u8>> =
+            m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))).collect();
+        for (key, path) in items(&files, s.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect())) {
+            write(&path, &files[&key])?;
+        }
+    } else if let Some(p) = &v.projected {
+        for src in p.sources.iter().flatten() {
+            if let Some(t) = &src.service_account_token {
+                let token = bound_token(client, pod, t.audience.as_deref(), t.expiration_seconds).await?;
+                write(&t.path, token.as_bytes())?;
+            } else if src.config_map.is_some() || src.secret.is_some() {
+                return Err("projected ConfigMaps and Secrets are not implemented by the test kubelet".into());
+            }
+        }
+    } else if v.empty_dir.is_some() {
+        // A fresh directory is all an emptyDir is.
+    } else if let Some(claim) = &v.persistent_volume_claim {
+        let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+            .get(&claim.claim_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pv_name = pvc.spec.and_then(|s| s.volume_name).ok_or("the PersistentVolumeClaim is not bound")?;
+        let pv = Api::<PersistentVolume>::all(client.clone()).get(&pv_name).await.map_err(|e| e.to_string())?;
+        let spec = pv.spec.unwrap_or_default();
+        let path = spec
+            .host_path
+            .map(|h| h.path)
+            .or(spec.local.map(|l| l.path))
+            .ok_or("the PersistentVolume has no hostPath or local path")?;
+        std::fs::remove_dir(dir).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(path, dir).map_err(|e| e.to_string())?;
+    } else {
+        return Err(format!("volume {} has a kind the test kubelet does not implement", v.name));
+    }
+    Ok(())
+}
+
+/// (key, file path) pairs: every key, or the listed items.
+fn items(files: &BTreeMap<String, Vec<u8>>, listed: Option<Vec<(&String, &String)>>) -> Vec<(String, String)> {
+    match listed {
+        Some(l) => l.into_iter().filter(|(k, _)| files.contains_key(*k)).map(|(k, p)| (k.clone(), p.clone())).collect(),
+        None => files.keys().map(|k| (k.clone(), k.clone())).collect(),
+    }
+}
+
+/// A ServiceAccount token bound to the Pod, as a kubelet requests it for a projected volume.
+async fn bound_token(
+    client: &kube::Client,
+    pod: &Pod,
+    audience: Option<&str>,
+    secs: Option<i64>,
+) -> Result<String, String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let api: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let req: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(json!({"spec": {
+        "audiences": audience.map(|a| vec![a.to_string()]).unwrap_or_default(),
+        "expirationSeconds": secs.unwrap_or(3600),
+        "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid},
+    }}))
+    .map_err(|e| e.to_string())?;
+    let tr =
+        api.create_token_request(&sa, &Default::default(), &req).await.map_err(|e| format!("TokenRequest: {e}"))?;
+    Ok(tr.status.map(|s| s.token).unwrap_or_default())
+}
+
+/// The container's environment, resolved as a kubelet does.
+async fn environment(client: &kube::Client, pod: &Pod, c: &Container) -> Result<BTreeMap<String, String>, String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut env = BTreeMap::new();
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        if let Some(r) = &from.secret_ref {
+            let s = secrets.get_opt(&r.name).await.map_err(|e| e.to_string())?;
+            match s {
+                Some(s) => env.extend(
+                    s.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into_owned())),
+                ),
+                None if r.optional == Some(true) => {}
+                None => return Err(format!("Secret {} not found (envFrom)", r.name)),
+            }
+        }
+        if let Some(r) = &from.config_map_ref {
+            let m = cms.get_opt(&r.name).await.map_err(|e| e.to_string())?;
+            match m {
+                Some(m) => env.extend(m.data.unwrap_or_default().into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
+                None if r.optional == Some(true) => {}
+                None => return Err(format!("ConfigMap {} not found (envFrom)", r.name)),
+            }
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = if let Some(v) = &e.value {
+            Some(v.clone())
+        } else if let Some(from) = &e.value_from {
+            if let Some(r) = &from.secret_key_ref {
+                let s = secrets.get_opt(&r.name).await.map_err(|e| e.to_string())?;
+                match s.and_then(|s| s.data?.get(&r.key).map(|v| String::from_utf8_lossy(&v.0).into_owned())) {
+                    Some(v) => Some(v),
+                    None if r.optional == Some(true) => None,
+                    None => {
+                        return Err(format!("CreateContainerConfigError: Secret key {}/{} not found", r.name, r.key));
+                    }
+                }
+            } else if let Some(r) = &from.config_map_key_ref {
+                let m = cms.get_opt(&r.name).await.map_err(|e| e.to_string())?;
+                match m.and_then(|m| m.data?.get(&r.key).cloned()) {
+                    Some(v) => Some(v),
+                    None if r.optional == Some(true) => None,
+                    None => {
+                        return Err(format!("CreateContainerConfigError: ConfigMap key {}/{} not found", r.name, r.key));
+                    }
+                }
+            } else if let Some(f) = &from.field_ref {
+                let m = &pod.metadata;
+                Some(match f.field_path.as_str() {
+                    "metadata.name" => m.name.clone().unwrap_or_default(),
+                    "metadata.namespace" => ns.to_string(),
+                    "metadata.uid" => m.uid.clone().unwrap_or_default(),
+                    "spec.serviceAccountName" => {
+                        pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default()
+                    }
+                    "spec.nodeName" => "test-kubelet".into(),
+                    "status.podIP" | "status.hostIP" => "127.0.0.1".into(),
+                    other => return Err(format!("fieldRef {other} is not implemented by the test kubelet")),
+                })
+            } else {
+                None
+            }
+        } else {
+            Some(String::new())
+        };
+        if let Some(v) = value {
+            env.insert(e.name.clone(), v);
+        }
+    }
+    Ok(env)
+}
+
+/// Shell-quotes one word.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path) -> Result<(), String> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let c = spec.containers.first().cloned().ok_or("a Pod without containers")?;
+    if spec.containers.len() > 1 || spec.init_containers.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err("the test kubelet runs Pods of exactly one container".into());
+    }
+    std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
+    let mut volumes = BTreeMap::new();
+    for v in spec.volumes.iter().flatten() {
+        let dir = root.join("volumes").join(&v.name);
+        materialize(client, pod, v, &dir).await?;
+        volumes.insert(v.name.clone(), dir);
+    }
+    let env = environment(client, pod, &c).await?;
+    let mut argv = match &c.command {
+        Some(cmd) if !cmd.is_empty() => cmd.clone(),
+        _ => image_entrypoint(c.image.as_deref().unwrap_or_default())
+            .ok_or_else(|| format!("ErrImagePull: the test kubelet has no image {:?}", c.image))?,
+    };
+    argv.extend(c.args.clone().unwrap_or_default());
+
+    // The mount namespace: each volume at its mountPath, and the termination message file.
+    let term_path = c.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
+    let term_file = root.join("termination-log");
+    std::fs::write(&term_file, b"").map_err(|e| e.to_string())?;
+    let mut script = String::from("set -e\n");
+    let mut bind = |src: &Path, dst: &str, ro: bool, file: bool| {
+        let make = if file {
+            format!("[ -e {d} ] || {{ mkdir -p \"$(dirname {d})\"; : > {d}; }}\n", d = quote(dst))
+        } else {
+            format!("mkdir -p {}\n", quote(dst))
+        };
+        script.push_str(&make);
+        script.push_str(&format!("mount --bind {} {}\n", quote(&src.display().to_string()), quote(dst)));
+        if ro {
+            script.push_str(&format!("mount -o remount,bind,ro {}\n", quote(dst)));
+        }
+    };
+    // Parents before children, as a container runtime mounts them.
+    let mut mounts: Vec<_> = c.volume_mounts.iter().flatten().collect();
+    mounts.sort_by_key(|m| m.mount_path.matches('/').count());
+    for m in mounts {
+        let mut src = volumes.get(&m.name).cloned().ok_or_else(|| format!("volumeMount {} names no volume", m.name))?;
+        if let Some(sub) = &m.sub_path {
+            src = std::fs::canonicalize(&src).map_err(|e| e.to_string())?.join(sub);
+        }
+        let src = std::fs::canonicalize(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        bind(&src, &m.mount_path, m.read_only == Some(true), src.is_file());
+    }
+    bind(&term_file, &term_path, false, true);
+    script.push_str("exec \"$@\"\n");
+
+    let log = root.join("log");
+    let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let pg_bin = crate::services::pg_bin_dir();
+    let path = format!("{}:{}", pg_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = tokio::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c", &script, "container"])
+        .args(&argv)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", "/tmp")
+        .env("HOSTNAME", &name)
+        .envs(&env)
+        .stdin(std::process::Stdio::null())
+        .stdout(logfile.try_clone().map_err(|e| e.to_string())?)
+        .stderr(logfile)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start the container: {e}"))?;
+    set_status(&pods, &name, pod, Outcome::Running).await.map_err(|e| e.to_string())?;
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    let code = status.code().unwrap_or(137);
+    let mut message = std::fs::read_to_string(&term_file).unwrap_or_default();
+    if message.is_empty() && code != 0 && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError") {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        message = lines[lines.len().saturating_sub(80)..].join("\n");
+    }
+    // The kubelet keeps at most 4096 bytes of the message (the tail, for logs).
+    if message.len() > 4096 {
+        let mut cut = message.len() - 4096;
+        while !message.is_char_boundary(cut) {
+            cut += 1;
+        }
+        message = message[cut..].to_string();
+    }
+    let pod = pods.get(&name).await.map_err(|e| e.to_string())?;
+    set_status(&pods, &name, &pod, Outcome::Finished { code, message }).await.map_err(|e| e.to_string())
+}

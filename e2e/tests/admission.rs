@@ -1,0 +1,192 @@
+//! The CRDs on the real API server, and offline admission that agrees with it.
+//!
+//! `crmguard plan` claims to refuse exactly what the API server refuses (its `validation::admit` step: the
+//! CRD's OpenAPI schema with strict field validation, then the CEL rules). This is checked differentially: every
+//! case of the invalid-spec corpus (`operator/tests/support/invalid_cases.rs`) and a corpus generated from the
+//! examples (every field removed, nulled, given another JSON type; unknown fields at every level, under
+//! `metadata` and `status`; duplicate keys in keyed lists; `3.0` for integers) goes through `admit` and through
+//! the real API server (`dryRun=All`, `fieldValidation=Strict`, as kubectl sends it). Every disagreement fails the
+//! test. The operator-level checks of `plan` (cron syntax, time zones, references, selectors) are not part of
+//! `admit`, so they are not compared.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+#[path = "../../operator/tests/support/mod.rs"]
+mod support;
+
+use e2e::Cluster;
+use serde_json::{Value, json};
+
+/// What the API server answered to a dry-run create: None when it accepted, else its message.
+async fn server_verdict(client: &kube::Client, ns: &str, doc: &Value) -> Option<String> {
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    let plural = match kind {
+        "CrmBackupPolicy" => "crmbackuppolicies",
+        "CrmRestore" => "crmrestores",
+        "AccessPolicy" => "accesspolicies",
+        "NetworkGuard" => "networkguards",
+        other => panic!("not a crmguard kind: {other}"),
+    };
+    let api_version = doc["apiVersion"].as_str().unwrap_or("crmguard.io/v1alpha1");
+    let mut doc = doc.clone();
+    if doc["metadata"].is_object() {
+        doc["metadata"]["namespace"] = json!(ns);
+    }
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("/apis/{api_version}/namespaces/{ns}/{plural}?dryRun=All&fieldValidation=Strict"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&doc).unwrap())
+        .unwrap();
+    match client.request_text(req).await {
+        Ok(_) => None,
+        Err(kube::Error::Api(s)) => Some(format!("{} {}", s.code, s.message)),
+        Err(e) => Some(format!("request failed: {e}")),
+    }
+}
+
+fn offline_verdict(doc: &Value) -> Option<String> {
+    let errors = crmguard::validation::admit(doc);
+    (!errors.is_empty()).then(|| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+}
+
+/// Every JSON pointer below `root` in `v` (objects and arrays included).
+fn pointers(v: &Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o {
+                let p = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                out.push(p.clone());
+                pointers(child, &p, out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                let p = format!("{at}/{i}");
+                out.push(p.clone());
+                pointers(child, &p, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Mutations of a valid document, each with a description.
+fn generated(doc: &Value) -> Vec<(String, Value)> {
+    let mut out = vec![];
+    let mut ptrs = vec![];
+    pointers(&doc["spec"], "/spec", &mut ptrs);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut d = doc.clone();
+        f(&mut d);
+        d
+    };
+    for p in &ptrs {
+        let cur = doc.pointer(p).unwrap().clone();
+        let in_array = p.rsplit('/').next().is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()));
+        if !in_array {
+            out.push((format!("remove {p}"), with(&|d| support::remove(d, p))));
+        }
+        out.push((format!("{p} = null"), with(&|d| *d.pointer_mut(p).unwrap() = Value::Null)));
+        let others: Vec<Value> = match &cur {
+            Value::String(_) => vec![json!(7), json!(true), json!(["x"])],
+            Value::Number(n) if n.is_i64() => {
+                let i = n.as_i64().unwrap();
+                vec![json!(format!("{i}")), json!(i as f64), json!(i as f64 + 0.5), json!(-1), json!(i64::MAX)]
+            }
+            Value::Number(_) => vec![json!("1.5")],
+            Value::Bool(b) => vec![json!(b.to_string()), json!(1)],
+            Value::Object(_) => vec![json!([]), json!("x"), json!({"bogusField": 1})],
+            Value::Array(a) => {
+                let mut v = vec![json!({}), json!("x"), json!([])];
+                if let Some(first) = a.first() {
+                    // A duplicate entry: for lists keyed by name the server refuses it.
+                    let mut dup = a.clone();
+                    dup.push(first.clone());
+                    v.push(Value::Array(dup));
+                }
+                v
+            }
+            Value::Null => vec![],
+        };
+        for o in others {
+            let desc = format!("{p} = {o}");
+            out.push((desc, with(&|d| *d.pointer_mut(p).unwrap() = o.clone())));
+        }
+        if cur.is_object() {
+            out.push((format!("{p}/bogusField = 1"), with(&|d| d.pointer_mut(p).unwrap()["bogusField"] = json!(1))));
+        }
+    }
+    for (desc, f) in [
+        ("top-level unknown field", &(|d: &mut Value| d["bogus"] = json!(1)) as &dyn Fn(&mut Value)),
+        ("metadata unknown field", &|d: &mut Value| d["metadata"]["bogus"] = json!(1)),
+        ("status unknown field", &|d: &mut Value| d["status"] = json!({"bogus": 1})),
+        ("status with a wrong type", &|d: &mut Value| d["status"] = json!({"conditions": "x"})),
+        ("spec = null", &|d: &mut Value| d["spec"] = Value::Null),
+        ("spec unknown field", &|d: &mut Value| d["spec"]["bogus"] = json!(1)),
+        ("metadata.name with upper case", &|d: &mut Value| d["metadata"]["name"] = json!("Bad_Name")),
+        ("metadata.labels with a bad key", &|d: &mut Value| d["metadata"]["labels"] = json!({"a b": "c"})),
+    ] {
+        out.push((desc.to_string(), with(f)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_admission_agrees_with_the_api_server() {
+    let cluster = Cluster::start("admission").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let mut corpus: Vec<(String, Value)> = vec![];
+    for d in support::examples() {
+        if crmguard::validation::crmguard_kind(&d.value).is_some() {
+            corpus.push((format!("example {}", d.source), d.value.clone()));
+            for (desc, v) in generated(&d.value) {
+                corpus.push((format!("{} {}: {desc}", d.value["kind"].as_str().unwrap(), d.source), v));
+            }
+        }
+    }
+    for c in support::invalid_cases::cases() {
+        corpus.push((format!("invalid case {} {:?}: {}", c.kind, c.field, c.message), c.document()));
+    }
+    assert!(corpus.len() > 300, "the corpus is {} documents", corpus.len());
+    let mut disagreements = vec![];
+    let (mut refused, mut accepted) = (0, 0);
+    for (desc, doc) in &corpus {
+        let server = server_verdict(&client, &ns, doc).await;
+        let offline = offline_verdict(doc);
+        match (&server, &offline) {
+            (None, None) => accepted += 1,
+            (Some(_), Some(_)) => refused += 1,
+            _ => disagreements.push(format!("{desc}\n    server: {server:?}\n    plan:   {offline:?}")),
+        }
+    }
+    eprintln!("{} documents: {accepted} accepted and {refused} refused by both", corpus.len());
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} documents got different verdicts:\n{}",
+        disagreements.len(),
+        corpus.len(),
+        disagreements.join("\n")
+    );
+    assert!(refused > 100 && accepted > 10, "{accepted} accepted, {refused} refused");
+}
+
+/// The real API server accepts every CRD (its schema, defaults, CEL rules and their cost) and serves it with the
+/// names, short names and categories declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crds_are_established_with_their_names_and_columns() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let cluster = Cluster::start("crds").await;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(cluster.client.clone());
+    for ours in crmguard::api::crds() {
+        let name = ours.metadata.name.clone().unwrap();
+        let served = crds.get(&name).await.unwrap();
+        let conds = served.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+        for t in ["Established", "NamesAccepted"] {
+            assert!(conds.iter().any(|c| c.type_ == t && c.status == "True"), "{name}: {t}: {conds:?}");
+        }
+        let accepted = served.status.unwrap().accepted_names.unwrap();
+        assert_eq!(accepted.short_names, ours.spec.names.short_names, "{name}");
+        assert_eq!(accepted.categories, ours.spec.names.categories, "{name}");
+    }
+}

@@ -280,7 +280,10 @@ async fn environment(client: &kube::Client, pod: &Pod, c: &Container) -> Result<
                     Some(v) => Some(v),
                     None if r.optional == Some(true) => None,
                     None => {
-                        return Err(format!("CreateContainerConfigError: ConfigMap key {}/{} not found", r.name, r.key));
+                        return Err(format!(
+                            "CreateContainerConfigError: ConfigMap key {}/{} not found",
+                            r.name, r.key
+                        ));
                     }
                 }
             } else if let Some(f) = &from.field_ref {

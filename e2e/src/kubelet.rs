@@ -5,14 +5,18 @@
 //!   audience the volume names) are read from the API and written to files; emptyDirs are fresh directories;
 //!   a PersistentVolumeClaim is the `hostPath`/`local` path of the PersistentVolume it names;
 //! - environment: `value`, `valueFrom` (Secret and ConfigMap keys, the Pod's own fields) and `envFrom`;
-//! - the container's command (the image's entrypoint when `command` is empty: [`image_entrypoint`]) runs in a
-//!   private mount namespace (`unshare -m`) in which every volume is bind-mounted at its `mountPath`
-//!   (read-only where the mount says so) and a fresh file at `terminationMessagePath`;
+//! - the container's command (the image's entrypoint when `command` is empty: [`image`]) runs in a private
+//!   mount namespace (`unshare -m`) in which every volume is bind-mounted at its `mountPath` (read-only where
+//!   the mount says so), a fresh file at `terminationMessagePath`, the root read-only when the container's
+//!   `readOnlyRootFilesystem` says so, as the user and groups of its securityContext (else the image's user;
+//!   `runAsNonRoot` enforced), with emptyDirs writable by all and projected tokens readable by that user and
+//!   fsGroup only;
 //! - status: Running with a start time, then Succeeded or Failed with the exit code and the termination message
 //!   (or, with `FallbackToLogsOnError`, the log's tail), written through the Pod's status subresource.
 //!
-//! What it does not do: pull images (the crmguard image is this workspace's binary), enforce resources, users or
-//! network policy, restart containers (crmguard's Pods use `restartPolicy: Never`).
+//! What it does not do: pull images (the crmguard image is this workspace's binary; the database tools are this
+//! machine's), enforce resources, capabilities, seccomp or network policy, restart containers (crmguard's Pods use
+//! `restartPolicy: Never`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,14 +31,19 @@ use tokio::sync::Mutex;
 
 use crate::{TempDir, crmguard_bin};
 
-/// The command an image runs when the container names none.
-pub fn image_entrypoint(image: &str) -> Option<Vec<String>> {
+/// What the test kubelet knows of an image: its entrypoint and the user it runs as (the Dockerfile's `USER`).
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub entrypoint: Vec<String>,
+    pub user: i64,
+}
+
+/// The crmguard image is this workspace's binary (a copy at `crmguard`, where any user may run it); the test
+/// kubelet knows no other image.
+pub fn image(image: &str, crmguard: &Path) -> Option<Image> {
     let repo = image.split('@').next().unwrap_or(image);
     let repo = repo.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(repo, |(r, _)| r);
-    if repo.ends_with("crmguard/crmguard") {
-        return Some(vec![crmguard_bin().display().to_string()]);
-    }
-    None
+    repo.ends_with("crmguard/crmguard").then(|| Image { entrypoint: vec![crmguard.display().to_string()], user: 65532 })
 }
 
 /// A running test kubelet for one namespace; stops (and kills what it started) on drop.
@@ -63,7 +72,15 @@ impl TestKubelet {
         // Like a kubelet's /var/lib/kubelet: outside /tmp, which pods mount over with an emptyDir.
         let base = Path::new("/var/lib/crmguard-e2e-kubelet");
         let _ = std::fs::create_dir_all(base);
-        let state = Arc::new(Mutex::new(State { dir: Some(TempDir::new_in(base, "pods")), ..State::default() }));
+        let dir = TempDir::new_in(base, "pods");
+        // The image's binary, where a non-root user may run it (a target directory under /root is not).
+        let bin = dir.path.join("crmguard");
+        let copied = std::fs::copy(crmguard_bin(), &bin)
+            .and_then(|_| std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)));
+        if let Err(e) = copied {
+            panic!("cannot copy {} for the test kubelet: {e}", crmguard_bin().display());
+        }
+        let state = Arc::new(Mutex::new(State { dir: Some(dir), ..State::default() }));
         let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -89,13 +106,17 @@ impl TestKubelet {
                         root
                     };
                     let client = client.clone();
+                    let bin = root.parent().map(|p| p.join("crmguard")).unwrap_or_default();
                     tokio::spawn(async move {
                         let name = pod.metadata.name.clone().unwrap_or_default();
-                        if let Err(e) = run_pod(&client, &pod, &root).await {
+                        if let Err(e) = run_pod(&client, &pod, &root, &bin).await {
+                            // As a kubelet: a container that cannot be created leaves the Pod Pending, waiting
+                            // with the reason (`CreateContainerConfigError: ...`, `ErrImagePull: ...`).
                             let pods: Api<Pod> =
                                 Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
-                            let msg = format!("test kubelet: {e}");
-                            let _ = set_status(&pods, &name, &pod, Outcome::Finished { code: 128, message: msg }).await;
+                            let (reason, message) = e.split_once(": ").unwrap_or(("CreateContainerError", &e));
+                            let waiting = Outcome::Waiting { reason: reason.to_string(), message: message.to_string() };
+                            let _ = set_status(&pods, &name, &pod, waiting).await;
                         }
                     });
                 }
@@ -112,6 +133,7 @@ impl TestKubelet {
 }
 
 enum Outcome {
+    Waiting { reason: String, message: String },
     Running,
     Finished { code: i32, message: String },
 }
@@ -121,6 +143,9 @@ async fn set_status(pods: &Api<Pod>, name: &str, pod: &Pod, outcome: Outcome) ->
     let now = jiff::Timestamp::now().to_string();
     let started = pod.status.as_ref().and_then(|s| s.start_time.clone()).map_or(now.clone(), |t| t.0.to_string());
     let (phase, state, ready) = match outcome {
+        Outcome::Waiting { reason, message } => {
+            ("Pending", json!({"waiting": {"reason": reason, "message": message}}), false)
+        }
         Outcome::Running => ("Running", json!({"running": {"startedAt": now}}), true),
         Outcome::Finished { code, message } => (
             if code == 0 { "Succeeded" } else { "Failed" },
@@ -144,7 +169,7 @@ fn decode(data: &k8s_openapi::ByteString) -> Vec<u8> {
 }
 
 /// Writes the files of one volume into `dir`.
-async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path) -> Result<(), String> {
+async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, owner: Owner) -> Result<(), String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), String> {
@@ -175,12 +200,48 @@ async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path) -
             if let Some(t) = &src.service_account_token {
                 let token = bound_token(client, pod, t.audience.as_deref(), t.expiration_seconds).await?;
                 write(&t.path, token.as_bytes())?;
-            } else if src.config_map.is_some() || src.secret.is_some() {
-                return Err("projected ConfigMaps and Secrets are not implemented by the test kubelet".into());
+                // Readable by the container's user and fsGroup only, as a kubelet leaves a projected token.
+                let file = dir.join(&t.path);
+                std::os::unix::fs::chown(&file, owner.uid, owner.fs_group).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+                    .map_err(|e| e.to_string())?;
+            } else if let Some(cm) = &src.config_map {
+                let m =
+                    Api::<ConfigMap>::namespaced(client.clone(), ns).get(&cm.name).await.map_err(|e| e.to_string())?;
+                let files: BTreeMap<String, Vec<u8>> =
+                    m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+                for (key, path) in
+                    items(&files, cm.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect()))
+                {
+                    write(&path, &files[&key])?;
+                }
+            } else if let Some(sec) = &src.secret {
+                let m =
+                    Api::<Secret>::namespaced(client.clone(), ns).get(&sec.name).await.map_err(|e| e.to_string())?;
+                let files: BTreeMap<String, Vec<u8>> =
+                    m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))).collect();
+                for (key, path) in
+                    items(&files, sec.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect()))
+                {
+                    write(&path, &files[&key])?;
+                }
+            } else if let Some(d) = &src.downward_api {
+                for item in d.items.iter().flatten() {
+                    let field = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or_default();
+                    let value = match field {
+                        "metadata.namespace" => ns.to_string(),
+                        "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
+                        "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
+                        other => return Err(format!("downwardAPI {other:?} is not implemented by the test kubelet")),
+                    };
+                    write(&item.path, value.as_bytes())?;
+                }
             }
         }
     } else if v.empty_dir.is_some() {
-        // A fresh directory is all an emptyDir is.
+        // A fresh directory that every user of the pod may write, as a kubelet makes it.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .map_err(|e| e.to_string())?;
     } else if let Some(claim) = &v.persistent_volume_claim {
         let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
             .get(&claim.claim_name)
@@ -200,6 +261,13 @@ async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path) -
         return Err(format!("volume {} has a kind the test kubelet does not implement", v.name));
     }
     Ok(())
+}
+
+/// Who the container runs as, for the files of its volumes.
+#[derive(Clone, Copy, Debug)]
+struct Owner {
+    uid: Option<u32>,
+    fs_group: Option<u32>,
 }
 
 /// (key, file path) pairs: every key, or the listed items.
@@ -317,7 +385,7 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path) -> Result<(), String> {
+async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path, crmguard: &Path) -> Result<(), String> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -326,18 +394,30 @@ async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path) -> Result<(), St
     if spec.containers.len() > 1 || spec.init_containers.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err("the test kubelet runs Pods of exactly one container".into());
     }
+    let img = image(c.image.as_deref().unwrap_or_default(), crmguard)
+        .ok_or_else(|| format!("ErrImagePull: the test kubelet has no image {:?}", c.image))?;
+    // The user: the container's securityContext, else the pod's, else the image's; runAsNonRoot is enforced.
+    let (psc, csc) =
+        (spec.security_context.clone().unwrap_or_default(), c.security_context.clone().unwrap_or_default());
+    let uid = csc.run_as_user.or(psc.run_as_user).unwrap_or(img.user);
+    let gid = csc.run_as_group.or(psc.run_as_group).unwrap_or(uid);
+    if csc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid == 0 {
+        return Err("CreateContainerConfigError: container has runAsNonRoot and would run as root".into());
+    }
+    let read_only_root = csc.read_only_root_filesystem == Some(true);
+    let as_u32 = |v: i64| u32::try_from(v).map_err(|_| format!("user or group {v} is out of range"));
+    let owner = Owner { uid: Some(as_u32(uid)?), fs_group: psc.fs_group.map(as_u32).transpose()? };
     std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
     let mut volumes = BTreeMap::new();
     for v in spec.volumes.iter().flatten() {
         let dir = root.join("volumes").join(&v.name);
-        materialize(client, pod, v, &dir).await?;
+        materialize(client, pod, v, &dir, owner).await?;
         volumes.insert(v.name.clone(), dir);
     }
     let env = environment(client, pod, &c).await?;
     let mut argv = match &c.command {
         Some(cmd) if !cmd.is_empty() => cmd.clone(),
-        _ => image_entrypoint(c.image.as_deref().unwrap_or_default())
-            .ok_or_else(|| format!("ErrImagePull: the test kubelet has no image {:?}", c.image))?,
+        _ => img.entrypoint.clone(),
     };
     argv.extend(c.args.clone().unwrap_or_default());
 
@@ -345,17 +425,19 @@ async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path) -> Result<(), St
     let term_path = c.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
     let term_file = root.join("termination-log");
     std::fs::write(&term_file, b"").map_err(|e| e.to_string())?;
-    let mut script = String::from("set -e\n");
+    std::os::unix::fs::chown(&term_file, owner.uid, owner.fs_group).map_err(|e| e.to_string())?;
+    // Mount points first (while the root may still be written), then the mounts.
+    let (mut prepare, mut mount) = (String::from("set -e\n"), String::new());
     let mut bind = |src: &Path, dst: &str, ro: bool, file: bool| {
         let make = if file {
             format!("[ -e {d} ] || {{ mkdir -p \"$(dirname {d})\"; : > {d}; }}\n", d = quote(dst))
         } else {
             format!("mkdir -p {}\n", quote(dst))
         };
-        script.push_str(&make);
-        script.push_str(&format!("mount --bind {} {}\n", quote(&src.display().to_string()), quote(dst)));
+        prepare.push_str(&make);
+        mount.push_str(&format!("mount --bind {} {}\n", quote(&src.display().to_string()), quote(dst)));
         if ro {
-            script.push_str(&format!("mount -o remount,bind,ro {}\n", quote(dst)));
+            mount.push_str(&format!("mount -o remount,bind,ro {}\n", quote(dst)));
         }
     };
     // Parents before children, as a container runtime mounts them.
@@ -370,7 +452,15 @@ async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path) -> Result<(), St
         bind(&src, &m.mount_path, m.read_only == Some(true), src.is_file());
     }
     bind(&term_file, &term_path, false, true);
-    script.push_str("exec \"$@\"\n");
+    let mut script = prepare;
+    script.push_str(&mount);
+    if read_only_root {
+        // Only this namespace's view of the root mount turns read-only (the volumes, mounted on it, stay as
+        // they are); the machine's stays as it is.
+        script.push_str("mount -o remount,bind,ro /\n");
+    }
+    let groups = owner.fs_group.map(|g| format!("--groups={g}")).unwrap_or_else(|| "--clear-groups".into());
+    script.push_str(&format!("exec setpriv --reuid={uid} --regid={gid} {groups} -- \"$@\"\n"));
 
     let log = root.join("log");
     let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;

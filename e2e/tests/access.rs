@@ -46,11 +46,6 @@ fn creds(s: &Secret) -> (String, String) {
     (get("username"), get("password"))
 }
 
-fn b64(s: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 fn now_plus(secs: i64) -> String {
     jiff::Timestamp::now()
         .checked_add(jiff::SignedDuration::from_secs(secs))
@@ -98,8 +93,7 @@ impl Fixture {
         );
         serde_json::from_value(json!({
             "metadata": {"name": "crm-vault-connection", "namespace": ns},
-            // `data`, not `stringData`: the stand-in does not model that conversion (see its README).
-            "data": {"connection_url": b64(&url), "username": b64(&self.pg.user), "password": b64(&self.pg.password)},
+            "stringData": {"connection_url": url, "username": self.pg.user, "password": self.pg.password},
         }))
         .unwrap()
     }
@@ -564,8 +558,8 @@ fn documented_operator_policy(auth_mount: &str, db_mount: &str) -> String {
         .replace("\"database/", &format!("\"{db_mount}/"))
 }
 
-/// Vault insists on a CA for the Kubernetes host; the stand-in speaks plain HTTP, so this one (a throwaway
-/// self-signed certificate, no key kept) is never used.
+/// The operator logs in to OpenBao with its ServiceAccount token (signed by the real API server), which OpenBao
+/// checks with the API server's TokenReview, and the README's Vault policy is all it needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suffices() {
     let cluster = Cluster::start("access-k8s-auth").await;

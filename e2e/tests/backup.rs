@@ -583,7 +583,10 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     use k8s_openapi::api::batch::v1::CronJob;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{Api, PostParams};
-    let case = Case::new("statusflow", "{key: {secretRef: {name: k, key: key}}}", "  rpo: 26h\n");
+    let drill_db = unique("drill");
+    let extra =
+        format!("  rpo: 26h\n  verification:\n    restoreDrill: {{cron: '0 4 * * 0', scratchDatabase: {drill_db}}}\n");
+    let case = Case::new("statusflow", "{key: {secretRef: {name: k, key: key}}}", &extra);
     let cluster = e2e::Cluster::start("backup-status").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
     case_secrets(&client, &ns, &case).await;
@@ -605,9 +608,13 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     .await;
     let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), &ns);
     cron_jobs.get("statusflow-backup").await.unwrap();
-    let st = policies.get("statusflow").await.unwrap().status.unwrap_or_default();
-    let healthy = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").map(|c| c.reason.clone());
-    assert_eq!(healthy.as_deref(), Some("NoBackupYet"), "{:?}", st.conditions);
+    // The status is written after the children (a reconcile's last step).
+    let st = e2e::eventually(30, "BackupHealthy=Unknown NoBackupYet", || async {
+        let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let healthy = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").map(|c| c.reason.clone());
+        if healthy.as_deref() == Some("NoBackupYet") { Ok(st) } else { Err(format!("{:?}", st.conditions)) }
+    })
+    .await;
     // The test's S3 endpoint is http:// and its database tlsMode is disable: reported, not hidden.
     let transit = st.conditions.iter().find(|c| c.type_ == "EncryptedInTransit").unwrap();
     assert_eq!((transit.status.as_str(), transit.reason.as_str()), ("False", "PlaintextEndpoint"));
@@ -620,13 +627,16 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     // with the mounted ConfigMap and the Secrets' values, and the Pod's termination message carries the report.
     let job = run_cron_job_now(&client, &ns, "statusflow-backup", "manual-1").await;
     assert!(job_finished(&client, &ns, &job, &kubelet).await, "{}", kubelet.logs().await);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let statuses: Vec<_> = pods.list(&Default::default()).await.unwrap().items.into_iter().map(|p| p.status).collect();
+    let logs = format!("{}\npods: {statuses:?}", kubelet.logs().await);
     let backup_id = e2e::eventually(60, "BackupHealthy=True with the backup recorded", || async {
         let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
         let cond = |t: &str| st.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
         let last = st.last_successful_backup.as_ref().map(|b| b.id.clone());
         match (cond("BackupHealthy"), cond("Ready"), last, st.backup_count) {
             (Some((h, _)), Some((r, _)), Some(id), Some(1)) if h == "True" && r == "True" => Ok(id),
-            other => Err(format!("{other:?} {:?}", st.conditions)),
+            other => Err(format!("{other:?} {:?}; container logs:\n{logs}", st.conditions)),
         }
     })
     .await;
@@ -670,6 +680,21 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     })
     .await;
     assert_eq!(fingerprint(Postgres::shared(), &target), fingerprint(Postgres::shared(), &case.name));
+
+    // A run of the drill CronJob: `crmguard restore run --drill` in its Pod restores the newest backup into the
+    // scratch database and compares row counts; its report becomes RestoreVerified and lastVerifiedRestore.
+    let job = run_cron_job_now(&client, &ns, "statusflow-drill", "manual-1").await;
+    assert!(job_finished(&client, &ns, &job, &kubelet).await, "{}", kubelet.logs().await);
+    e2e::eventually(60, "RestoreVerified=True from the drill", || async {
+        let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let c = st.conditions.iter().find(|c| c.type_ == "RestoreVerified").cloned();
+        match (c, st.last_verified_restore) {
+            (Some(c), Some(v)) if c.status == "True" && c.reason == "DrillPassed" && v.backup_id == backup_id => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(fingerprint(Postgres::shared(), &drill_db), fingerprint(Postgres::shared(), &case.name));
 
     // The next run fails (the key Secret was replaced by a value that is not a key): BackupHealthy turns
     // False with the job's reason, the last good backup is still shown, and an Event tells the team.

@@ -64,6 +64,29 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     assert_eq!(roles.list(&ListParams::default()).await.unwrap().items.len(), 3);
 
+    // The teams' Roles take effect for real users (client certificates; groups as the authenticator names them).
+    // Expected from the example and the RBAC docs: sales (group crm-sales) may get/list/watch pods and pods/log
+    // and nothing else; a user in no team's group may do nothing in the namespace.
+    let user = |name: &str, group: &str| {
+        let kc = cluster.cp.kubeconfig_for(name, &[group]);
+        async move { e2e::ControlPlane::client_for(&kc).await }
+    };
+    let sales = user("alice", "crm-sales").await;
+    let stranger = user("mallory", "crm-visitors").await;
+    let forbidden = |r: Result<kube::core::ObjectList<k8s_openapi::api::core::v1::Secret>, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    let sales_pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(sales.clone(), ns);
+    assert_eq!(sales_pods.list(&ListParams::default()).await.unwrap().items.len(), 1, "sales lists pods");
+    let sales_secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(sales.clone(), ns);
+    assert!(forbidden(sales_secrets.list(&ListParams::default()).await), "sales may not list secrets");
+    let pod_delete = sales_pods.delete("web-0", &Default::default()).await;
+    assert!(
+        matches!(pod_delete, Err(kube::Error::Api(ref s)) if s.code == 403),
+        "sales may not delete pods: {pod_delete:?}"
+    );
+    let stranger_pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(stranger, ns);
+    let r = stranger_pods.list(&ListParams::default()).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "a user of no team may not list pods: {r:?}");
+
     // The webhook reads the token Secret and labels the pod, also within the chart's grants.
     let alert =
         json!({"alerts": [{"status": "firing", "labels": {"alertname": "X", "namespace": ns, "pod": "web-0"}}]})

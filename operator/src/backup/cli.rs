@@ -274,8 +274,10 @@ impl JobReport {
         let json = serde_json::to_string(self).unwrap_or_default();
         println!("{json}");
         let path = std::env::var("CRMGUARD_TERMINATION_LOG").unwrap_or_else(|_| "/dev/termination-log".into());
-        if std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some() {
-            let _ = std::fs::write(&path, &json);
+        let wanted = std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some();
+        if wanted && let Err(e) = std::fs::write(&path, &json) {
+            // The operator reads the result from here: without it the run counts as one without a report.
+            tracing::warn!(%path, error = %e, "cannot write the report as the termination message");
         }
     }
 }

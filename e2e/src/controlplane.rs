@@ -77,10 +77,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// Writes `<name>.key` (EC P-256, PKCS#8) and `<name>.crt` signed by `<ca>.crt`/`<ca>.key`.
 fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) {
-    openssl(
-        dir,
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &format!("{name}.key")],
-    );
+    new_key(dir, name);
     openssl(
         dir,
         &[
@@ -118,11 +115,17 @@ fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) {
     );
 }
 
-fn new_ca(dir: &Path, name: &str, cn: &str) {
+/// Writes `<name>.key`: an EC P-256 key (PKCS#8).
+fn new_key(dir: &Path, name: &str) {
     openssl(
         dir,
         &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &format!("{name}.key")],
     );
+}
+
+/// Writes `<name>.key` and a self-signed CA certificate `<name>.crt`.
+fn new_ca(dir: &Path, name: &str, cn: &str) {
+    new_key(dir, name);
     openssl(
         dir,
         &[
@@ -184,7 +187,7 @@ impl ControlPlane {
         );
         issue(d, "front-proxy-ca", "front-proxy-client", "/CN=front-proxy-client", "extendedKeyUsage=clientAuth");
         issue(d, "ca", "controller-manager", "/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth");
-        openssl(d, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "sa.key"]);
+        new_key(d, "sa");
         openssl(d, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
         std::fs::write(d.join("audit-policy.yaml"), AUDIT_POLICY).expect("audit policy");
         let ca_pem = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume,
+};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -164,10 +166,6 @@ async fn set_status(pods: &Api<Pod>, name: &str, pod: &Pod, outcome: Outcome) ->
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.map(drop)
 }
 
-fn decode(data: &k8s_openapi::ByteString) -> Vec<u8> {
-    data.0.clone()
-}
-
 /// Writes the files of one volume into `dir`.
 async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, owner: Owner) -> Result<(), String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
@@ -180,21 +178,10 @@ async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, o
         std::fs::write(p, bytes).map_err(|e| e.to_string())
     };
     if let Some(cm) = &v.config_map {
-        let m = Api::<ConfigMap>::namespaced(client.clone(), ns).get(&cm.name).await.map_err(|e| e.to_string())?;
-        let mut files: BTreeMap<String, Vec<u8>> =
-            m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-        files.extend(m.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))));
-        for (key, path) in items(&files, cm.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect())) {
-            write(&path, &files[&key])?;
-        }
-    } else if let Some(s) = &v.secret {
-        let name = s.secret_name.clone().unwrap_or_default();
-        let m = Api::<Secret>::namespaced(client.clone(), ns).get(&name).await.map_err(|e| e.to_string())?;
-        let files: BTreeMap<String, Vec<u8>> =
-            m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))).collect();
-        for (key, path) in items(&files, s.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect())) {
-            write(&path, &files[&key])?;
-        }
+        write_items(&config_map_files(client, ns, &cm.name).await?, cm.items.as_deref(), write)?;
+    } else if let Some(sec) = &v.secret {
+        let name = sec.secret_name.clone().unwrap_or_default();
+        write_items(&secret_files(client, ns, &name).await?, sec.items.as_deref(), write)?;
     } else if let Some(p) = &v.projected {
         for src in p.sources.iter().flatten() {
             if let Some(t) = &src.service_account_token {
@@ -206,25 +193,9 @@ async fn materialize(client: &kube::Client, pod: &Pod, v: &Volume, dir: &Path, o
                 std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
                     .map_err(|e| e.to_string())?;
             } else if let Some(cm) = &src.config_map {
-                let m =
-                    Api::<ConfigMap>::namespaced(client.clone(), ns).get(&cm.name).await.map_err(|e| e.to_string())?;
-                let files: BTreeMap<String, Vec<u8>> =
-                    m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-                for (key, path) in
-                    items(&files, cm.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect()))
-                {
-                    write(&path, &files[&key])?;
-                }
+                write_items(&config_map_files(client, ns, &cm.name).await?, cm.items.as_deref(), write)?;
             } else if let Some(sec) = &src.secret {
-                let m =
-                    Api::<Secret>::namespaced(client.clone(), ns).get(&sec.name).await.map_err(|e| e.to_string())?;
-                let files: BTreeMap<String, Vec<u8>> =
-                    m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, decode(&v))).collect();
-                for (key, path) in
-                    items(&files, sec.items.as_deref().map(|i| i.iter().map(|i| (&i.key, &i.path)).collect()))
-                {
-                    write(&path, &files[&key])?;
-                }
+                write_items(&secret_files(client, ns, &sec.name).await?, sec.items.as_deref(), write)?;
             } else if let Some(d) = &src.downward_api {
                 for item in d.items.iter().flatten() {
                     let field = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or_default();
@@ -270,12 +241,39 @@ struct Owner {
     fs_group: Option<u32>,
 }
 
-/// (key, file path) pairs: every key, or the listed items.
-fn items(files: &BTreeMap<String, Vec<u8>>, listed: Option<Vec<(&String, &String)>>) -> Vec<(String, String)> {
+/// The files of a ConfigMap: its keys with their values (`data` and `binaryData`).
+async fn config_map_files(client: &kube::Client, ns: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let m = Api::<ConfigMap>::namespaced(client.clone(), ns).get(name).await.map_err(|e| e.to_string())?;
+    let mut files: BTreeMap<String, Vec<u8>> =
+        m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+    files.extend(m.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+    Ok(files)
+}
+
+/// The files of a Secret: its keys with their decoded values.
+async fn secret_files(client: &kube::Client, ns: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let m = Api::<Secret>::namespaced(client.clone(), ns).get(name).await.map_err(|e| e.to_string())?;
+    Ok(m.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// Writes every key as a file of its name, or only the listed items at their paths.
+fn write_items<W>(files: &BTreeMap<String, Vec<u8>>, listed: Option<&[KeyToPath]>, write: W) -> Result<(), String>
+where
+    W: Fn(&str, &[u8]) -> Result<(), String>,
+{
     match listed {
-        Some(l) => l.into_iter().filter(|(k, _)| files.contains_key(*k)).map(|(k, p)| (k.clone(), p.clone())).collect(),
-        None => files.keys().map(|k| (k.clone(), k.clone())).collect(),
+        Some(items) => {
+            for i in items.iter().filter(|i| files.contains_key(&i.key)) {
+                write(&i.path, &files[&i.key])?;
+            }
+        }
+        None => {
+            for (k, v) in files {
+                write(k, v)?;
+            }
+        }
     }
+    Ok(())
 }
 
 /// A ServiceAccount token bound to the Pod, as a kubelet requests it for a projected volume.

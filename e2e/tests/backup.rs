@@ -577,6 +577,45 @@ async fn case_secrets(client: &kube::Client, ns: &str, case: &Case) {
     }
 }
 
+/// The schedule itself: the real CronJob controller starts the backup Job at the next minute, the Job controller
+/// its Pod, the test kubelet runs it, and the policy's status shows the backup. Nothing is started by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cronjob_controller_runs_the_backup_on_schedule() {
+    use crmguard::api::CrmBackupPolicy;
+    use kube::api::{Api, DeleteParams, PostParams};
+    let case = Case::new("scheduled", "{key: {secretRef: {name: k, key: key}}}", "");
+    let cluster = e2e::Cluster::start("backup-scheduled").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    case_secrets(&client, &ns, &case).await;
+    let kubelet = e2e::kubelet::TestKubelet::start(client.clone(), &ns);
+    let op = e2e::Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+    let mut policy: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&case.policy).unwrap()).unwrap();
+    policy["metadata"]["namespace"] = ns.clone().into();
+    policy["spec"]["schedule"]["cron"] = "* * * * *".into();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
+    policies.create(&PostParams::default(), &serde_json::from_value(policy).unwrap()).await.unwrap();
+    // The CronJob controller checks schedules every 10 s: the first run starts within about 70 s.
+    let logs = || kubelet.logs();
+    let id = e2e::eventually(180, "a scheduled backup in the policy's status", || async {
+        let st = policies.get("scheduled").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        match st.last_successful_backup {
+            Some(b) => Ok(b.id),
+            None => Err(format!("{:?}; container logs: {}", st.conditions, logs().await)),
+        }
+    })
+    .await;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    let made_by_cron = jobs.list(&Default::default()).await.unwrap().items.iter().any(|j| {
+        j.metadata.owner_references.iter().flatten().any(|o| o.kind == "CronJob" && o.name == "scheduled-backup")
+            && !j.metadata.annotations.iter().flatten().any(|(k, _)| k == "cronjob.kubernetes.io/instantiate")
+    });
+    assert!(made_by_cron, "the Job was created by the CronJob controller");
+    assert!(String::from_utf8_lossy(&case.run(&["backup", "list"]).stdout).contains(&id));
+    policies.delete("scheduled", &DeleteParams::default()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     use crmguard::api::CrmBackupPolicy;

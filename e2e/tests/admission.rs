@@ -177,6 +177,12 @@ async fn offline_admission_agrees_with_the_api_server() {
 async fn the_crds_are_established_with_their_names_and_columns() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let cluster = Cluster::start("crds").await;
+    // The control plane is the version e2e/kube pins (CRMGUARD_KUBE selects newest or oldest).
+    let which = std::env::var("CRMGUARD_KUBE").unwrap_or_else(|_| "newest".into());
+    let gomod = std::fs::read_to_string(e2e::repo_root().join("e2e/kube").join(&which).join("go.mod")).unwrap();
+    let pinned = gomod.lines().find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes ")).unwrap();
+    let pinned = pinned.split_whitespace().next().unwrap();
+    assert_eq!(cluster.cp.version, pinned, "the API server's /version");
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(cluster.client.clone());
     for ours in crmguard::api::crds() {
         let name = ours.metadata.name.clone().unwrap();

@@ -235,10 +235,22 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
     .await;
     let args = job.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
     assert!(args.windows(2).any(|w| w == ["--target-database", "crm_restore_check"]), "{args:?}");
-    eventually(30, "phase Pending", || async {
+    // The real Job controller creates the Pod and counts it active at once; with no kubelet it never runs, so
+    // the restore has not started: Pending, not Running.
+    eventually(30, "the Job's Pod to be created", || async {
+        let j = jobs.get("crm-db-check-restore").await.map_err(|e| e.to_string())?;
+        let active = j.status.and_then(|s| s.active).unwrap_or(0);
+        if active == 1 { Ok(()) } else { Err(format!("active {active}")) }
+    })
+    .await;
+    eventually(30, "phase Pending while the Pod has not started", || async {
         let r = restores.get("crm-db-check").await.map_err(|e| e.to_string())?;
-        match r.status.and_then(|s| s.phase) {
-            Some(crmguard::api::restore::RestorePhase::Pending) => Ok(()),
+        let st = r.status.unwrap_or_default();
+        let restored = st.conditions.iter().find(|c| c.type_ == "Restored").map(|c| c.message.clone());
+        match (st.phase, restored) {
+            (Some(crmguard::api::restore::RestorePhase::Pending), Some(m)) if m.contains("has not started yet") => {
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         }
     })

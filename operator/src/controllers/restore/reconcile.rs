@@ -59,8 +59,14 @@ impl Reconcilable for CrmRestore {
                 _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
             };
             ("Failed", Cond::new("Restored", Status::False, reason, message))
-        } else if status.active.unwrap_or(0) > 0 {
+        } else if status.ready.unwrap_or(0) > 0 {
             ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
+        } else if status.active.unwrap_or(0) > 0 {
+            // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
+            // pulled, started) the restore has not begun.
+            let message =
+                format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
+            ("Pending", Cond::new("Restored", Status::False, "Pending", message))
         } else {
             ("Pending", Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")))
         };

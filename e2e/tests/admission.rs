@@ -196,3 +196,35 @@ async fn the_crds_are_established_with_their_names_and_columns() {
         assert_eq!(accepted.categories, ours.spec.names.categories, "{name}");
     }
 }
+
+/// What `kubectl get` prints for the printer columns: a future expiry shows as a time, not `<invalid>` (kubectl
+/// prints a `date` column as the age since that time, which is invalid for a future one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_prints_the_next_expiry_as_a_time() {
+    let cluster = Cluster::start("columns").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let aps: kube::Api<crmguard::api::AccessPolicy> = kube::Api::namespaced(client.clone(), &ns);
+    aps.create(&Default::default(), &e2e::example("access-policy.yaml", &ns)).await.unwrap();
+    let expiry = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(2))
+        .unwrap()
+        .round(jiff::Unit::Second)
+        .unwrap();
+    let status = json!({"status": {"nextExpiry": expiry.to_string()}});
+    aps.patch_status("crm-teams", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.unwrap();
+    let dir = e2e::TempDir::new("kubectl");
+    let kc = dir.path.join("kubeconfig");
+    std::fs::write(&kc, cluster.cp.admin_kubeconfig()).unwrap();
+    let out = std::process::Command::new(e2e::kubectl())
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--cache-dir")
+        .arg(dir.path.join("cache"))
+        .args(["get", "accesspolicies", "-n", &ns])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("NEXT EXPIRY"), "{text}");
+    assert!(!text.contains("<invalid>") && text.contains(&expiry.to_string()), "{text}");
+}

@@ -694,6 +694,22 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     assert_eq!(op.metric(&series("backup_healthy")), Some(1.0));
     assert!(op.metric(&series("backup_rpo_seconds")).is_some_and(|v| v > 0.0));
 
+    // Steady state: a reconcile that finds nothing new writes nothing, status included (the API server's audit
+    // log counts the operator's writes; the reconcile is forced by a label change).
+    let started = r#"crmguard_reconcile_total{controller="backuppolicy"}"#;
+    let done = r#"crmguard_reconcile_duration_seconds_count{controller="backuppolicy"}"#;
+    let before = op.metric(started).unwrap_or(0.0);
+    let writes_before = cluster.writes_by(e2e::OPERATOR_USER).len();
+    let touch = serde_json::json!({"metadata": {"labels": {"touched": "1"}}});
+    policies.patch("statusflow", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&touch)).await.unwrap();
+    e2e::eventually(30, "a reconcile after the label change, finished", || async {
+        let (s, d) = (op.metric(started).unwrap_or(0.0), op.metric(done).unwrap_or(0.0));
+        if s > before && d >= s { Ok(()) } else { Err(format!("{s} started, {d} done")) }
+    })
+    .await;
+    let writes = cluster.writes_by(e2e::OPERATOR_USER);
+    assert_eq!(writes[writes_before..], [], "steady state wrote something");
+
     // A CrmRestore: the operator creates the Job, the Job controller its Pod, the test kubelet runs it.
     let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), &ns);
     let target = format!("{}_restored", case.name);

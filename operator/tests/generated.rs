@@ -240,3 +240,43 @@ fn an_api_server_older_than_the_supported_range_is_refused() {
     let err = check_kubernetes_version(&info("", "", "v0.0.0-master")).unwrap_err().to_string();
     assert!(err.contains("not major.minor"), "{err}");
 }
+
+/// Every choice the README lists as "(`a` | `b` | ...)" is exactly the set of values of one enum in the CRDs, so
+/// a documented spelling is one the API server accepts.
+#[test]
+fn the_readmes_enumerations_are_the_crds_enums() {
+    fn enums(v: &serde_json::Value, out: &mut Vec<std::collections::BTreeSet<String>>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                if let Some(e) = o.get("enum").and_then(|e| e.as_array()) {
+                    out.push(e.iter().filter_map(|x| x.as_str().map(str::to_string)).collect());
+                }
+                o.values().for_each(|c| enums(c, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|c| enums(c, out)),
+            _ => {}
+        }
+    }
+    let mut all = vec![];
+    for crd in crmguard::api::crds() {
+        enums(&serde_json::to_value(&crd).unwrap(), &mut all);
+    }
+    let readme = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let mut groups = 0;
+    for (i, _) in readme.match_indices("(`") {
+        let rest = &readme[i + 1..];
+        let Some(end) = rest.find(')') else { continue };
+        let inner = rest[..end].replace('\n', " ");
+        // The choices: `a` | `b` | ... (what follows the last one, e.g. "; the verify modes need ...", is prose).
+        let parts: Vec<&str> = inner.split(" | ").map(str::trim).collect();
+        let tokens: Vec<Option<&str>> =
+            parts.iter().map(|p| p.strip_prefix('`').and_then(|r| r.split('`').next())).collect();
+        if parts.len() < 2 || tokens.iter().any(|t| t.is_none_or(str::is_empty)) {
+            continue;
+        }
+        let set: std::collections::BTreeSet<String> = tokens.iter().flatten().map(|t| t.to_string()).collect();
+        groups += 1;
+        assert!(all.contains(&set), "the README lists {set:?}, which is no enum of the CRDs");
+    }
+    assert!(groups >= 3, "found {groups} enumerations in the README");
+}

@@ -25,7 +25,7 @@ use super::common::SecretKeySelector;
     status = "AccessPolicyStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Teams", type_ = "integer", json_path = ".status.teamCount"),
-    printcolumn(name = "Next Expiry", type_ = "date", json_path = ".status.nextExpiry"),
+    printcolumn(name = "Next Expiry", type_ = "string", json_path = ".status.nextExpiry"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.vault) || self.teams.all(t, !has(t.vault) && !has(t.database))").message("teams with vault or database grants need spec.vault (at least vault: {} to use the operator's Vault address and default mounts)"))]

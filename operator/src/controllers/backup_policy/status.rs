@@ -58,6 +58,15 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// `t + d`, for messages.
+fn plus(t: Timestamp, d: Duration) -> String {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "a time beyond the calendar".into())
+}
+
 fn to_time(t: Timestamp) -> Time {
     Time(t)
 }
@@ -181,7 +190,8 @@ pub fn health(
             "BackupHealthy",
             Status::False,
             "BackupTooOld",
-            format!("the newest verified backup is from {t}, {} old, beyond the RPO of {}", human(age), human(rpo)),
+            // No age in messages: a message that changes with the clock rewrites the status on every reconcile.
+            format!("the newest verified backup is from {t}, beyond the RPO of {} since {}", human(rpo), plus(t, rpo)),
         ),
         (None, Some(t), Some(age)) => {
             requeue = Some(rpo.saturating_sub(age) + Duration::from_secs(1));
@@ -189,7 +199,11 @@ pub fn health(
                 "BackupHealthy",
                 Status::True,
                 "BackupVerified",
-                format!("the newest verified backup is from {t} ({} old, RPO {})", human(age), human(rpo)),
+                format!(
+                    "the newest verified backup is from {t}, within the RPO of {} until {}",
+                    human(rpo),
+                    plus(t, rpo)
+                ),
             )
         }
         _ => {
@@ -339,7 +353,27 @@ mod tests {
         };
         let h = health(now, None, DAY, Some(&prev), &[], false);
         assert_eq!((h.conditions[0].status, h.conditions[0].reason), (Status::False, "BackupTooOld"));
-        assert!(h.conditions[0].message.contains("2d7h old, beyond the RPO of 1d2h"), "{}", h.conditions[0].message);
+        let m = &h.conditions[0].message;
+        assert!(m.contains("from 2026-11-29T02:15:00Z, beyond the RPO of 1d2h since 2026-11-30T04:15:00Z"), "{m}");
+    }
+
+    /// A steady state writes nothing: the same facts an hour apart give the same conditions (the status is
+    /// patched only when it changes, so a message with the backup's age in it was rewritten every reconcile).
+    #[test]
+    fn conditions_do_not_change_with_the_clock_alone() {
+        let jobs = [backup_ok("a", "2026-11-29T02:15:00Z", 7)];
+        let at = |t: &str| health(ts(t), None, DAY, None, &jobs, false).conditions;
+        assert_eq!(at("2026-11-29T03:00:00Z"), at("2026-11-29T04:01:00Z"));
+        let prev = CrmBackupPolicyStatus {
+            last_successful_backup: Some(BackupRecord {
+                id: "old".into(),
+                completion_time: Some(Time(ts("2026-11-20T02:15:00Z"))),
+                ..BackupRecord::default()
+            }),
+            ..CrmBackupPolicyStatus::default()
+        };
+        let too_old = |t: &str| health(ts(t), None, DAY, Some(&prev), &[], false).conditions;
+        assert_eq!(too_old("2026-11-29T03:00:00Z"), too_old("2026-11-30T05:00:00Z"));
     }
 
     #[test]

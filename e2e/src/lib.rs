@@ -374,3 +374,14 @@ pub fn kubectl() -> PathBuf {
     std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod kubectl");
     p
 }
+
+/// Creates a pod of the example CRM (`app.kubernetes.io/part-of: crm`, what examples/crm/network-guard.yaml
+/// selects) in `ns`; with no kubelet for it, it stays Pending, which counts as a pod that has not finished.
+pub async fn crm_pod(client: &kube::Client, ns: &str, name: &str) {
+    let pod = serde_json::json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &serde_json::from_value(pod).expect("pod"))
+        .await
+        .expect("create the CRM pod");
+}

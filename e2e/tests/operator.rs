@@ -261,6 +261,7 @@ async fn invalid_specs_and_partial_support_are_reported_honestly() {
 async fn a_malformed_object_does_not_break_the_watch() {
     let cluster = Cluster::start("malformed").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
     // The CRD schema admits any integer port (int-or-string), the typed API holds 32 bits: this object cannot
     // be read by the operator. Sent untyped, as kubectl would.
@@ -431,4 +432,34 @@ async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
 
 async fn labelled_is_none(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> bool {
     pods.get(name).await.unwrap().labels().get("crmguard.io/quarantine").is_none()
+}
+
+/// A guard whose selector selects no pod protects nothing, and says so: not Ready, `Protecting=False`
+/// (`NoPodsSelected`), though its policies are in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_that_selects_no_pod_is_not_ready() {
+    let cluster = Cluster::start("selects-nothing").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    // A pod of something else: the guard does not select it.
+    let pod = json!({"metadata": {"name": "other", "labels": {"app": "other"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &serde_json::from_value(pod).unwrap())
+        .await
+        .unwrap();
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
+    let conds = eventually(30, "the guard's status", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let st = g.status.unwrap_or_default();
+        if st.observed_generation == Some(1) { Ok(st.conditions) } else { Err(format!("logs:\n{}", op.logs())) }
+    })
+    .await;
+    let (s, r, m) = ready(Some(&conds), "Ready").unwrap();
+    assert_eq!((s.as_str(), r.as_str()), ("False", "NoPodsSelected"), "{m}");
+    let (s, r, _) = ready(Some(&conds), "Protecting").unwrap();
+    assert_eq!((s.as_str(), r.as_str()), ("False", "NoPodsSelected"));
+    assert_eq!(ready(Some(&conds), "PoliciesApplied").unwrap().0, "True");
+    assert_eq!(policies(&client, ns).await.len(), 9, "the policies are in place all the same");
 }

@@ -69,6 +69,7 @@ async fn sigterm_stops_the_operator_cleanly() {
 async fn two_replicas_have_one_writer_and_fail_over() {
     let cluster = Cluster::start("two-replicas").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
     let args = |id| Operator::elected_args(ns, 3, id);
     let mut a = Operator::start(&cluster.kubeconfig, &args("replica-a").iter().map(String::as_str).collect::<Vec<_>>());
     let mut b = Operator::start(&cluster.kubeconfig, &args("replica-b").iter().map(String::as_str).collect::<Vec<_>>());
@@ -111,6 +112,7 @@ async fn converges_through_api_errors_and_dropped_watches() {
     let cluster = Cluster::start("faults").await;
     let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
     let op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", ns]);
     op.wait_ready(30).await;
     // The operator's NetworkPolicy writes fail 3 times, every request is slow, and all watches are cut.

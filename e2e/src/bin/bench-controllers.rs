@@ -51,6 +51,17 @@ async fn main() {
             serde_json::from_value(json!({"metadata": {"name": format!("bench-{i}")}})).unwrap();
         Api::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
     }
+    // A guard that selects no pod is not Ready: one CRM pod per namespace (the namespaces' default
+    // ServiceAccounts must exist first).
+    for i in 0..namespaces {
+        let ns = format!("bench-{i}");
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+        e2e::eventually(60, "the default ServiceAccount", || async {
+            sas.get_opt("default").await.map_err(|e| e.to_string())?.map(drop).ok_or_else(|| "absent".to_string())
+        })
+        .await;
+        e2e::crm_pod(&client, &ns, "web-0").await;
+    }
     let operator_writes = || cp.writes_by(OPERATOR_USER).len() as u64;
     let guard_path = e2e::repo_root().join("examples/crm/network-guard.yaml");
     let guard: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(guard_path).unwrap()).unwrap();

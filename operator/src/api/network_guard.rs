@@ -324,7 +324,8 @@ pub struct NetworkGuardStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `PoliciesApplied`, `Covered`, `Quarantined`.
+    /// `Ready`, `PoliciesApplied`, `Protecting` (False `NoPodsSelected` when spec.podSelector selects no pod:
+    /// such a guard is not Ready), `Covered`, `Quarantined`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -50,7 +50,7 @@ impl Reconcilable for NetworkGuard {
             owner: Some(v.owner.clone()),
             children: policies.iter().filter_map(|p| serde_json::to_value(p).ok()).collect(),
             prune: vec![("networking.k8s.io/v1", "NetworkPolicy")],
-            required: vec!["PoliciesApplied"],
+            required: vec!["PoliciesApplied", "Protecting"],
             ..Desired::default()
         };
         d.conditions.push(Cond::new(
@@ -59,15 +59,38 @@ impl Reconcilable for NetworkGuard {
             "Applied",
             format!("{} NetworkPolicies in effect", names.len()),
         ));
+        // A guard that selects no pod protects nothing: not Ready, whatever policies exist.
+        d.conditions.push(if covered.is_empty() {
+            Cond::new(
+                "Protecting",
+                Status::False,
+                "NoPodsSelected",
+                "spec.podSelector selects no pod of this namespace that has not finished, so the guard protects \
+                 nothing: check the selector against the CRM pods' labels (kubectl get pods --show-labels)",
+            )
+        } else {
+            Cond::new(
+                "Protecting",
+                Status::True,
+                "PodsSelected",
+                format!("{} pod(s) selected by spec.podSelector are behind the guard", covered.len()),
+            )
+        });
         d.conditions.push(if uncovered.is_empty() {
-            Cond::new("Covered", Status::True, "AllPodsCovered", format!("all {} running pods are behind the guard", covered.len()))
+            Cond::new(
+                "Covered",
+                Status::True,
+                "AllPodsCovered",
+                format!("all {} pod(s) of this namespace that have not finished are behind the guard", covered.len()),
+            )
         } else {
             Cond::new(
                 "Covered",
                 Status::False,
                 "UncoveredPods",
                 format!(
-                    "{} running pod(s) in this namespace are not selected by spec.podSelector and are not protected: {}",
+                    "{} pod(s) of this namespace that have not finished (pending or running) are not selected by \
+                     spec.podSelector and are not protected: {}",
                     uncovered.len(),
                     uncovered.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
                 ),

@@ -169,8 +169,7 @@ impl ControlPlane {
         CP.get_or_init(ControlPlane::start_private)
     }
 
-    /// A control plane of the caller's own (e.g. one without crmguard's CRDs); it runs until the test process
-    /// exits.
+    /// A control plane of the caller's own (e.g. one without crmguard's CRDs); it stops when dropped.
     pub fn start_private() -> ControlPlane {
         let bin = binaries();
         let dir = TempDir::new("kube");
@@ -206,7 +205,8 @@ impl ControlPlane {
             "--unsafe-no-fsync".into(),
             "--log-level=warn".into(),
         ];
-        // The last watchdog to finish removes the directory (certificates, data, logs).
+        // etcd's watchdog removes the directory (certificates, data, logs) once etcd has stopped; a private control
+        // plane stops when it is dropped (its directory, with the logs the watchdogs watch, is removed).
         let cleanup = format!("sleep 2; rm -rf {}", d.display());
         spawn_watched(&bin.join("etcd"), &etcd_args, &etcd_log, None, "kill -TERM $child", &cleanup);
 
@@ -352,7 +352,7 @@ impl ControlPlane {
         self.kubeconfig_with(user, &format!("token: {token}"))
     }
 
-    /// Kubeconfig for `server` (e.g. a fault-injecting proxy) with the admin's credentials.
+    /// Kubeconfig for this API server with the given user entry's credentials (YAML lines).
     fn kubeconfig_with(&self, user: &str, credentials: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    \

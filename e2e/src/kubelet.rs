@@ -14,6 +14,9 @@
 //! - status: Running with a start time, then Succeeded or Failed with the exit code and the termination message
 //!   (or, with `FallbackToLogsOnError`, the log's tail), written through the Pod's status subresource.
 //!
+//! A mount point that this machine lacks (e.g. `/etc/crmguard`) is created as an empty directory, as the image
+//! would have it; the container's /dev is a fresh tmpfs, so its termination-log file never touches the machine's.
+//!
 //! What it does not do: pull images (the crmguard image is this workspace's binary; the database tools are this
 //! machine's), enforce resources, capabilities, seccomp or network policy, restart containers (crmguard's Pods use
 //! `restartPolicy: Never`).
@@ -48,7 +51,8 @@ pub fn image(image: &str, crmguard: &Path) -> Option<Image> {
     repo.ends_with("crmguard/crmguard").then(|| Image { entrypoint: vec![crmguard.display().to_string()], user: 65532 })
 }
 
-/// A running test kubelet for one namespace; stops (and kills what it started) on drop.
+/// A running test kubelet for one namespace; stops watching on drop (the containers it started end with the
+/// test's runtime, which kills them).
 #[derive(Debug)]
 pub struct TestKubelet {
     task: tokio::task::JoinHandle<()>,
@@ -425,7 +429,7 @@ async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path, crmguard: &Path)
     std::fs::write(&term_file, b"").map_err(|e| e.to_string())?;
     std::os::unix::fs::chown(&term_file, owner.uid, owner.fs_group).map_err(|e| e.to_string())?;
     // Mount points first (while the root may still be written), then the mounts.
-    let (mut prepare, mut mount) = (String::from("set -e\n"), String::new());
+    let (mut prepare, mut mount) = (String::new(), String::new());
     let mut bind = |src: &Path, dst: &str, ro: bool, file: bool| {
         let make = if file {
             format!("[ -e {d} ] || {{ mkdir -p \"$(dirname {d})\"; : > {d}; }}\n", d = quote(dst))
@@ -449,8 +453,19 @@ async fn run_pod(client: &kube::Client, pod: &Pod, root: &Path, crmguard: &Path)
         let src = std::fs::canonicalize(&src).map_err(|e| format!("{}: {e}", src.display()))?;
         bind(&src, &m.mount_path, m.read_only == Some(true), src.is_file());
     }
+    // A fresh /dev, as a container runtime gives each container: the usual devices from the machine's and the
+    // termination message file, so nothing is created in the machine's /dev.
+    let host_dev = root.join("host-dev");
+    std::fs::create_dir_all(&host_dev).map_err(|e| e.to_string())?;
+    let mut script = format!(
+        "set -e\nmount --bind /dev {hd}\nmount -t tmpfs -o mode=755,size=1m tmpfs /dev\n\
+         for d in null zero full random urandom tty; do : > /dev/$d; mount --bind {hd}/$d /dev/$d; done\n\
+         ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin; ln -s /proc/self/fd/1 /dev/stdout; \
+         ln -s /proc/self/fd/2 /dev/stderr\n",
+        hd = quote(&host_dev.display().to_string())
+    );
     bind(&term_file, &term_path, false, true);
-    let mut script = prepare;
+    script.push_str(&prepare);
     script.push_str(&mount);
     if read_only_root {
         // Only this namespace's view of the root mount turns read-only (the volumes, mounted on it, stay as

@@ -267,7 +267,7 @@ impl Cluster {
         Cluster { cp, client, kubeconfig, namespace }
     }
 
-    /// Writes the audit log holds of `user` in this test's namespace (and cluster-scoped ones).
+    /// Writes the audit log holds of `user` in this test's namespace (cluster-scoped writes are not included).
     pub fn writes_by(&self, user: &str) -> Vec<controlplane::AuditWrite> {
         self.cp.writes_by(user).into_iter().filter(|w| w.namespace == self.namespace).collect()
     }

@@ -50,8 +50,9 @@ pub fn pg_bin_dir() -> PathBuf {
     real.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-/// Starts `program args` under a watchdog that, when this test process exits, runs `stop` (a shell snippet;
-/// `$child` is the started process), waits for the process to end (KILL after 10 s) and runs `cleanup`.
+/// Starts `program args` under a watchdog that, when this test process exits or the log file is removed (its
+/// directory dropped), runs `stop` (a shell snippet; `$child` is the started process), waits for the process to
+/// end (KILL after 10 s) and runs `cleanup`.
 pub(crate) fn spawn_watched(
     program: &Path,
     args: &[String],
@@ -68,8 +69,8 @@ pub(crate) fn spawn_watched(
     argv.push(program.display().to_string());
     argv.extend(args.iter().cloned());
     let script = format!(
-        "\"$@\" >{log} 2>&1 & child=$!; \
-         while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
+        ": >{log}; \"$@\" >>{log} 2>&1 & child=$!; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null && [ -e {log} ]; do sleep 0.5; done; \
          {stop}; i=0; while kill -0 $child 2>/dev/null && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done; \
          kill -KILL $child 2>/dev/null; {cleanup}",
         log = log.display()

@@ -542,8 +542,8 @@ async fn run_cron_job_now(client: &kube::Client, ns: &str, cron_job: &str, run: 
 /// completed, with the test kubelet's logs on a timeout.
 async fn job_finished(client: &kube::Client, ns: &str, name: &str, kubelet: &e2e::kubelet::TestKubelet) -> bool {
     let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> = kube::Api::namespaced(client.clone(), ns);
-    let logs = kubelet.logs().await;
     e2e::eventually(180, &format!("Job {name} to finish"), || async {
+        let logs = kubelet.logs().await;
         let j = jobs.get(name).await.map_err(|e| e.to_string())?;
         let conds = j.status.and_then(|s| s.conditions).unwrap_or_default();
         let done = |t: &str| conds.iter().any(|c| c.type_ == t && c.status == "True");
@@ -720,8 +720,8 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     }))
     .unwrap();
     restores.create(&PostParams::default(), &restore).await.unwrap();
-    let logs = kubelet.logs().await;
     e2e::eventually(180, "CrmRestore Succeeded and Verified", || async {
+        let logs = kubelet.logs().await;
         let st = restores.get("check").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
         let verified = st.conditions.iter().find(|c| c.type_ == "Verified").map(|c| c.status.clone());
         match (st.phase, verified, st.backup_id.clone(), st.restored_bytes) {

@@ -26,10 +26,10 @@ async fn a_pod_runs_as_its_user_with_its_volumes_and_a_read_only_root() {
         .unwrap();
     // Each line of the message is one observation, written by the container itself.
     let script = "out=/dev/termination-log; id -u >> $out; id -g >> $out; \
-        touch /etc/crmguard-e2e-probe 2>/dev/null && echo root-writable >> $out || echo root-read-only >> $out; \
-        touch /scratch/f && echo scratch-writable >> $out; \
-        touch /etc/cfg/x 2>/dev/null && echo config-writable >> $out || echo config-read-only >> $out; \
-        cat /etc/cfg/policy.json >> $out; echo >> $out; \
+        touch /tmp/crmguard-e2e-probe-$$ 2>/dev/null && echo root-writable >> $out || echo root-read-only >> $out; \
+        touch /mnt/f && echo scratch-writable >> $out; \
+        touch /opt/f 2>/dev/null && echo read-only-mount-writable >> $out || echo read-only-mount-refused >> $out; \
+        cat /srv/policy.json >> $out; echo >> $out; \
         [ \"$PASSWORD\" = pw-from-secret ] && echo env-from-secret >> $out; \
         echo \"pod=$POD_NAME\" >> $out; exit 3";
     let pod = json!({"metadata": {"name": "probe"}, "spec": {
@@ -40,9 +40,14 @@ async fn a_pod_runs_as_its_user_with_its_volumes_and_a_read_only_root() {
             "env": [
                 {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"},
-                {"name": "cfg", "mountPath": "/etc/cfg", "readOnly": true}]}],
-        "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}]}});
+            // Mount points this machine has (the kubelet would create missing ones on it). /tmp is world-writable
+            // on the root filesystem and the second emptyDir is writable by all: only a read-only root or mount
+            // can refuse those writes.
+            "volumeMounts": [{"name": "scratch", "mountPath": "/mnt"},
+                {"name": "locked", "mountPath": "/opt", "readOnly": true},
+                {"name": "cfg", "mountPath": "/srv", "readOnly": true}]}],
+        "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "locked", "emptyDir": {}},
+            {"name": "cfg", "configMap": {"name": "cfg"}}]}});
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
     let logs = kubelet.logs().await;
@@ -66,13 +71,13 @@ async fn a_pod_runs_as_its_user_with_its_volumes_and_a_read_only_root() {
             "65533",
             "root-read-only",
             "scratch-writable",
-            "config-read-only",
+            "read-only-mount-refused",
             "{\"a\": 1}",
             "env-from-secret",
             "pod=probe"
         ]
     );
-    assert!(!std::path::Path::new("/etc/crmguard-e2e-probe").exists(), "the machine's root was written");
+    assert!(!std::path::Path::new("/dev/termination-log").exists(), "the machine's /dev was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

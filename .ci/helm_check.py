@@ -12,6 +12,7 @@ import ctypes
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,13 +67,15 @@ def start_controlplane(controlplane, *args):
     raise RuntimeError(f"the control plane did not start: {open(kubeconfig + '.log').read()[-4000:]}")
 
 
-def stop(proc):
+def stop(proc, kubeconfig):
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    # The admin kubeconfig holds a client key: leave nothing behind.
+    shutil.rmtree(os.path.dirname(kubeconfig), ignore_errors=True)
 
 
 def check_manifests(controlplane, kubectl):
@@ -100,7 +103,7 @@ def check_manifests(controlplane, kubectl):
                               os.path.join(ROOT, "examples", "crm"), "--server-side"], capture_output=True, text=True)
         check(out.returncode == 0, f"kubectl apply -f examples/crm/: {out.stderr}")
     finally:
-        stop(proc)
+        stop(proc, kubeconfig)
 
 
 def helm_library():
@@ -269,7 +272,7 @@ def main():
         release, err = Helm(lib, kubeconfig, "bad2").install("bad2", {"logging": {"format": "xml"}})
         check(release is None and "format" in (err or ""), f"logging.format xml refused: {err}")
     finally:
-        stop(proc)
+        stop(proc, kubeconfig)
     check_manifests(args.controlplane, kubectl_binary())
     print(f"helm chart and manifests: {passed} passed, {len(failures)} failed")
     return 1 if failures else 0

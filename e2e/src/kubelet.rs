@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume,
 };
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -90,7 +90,8 @@ impl TestKubelet {
         let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let st = state.clone();
         let task = tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(pods.clone(), watcher::Config::default()));
+            // With backoff, as kube-runtime's controllers watch: an API server that errors is not hammered.
+            let mut events = std::pin::pin!(watcher(pods.clone(), watcher::Config::default()).default_backoff());
             while let Some(ev) = events.next().await {
                 let list = match ev {
                     Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => vec![p],

@@ -577,25 +577,42 @@ async fn case_secrets(client: &kube::Client, ns: &str, case: &Case) {
     }
 }
 
+/// A case's policy in its own namespace of the control plane, with the case's Secrets, a test kubelet for the
+/// Pods of its Jobs and a running operator; `edit` changes the policy before it is created.
+struct InCluster {
+    cluster: e2e::Cluster,
+    kubelet: e2e::kubelet::TestKubelet,
+    op: e2e::Operator,
+    policies: kube::Api<crmguard::api::CrmBackupPolicy>,
+}
+
+impl InCluster {
+    async fn start(case: &Case, test: &str, edit: impl FnOnce(&mut serde_json::Value)) -> InCluster {
+        let cluster = e2e::Cluster::start(test).await;
+        let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+        case_secrets(&client, &ns, case).await;
+        let kubelet = e2e::kubelet::TestKubelet::start(client.clone(), &ns);
+        let op = e2e::Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+        op.wait_ready(60).await;
+        let mut policy: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(&case.policy).unwrap()).unwrap();
+        policy["metadata"]["namespace"] = ns.clone().into();
+        edit(&mut policy);
+        let policies: kube::Api<crmguard::api::CrmBackupPolicy> = kube::Api::namespaced(client, &ns);
+        policies.create(&Default::default(), &serde_json::from_value(policy).unwrap()).await.unwrap();
+        InCluster { cluster, kubelet, op, policies }
+    }
+}
+
 /// The schedule itself: the real CronJob controller starts the backup Job at the next minute, the Job controller
 /// its Pod, the test kubelet runs it, and the policy's status shows the backup. Nothing is started by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cronjob_controller_runs_the_backup_on_schedule() {
-    use crmguard::api::CrmBackupPolicy;
-    use kube::api::{Api, DeleteParams, PostParams};
+    use kube::api::{Api, DeleteParams};
     let case = Case::new("scheduled", "{key: {secretRef: {name: k, key: key}}}", "");
-    let cluster = e2e::Cluster::start("backup-scheduled").await;
+    let InCluster { cluster, kubelet, op: _op, policies } =
+        InCluster::start(&case, "backup-scheduled", |p| p["spec"]["schedule"]["cron"] = "* * * * *".into()).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-    case_secrets(&client, &ns, &case).await;
-    let kubelet = e2e::kubelet::TestKubelet::start(client.clone(), &ns);
-    let op = e2e::Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
-    op.wait_ready(60).await;
-    let mut policy: serde_json::Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(&case.policy).unwrap()).unwrap();
-    policy["metadata"]["namespace"] = ns.clone().into();
-    policy["spec"]["schedule"]["cron"] = "* * * * *".into();
-    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
-    policies.create(&PostParams::default(), &serde_json::from_value(policy).unwrap()).await.unwrap();
     // The CronJob controller checks schedules every 10 s: the first run starts within about 70 s.
     let logs = || kubelet.logs();
     let id = e2e::eventually(180, "a scheduled backup in the policy's status", || async {
@@ -618,7 +635,6 @@ async fn the_cronjob_controller_runs_the_backup_on_schedule() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
-    use crmguard::api::CrmBackupPolicy;
     use k8s_openapi::api::batch::v1::CronJob;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{Api, PostParams};
@@ -626,18 +642,8 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     let extra =
         format!("  rpo: 26h\n  verification:\n    restoreDrill: {{cron: '0 4 * * 0', scratchDatabase: {drill_db}}}\n");
     let case = Case::new("statusflow", "{key: {secretRef: {name: k, key: key}}}", &extra);
-    let cluster = e2e::Cluster::start("backup-status").await;
+    let InCluster { cluster, kubelet, op, policies } = InCluster::start(&case, "backup-status", |_| {}).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-    case_secrets(&client, &ns, &case).await;
-    let kubelet = e2e::kubelet::TestKubelet::start(client.clone(), &ns);
-    let op = e2e::Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
-    op.wait_ready(60).await;
-    let mut policy: serde_json::Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(&case.policy).unwrap()).unwrap();
-    policy["metadata"]["namespace"] = ns.clone().into();
-    let policy: CrmBackupPolicy = serde_json::from_value(policy).unwrap();
-    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
-    policies.create(&PostParams::default(), &policy).await.unwrap();
 
     // The operator's children: the job configuration and the CronJob whose command we run for real.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);

@@ -106,6 +106,21 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
             })
             .sum::<f64>()
     };
+    // First let the repairs settle: no reconcile started or running for 2 s (the repairs' own watch events
+    // queue reconciles that may still write their last status).
+    let done_metric = r#"crmguard_reconcile_duration_seconds_count{controller="networkguard"}"#;
+    let mut quiet_since = (op.metric(metric).unwrap_or(0.0), std::time::Instant::now());
+    eventually(60, "the operator to be idle for 2 s", || {
+        let (started, done) = (op.metric(metric).unwrap_or(0.0), op.metric(done_metric).unwrap_or(0.0));
+        if started != quiet_since.0 || done < started {
+            quiet_since = (started, std::time::Instant::now());
+        }
+        let idle = quiet_since.1.elapsed();
+        async move {
+            if idle >= std::time::Duration::from_secs(2) { Ok(()) } else { Err(format!("{done} of {started}")) }
+        }
+    })
+    .await;
     let before_reconciles = op.metric(metric).unwrap_or(0.0);
     let before_op_writes = op_writes();
     let before_server_writes = cluster.writes_by(e2e::OPERATOR_USER);
@@ -125,15 +140,15 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     // The reconcile has finished once its duration is observed as often as it was started.
     eventually(30, "the reconcile to finish", || async {
         let started = op.metric(metric).unwrap_or(0.0);
-        let done = op.metric(r#"crmguard_reconcile_duration_seconds_count{controller="networkguard"}"#).unwrap_or(0.0);
+        let done = op.metric(done_metric).unwrap_or(0.0);
         if done >= started { Ok(()) } else { Err(format!("{done} of {started}")) }
     })
     .await;
-    assert_eq!(op_writes() - before_op_writes, 0.0, "the operator wrote in steady state");
     let writes = cluster.writes_by(e2e::OPERATOR_USER);
     assert!(!before_server_writes.is_empty(), "the audit log records the operator's writes");
     let new = &writes[before_server_writes.len()..];
     assert!(new.is_empty(), "steady state wrote something: {new:?}");
+    assert_eq!(op_writes() - before_op_writes, 0.0, "the operator wrote in steady state");
 
     // A spec change updates children (a rule removed -> its policy pruned) and observedGeneration.
     let mut g = guards.get("crm-firewall").await.unwrap();

@@ -652,7 +652,10 @@ async fn the_operator_reports_backup_health_from_what_the_backup_jobs_report() {
     })
     .await;
     let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), &ns);
-    cron_jobs.get("statusflow-backup").await.unwrap();
+    e2e::eventually(30, "the backup CronJob", || async {
+        cron_jobs.get("statusflow-backup").await.map_err(|e| e.to_string())
+    })
+    .await;
     // The status is written after the children (a reconcile's last step).
     let st = e2e::eventually(30, "BackupHealthy=Unknown NoBackupYet", || async {
         let st = policies.get("statusflow").await.map_err(|e| e.to_string())?.status.unwrap_or_default();

@@ -340,17 +340,22 @@ mod tests {
         assert_eq!(h.requeue_after, Some(Duration::from_secs(18 * 3600 + 15 * 60 + 1)));
     }
 
-    #[test]
-    fn a_backup_older_than_the_rpo_is_unhealthy_even_when_remembered_only_in_status() {
-        let now = ts("2026-12-01T10:00:00Z");
-        let prev = CrmBackupPolicyStatus {
+    /// A status that remembers a successful backup completed at `completed` (no job of it is left).
+    fn remembered(completed: &str) -> CrmBackupPolicyStatus {
+        CrmBackupPolicyStatus {
             last_successful_backup: Some(BackupRecord {
                 id: "old".into(),
-                completion_time: Some(Time(ts("2026-11-29T02:15:00Z"))),
+                completion_time: Some(Time(ts(completed))),
                 ..BackupRecord::default()
             }),
             ..CrmBackupPolicyStatus::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_backup_older_than_the_rpo_is_unhealthy_even_when_remembered_only_in_status() {
+        let now = ts("2026-12-01T10:00:00Z");
+        let prev = remembered("2026-11-29T02:15:00Z");
         let h = health(now, None, DAY, Some(&prev), &[], false);
         assert_eq!((h.conditions[0].status, h.conditions[0].reason), (Status::False, "BackupTooOld"));
         let m = &h.conditions[0].message;
@@ -364,14 +369,7 @@ mod tests {
         let jobs = [backup_ok("a", "2026-11-29T02:15:00Z", 7)];
         let at = |t: &str| health(ts(t), None, DAY, None, &jobs, false).conditions;
         assert_eq!(at("2026-11-29T03:00:00Z"), at("2026-11-29T04:01:00Z"));
-        let prev = CrmBackupPolicyStatus {
-            last_successful_backup: Some(BackupRecord {
-                id: "old".into(),
-                completion_time: Some(Time(ts("2026-11-20T02:15:00Z"))),
-                ..BackupRecord::default()
-            }),
-            ..CrmBackupPolicyStatus::default()
-        };
+        let prev = remembered("2026-11-20T02:15:00Z");
         let too_old = |t: &str| health(ts(t), None, DAY, Some(&prev), &[], false).conditions;
         assert_eq!(too_old("2026-11-29T03:00:00Z"), too_old("2026-11-30T05:00:00Z"));
     }

@@ -219,7 +219,8 @@ def main():
         ops = Helm(lib, kubeconfig, "ops")
         values = {"replicaCount": 2, "watchNamespaces": ["crm", "crm-staging"], "logging": {"format": "text", "level": "debug"},
                   "serviceMonitor": {"enabled": True},
-                  "rbac": {"accessPolicyCanGrant": False}, "image": {"tag": "1.2.3"},
+                  "accessPolicy": {"vaultPathPrefixes": ["kv/data/{namespace}/"], "admissionPolicy": {"enabled": False}},
+                  "image": {"tag": "1.2.3"},
                   "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}},
                   "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
                   "grafanaDashboard": {"enabled": True},
@@ -259,7 +260,12 @@ def main():
         check(dash["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard sidecar label")
         check(json.loads(dash["data"]["crmguard.json"])["uid"] == "crmguard", "dashboard JSON")
         role = get(server, "/apis/rbac.authorization.k8s.io/v1/clusterroles/guard")
-        check(not any("escalate" in r["verbs"] for r in role["rules"]), "no escalate when accessPolicyCanGrant is false")
+        check(not any(v in r["verbs"] for r in role["rules"] for v in ["escalate", "bind", "*"]), "no escalate, bind or *")
+        check("--grant-ceiling=guard-grantable" in args_ and "--vault-path-prefix=kv/data/{namespace}/" in args_,
+              f"ceiling args {args_}")
+        get(server, "/apis/rbac.authorization.k8s.io/v1/clusterroles/guard-grantable")
+        check(kubectl(kubeconfig, "get", "validatingadmissionpolicies", "-o", "name").count("/guard-") == 0,
+              "no admission policy when admissionPolicy.enabled is false")
         np = get(server, "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies/guard")
         check(np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"},
               "ingress limited to the monitoring namespace")

@@ -251,6 +251,7 @@ impl Cluster {
         let cp = ControlPlane::shared();
         let client = ControlPlane::client_for(&cp.admin_kubeconfig()).await;
         install_crds(&client).await;
+        install_grant_ceiling(&client).await;
         let slug: String =
             test.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
         let namespace = format!("e2e-{}-{}", &slug[..slug.len().min(40)], std::process::id()).replace("--", "-");
@@ -295,41 +296,75 @@ impl Drop for Cluster {
     }
 }
 
-/// Installs what the rendered chart (manifests/crmguard.yaml) gives the operator's identity: the namespace
-/// `crmguard-system`, the ServiceAccount `crmguard` and the chart's RBAC objects (server-side apply, so tests
-/// sharing a control plane may all call it), and returns a kubeconfig with a TokenRequest token of that
-/// ServiceAccount: an operator started with it has exactly the chart's rights.
-pub async fn install_chart_rbac(cluster: &Cluster) -> String {
+/// Server-side applies the objects of `manifests/crmguard.yaml` (the chart rendered by Helm) that `wanted` picks,
+/// by kind and name; returns how many were applied.
+async fn apply_manifest_objects(client: &kube::Client, wanted: impl Fn(&str, &str) -> bool) -> usize {
     use kube::api::{Api, DynamicObject, Patch, PatchParams};
     use kube::discovery::ApiResource;
-    let client = &cluster.client;
     let text = std::fs::read_to_string(repo_root().join("manifests/crmguard.yaml")).unwrap();
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
     let pp = PatchParams::apply("crmguard-e2e").force();
-    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "crmguard-system"}});
-    let mut wanted = vec![ns];
-    wanted.extend(docs.into_iter().filter(|d| {
-        matches!(
-            d["kind"].as_str(),
-            Some("ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" | "ServiceAccount")
-        )
-    }));
-    let mut rbac = 0;
-    for d in wanted {
+    let mut applied = 0;
+    for d in docs {
         let (api_version, kind) = (d["apiVersion"].as_str().unwrap(), d["kind"].as_str().unwrap());
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        if !wanted(kind, &name) {
+            continue;
+        }
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-        let plural = format!("{}s", kind.to_ascii_lowercase());
+        let lower = kind.to_ascii_lowercase();
+        let plural = match lower.strip_suffix('y') {
+            Some(stem) => format!("{stem}ies"),
+            None => format!("{lower}s"),
+        };
         let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
-        let name = d["metadata"]["name"].as_str().unwrap().to_string();
         let api: Api<DynamicObject> = match d["metadata"]["namespace"].as_str() {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
             None => Api::all_with(client.clone(), &ar),
         };
         api.patch(&name, &pp, &Patch::Apply(&d)).await.unwrap_or_else(|e| panic!("apply {kind} {name}: {e}"));
-        rbac += usize::from(kind.contains("Role"));
+        applied += 1;
     }
-    assert_eq!(rbac, 4, "the chart's ClusterRole, ClusterRoleBinding, Role and RoleBinding");
+    applied
+}
+
+/// The chart's grant ceiling ClusterRole (`crmguard-grantable`), which every operator checks AccessPolicies
+/// against (`--grant-ceiling`).
+pub async fn install_grant_ceiling(client: &kube::Client) {
+    let n = apply_manifest_objects(client, |kind, name| kind == "ClusterRole" && name == "crmguard-grantable").await;
+    assert_eq!(n, 1, "the chart's grant ceiling ClusterRole");
+}
+
+/// Whether [`install_chart_rbac`] also installs the chart's ValidatingAdmissionPolicy for AccessPolicies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    WithPolicy,
+    WithoutPolicy,
+}
+
+/// Installs the chart's RBAC (ClusterRoles, bindings, the ServiceAccount `crmguard-system/crmguard`), and with
+/// [`Admission::WithPolicy`] its ValidatingAdmissionPolicy and binding, from `manifests/crmguard.yaml`; returns a
+/// kubeconfig with a real token of that ServiceAccount.
+pub async fn install_chart_rbac(cluster: &Cluster, admission: Admission) -> String {
+    use kube::api::{Api, Patch, PatchParams};
+    let client = &cluster.client;
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "crmguard-system"}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch("crmguard-system", &PatchParams::apply("crmguard-e2e").force(), &Patch::Apply(&ns))
+        .await
+        .unwrap();
+    let rbac = apply_manifest_objects(client, |kind, _| {
+        matches!(kind, "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" | "ServiceAccount")
+            || (admission == Admission::WithPolicy && kind.starts_with("ValidatingAdmissionPolicy"))
+    })
+    .await;
+    let expected = if admission == Admission::WithPolicy { 9 } else { 7 };
+    assert_eq!(
+        rbac, expected,
+        "the chart's 2 ClusterRoles, 2 ClusterRoleBindings, Role, RoleBinding, ServiceAccount (+ policy and binding)"
+    );
     let token = ControlPlane::token_for(client, "crmguard-system", "crmguard", &[]).await;
     cluster.cp.kubeconfig_with_token("crmguard", &token)
 }
@@ -340,6 +375,10 @@ pub fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
     let mut v: serde_json::Value =
         serde_saphyr::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml");
     v["metadata"]["namespace"] = serde_json::json!(ns);
+    // Vault paths of the namespace move with it (the chart allows secret/data/<namespace>/ by default).
+    let v: serde_json::Value =
+        serde_json::from_str(&v.to_string().replace("\"secret/data/crm/", &format!("\"secret/data/{ns}/")))
+            .expect("json");
     serde_json::from_value(v).expect("example resource")
 }
 

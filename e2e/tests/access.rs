@@ -107,10 +107,10 @@ fn policy(f: &Fixture, ns: &str, sales_update: bool, expiring: Option<&str>) -> 
         sales_grants.push(json!({"tables": ["deals"], "privileges": ["UPDATE"]}));
     }
     let mut k8s = vec![json!({"resources": ["pods"], "verbs": ["get", "list"]})];
-    let mut vault = vec![json!({"path": "secret/data/crm/sales/*", "capabilities": ["read", "list"]})];
+    let mut vault = vec![json!({"path": format!("secret/data/{ns}/sales/*"), "capabilities": ["read", "list"]})];
     if let Some(at) = expiring {
         k8s.push(json!({"resources": ["configmaps"], "verbs": ["get"], "expiresAt": at}));
-        vault.push(json!({"path": "secret/data/crm/break-glass", "capabilities": ["read"], "expiresAt": at}));
+        vault.push(json!({"path": format!("secret/data/{ns}/break-glass"), "capabilities": ["read"], "expiresAt": at}));
     }
     json!({
         "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
@@ -179,7 +179,7 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     let env = [("VAULT_TOKEN", f.bao.token.as_str())];
     // The operator runs with exactly the chart's RBAC: the real API server's escalation checks apply to the
     // Roles it creates for the teams.
-    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
     let mut op = Operator::start_with_env(&kubeconfig, &args, &env);
     op.wait_ready(60).await;
 
@@ -197,7 +197,7 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     let sales_policy = bao_json(f.bao, &["read", &format!("sys/policies/acl/{prefix}sales")]).expect("sales policy");
     let text = sales_policy["data"]["policy"].as_str().unwrap();
     let doc: Value = serde_json::from_str(text).unwrap();
-    assert_eq!(doc["path"]["secret/data/crm/sales/*"]["capabilities"], json!(["list", "read"]));
+    assert_eq!(doc["path"][format!("secret/data/{ns}/sales/*")]["capabilities"], json!(["list", "read"]));
     assert_eq!(doc["path"][format!("{}/creds/{prefix}sales", f.db_mount)]["capabilities"], json!(["read"]));
     let role = bao_json(f.bao, &["read", &format!("auth/{}/role/{prefix}sales", f.auth_mount)]).expect("auth role");
     assert_eq!(role["data"]["bound_service_account_names"], json!(["sales-app"]));
@@ -311,7 +311,7 @@ async fn teams_get_exactly_their_data_rotation_expiry_and_cleanup() {
     assert!(role_rules().await.contains("configmaps"));
     eventually(60, "the expired grants to leave RBAC and Vault", || async {
         let (v, k) = (policy_text(), role_rules().await);
-        if !v.contains("break-glass") && !k.contains("configmaps") && v.contains("secret/data/crm/sales/*") {
+        if !v.contains("break-glass") && !k.contains("configmaps") && v.contains(&format!("secret/data/{ns}/sales/*")) {
             Ok(())
         } else {
             Err(format!("vault: {v}; rbac: {k}"))
@@ -389,7 +389,10 @@ async fn sealed_or_unreachable_vault_is_reported_and_recovered_from() {
     let cluster = Cluster::start("access-sealed").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
     let bao = OpenBao::start_private();
-    let args = ["--leader-election=false", "--namespace", &ns];
+    let closed = format!("http://127.0.0.1:{}", e2e::free_port());
+    // Policies name their own Vault here, so the operator must be allowed to log in to both.
+    let allowed = format!("{},{closed}", bao.addr());
+    let args = ["--leader-election=false", "--namespace", &ns, "--vault-allowed-address", &allowed];
     let op = Operator::start_with_env(&cluster.kubeconfig, &args, &[("VAULT_TOKEN", bao.token.as_str())]);
     op.wait_ready(60).await;
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
@@ -399,12 +402,11 @@ async fn sealed_or_unreachable_vault_is_reported_and_recovered_from() {
             "metadata": {"name": name, "namespace": ns},
             "spec": {"vault": {"address": addr}, "teams": [{
                 "name": "support", "subjects": [{"kind": "Group", "name": "support"}],
-                "vault": [{"path": "secret/data/crm/support/*", "capabilities": ["read"]}],
+                "vault": [{"path": format!("secret/data/{ns}/support/*"), "capabilities": ["read"]}],
             }]},
         }))
         .unwrap()
     };
-    let closed = format!("http://127.0.0.1:{}", e2e::free_port());
     aps.create(&PostParams::default(), &mk("ok", &bao.addr())).await.unwrap();
     aps.create(&PostParams::default(), &mk("nowhere", &closed)).await.unwrap();
     let wait = |name: &'static str, want: (&'static str, &'static str)| {
@@ -512,7 +514,7 @@ async fn leases_are_renewed_in_place_at_the_configured_fraction() {
     let (cluster, client, ns, f, secrets) = start("access-renew", "r").await;
     let op = Operator::start_with_env(
         &cluster.kubeconfig,
-        &["--leader-election=false", "--namespace", &ns],
+        &["--leader-election=false", "--namespace", &ns, "--vault-addr", &f.bao.addr()],
         &[("VAULT_TOKEN", f.bao.token.as_str())],
     );
     op.wait_ready(60).await;
@@ -565,7 +567,7 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
     let cluster = Cluster::start("access-k8s-auth").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
     // The operator's identity: the chart's ServiceAccount crmguard-system/crmguard with the chart's RBAC.
-    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
     // Vault reviews tokens with a ServiceAccount of its own that may create TokenReviews, as documented for
     // Vault's Kubernetes auth.
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
@@ -667,4 +669,111 @@ async fn the_operator_logs_in_with_kubernetes_auth_and_the_documented_policy_suf
     .await;
     assert!(f.pg.try_sql_as(&f.db, &user, &pass, "SELECT 1").is_err(), "the lease was revoked");
     assert!(!op.logs().contains(&pass));
+}
+
+/// Without the chart's admission policy (turned off, or an AccessPolicy written before the ceiling narrowed),
+/// the operator itself refuses what the cluster administrator does not allow: a Kubernetes grant beyond the
+/// grant ceiling ClusterRole (the attack of issue 15: a user bound to `*` on `*/*`), a Vault path outside the
+/// namespace's prefixes, and a Vault address it would have to present its own credentials to. Nothing is
+/// applied, and nothing connects to that address. Behind it, the API server refuses the operator's own identity
+/// any Role beyond the ceiling: the chart gives it no escalate or bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_beyond_the_administrators_limits_are_refused_and_nothing_is_applied() {
+    let cluster = Cluster::start("access-limits").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_addr = format!("http://{}", trap.local_addr().unwrap());
+    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+    let mk = |name: &str, team: Value, vault: Option<Value>| -> AccessPolicy {
+        let mut team = team;
+        team["name"] = json!("ops");
+        team["subjects"] = json!([{"kind": "User", "name": "mallory"}]);
+        let mut spec = json!({"teams": [team]});
+        if let Some(v) = vault {
+            spec["vault"] = v;
+        }
+        serde_json::from_value(json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
+        .unwrap()
+    };
+    let cases = [
+        (
+            mk("everything", json!({"kubernetes": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}), None),
+            "BeyondGrantCeiling",
+            vec!["spec.teams[0].kubernetes[0]: grants * on */* beyond the grant ceiling (ClusterRole crmguard-grantable)".to_string()],
+        ),
+        (
+            mk(
+                "secrets",
+                json!({"kubernetes": [{"resources": ["pods"], "verbs": ["get"]},
+                                      {"resources": ["secrets"], "verbs": ["get", "list"]}]}),
+                None,
+            ),
+            "BeyondGrantCeiling",
+            vec!["spec.teams[0].kubernetes[1]: grants get,list on core/secrets beyond".to_string()],
+        ),
+        (
+            mk("vault-sys", json!({"vault": [{"path": "sys/*", "capabilities": ["read"]}]}), Some(json!({}))),
+            "InvalidSpec",
+            vec![format!("spec.teams[0].vault[0].path: \"sys/*\" is outside the Vault paths AccessPolicies may grant: paths must start with secret/data/{ns}/ or secret/metadata/{ns}/")],
+        ),
+        (
+            mk(
+                "vault-elsewhere",
+                json!({"vault": [{"path": format!("secret/data/{ns}/x"), "capabilities": ["read"]}]}),
+                Some(json!({"address": trap_addr})),
+            ),
+            "InvalidSpec",
+            vec!["spec.vault.address: \"".to_string() + &trap_addr + "\" is not a Vault the operator may log in to"],
+        ),
+    ];
+    for (ap, _, _) in &cases {
+        aps.create(&PostParams::default(), ap).await.unwrap();
+    }
+    for (ap, reason, wants) in &cases {
+        let name = ap.metadata.name.clone().unwrap();
+        let got = eventually(30, &format!("{name} to be refused"), || async {
+            let ap = aps.get(&name).await.map_err(|e| e.to_string())?;
+            match cond(&ap, "Ready") {
+                Some((s, r, m)) if s == "False" && r == *reason => Ok(m),
+                other => Err(format!("{other:?}\n{}", tail(&op.logs()))),
+            }
+        })
+        .await;
+        for want in wants {
+            assert!(got.contains(want.as_str()), "{name}: {got}\nwants: {want}");
+        }
+        if name == "secrets" {
+            assert!(!got.contains("kubernetes[0]"), "the grant within the ceiling is not named: {got}");
+        }
+    }
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    assert!(roles.list(&Default::default()).await.unwrap().items.is_empty(), "no Role was applied");
+    assert!(
+        matches!(trap.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing connected to the address the operator may not log in to"
+    );
+    let mallory = e2e::ControlPlane::client_for(&cluster.cp.kubeconfig_for("mallory", &["crm-visitors"])).await;
+    let r = Api::<Secret>::namespaced(mallory, &ns).list(&Default::default()).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "mallory reads no Secret: {r:?}");
+
+    // The backstop: the operator's own identity may create a Role within the ceiling, and the API server's
+    // escalation check refuses one beyond the ceiling and the operator's own rights (it reads Secrets by name
+    // only, never lists them).
+    let as_operator: Api<Role> = Api::namespaced(e2e::ControlPlane::client_for(&kubeconfig).await, &ns);
+    let role = |name: &str, resource: &str, verb: &str| -> Role {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "rules": [{"apiGroups": [""], "resources": [resource], "verbs": [verb]}]}))
+        .unwrap()
+    };
+    as_operator.create(&PostParams::default(), &role("within", "pods", "list")).await.unwrap();
+    let r = as_operator.create(&PostParams::default(), &role("beyond", "secrets", "list")).await;
+    assert!(
+        matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403 && s.message.contains("attempting to grant RBAC permissions not currently held")),
+        "the API server refuses the operator a Role beyond the ceiling: {r:?}"
+    );
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 async fn the_operator_works_with_exactly_the_charts_rbac() {
     let cluster = Cluster::start("chart-rbac").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    let kubeconfig = e2e::install_chart_rbac(&cluster).await;
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithPolicy).await;
     let op = Operator::start(
         &kubeconfig,
         &[
@@ -124,4 +124,185 @@ async fn without_the_charts_rbac_the_operator_is_refused() {
     assert_eq!(code, Some(2));
     let who = format!("is forbidden: User \"system:serviceaccount:{}:nobody\"", cluster.namespace);
     assert!(op.logs().contains(&who), "{}", op.logs());
+}
+
+/// The chart's ValidatingAdmissionPolicy, on the real API server: an AccessPolicy author gains nothing through
+/// crmguard. Expected from the issue and the RBAC docs ("you can only create/update a role binding if you
+/// already have all the permissions contained in the referenced role ... or you have been authorized to perform
+/// the bind verb"): refused when it grants beyond the ceiling (whoever writes it), when the author does not hold
+/// a granted permission and may not bind the ceiling, when a Vault path leaves the namespace's prefixes, or when
+/// it names a Vault address the operator may not log in to; accepted from an author who holds the permissions,
+/// or who may bind the ceiling ClusterRole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_policy_author_gains_nothing_through_crmguard() {
+    use k8s_openapi::api::core::v1::Secret;
+    let cluster = Cluster::start("ap-authors").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithPolicy).await;
+    // mallory, alice and carol may write AccessPolicies and nothing else; alice also lists pods; carol may bind
+    // the ceiling ClusterRole (the administrator's delegation).
+    let admin_objects = json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "ap-authors"},
+         "rules": [{"apiGroups": ["crmguard.io"], "resources": ["accesspolicies"], "verbs": ["get", "list", "create", "update", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ap-authors"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ap-authors"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"},
+                      {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"},
+                      {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-readers"},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "pod-readers"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-readers"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]},
+    ]);
+    for o in admin_objects.as_array().unwrap() {
+        let kind = o["kind"].as_str().unwrap();
+        let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind),
+            &format!("{}s", kind.to_ascii_lowercase()),
+        );
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        api.create(&PostParams::default(), &serde_json::from_value(o.clone()).unwrap()).await.unwrap();
+    }
+    let crole = json!({"metadata": {"name": format!("bind-ceiling-{ns}")}, "rules": [{"apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["clusterroles"], "resourceNames": ["crmguard-grantable"], "verbs": ["bind"]}]});
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(crole).unwrap())
+        .await
+        .unwrap();
+    let crb = json!({"metadata": {"name": format!("bind-ceiling-{ns}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("bind-ceiling-{ns}")},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"}]});
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(crb).unwrap())
+        .await
+        .unwrap();
+    let as_user = |name: &str| {
+        let kc = cluster.cp.kubeconfig_for(name, &["crm-authors"]);
+        async move { e2e::ControlPlane::client_for(&kc).await }
+    };
+    let (mallory, alice, carol) = (as_user("mallory").await, as_user("alice").await, as_user("carol").await);
+    let policy = |name: &str, team: serde_json::Value, vault: Option<serde_json::Value>| -> AccessPolicy {
+        let mut team = team;
+        team["name"] = json!("t");
+        team["subjects"] = json!([{"kind": "User", "name": "mallory"}, {"kind": "Group", "name": "crm-sales"}]);
+        let mut spec = json!({"teams": [team]});
+        if let Some(v) = vault {
+            spec["vault"] = v;
+        }
+        serde_json::from_value(json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
+        .unwrap()
+    };
+    let pods = json!({"kubernetes": [{"resources": ["pods"], "verbs": ["get", "list"]}]});
+    let refused = [
+        (
+            &mallory,
+            policy(
+                "everything",
+                json!({"kubernetes": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+                None,
+            ),
+            "beyond the grant ceiling (ClusterRole crmguard-grantable)",
+        ),
+        (
+            &alice,
+            policy("secrets", json!({"kubernetes": [{"resources": ["secrets"], "verbs": ["get"]}]}), None),
+            "beyond the grant ceiling",
+        ),
+        (
+            &mallory,
+            policy("pods", pods.clone(), None),
+            "grants Kubernetes permissions that mallory does not hold in namespace",
+        ),
+        (
+            &alice,
+            policy("pod-delete", json!({"kubernetes": [{"resources": ["pods"], "verbs": ["delete"]}]}), None),
+            "beyond the grant ceiling",
+        ),
+        (
+            &alice,
+            policy("logs", json!({"kubernetes": [{"resources": ["pods/log"], "verbs": ["get"]}]}), None),
+            "that alice does not hold",
+        ),
+        (
+            &alice,
+            policy("vault-sys", json!({"vault": [{"path": "sys/*", "capabilities": ["read"]}]}), Some(json!({}))),
+            "grant Vault paths outside secret/data/",
+        ),
+        (
+            &alice,
+            policy(
+                "vault-other-ns",
+                json!({"vault": [{"path": "secret/data/kube-system/x", "capabilities": ["read"]}]}),
+                Some(json!({})),
+            ),
+            "grant Vault paths outside",
+        ),
+        (
+            &alice,
+            policy("vault-addr", json!({}), Some(json!({"address": "http://vault.attacker.example:8200"}))),
+            "spec.vault.address: http://vault.attacker.example:8200 is not a Vault the operator may log in to",
+        ),
+    ];
+    for (who, ap, want) in &refused {
+        let name = ap.metadata.name.clone().unwrap();
+        let r = Api::<AccessPolicy>::namespaced((*who).clone(), &ns).create(&PostParams::default(), ap).await;
+        match r {
+            Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => {
+                assert!(s.message.contains(want), "{name}: {}\nwants: {want}", s.message);
+            }
+            other => panic!("{name} must be refused at admission: {other:?}"),
+        }
+    }
+    // Accepted: alice holds what she grants; carol holds nothing but may bind the ceiling.
+    let aps: Api<AccessPolicy> = Api::namespaced(alice, &ns);
+    aps.create(&PostParams::default(), &policy("alice-pods", pods.clone(), None)).await.unwrap();
+    Api::<AccessPolicy>::namespaced(carol, &ns)
+        .create(
+            &PostParams::default(),
+            &policy("carol-logs", json!({"kubernetes": [{"resources": ["pods/log"], "verbs": ["get"]}]}), None),
+        )
+        .await
+        .unwrap();
+    // An update by an author who does not hold the grant is refused too; a metadata-only one is not checked.
+    let mut edit = aps.get("alice-pods").await.unwrap();
+    edit.spec.teams[0].kubernetes[0].verbs.push("watch".into());
+    let r = Api::<AccessPolicy>::namespaced(mallory.clone(), &ns)
+        .replace("alice-pods", &PostParams::default(), &edit)
+        .await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403 || s.code == 422), "mallory's edit: {r:?}");
+    let mut labelled = aps.get("alice-pods").await.unwrap();
+    labelled.metadata.labels = Some([("team".to_string(), "sales".to_string())].into());
+    Api::<AccessPolicy>::namespaced(mallory.clone(), &ns)
+        .replace("alice-pods", &PostParams::default(), &labelled)
+        .await
+        .unwrap();
+
+    // The operator (chart RBAC: no escalate, no bind) applies the accepted ones; mallory, bound by them, reads
+    // pods and logs but still no Secret.
+    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    eventually(60, "both policies' Roles", || async {
+        let names: Vec<String> = roles
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .filter(|n| n.starts_with("alice-pods") || n.starts_with("carol-logs"))
+            .collect();
+        if names.len() == 2 { Ok(()) } else { Err(format!("{names:?}\n{}", op.logs())) }
+    })
+    .await;
+    let m_pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(mallory.clone(), &ns);
+    eventually(30, "mallory to list pods through the team", || async {
+        m_pods.list(&ListParams::default()).await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
+    let r = Api::<Secret>::namespaced(mallory, &ns).list(&ListParams::default()).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "mallory reads no Secret: {r:?}");
+    assert!(!op.logs().contains("forbidden"), "the operator was refused nothing:\n{}", op.logs());
 }

@@ -47,6 +47,12 @@ fn validate(doc: &Value) -> Result<(), String> {
         "Role" => round_trip::<Role>(doc),
         "RoleBinding" => round_trip::<RoleBinding>(doc),
         "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(doc),
+        "ValidatingAdmissionPolicy" => {
+            round_trip::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>(doc)
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            round_trip::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>(doc)
+        }
         other => return Err(format!("no schema known for kind {other}: add it here")),
     }?;
     let mut lost = vec![];

@@ -177,6 +177,23 @@ struct RunArgs {
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )]
     vault_token_file: String,
+    /// ClusterRole whose rules every AccessPolicy's Kubernetes grants must be covered by (the grant ceiling). The
+    /// operator is bound to it and holds no escalate/bind, so the API server enforces it too.
+    #[arg(long, env = "CRMGUARD_GRANT_CEILING", default_value = crmguard::controllers::access_policy::ceiling::DEFAULT_GRANT_CEILING)]
+    grant_ceiling: String,
+    /// Prefix an AccessPolicy's vault[].path must start with (repeatable or comma-separated; `{namespace}` is the
+    /// policy's namespace; each ends in '/'). An empty value allows no vault[] grants.
+    #[arg(
+        long = "vault-path-prefix",
+        env = "CRMGUARD_VAULT_PATH_PREFIXES",
+        value_delimiter = ',',
+        default_values_t = crmguard::controllers::access_policy::ceiling::DEFAULT_VAULT_PATH_PREFIXES.map(String::from)
+    )]
+    vault_path_prefixes: Vec<String>,
+    /// Vault address an AccessPolicy's spec.vault.address may name besides --vault-addr (repeatable or
+    /// comma-separated): the operator presents its own credentials there.
+    #[arg(long = "vault-allowed-address", env = "CRMGUARD_VAULT_ALLOWED_ADDRESSES", value_delimiter = ',')]
+    vault_allowed_addresses: Vec<String>,
     /// Steady-state resync interval in seconds.
     #[arg(long, default_value_t = 600)]
     resync_seconds: u64,
@@ -226,6 +243,12 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         build.image = image;
     }
     build.vault_addr = args.vault_addr.filter(|a| !a.is_empty());
+    build.access = crmguard::controllers::access_policy::ceiling::AccessLimits {
+        grant_ceiling: args.grant_ceiling,
+        vault_path_prefixes: args.vault_path_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
+        vault_addresses: args.vault_allowed_addresses.into_iter().filter(|a| !a.is_empty()).collect(),
+    };
+    build.access.check()?;
     build.default_s3 =
         args.default_s3_endpoint.filter(|e| !e.is_empty()).map(|endpoint| crmguard::controllers::DefaultS3 {
             endpoint,

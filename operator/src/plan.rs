@@ -192,7 +192,7 @@ pub fn plan(docs: &[Document], namespace: Option<&str>, ctx: &BuildContext, now:
                         .map(|r| (to_values([restore::build::build(&r, ctx)]), vec![]))
                 }),
                 "AccessPolicy" => {
-                    typed::<AccessPolicy>(&v).and_then(|p| access_policy::validate::validate(&p)).map(|p| {
+                    typed::<AccessPolicy>(&v).and_then(|p| access_policy::validate::validate(&p, ctx)).map(|p| {
                         planned.vault = vault_plan(&p, now);
                         let rbac = access_policy::build::build(&p, now);
                         let mut warnings = p.warnings.clone();

@@ -51,11 +51,15 @@ pub struct Team {
     /// Members: users, groups and service accounts.
     #[schemars(length(min = 1, max = 256))]
     pub subjects: Vec<Subject>,
-    /// Kubernetes permissions in this namespace. Wildcards (`*`) are honoured but reported as a warning.
+    /// Kubernetes permissions in this namespace. Each must lie within the grant ceiling ClusterRole (Helm value
+    /// accessPolicy.grantCeiling.rules), else the policy is refused (Ready=False, BeyondGrantCeiling), and with the
+    /// chart's admission policy the author must hold them (or may bind the ceiling). Wildcards (`*`) are honoured
+    /// within the ceiling but reported as a warning.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub kubernetes: Vec<KubernetesGrant>,
-    /// Vault paths the team may use.
+    /// Vault paths the team may use. Each must start with a prefix the operator allows (by default
+    /// `secret/data/<namespace>/` or `secret/metadata/<namespace>/`; Helm value accessPolicy.vaultPathPrefixes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub vault: Vec<VaultGrant>,
@@ -279,7 +283,8 @@ impl Default for CredentialDelivery {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VaultSettings {
-    /// Vault address; defaults to the operator's `--vault-addr`.
+    /// Vault address; defaults to the operator's `--vault-addr`. Another address must be allowed by the
+    /// administrator (Helm value vault.allowedAddresses): the operator logs in there with its own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("vault.address must be a URL such as https://vault.vault.svc:8200"))]
     pub address: Option<String>,

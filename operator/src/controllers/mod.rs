@@ -24,6 +24,8 @@ pub struct BuildContext {
     pub vault_ca_pem: Option<String>,
     /// The platform's S3 endpoint for policies whose destination names none (`--default-s3-endpoint`).
     pub default_s3: Option<DefaultS3>,
+    /// What AccessPolicies may grant at all (grant ceiling, Vault path prefixes and addresses).
+    pub access: access_policy::ceiling::AccessLimits,
 }
 
 /// Operator-wide S3 defaults, applied to a policy's destination when it has no `endpoint` of its own.
@@ -58,6 +60,7 @@ impl Default for BuildContext {
             vault_addr: None,
             vault_ca_pem: None,
             default_s3: None,
+            access: access_policy::ceiling::AccessLimits::default(),
         }
     }
 }

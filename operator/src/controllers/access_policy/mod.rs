@@ -2,6 +2,7 @@
 //! database credentials delivered into Secrets.
 
 pub mod build;
+pub mod ceiling;
 pub mod lease;
 pub mod reconcile;
 pub mod validate;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::json;
 
-use super::{build, validate, vault_sync};
+use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
 use crate::api::condition::Status;
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
@@ -24,10 +24,20 @@ impl Reconcilable for AccessPolicy {
     }
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
-        let v = match validate::validate(self) {
+        let v = match validate::validate(self, &ctx.build) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
+        if let Some(refused) = check_ceiling(self, ctx).await? {
+            // Nothing is applied or pruned and Vault is not touched; retried at the resync, so a ceiling the
+            // administrator widens (or creates) takes effect without an edit of the policy.
+            return Ok(Ok(Desired {
+                conditions: vec![refused],
+                required: vec!["RbacApplied"],
+                requeue_after: Some(ctx.resync),
+                ..Desired::default()
+            }));
+        }
         let now = (ctx.now)();
         let rbac = build::build(&v, now);
         let vault = vault_sync::reconcile(self, &v, ctx, now).await?;
@@ -118,4 +128,37 @@ impl Reconcilable for AccessPolicy {
         }
         Ok(Ok(d))
     }
+}
+
+/// Reads the grant ceiling ClusterRole and checks every Kubernetes grant against it: `Some(condition)` when the
+/// policy must not be applied (a grant beyond the ceiling, or no ceiling installed).
+async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, Error> {
+    if p.spec.teams.iter().all(|t| t.kubernetes.is_empty()) {
+        return Ok(None);
+    }
+    let name = &ctx.build.access.grant_ceiling;
+    let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(ctx.client.clone());
+    let Some(role) = roles.get_opt(name).await? else {
+        return Ok(Some(Cond::new(
+            "RbacApplied",
+            Status::False,
+            "GrantCeilingMissing",
+            format!(
+                "the grant ceiling ClusterRole {name} does not exist, so no Kubernetes grant can be checked and none \
+                 is applied; install it with the Helm chart (accessPolicy.grantCeiling) or name another with \
+                 --grant-ceiling"
+            ),
+        )));
+    };
+    let errors = ceiling::beyond(p, name, role.rules.as_deref().unwrap_or_default());
+    if errors.is_empty() {
+        return Ok(None);
+    }
+    let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    Ok(Some(Cond::new(
+        "RbacApplied",
+        Status::False,
+        "BeyondGrantCeiling",
+        format!("refused, nothing applied: {message}"),
+    )))
 }

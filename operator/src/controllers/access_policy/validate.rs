@@ -2,6 +2,7 @@
 
 use crate::api::access_policy::AccessPolicy;
 use crate::api::common::parse_duration;
+use crate::controllers::BuildContext;
 use crate::k8s::meta::Owner;
 use crate::validation::FieldError;
 
@@ -14,10 +15,12 @@ pub struct ValidatedAccessPolicy {
     pub warnings: Vec<String>,
 }
 
-/// Validates an AccessPolicy.
-pub fn validate(policy: &AccessPolicy) -> Result<ValidatedAccessPolicy, Vec<FieldError>> {
+/// Validates an AccessPolicy, including the installation's limits on Vault paths and addresses
+/// ([`super::ceiling::AccessLimits`]); the Kubernetes grant ceiling needs the cluster and is checked in the
+/// reconcile ([`super::ceiling::beyond`]).
+pub fn validate(policy: &AccessPolicy, ctx: &BuildContext) -> Result<ValidatedAccessPolicy, Vec<FieldError>> {
     let owner = super::super::owner_of(policy)?;
-    let mut errors = Vec::new();
+    let mut errors = ctx.access.vault_errors(policy, ctx.vault_addr.as_deref());
     let mut warnings = Vec::new();
     for (i, team) in policy.spec.teams.iter().enumerate() {
         for (j, grant) in team.kubernetes.iter().enumerate() {

@@ -292,7 +292,10 @@ mod tests {
     fn policy(yaml: &str) -> ValidatedAccessPolicy {
         let mut p: AccessPolicy = serde_saphyr::from_str(yaml).expect("policy");
         p.metadata.uid = Some("u1".into());
-        super::super::validate::validate(&p).expect("valid")
+        // The builder is tested on its own: every path admitted (the prefixes are tested in `ceiling`).
+        let mut ctx = crate::controllers::BuildContext::default();
+        ctx.access.vault_path_prefixes = vec![String::new()];
+        super::super::validate::validate(&p, &ctx).expect("valid")
     }
 
     const SALES_FINANCE: &str = r#"

@@ -219,7 +219,7 @@ def main():
         ops = Helm(lib, kubeconfig, "ops")
         values = {"replicaCount": 2, "watchNamespaces": ["crm", "crm-staging"], "logging": {"format": "text", "level": "debug"},
                   "serviceMonitor": {"enabled": True},
-                  "accessPolicy": {"vaultPathPrefixes": ["kv/data/{namespace}/"], "admissionPolicy": {"enabled": False}},
+                  "accessPolicy": {"vaultPathPrefixes": ["kv/data/{namespace}/"]}, "admissionPolicies": {"enabled": False},
                   "image": {"tag": "1.2.3"},
                   "vault": {"address": "https://vault.vault.svc:8200", "role": "crm-op", "caSecret": {"name": "vault-ca"}},
                   "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
@@ -265,7 +265,7 @@ def main():
               f"ceiling args {args_}")
         get(server, "/apis/rbac.authorization.k8s.io/v1/clusterroles/guard-grantable")
         check(kubectl(kubeconfig, "get", "validatingadmissionpolicies", "-o", "name").count("/guard-") == 0,
-              "no admission policy when admissionPolicy.enabled is false")
+              "no admission policy when admissionPolicies.enabled is false")
         np = get(server, "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies/guard")
         check(np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"},
               "ingress limited to the monitoring namespace")

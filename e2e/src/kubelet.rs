@@ -43,11 +43,15 @@ pub struct Image {
     pub user: i64,
 }
 
-/// The crmguard image is this workspace's binary (a copy at `crmguard`, where any user may run it); the test
-/// kubelet knows no other image.
+/// The crmguard image is this workspace's binary (a copy at `crmguard`, where any user may run it); `busybox`
+/// (a shell and core utilities, as root unless the pod says otherwise) is this machine's `/bin/sh`, for tests
+/// that play someone running their own container. The test kubelet knows no other image.
 pub fn image(image: &str, crmguard: &Path) -> Option<Image> {
     let repo = image.split('@').next().unwrap_or(image);
     let repo = repo.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(repo, |(r, _)| r);
+    if repo == "busybox" || repo.ends_with("library/busybox") {
+        return Some(Image { entrypoint: vec!["/bin/sh".into()], user: 0 });
+    }
     repo.ends_with("crmguard/crmguard").then(|| Image { entrypoint: vec![crmguard.display().to_string()], user: 65532 })
 }
 

@@ -360,11 +360,29 @@ pub async fn install_chart_rbac(cluster: &Cluster, admission: Admission) -> Stri
             || (admission == Admission::WithPolicy && kind.starts_with("ValidatingAdmissionPolicy"))
     })
     .await;
-    let expected = if admission == Admission::WithPolicy { 9 } else { 7 };
+    let expected = if admission == Admission::WithPolicy { 11 } else { 7 };
     assert_eq!(
         rbac, expected,
-        "the chart's 2 ClusterRoles, 2 ClusterRoleBindings, Role, RoleBinding, ServiceAccount (+ policy and binding)"
+        "the chart's 2 ClusterRoles, 2 ClusterRoleBindings, Role, RoleBinding, ServiceAccount (+ 2 policies and bindings)"
     );
+    if admission == Admission::WithPolicy {
+        // The API server compiles new admission policies asynchronously: wait until this one refuses (a dry
+        // run of) an AccessPolicy beyond the ceiling.
+        let aps: Api<crmguard::api::AccessPolicy> = Api::namespaced(client.clone(), &cluster.namespace);
+        let beyond: crmguard::api::AccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "admission-probe"},
+            "spec": {"teams": [{"name": "t", "subjects": [{"kind": "User", "name": "nobody"}],
+                "kubernetes": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}]}}))
+        .unwrap();
+        let pp = kube::api::PostParams { dry_run: true, ..Default::default() };
+        eventually(30, "the chart's admission policy to be in effect", || async {
+            match aps.create(&pp, &beyond).await {
+                Err(kube::Error::Api(s)) if s.message.contains("accesspolicy-grants") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
     let token = ControlPlane::token_for(client, "crmguard-system", "crmguard", &[]).await;
     cluster.cp.kubeconfig_with_token("crmguard", &token)
 }

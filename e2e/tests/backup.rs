@@ -995,3 +995,148 @@ fn a_backup_longer_than_one_object_continues_in_segments_that_verify_restore_and
         left.iter().map(|o| &o.key).collect::<Vec<_>>()
     );
 }
+
+/// Issue 15, item 2: someone who may create Jobs (not read Secrets) fakes a healthy backup. Expected from the
+/// issue: a Job that merely carries the policy's label, or one owned by the policy's CronJob and running as its
+/// ServiceAccount but with an unsigned report, changes nothing (no `lastSuccessfulBackup`, BackupHealthy stays
+/// as it was), raises a `ForgedReport` Event and fails the posture check; a Job that would use the report key is
+/// refused at admission. The policy's own run, signed, still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_only_claims_a_backup_changes_nothing_and_is_reported() {
+    use k8s_openapi::api::batch::v1::{CronJob, Job};
+    use kube::api::{Api, PostParams};
+    let case = Case::new("forged", "{key: {secretRef: {name: k, key: key}}}", "");
+    let InCluster { cluster, kubelet, op, policies } = InCluster::start(&case, "backup-forged", |_| {}).await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    e2e::install_chart_rbac(&cluster, e2e::Admission::WithPolicy).await;
+    let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), &ns);
+    let cj = e2e::eventually(30, "the backup CronJob", || async {
+        cron_jobs.get("forged-backup").await.map_err(|e| e.to_string())
+    })
+    .await;
+    e2e::eventually(30, "BackupHealthy=Unknown NoBackupYet", || async {
+        let st = policies.get("forged").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let healthy = st.conditions.iter().find(|c| c.type_ == "BackupHealthy").map(|c| c.reason.clone());
+        if healthy.as_deref() == Some("NoBackupYet") { Ok(()) } else { Err(format!("{:?}", st.conditions)) }
+    })
+    .await;
+
+    // eve may create Jobs and read Jobs, CronJobs and Pods in the namespace; she may not read Secrets.
+    let rbac = serde_json::json!({"metadata": {"name": "job-runner"}, "rules": [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list"]},
+        {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(rbac).unwrap())
+        .await
+        .unwrap();
+    let binding = serde_json::json!({"metadata": {"name": "job-runner"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "job-runner"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "eve"}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(binding).unwrap())
+        .await
+        .unwrap();
+    let eve = e2e::ControlPlane::client_for(&cluster.cp.kubeconfig_for("eve", &["crm-devs"])).await;
+    let eve_jobs: Api<Job> = Api::namespaced(eve, &ns);
+    let fake = r#"{"ok":true,"kind":"backup","backupId":"20991231T000000Z-fake","completed":"2099-12-31T00:00:00Z","storedBytes":1,"backupCount":1,"newestBackup":"20991231T000000Z-fake","newestCompleted":"2099-12-31T00:00:00Z"}"#;
+    let print_fake = vec!["/bin/sh".to_string(), "-c".into(), format!("printf '%s' '{fake}' > /dev/termination-log")];
+    let template = cj.spec.as_ref().unwrap().job_template.clone();
+
+    // 1. The issue's forgery: only the policy's labels, the namespace's default ServiceAccount.
+    let labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let only_labels = serde_json::json!({"metadata": {"name": "fake-labels", "labels": labels},
+        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": {"restartPolicy": "Never",
+            "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": true},
+            "containers": [{"name": "backup", "image": "busybox", "command": print_fake}]}}}});
+    eve_jobs.create(&PostParams::default(), &serde_json::from_value(only_labels).unwrap()).await.unwrap();
+    // 2. Owned by the policy's CronJob, running as its ServiceAccount, but without the report key.
+    let mut owned = Job { metadata: template.metadata.clone().unwrap(), spec: template.spec.clone(), status: None };
+    owned.metadata.name = Some("fake-owned".into());
+    owned.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "batch/v1".into(),
+        kind: "CronJob".into(),
+        name: "forged-backup".into(),
+        uid: cj.metadata.uid.clone().unwrap(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+    let pod = owned.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    pod.containers[0].image = Some("busybox".into());
+    pod.containers[0].command = Some(print_fake.clone());
+    pod.containers[0].args = None;
+    let mut signing = owned.clone();
+    let pod = owned.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    pod.containers[0].env.as_mut().unwrap().retain(|e| !e.name.starts_with("CRMGUARD_REPORT_KEY"));
+    eve_jobs.create(&PostParams::default(), &owned).await.unwrap();
+    // 3. The same with the report key: refused by the chart's admission policy (eve may not read the Secret).
+    // A dry run first, until the API server has compiled the new policy.
+    signing.metadata.name = Some("fake-signed".into());
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    e2e::eventually(30, "the report-key admission policy to be in effect", || async {
+        match eve_jobs.create(&dry, &signing).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let r = eve_jobs.create(&PostParams::default(), &signing).await;
+    assert!(
+        matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403 && s.message.contains("crmguard report-key Secret")),
+        "a Job using the report key is refused to someone who may not read it: {r:?}"
+    );
+
+    for job in ["fake-labels", "fake-owned"] {
+        assert!(job_finished(&client, &ns, job, &kubelet).await, "{job} completed: {}", kubelet.logs().await);
+    }
+    let st = e2e::eventually(60, "both fakes rejected", || async {
+        let st = policies.get("forged").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let jobs: Vec<&str> = st.rejected_reports.iter().map(|r| r.job.as_str()).collect();
+        if jobs.contains(&"fake-labels") && jobs.contains(&"fake-owned") { Ok(st) } else { Err(format!("{st:?}")) }
+    })
+    .await;
+    assert!(st.last_successful_backup.is_none(), "{st:?}");
+    let cond = |t: &str| st.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
+    assert_eq!(cond("BackupHealthy"), Some(("Unknown".into(), "NoBackupYet".into())));
+    assert_eq!(cond("ReportsTrusted"), Some(("False".into(), "ForgedReport".into())));
+    let reasons: Vec<(&str, &str)> = st.rejected_reports.iter().map(|r| (r.job.as_str(), r.reason.as_str())).collect();
+    assert!(reasons.contains(&("fake-labels", "not created by the policy's CronJobs")), "{reasons:?}");
+    assert!(reasons.contains(&("fake-owned", "the report is not signed with the policy's report key")), "{reasons:?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let forged = e2e::eventually(30, "ForgedReport Events", || async {
+        let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        let notes: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("ForgedReport"))
+            .filter_map(|e| e.note.clone())
+            .collect();
+        if notes.len() >= 2 { Ok(notes) } else { Err(format!("{notes:?}")) }
+    })
+    .await;
+    assert!(forged.iter().any(|n| n.starts_with("Job fake-labels:")), "{forged:?}");
+    // The posture report, from the cluster: the check fails, naming the Jobs.
+    let dir = TempDir::new("forged-report");
+    let kubeconfig = dir.path.join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.cp.admin_kubeconfig()).unwrap();
+    let out = Command::new(crmguard_bin()).args(["report", "-n", &ns]).env("KUBECONFIG", &kubeconfig).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.lines().any(|l| l.trim_start().starts_with("FAIL high") && l.contains(" backup-reports-authentic ")),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("fake-labels") && report.contains("fake-owned"), "{report}");
+
+    // The policy's own run is signed and counts.
+    let job = run_cron_job_now(&client, &ns, "forged-backup", "manual-1").await;
+    assert!(job_finished(&client, &ns, &job, &kubelet).await, "{}", kubelet.logs().await);
+    let id = e2e::eventually(60, "the real backup in status", || async {
+        let st = policies.get("forged").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        st.last_successful_backup.map(|b| b.id).ok_or_else(|| format!("{:?}\n{}", st.conditions, op.logs()))
+    })
+    .await;
+    assert!(!id.ends_with("-fake"), "{id}");
+    assert!(String::from_utf8_lossy(&case.run(&["backup", "list"]).stdout).contains(&id));
+    assert!(!op.logs().contains(fake), "the fake report is not logged");
+}

@@ -478,3 +478,88 @@ async fn a_guard_that_selects_no_pod_is_not_ready() {
     assert_eq!(ready(Some(&conds), "PoliciesApplied").unwrap().0, "True");
     assert_eq!(policies(&client, ns).await.len(), 9, "the policies are in place all the same");
 }
+
+/// Issue 15, item 5: what the API server would refuse is on the resource, never a silent retry loop. A
+/// `jobResources` quantity the server refuses in a pod template is `InvalidSpec` naming the field (before: the
+/// schema took it, the CronJob apply failed with HTTP 500 forever and the policy had no Ready condition); and a
+/// write refused for a reason the operator cannot foresee (here an admission policy that freezes CronJobs in the
+/// namespace) is `Ready=False`, reason `ApplyFailed`, with the server's message, healed once the refusal goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_api_server_refuses_is_reported_on_the_resource() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    use k8s_openapi::api::batch::v1::CronJob;
+    let cluster = Cluster::start("apply-refused").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    op.wait_ready(60).await;
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    let condition = |name: &'static str| {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get(name).await.map_err(|e| e.to_string())?;
+            ready(p.status.as_ref().map(|s| &s.conditions), "Ready").ok_or_else(|| "no Ready".to_string())
+        }
+    };
+
+    let mut bad: CrmBackupPolicy = e2e::example("backup-policy.yaml", ns);
+    bad.metadata.name = Some("bad-quantity".into());
+    bad.spec.job_resources = Some(serde_json::from_value(json!({"requests": {"cpu": "lots"}})).unwrap());
+    policies.create(&PostParams::default(), &bad).await.unwrap();
+    let (_, reason, message) = eventually(30, "bad-quantity to be refused", || async {
+        condition("bad-quantity").await.and_then(|c| if c.0 == "False" { Ok(c) } else { Err(format!("{c:?}")) })
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("spec.jobResources.requests.cpu: \"lots\" is not a Kubernetes quantity"), "{message}");
+
+    // An administrator freezes CronJobs in this namespace (a ValidatingAdmissionPolicy scoped to it).
+    let name = format!("freeze-cronjobs-{ns}");
+    let only_here = json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
+    let vap: ValidatingAdmissionPolicy = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {
+        "failurePolicy": "Fail",
+        "matchConstraints": {"resourceRules": [{"apiGroups": ["batch"], "apiVersions": ["v1"],
+            "operations": ["CREATE", "UPDATE"], "resources": ["cronjobs"]}]},
+        "validations": [{"expression": "false", "message": "CronJobs are frozen in this namespace during the audit"}]}}))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({"metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": only_here}}))
+    .unwrap();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone()).create(&PostParams::default(), &vap).await.unwrap();
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), ns);
+    let probe: CronJob =
+        serde_json::from_value(json!({"metadata": {"name": "probe"}, "spec": {"schedule": "0 0 * * *",
+        "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "busybox"}]}}}}}}))
+        .unwrap();
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    eventually(30, "the freeze to be in effect", || async {
+        match cron_jobs.create(&dry, &probe).await {
+            Err(kube::Error::Api(s)) if s.message.contains("frozen") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let mut frozen: CrmBackupPolicy = e2e::example("backup-policy.yaml", ns);
+    frozen.metadata.name = Some("frozen".into());
+    policies.create(&PostParams::default(), &frozen).await.unwrap();
+    let (_, reason, message) = eventually(30, "frozen to report the refusal", || async {
+        condition("frozen").await.and_then(|c| if c.1 == "ApplyFailed" { Ok(c) } else { Err(format!("{c:?}")) })
+    })
+    .await;
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        message.contains("refused to write CronJob/frozen-backup")
+            && message.contains("CronJobs are frozen in this namespace"),
+        "{message}"
+    );
+    bindings.delete(&name, &DeleteParams::default()).await.unwrap();
+    eventually(120, "the CronJob once the freeze is lifted", || async {
+        let c = condition("frozen").await?;
+        let cj = cron_jobs.get_opt("frozen-backup").await.map_err(|e| e.to_string())?;
+        if c.1 != "ApplyFailed" && cj.is_some() { Ok(()) } else { Err(format!("{c:?}")) }
+    })
+    .await;
+}

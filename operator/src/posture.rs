@@ -262,6 +262,32 @@ fn backup_findings(inputs: &Inputs, now: Timestamp, f: &mut Vec<Finding>) {
                 "the policy has not been reconciled yet",
             )),
         }
+        f.push(if st.rejected_reports.is_empty() {
+            finding(
+                "backup-reports-authentic",
+                "Backup",
+                Severity::High,
+                Outcome::Pass,
+                r(),
+                "every job report came from the policy's own, signed jobs",
+            )
+        } else {
+            finding(
+                "backup-reports-authentic",
+                "Backup",
+                Severity::High,
+                Outcome::Fail,
+                r(),
+                format!(
+                    "job reports ignored as not the policy's own (someone tried to fake backup health?): {}",
+                    st.rejected_reports
+                        .iter()
+                        .map(|x| format!("{} ({})", x.job, x.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        });
         if p.spec.verification.restore_drill.is_some() {
             let last = st.last_verified_restore.as_ref().and_then(|v| v.time.as_ref()).map(|t| t.0);
             let max = SignedDuration::try_from(DRILL_MAX_AGE).unwrap_or_default();

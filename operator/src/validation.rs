@@ -249,6 +249,51 @@ const OBJECT_META_FIELDS: &[&str] = &[
 
 /// A qualified name as label and annotation keys use it: an optional DNS-subdomain prefix and `/`, then a
 /// name of at most 63 characters of alphanumerics, `-`, `_` and `.`, starting and ending alphanumeric.
+/// The value of a Kubernetes resource quantity (`500m`, `2`, `1.5Gi`, `1e3`), as the API server's grammar
+/// defines it: a signed decimal number and an optional binary-SI (`Ki`..`Ei`), decimal-SI (`n`, `u`, `m`, `k`,
+/// `M`..`E`) or decimal-exponent (`e3`, `E-2`) suffix. `None` when `s` is not a quantity.
+pub fn quantity_value(s: &str) -> Option<f64> {
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let split = unsigned.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(split);
+    let digits_ok = !number.is_empty()
+        && number != "."
+        && number.matches('.').count() <= 1
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if !digits_ok {
+        return None;
+    }
+    let scale: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        e if e.starts_with(['e', 'E']) => {
+            let exp = &e[1..];
+            let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            10f64.powi(exp.parse().ok()?)
+        }
+        _ => return None,
+    };
+    let value: f64 = number.parse().ok()?;
+    Some(if s.starts_with('-') { -value * scale } else { value * scale })
+}
+
 fn is_qualified_name(key: &str) -> bool {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
@@ -455,6 +500,37 @@ mod tests {
     fn every_kind_has_a_compiled_schema() {
         for kind in crate::api::KINDS {
             assert!(schemas().contains_key(kind), "{kind}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod quantity_tests {
+    use super::quantity_value;
+
+    /// Expected values from the Kubernetes "Resource units" documentation and the Quantity grammar
+    /// (`<signedNumber><suffix>`), not from the code.
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for (s, want) in [
+            ("500m", 0.5),
+            ("2", 2.0),
+            ("0.1", 0.1),
+            ("1Gi", 1073741824.0),
+            ("128974848", 128974848.0),
+            ("129e6", 129e6),
+            ("129M", 129e6),
+            ("123Mi", 128974848.0),
+            ("+1k", 1000.0),
+            ("-1", -1.0),
+            (".5", 0.5),
+            ("1E-2", 0.01),
+        ] {
+            let got = quantity_value(s).unwrap_or_else(|| panic!("{s} is a quantity"));
+            assert!((got - want).abs() <= want.abs() * 1e-12, "{s}: {got} != {want}");
+        }
+        for bad in ["lots", "", "1.2.3", "1 Gi", "1gi", "Gi", "1GiB", "0x10", ".", "1e", "1e+", "1m1", "--1"] {
+            assert_eq!(quantity_value(bad), None, "{bad:?} is not a quantity");
         }
     }
 }

@@ -52,13 +52,24 @@ fn the_backup_cron_job_runs_the_backup_command_restricted_without_api_rights_and
     let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(
         names,
-        ["VAULT_ADDR", "CRMGUARD_DB_CA_CERT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CRMGUARD_S3_CA_CERT"]
+        [
+            "VAULT_ADDR",
+            "CRMGUARD_DB_CA_CERT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "CRMGUARD_S3_CA_CERT",
+            "CRMGUARD_REPORT_KEY",
+            "CRMGUARD_POD_UID"
+        ]
     );
-    for e in env.iter().filter(|e| e.name != "VAULT_ADDR") {
+    for e in env.iter().filter(|e| e.name != "VAULT_ADDR" && e.name != "CRMGUARD_POD_UID") {
         let r = e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).unwrap();
         assert!(e.value.is_none() && r.optional == Some(false), "{e:?}");
     }
     assert_eq!(env[4].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "s3-ca");
+    // The report is signed with the policy's report key, bound to the pod's UID (downward API).
+    assert_eq!(env[5].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "crmguard-report-key-crm-db");
+    assert_eq!(env[6].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.uid");
     let mounts: Vec<(&str, &str, Option<bool>)> = c
         .volume_mounts
         .as_ref()

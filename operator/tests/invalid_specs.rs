@@ -44,3 +44,43 @@ fn the_restore_spec_is_immutable() {
     assert!(errors.iter().any(|e| e.message.contains("one-shot request")), "{errors:?}");
     assert!(crmguard::validation::admit_update(&old, Some(&old)).is_empty());
 }
+
+/// Issue 15, item 5: quantities the CRD schema cannot check (Kubernetes' own ResourceRequirements schema takes
+/// any string) but the API server refuses in the CronJob's pod template are refused here, naming the field.
+/// Expected from the Kubernetes docs ("Resource units", and "a request must not exceed its limit").
+#[test]
+fn job_resources_the_api_server_would_refuse_are_named() {
+    for (resources, field, message) in [
+        (
+            json!({"requests": {"cpu": "lots"}}),
+            "spec.jobResources.requests.cpu",
+            "\"lots\" is not a Kubernetes quantity",
+        ),
+        (
+            json!({"limits": {"memory": "1GB"}}),
+            "spec.jobResources.limits.memory",
+            "\"1GB\" is not a Kubernetes quantity",
+        ),
+        (json!({"requests": {"cpu": "-1"}}), "spec.jobResources.requests.cpu", "must not be negative"),
+        (
+            json!({"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}),
+            "spec.jobResources.requests.memory",
+            "2Gi is more than the limit 1Gi",
+        ),
+    ] {
+        let mut doc = example("CrmBackupPolicy");
+        set(&mut doc, "/spec/jobResources", resources);
+        let errors = errors_for(doc, vec![]);
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{field}: ")) && e.contains(message)),
+            "{field}: {message}: {errors:#?}"
+        );
+    }
+    let mut fine = example("CrmBackupPolicy");
+    set(
+        &mut fine,
+        "/spec/jobResources",
+        json!({"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}),
+    );
+    assert_eq!(errors_for(fine, vec![]), Vec::<String>::new());
+}

@@ -67,7 +67,8 @@ pub struct CrmBackupPolicySpec {
     /// Pause scheduling new backups (running backups finish; existing backups are untouched).
     #[serde(default)]
     pub suspend: bool,
-    /// Compute resources of the backup job's container.
+    /// Compute resources of the backup job's container. Quantities are checked as the API server would check them
+    /// in the pod template (e.g. `500m`, `1Gi`; a request not above its limit): a bad one is Ready=False, InvalidSpec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_resources: Option<ResourceRequirements>,
 }
@@ -414,6 +415,25 @@ pub struct CrmBackupPolicyStatus {
     /// The last restore that was verified against the backup's recorded row counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified_restore: Option<VerifiedRestore>,
+    /// Jobs whose reports were ignored because the operator cannot prove they are the policy's own (not created
+    /// by its CronJobs, not run as its ServiceAccount, or not signed with its report key): still present, or
+    /// seen in the last 7 days. Each raised a `ForgedReport` Event; the posture report fails while any is listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["job"]))]
+    pub rejected_reports: Vec<RejectedReport>,
+}
+
+/// A Job whose report did not count.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedReport {
+    /// Name of the Job.
+    pub job: String,
+    /// Why its report was ignored.
+    pub reason: String,
+    /// When the operator first saw it.
+    pub time: Time,
 }
 
 /// Reference to a policy used by other kinds.

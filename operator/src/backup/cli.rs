@@ -269,13 +269,18 @@ impl JobReport {
         r
     }
 
-    /// Prints the report and writes the termination message.
+    /// Prints the report and writes the termination message, signed with the policy's report key when the job
+    /// has one (see `report.rs`).
     fn emit(&self) {
         let json = serde_json::to_string(self).unwrap_or_default();
         println!("{json}");
         let path = std::env::var("CRMGUARD_TERMINATION_LOG").unwrap_or_else(|_| "/dev/termination-log".into());
         let wanted = std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some();
-        if wanted && let Err(e) = std::fs::write(&path, &json) {
+        let message = match super::report::from_env() {
+            Some((key, pod_uid)) => super::report::sign(&json, &key, &pod_uid),
+            None => json,
+        };
+        if wanted && let Err(e) = std::fs::write(&path, &message) {
             // The operator reads the result from here: without it the run counts as one without a report.
             tracing::warn!(%path, error = %e, "cannot write the report as the termination message");
         }

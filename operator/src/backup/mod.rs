@@ -11,6 +11,7 @@ pub mod keys;
 pub mod manifest;
 pub mod pgarchive;
 pub mod pipeline;
+pub mod report;
 pub mod retention;
 pub mod source;
 pub mod store;

@@ -78,6 +78,9 @@ pub struct Desired {
     pub patches: Vec<ObjectPatch>,
     /// Events to record once the changes are made: (warning?, reason, note).
     pub events: Vec<(bool, &'static str, String)>,
+    /// Events about a second object (the Event's `related`), one series per object: (warning?, reason, note,
+    /// object). Events of the same reason without one fold into one series, whatever their notes.
+    pub related_events: Vec<(bool, &'static str, String, k8s_openapi::api::core::v1::ObjectReference)>,
     /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
     pub gauges: Vec<crate::runtime::metrics::ObjectSample>,
     /// Writes made outside the Kubernetes API while computing this (Vault): (action, kind, name, reason).
@@ -231,6 +234,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     let now = now_time(ctx);
     let mut status = Map::new();
     let mut gauges = Vec::new();
+    // A write the API server refused is reported (Ready=False, ApplyFailed) and then returned for backoff.
+    let mut apply_error: Option<Error> = None;
     let (ready, ready_reason, ready_message, requeue) = match desired {
         Err(errors) => {
             let message =
@@ -238,61 +243,24 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             (Status::False, reason::INVALID_SPEC, message, None)
         }
         Ok(desired) => {
-            if let Some(owner) = &desired.owner {
-                let report = apply_children(&ctx.client, &manager, owner, &desired.children, &desired.prune).await?;
-                ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
-                ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
-                let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);
-                for c in &report.applied {
-                    ctx.audit.record_child(
-                        K::CONTROLLER,
-                        "apply",
-                        &owner.namespace,
-                        c,
-                        &format!("desired by {because}"),
-                    );
+            if let Some(owner) = &desired.owner
+                && let Err(e) = apply_desired::<K>(ctx, &manager, owner, &desired).await
+            {
+                if refused(&e).is_none() {
+                    return Err(e);
                 }
-                for c in &report.pruned {
-                    ctx.audit.record_child(
-                        K::CONTROLLER,
-                        "prune",
-                        &owner.namespace,
-                        c,
-                        &format!("no longer desired by {because}"),
-                    );
-                }
-                if !report.applied.is_empty() || !report.pruned.is_empty() {
-                    tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
-                }
-                let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await?;
-                ctx.metrics.wrote(K::CONTROLLER, "patch", patched.len());
-                for c in &patched {
-                    ctx.audit.record_child(
-                        K::CONTROLLER,
-                        "patch",
-                        &owner.namespace,
-                        c,
-                        &format!("requested by {because}"),
-                    );
-                }
-                for (action, kind, target, reason) in &desired.audit {
-                    ctx.audit.record(
-                        K::CONTROLLER,
-                        action,
-                        kind,
-                        &owner.namespace,
-                        target,
-                        &format!("{reason} ({because})"),
-                    );
-                }
+                apply_error = Some(e);
             }
-            for (warning, reason, note) in &desired.events {
+            let related = desired.related_events.iter().map(|(w, r, n, o)| (w, r, n, Some(o)));
+            let events = desired.events.iter().map(|(w, r, n)| (w, r, n, None)).chain(related);
+            // Events describe changes made; after a refused write they wait for the retry.
+            for (warning, reason, note, secondary) in events.filter(|_| apply_error.is_none()) {
                 let event = Event {
                     type_: if *warning { EventType::Warning } else { EventType::Normal },
                     reason: (*reason).to_string(),
                     note: Some(truncate(note, 1024)),
                     action: "Reconcile".into(),
-                    secondary: None,
+                    secondary: secondary.cloned(),
                 };
                 publish(ctx, guard, event, K::CONTROLLER).await;
             }
@@ -309,14 +277,17 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 .iter()
                 .filter(|c| desired.required.contains(&c.type_) && c.status != Status::True)
                 .collect();
-            match failing.first() {
-                None => (
+            match (apply_error.as_ref().and_then(refused), failing.first()) {
+                (Some(message), _) => (Status::False, "ApplyFailed", message, None),
+                (None, None) => (
                     Status::True,
                     reason::RECONCILED,
                     "everything the spec asks for is in place".to_string(),
                     desired.requeue_after,
                 ),
-                Some(c) => (Status::False, c.reason, format!("{}: {}", c.type_, c.message), desired.requeue_after),
+                (None, Some(c)) => {
+                    (Status::False, c.reason, format!("{}: {}", c.type_, c.message), desired.requeue_after)
+                }
             }
         }
     };
@@ -362,10 +333,68 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         };
         publish(ctx, guard, event, K::CONTROLLER).await;
     }
+    if let Some(e) = apply_error {
+        return Err(e);
+    }
     Ok(match (ready_reason, requeue) {
         (reason::INVALID_SPEC, _) => Action::await_change(),
         (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
         _ => Action::requeue(ctx.resync),
+    })
+}
+
+/// Applies the children, prunes what is no longer desired, patches other objects, and audits every write.
+async fn apply_desired<K: Reconcilable>(
+    ctx: &Context,
+    manager: &str,
+    owner: &Owner,
+    desired: &Desired,
+) -> Result<(), Error> {
+    let report = apply_children(&ctx.client, manager, owner, &desired.children, &desired.prune).await?;
+    ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
+    ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
+    let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);
+    for c in &report.applied {
+        ctx.audit.record_child(K::CONTROLLER, "apply", &owner.namespace, c, &format!("desired by {because}"));
+    }
+    for c in &report.pruned {
+        ctx.audit.record_child(K::CONTROLLER, "prune", &owner.namespace, c, &format!("no longer desired by {because}"));
+    }
+    if !report.applied.is_empty() || !report.pruned.is_empty() {
+        tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
+    }
+    let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await?;
+    ctx.metrics.wrote(K::CONTROLLER, "patch", patched.len());
+    for c in &patched {
+        ctx.audit.record_child(K::CONTROLLER, "patch", &owner.namespace, c, &format!("requested by {because}"));
+    }
+    for (action, kind, target, reason) in &desired.audit {
+        ctx.audit.record(K::CONTROLLER, action, kind, &owner.namespace, target, &format!("{reason} ({because})"));
+    }
+    Ok(())
+}
+
+/// `Ready=False` for a write the API server refused: reason `ApplyFailed` and its message (a Secret's is left
+/// out: a refusal could quote what was written). Transport errors and conflicts are only retried.
+fn refused(e: &Error) -> Option<String> {
+    let (child, status) = match e {
+        Error::Apply(ApplyError::Kube { child, source: kube::Error::Api(s) }) => (child.as_str(), s),
+        Error::Kube(kube::Error::Api(s)) => ("an object", s),
+        _ => return None,
+    };
+    if status.code == 409 || status.code == 429 {
+        return None;
+    }
+    Some(if child.starts_with("Secret/") {
+        format!(
+            "the API server refused to write {child} (HTTP {}, {}); retrying with backoff",
+            status.code, status.reason
+        )
+    } else {
+        format!(
+            "the API server refused to write {child} (HTTP {}): {}; retrying with backoff",
+            status.code, status.message
+        )
     })
 }
 

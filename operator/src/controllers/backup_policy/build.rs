@@ -58,7 +58,13 @@ pub struct Names {
     pub config_map: String,
     pub backup_cron_job: String,
     pub drill_cron_job: String,
+    /// The Secret holding the key the policy's jobs sign their reports with (created by the operator, not
+    /// applied: its value is random). Named with a fixed prefix so the chart's admission policy recognises it.
+    pub report_key: String,
 }
+
+/// Prefix of every report-key Secret's name.
+pub const REPORT_KEY_PREFIX: &str = "crmguard-report-key";
 
 /// Child names for a policy.
 pub fn names(owner: &Owner) -> Names {
@@ -67,6 +73,7 @@ pub fn names(owner: &Owner) -> Names {
         config_map: child_name(&owner.name, "backup-config", NAME_MAX),
         backup_cron_job: child_name(&owner.name, "backup", CRONJOB_NAME_MAX),
         drill_cron_job: child_name(&owner.name, "drill", CRONJOB_NAME_MAX),
+        report_key: child_name(REPORT_KEY_PREFIX, &owner.name, NAME_MAX),
     }
 }
 
@@ -188,6 +195,22 @@ pub fn job_env(spec: &CrmBackupPolicySpec, ctx: &BuildContext) -> Vec<EnvVar> {
 }
 
 /// True when the job talks to Vault (and so needs a projected ServiceAccount token).
+/// The report key and the pod's UID, which the job signs its report with (`backup::report`).
+fn report_env(secret: &str) -> [EnvVar; 2] {
+    use crate::backup::report::{KEY_ENV, POD_UID_ENV, SECRET_KEY};
+    let uid = EnvVarSource {
+        field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+            field_path: "metadata.uid".into(),
+            api_version: None,
+        }),
+        ..EnvVarSource::default()
+    };
+    [
+        secret_env(KEY_ENV, secret, SECRET_KEY),
+        EnvVar { name: POD_UID_ENV.into(), value_from: Some(uid), ..EnvVar::default() },
+    ]
+}
+
 pub fn uses_vault(spec: &CrmBackupPolicySpec) -> bool {
     spec.source.credentials.vault.is_some()
         || spec.destination.credentials.as_ref().is_some_and(|c| c.vault.is_some())
@@ -375,7 +398,7 @@ fn cron_job(
                         service_account: n.service_account.clone(),
                         labels,
                         args,
-                        env: job_env(spec, ctx),
+                        env: job_env(spec, ctx).into_iter().chain(report_env(&n.report_key)).collect(),
                         resources: spec.job_resources.clone(),
                         volumes,
                         mounts,

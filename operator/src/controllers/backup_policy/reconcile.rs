@@ -1,35 +1,68 @@
 //! CrmBackupPolicy: validate -> CronJobs, ServiceAccount, config -> applied; status with the next run and the
 //! backup health that the jobs reported (see `status.rs`).
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use super::{build, status, validate};
 use crate::api::CrmBackupPolicy;
-use crate::api::backup_policy::TlsMode;
+use crate::api::backup_policy::{RejectedReport, TlsMode};
 use crate::api::condition::Status;
 use crate::controllers::schedule::next_run;
 use crate::k8s::meta::{OWNER_LABEL, Owner};
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
-/// The policy's Jobs (from both CronJobs, and any created by hand with `kubectl create job --from`) with the
-/// reports their pods left as termination messages.
-async fn observe_jobs(ctx: &Context, owner: &Owner) -> Result<Vec<status::JobObservation>, Error> {
+/// What the policy's Jobs show: the runs the operator can prove are its own, and the ones it ignored.
+struct Observed {
+    jobs: Vec<status::JobObservation>,
+    /// (job, reason) of every labelled Job whose report does not count.
+    rejected: Vec<(String, String)>,
+}
+
+/// The policy's Jobs with the reports their pods left as termination messages. A Job counts only when the
+/// operator can prove it is the policy's own: its controller is one of the policy's CronJobs (by uid; Jobs made
+/// with `kubectl create job --from=cronjob/...` are owned by it too), its pod is the Job's (by uid) and runs as
+/// the policy's ServiceAccount, and its report is signed with the policy's report key for that pod
+/// (`backup::report`). Anything else carrying the policy's label is rejected, whatever it reports.
+async fn observe_jobs(
+    ctx: &Context,
+    owner: &Owner,
+    names: &build::Names,
+    key: Option<&[u8]>,
+) -> Result<Observed, Error> {
     let selector = format!("{OWNER_LABEL}={}", owner.owner_label_value());
     let lp = ListParams::default().labels(&selector);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let mut out = Observed { jobs: Vec::new(), rejected: Vec::new() };
     let job_list = jobs.list(&lp).await?;
     if job_list.items.is_empty() {
-        return Ok(Vec::new());
+        return Ok(out);
+    }
+    let cron_jobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let mut ours = Vec::new();
+    for name in [&names.backup_cron_job, &names.drill_cron_job] {
+        if let Some(c) = cron_jobs.get_opt(name).await?
+            && c.metadata.owner_references.iter().flatten().any(|r| r.controller == Some(true) && r.uid == owner.uid)
+        {
+            ours.extend(c.metadata.uid);
+        }
     }
     let pod_list = pods.list(&lp).await?;
-    let mut out = Vec::new();
+    let controller_uid = |refs: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+                          kind: &str| {
+        refs.iter().flatten().find(|r| r.controller == Some(true) && r.kind == kind).map(|r| r.uid.clone())
+    };
     for job in job_list.items {
         let name = job.metadata.name.clone().unwrap_or_default();
+        if !controller_uid(&job.metadata.owner_references, "CronJob").is_some_and(|u| ours.contains(&u)) {
+            out.rejected.push((name, "not created by the policy's CronJobs".into()));
+            continue;
+        }
         let labels = job.metadata.labels.clone().unwrap_or_default();
         let component = labels.get("app.kubernetes.io/component").cloned().unwrap_or_default();
         let st = job.status.clone().unwrap_or_default();
@@ -42,29 +75,52 @@ async fn observe_jobs(ctx: &Context, owner: &Owner) -> Result<Vec<status::JobObs
         };
         let complete = finished_cond("Complete");
         let failed = finished_cond("Failed");
-        // The newest pod of the Job carries the report.
+        // The newest pod of the Job (owned by it, by uid) carries the report.
         let mut job_pods: Vec<&Pod> = pod_list
             .items
             .iter()
             .filter(|p| {
-                let l = p.metadata.labels.clone().unwrap_or_default();
-                l.get("batch.kubernetes.io/job-name").or(l.get("job-name")) == Some(&name)
+                job.metadata.uid.is_some() && controller_uid(&p.metadata.owner_references, "Job") == job.metadata.uid
             })
             .collect();
         job_pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
-        let terminated = job_pods.last().and_then(|p| {
+        let pod = job_pods.last();
+        let sa = pod.and_then(|p| p.spec.as_ref()?.service_account_name.clone());
+        if pod.is_some() && sa.as_deref() != Some(names.service_account.as_str()) {
+            out.rejected.push((
+                name,
+                format!(
+                    "its pod runs as ServiceAccount {:?}, not the policy's {}",
+                    sa.unwrap_or_default(),
+                    names.service_account
+                ),
+            ));
+            continue;
+        }
+        let terminated = pod.and_then(|p| {
             p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.clone())
         });
-        let report = terminated
-            .as_ref()
-            .and_then(|t| t.message.as_deref())
-            .and_then(|m| serde_json::from_str::<crate::backup::cli::JobReport>(m.trim()).ok());
+        let message = terminated.as_ref().and_then(|t| t.message.clone()).filter(|m| !m.trim().is_empty());
+        let report = match (message, key, pod.and_then(|p| p.metadata.uid.clone())) {
+            (None, _, _) => None,
+            (Some(m), Some(key), Some(uid)) => match crate::backup::report::verify(&m, key, &uid) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    out.rejected.push((name, e.to_string()));
+                    continue;
+                }
+            },
+            (Some(_), _, _) => {
+                out.rejected.push((name, "the policy's report key is not available to check the report".into()));
+                continue;
+            }
+        };
         let hint = terminated
             .as_ref()
             .and_then(|t| t.reason.clone())
             .filter(|r| r != "Completed" && r != "Error")
             .or_else(|| failed.as_ref().map(|f| f.1.clone()).filter(|r| !r.is_empty()));
-        out.push(status::JobObservation {
+        out.jobs.push(status::JobObservation {
             name,
             component,
             active: st.active.unwrap_or(0) > 0,
@@ -76,6 +132,87 @@ async fn observe_jobs(ctx: &Context, owner: &Owner) -> Result<Vec<status::JobObs
         });
     }
     Ok(out)
+}
+
+/// The policy's report key: read from its Secret, which the operator creates (random, owned by the policy) when
+/// it is missing. `Err` (a message) when a Secret of that name exists that is not the policy's: then no report
+/// can be trusted, since whoever made it knows the key.
+async fn report_key(ctx: &Context, owner: &Owner, name: &str) -> Result<Result<Vec<u8>, String>, Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::PostParams;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let existing = match secrets.get_opt(name).await? {
+        Some(s) => s,
+        None => {
+            let key = match crate::backup::report::new_key() {
+                Ok(k) => k,
+                Err(e) => return Ok(Err(e)),
+            };
+            let secret = Secret {
+                metadata: owner.child_meta(name.to_string(), "backup"),
+                string_data: Some([(crate::backup::report::SECRET_KEY.to_string(), key)].into()),
+                type_: Some("Opaque".into()),
+                ..Secret::default()
+            };
+            let pp = PostParams {
+                field_manager: Some(format!("crmguard/{}", CrmBackupPolicy::CONTROLLER)),
+                ..PostParams::default()
+            };
+            match secrets.create(&pp, &secret).await {
+                Ok(s) => {
+                    ctx.metrics.wrote(CrmBackupPolicy::CONTROLLER, "create", 1);
+                    ctx.audit.record(
+                        CrmBackupPolicy::CONTROLLER,
+                        "create",
+                        "Secret",
+                        &owner.namespace,
+                        name,
+                        &format!("report key of CrmBackupPolicy {}/{}", owner.namespace, owner.name),
+                    );
+                    s
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => secrets.get(name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let owned =
+        existing.metadata.owner_references.iter().flatten().any(|r| r.controller == Some(true) && r.uid == owner.uid);
+    let key = existing.data.as_ref().and_then(|d| d.get(crate::backup::report::SECRET_KEY)).map(|b| b.0.clone());
+    Ok(match (owned, key) {
+        (true, Some(k)) if k.len() >= 32 => Ok(k),
+        (true, _) => {
+            Err(format!("the report key Secret {name} has no usable key; delete it and crmguard creates a new one"))
+        }
+        (false, _) => Err(format!(
+            "a Secret {name} exists that this policy does not own, so reports signed with it prove nothing; delete it \
+             and crmguard creates the policy's own"
+        )),
+    })
+}
+
+/// The rejections to keep in status: every Job rejected now, and earlier ones seen in the last 7 days.
+fn rejected_reports(
+    now: jiff::Timestamp,
+    previous: &[RejectedReport],
+    rejected: &[(String, String)],
+) -> Vec<RejectedReport> {
+    let week = jiff::SignedDuration::from_hours(24 * 7);
+    let mut out: Vec<RejectedReport> = rejected
+        .iter()
+        .map(|(job, reason)| {
+            let seen = previous.iter().find(|p| &p.job == job).map_or(now, |p| p.time.0);
+            RejectedReport { job: job.clone(), reason: reason.clone(), time: Time(seen) }
+        })
+        .collect();
+    for p in previous {
+        if !out.iter().any(|o| o.job == p.job) && now.duration_since(p.time.0) <= week {
+            out.push(p.clone());
+        }
+    }
+    out.sort_by(|a, b| b.time.0.cmp(&a.time.0).then(a.job.cmp(&b.job)));
+    out.truncate(10);
+    out
 }
 
 impl Reconcilable for CrmBackupPolicy {
@@ -127,7 +264,46 @@ impl Reconcilable for CrmBackupPolicy {
             ));
             d.required.push("VaultConfigured");
         }
-        let observations = observe_jobs(ctx, &v.owner).await?;
+        let names = build::names(&v.owner);
+        let key = report_key(ctx, &v.owner, &names.report_key).await?;
+        let observed = observe_jobs(ctx, &v.owner, &names, key.as_ref().ok().map(Vec::as_slice)).await?;
+        let previous = self.status.as_ref().map(|s| s.rejected_reports.as_slice()).unwrap_or_default();
+        for (job, reason) in &observed.rejected {
+            if !previous.iter().any(|p| &p.job == job) {
+                let about = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some("batch/v1".into()),
+                    kind: Some("Job".into()),
+                    name: Some(job.clone()),
+                    namespace: Some(v.owner.namespace.clone()),
+                    ..Default::default()
+                };
+                let note = format!("Job {job}: {reason}; its report was ignored");
+                d.related_events.push((true, "ForgedReport", note, about));
+            }
+        }
+        let rejected = rejected_reports((ctx.now)(), previous, &observed.rejected);
+        d.conditions.push(match (&key, rejected.is_empty()) {
+            (Err(e), _) => Cond::new("ReportsTrusted", Status::False, "ReportKeyUnusable", e.clone()),
+            (Ok(_), true) => Cond::new(
+                "ReportsTrusted",
+                Status::True,
+                "OwnJobsOnly",
+                "status comes only from the policy's own jobs, with reports signed by its report key",
+            ),
+            (Ok(_), false) => Cond::new(
+                "ReportsTrusted",
+                Status::False,
+                "ForgedReport",
+                format!(
+                    "ignored the reports of {}: they are not provably the policy's own jobs (status.rejectedReports)",
+                    rejected.iter().map(|r| r.job.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+        });
+        if !rejected.is_empty() {
+            d.status.insert("rejectedReports".into(), serde_json::to_value(&rejected).unwrap_or_default());
+        }
+        let observations = observed.jobs;
         let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let h = status::health(
             (ctx.now)(),
@@ -181,7 +357,7 @@ impl Reconcilable for CrmBackupPolicy {
 
 /// The policy's metric samples (see `runtime::metrics::OBJECT_GAUGES`).
 fn gauges(h: &status::Health, rpo: std::time::Duration) -> Vec<crate::runtime::metrics::ObjectSample> {
-    let secs = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_second() as f64;
+    let secs = |t: &Time| t.0.as_second() as f64;
     let mut g = vec![("backup_rpo_seconds", vec![], rpo.as_secs_f64())];
     let healthy = h.conditions.iter().any(|c| c.type_ == "BackupHealthy" && c.status == Status::True);
     g.push(("backup_healthy", vec![], f64::from(u8::from(healthy))));

@@ -48,6 +48,7 @@ pub fn validate(policy: &CrmBackupPolicy) -> Result<ValidatedBackupPolicy, Vec<F
             ));
         }
     }
+    errors.extend(check_resources(spec.job_resources.as_ref(), "spec.jobResources"));
     let port = spec.source.port.map_or(Ok(spec.source.engine.default_port()), u16::try_from);
     let port = port.map_err(|_| errors.push(FieldError::new("spec.source.port", "must be 1-65535"))).ok();
     match (cron, rpo, port) {
@@ -62,4 +63,44 @@ pub fn validate(policy: &CrmBackupPolicy) -> Result<ValidatedBackupPolicy, Vec<F
         }),
         _ => Err(errors),
     }
+}
+
+/// Quantities the API server would refuse in the CronJob's pod template: not a quantity, negative, or a request
+/// above its limit.
+pub fn check_resources(r: Option<&k8s_openapi::api::core::v1::ResourceRequirements>, field: &str) -> Vec<FieldError> {
+    use crate::validation::quantity_value;
+    let Some(r) = r else { return Vec::new() };
+    let mut errors = Vec::new();
+    let mut values = std::collections::BTreeMap::new();
+    for (part, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+        for (name, q) in map.iter().flatten() {
+            match quantity_value(&q.0) {
+                None => errors.push(FieldError::new(
+                    format!("{field}.{part}.{name}"),
+                    format!(
+                        "{:?} is not a Kubernetes quantity; write e.g. 500m or 2 (CPU), 256Mi or 1Gi (memory)",
+                        q.0
+                    ),
+                )),
+                Some(v) if v < 0.0 => {
+                    errors.push(FieldError::new(format!("{field}.{part}.{name}"), "must not be negative"));
+                }
+                Some(v) => {
+                    values.insert((part, name.clone()), (v, q.0.clone()));
+                }
+            }
+        }
+    }
+    for ((part, name), (req, text)) in &values {
+        if *part == "requests"
+            && let Some((limit, limit_text)) = values.get(&("limits", name.clone()))
+            && req > limit
+        {
+            errors.push(FieldError::new(
+                format!("{field}.requests.{name}"),
+                format!("{text} is more than the limit {limit_text}; a request must not exceed its limit"),
+            ));
+        }
+    }
+    errors
 }

@@ -371,20 +371,26 @@ async fn quarantine_isolates_then_the_ttl_releases() {
     assert!(reasons.contains(&"Quarantined".to_string()) && reasons.contains(&"Released".to_string()), "{reasons:?}");
 }
 
+/// The quarantine webhook does only what it says (issue 15, item 3; expected from the issue's requirements):
+/// refused calls change nothing; it acts only on pods its guard selects (others get a 403 naming them, a
+/// missing pod a 404, and nothing changes); with `backupFirst` the pod is not isolated until the backup Job has
+/// ended (here: deleted, which counts as ended); a repeated alert writes nothing and starts no second backup;
+/// every write is an audit record; at the TTL the pod is released and its annotations and the guard's status
+/// are clean again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
+async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_did() {
     let cluster = Cluster::start("webhook").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
     let token = "s3cr3t-webhook-token-for-test";
-    let secret = json!({"metadata": {"name": "crmguard-webhook"}, "stringData": {"token": token}, "data": {"token": "czNjcjN0LXdlYmhvb2stdG9rZW4tZm9yLXRlc3Q="}});
+    let secret = json!({"metadata": {"name": "crmguard-webhook"}, "stringData": {"token": token}});
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &serde_json::from_value(secret).unwrap())
         .await
         .unwrap();
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
-    for name in ["web-0", "db-0"] {
-        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm"}},
+    for (name, part_of) in [("web-0", "crm"), ("db-0", "crm"), ("shop-0", "shop")] {
+        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": part_of}},
             "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
         pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
     }
@@ -392,7 +398,7 @@ async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
     policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
     let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
-    g.spec.webhook.as_mut().unwrap().ttl = "5s".into();
+    g.spec.webhook.as_mut().unwrap().ttl = "6s".into();
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     guards.create(&PostParams::default(), &g).await.unwrap();
     eventually(30, "the policy's CronJob and the guard Ready", || async {
@@ -405,48 +411,109 @@ async fn the_quarantine_webhook_needs_the_token_and_isolates_the_alerted_pod() {
     .await;
 
     let path = format!("/webhook/quarantine/{ns}/crm-firewall");
-    let alert = json!({"version": "4", "status": "firing", "alerts": [{"status": "firing",
-        "labels": {"alertname": "CrmShellSpawned", "namespace": ns, "pod": "web-0"}, "annotations": {"summary": "shell in web-0"}}]})
-    .to_string();
-    let labelled = || async { pods.get("web-0").await.unwrap().labels().get("crmguard.io/quarantine").cloned() };
+    let alert = |pod: &str| {
+        json!({"version": "4", "status": "firing", "alerts": [{"status": "firing",
+            "labels": {"alertname": "CrmShellSpawned", "namespace": ns, "pod": pod}, "annotations": {"summary": "shell"}}]})
+        .to_string()
+    };
+    let touched = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get(name).await.unwrap();
+            p.labels().contains_key("crmguard.io/quarantine")
+                || p.annotations().keys().any(|k| k.starts_with("crmguard.io/quarantine"))
+        }
+    };
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
+    let backup_jobs = || async {
+        let lp = ListParams::default().labels("crmguard.io/pre-quarantine-for=crm-firewall");
+        jobs.list(&lp).await.unwrap().items.into_iter().filter_map(|j| j.metadata.name).collect::<Vec<_>>()
+    };
     // Refused calls change nothing.
-    assert_eq!(op.http_post(&path, None, &alert).unwrap().0, 401);
-    assert_eq!(op.http_post(&path, Some("wrong-token"), &alert).unwrap().0, 401);
-    assert_eq!(op.http_post(&format!("/webhook/quarantine/{ns}/no-such-guard"), Some(token), &alert).unwrap().0, 401);
+    assert_eq!(op.http_post(&path, None, &alert("web-0")).unwrap().0, 401);
+    assert_eq!(op.http_post(&path, Some("wrong-token"), &alert("web-0")).unwrap().0, 401);
+    assert_eq!(
+        op.http_post(&format!("/webhook/quarantine/{ns}/no-such-guard"), Some(token), &alert("web-0")).unwrap().0,
+        401
+    );
     let (code, body) = op.http_post(&path, Some(token), "{\"hello\": 1}").unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("neither an Alertmanager"), "{body}");
-    assert!(labelled().await.is_none());
+    // A pod the guard does not protect, or none at all: refused, nothing changes, no backup starts.
+    let (code, body) = op.http_post(&path, Some(token), &alert("shop-0")).unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("does not protect pod(s) shop-0"), "{body}");
+    let (code, body) = op.http_post(&path, Some(token), &alert("ghost-0")).unwrap();
+    assert_eq!(code, 404, "{body}");
+    for name in ["web-0", "shop-0"] {
+        assert!(!touched(name).await, "{name} unchanged");
+    }
+    assert!(backup_jobs().await.is_empty(), "no backup for a refused call");
     assert!(!op.logs().contains(token), "the token must never be logged");
 
-    let (code, body) = op.http_post(&path, Some(token), &alert).unwrap();
+    // backupFirst: the backup Job starts, the pod waits for it.
+    let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();
     assert_eq!(code, 202, "{body}");
-    assert_eq!(labelled().await.as_deref(), Some("crm-firewall"));
-    let web = pods.get("web-0").await.unwrap();
-    assert_eq!(web.annotations()["crmguard.io/quarantine-requested-by"], "alertmanager");
-    assert!(labelled_is_none(&pods, "db-0").await);
-    // backupFirst: a backup Job was started from the policy's CronJob before isolating.
-    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
-    let names: Vec<String> =
-        jobs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|j| j.metadata.name).collect();
-    assert!(names.iter().any(|n| n.starts_with("crm-db-backup-pre-quarantine-")), "{names:?}");
-    eventually(30, "status to record who asked", || async {
-        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-        match st.quarantines.first() {
-            Some(r) if r.requested_by == "alertmanager" && st.quarantined_pods == Some(1) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    let started = backup_jobs().await;
+    assert!(matches!(&started[..], [j] if j.starts_with("crm-db-backup-pre-quarantine-")), "{started:?}");
+    assert!(body.contains("pendingBackup"), "{body}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let label = || async { pods.get("web-0").await.unwrap().labels().get("crmguard.io/quarantine").cloned() };
+    assert_eq!(label().await, None, "not isolated while the backup has not ended");
+    let st = guards.get("crm-firewall").await.unwrap().status.unwrap_or_default();
+    assert!(st.quarantines.first().is_some_and(|r| r.reason.contains("waiting for backup")), "{:?}", st.quarantines);
+    // A repeated alert while it waits: nothing written, no second backup.
+    let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"alreadyIsolated\":[\"web-0\"]"), "{body}");
+    assert_eq!(backup_jobs().await, started);
+    // The backup Job ends (deleted: gone counts as ended); the controller isolates the pod.
+    jobs.delete(&started[0], &DeleteParams::background()).await.unwrap();
+    eventually(30, "web-0 isolated once the backup ended", || async {
+        if label().await.as_deref() == Some("crm-firewall") { Ok(()) } else { Err("not yet".to_string()) }
     })
     .await;
+    let web = pods.get("web-0").await.unwrap();
+    assert_eq!(web.annotations()["crmguard.io/quarantine-requested-by"], "alertmanager");
+    assert!(
+        web.annotations()["crmguard.io/quarantine-reason"].contains("after backup Job(s)"),
+        "{:?}",
+        web.annotations()
+    );
+    assert!(!touched("db-0").await);
+    // Every write of the webhook is an audit record.
+    let audit: Vec<String> = op
+        .logs()
+        .lines()
+        .filter(|l| l.contains("crmguard::audit") && l.contains("quarantine-webhook"))
+        .map(String::from)
+        .collect();
+    for what in ["web-0", &started[0], "crm-firewall"] {
+        assert!(audit.iter().any(|l| l.contains(what)), "an audit record of {what}: {audit:#?}");
+    }
+    // At the TTL: released, annotations and status clean.
     eventually(30, "the TTL to release web-0", || async {
-        if labelled().await.is_none() { Ok(()) } else { Err("still isolated".to_string()) }
+        if touched("web-0").await { Err("still isolated or annotated".to_string()) } else { Ok(()) }
+    })
+    .await;
+    eventually(30, "the guard's status to be clean", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        if st.quarantines.is_empty() && st.quarantined_pods == Some(0) { Ok(()) } else { Err(format!("{st:?}")) }
     })
     .await;
     assert!(!op.logs().contains(token), "the token must never be logged");
 }
 
-async fn labelled_is_none(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> bool {
-    pods.get(name).await.unwrap().labels().get("crmguard.io/quarantine").is_none()
+/// Callers are rate-limited per address: a burst, then 429 with Retry-After, before any work is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_callers_are_rate_limited() {
+    let cluster = Cluster::start("webhook-rate").await;
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &cluster.namespace]);
+    op.wait_ready(60).await;
+    let path = format!("/webhook/quarantine/{}/crm-firewall", cluster.namespace);
+    let codes: Vec<u16> = (0..25).map(|_| op.http_post(&path, Some("guess"), "{}").unwrap().0).collect();
+    assert_eq!(&codes[..20], &[401; 20], "{codes:?}");
+    assert!(codes[20..].iter().all(|c| *c == 429), "{codes:?}");
 }
 
 /// A guard whose selector selects no pod protects nothing, and says so: not Ready, `Protecting=False`

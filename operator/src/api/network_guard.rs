@@ -290,9 +290,20 @@ pub struct QuarantineWebhook {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("webhook.ttl must be a positive duration such as 1h"))]
     pub ttl: String,
-    /// Trigger a backup before isolating.
+    /// Back up first: start a backup Job from every CrmBackupPolicy's CronJob in the namespace (one per
+    /// incident: not again while an earlier one from this guard is younger than `ttl`) and isolate the pods only
+    /// when those Jobs have ended, or when `backupTimeout` has passed; status.quarantines says which.
     #[serde(default)]
     pub backup_first: bool,
+    /// With `backupFirst`, how long an isolation waits for the backup at most.
+    #[serde(default = "default_backup_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("webhook.backupTimeout must be a positive duration such as 15m"))]
+    pub backup_timeout: String,
+}
+
+fn default_backup_timeout() -> String {
+    "15m".into()
 }
 
 fn default_webhook_ttl() -> String {
@@ -341,7 +352,8 @@ pub struct NetworkGuardStatus {
     /// Number of pods isolated now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined_pods: Option<i32>,
-    /// Active and recent isolations (bounded to the last 20).
+    /// Isolations in effect, and webhook isolations waiting for their backup (no `since`/`until` yet), bounded to
+    /// 20; a released pod leaves the list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarantines: Vec<QuarantineRecord>,
 }

@@ -27,29 +27,80 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<By
     r
 }
 
+/// The quarantine webhook, once this replica may write (it is the leader and its audit trail runs); until then
+/// calls are answered 503 and Alertmanager retries.
+pub type WebhookSlot = Arc<std::sync::OnceLock<super::webhook::Webhook>>;
+
+/// Calls per source address: a burst of [`RATE_BURST`], refilled at [`RATE_PER_MINUTE`] a minute.
+pub const RATE_BURST: f64 = 20.0;
+/// See [`RATE_BURST`].
+pub const RATE_PER_MINUTE: f64 = 20.0;
+
+/// A token bucket per caller address, bounded in the callers it remembers.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    /// Whether a call from `ip` at `now` may proceed; else the seconds until it may.
+    pub fn check(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Result<(), u64> {
+        let Ok(mut b) = self.buckets.lock() else { return Ok(()) };
+        if b.len() > 10_000 {
+            // Forget callers whose bucket is full again.
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * RATE_PER_MINUTE / 60.0 < RATE_BURST
+            });
+        }
+        let (tokens, at) = b.entry(ip).or_insert((RATE_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * RATE_PER_MINUTE / 60.0).min(RATE_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) * 60.0 / RATE_PER_MINUTE).ceil() as u64)
+        }
+    }
+}
+
 /// Serves until the task is dropped. Returns the bound address (port 0 picks a free one).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
-    client: Option<kube::Client>,
+    webhook: WebhookSlot,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let limiter = Arc::new(RateLimiter::default());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else { continue };
             let metrics = metrics.clone();
             let health = health.clone();
-            let client = client.clone();
+            let webhook = webhook.clone();
+            let limiter = limiter.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let health = health.clone();
-                    let client = client.clone();
+                    let webhook = webhook.clone();
+                    let limiter = limiter.clone();
                     async move {
                         if req.uri().path().starts_with("/webhook/") {
-                            return Ok::<_, Infallible>(webhook(req, client).await);
+                            if let Err(after) = limiter.check(peer.ip(), std::time::Instant::now()) {
+                                let mut r = reply(
+                                    StatusCode::TOO_MANY_REQUESTS,
+                                    "application/json",
+                                    serde_json::json!({"error": "too many calls from this address"}).to_string(),
+                                );
+                                if let Ok(v) = after.to_string().parse() {
+                                    r.headers_mut().insert("retry-after", v);
+                                }
+                                return Ok(r);
+                            }
+                            return Ok::<_, Infallible>(webhook_call(req, webhook.get().cloned()).await);
                         }
                         Ok::<_, Infallible>(match req.uri().path() {
                             "/metrics" => {
@@ -74,7 +125,10 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-async fn webhook(req: Request<hyper::body::Incoming>, client: Option<kube::Client>) -> Response<Full<Bytes>> {
+async fn webhook_call(
+    req: Request<hyper::body::Incoming>,
+    webhook: Option<super::webhook::Webhook>,
+) -> Response<Full<Bytes>> {
     use http_body_util::{BodyExt, Limited};
     let json = |code: u16, v: serde_json::Value| {
         reply(
@@ -83,7 +137,12 @@ async fn webhook(req: Request<hyper::body::Incoming>, client: Option<kube::Clien
             v.to_string(),
         )
     };
-    let Some(client) = client else { return json(404, serde_json::json!({"error": "webhook disabled"})) };
+    let Some(webhook) = webhook else {
+        return json(
+            503,
+            serde_json::json!({"error": "this replica does not write now (not the leader, or starting)"}),
+        );
+    };
     if req.method() != hyper::Method::POST {
         return json(405, serde_json::json!({"error": "use POST"}));
     }
@@ -93,6 +152,25 @@ async fn webhook(req: Request<hyper::body::Incoming>, client: Option<kube::Clien
         Ok(b) => b.to_bytes(),
         Err(_) => return json(413, serde_json::json!({"error": "body too large or unreadable"})),
     };
-    let (code, v) = super::webhook::handle(&client, &path, auth.as_deref(), &body, jiff::Timestamp::now()).await;
+    let (code, v) = super::webhook::handle(&webhook, &path, auth.as_deref(), &body, jiff::Timestamp::now()).await;
     json(code, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_gets_a_burst_then_the_refill_rate() {
+        let l = RateLimiter::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = std::time::Instant::now();
+        for _ in 0..RATE_BURST as usize {
+            assert!(l.check(a, t0).is_ok());
+        }
+        assert_eq!(l.check(a, t0), Err(3), "one token comes back every 3 s");
+        assert!(l.check(b, t0).is_ok(), "another caller has its own bucket");
+        assert!(l.check(a, t0 + std::time::Duration::from_secs(3)).is_ok());
+        assert!(l.check(a, t0 + std::time::Duration::from_secs(3)).is_err());
+    }
 }

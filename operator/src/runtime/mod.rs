@@ -207,7 +207,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
     let metrics = metrics::Metrics::default();
     let health = Arc::new(http::Health::default());
-    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone(), Some(client.clone()))
+    let webhook_slot = http::WebhookSlot::default();
+    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone(), webhook_slot.clone())
         .await
         .map_err(|e| RunError::Http(opts.http_addr, e))?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
@@ -237,6 +238,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         None => crate::audit::Auditor::default(),
     };
+    // The webhook writes only now: as the leader, with the audit trail running.
+    let _ = webhook_slot.set(webhook::Webhook { client: client.clone(), audit: audit.clone() });
     let reporter =
         Reporter { controller: "crmguard".into(), instance: opts.lease.as_ref().map(|l| l.identity.clone()) };
     let ctx = Arc::new(Context {

@@ -14,8 +14,11 @@ use serde_json::{Value, json};
 
 use crate::api::{CrmBackupPolicy, NetworkGuard};
 use crate::controllers::network_guard::build::QUARANTINE_LABEL;
-use crate::controllers::network_guard::quarantine::{BY, REASON, REQUESTED_BY, SINCE, UNTIL};
+use crate::controllers::network_guard::quarantine::{
+    AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, SINCE, UNTIL,
+};
 use crate::k8s::meta::label_value;
+use crate::netpol::selector_matches;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -76,14 +79,37 @@ fn err(code: u16, message: impl Into<String>) -> Reply {
     (code, json!({"error": message.into()}))
 }
 
-/// Handles one call.
-pub async fn handle(
-    client: &Client,
-    path: &str,
-    authorization: Option<&str>,
-    body: &[u8],
-    now: jiff::Timestamp,
-) -> Reply {
+/// What the webhook needs besides the request: the API client and the audit trail (every write is a record).
+#[derive(Clone)]
+pub struct Webhook {
+    pub client: Client,
+    pub audit: crate::audit::Auditor,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").field("audit", &self.audit).finish_non_exhaustive()
+    }
+}
+
+/// Controller name in the audit records of webhook writes.
+const AUDIT_AS: &str = "quarantine-webhook";
+
+fn is_ours_and_live(pod: &Pod, label: &str, now: jiff::Timestamp) -> bool {
+    let a = pod.annotations();
+    if a.get(BY).map(String::as_str) != Some(label) {
+        return false;
+    }
+    let until = a.get(UNTIL).and_then(|u| u.parse::<jiff::Timestamp>().ok());
+    let labelled = pod.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some(label);
+    (labelled && until.is_some_and(|u| u > now)) || a.contains_key(AFTER_BACKUP)
+}
+
+/// Handles one call. Every named pod must exist and be protected by the guard (`spec.podSelector`), else
+/// nothing changes; pods already isolated (or waiting for their backup) by this guard are left as they are, so a
+/// repeated alert writes nothing and starts no second backup.
+pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: &[u8], now: jiff::Timestamp) -> Reply {
+    let client = &w.client;
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let ["webhook", "quarantine", namespace, guard_name] = parts.as_slice() else {
         return err(404, "use POST /webhook/quarantine/<namespace>/<networkguard>");
@@ -111,59 +137,155 @@ pub async fn handle(
         Ok(r) => r,
         Err(m) => return err(400, m),
     };
-    let ttl = match crate::api::common::parse_duration(&webhook.ttl)
-        .ok()
-        .and_then(|d| jiff::SignedDuration::try_from(d).ok())
-    {
-        Some(t) => t,
-        None => return err(500, "spec.webhook.ttl cannot be parsed"),
+    let duration = |field: &str, value: &str| {
+        crate::api::common::parse_duration(value)
+            .ok()
+            .and_then(|d| jiff::SignedDuration::try_from(d).ok())
+            .ok_or_else(|| err(500, format!("spec.webhook.{field} cannot be parsed")))
     };
-    let until = now.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
-    let backup = if webhook.backup_first { trigger_backups(client, namespace, now).await } else { Ok(()) };
-    if let Err(e) = backup {
-        tracing::warn!(error = %e, "webhook: could not trigger the backup before isolating");
+    let ttl = match duration("ttl", &webhook.ttl) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let wait = match duration("backupTimeout", &webhook.backup_timeout) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    // Only pods the guard protects, and all of them exist: otherwise nothing changes.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut names = request.pods.clone();
+    names.sort();
+    names.dedup();
+    let (mut found, mut missing, mut outside) = (vec![], vec![], vec![]);
+    for name in &names {
+        match pods.get_opt(name).await {
+            Ok(Some(p)) if selector_matches(&guard.spec.pod_selector, &p.labels().clone()) => found.push(p),
+            Ok(Some(_)) => outside.push(name.clone()),
+            Ok(None) => missing.push(name.clone()),
+            Err(e) => return err(503, format!("cannot read pod {name}: {e}")),
+        }
+    }
+    if !outside.is_empty() {
+        return err(
+            403,
+            format!(
+                "NetworkGuard {guard_name} does not protect pod(s) {} (spec.podSelector does not select them), so it \
+                 cannot isolate them; nothing was changed",
+                outside.join(", ")
+            ),
+        );
+    }
+    if !missing.is_empty() {
+        return err(404, format!("no pod {} in namespace {namespace}; nothing was changed", missing.join(", ")));
     }
     let label = label_value(guard_name);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let (already, new): (Vec<Pod>, Vec<Pod>) = found.into_iter().partition(|p| is_ours_and_live(p, &label, now));
+    let already: Vec<String> = already.iter().map(ResourceExt::name_any).collect();
+    if new.is_empty() {
+        return (200, json!({"isolated": [], "alreadyIsolated": already, "reason": request.reason}));
+    }
+    let backup_jobs = if webhook.backup_first {
+        match pre_quarantine_backups(w, namespace, &label, ttl, now).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                // The incident does not wait for a backup that cannot start: isolate now, and say why.
+                tracing::warn!(error = %e, "webhook: could not start the backup before isolating");
+                vec![]
+            }
+        }
+    } else {
+        vec![]
+    };
+    let until = now.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
+    let deadline = now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX);
     let mut isolated = vec![];
-    for pod in &request.pods {
-        let annotations = BTreeMap::from([
-            (BY, label.clone()),
-            (REASON, request.reason.clone()),
-            (REQUESTED_BY, request.source.to_string()),
-            (SINCE, now.to_string()),
-            (UNTIL, until.to_string()),
+    for pod in new.iter().map(ResourceExt::name_any) {
+        let mut annotations = BTreeMap::from([
+            (BY, Value::from(label.clone())),
+            (REASON, Value::from(request.reason.clone())),
+            (REQUESTED_BY, Value::from(request.source)),
         ]);
-        let patch = json!({"metadata": {"labels": {QUARANTINE_LABEL: label}, "annotations": annotations}});
-        match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => isolated.push(pod.clone()),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
+        let mut meta = json!({});
+        if backup_jobs.is_empty() {
+            annotations.insert(SINCE, now.to_string().into());
+            annotations.insert(UNTIL, until.to_string().into());
+            meta["labels"] = json!({QUARANTINE_LABEL: label});
+        } else {
+            // The guard's controller isolates the pod once the backup Jobs have ended (or at the deadline).
+            annotations.insert(AFTER_BACKUP, backup_jobs.join(",").into());
+            annotations.insert(BACKUP_DEADLINE, deadline.to_string().into());
+        }
+        meta["annotations"] = json!(annotations);
+        match pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&json!({"metadata": meta}))).await {
+            Ok(_) => {
+                let what = if backup_jobs.is_empty() { "isolated until " } else { "isolation after backup, by " };
+                let at = if backup_jobs.is_empty() { until } else { deadline };
+                w.audit.record(AUDIT_AS, "patch", "Pod", namespace, &pod, &format!("{what}{at}: {}", request.reason));
+                isolated.push(pod);
+            }
             Err(e) => return err(503, format!("cannot label pod {pod}: {e}")),
         }
     }
     // Touch the guard so that its controller records the isolation and schedules the release at once.
     let touch = json!({"metadata": {"annotations": {"crmguard.io/last-webhook-call": now.to_string()}}});
-    if let Err(e) = guards.patch(guard_name, &PatchParams::default(), &Patch::Merge(&touch)).await {
-        tracing::warn!(error = %e, "webhook: could not nudge the NetworkGuard");
+    match guards.patch(guard_name, &PatchParams::default(), &Patch::Merge(&touch)).await {
+        Ok(_) => w.audit.record(AUDIT_AS, "patch", "NetworkGuard", namespace, guard_name, "last webhook call"),
+        Err(e) => tracing::warn!(error = %e, "webhook: could not nudge the NetworkGuard"),
     }
     tracing::info!(namespace, guard = guard_name, source = request.source, pods = ?isolated, %until, "webhook quarantine");
-    (202, json!({"isolated": isolated, "until": until.to_string(), "reason": request.reason}))
+    if backup_jobs.is_empty() {
+        (
+            202,
+            json!({"isolated": isolated, "alreadyIsolated": already, "until": until.to_string(), "reason": request.reason}),
+        )
+    } else {
+        (
+            202,
+            json!({"pendingBackup": backup_jobs, "pods": isolated, "alreadyIsolated": already,
+                   "isolateBy": deadline.to_string(), "reason": request.reason}),
+        )
+    }
 }
 
-/// Starts one Job from each backup CronJob of the namespace (like `kubectl create job --from=cronjob/...`).
-async fn trigger_backups(client: &Client, namespace: &str, now: jiff::Timestamp) -> Result<(), kube::Error> {
+/// The backup Jobs an isolation waits for: the ones this guard started in the last `ttl` (one backup per
+/// incident), else one new Job from each backup CronJob of the namespace (like `kubectl create job
+/// --from=cronjob/...`). Empty when the namespace has no backup policy.
+async fn pre_quarantine_backups(
+    w: &Webhook,
+    namespace: &str,
+    label: &str,
+    ttl: jiff::SignedDuration,
+    now: jiff::Timestamp,
+) -> Result<Vec<String>, kube::Error> {
+    let client = &w.client;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!("{PRE_QUARANTINE_LABEL}={label}"));
+    let since = now.checked_sub(ttl).unwrap_or(jiff::Timestamp::MIN);
+    let recent: Vec<String> = jobs
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| j.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0 >= since))
+        .map(|j| j.name_any())
+        .collect();
+    if !recent.is_empty() {
+        return Ok(recent);
+    }
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), namespace);
     let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), namespace);
-    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let mut started = vec![];
     for p in policies.list(&ListParams::default()).await?.items {
         let Some(cj_name) = p.status.as_ref().and_then(|s| s.cron_job_name.clone()) else { continue };
         let Some(cj) = cron_jobs.get_opt(&cj_name).await? else { continue };
         let Some(template) = cj.spec.as_ref().map(|s| s.job_template.clone()) else { continue };
         let name = crate::k8s::meta::child_name(&cj_name, &format!("pre-quarantine-{}", now.as_second()), 63);
+        let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        labels.insert(PRE_QUARANTINE_LABEL.into(), label.into());
         let job = Job {
             metadata: ObjectMeta {
-                name: Some(name),
-                labels: template.metadata.as_ref().and_then(|m| m.labels.clone()),
+                name: Some(name.clone()),
+                labels: Some(labels),
                 owner_references: Some(vec![OwnerReference {
                     api_version: "batch/v1".into(),
                     kind: "CronJob".into(),
@@ -179,8 +301,10 @@ async fn trigger_backups(client: &Client, namespace: &str, now: jiff::Timestamp)
             status: None,
         };
         jobs.create(&PostParams::default(), &job).await?;
+        w.audit.record(AUDIT_AS, "create", "Job", namespace, &name, "backup before a webhook quarantine");
+        started.push(name);
     }
-    Ok(())
+    Ok(started)
 }
 
 #[cfg(test)]

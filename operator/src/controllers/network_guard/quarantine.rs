@@ -22,6 +22,18 @@ pub const REQUESTED_BY: &str = "crmguard.io/quarantine-requested-by";
 pub const SINCE: &str = "crmguard.io/quarantine-since";
 /// Annotation: until (RFC 3339).
 pub const UNTIL: &str = "crmguard.io/quarantine-until";
+/// Annotation: the backup Jobs (comma-separated) whose end a `backupFirst` isolation waits for.
+pub const AFTER_BACKUP: &str = "crmguard.io/quarantine-after-backup";
+/// Annotation: when the wait for those Jobs ends regardless (RFC 3339).
+pub const BACKUP_DEADLINE: &str = "crmguard.io/quarantine-backup-deadline";
+/// Annotation left after a spec quarantine is released: its reason, so the same reason does not isolate again.
+pub const SERVED: &str = "crmguard.io/quarantine-served-reason";
+/// Every annotation of an active or pending isolation (removed at release).
+pub const ISOLATION_ANNOTATIONS: [&str; 7] = [BY, REASON, REQUESTED_BY, SINCE, UNTIL, AFTER_BACKUP, BACKUP_DEADLINE];
+/// Label on the backup Jobs the webhook starts before isolating: the guard's label value.
+pub const PRE_QUARANTINE_LABEL: &str = "crmguard.io/pre-quarantine-for";
+/// How often a guard looks again while an isolation waits for its backup.
+pub const BACKUP_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Records kept in status (active ones first, then the most recent).
 pub const MAX_RECORDS: usize = 20;
@@ -31,8 +43,9 @@ pub const MAX_RECORDS: usize = 20;
 pub enum Change {
     /// Label the pod and annotate it (values for [`BY`], [`REASON`], [`REQUESTED_BY`], [`SINCE`], [`UNTIL`]).
     Isolate { pod: String, annotations: BTreeMap<String, String> },
-    /// Remove the label; the annotations stay as history (and keep the same reason from isolating again).
-    Release { pod: String },
+    /// Remove the label and the isolation's annotations; a spec quarantine's reason stays in [`SERVED`] so that
+    /// it does not isolate again.
+    Release { pod: String, served: Option<String> },
 }
 
 /// What to do now.
@@ -59,16 +72,27 @@ fn ts(s: Option<&str>) -> Option<Timestamp> {
 ///
 /// A running pod matching `spec.podSelector` is isolated for `ttl`. When the TTL has passed it is released,
 /// and it is not isolated again for the same reason (a new reason isolates anew). Removing `spec.quarantine`
-/// releases the pods it isolated at once.
+/// releases the pods it isolated at once. A webhook isolation that waits for its backup (`backupFirst`) is
+/// carried out, for `webhook_ttl`, once `backup_done` says every Job it waits for has ended (or is gone), or at
+/// its deadline.
 pub fn plan(
     label: &str,
     spec: Option<(&Quarantine, std::time::Duration)>,
+    webhook_ttl: Option<std::time::Duration>,
+    backup_done: &dyn Fn(&str) -> bool,
     pods: &[Pod],
     now: Timestamp,
 ) -> QuarantinePlan {
     let mut out = QuarantinePlan::default();
     let ttl = spec.map(|(_, d)| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
+    let webhook_ttl = webhook_ttl.map(|d| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
     for pod in pods {
+        if ann(pod, BY) == Some(label)
+            && let Some(jobs) = ann(pod, AFTER_BACKUP)
+        {
+            pending(label, pod, jobs, webhook_ttl, backup_done, now, &mut out);
+            continue;
+        }
         let name = pod.metadata.name.clone().unwrap_or_default();
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let labelled = labels.get(QUARANTINE_LABEL).is_some_and(|v| v == label);
@@ -86,7 +110,9 @@ pub fn plan(
             until: until.map(Time),
         });
         let new_request = spec.filter(|(q, _)| {
-            selector_matches(&q.pod_selector, &labels) && !(ours && ann(pod, REASON) == Some(q.reason.as_str()))
+            selector_matches(&q.pod_selector, &labels)
+                && !(ours && ann(pod, REASON) == Some(q.reason.as_str()))
+                && ann(pod, SERVED) != Some(q.reason.as_str())
         });
         if let (Some((q, _)), Some(ttl)) = (new_request, ttl) {
             let until = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
@@ -115,18 +141,71 @@ pub fn plan(
             if let Some(u) = until {
                 out.next_expiry = Some(out.next_expiry.map_or(u, |n| n.min(u)));
             }
-        } else if labelled {
-            out.changes.push(Change::Release { pod: name });
-            if let Some(r) = record.as_mut().filter(|r| r.until.as_ref().is_none_or(|u| u.0 > now)) {
-                r.until = Some(Time(now));
-            }
+        } else if labelled || ours {
+            let served = (requested_by == "spec").then(|| ann(pod, REASON).unwrap_or_default().to_string());
+            out.changes.push(Change::Release { pod: name, served });
+            // Released: no longer in status.
+            record = None;
         }
         out.records.extend(record);
     }
-    let active = |r: &QuarantineRecord| r.until.as_ref().is_some_and(|u| u.0 > now);
+    let active = |r: &QuarantineRecord| r.until.as_ref().is_none_or(|u| u.0 > now);
     out.records.sort_by_key(|r| (!active(r), std::cmp::Reverse(r.since.as_ref().map(|t| t.0)), r.pod.clone()));
     out.records.truncate(MAX_RECORDS);
     out
+}
+
+/// A webhook isolation waiting for its backup: carried out once the Jobs ended or at the deadline.
+fn pending(
+    label: &str,
+    pod: &Pod,
+    jobs: &str,
+    webhook_ttl: Option<SignedDuration>,
+    backup_done: &dyn Fn(&str) -> bool,
+    now: Timestamp,
+    out: &mut QuarantinePlan,
+) {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let reason = ann(pod, REASON).unwrap_or_default().to_string();
+    let requested_by = ann(pod, REQUESTED_BY).unwrap_or("webhook").to_string();
+    let deadline = ts(ann(pod, BACKUP_DEADLINE)).unwrap_or(now);
+    let waiting: Vec<&str> = jobs.split(',').filter(|j| !j.is_empty() && !backup_done(j)).collect();
+    if waiting.is_empty() || now >= deadline {
+        let until = now.checked_add(webhook_ttl.unwrap_or(SignedDuration::from_hours(1))).unwrap_or(Timestamp::MAX);
+        let why = if waiting.is_empty() {
+            format!("after backup Job(s) {jobs} ended")
+        } else {
+            format!("without waiting longer for backup Job(s) {}: the wait ended at {deadline}", waiting.join(","))
+        };
+        let annotations = BTreeMap::from([
+            (BY.to_string(), label.to_string()),
+            (REASON.to_string(), format!("{reason} (isolated {why})")),
+            (REQUESTED_BY.to_string(), requested_by.clone()),
+            (SINCE.to_string(), now.to_string()),
+            (UNTIL.to_string(), until.to_string()),
+        ]);
+        out.changes.push(Change::Isolate { pod: name.clone(), annotations });
+        out.records.push(QuarantineRecord {
+            pod: name,
+            reason: format!("{reason} (isolated {why})"),
+            requested_by,
+            since: Some(Time(now)),
+            until: Some(Time(until)),
+        });
+        out.active += 1;
+        out.next_expiry = Some(out.next_expiry.map_or(until, |n| n.min(until)));
+    } else {
+        out.records.push(QuarantineRecord {
+            pod: name,
+            reason: format!("{reason} (waiting for backup Job(s) {} until {deadline})", waiting.join(",")),
+            requested_by,
+            since: None,
+            until: None,
+        });
+        let poll = now.checked_add(SignedDuration::try_from(BACKUP_POLL).unwrap_or_default()).unwrap_or(deadline);
+        let next = poll.min(deadline);
+        out.next_expiry = Some(out.next_expiry.map_or(next, |n| n.min(next)));
+    }
 }
 
 #[cfg(test)]
@@ -148,9 +227,9 @@ mod tests {
     /// Applies a plan's changes to pods, as the controller's patches do.
     fn apply(pods: &mut [Pod], p: &QuarantinePlan) {
         for c in &p.changes {
-            let (name, isolate, anns) = match c {
-                Change::Isolate { pod, annotations } => (pod, true, annotations.clone()),
-                Change::Release { pod } => (pod, false, BTreeMap::new()),
+            let (name, isolate, anns, served) = match c {
+                Change::Isolate { pod, annotations } => (pod, true, annotations.clone(), None),
+                Change::Release { pod, served } => (pod, false, BTreeMap::new(), served.clone()),
             };
             let pod = pods.iter_mut().find(|x| x.metadata.name.as_ref() == Some(name)).unwrap();
             let labels = pod.metadata.labels.get_or_insert_with(Default::default);
@@ -159,7 +238,12 @@ mod tests {
             } else {
                 labels.remove(QUARANTINE_LABEL);
             }
-            pod.metadata.annotations.get_or_insert_with(Default::default).extend(anns);
+            let a = pod.metadata.annotations.get_or_insert_with(Default::default);
+            a.extend(anns);
+            if !isolate {
+                a.retain(|k, _| !ISOLATION_ANNOTATIONS.contains(&k.as_str()));
+                a.extend(served.map(|r| (SERVED.to_string(), r)));
+            }
         }
     }
 
@@ -177,32 +261,72 @@ mod tests {
     fn isolates_then_releases_after_the_ttl_and_not_again_for_the_same_reason() {
         let mut pods = pods();
         let quarantine = q("falco: shell in container");
-        let p1 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        let p1 = plan("g", Some((&quarantine, HOUR)), None, &|_| true, &pods, t("2026-11-29T10:00:00Z"));
         assert!(matches!(&p1.changes[..], [Change::Isolate { pod, .. }] if pod == "web-1"), "{:?}", p1.changes);
         assert_eq!((p1.active, p1.next_expiry), (1, Some(t("2026-11-29T11:00:00Z"))));
         apply(&mut pods, &p1);
 
-        let p2 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T10:30:00Z"));
+        let p2 = plan("g", Some((&quarantine, HOUR)), None, &|_| true, &pods, t("2026-11-29T10:30:00Z"));
         assert!(p2.changes.is_empty(), "steady: nothing to do");
         assert_eq!(p2.records, p1.records, "the TTL does not restart");
 
-        let p3 = plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T11:00:01Z"));
-        assert_eq!(p3.changes, [Change::Release { pod: "web-1".into() }]);
+        let p3 = plan("g", Some((&quarantine, HOUR)), None, &|_| true, &pods, t("2026-11-29T11:00:01Z"));
+        assert_eq!(
+            p3.changes,
+            [Change::Release { pod: "web-1".into(), served: Some("falco: shell in container".into()) }]
+        );
         assert_eq!((p3.active, p3.next_expiry), (0, None));
         apply(&mut pods, &p3);
-        assert!(plan("g", Some((&quarantine, HOUR)), &pods, t("2026-11-29T11:05:00Z")).changes.is_empty());
-        let p5 = plan("g", Some((&q("new alert"), HOUR)), &pods, t("2026-11-29T11:06:00Z"));
+        assert!(
+            plan("g", Some((&quarantine, HOUR)), None, &|_| true, &pods, t("2026-11-29T11:05:00Z")).changes.is_empty()
+        );
+        let p5 = plan("g", Some((&q("new alert"), HOUR)), None, &|_| true, &pods, t("2026-11-29T11:06:00Z"));
         assert!(matches!(&p5.changes[..], [Change::Isolate { .. }]), "a new reason isolates anew");
+    }
+
+    fn alerted(pod: &str, jobs: &str, deadline: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": pod, "labels": {"app": "web"}, "annotations": {
+            BY: "g", REASON: "alertmanager: CrmShell", REQUESTED_BY: "alertmanager",
+            AFTER_BACKUP: jobs, BACKUP_DEADLINE: deadline}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_backup_first_isolation_waits_for_its_jobs_or_its_deadline() {
+        let pods = [alerted("web-1", "b1,b2", "2026-11-29T10:10:00Z")];
+        let now = t("2026-11-29T10:00:00Z");
+        let running = |j: &str| j != "b2";
+        let p = plan("g", None, Some(HOUR), &running, &pods, now);
+        assert!(p.changes.is_empty(), "b2 still runs: {:?}", p.changes);
+        assert_eq!(p.active, 0);
+        assert!(p.records[0].reason.contains("waiting for backup Job(s) b2"), "{:?}", p.records);
+        assert_eq!(p.next_expiry, Some(t("2026-11-29T10:00:05Z")), "polls while waiting");
+
+        let p = plan("g", None, Some(HOUR), &|_| true, &pods, now);
+        match &p.changes[..] {
+            [Change::Isolate { annotations, .. }] => {
+                assert_eq!(annotations[UNTIL], "2026-11-29T11:00:00Z");
+                assert!(annotations[REASON].ends_with("(isolated after backup Job(s) b1,b2 ended)"), "{annotations:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let late = plan("g", None, Some(HOUR), &running, &pods, t("2026-11-29T10:10:00Z"));
+        match &late.changes[..] {
+            [Change::Isolate { annotations, .. }] => {
+                assert!(annotations[REASON].contains("without waiting longer for backup Job(s) b2"), "{annotations:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn removing_the_quarantine_releases_at_once() {
         let mut pods = pods();
-        let p1 = plan("g", Some((&q("x"), HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        let p1 = plan("g", Some((&q("x"), HOUR)), None, &|_| true, &pods, t("2026-11-29T10:00:00Z"));
         apply(&mut pods, &p1);
-        let p2 = plan("g", None, &pods, t("2026-11-29T10:10:00Z"));
-        assert_eq!(p2.changes, [Change::Release { pod: "web-1".into() }]);
-        assert_eq!(p2.records[0].until.as_ref().unwrap().0, t("2026-11-29T10:10:00Z"));
+        let p2 = plan("g", None, None, &|_| true, &pods, t("2026-11-29T10:10:00Z"));
+        assert_eq!(p2.changes, [Change::Release { pod: "web-1".into(), served: Some("x".into()) }]);
+        assert!(p2.records.is_empty(), "a released pod leaves status");
     }
 
     #[test]
@@ -213,7 +337,7 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let p = plan("g", Some((&q("x"), HOUR)), &pods, t("2026-11-29T10:00:00Z"));
+        let p = plan("g", Some((&q("x"), HOUR)), None, &|_| true, &pods, t("2026-11-29T10:00:00Z"));
         assert_eq!(p.changes.len(), 50);
         assert_eq!(p.active, 50);
         assert_eq!(p.records.len(), MAX_RECORDS);

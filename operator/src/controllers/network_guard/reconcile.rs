@@ -1,11 +1,12 @@
 //! NetworkGuard: validate -> build -> policies applied; status counts the pods the guard covers.
 
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use super::build::QUARANTINE_LABEL;
-use super::quarantine::{self, Change};
+use super::quarantine::{self, Change, PRE_QUARANTINE_LABEL};
 use super::{build, validate};
 use crate::api::NetworkGuard;
 use crate::api::common::parse_duration;
@@ -111,13 +112,34 @@ impl Reconcilable for NetworkGuard {
             },
             None => None,
         };
-        let qp = quarantine::plan(&label_value(&v.owner.name), ttl, &running, now);
+        let webhook_ttl = self.spec.webhook.as_ref().and_then(|w| parse_duration(&w.ttl).ok());
+        // backupFirst isolations wait for the pre-quarantine backup Jobs the webhook started (gone counts as ended).
+        let waits_for_backup = running.iter().any(|p| p.annotations().contains_key(quarantine::AFTER_BACKUP));
+        let mut unfinished = std::collections::BTreeSet::new();
+        if waits_for_backup {
+            let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
+            let lp = ListParams::default().labels(&format!("{}={}", PRE_QUARANTINE_LABEL, label_value(&v.owner.name)));
+            for j in jobs.list(&lp).await?.items {
+                let ended = j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+                    c.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+                });
+                if !ended {
+                    unfinished.extend(j.metadata.name);
+                }
+            }
+        }
+        let backup_done = |job: &str| !unfinished.contains(job);
+        let qp = quarantine::plan(&label_value(&v.owner.name), ttl, webhook_ttl, &backup_done, &running, now);
         for change in &qp.changes {
             let (pod, patch, event) = match change {
                 Change::Isolate { pod, annotations } => {
                     let mut meta = json!({"labels": {QUARANTINE_LABEL: label_value(&v.owner.name)}});
                     if !annotations.is_empty() {
-                        meta["annotations"] = json!(annotations);
+                        let mut a = json!(annotations);
+                        // An isolation that waited for its backup waits no more.
+                        a[quarantine::AFTER_BACKUP] = json!(null);
+                        a[quarantine::BACKUP_DEADLINE] = json!(null);
+                        meta["annotations"] = a;
                     }
                     let note = match annotations.get(quarantine::UNTIL) {
                         Some(until) => format!(
@@ -128,11 +150,18 @@ impl Reconcilable for NetworkGuard {
                     };
                     (pod, json!({"metadata": meta}), (true, "Quarantined", note))
                 }
-                Change::Release { pod } => (
-                    pod,
-                    json!({"metadata": {"labels": {QUARANTINE_LABEL: null}}}),
-                    (false, "Released", format!("pod {pod} released from quarantine")),
-                ),
+                Change::Release { pod, served } => {
+                    let mut annotations: serde_json::Map<String, serde_json::Value> =
+                        quarantine::ISOLATION_ANNOTATIONS.iter().map(|a| ((*a).to_string(), json!(null))).collect();
+                    if let Some(reason) = served {
+                        annotations.insert(quarantine::SERVED.into(), json!(reason));
+                    }
+                    (
+                        pod,
+                        json!({"metadata": {"labels": {QUARANTINE_LABEL: null}, "annotations": annotations}}),
+                        (false, "Released", format!("pod {pod} released from quarantine")),
+                    )
+                }
             };
             d.patches.push(ObjectPatch { api_version: "v1", kind: "Pod", name: pod.clone(), patch });
             d.events.push(event);

@@ -8,8 +8,7 @@ use bytes::Bytes;
 use crmguard::api::NetworkGuard;
 use e2e::services::SeaweedFs;
 use e2e::{Cluster, Operator, eventually};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, PostParams};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_chained_into_s3_and_tampering_is_named() {
@@ -55,8 +54,11 @@ async fn writes_are_chained_into_s3_and_tampering_is_named() {
         })
         .await;
         if round < 3 {
-            let patch = json!({"spec": {"defaultDeny": {"egress": round % 2 == 0}}});
-            guards.patch("crm-firewall", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            // Move the SMTP rule's port: one NetworkPolicy rewritten per round.
+            let mut g = guards.get("crm-firewall").await.unwrap();
+            g.spec.egress[2].ports[0].port =
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(587 + round as i32);
+            guards.replace("crm-firewall", &Default::default(), &g).await.unwrap();
         }
     }
     let logs = op.logs();

@@ -79,13 +79,13 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
 
     // Drift: an edited child is reverted, a deleted child comes back.
     let tamper = json!({"spec": {"podSelector": {"matchLabels": {"hacked": "yes"}}}});
-    np_api.patch("crm-firewall-default-deny", &PatchParams::default(), &Patch::Merge(&tamper)).await.unwrap();
-    np_api.delete("crm-firewall-dns", &DeleteParams::default()).await.unwrap();
+    np_api.patch("crm-firewall.default-deny", &PatchParams::default(), &Patch::Merge(&tamper)).await.unwrap();
+    np_api.delete("crm-firewall.dns", &DeleteParams::default()).await.unwrap();
     eventually(30, "the tampered and deleted policies to be repaired", || async {
-        let dd = np_api.get("crm-firewall-default-deny").await.map_err(|e| e.to_string())?;
+        let dd = np_api.get("crm-firewall.default-deny").await.map_err(|e| e.to_string())?;
         let sel = dd.spec.unwrap().pod_selector.unwrap_or_default();
         let labels = sel.match_labels.unwrap_or_default();
-        let dns = np_api.get_opt("crm-firewall-dns").await.map_err(|e| e.to_string())?;
+        let dns = np_api.get_opt("crm-firewall.dns").await.map_err(|e| e.to_string())?;
         if labels.get("app.kubernetes.io/part-of").map(String::as_str) == Some("crm") && dns.is_some() {
             Ok(())
         } else {
@@ -158,7 +158,7 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
         let names = policies(&client, ns).await;
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
         let og = g.status.and_then(|s| s.observed_generation);
-        if !names.contains(&"crm-firewall-out-to-smtp".to_string()) && og == Some(2) && names.len() == 8 {
+        if !names.contains(&"crm-firewall.out-to-smtp".to_string()) && og == Some(2) && names.len() == 8 {
             Ok(())
         } else {
             Err(format!("{names:?} observedGeneration {og:?}"))
@@ -349,7 +349,7 @@ async fn quarantine_isolates_then_the_ttl_releases() {
     assert_eq!(op.metric(&series), Some(1.0), "the metric follows the status");
     // The standing quarantine policy selects exactly the labelled pods.
     let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-    let qp = np.get("crm-firewall-quarantine").await.unwrap();
+    let qp = np.get("crm-firewall.quarantine").await.unwrap();
     assert_eq!(qp.spec.unwrap().pod_selector.unwrap().match_labels.unwrap()["crmguard.io/quarantine"], "crm-firewall");
 
     eventually(30, "the TTL to lift the isolation", || async {
@@ -627,6 +627,44 @@ async fn what_the_api_server_refuses_is_reported_on_the_resource() {
         let c = condition("frozen").await?;
         let cj = cron_jobs.get_opt("frozen-backup").await.map_err(|e| e.to_string())?;
         if c.1 != "ApplyFailed" && cj.is_some() { Ok(()) } else { Err(format!("{c:?}")) }
+    })
+    .await;
+}
+
+/// Issue 16, item 4: an apply never takes over an object someone else holds. A NetworkPolicy of the name a guard
+/// wants, made by hand, is left as it is and reported (`Ready=False`, `NameConflict`, naming it); the guard's other
+/// policies are applied; once the stranger is gone the guard creates its own. (Before: the forced server-side
+/// apply silently rewrote it, and two guards could overwrite each other's policies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_does_not_take_over_a_policy_it_does_not_own() {
+    let cluster = Cluster::start("name-conflict").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let stranger: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "crm-firewall.dns"},
+        "spec": {"podSelector": {"matchLabels": {"team": "other"}}, "policyTypes": ["Ingress"]}}))
+    .unwrap();
+    np.create(&PostParams::default(), &stranger).await.unwrap();
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
+    let (_, reason, message) = eventually(30, "the conflict on the guard", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        match ready(g.status.as_ref().map(|s| &s.conditions), "Ready") {
+            Some(r) if r.1 == "NameConflict" => Ok(r),
+            other => Err(format!("{other:?}\n{}", op.logs())),
+        }
+    })
+    .await;
+    assert_eq!(reason, "NameConflict");
+    assert!(message.contains("NetworkPolicy/crm-firewall.dns exists and belongs to no controller"), "{message}");
+    let kept = np.get("crm-firewall.dns").await.unwrap();
+    assert_eq!(kept.spec.unwrap().pod_selector.unwrap().match_labels.unwrap()["team"], "other", "left as it was");
+    assert!(np.get_opt("crm-firewall.default-deny").await.unwrap().is_some(), "the other policies are applied");
+    np.delete("crm-firewall.dns", &DeleteParams::default()).await.unwrap();
+    eventually(60, "the guard's own DNS policy", || async {
+        let p = np.get_opt("crm-firewall.dns").await.map_err(|e| e.to_string())?.ok_or("absent")?;
+        let ours = p.metadata.owner_references.iter().flatten().any(|r| r.kind == "NetworkGuard");
+        if ours { Ok(()) } else { Err("not ours yet".to_string()) }
     })
     .await;
 }

@@ -294,7 +294,9 @@ pub fn quantity_value(s: &str) -> Option<f64> {
     Some(if s.starts_with('-') { -value * scale } else { value * scale })
 }
 
-fn is_qualified_name(key: &str) -> bool {
+/// A qualified name as label keys use: an optional DNS-subdomain prefix and `/`, then a name of up to 63
+/// alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
+pub fn is_qualified_name(key: &str) -> bool {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -304,7 +306,7 @@ fn is_qualified_name(key: &str) -> bool {
 
 /// A label value: empty, or at most 63 characters of alphanumerics, `-`, `_` and `.`, starting and ending
 /// alphanumeric.
-fn is_label_value(v: &str) -> bool {
+pub fn is_label_value(v: &str) -> bool {
     v.is_empty()
         || (v.len() <= 63
             && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')

@@ -28,6 +28,8 @@ use super::common::SecretKeySelector;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("!self.defaultDeny.egress || self.dns.allow || self.dns.acknowledgeNoDns").message("egress is denied and DNS is not allowed, so the protected pods cannot resolve names: keep dns.allow: true, or set dns.acknowledgeNoDns: true if that is intended"))]
+#[x_kube(validation = Rule::new("self.defaultDeny.ingress || !has(self.ingress) || size(self.ingress) == 0").message("defaultDeny.ingress is false, so nothing inbound is denied and ingress rules would have no effect: remove spec.ingress, or set defaultDeny.ingress: true to allow only what they list"))]
+#[x_kube(validation = Rule::new("self.defaultDeny.egress || !has(self.egress) || size(self.egress) == 0").message("defaultDeny.egress is false, so nothing outbound is denied and egress rules would have no effect: remove spec.egress, or set defaultDeny.egress: true to allow only what they list"))]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkGuardSpec {
     /// The protected pods. An empty selector (`{}`) protects every pod in the namespace.
@@ -119,14 +121,17 @@ pub struct ServiceTarget {
     pub clients: Option<LabelSelector>,
 }
 
-/// Which directions are denied by default.
+/// Which directions are denied by default. `false` in a direction means the guard restricts nothing in that
+/// direction: every flow is allowed, no NetworkPolicy of the guard isolates it (so rules for that direction are
+/// refused, and the targets' parts in that direction are left out). A quarantined pod is cut off both ways
+/// regardless.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DefaultDeny {
-    /// Deny inbound traffic that no ingress rule allows.
+    /// Deny inbound traffic that no ingress rule allows; `false`: allow all inbound traffic.
     #[serde(default = "default_true")]
     pub ingress: bool,
-    /// Deny outbound traffic that no egress rule allows.
+    /// Deny outbound traffic that no egress rule allows; `false`: allow all outbound traffic.
     #[serde(default = "default_true")]
     pub egress: bool,
 }
@@ -181,7 +186,7 @@ pub struct Peer {
 /// A CIDR with exceptions.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!isCIDR(self.cidr) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))").message("every except entry must be a CIDR inside ipBlock.cidr"))]
+#[x_kube(validation = Rule::new("!isCIDR(self.cidr) || !has(self.except) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e) && cidr(e).prefixLength() > cidr(self.cidr).prefixLength())").message("every except entry must be a CIDR strictly inside ipBlock.cidr (a smaller range of the same family); an ipBlock without exceptions needs no except"))]
 pub struct IpBlock {
     /// CIDR such as `10.20.0.0/16` or `2001:db8::/32`.
     #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"))]
@@ -228,8 +233,9 @@ pub struct DnsEgress {
     /// Confirms that egress without DNS is intended (otherwise refused).
     #[serde(default)]
     pub acknowledge_no_dns: bool,
-    /// Namespace of the cluster DNS.
+    /// Namespace of the cluster DNS (a namespace name such as `kube-system`).
     #[serde(default = "default_dns_namespace")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
     /// Labels of the cluster DNS pods.
     #[serde(default = "default_dns_labels")]
@@ -254,7 +260,9 @@ fn default_dns_labels() -> std::collections::BTreeMap<String, String> {
     [("k8s-app".to_string(), "kube-dns".to_string())].into_iter().collect()
 }
 
-/// Isolate pods now.
+/// Isolate pods now. An isolated pod carries the label `crmguard.io/quarantine: <guard name>` (the guard's name as
+/// a label value: names longer than 63 characters are shortened with a hash); the guard's quarantine policy
+/// selects that label, its allow rules skip such pods, and only `forensicsPeers` may talk to it, both ways.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Quarantine {
@@ -267,7 +275,8 @@ pub struct Quarantine {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("quarantine.ttl must be a positive duration such as 4h"))]
     pub ttl: String,
-    /// Peers still allowed to reach the isolated pods (e.g. a forensics namespace).
+    /// The only peers the isolated pods may still talk to, in both directions (e.g. a forensics namespace);
+    /// nothing else, not even DNS, unless listed here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub forensics_peers: Vec<Peer>,

@@ -62,6 +62,21 @@ pub enum ApplyError {
     UnknownKind(String),
     #[error("applying {child}: {source}")]
     Kube { child: String, source: kube::Error },
+    /// Objects of the wanted names exist but are not this owner's (no controller reference to it): they were
+    /// left alone, the other children were applied.
+    #[error("{}", .0.iter().map(|(c, h)| format!("{c} exists and belongs to {h}")).collect::<Vec<_>>().join("; "))]
+    OwnedByAnother(Vec<(String, String)>),
+}
+
+/// Who holds an object that is not `owner`'s: its controller, or nobody crmguard knows.
+fn holder(current: &Value, owner: &Owner) -> Option<String> {
+    let refs = current["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+    let controller = refs.iter().find(|r| r["controller"] == Value::Bool(true));
+    match controller {
+        Some(r) if r["uid"].as_str() == Some(owner.uid.as_str()) => None,
+        Some(r) => Some(format!("{} {}", r["kind"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?"))),
+        None => Some("no controller (made by hand or by another tool)".into()),
+    }
 }
 
 fn describe(v: &Value) -> String {
@@ -80,6 +95,7 @@ pub async fn apply_children(
     let mut report = ApplyReport::default();
     let params = PatchParams::apply(manager).force();
     let mut wanted = BTreeSet::new();
+    let mut conflicts = Vec::new();
     for obj in desired {
         let child = describe(obj);
         let ar = api_resource(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
@@ -89,6 +105,11 @@ pub async fn apply_children(
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &owner.namespace, &ar);
         let current = api.get_opt(&name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
         let current = current.and_then(|c| serde_json::to_value(c).ok());
+        // Never take over an object someone else holds (a forced apply would): report it instead.
+        if let Some(h) = current.as_ref().and_then(|c| holder(c, owner)) {
+            conflicts.push((child, h));
+            continue;
+        }
         if current.as_ref().is_some_and(|c| is_subset(obj, c)) {
             report.unchanged.push(child);
             continue;
@@ -120,7 +141,7 @@ pub async fn apply_children(
             }
         }
     }
-    Ok(report)
+    if conflicts.is_empty() { Ok(report) } else { Err(ApplyError::OwnedByAnother(conflicts)) }
 }
 
 #[cfg(test)]

@@ -105,6 +105,7 @@ impl Error {
         match self {
             Error::Cleanup(_) => "cleanup",
             Error::Apply(ApplyError::UnknownKind(_)) => "bug",
+            Error::Apply(ApplyError::OwnedByAnother(_)) => "conflict",
             Error::Apply(ApplyError::Kube { source, .. }) | Error::Kube(source) => match source {
                 kube::Error::Api(s) if s.code == 409 => "conflict",
                 kube::Error::Api(s) if s.code == 403 || s.code == 401 => "forbidden",
@@ -278,7 +279,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 .filter(|c| desired.required.contains(&c.type_) && c.status != Status::True)
                 .collect();
             match (apply_error.as_ref().and_then(refused), failing.first()) {
-                (Some(message), _) => (Status::False, "ApplyFailed", message, None),
+                (Some((reason, message)), _) => (Status::False, reason, message, None),
                 (None, None) => (
                     Status::True,
                     reason::RECONCILED,
@@ -376,7 +377,11 @@ async fn apply_desired<K: Reconcilable>(
 
 /// `Ready=False` for a write the API server refused: reason `ApplyFailed` and its message (a Secret's is left
 /// out: a refusal could quote what was written). Transport errors and conflicts are only retried.
-fn refused(e: &Error) -> Option<String> {
+fn refused(e: &Error) -> Option<(&'static str, String)> {
+    if let Error::Apply(ApplyError::OwnedByAnother(_)) = e {
+        let message = format!("{e}: crmguard does not take over objects it does not own; rename or delete them");
+        return Some(("NameConflict", message));
+    }
     let (child, status) = match e {
         Error::Apply(ApplyError::Kube { child, source: kube::Error::Api(s) }) => (child.as_str(), s),
         Error::Kube(kube::Error::Api(s)) => ("an object", s),
@@ -385,7 +390,7 @@ fn refused(e: &Error) -> Option<String> {
     if status.code == 409 || status.code == 429 {
         return None;
     }
-    Some(if child.starts_with("Secret/") {
+    let message = if child.starts_with("Secret/") {
         format!(
             "the API server refused to write {child} (HTTP {}, {}); retrying with backoff",
             status.code, status.reason
@@ -395,7 +400,8 @@ fn refused(e: &Error) -> Option<String> {
             "the API server refused to write {child} (HTTP {}): {}; retrying with backoff",
             status.code, status.message
         )
-    })
+    };
+    Some(("ApplyFailed", message))
 }
 
 /// Publishes an Event about the object (a failure is only logged) and audits it.

@@ -210,7 +210,54 @@ pub fn cases() -> Vec<Case> {
             "NetworkGuard",
             vec![Set("/spec/egress/2/peers/0/ipBlock/except", json!(["10.0.0.0/8"]))],
             "spec.egress[2].peers[0].ipBlock",
-            "every except entry must be a CIDR inside ipBlock.cidr",
+            "every except entry must be a CIDR strictly inside ipBlock.cidr",
+        ),
+        // Issue 16, item 3: an exception equal to the range (the API server refuses it in a NetworkPolicy).
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/egress/2/peers/0/ipBlock/except", json!(["203.0.113.0/24"]))],
+            "spec.egress[2].peers[0].ipBlock",
+            "strictly inside ipBlock.cidr",
+        ),
+        // Issue 16, item 2: rules in a direction that is not denied would isolate it.
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/defaultDeny", json!({"ingress": false, "egress": true}))],
+            "spec",
+            "defaultDeny.ingress is false, so nothing inbound is denied and ingress rules would have no effect",
+        ),
+        // Issue 16, item 6: the DNS namespace is a namespace name.
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/dns/namespace", json!(""))],
+            "spec.dns.namespace",
+            "is shorter than 1 character",
+        ),
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/dns/namespace", json!("Kube_System"))],
+            "spec.dns.namespace",
+            "does not match",
+        ),
+        // Issue 16, item 5: label keys and values the API server refuses in a NetworkPolicy.
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/ingress/0/peers/0/podSelector/matchLabels", json!({"-bad": "x"}))],
+            "spec.ingress[0].peers[0].podSelector.matchLabels",
+            "\"-bad\" is not a valid label key",
+        ),
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/podSelector/matchLabels/app.kubernetes.io~1part-of", json!("crm!"))],
+            "spec.podSelector.matchLabels.app.kubernetes.io/part-of",
+            "\"crm!\" is not a valid label value",
+        ),
+        // Issue 16, item 7: rule names are unique (the list is keyed by name).
+        case(
+            "NetworkGuard",
+            vec![Set("/spec/ingress/1/name", json!("ingress-to-web"))],
+            "spec.ingress[1]",
+            "Duplicate value",
         ),
         case(
             "NetworkGuard",

@@ -110,13 +110,21 @@ pub fn rules(spec: &crate::api::network_guard::NetworkGuardSpec) -> (Vec<Traffic
     (ingress, egress)
 }
 
+/// Name of a guard's NetworkPolicy: `<guard>.<suffix>`. Suffixes (`default-deny`, `dns`, `quarantine`,
+/// `in-<rule>`, `out-<rule>`) hold no dot and rule names are DNS labels, so the last dot separates guard and
+/// suffix: distinct guards or rules never share a name (a dash joined `shop` + `in-web-default-deny` and
+/// `shop-in-web` + `default-deny` into the same name). Names beyond 253 characters keep a hash of the whole.
+pub fn policy_name(guard: &str, suffix: &str) -> String {
+    child_name(&format!("{guard}.{suffix}"), "", NAME_MAX)
+}
+
 /// Builds every NetworkPolicy of a guard, in a stable order.
 pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
     let owner = &v.owner;
     let spec = &v.guard.spec;
     let mut out = Vec::new();
     let policy = |suffix: &str, component: &str, spec: NetworkPolicySpec| NetworkPolicy {
-        metadata: owner.child_meta(child_name(&owner.name, suffix, NAME_MAX), component),
+        metadata: owner.child_meta(policy_name(&owner.name, suffix), component),
         spec: Some(spec),
     };
 
@@ -147,7 +155,15 @@ pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
         };
         not_quarantined(&sel)
     };
-    let (ingress, egress) = rules(spec);
+    // A direction that is not denied by default is not isolated by any policy of the guard: its rules (only
+    // targets' parts can remain; spec rules are refused) would isolate it, so they are left out.
+    let (mut ingress, mut egress) = rules(spec);
+    if !spec.default_deny.ingress {
+        ingress.clear();
+    }
+    if !spec.default_deny.egress {
+        egress.clear();
+    }
     for rule in &ingress {
         out.push(policy(
             &format!("in-{}", rule.name),
@@ -224,8 +240,8 @@ pub fn build(v: &ValidatedNetworkGuard) -> Vec<NetworkPolicy> {
             }),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: (!forensics.is_empty())
-                .then(|| vec![NetworkPolicyIngressRule { from: Some(forensics), ports: None }]),
-            ..NetworkPolicySpec::default()
+                .then(|| vec![NetworkPolicyIngressRule { from: Some(forensics.clone()), ports: None }]),
+            egress: (!forensics.is_empty()).then(|| vec![NetworkPolicyEgressRule { to: Some(forensics), ports: None }]),
         },
     ));
     out
@@ -260,13 +276,13 @@ mod tests {
                            "forensicsPeers": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}
         }));
         let p = by_name(&build(&g));
-        assert_eq!(p.keys().collect::<Vec<_>>(), ["fw-default-deny", "fw-dns", "fw-in-web", "fw-quarantine"]);
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["fw.default-deny", "fw.dns", "fw.in-web", "fw.quarantine"]);
         assert_eq!(
-            p["fw-default-deny"],
+            p["fw.default-deny"],
             json!({"podSelector": {"matchLabels": {"app": "crm"}}, "policyTypes": ["Ingress", "Egress"]})
         );
         assert_eq!(
-            p["fw-in-web"],
+            p["fw.in-web"],
             json!({
                 "podSelector": {"matchLabels": {"app": "crm", "tier": "web"},
                                 "matchExpressions": [{"key": "crmguard.io/quarantine", "operator": "DoesNotExist"}]},
@@ -276,16 +292,39 @@ mod tests {
             })
         );
         assert_eq!(
-            p["fw-dns"]["egress"],
+            p["fw.dns"]["egress"],
             json!([{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                             "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
                     "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}])
         );
         assert_eq!(
-            p["fw-quarantine"],
+            p["fw.quarantine"],
             json!({"podSelector": {"matchLabels": {"crmguard.io/quarantine": "fw"}}, "policyTypes": ["Ingress", "Egress"],
-                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}]})
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}],
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "forensics"}}}]}]}),
+            "the forensics peers, both ways, and nothing else"
         );
+    }
+
+    /// Issue 16, item 4: guard `shop` with ingress rule `web-default-deny` and guard `shop-in-web` both named a
+    /// policy `shop-in-web-default-deny`.
+    #[test]
+    fn policy_names_of_different_guards_and_rules_never_collide() {
+        let mut names = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for guard in ["shop", "shop-in-web", "shop.in-web", "shop-in", "a", "a.in", "a-in"] {
+            for suffix in
+                ["default-deny", "dns", "quarantine", "in-web-default-deny", "in-web", "out-default-deny", "in-dns"]
+            {
+                names.insert(policy_name(guard, suffix));
+                total += 1;
+            }
+        }
+        assert_eq!(names.len(), total, "{names:?}");
+        assert_ne!(policy_name("shop", "in-web-default-deny"), policy_name("shop-in-web", "default-deny"));
+        let long = "g".repeat(250);
+        assert!(policy_name(&long, "in-web").len() <= 253);
+        assert_ne!(policy_name(&long, "in-web"), policy_name(&long, "in-wec"));
     }
 
     #[test]
@@ -296,9 +335,9 @@ mod tests {
         let p = by_name(&build(&g));
         assert_eq!(
             p.keys().collect::<Vec<_>>(),
-            ["fw-default-deny", "fw-quarantine"],
+            ["fw.default-deny", "fw.quarantine"],
             "no DNS policy when egress is open"
         );
-        assert_eq!(p["fw-default-deny"]["policyTypes"], json!(["Ingress"]));
+        assert_eq!(p["fw.default-deny"]["policyTypes"], json!(["Ingress"]));
     }
 }

@@ -15,8 +15,47 @@ pub struct ValidatedNetworkGuard {
     pub guard: NetworkGuard,
 }
 
+/// Checks label keys and values the way the API server checks them in a NetworkPolicy (`-bad` is refused there,
+/// and the guard would protect nothing while looking configured).
+pub fn check_labels(labels: &std::collections::BTreeMap<String, String>, field: &str, errors: &mut Vec<FieldError>) {
+    for (k, v) in labels {
+        if !crate::validation::is_qualified_name(k) {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "{k:?} is not a valid label key: an optional DNS-subdomain prefix and '/', then up to 63 \
+                     alphanumerics, '-', '_' or '.', starting and ending alphanumeric"
+                ),
+            ));
+        }
+        if !crate::validation::is_label_value(v) {
+            errors.push(FieldError::new(
+                format!("{field}.{k}"),
+                format!(
+                    "{v:?} is not a valid label value: empty, or up to 63 alphanumerics, '-', '_' or '.', starting \
+                     and ending alphanumeric"
+                ),
+            ));
+        }
+    }
+}
+
 /// Checks a label selector the way the API server checks NetworkPolicy selectors.
 pub fn check_selector(sel: &LabelSelector, field: &str, errors: &mut Vec<FieldError>) {
+    if let Some(labels) = &sel.match_labels {
+        check_labels(labels, &format!("{field}.matchLabels"), errors);
+    }
+    for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        if !req.key.is_empty() && !crate::validation::is_qualified_name(&req.key) {
+            errors.push(FieldError::new(format!("{f}.key"), format!("{:?} is not a valid label key", req.key)));
+        }
+        for (j, v) in req.values.iter().flatten().enumerate() {
+            if !crate::validation::is_label_value(v) {
+                errors.push(FieldError::new(format!("{f}.values[{j}]"), format!("{v:?} is not a valid label value")));
+            }
+        }
+    }
     for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
         let values = req.values.as_deref().unwrap_or_default();
         let f = format!("{field}.matchExpressions[{i}]");
@@ -91,9 +130,17 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
     let spec = &guard.spec;
     let mut errors = Vec::new();
     check_selector(&spec.pod_selector, "spec.podSelector", &mut errors);
+    check_labels(&spec.dns.pod_labels, "spec.dns.podLabels", &mut errors);
     for (dir, rules) in [("ingress", &spec.ingress), ("egress", &spec.egress)] {
+        let mut seen = std::collections::BTreeSet::new();
         for (i, rule) in rules.iter().enumerate() {
             let field = format!("spec.{dir}[{i}]");
+            if !seen.insert(rule.name.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{field}.name"),
+                    format!("Duplicate value: {:?}: rule names are unique within spec.{dir}", rule.name),
+                ));
+            }
             if rule.name.starts_with("target-") {
                 errors.push(FieldError::new(
                     format!("{field}.name"),
@@ -125,6 +172,9 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
     if let Some(t) = &spec.targets {
         if let Some(db) = &t.database {
             check_selector(&db.pod_selector, "spec.targets.database.podSelector", &mut errors);
+            if let Some(c) = &db.clients {
+                check_selector(c, "spec.targets.database.clients", &mut errors);
+            }
             if let Err(m) = intersect(&spec.pod_selector, &db.pod_selector) {
                 errors.push(FieldError::new("spec.targets.database.podSelector", m));
             }
@@ -137,6 +187,13 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
     }
     if let Some(q) = &spec.quarantine {
         check_selector(&q.pod_selector, "spec.quarantine.podSelector", &mut errors);
+        for (j, peer) in q.forensics_peers.iter().enumerate() {
+            for (name, sel) in [("podSelector", &peer.pod_selector), ("namespaceSelector", &peer.namespace_selector)] {
+                if let Some(sel) = sel {
+                    check_selector(sel, &format!("spec.quarantine.forensicsPeers[{j}].{name}"), &mut errors);
+                }
+            }
+        }
         if let Err(e) = crate::api::common::parse_duration(&q.ttl) {
             errors.push(FieldError::new("spec.quarantine.ttl", e.to_string()));
         }

@@ -387,6 +387,28 @@ pub async fn install_chart_rbac(cluster: &Cluster, admission: Admission) -> Stri
     cluster.cp.kubeconfig_with_token("crmguard", &token)
 }
 
+/// An AccessPolicy `name` in `ns` with one team `team_name` of `subjects`: `team` holds its grants
+/// (`kubernetes`, `vault`, ...), `vault` the policy's `spec.vault` if any.
+pub fn one_team_policy(
+    ns: &str,
+    name: &str,
+    team_name: &str,
+    subjects: serde_json::Value,
+    team: serde_json::Value,
+    vault: Option<serde_json::Value>,
+) -> crmguard::api::AccessPolicy {
+    let mut team = team;
+    team["name"] = serde_json::json!(team_name);
+    team["subjects"] = subjects;
+    let mut spec = serde_json::json!({"teams": [team]});
+    if let Some(v) = vault {
+        spec["vault"] = v;
+    }
+    serde_json::from_value(serde_json::json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec}))
+    .expect("AccessPolicy")
+}
+
 /// An example resource from examples/crm, moved into namespace `ns`.
 pub fn example<T: serde::de::DeserializeOwned>(file: &str, ns: &str) -> T {
     let path = repo_root().join("examples/crm").join(file);

@@ -688,17 +688,9 @@ async fn grants_beyond_the_administrators_limits_are_refused_and_nothing_is_appl
     let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
     op.wait_ready(60).await;
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
-    let mk = |name: &str, team: Value, vault: Option<Value>| -> AccessPolicy {
-        let mut team = team;
-        team["name"] = json!("ops");
-        team["subjects"] = json!([{"kind": "User", "name": "mallory"}]);
-        let mut spec = json!({"teams": [team]});
-        if let Some(v) = vault {
-            spec["vault"] = v;
-        }
-        serde_json::from_value(json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
-        .unwrap()
+    let mallory = json!([{"kind": "User", "name": "mallory"}]);
+    let mk = |name: &str, team: Value, vault: Option<Value>| {
+        e2e::one_team_policy(&ns, name, "ops", mallory.clone(), team, vault)
     };
     let cases = [
         (

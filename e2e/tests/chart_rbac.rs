@@ -204,17 +204,9 @@ async fn an_access_policy_author_gains_nothing_through_crmguard() {
         async move { e2e::ControlPlane::client_for(&kc).await }
     };
     let (mallory, alice, carol) = (as_user("mallory").await, as_user("alice").await, as_user("carol").await);
-    let policy = |name: &str, team: serde_json::Value, vault: Option<serde_json::Value>| -> AccessPolicy {
-        let mut team = team;
-        team["name"] = json!("t");
-        team["subjects"] = json!([{"kind": "User", "name": "mallory"}, {"kind": "Group", "name": "crm-sales"}]);
-        let mut spec = json!({"teams": [team]});
-        if let Some(v) = vault {
-            spec["vault"] = v;
-        }
-        serde_json::from_value(json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
-        .unwrap()
+    let subjects = json!([{"kind": "User", "name": "mallory"}, {"kind": "Group", "name": "crm-sales"}]);
+    let policy = |name: &str, team: serde_json::Value, vault: Option<serde_json::Value>| {
+        e2e::one_team_policy(&ns, name, "t", subjects.clone(), team, vault)
     };
     let pods = json!({"kubernetes": [{"resources": ["pods"], "verbs": ["get", "list"]}]});
     let refused = [

@@ -153,6 +153,23 @@ async fn offline_admission_agrees_with_the_api_server() {
     for c in support::invalid_cases::cases() {
         corpus.push((format!("invalid case {} {:?}: {}", c.kind, c.field, c.message), c.document()));
     }
+    // The guards of the docs-only NetworkGuard truth tables (operator/tests/network_truth), valid and invalid.
+    let truth = e2e::repo_root().join("operator/tests/network_truth");
+    for entry in std::fs::read_dir(&truth).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "yaml") {
+            let t: Value = serde_saphyr::from_str(&std::fs::read_to_string(entry.path()).unwrap()).unwrap();
+            let file = entry.file_name().to_string_lossy().into_owned();
+            for g in t["guards"].as_array().into_iter().flatten() {
+                corpus.push((format!("truth table {file}: {}", g["metadata"]["name"]), g.clone()));
+            }
+            for c in t["invalid"].as_array().into_iter().flatten() {
+                corpus.push((
+                    format!("truth table {file} invalid: {}", c["guard"]["metadata"]["name"]),
+                    c["guard"].clone(),
+                ));
+            }
+        }
+    }
     assert!(corpus.len() > 300, "the corpus is {} documents", corpus.len());
     let mut disagreements = vec![];
     let (mut refused, mut accepted) = (0, 0);

@@ -69,7 +69,9 @@ pub async fn try_acquire_or_renew(
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
             let mine = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
-            if !mine && !expired(&spec, now, cfg.duration) {
+            // A released lease (no holder) is free at once.
+            let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+            if !mine && !free && !expired(&spec, now, cfg.duration) {
                 return Ok(Attempt::Other);
             }
             let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
@@ -85,32 +87,83 @@ pub async fn try_acquire_or_renew(
     }
 }
 
-/// Waits until this replica holds the lease.
+/// How often a standby replica looks at the lease: often enough that a released lease is taken within a
+/// second or so.
+fn candidate_poll(cfg: &LeaseConfig) -> Duration {
+    cfg.retry.min(Duration::from_secs(1))
+}
+
+/// Waits until this replica holds the lease. Every attempt has a deadline (a frozen API server must not hang
+/// the candidate).
 pub async fn acquire(client: &Client, cfg: &LeaseConfig) {
     loop {
-        match try_acquire_or_renew(client, cfg, jiff::Timestamp::now()).await {
-            Ok(Attempt::Held) => return,
-            Ok(Attempt::Other) => {}
-            Err(e) => tracing::warn!(error = %e, "leader election: cannot read or write the lease"),
+        match tokio::time::timeout(cfg.duration / 3, try_acquire_or_renew(client, cfg, jiff::Timestamp::now())).await {
+            Ok(Ok(Attempt::Held)) => return,
+            Ok(Ok(Attempt::Other)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election: cannot read or write the lease"),
+            Err(_) => tracing::warn!("leader election: the API server did not answer in time"),
         }
-        tokio::time::sleep(cfg.retry).await;
+        tokio::time::sleep(candidate_poll(cfg)).await;
     }
 }
 
-/// Renews the lease until it is lost; returns the reason. A renewal that fails for two thirds of the lease
-/// duration counts as lost, so that this replica stops before another one can take over.
+/// How long the holder may go without a successful renewal before it must stop: two thirds of the lease, so it
+/// stops writing before another replica can take the lease over.
+pub fn renew_deadline(cfg: &LeaseConfig) -> Duration {
+    cfg.duration * 2 / 3
+}
+
+/// Renews the lease until it is lost; returns the reason. Every renewal has a deadline: when none succeeded
+/// for [`renew_deadline`] (errors, or an API server that does not answer at all), the lease counts as lost.
 pub async fn hold(client: &Client, cfg: &LeaseConfig) -> String {
     let mut last = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(cfg.retry).await;
-        match try_acquire_or_renew(client, cfg, jiff::Timestamp::now()).await {
-            Ok(Attempt::Held) => last = tokio::time::Instant::now(),
-            Ok(Attempt::Other) => return format!("lease {}/{} is held by another replica", cfg.namespace, cfg.name),
-            Err(e) => {
-                if last.elapsed() > cfg.duration * 2 / 3 {
-                    return format!("could not renew lease {}/{} in time: {e}", cfg.namespace, cfg.name);
-                }
-            }
+        let deadline = last + renew_deadline(cfg);
+        tokio::time::sleep_until((tokio::time::Instant::now() + cfg.retry).min(deadline)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let lost = |why: String| {
+            format!(
+                "could not renew lease {}/{} within {}s (two thirds of its {}s): {why}; exiting before another \
+                 replica can take it over",
+                cfg.namespace,
+                cfg.name,
+                renew_deadline(cfg).as_secs_f32(),
+                cfg.duration.as_secs()
+            )
+        };
+        if left.is_zero() {
+            return lost("no renewal succeeded".into());
         }
+        match tokio::time::timeout(left, try_acquire_or_renew(client, cfg, jiff::Timestamp::now())).await {
+            Ok(Ok(Attempt::Held)) => last = tokio::time::Instant::now(),
+            Ok(Ok(Attempt::Other)) => {
+                return format!("lease {}/{} is held by another replica", cfg.namespace, cfg.name);
+            }
+            Ok(Err(e)) if last.elapsed() >= renew_deadline(cfg) => return lost(e.to_string()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed, retrying"),
+            Err(_) => return lost("the API server did not answer".into()),
+        }
+    }
+}
+
+/// Gives the lease up on a graceful shutdown (no holder, renewed now), so that a standby replica takes over at
+/// once instead of waiting for it to expire, as client-go's `ReleaseOnCancel` does. Best effort, bounded.
+pub async fn release(client: &Client, cfg: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let attempt = async {
+        let mut lease = api.get(&cfg.name).await?;
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        api.replace(&cfg.name, &PostParams::default(), &lease).await.map(|_| true)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(true)) => tracing::info!(lease = %format!("{}/{}", cfg.namespace, cfg.name), "released the lease"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it expires on its own"),
+        Err(_) => tracing::warn!("could not release the lease in time; it expires on its own"),
     }
 }

@@ -316,17 +316,23 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         tracing::info!("caches synced; ready");
     });
     let all = futures::future::join_all(runs);
-    tokio::select! {
-        _ = all => Ok(()),
-        _ = &mut shutdown => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+    // The controllers (`all`) are dropped with the select, before the lease is released: nothing writes after.
+    let stopped = tokio::select! {
+        _ = all => false,
+        _ = &mut shutdown => true,
         reason = &mut lost => {
             metrics.set_leader(false);
-            Err(RunError::LostLease(reason))
+            return Err(RunError::LostLease(reason));
+        }
+    };
+    if stopped {
+        tracing::info!("shutting down");
+        if let Some(cfg) = &opts.lease {
+            metrics.set_leader(false);
+            leader::release(&client, cfg).await;
         }
     }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -221,7 +221,10 @@ async fn a_frozen_api_server_makes_the_leader_step_down_before_its_lease_expires
     let mut op = Operator::start(&server.kubeconfig(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     op.wait_ready(30).await;
     let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), ns);
-    assert_eq!(holder(&leases).await, "frozen");
+    eventually(30, "the replica to lead", || async {
+        if holder(&leases).await == "frozen" { Ok(()) } else { Err("not yet".to_string()) }
+    })
+    .await;
     let renewed = leases.get("crmguard-leader").await.unwrap().spec.unwrap().renew_time.unwrap().0;
     server.set_latency_ms(3_600_000);
     let frozen = std::time::Instant::now();
@@ -234,4 +237,32 @@ async fn a_frozen_api_server_makes_the_leader_step_down_before_its_lease_expires
     assert!(jiff::Timestamp::now() < expires, "the leader exited after its lease expired\n{}", op.logs());
     let line = op.logs().lines().filter(|l| l.contains("could not renew lease")).count();
     assert!(line >= 1, "one line says why: {}", op.logs());
+}
+
+/// Issue 21, item 4: readiness tells the truth during an outage and liveness does not flap. With the API server
+/// frozen (every response held back), `/readyz` turns 503 within about 20 s while `/healthz` stays 200; once it
+/// answers again, `/readyz` is 200 again. (Before: both stayed 200 for a whole 60 s outage.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_api_server_and_liveness_does_not_flap() {
+    let cluster = Cluster::start("readiness").await;
+    let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", &cluster.namespace]);
+    op.wait_ready(30).await;
+    server.set_latency_ms(3_600_000);
+    let frozen = std::time::Instant::now();
+    let body = eventually(40, "/readyz to report the outage", || async {
+        assert_eq!(op.http_get("/healthz").map(|r| r.0), Some(200), "liveness must not flap");
+        match op.http_get("/readyz") {
+            Some((503, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!("not ready {:?} after the API server froze: {body}", frozen.elapsed());
+    assert!(body.contains("no answer from the API server"), "{body}");
+    server.set_latency_ms(0);
+    let thawed = std::time::Instant::now();
+    op.wait_ready(30).await;
+    eprintln!("ready again {:?} after the API server answered", thawed.elapsed());
+    assert_eq!(op.http_get("/healthz").map(|r| r.0), Some(200));
 }

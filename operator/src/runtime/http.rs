@@ -15,7 +15,49 @@ use super::metrics::Metrics;
 /// Readiness shared with the controllers.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// Every controller's cache has synced (set once this replica leads, or at start without leader election).
     pub ready: AtomicBool,
+    /// This replica waits for leadership (a healthy standby).
+    pub standby: AtomicBool,
+    /// When the API server last answered (Unix seconds; 0: never), from a probe every [`CONTACT_EVERY`].
+    pub last_contact: std::sync::atomic::AtomicI64,
+}
+
+/// How often the API server is probed for readiness (`GET /version`, with a deadline of the same length).
+pub const CONTACT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Without an answer for this long, the replica is not ready (three missed probes and some slack).
+pub const CONTACT_STALE_SECONDS: i64 = 20;
+
+impl Health {
+    /// `/readyz`: the caches are synced (or this replica is a standby) and the API server answered lately.
+    pub fn readiness(&self, now: i64) -> Result<&'static str, String> {
+        let last = self.last_contact.load(Ordering::Relaxed);
+        if last == 0 || now - last > CONTACT_STALE_SECONDS {
+            return Err(if last == 0 {
+                "the API server has not answered yet\n".to_string()
+            } else {
+                format!("no answer from the API server for {}s\n", now - last)
+            });
+        }
+        if self.ready.load(Ordering::Relaxed) {
+            Ok("ready\n")
+        } else if self.standby.load(Ordering::Relaxed) {
+            Ok("standby: waiting for leadership\n")
+        } else {
+            Err("caches not synced yet\n".to_string())
+        }
+    }
+}
+
+/// Probes the API server every [`CONTACT_EVERY`] and records each answer in `health` (readiness reflects an
+/// outage within [`CONTACT_STALE_SECONDS`]; liveness does not).
+pub async fn watch_contact(client: kube::Client, health: Arc<Health>) {
+    loop {
+        if let Ok(Ok(_)) = tokio::time::timeout(CONTACT_EVERY, client.apiserver_version()).await {
+            health.last_contact.store(jiff::Timestamp::now().as_second(), Ordering::Relaxed);
+        }
+        tokio::time::sleep(CONTACT_EVERY).await;
+    }
 }
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -107,12 +149,10 @@ pub async fn serve(
                                 reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
                             }
                             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-                            "/readyz" if health.ready.load(Ordering::Relaxed) => {
-                                reply(StatusCode::OK, "text/plain", "ready\n".into())
-                            }
-                            "/readyz" => {
-                                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "caches not synced yet\n".into())
-                            }
+                            "/readyz" => match health.readiness(jiff::Timestamp::now().as_second()) {
+                                Ok(m) => reply(StatusCode::OK, "text/plain", m.into()),
+                                Err(m) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", m),
+                            },
                             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
                         })
                     }
@@ -159,6 +199,22 @@ async fn webhook_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_needs_a_recent_answer_and_synced_caches_or_standing_by() {
+        let h = Health::default();
+        assert!(h.readiness(1000).is_err(), "no answer yet");
+        h.last_contact.store(1000, Ordering::Relaxed);
+        assert_eq!(h.readiness(1005), Err("caches not synced yet\n".to_string()));
+        h.standby.store(true, Ordering::Relaxed);
+        assert_eq!(h.readiness(1005), Ok("standby: waiting for leadership\n"));
+        h.ready.store(true, Ordering::Relaxed);
+        assert_eq!(h.readiness(1005), Ok("ready\n"));
+        assert_eq!(
+            h.readiness(1000 + CONTACT_STALE_SECONDS + 1),
+            Err("no answer from the API server for 21s\n".to_string())
+        );
+    }
 
     #[test]
     fn each_caller_gets_a_burst_then_the_refill_rate() {

@@ -212,6 +212,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .await
         .map_err(|e| RunError::Http(opts.http_addr, e))?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(http::watch_contact(client.clone(), health.clone()));
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -219,11 +220,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut lost: BoxFuture<'static, String> = futures::future::pending().boxed();
     if let Some(cfg) = opts.lease.clone() {
         tracing::info!(identity = %cfg.identity, lease = %format!("{}/{}", cfg.namespace, cfg.name), "waiting for leadership");
+        health.standby.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = leader::acquire(&client, &cfg) => {}
             _ = &mut shutdown => return Ok(()),
         }
         metrics.set_leader(true);
+        health.standby.store(false, Ordering::Relaxed);
         tracing::info!(identity = %cfg.identity, "became leader");
         let c = client.clone();
         lost = async move { leader::hold(&c, &cfg).await }.boxed();

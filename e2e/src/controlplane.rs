@@ -34,6 +34,8 @@ pub struct ControlPlane {
     pub version: String,
     /// JSON lines of the audit log: one line per write (create, update, patch, delete) at level Metadata.
     pub audit_log: PathBuf,
+    /// kube-apiserver's flags, to start it again after [`ControlPlane::restart_apiserver`] stopped it.
+    apiserver_args: Vec<String>,
     dir: TempDir,
 }
 
@@ -247,7 +249,7 @@ impl ControlPlane {
         spawn_watched(&bin.join("kube-apiserver"), &args, &apiserver_log, None, "kill -TERM $child", "");
 
         let server = format!("https://127.0.0.1:{port}");
-        let cp = ControlPlane { server, ca_pem, version: String::new(), audit_log, dir };
+        let cp = ControlPlane { server, ca_pem, version: String::new(), audit_log, apiserver_args: args, dir };
         issue(d, "ca", "admin", &format!("/CN={ADMIN_USER}/O=system:masters"), "extendedKeyUsage=clientAuth");
         let admin = cp.kubeconfig_from_files(ADMIN_USER, "admin");
         std::fs::write(d.join("admin.kubeconfig"), &admin).expect("admin kubeconfig");
@@ -281,6 +283,33 @@ impl ControlPlane {
             "",
         );
         ControlPlane { version, ..cp }
+    }
+
+    /// Stops kube-apiserver as a kubelet stops its static pod for an upgrade (SIGTERM, and SIGKILL if it is still
+    /// there after `grace`: with watches open over HTTP/1.1 it waits up to its 60 s request timeout), keeps it down
+    /// for `down`, starts it again with the same flags on the same port and etcd, and waits until it is ready.
+    /// etcd and kube-controller-manager keep running. Only for a private control plane: the shared one serves the
+    /// other tests of the binary.
+    pub fn restart_apiserver(&self, grace: Duration, down: Duration) {
+        let bin = binaries().join("kube-apiserver");
+        let port = self.server.rsplit(':').next().unwrap_or_default();
+        // The process itself, not its watchdog (`sh -c ... watchdog <program> <flags>`).
+        let pattern = format!("^{} .*--secure-port={port}( |$)", bin.display());
+        let running = || Command::new("pgrep").args(["-f", &pattern]).output().is_ok_and(|o| o.status.success());
+        let stop = Command::new("pkill").args(["-TERM", "-f", &pattern]).status().expect("pkill");
+        assert!(stop.success(), "no kube-apiserver matched {pattern}");
+        let killed = Instant::now() + grace;
+        while running() && Instant::now() < killed {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
+        while running() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(down);
+        let log = self.dir.path.join("kube-apiserver.log");
+        spawn_watched(&bin, &self.apiserver_args, &log, None, "kill -TERM $child", "");
+        self.wait_ready(&log, &self.dir.path.join("etcd.log"));
     }
 
     /// Polls `/readyz` with the admin identity; returns the server's git version.

@@ -9,6 +9,7 @@ pub mod services;
 
 pub use controlplane::ControlPlane;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -246,9 +247,13 @@ pub async fn install_crds(client: &kube::Client) {
 impl Cluster {
     /// The shared control plane with crmguard's CRDs installed and a fresh namespace for `test`.
     pub async fn start(test: &str) -> Cluster {
+        Cluster::start_on(ControlPlane::shared(), test).await
+    }
+
+    /// Like [`Cluster::start`], on a given control plane (e.g. a private one a test restarts).
+    pub async fn start_on(cp: &'static ControlPlane, test: &str) -> Cluster {
         use k8s_openapi::api::core::v1::Namespace;
         use kube::api::{Api, PostParams};
-        let cp = ControlPlane::shared();
         let client = ControlPlane::client_for(&cp.admin_kubeconfig()).await;
         install_crds(&client).await;
         install_grant_ceiling(&client).await;
@@ -276,8 +281,10 @@ impl Cluster {
 
 /// Kubeconfig of [`OPERATOR_USER`] (one client certificate per test binary).
 fn operator_kubeconfig(cp: &ControlPlane) -> String {
-    static KC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    KC.get_or_init(|| cp.kubeconfig_for(OPERATOR_USER, &["system:masters"])).clone()
+    // One per control plane (a test may run its own besides the shared one).
+    static KC: std::sync::Mutex<BTreeMap<String, String>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut known = KC.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    known.entry(cp.server.clone()).or_insert_with(|| cp.kubeconfig_for(OPERATOR_USER, &["system:masters"])).clone()
 }
 
 impl Drop for Cluster {

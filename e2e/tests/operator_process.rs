@@ -266,3 +266,156 @@ async fn readiness_follows_the_api_server_and_liveness_does_not_flap() {
     eprintln!("ready again {:?} after the API server answered", thawed.elapsed());
     assert_eq!(op.http_get("/healthz").map(|r| r.0), Some(200));
 }
+
+/// Deletes the NetworkPolicy `name` and waits until the operator has created it again; returns how long that took.
+async fn repair_time(nps: &Api<NetworkPolicy>, name: &str, secs: u64) -> std::time::Duration {
+    let uid = nps.get(name).await.unwrap().metadata.uid;
+    nps.delete(name, &Default::default()).await.unwrap();
+    let deleted = std::time::Instant::now();
+    eventually(secs, "the deleted NetworkPolicy to be back", || async {
+        match nps.get_opt(name).await.map_err(|e| e.to_string())? {
+            Some(np) if np.metadata.uid != uid => Ok(()),
+            other => Err(format!("{:?}", other.map(|np| np.metadata.uid))),
+        }
+    })
+    .await;
+    deleted.elapsed()
+}
+
+/// Issue 21, item 1: watches come back after the API server restarts. kube-apiserver is stopped (SIGTERM, killed
+/// after 10 s) for 20 s and started again; a NetworkPolicy deleted as soon as it is ready again is recreated within
+/// 5 s, by a watch event (the periodic requeue is 10 min here), and so is one deleted later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_after_an_api_server_restart_is_repaired_within_seconds() {
+    // A control plane of its own: the shared one serves the other tests while this one restarts.
+    let cp: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start_private()));
+    let cluster = Cluster::start_on(cp, "apiserver-restart").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    op.wait_ready(30).await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
+    eventually(30, "g Ready", || ready_true(&guards, "g")).await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> =
+        nps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|np| np.metadata.name).collect();
+    let before = repair_time(&nps, &names[0], 10).await;
+    eprintln!("drift repaired {before:?} after the deletion (before the restart)");
+
+    tokio::task::spawn_blocking(move || {
+        cp.restart_apiserver(std::time::Duration::from_secs(10), std::time::Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let back = std::time::Instant::now();
+    let after = repair_time(&nps, &names[1], 60).await;
+    eprintln!(
+        "drift right after the restart repaired {after:?} after the deletion ({:?} after the restart)",
+        back.elapsed()
+    );
+    assert!(after < std::time::Duration::from_secs(5), "repair took {after:?}\n{}", op.logs());
+    // And later on, too (no watch left behind).
+    let later = repair_time(&nps, &names[2], 10).await;
+    eprintln!("drift later repaired {later:?} after the deletion");
+    assert!(later < std::time::Duration::from_secs(5), "repair took {later:?}\n{}", op.logs());
+}
+
+/// How one run of a container ended: its exit code and its log.
+type Exit = (Option<i32>, String);
+
+/// The kubelet's part for one operator container: starts it, and restarts it whenever it exits, at once the first
+/// time and then after 10, 20, 40 ... s (at most 300 s), as a kubelet's CrashLoopBackOff does (the back-off resets
+/// only after 10 minutes of running, longer than any test). Stops the container when dropped.
+struct RestartingContainer {
+    /// Exit code and log of every run that ended.
+    exits: std::sync::Arc<std::sync::Mutex<Vec<Exit>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RestartingContainer {
+    fn start(kubeconfig: String, args: Vec<String>) -> RestartingContainer {
+        let exits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = exits.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = std::time::Duration::ZERO;
+            loop {
+                let mut op = Operator::start(&kubeconfig, &args.iter().map(String::as_str).collect::<Vec<_>>());
+                let code = loop {
+                    if let Ok(Some(status)) = op.child.try_wait() {
+                        break status.code();
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                seen.lock().unwrap().push((code, op.logs()));
+                tokio::time::sleep(delay).await;
+                delay = if delay.is_zero() {
+                    std::time::Duration::from_secs(10)
+                } else {
+                    (delay * 2).min(std::time::Duration::from_secs(300))
+                };
+            }
+        });
+        RestartingContainer { exits, task }
+    }
+
+    fn exits(&self) -> Vec<Exit> {
+        self.exits.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RestartingContainer {
+    fn drop(&mut self) {
+        // Aborting the task drops the running Operator, which kills its process.
+        self.task.abort();
+    }
+}
+
+/// Issue 21, item 5: a leader that loses its lease to an API-server restart exits, says why in one line, and is
+/// back promptly: restarted at once (as a kubelet does after a first exit), it waits for the API server instead of
+/// exiting again into the kubelet's growing back-off, takes the lease as soon as the server answers and repairs
+/// drift within seconds. Before: the restarted process exited at once while the server was away, and the back-off
+/// (10 s, then 20 s) kept it down long after the server was back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_lease_to_an_api_server_restart_is_back_within_seconds() {
+    let cp: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start_private()));
+    let cluster = Cluster::start_on(cp, "apiserver-restart-elected").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
+    // The chart's lease (15 s): the leader gives up 10 s into the outage. The pod name, and so the identity, stays.
+    let container =
+        RestartingContainer::start(cluster.kubeconfig.clone(), Operator::elected_args(ns, 15, "crmguard-0"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    eventually(30, "the replica to lead", || async {
+        if holder(&leases).await == "crmguard-0" {
+            Ok(())
+        } else {
+            Err(format!("not yet; exits: {:?}", container.exits()))
+        }
+    })
+    .await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
+    eventually(30, "g Ready", || ready_true(&guards, "g")).await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> =
+        nps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|np| np.metadata.name).collect();
+
+    tokio::task::spawn_blocking(move || {
+        cp.restart_apiserver(std::time::Duration::from_secs(10), std::time::Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let back = std::time::Instant::now();
+    let after = repair_time(&nps, &names[0], 90).await;
+    eprintln!("drift repaired {after:?} after the deletion ({:?} after the API server was back)", back.elapsed());
+    let exits = container.exits();
+    let summary: Vec<_> =
+        exits.iter().map(|(code, log)| (code, log.lines().last().unwrap_or_default().to_string())).collect();
+    assert_eq!(exits.len(), 1, "one exit (the lost lease), none while the API server was away: {summary:#?}");
+    assert_eq!(exits[0].0, Some(2), "losing the lease is an error exit");
+    let why: Vec<&str> = exits[0].1.lines().filter(|l| l.contains("lost leadership")).collect();
+    assert_eq!(why.len(), 1, "one line says why: {}", exits[0].1);
+    assert!(why[0].contains("could not renew lease"), "{}", why[0]);
+    assert!(after < std::time::Duration::from_secs(10), "repair took {after:?}: {summary:#?}");
+}

@@ -314,9 +314,10 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
+            // The one line that says why the operator exits (in the log format chosen); exit code 2.
             tracing::error!(error = %e, "crmguard stopped");
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-            Err(e.to_string())
+            Ok(ExitCode::from(2))
         }
     }
 }

@@ -19,12 +19,10 @@ pub struct Health {
     pub ready: AtomicBool,
     /// This replica waits for leadership (a healthy standby).
     pub standby: AtomicBool,
-    /// When the API server last answered (Unix seconds; 0: never), from a probe every [`CONTACT_EVERY`].
+    /// When the API server last answered (Unix seconds; 0: never), from [`super::watches::watch_contact`].
     pub last_contact: std::sync::atomic::AtomicI64,
 }
 
-/// How often the API server is probed for readiness (`GET /version`, with a deadline of the same length).
-pub const CONTACT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Without an answer for this long, the replica is not ready (three missed probes and some slack).
 pub const CONTACT_STALE_SECONDS: i64 = 20;
 
@@ -46,17 +44,6 @@ impl Health {
         } else {
             Err("caches not synced yet\n".to_string())
         }
-    }
-}
-
-/// Probes the API server every [`CONTACT_EVERY`] and records each answer in `health` (readiness reflects an
-/// outage within [`CONTACT_STALE_SECONDS`]; liveness does not).
-pub async fn watch_contact(client: kube::Client, health: Arc<Health>) {
-    loop {
-        if let Ok(Ok(_)) = tokio::time::timeout(CONTACT_EVERY, client.apiserver_version()).await {
-            health.last_contact.store(jiff::Timestamp::now().as_second(), Ordering::Relaxed);
-        }
-        tokio::time::sleep(CONTACT_EVERY).await;
     }
 }
 

@@ -123,8 +123,8 @@ pub async fn hold(client: &Client, cfg: &LeaseConfig) -> String {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let lost = |why: String| {
             format!(
-                "could not renew lease {}/{} within {}s (two thirds of its {}s): {why}; exiting before another \
-                 replica can take it over",
+                "could not renew lease {}/{} within {}s (two thirds of its {}s, so before another replica can \
+                 take it over): {why}",
                 cfg.namespace,
                 cfg.name,
                 renew_deadline(cfg).as_secs_f32(),

@@ -6,6 +6,7 @@ pub mod leader;
 pub mod metrics;
 pub mod posture;
 pub mod reconcile;
+pub mod watches;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -17,10 +18,12 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
-use kube::runtime::Controller;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Config as WatcherConfig;
+use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource};
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
@@ -56,6 +59,11 @@ pub enum RunError {
     #[error("cannot reach the Kubernetes API: {0}")]
     Client(#[source] kube::Error),
     #[error(
+        "the API server refused crmguard's credentials: {0}. Check the kubeconfig, or the ServiceAccount token the \
+         pod mounts"
+    )]
+    Unauthorized(#[source] kube::Error),
+    #[error(
         "the {0} CustomResourceDefinition is not installed (the API answers 404 for it). Install the CRDs with \
          `kubectl apply -f crds/` (or `crmguard crd | kubectl apply -f -`, or the Helm chart), then start crmguard again"
     )]
@@ -72,7 +80,10 @@ pub enum RunError {
     UnknownKubernetes(String),
     #[error("cannot serve metrics and health on {0}: {1}")]
     Http(SocketAddr, #[source] std::io::Error),
-    #[error("lost leadership: {0}; exiting so that only one replica writes")]
+    #[error(
+        "lost leadership: {0}; exiting so that only one replica writes (restarted, it waits for the API server and \
+         stands for leadership again)"
+    )]
     LostLease(String),
 }
 
@@ -143,20 +154,72 @@ where
 type Running<K> =
     (BoxFuture<'static, ()>, BoxFuture<'static, ()>, kube::runtime::reflector::Store<DeserializeGuard<K>>);
 
+/// What a controller watches besides its own kind, each through [`watches::events`].
+struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>> {
+    client: &'a Client,
+    ns: Option<&'a str>,
+    restarts: &'a watches::Restarts,
+    controller: Controller<DeserializeGuard<K>>,
+}
+
+impl<K> Watches<'_, K>
+where
+    K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
+    fn owns<C>(mut self) -> Self
+    where
+        C: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let children = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+        self.controller = self.controller.owns_stream(children.touched_objects());
+        self
+    }
+
+    /// Other objects (metadata only, crmguard's label) mapped to the resource they concern.
+    fn watches<C, I>(mut self, mapper: impl Fn(PartialObjectMeta<C>) -> I + Send + Sync + 'static) -> Self
+    where
+        C: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+        I: IntoIterator<Item = ObjectRef<DeserializeGuard<K>>> + 'static,
+        I::IntoIter: Send,
+    {
+        let others = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+        self.controller = self.controller.watches_stream(others.touched_objects(), mapper);
+        self
+    }
+}
+
 /// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
 fn controller<K>(
     ctx: Arc<Context>,
     ns: Option<&str>,
     concurrency: u16,
-    owns: impl FnOnce(Controller<DeserializeGuard<K>>) -> Controller<DeserializeGuard<K>>,
+    restarts: &watches::Restarts,
+    more: impl FnOnce(Watches<'_, K>) -> Watches<'_, K>,
 ) -> Running<K>
 where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
-    let c = Controller::new(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic())
-        .with_config(ControllerConfig::default().concurrency(concurrency));
-    let c = owns(c);
-    let store = c.store();
+    let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<K>>::default();
+    let store = writer.as_reader();
+    let own =
+        watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic(), restarts);
+    let c = Controller::for_stream(kube::runtime::reflector(writer, own).applied_objects(), store.clone())
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .trigger_backoff(watches::WatchBackoff::default());
+    let c = more(Watches { client: &ctx.client, ns, restarts, controller: c }).controller;
     let cache = store.clone();
     let ready = async move {
         // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
@@ -197,25 +260,29 @@ fn owns_cfg() -> WatcherConfig {
 /// Runs the operator until SIGTERM/SIGINT (Ok) or a fatal error.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
-    let info = client.apiserver_version().await.map_err(RunError::Client)?;
+    let metrics = metrics::Metrics::default();
+    let health = Arc::new(http::Health::default());
+    let webhook_slot = http::WebhookSlot::default();
+    // Liveness answers from the start; readiness says what is awaited.
+    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone(), webhook_slot.clone())
+        .await
+        .map_err(|e| RunError::Http(opts.http_addr, e))?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let info = tokio::select! {
+        info = wait_for_apiserver(&client) => info?,
+        _ = &mut shutdown => return Ok(()),
+    };
     let version = check_kubernetes_version(&info)?;
     tracing::info!(kubernetes = %info.git_version, supported = %format!(">= {MIN_KUBERNETES}"), %version, "connected to the API server");
     check_crd::<CrmBackupPolicy>(&client).await?;
     check_crd::<CrmRestore>(&client).await?;
     check_crd::<AccessPolicy>(&client).await?;
     check_crd::<NetworkGuard>(&client).await?;
-
-    let metrics = metrics::Metrics::default();
-    let health = Arc::new(http::Health::default());
-    let webhook_slot = http::WebhookSlot::default();
-    let (bound, _http) = http::serve(opts.http_addr, metrics.clone(), health.clone(), webhook_slot.clone())
-        .await
-        .map_err(|e| RunError::Http(opts.http_addr, e))?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(http::watch_contact(client.clone(), health.clone()));
-
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    let (outage_ended, restarts) = watches::Restarts::channel();
+    tokio::spawn(watches::watch_contact(client.clone(), health.clone(), outage_ended));
 
     let mut lost: BoxFuture<'static, String> = futures::future::pending().boxed();
     if let Some(cfg) = opts.lease.clone() {
@@ -263,42 +330,37 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut stores = posture::Stores::default();
     for ns in &namespaces {
         let ns = ns.as_deref();
-        let cl = client.clone();
-        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
-            c.owns(api::<k8s_openapi::api::batch::v1::CronJob>(&cl, ns), owns_cfg())
-                .owns(api::<k8s_openapi::api::core::v1::ConfigMap>(&cl, ns), owns_cfg())
-                .owns(api::<k8s_openapi::api::core::v1::ServiceAccount>(&cl, ns), owns_cfg())
+        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+            w.owns::<k8s_openapi::api::batch::v1::CronJob>()
+                .owns::<k8s_openapi::api::core::v1::ConfigMap>()
+                .owns::<k8s_openapi::api::core::v1::ServiceAccount>()
                 // Backup and drill Jobs belong to the CronJobs; their results feed the policy's status.
-                .watches(api::<k8s_openapi::api::batch::v1::Job>(&cl, ns), owns_cfg(), |job| {
+                .watches::<k8s_openapi::api::batch::v1::Job, _>(|job| {
                     let ns = job.metadata.namespace.clone()?;
                     let policy = job
                         .metadata
                         .annotations
                         .as_ref()?
                         .get(crate::controllers::backup_policy::build::POLICY_ANNOTATION)?;
-                    Some(kube::runtime::reflector::ObjectRef::new(policy).within(&ns))
+                    Some(ObjectRef::new(policy).within(&ns))
                 })
         });
         stores.backups.push(s);
         runs.push(r);
         readies.push(ready);
-        let cl = client.clone();
-        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, |c| {
-            c.owns(api::<k8s_openapi::api::batch::v1::Job>(&cl, ns), owns_cfg())
+        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+            w.owns::<k8s_openapi::api::batch::v1::Job>()
         });
         runs.push(r);
         readies.push(ready);
-        let cl = client.clone();
-        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, |c| {
-            c.owns(api::<k8s_openapi::api::rbac::v1::Role>(&cl, ns), owns_cfg())
-                .owns(api::<k8s_openapi::api::rbac::v1::RoleBinding>(&cl, ns), owns_cfg())
+        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+            w.owns::<k8s_openapi::api::rbac::v1::Role>().owns::<k8s_openapi::api::rbac::v1::RoleBinding>()
         });
         stores.access.push(s);
         runs.push(r);
         readies.push(ready);
-        let cl = client.clone();
-        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, |c| {
-            c.owns(api::<k8s_openapi::api::networking::v1::NetworkPolicy>(&cl, ns), owns_cfg())
+        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+            w.owns::<k8s_openapi::api::networking::v1::NetworkPolicy>()
         });
         stores.guards.push(s);
         runs.push(r);
@@ -336,6 +398,30 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Asks the API server for its version until it answers: an operator started (or restarted after it gave up its
+/// lease) while the API server is away waits for it, not ready but alive, instead of exiting into the kubelet's
+/// growing restart back-off. Refused credentials are not worth waiting for.
+async fn wait_for_apiserver(client: &Client) -> Result<k8s_openapi::apimachinery::pkg::version::Info, RunError> {
+    let started = tokio::time::Instant::now();
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        let why = match tokio::time::timeout(watches::CONTACT_EVERY, client.apiserver_version()).await {
+            Ok(Ok(info)) => return Ok(info),
+            Ok(Err(kube::Error::Api(s))) if s.code == 401 || s.code == 403 => {
+                return Err(RunError::Unauthorized(kube::Error::Api(s)));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {}s", watches::CONTACT_EVERY.as_secs()),
+        };
+        // One line now, then one every 30 s while it lasts.
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            tracing::warn!(error = %why, waited_seconds = started.elapsed().as_secs(), "waiting for the API server");
+            said = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(watches::CONTACT_RETRY).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -49,6 +49,10 @@ pub struct AuditWrite {
     pub namespace: String,
     pub name: String,
     pub code: u16,
+    /// The request's User-Agent header (crmguard's names the replica).
+    pub user_agent: String,
+    /// When the API server received the request.
+    pub received: Option<jiff::Timestamp>,
 }
 
 /// Directory holding `etcd`, `kube-apiserver` and `kube-controller-manager`, building them when needed.
@@ -414,12 +418,16 @@ impl ControlPlane {
         kube::Client::try_from(cfg).expect("client")
     }
 
-    /// Every write the audit log holds, made by `user`.
+    /// Every write the audit log holds, made by `user` (or by someone impersonating `user`).
     pub fn writes_by(&self, user: &str) -> Vec<AuditWrite> {
         let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["user"]["username"] == user)
+            // Whoever a request acted as: the impersonated user when there is one (the fault proxy's requests).
+            .filter(|e| {
+                let acting = if e["impersonatedUser"].is_object() { &e["impersonatedUser"] } else { &e["user"] };
+                acting["username"] == user
+            })
             .map(|e| {
                 let o = &e["objectRef"];
                 let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
@@ -431,6 +439,8 @@ impl ControlPlane {
                     namespace: s(&o["namespace"]),
                     name: s(&o["name"]),
                     code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+                    user_agent: s(&e["userAgent"]),
+                    received: e["requestReceivedTimestamp"].as_str().and_then(|t| t.parse().ok()),
                 }
             })
             .collect()

@@ -1,7 +1,10 @@
 //! Faults in front of the real API server: a plain-HTTP proxy on loopback that forwards every request to the
 //! control plane (as the admin, impersonating the identity it was started for) and, on demand, fails the next
 //! writes with 500, delays every request, or ends every open watch at once. An operator pointed at
-//! [`FaultProxy::kubeconfig`] sees exactly what a flaky API server would show it.
+//! [`FaultProxy::kubeconfig`] sees exactly what a flaky API server would show it. [`FaultProxy::hold_requests`]
+//! cuts the path to the server only (a one-way partition): responses already streaming (watches) go on, new
+//! requests wait and are delivered when [`FaultProxy::release_requests`] heals it, unless their sender gave up
+//! (closed the connection) meanwhile.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +34,7 @@ pub struct FaultProxy {
     pub url: String,
     faults: Arc<Faults>,
     drop_watches: watch::Sender<u64>,
+    hold: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -70,16 +74,24 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let faults = Arc::new(Faults::default());
         let (drop_watches, drop_rx) = watch::channel(0u64);
+        let (hold, hold_rx) = watch::channel(false);
         let (f, user, groups) = (faults.clone(), user.to_string(), groups.iter().map(|g| g.to_string()).collect());
         let identity: Arc<(String, Vec<String>)> = Arc::new((user, groups));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (upstream, f, rx, identity) = (upstream.clone(), f.clone(), drop_rx.clone(), identity.clone());
+                let held = hold_rx.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (upstream, f, rx, identity) = (upstream.clone(), f.clone(), rx.clone(), identity.clone());
-                        async move { Ok::<_, Infallible>(forward(upstream, f, rx, &identity, req).await) }
+                        let mut held = held.clone();
+                        async move {
+                            // Dropped with the connection when the sender closes it: a held request then never
+                            // reaches the server.
+                            let _ = held.wait_for(|h| !h).await;
+                            Ok::<_, Infallible>(forward(upstream, f, rx, &identity, req).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -87,7 +99,7 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { url, faults, drop_watches, task }
+        FaultProxy { url, faults, drop_watches, hold, task }
     }
 
     /// A kubeconfig that reaches the API server through this proxy (no credentials of its own: the proxy
@@ -108,6 +120,16 @@ impl FaultProxy {
     /// Every request waits this long before it is forwarded.
     pub fn set_latency_ms(&self, ms: u64) {
         self.faults.latency_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// New requests wait (a one-way partition towards the API server) until [`FaultProxy::release_requests`].
+    pub fn hold_requests(&self) {
+        let _ = self.hold.send(true);
+    }
+
+    /// Delivers the held requests whose senders still wait, and lets new ones through.
+    pub fn release_requests(&self) {
+        let _ = self.hold.send(false);
     }
 
     /// Ends every watch (and any other streaming response) that is open now.

@@ -419,3 +419,57 @@ async fn a_leader_that_lost_its_lease_to_an_api_server_restart_is_back_within_se
     assert!(why[0].contains("could not renew lease"), "{}", why[0]);
     assert!(after < std::time::Duration::from_secs(10), "repair took {after:?}: {summary:#?}");
 }
+
+/// Issue 21: a leader cut off from the API server never writes after another replica took over. Replica A
+/// (through the fault proxy) leads and B (direct) stands by; then A's requests stop reaching the server (what the
+/// server streams still reaches A), a new guard appears, B takes the lease once A's expires, and the path heals, so
+/// that A's held requests would now arrive. The API server's audit log, where the User-Agent names each replica,
+/// holds no write by A received after B took over. (A exits within two thirds of its lease, dropping what it held.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_never_writes_after_another_replica_took_over() {
+    let cluster = Cluster::start("cut-off-leader").await;
+    let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
+    let args = |id| Operator::elected_args(ns, 6, id);
+    let mut a =
+        Operator::start(&server.kubeconfig(), &args("replica-a").iter().map(String::as_str).collect::<Vec<_>>());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    eventually(30, "replica-a to lead", || async {
+        if holder(&leases).await == "replica-a" { Ok(()) } else { Err("not yet".to_string()) }
+    })
+    .await;
+    let b = Operator::start(&cluster.kubeconfig, &args("replica-b").iter().map(String::as_str).collect::<Vec<_>>());
+    eventually(30, "replica-b to stand by", || async {
+        if b.logs().contains("waiting for leadership") { Ok(()) } else { Err(b.logs()) }
+    })
+    .await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g1")).await.unwrap();
+    eventually(30, "g1 Ready under replica-a", || ready_true(&guards, "g1")).await;
+
+    server.hold_requests();
+    guards.create(&PostParams::default(), &guard(ns, "g2")).await.unwrap();
+    eventually(30, "replica-b to lead", || async {
+        if holder(&leases).await == "replica-b" { Ok(()) } else { Err("not yet".to_string()) }
+    })
+    .await;
+    let took_over = leases.get("crmguard-leader").await.unwrap().spec.unwrap().acquire_time.unwrap().0;
+    server.release_requests();
+    eventually(30, "g2 Ready under replica-b", || ready_true(&guards, "g2")).await;
+    // Time for anything A held to arrive.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    let (agent_a, agent_b) = (crmguard::runtime::user_agent("replica-a"), crmguard::runtime::user_agent("replica-b"));
+    let writes = cluster.writes_by(e2e::OPERATOR_USER);
+    let late: Vec<_> =
+        writes.iter().filter(|w| w.user_agent == agent_a && w.received.is_none_or(|t| t >= took_over)).collect();
+    assert!(late.is_empty(), "replica-a wrote after replica-b took over at {took_over}: {late:#?}\n{}", a.logs());
+    assert!(writes.iter().any(|w| w.user_agent == agent_a), "replica-a's earlier writes are told apart: {writes:#?}");
+    assert!(
+        writes.iter().any(|w| w.user_agent == agent_b && w.resource == "networkpolicies"),
+        "replica-b wrote g2's policies: {writes:#?}"
+    );
+    assert_eq!(exit_code(&mut a, 15).await, Some(2), "{}", a.logs());
+    eprintln!("replica-b took over at {took_over}; replica-a wrote nothing after that");
+}

@@ -276,6 +276,7 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         },
     };
     let opts = crmguard::runtime::RunOptions {
+        identity: identity.clone(),
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         concurrency: args.concurrency.max(1),
         http_addr: args.http_addr,

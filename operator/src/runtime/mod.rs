@@ -33,6 +33,8 @@ use reconcile::{Context, Reconcilable, error_policy, reconcile};
 /// Options of `crmguard run`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// This replica's name (the pod's): in the User-Agent of every request, and the lease holder's identity.
+    pub identity: String,
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
     /// Reconciles running at once per controller.
@@ -259,7 +261,12 @@ fn owns_cfg() -> WatcherConfig {
 
 /// Runs the operator until SIGTERM/SIGINT (Ok) or a fatal error.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let mut config = kube::Config::infer().await.map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
+    // Every request says which replica made it, so an API server's audit log tells replicas apart.
+    if let Ok(agent) = hyper::header::HeaderValue::from_str(&user_agent(&opts.identity)) {
+        config.headers.push((hyper::header::USER_AGENT, agent));
+    }
+    let client = Client::try_from(config).map_err(RunError::Client)?;
     let metrics = metrics::Metrics::default();
     let health = Arc::new(http::Health::default());
     let webhook_slot = http::WebhookSlot::default();
@@ -400,6 +407,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
+/// `crmguard/<version> (<identity>)`, with anything a header may not hold replaced by `_`.
+pub fn user_agent(identity: &str) -> String {
+    let id: String = identity.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect();
+    format!("crmguard/{} ({id})", env!("CARGO_PKG_VERSION"))
+}
+
 /// Asks the API server for its version until it answers: an operator started (or restarted after it gave up its
 /// lease) while the API server is away waits for it, not ready but alive, instead of exiting into the kubelet's
 /// growing restart back-off. Refused credentials are not worth waiting for.
@@ -437,5 +450,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_user_agent_names_the_replica_and_stays_a_valid_header() {
+        let agent = super::user_agent("crmguard-7d9f-x2k");
+        assert_eq!(agent, format!("crmguard/{} (crmguard-7d9f-x2k)", env!("CARGO_PKG_VERSION")));
+        let odd = super::user_agent("host\nname é");
+        assert!(!odd.contains('\n') && odd.is_ascii(), "{odd}");
+        assert!(hyper::header::HeaderValue::from_str(&odd).is_ok());
     }
 }

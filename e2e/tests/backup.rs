@@ -372,8 +372,12 @@ fn an_archive_version_the_built_in_check_does_not_know_is_handed_to_pg_restore_f
     assert!(case.list().is_empty());
 }
 
+/// Issue 20, item 1: a killed backup leaves an unfinished multipart upload (invisible to `ls`, billed all the
+/// same); the policy's next run aborts it when it starts and says in its report what it reclaimed, while an
+/// upload that is still receiving parts is left alone. (Before: only uploads a day old were aborted, so a
+/// crash-looping job filled the bucket.)
 #[test]
-fn killing_the_uploader_leaves_no_listed_backup_and_cleanup_removes_its_upload() {
+fn the_next_run_reclaims_what_a_killed_backup_left_and_reports_it() {
     let case = Case::new("killedupload", "{key: {secretRef: {name: k, key: key}}}", "");
     let pg = Postgres::shared();
     // Enough poorly compressible data that the upload is still running when it is killed.
@@ -390,43 +394,114 @@ fn killing_the_uploader_leaves_no_listed_backup_and_cleanup_removes_its_upload()
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let pending = rt.block_on(store.pending_uploads(&prefix)).unwrap();
-        if !pending.is_empty() {
+        let usage = match pending.first() {
+            Some(u) => rt.block_on(store.upload_usage(&u.key, &u.upload_id)).unwrap(),
+            None => Default::default(),
+        };
+        if usage.parts >= 1 {
             break;
         }
         assert!(
             child.try_wait().unwrap().is_none(),
             "the backup finished before it could be killed; make the table bigger"
         );
-        assert!(Instant::now() < deadline, "no multipart upload appeared");
+        assert!(Instant::now() < deadline, "no multipart upload with a part appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A live run's upload is not touched.
+    let now = jiff::Timestamp::now();
+    let live = rt.block_on(crmguard::backup::reclaim_uploads(&store, &case.prefix(), now, Duration::from_secs(60)));
+    assert_eq!(live.unwrap().uploads, 0, "the upload of a live run was aborted");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(case.list().is_empty(), "a killed backup must not be listed");
-    // The next housekeeping removes the leftovers once they are old enough (age 0 here).
-    let config = crmguard::backup::cli::load_config(&crmguard::backup::cli::PolicyArgs {
-        config: None,
-        policy: Some(case.policy.clone()),
-        store_dir: None,
-        part_size_mib: 8,
-        parts_in_flight: 2,
-        parts_per_object: 10_000,
-        progress_seconds: 10,
-        compress_threads: None,
-    })
-    .unwrap();
-    let catalog = rt.block_on(crmguard::backup::manifest::read_catalog(&store, &config.prefix)).unwrap();
-    let h = rt
-        .block_on(crmguard::backup::housekeeping(
-            &config,
-            &store,
-            &catalog,
-            jiff::Timestamp::now(),
-            jiff::SignedDuration::ZERO,
-        ))
-        .unwrap();
-    assert!(h.aborted_uploads >= 1, "{h:?}");
-    assert!(rt.block_on(store.pending_uploads(&prefix)).unwrap().is_empty());
+    let left = rt.block_on(store.pending_uploads(&prefix)).unwrap();
+    assert_eq!(left.len(), 1, "the killed run left its upload: {left:?}");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let report = case.ok(&["backup", "run", "--reclaim-idle-seconds", "2"]);
+    assert_eq!(report["reclaimed"]["uploads"], 1, "{report}");
+    assert!(report["reclaimed"]["parts"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["reclaimed"]["bytes"].as_u64().unwrap() >= 5 << 20, "{report}");
+    assert!(rt.block_on(store.pending_uploads(&prefix)).unwrap().is_empty(), "an unfinished upload is left");
+    assert_eq!(case.list().len(), 1);
+}
+
+/// Issue 20, item 2: every field of the manifest is authenticated under the backup's own key. An edited row count,
+/// a removed table entry and an edited key fingerprint are each named as tampering by `backup verify` and stop a
+/// restore before the target database exists. (Before: verify passed, the restore filled the target and only then
+/// failed RowCountMismatch, and the fingerprint edit read "wrong encryption key".)
+#[test]
+fn an_edited_manifest_is_named_as_tampering_and_nothing_is_restored() {
+    let case = Case::new("tampered", "{key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    let id = case.ok(&["backup", "run"])["backupId"].as_str().unwrap().to_string();
+    let rt = runtime();
+    let store = rt.block_on(SeaweedFs::shared().store(BUCKET));
+    let key = format!("{}/{id}/manifest.json", case.prefix());
+    let original = rt.block_on(get(&store, &key));
+    let put =
+        |m: &serde_json::Value| rt.block_on(store.put(&key, serde_json::to_vec_pretty(m).unwrap().into())).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("a row count", |m| m["tables"]["public.contacts"] = 4999.into()),
+        ("a removed table entry", |m| {
+            m["tables"].as_object_mut().unwrap().remove("finance.deals");
+        }),
+        ("the key fingerprint", |m| m["encryption"]["key"]["fingerprint"] = "0123456789abcdef".into()),
+    ];
+    for (i, (what, edit)) in edits.iter().enumerate() {
+        let mut m: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        edit(&mut m);
+        put(&m);
+        let (_, verify_err) = case.fails(&["backup", "verify", "--backup", &id]);
+        assert!(verify_err.contains("edited") || verify_err.contains("changed"), "{what}: {verify_err}");
+        let target = format!("{}_restored{i}", case.name);
+        let (report, stderr) = case.fails(&[
+            "restore",
+            "run",
+            "--backup",
+            &id,
+            "--target-database",
+            &target,
+            "--create-database",
+            "--verify-row-counts",
+        ]);
+        assert_eq!(report["reason"], "ManifestTampered", "{what}: {report}\n{stderr}");
+        assert!(!pg.database_exists(&target), "{what}: the target database was created from an edited manifest");
+    }
+    // A manifest stripped of its MAC (as a format 1 one) is refused, unless the operator of the restore says so.
+    let mut stripped: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    stripped.as_object_mut().unwrap().remove("mac");
+    stripped["format"] = 1.into();
+    put(&stripped);
+    let (report, _) = case.fails(&[
+        "restore",
+        "run",
+        "--backup",
+        &id,
+        "--target-database",
+        &format!("{}_x", case.name),
+        "--create-database",
+    ]);
+    assert_eq!(report["reason"], "ManifestTampered", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("--allow-unauthenticated-manifest"), "{report}");
+    case.ok(&["backup", "verify", "--backup", &id, "--allow-unauthenticated-manifest"]);
+    // The manifest as written verifies and restores.
+    rt.block_on(store.put(&key, original.into())).unwrap();
+    case.ok(&["backup", "verify", "--backup", &id]);
+    let target = format!("{}_restored", case.name);
+    let r = case.ok(&[
+        "restore",
+        "run",
+        "--backup",
+        &id,
+        "--target-database",
+        &target,
+        "--create-database",
+        "--verify-row-counts",
+    ]);
+    assert_eq!(r["rowCountsVerified"], true, "{r}");
 }
 
 #[test]

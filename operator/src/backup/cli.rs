@@ -43,6 +43,14 @@ pub struct PolicyArgs {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10)]
     pub progress_seconds: u64,
+    /// Verify or restore an encrypted backup whose manifest carries no MAC (made by a crmguard before manifests
+    /// were authenticated). Without it such a backup is refused: the MAC is what proves no field was edited.
+    #[arg(long)]
+    pub allow_unauthenticated_manifest: bool,
+    /// An unfinished upload of the policy that received no part for this many seconds was left by a run that
+    /// died; a backup aborts such uploads when it starts and after it committed, and reports what it reclaimed.
+    #[arg(long, default_value_t = 120)]
+    pub reclaim_idle_seconds: u64,
 }
 
 /// `crmguard backup ...`
@@ -200,6 +208,8 @@ async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<Path
             ..PipelineOptions::default()
         },
         attachments_dir: attachments,
+        allow_unauthenticated_manifest: args.allow_unauthenticated_manifest,
+        reclaim_idle: std::time::Duration::from_secs(args.reclaim_idle_seconds),
     })
 }
 
@@ -253,6 +263,9 @@ pub struct JobReport {
     pub deleted_backups: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row_counts_verified: Option<bool>,
+    /// Unfinished uploads of runs that died, aborted by this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaimed: Option<super::Reclaimed>,
 }
 
 impl JobReport {
@@ -364,7 +377,7 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
                     let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
                     let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
                     let kek = super::kek_for(&config).await?;
-                    let key = super::data_key(m, kek.as_ref()).await?;
+                    let key = super::data_key(m, kek.as_ref(), &rt).await?;
                     let object = m
                         .object(super::manifest::DATABASE)
                         .ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
@@ -452,6 +465,14 @@ async fn backup_run(
     let rt = runtime(config, args, attachments).await.map_err(BackupError::Config)?;
     let kek = super::kek_for(config).await?;
     let conn = super::source_conn(config).await?;
+    // First what runs of this policy that died left behind, so that a crash-looping job does not fill the bucket.
+    // Cleanup never fails the backup (the bucket may not exist yet, or listing uploads may not be allowed).
+    let mut reclaimed = super::reclaim_uploads(&rt.store, &config.prefix, Timestamp::now(), rt.reclaim_idle)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("could not look for unfinished uploads of earlier runs: {e}");
+            super::Reclaimed::default()
+        });
     let m = super::run_backup(config, &conn, kek.as_ref(), &rt).await?;
     let mut report = JobReport::new("backup");
     report.backup_id = Some(m.id.clone());
@@ -463,15 +484,14 @@ async fn backup_run(
     report.verify_seconds = Some(m.verification.seconds);
     // Retention and cleanup run after a successful backup; their failure does not undo the backup.
     let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
-    match super::housekeeping(config, &rt.store, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24)).await
-    {
+    match super::housekeeping(config, &rt, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24)).await {
         Ok(h) => {
-            if !h.deleted_backups.is_empty() || !h.removed_leftovers.is_empty() || h.aborted_uploads > 0 {
+            reclaimed.add(h.reclaimed);
+            if !h.deleted_backups.is_empty() || !h.removed_leftovers.is_empty() {
                 tracing::info!(
-                    "retention deleted {} backup(s); cleanup removed {} leftover(s) and {} unfinished upload(s)",
+                    "retention deleted {} backup(s); cleanup removed {} leftover(s)",
                     h.deleted_backups.len(),
                     h.removed_leftovers.len(),
-                    h.aborted_uploads
                 );
             }
             report.backup_count = Some(catalog.backups.len() - h.deleted_backups.len());
@@ -481,6 +501,15 @@ async fn backup_run(
             tracing::warn!("retention/cleanup failed (the backup itself is committed): {e}");
             report.backup_count = Some(catalog.backups.len());
         }
+    }
+    if reclaimed.uploads > 0 {
+        tracing::info!(
+            "reclaimed {} unfinished upload(s) of runs that died: {} part(s), {}",
+            reclaimed.uploads,
+            reclaimed.parts,
+            human_bytes(reclaimed.bytes)
+        );
+        report.reclaimed = Some(reclaimed);
     }
     if let Some(newest) = catalog.backups.last() {
         report.newest_backup = Some(newest.id.clone());

@@ -42,8 +42,15 @@ pub enum KeyError {
          to read older backups)"
     )]
     WrongKey { expected: String, actual: String },
-    #[error("the wrapped data key of this backup is damaged: {0}")]
+    #[error("the wrapped data key in this backup's manifest was changed or damaged: {0}")]
     Damaged(String),
+    #[error(
+        "the manifest of this backup was edited: it says the data key was wrapped by the key with fingerprint \
+         {recorded}, but it was wrapped by the key provided (fingerprint {actual})"
+    )]
+    Relabelled { recorded: String, actual: String },
+    #[error("cannot wrap the data key: {0}")]
+    Internal(String),
     #[error(
         "this backup's key was wrapped by {found}, but the policy now names {configured}; restore with the key \
          the backup was made with"
@@ -141,7 +148,7 @@ impl Kek {
                 let mut nonce = [0u8; 12];
                 getrandom::fill(&mut nonce).map_err(|e| KeyError::Random(e.to_string()))?;
                 let ct = crypto::aes256gcm_seal(key, nonce, &wrap_aad(backup_id), dek.expose())
-                    .map_err(|_| KeyError::Damaged("wrapping failed".into()))?;
+                    .map_err(|_| KeyError::Internal("AES-256-GCM sealing failed".into()))?;
                 let mut blob = nonce.to_vec();
                 blob.extend_from_slice(&ct);
                 Ok(WrappedKey::Secret { fingerprint: fingerprint(key), ciphertext: B64.encode(blob) })
@@ -168,18 +175,25 @@ impl Kek {
         match (self, wrapped) {
             (Kek::Secret { key }, WrappedKey::Secret { fingerprint: expected, ciphertext }) => {
                 let actual = fingerprint(key);
-                if &actual != expected {
-                    return Err(KeyError::WrongKey { expected: expected.clone(), actual });
+                let opened = (|| {
+                    let blob = B64.decode(ciphertext).map_err(|e| KeyError::Damaged(e.to_string()))?;
+                    let (nonce, sealed) =
+                        blob.split_first_chunk::<12>().ok_or(KeyError::Damaged("too short".into()))?;
+                    if sealed.len() < 16 {
+                        return Err(KeyError::Damaged("too short".into()));
+                    }
+                    let plain = crypto::aes256gcm_open(key, *nonce, &wrap_aad(backup_id), sealed).ok_or_else(|| {
+                        KeyError::Damaged("authentication failed (modified, or moved from another backup)".into())
+                    })?;
+                    DataKey::from_bytes(&plain).map_err(|e| KeyError::Damaged(e.to_string()))
+                })();
+                // The fingerprint only names the key; the wrapping itself says whether this key made it.
+                match opened {
+                    Ok(dek) if &actual == expected => Ok(dek),
+                    Ok(_) => Err(KeyError::Relabelled { recorded: expected.clone(), actual }),
+                    Err(_) if &actual != expected => Err(KeyError::WrongKey { expected: expected.clone(), actual }),
+                    Err(e) => Err(e),
                 }
-                let blob = B64.decode(ciphertext).map_err(|e| KeyError::Damaged(e.to_string()))?;
-                if blob.len() < 12 + 16 {
-                    return Err(KeyError::Damaged("too short".into()));
-                }
-                let (nonce, sealed) = blob.split_first_chunk::<12>().ok_or(KeyError::Damaged("too short".into()))?;
-                let plain = crypto::aes256gcm_open(key, *nonce, &wrap_aad(backup_id), sealed).ok_or_else(|| {
-                    KeyError::Damaged("authentication failed (modified, or moved from another backup)".into())
-                })?;
-                DataKey::from_bytes(&plain).map_err(|e| KeyError::Damaged(e.to_string()))
             }
             (
                 Kek::VaultTransit { client, mount, key_name },

@@ -14,12 +14,16 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use ring::{hkdf, hmac};
+
+use super::crypto::DataKey;
 use super::keys::WrappedKey;
 use super::store::{Store, StoreError};
 use crate::api::backup_policy::{Algorithm, Engine, VerificationMode};
 
-/// Manifest format version.
-pub const FORMAT: u32 = 1;
+/// Manifest format version. 2: an encrypted backup's manifest carries `mac`, its authentication under the
+/// backup's data key.
+pub const FORMAT: u32 = 2;
 /// File name of the commit record.
 pub const MANIFEST: &str = "manifest.json";
 
@@ -124,6 +128,12 @@ pub struct Manifest {
     #[serde(default)]
     pub tables: BTreeMap<String, u64>,
     pub verification: VerificationRecord,
+    /// HMAC-SHA256 (hex) of this manifest without `mac` (compact JSON, fields in this order, maps sorted) under a
+    /// key derived from the backup's data key (HKDF-SHA256, salt `crmguard manifest mac v1`, info the backup id):
+    /// no field can be changed, added or removed without the key. Absent when the backup is not encrypted (there
+    /// is no key to bind it to) and in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Compression facts.
@@ -134,7 +144,58 @@ pub struct Compression {
     pub level: i32,
 }
 
+/// Why a manifest does not prove itself.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unauthenticated {
+    #[error(
+        "the manifest of backup {0} was changed after the backup was made: its MAC does not match under the \
+         backup's own key (every field of manifest.json is authenticated). Restore another backup, and find out who \
+         can write to the bucket"
+    )]
+    Changed(String),
+    #[error(
+        "the manifest of backup {0} carries no MAC although the backup is encrypted (format {1}): it was made before \
+         crmguard authenticated manifests, or the MAC was removed. If you know the backup is intact, pass \
+         --allow-unauthenticated-manifest"
+    )]
+    Missing(String, u32),
+    #[error("cannot compute the manifest's MAC: {0}")]
+    Internal(String),
+}
+
 impl Manifest {
+    /// The key the MAC is made with: derived from the data key and bound to the backup id.
+    fn mac_key(&self, dek: &DataKey) -> Result<hmac::Key, Unauthenticated> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"crmguard manifest mac v1").extract(dek.expose());
+        let info = [self.id.as_bytes()];
+        let okm = prk.expand(&info, hmac::HMAC_SHA256).map_err(|_| Unauthenticated::Internal("HKDF expand".into()))?;
+        Ok(hmac::Key::from(okm))
+    }
+
+    /// What the MAC covers: the manifest without `mac`, as compact JSON.
+    fn mac_input(&self) -> Result<Vec<u8>, Unauthenticated> {
+        let mut m = self.clone();
+        m.mac = None;
+        serde_json::to_vec(&m).map_err(|e| Unauthenticated::Internal(e.to_string()))
+    }
+
+    /// Sets `mac` for the backup's data key.
+    pub fn seal(&mut self, dek: &DataKey) -> Result<(), Unauthenticated> {
+        let tag = hmac::sign(&self.mac_key(dek)?, &self.mac_input()?);
+        self.mac = Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        Ok(())
+    }
+
+    /// Checks `mac` against the backup's data key (in constant time).
+    pub fn check_seal(&self, dek: &DataKey) -> Result<(), Unauthenticated> {
+        let Some(mac) = &self.mac else { return Err(Unauthenticated::Missing(self.id.clone(), self.format)) };
+        let bytes: Option<Vec<u8>> =
+            (0..mac.len()).step_by(2).map(|i| mac.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+        let bytes = bytes.ok_or_else(|| Unauthenticated::Changed(self.id.clone()))?;
+        hmac::verify(&self.mac_key(dek)?, &self.mac_input()?, &bytes)
+            .map_err(|_| Unauthenticated::Changed(self.id.clone()))
+    }
+
     /// The object with this purpose.
     pub fn object(&self, purpose: &str) -> Option<&StoredObject> {
         self.objects.iter().find(|o| o.purpose == purpose)
@@ -215,6 +276,44 @@ pub async fn read_catalog(store: &Store, prefix: &str) -> Result<Catalog, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "id": "20261202T010203Z-abcd", "policy": "p", "namespace": "crm", "engine": "postgres",
+            "database": "crm", "started": "2026-12-02T01:02:03Z", "completed": "2026-12-02T01:03:04.5Z",
+            "tool": "crmguard 0", "dumpTool": "pg_dump 15", "compression": {"algorithm": "zstd", "level": 1},
+            "objects": [], "tables": {"public.contacts": 5000, "finance.deals": 777},
+            "verification": {"mode": "full", "time": "2026-12-02T01:03:04.5Z", "decryptedChunks": 3,
+                             "rawChecked": true, "seconds": 0.123456789}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_sealed_manifest_survives_storage_and_any_edit_or_other_key_breaks_it() {
+        let key = DataKey::from_bytes(&[7u8; 32]).unwrap_or_else(|e| panic!("{e}"));
+        let mut m = sample();
+        m.seal(&key).unwrap_or_else(|e| panic!("{e}"));
+        // As stored (pretty JSON) and read back.
+        let stored = serde_json::to_vec_pretty(&m).unwrap_or_default();
+        let read: Manifest = serde_json::from_slice(&stored).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.check_seal(&key), Ok(()));
+        let mut edited = read.clone();
+        edited.tables.insert("public.contacts".into(), 4999);
+        assert_eq!(edited.check_seal(&key), Err(Unauthenticated::Changed(m.id.clone())));
+        let mut dropped = read.clone();
+        dropped.tables.remove("finance.deals");
+        assert!(dropped.check_seal(&key).is_err());
+        let other = DataKey::from_bytes(&[8u8; 32]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(read.check_seal(&other).is_err());
+        // The MAC is bound to the id: the same content under another id does not verify.
+        let mut moved = read.clone();
+        moved.id = "20261202T010203Z-ffff".into();
+        assert!(moved.check_seal(&key).is_err());
+        let mut stripped = read;
+        stripped.mac = None;
+        assert!(matches!(stripped.check_seal(&key), Err(Unauthenticated::Missing(..))));
+    }
 
     #[test]
     fn ids_sort_by_time_and_keys_join_cleanly() {

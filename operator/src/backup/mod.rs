@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use self::crypto::DataKey;
 use self::keys::{Kek, KeyError};
@@ -52,6 +52,8 @@ pub enum BackupError {
     NotFound(String),
     #[error("row counts differ from those recorded at backup time: {0}")]
     RowCounts(String),
+    #[error(transparent)]
+    Manifest(#[from] manifest::Unauthenticated),
 }
 
 impl BackupError {
@@ -63,6 +65,9 @@ impl BackupError {
             BackupError::Source(_) => "DatabaseToolFailed",
             BackupError::Store(_) => "StorageError",
             BackupError::Key(KeyError::WrongKey { .. } | KeyError::Mismatch { .. }) => "WrongKey",
+            BackupError::Key(KeyError::Damaged(_) | KeyError::Relabelled { .. }) => "ManifestTampered",
+            BackupError::Manifest(manifest::Unauthenticated::Internal(_)) => "InvalidConfiguration",
+            BackupError::Manifest(_) => "ManifestTampered",
             BackupError::Key(_) => "KeyUnavailable",
             BackupError::Pipeline(PipelineError::Verify { .. }) => "VerificationFailed",
             BackupError::Pipeline(PipelineError::Store(_)) => "StorageError",
@@ -76,7 +81,7 @@ impl BackupError {
 
 /// Every reason a backup, verification or restore job can report, plus `JobFailed` for a job that left no
 /// report (e.g. killed for memory).
-pub const REASONS: [&str; 11] = [
+pub const REASONS: [&str; 12] = [
     "InvalidConfiguration",
     "CredentialsUnavailable",
     "DatabaseToolFailed",
@@ -87,6 +92,7 @@ pub const REASONS: [&str; 11] = [
     "BackupStreamFailed",
     "BackupNotFound",
     "RowCountMismatch",
+    "ManifestTampered",
     "JobFailed",
 ];
 
@@ -102,6 +108,11 @@ pub struct Runtime {
     pub options: PipelineOptions,
     /// Directory of the attachments volume (mounted read-only in the backup pod).
     pub attachments_dir: Option<PathBuf>,
+    /// Accept encrypted backups whose manifest carries no MAC (made before manifests were authenticated).
+    pub allow_unauthenticated_manifest: bool,
+    /// An unfinished multipart upload that received no part for this long belongs to a run that died: it is
+    /// aborted when a backup starts and after it committed.
+    pub reclaim_idle: std::time::Duration,
 }
 
 /// The policy's encryption, resolved: the key-encryption key, or `None` when encryption is off.
@@ -312,7 +323,7 @@ pub async fn run_backup(
         }
     }
     let completed = Timestamp::now();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: FORMAT,
         id: id.clone(),
         policy: config.policy.clone(),
@@ -338,7 +349,11 @@ pub async fn run_backup(
             raw_checked,
             seconds: verify_started.elapsed().as_secs_f64(),
         },
+        mac: None,
     };
+    if let Some(dek) = &dek {
+        manifest.seal(dek)?;
+    }
     let body = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Config(e.to_string()))?;
     rt.store.put(&object_key(&config.prefix, &id, MANIFEST), body.into()).await?;
     tracing::info!(
@@ -389,24 +404,69 @@ async fn discard(store: &Store, keys: &[String]) {
     }
 }
 
+/// Unfinished multipart uploads a run aborted: what killed runs of the policy had left in the bucket.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reclaimed {
+    pub uploads: u64,
+    pub parts: u64,
+    pub bytes: u64,
+}
+
+impl Reclaimed {
+    fn add(&mut self, other: Reclaimed) {
+        self.uploads += other.uploads;
+        self.parts += other.parts;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Aborts the unfinished multipart uploads under the policy's prefix that received no part for `idle` (or, without
+/// parts, were started that long ago). A live run sends parts every few seconds, so what is idle was left by a run
+/// that was killed (a crash-looping job, an evicted pod); a run of the policy that is still going, e.g. a backup
+/// started before a quarantine, is left alone.
+pub async fn reclaim_uploads(
+    store: &Store,
+    prefix: &str,
+    now: Timestamp,
+    idle: std::time::Duration,
+) -> Result<Reclaimed, StoreError> {
+    let root = format!("{}/", prefix.trim_matches('/'));
+    let cutoff = jiff::SignedDuration::try_from(idle).ok().and_then(|d| now.checked_sub(d).ok()).unwrap_or(now);
+    let mut out = Reclaimed::default();
+    for u in store.pending_uploads(&root).await? {
+        let usage = store.upload_usage(&u.key, &u.upload_id).await?;
+        let last = usage.newest.max(u.initiated);
+        if last.is_some_and(|t| t > cutoff) {
+            continue;
+        }
+        store.abort_upload(&u.key, &u.upload_id).await?;
+        tracing::info!(key = %u.key, parts = usage.parts, bytes = usage.bytes, "aborted an unfinished upload of a run that died");
+        out.add(Reclaimed { uploads: 1, parts: usage.parts, bytes: usage.bytes });
+    }
+    Ok(out)
+}
+
 /// Result of retention and cleanup.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Housekeeping {
     pub deleted_backups: Vec<String>,
     pub removed_leftovers: Vec<String>,
-    pub aborted_uploads: usize,
+    pub reclaimed: Reclaimed,
 }
 
 /// Applies retention (pure decision, then deletes; the manifest goes first so that a half-deleted backup is
-/// never listed) and removes leftovers of failed backups older than `leftover_age`.
+/// never listed), removes leftover objects of failed backups older than `leftover_age`, and reclaims idle
+/// unfinished uploads (see [`reclaim_uploads`]).
 pub async fn housekeeping(
     config: &JobConfig,
-    store: &Store,
+    rt: &Runtime,
     catalog: &Catalog,
     now: Timestamp,
     leftover_age: jiff::SignedDuration,
 ) -> Result<Housekeeping, BackupError> {
+    let store = &rt.store;
     let tz = match &config.spec.schedule.time_zone {
         Some(name) => jiff::tz::TimeZone::get(name).unwrap_or(jiff::tz::TimeZone::UTC),
         None => jiff::tz::TimeZone::UTC,
@@ -429,13 +489,7 @@ pub async fn housekeeping(
             out.removed_leftovers.push(id.clone());
         }
     }
-    let root = format!("{}/", config.prefix.trim_matches('/'));
-    for u in store.pending_uploads(&root).await? {
-        if u.initiated.is_some_and(|t| t < cutoff) {
-            store.abort_upload(&u.key, &u.upload_id).await?;
-            out.aborted_uploads += 1;
-        }
-    }
+    out.reclaimed = reclaim_uploads(store, &config.prefix, now, rt.reclaim_idle).await?;
     Ok(out)
 }
 
@@ -465,11 +519,21 @@ pub fn select<'a>(catalog: &'a Catalog, selector: &Selector) -> Result<&'a Manif
     })
 }
 
-/// Unwraps a backup's data key (or `None` for an unencrypted backup).
-pub async fn data_key(m: &Manifest, kek: Option<&Kek>) -> Result<Option<DataKey>, BackupError> {
+/// Unwraps a backup's data key (or `None` for an unencrypted backup) and, before anything else is read, checks
+/// the manifest's MAC with it: an edited manifest stops a verification or a restore here.
+pub async fn data_key(m: &Manifest, kek: Option<&Kek>, rt: &Runtime) -> Result<Option<DataKey>, BackupError> {
     match (&m.encryption, kek) {
         (None, _) => Ok(None),
-        (Some(e), Some(k)) => Ok(Some(k.unwrap(&e.key, &m.id).await?)),
+        (Some(e), Some(k)) => {
+            let dek = k.unwrap(&e.key, &m.id).await?;
+            match m.check_seal(&dek) {
+                Err(manifest::Unauthenticated::Missing(..)) if rt.allow_unauthenticated_manifest => {
+                    tracing::warn!(id = %m.id, "the manifest carries no MAC; accepted as asked (--allow-unauthenticated-manifest)");
+                }
+                other => other?,
+            }
+            Ok(Some(dek))
+        }
         (Some(_), None) => Err(BackupError::Config(format!(
             "backup {} is encrypted but no key is configured: name the key it was made with in encryption.key",
             m.id
@@ -490,7 +554,7 @@ pub struct VerifyReport {
 
 /// Re-verifies a committed backup completely (sha256, every chunk, decompression with zstd's checksum, the dump).
 pub async fn verify_backup(m: &Manifest, kek: Option<&Kek>, rt: &Runtime) -> Result<VerifyReport, BackupError> {
-    let key = data_key(m, kek).await?;
+    let key = data_key(m, kek, rt).await?;
     let mut report = VerifyReport { id: m.id.clone(), objects: 0, stored_bytes: 0, raw_bytes: 0, decrypted_chunks: 0 };
     let conn = DbConn::new(m.engine, "", 0, &m.database, "", None, crate::api::backup_policy::TlsMode::Disable, None);
     for o in &m.objects {
@@ -544,7 +608,7 @@ pub async fn restore(
     rt: &Runtime,
 ) -> Result<RestoreReport, BackupError> {
     let started = std::time::Instant::now();
-    let key = data_key(m, kek).await?;
+    let key = data_key(m, kek, rt).await?;
     let db =
         m.object(DATABASE).ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
     tracing::info!("restore of backup {} into {}: verifying before touching the target", m.id, req.target.database);

@@ -45,6 +45,15 @@ pub struct PendingUpload {
     pub initiated: Option<Timestamp>,
 }
 
+/// What an unfinished multipart upload holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadUsage {
+    pub parts: u64,
+    pub bytes: u64,
+    /// When its newest part arrived (`None` without parts).
+    pub newest: Option<Timestamp>,
+}
+
 /// S3 connection settings resolved from the policy and the environment.
 #[derive(Clone, Debug)]
 pub struct S3Settings {
@@ -394,22 +403,58 @@ impl Store {
     /// Unfinished multipart uploads under `prefix` (S3 only; a directory store has none worth listing).
     pub async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
         let Store::S3 { client, bucket } = self else { return Ok(Vec::new()) };
-        let out = client
-            .list_multipart_uploads()
-            .bucket(bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .map_err(|e| s3_err("LIST uploads", prefix, &e))?;
-        Ok(out
-            .uploads()
-            .iter()
-            .map(|u| PendingUpload {
+        let mut found = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let out = client
+                .list_multipart_uploads()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_key_marker(markers.0.clone())
+                .set_upload_id_marker(markers.1.clone())
+                .send()
+                .await
+                .map_err(|e| s3_err("LIST uploads", prefix, &e))?;
+            found.extend(out.uploads().iter().map(|u| PendingUpload {
                 key: u.key().unwrap_or_default().to_string(),
                 upload_id: u.upload_id().unwrap_or_default().to_string(),
                 initiated: u.initiated().and_then(|t| Timestamp::from_second(t.secs()).ok()),
-            })
-            .collect())
+            }));
+            let next = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
+            if out.is_truncated() != Some(true) || next.0.is_none() || next == markers {
+                return Ok(found);
+            }
+            markers = next;
+        }
+    }
+
+    /// The parts an unfinished multipart upload holds: how many, their bytes, and when the newest arrived.
+    pub async fn upload_usage(&self, key: &str, upload_id: &str) -> Result<UploadUsage, StoreError> {
+        let Store::S3 { client, bucket } = self else { return Ok(UploadUsage::default()) };
+        let mut usage = UploadUsage::default();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = client
+                .list_parts()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(|e| s3_err("LIST parts", key, &e))?;
+            for p in out.parts() {
+                usage.parts += 1;
+                usage.bytes += p.size().unwrap_or(0).max(0) as u64;
+                let at = p.last_modified().and_then(|t| Timestamp::from_second(t.secs()).ok());
+                usage.newest = usage.newest.max(at);
+            }
+            let next = out.next_part_number_marker().map(str::to_string);
+            if out.is_truncated() != Some(true) || next.is_none() || next == marker {
+                return Ok(usage);
+            }
+            marker = next;
+        }
     }
 
     /// Aborts an unfinished multipart upload.

@@ -6,6 +6,7 @@ pub mod controlplane;
 pub mod faultproxy;
 pub mod kubelet;
 pub mod services;
+pub mod tcpcut;
 
 pub use controlplane::ControlPlane;
 

@@ -181,6 +181,17 @@ spec:
     }
 }
 
+impl Case {
+    /// The same policy, database and environment, reaching S3 at `endpoint` instead.
+    fn through(&self, endpoint: &str) -> Case {
+        let text = std::fs::read_to_string(&self.policy).unwrap().replace(&SeaweedFs::shared().endpoint(), endpoint);
+        let dir = TempDir::new("through");
+        let policy = dir.path.join("policy.yaml");
+        std::fs::write(&policy, text).unwrap();
+        Case { name: self.name.clone(), dir, policy, env: self.env.clone() }
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -1214,4 +1225,69 @@ async fn a_job_that_only_claims_a_backup_changes_nothing_and_is_reported() {
     assert!(!id.ends_with("-fake"), "{id}");
     assert!(String::from_utf8_lossy(&case.run(&["backup", "list"]).stdout).contains(&id));
     assert!(!op.logs().contains(fake), "the fake report is not logged");
+}
+
+/// Issue 20, item 4: storage that goes away during a restore is reported as the storage failure it is, not as
+/// pg_restore's "unexpected end of file", and the target keeps nothing (pg_restore runs in one transaction).
+/// (Before: reason DatabaseToolFailed with pg_restore's message.)
+#[test]
+fn storage_lost_during_a_restore_is_named_as_such_and_the_target_keeps_nothing() {
+    let case = Case::new("s3gone", "{key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    pg.sql(&case.name, "CREATE TABLE bulk AS SELECT i, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) i");
+    let id = case.ok(&["backup", "run"])["backupId"].as_str().unwrap().to_string();
+    let stored = case.list()[0]["objects"][0]["storedBytes"].as_u64().unwrap();
+    // The verification pass reads the object once; the endpoint dies halfway through the restore's own read.
+    let proxy = e2e::tcpcut::CutProxy::start(SeaweedFs::shared().port, stored + stored / 2);
+    let cut = case.through(&format!("http://127.0.0.1:{}", proxy.port));
+    let target = format!("{}_restored", case.name);
+    let (report, stderr) =
+        cut.fails(&["restore", "run", "--backup", &id, "--target-database", &target, "--create-database"]);
+    assert!(proxy.was_cut(), "the storage did not go away during the restore: {report}");
+    assert_eq!(report["reason"], "StorageError", "{report}\n{stderr}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("GET") && !msg.contains("pg_restore"), "{msg}");
+    let tables =
+        pg.sql(&target, "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')");
+    assert_eq!(tables.trim(), "0", "the target kept part of the backup");
+}
+
+/// Issue 20, item 4: missing S3 keys are named at once, with where they come from; no cloud metadata address is
+/// asked. (Before: the SDK's credential chain ended at the metadata service and the error read "cannot reach the S3
+/// endpoint", followed by an internal dump.)
+#[test]
+fn missing_s3_keys_are_named_with_how_to_provide_them() {
+    let mut case = Case::new("nokeys", "{key: {secretRef: {name: k, key: key}}}", "");
+    case.env.remove("AWS_ACCESS_KEY_ID");
+    case.env.remove("AWS_SECRET_ACCESS_KEY");
+    // Whatever the code under test does, this test never lets it reach a metadata address.
+    case.env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
+    let (report, stderr) = case.fails(&["backup", "run"]);
+    assert_eq!(report["reason"], "CredentialsUnavailable", "{report}\n{stderr}");
+    let msg = report["message"].as_str().unwrap();
+    assert!(msg.contains("AWS_ACCESS_KEY_ID") && msg.contains("destination.credentials.secretRef"), "{msg}");
+    assert!(!stderr.contains("DispatchFailure") && !stderr.contains("169.254"), "{stderr}");
+    case.env.insert("AWS_ACCESS_KEY_ID".into(), "only-this-one".into());
+    let (report, _) = case.fails(&["backup", "run"]);
+    assert!(
+        report["message"].as_str().unwrap().contains("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
+        "{report}"
+    );
+}
+
+/// Issue 20, item 4: a restore into a database server that cannot be reached fails at once, before the backup is
+/// downloaded and verified, with a reason of its own. (Before: the whole backup was read and verified, then the
+/// restore tool failed: DatabaseToolFailed.)
+#[test]
+fn an_unreachable_target_fails_the_restore_before_anything_is_downloaded() {
+    let case = Case::new("notarget", "{key: {secretRef: {name: k, key: key}}}", "");
+    let id = case.ok(&["backup", "run"])["backupId"].as_str().unwrap().to_string();
+    let port = e2e::free_port().to_string();
+    let target = format!("{}_restored", case.name);
+    let args =
+        ["restore", "run", "--backup", &id, "--target-database", &target, "--target-port", &port, "--create-database"];
+    let (report, stderr) = case.fails(&args);
+    assert_eq!(report["reason"], "DatabaseUnreachable", "{report}\n{stderr}");
+    assert!(report["message"].as_str().unwrap().contains("nothing was downloaded"), "{report}");
+    assert!(!stderr.contains("verifying before touching the target"), "the backup was read first:\n{stderr}");
 }

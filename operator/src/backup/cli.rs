@@ -186,15 +186,15 @@ pub fn load_config(args: &PolicyArgs) -> Result<JobConfig, String> {
     Ok(JobConfig { policy: v.owner.name, namespace: v.owner.namespace, prefix: v.prefix, port: v.port, spec: v.spec })
 }
 
-async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<PathBuf>) -> Result<Runtime, String> {
+async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<PathBuf>) -> Result<Runtime, BackupError> {
     let store = match &args.store_dir {
         Some(dir) => Store::dir(dir.clone()),
         None => {
             let mut settings = S3Settings::from_location(&config.spec.destination);
             if let Some(v) = config.spec.destination.credentials.as_ref().and_then(|c| c.vault.as_ref()) {
-                settings.static_keys = Some(s3_keys_from_vault(v).await?);
+                settings.static_keys = Some(s3_keys_from_vault(v).await.map_err(BackupError::Config)?);
             }
-            Store::s3(&settings).await.map_err(|e| e.to_string())?
+            Store::s3(&settings).await?
         }
     };
     Ok(Runtime {
@@ -333,7 +333,7 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
         BackupCommand::List { policy, output } => {
             let config = load_config(&policy)?;
             block_on(async move {
-                let rt = runtime(&config, &policy, None).await?;
+                let rt = runtime(&config, &policy, None).await.map_err(|e| e.to_string())?;
                 let catalog =
                     super::manifest::read_catalog(&rt.store, &config.prefix).await.map_err(|e| e.to_string())?;
                 if output == "json" {
@@ -373,7 +373,7 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
             let config = load_config(&policy)?;
             block_on(async move {
                 let result = async {
-                    let rt = runtime(&config, &policy, None).await.map_err(BackupError::Config)?;
+                    let rt = runtime(&config, &policy, None).await?;
                     let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
                     let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
                     let kek = super::kek_for(&config).await?;
@@ -417,7 +417,7 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
             let config = load_config(&policy)?;
             block_on(async move {
                 let result = async {
-                    let rt = runtime(&config, &policy, None).await.map_err(BackupError::Config)?;
+                    let rt = runtime(&config, &policy, None).await?;
                     let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
                     let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
                     let kek = super::kek_for(&config).await?;
@@ -462,7 +462,7 @@ async fn backup_run(
     args: &PolicyArgs,
     attachments: Option<PathBuf>,
 ) -> Result<JobReport, BackupError> {
-    let rt = runtime(config, args, attachments).await.map_err(BackupError::Config)?;
+    let rt = runtime(config, args, attachments).await?;
     let kek = super::kek_for(config).await?;
     let conn = super::source_conn(config).await?;
     // First what runs of this policy that died left behind, so that a crash-looping job does not fill the bucket.
@@ -543,7 +543,7 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
     block_on(async move {
         let kind = if args.drill { "drill" } else { "restore" };
         let result = async {
-            let rt = runtime(&config, &args.policy, None).await.map_err(BackupError::Config)?;
+            let rt = runtime(&config, &args.policy, None).await?;
             let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
             let m = super::select(&catalog, &sel)?;
             let kek = super::kek_for(&config).await?;

@@ -54,6 +54,8 @@ pub enum BackupError {
     RowCounts(String),
     #[error(transparent)]
     Manifest(#[from] manifest::Unauthenticated),
+    #[error("the target database cannot be reached, so nothing was downloaded: {0}")]
+    TargetUnreachable(#[source] SourceError),
 }
 
 impl BackupError {
@@ -63,13 +65,16 @@ impl BackupError {
             BackupError::Config(_) => "InvalidConfiguration",
             BackupError::Source(SourceError::Credentials(_) | SourceError::Vault(_)) => "CredentialsUnavailable",
             BackupError::Source(_) => "DatabaseToolFailed",
+            BackupError::Store(StoreError::Credentials(_)) => "CredentialsUnavailable",
             BackupError::Store(_) => "StorageError",
+            BackupError::TargetUnreachable(_) => "DatabaseUnreachable",
             BackupError::Key(KeyError::WrongKey { .. } | KeyError::Mismatch { .. }) => "WrongKey",
             BackupError::Key(KeyError::Damaged(_) | KeyError::Relabelled { .. }) => "ManifestTampered",
             BackupError::Manifest(manifest::Unauthenticated::Internal(_)) => "InvalidConfiguration",
             BackupError::Manifest(_) => "ManifestTampered",
             BackupError::Key(_) => "KeyUnavailable",
             BackupError::Pipeline(PipelineError::Verify { .. }) => "VerificationFailed",
+            BackupError::Pipeline(PipelineError::Store(StoreError::Credentials(_))) => "CredentialsUnavailable",
             BackupError::Pipeline(PipelineError::Store(_)) => "StorageError",
             BackupError::Pipeline(PipelineError::Stream(_)) => "BackupStreamFailed",
             BackupError::Pipeline(PipelineError::Source(_)) => "DatabaseToolFailed",
@@ -81,7 +86,7 @@ impl BackupError {
 
 /// Every reason a backup, verification or restore job can report, plus `JobFailed` for a job that left no
 /// report (e.g. killed for memory).
-pub const REASONS: [&str; 12] = [
+pub const REASONS: [&str; 13] = [
     "InvalidConfiguration",
     "CredentialsUnavailable",
     "DatabaseToolFailed",
@@ -93,6 +98,7 @@ pub const REASONS: [&str; 12] = [
     "BackupNotFound",
     "RowCountMismatch",
     "ManifestTampered",
+    "DatabaseUnreachable",
     "JobFailed",
 ];
 
@@ -611,6 +617,12 @@ pub async fn restore(
     let key = data_key(m, kek, rt).await?;
     let db =
         m.object(DATABASE).ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
+    // The target must be reachable before the backup is downloaded and verified (minutes for a big one).
+    let (target, maintenance) = (req.target.clone(), req.create_database || req.recreate);
+    tokio::task::spawn_blocking(move || source::check_reachable(&target, maintenance))
+        .await
+        .map_err(|e| BackupError::Config(e.to_string()))?
+        .map_err(BackupError::TargetUnreachable)?;
     tracing::info!("restore of backup {} into {}: verifying before touching the target", m.id, req.target.database);
     for o in &m.objects {
         if o.purpose == ATTACHMENTS && req.attachments_dir.is_none() {
@@ -643,9 +655,13 @@ pub async fn restore(
     })
     .await
     .map_err(|e| BackupError::Config(e.to_string()))?;
-    // The tool's own error explains a broken pipe better than the pipe does.
-    tool_result?;
-    let verified = streamed?;
+    // A storage failure explains the tool's "unexpected end of file"; otherwise the tool's own error explains a
+    // broken pipe better than the pipe does.
+    let verified = match (streamed, tool_result) {
+        (Err(e @ (PipelineError::Store(_) | PipelineError::Verify { .. })), _) => return Err(e.into()),
+        (_, Err(e)) => return Err(e.into()),
+        (streamed, Ok(_)) => streamed?,
+    };
 
     if let (Some(dir), Some(o)) = (&req.attachments_dir, m.object(ATTACHMENTS)) {
         let pipe = TarSink::new(dir.clone());

@@ -658,7 +658,9 @@ where
     let (stored_bytes, stored_sha, raw_bytes, chunks, sink) = match (consumed, fetched) {
         (Ok(v), Ok(_)) => v,
         (_, Err(StoreError::NotFound(k))) => return Err(verify(format!("object {k} is missing"))),
-        // A checksum or authentication failure explains a stopped download better than the download error.
+        // The download broke off (storage gone, connection lost): the readers saw only a cut stream.
+        (_, Err(e)) if !matches!(e, StoreError::ReaderStopped(_)) => return Err(e.into()),
+        // A checksum or authentication failure stopped the readers, and with them the download.
         (Err(e), _) => return Err(verify(e.to_string())),
         (Ok(_), Err(e)) => return Err(e.into()),
     };

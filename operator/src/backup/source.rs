@@ -539,6 +539,17 @@ pub fn count_rows(conn: &DbConn, database: &str) -> Result<BTreeMap<String, u64>
     }
 }
 
+/// Connects and runs `SELECT 1`: to the server's maintenance database when the target database is to be
+/// created, else to the target database itself.
+pub fn check_reachable(conn: &DbConn, maintenance: bool) -> Result<(), SourceError> {
+    let database = match (conn.engine, maintenance) {
+        (Engine::Postgres, true) => "postgres",
+        (Engine::Mysql, true) => "",
+        (_, false) => conn.database.as_str(),
+    };
+    run_sql(conn, database, &[], "SELECT 1;").map(drop)
+}
+
 /// Creates `database` on the server when it does not exist. Returns whether it was created.
 pub fn ensure_database(conn: &DbConn, database: &str) -> Result<bool, SourceError> {
     match conn.engine {

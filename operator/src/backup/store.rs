@@ -27,6 +27,11 @@ pub enum StoreError {
     NotFound(String),
     #[error("invalid storage configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Credentials(String),
+    /// The consumer of a download stopped reading (it failed first; its error is the one to report).
+    #[error("GET {0}: the reader stopped")]
+    ReaderStopped(String),
 }
 
 /// One listed object.
@@ -100,6 +105,47 @@ impl S3Settings {
     }
 }
 
+/// Why no S3 credentials can be found without asking a cloud metadata service, or `None` when some source is
+/// there. The SDK's chain would otherwise end at the instance metadata address (169.254.169.254), which exists
+/// only on a cloud VM, and fail after timeouts with a message about the endpoint. That last resort is kept only
+/// for AWS itself (no custom endpoint) when `AWS_EC2_METADATA_DISABLED` is not `true`.
+fn missing_credentials(custom_endpoint: bool) -> Option<String> {
+    let set = |v: &str| std::env::var(v).is_ok_and(|x| !x.trim().is_empty());
+    let (access, secret) = (set("AWS_ACCESS_KEY_ID"), set("AWS_SECRET_ACCESS_KEY"));
+    if access != secret {
+        let (have, lack) = if access {
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        } else {
+            ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        };
+        return Some(format!(
+            "S3 credentials are incomplete: {have} is set but {lack} is not. The Secret named in \
+             destination.credentials.secretRef must hold both keys"
+        ));
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let files = home.is_some_and(|h| h.join(".aws/credentials").exists() || h.join(".aws/config").exists());
+    let ambient = files
+        || [
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_PROFILE",
+        ]
+        .into_iter()
+        .any(set)
+        || set("AWS_SHARED_CREDENTIALS_FILE")
+        || set("AWS_CONFIG_FILE");
+    let metadata = !custom_endpoint && std::env::var("AWS_EC2_METADATA_DISABLED").map_or(true, |v| v != "true");
+    (!ambient && !metadata).then(|| {
+        "no S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set and no other source is \
+         configured (web identity, container credentials, an AWS profile). Name a Secret holding both keys in the \
+         policy's destination.credentials.secretRef (the job gets them as environment variables), or Vault KV \
+         credentials in destination.credentials.vault; by hand, export the two variables"
+            .to_string()
+    })
+}
+
 /// A bucket (or directory) holding backups.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -162,6 +208,11 @@ impl Store {
             http = http.tls_context(TlsContext::builder().with_trust_store(trust).build().map_err(|e| {
                 StoreError::Config(format!("the S3 CA certificate (CRMGUARD_S3_CA_FILE) cannot be used: {e}"))
             })?);
+        }
+        if settings.static_keys.is_none()
+            && let Some(missing) = missing_credentials(settings.endpoint.is_some())
+        {
+            return Err(StoreError::Credentials(missing));
         }
         let http = http.build_https();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -288,7 +339,7 @@ impl Store {
     /// Streams an object into `tx` in pieces (bounded by the channel), for a blocking consumer.
     pub async fn get_stream(&self, key: &str, tx: tokio::sync::mpsc::Sender<Bytes>) -> Result<u64, StoreError> {
         let mut total = 0u64;
-        let closed = || StoreError::S3 { op: "GET", key: key.to_string(), message: "reader stopped".into() };
+        let closed = || StoreError::ReaderStopped(key.to_string());
         match self {
             Store::S3 { client, bucket } => {
                 let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| get_err(key, &e))?;

@@ -387,6 +387,7 @@ impl SeaweedFs {
             static_keys: Some((self.access_key.clone(), self.secret_key.clone(), None)),
             ca_pem: None,
             max_attempts: 3,
+            transfer_deadline: crmguard::backup::store::DEFAULT_TRANSFER_DEADLINE,
         };
         let store = crmguard::backup::store::Store::s3(&settings).await.expect("S3 client");
         if let crmguard::backup::store::Store::S3 { client, .. } = &store {

@@ -184,7 +184,14 @@ spec:
 impl Case {
     /// The same policy, database and environment, reaching S3 at `endpoint` instead.
     fn through(&self, endpoint: &str) -> Case {
-        let text = std::fs::read_to_string(&self.policy).unwrap().replace(&SeaweedFs::shared().endpoint(), endpoint);
+        self.through_with(endpoint, "5m")
+    }
+
+    /// [`Case::through`] with a transfer deadline (`destination.transferDeadline`).
+    fn through_with(&self, endpoint: &str, deadline: &str) -> Case {
+        let old = format!("endpoint: {}", SeaweedFs::shared().endpoint());
+        let new = format!("endpoint: {endpoint}\n    transferDeadline: {deadline}");
+        let text = std::fs::read_to_string(&self.policy).unwrap().replace(&old, &new);
         let dir = TempDir::new("through");
         let policy = dir.path.join("policy.yaml");
         std::fs::write(&policy, text).unwrap();
@@ -1239,7 +1246,8 @@ fn storage_lost_during_a_restore_is_named_as_such_and_the_target_keeps_nothing()
     let stored = case.list()[0]["objects"][0]["storedBytes"].as_u64().unwrap();
     // The verification pass reads the object once; the endpoint dies halfway through the restore's own read.
     let proxy = e2e::tcpcut::CutProxy::start(SeaweedFs::shared().port, stored + stored / 2);
-    let cut = case.through(&format!("http://127.0.0.1:{}", proxy.port));
+    // The endpoint stays away: the download gives up after the policy's transfer deadline.
+    let cut = case.through_with(&format!("http://127.0.0.1:{}", proxy.port), "3s");
     let target = format!("{}_restored", case.name);
     let (report, stderr) =
         cut.fails(&["restore", "run", "--backup", &id, "--target-database", &target, "--create-database"]);
@@ -1290,4 +1298,45 @@ fn an_unreachable_target_fails_the_restore_before_anything_is_downloaded() {
     assert_eq!(report["reason"], "DatabaseUnreachable", "{report}\n{stderr}");
     assert!(report["message"].as_str().unwrap().contains("nothing was downloaded"), "{report}");
     assert!(!stderr.contains("verifying before touching the target"), "the backup was read first:\n{stderr}");
+}
+
+/// Issue 20, item 3: transfers ride out an endpoint that restarts. The S3 endpoint goes away in the middle of the
+/// upload for 20 s (connections cut, new ones refused) and comes back: the backup retries the failed parts into
+/// the same multipart upload and commits. Then it goes away in the middle of a restore's download for 3 s: the
+/// download resumes where it stopped and the restore completes. (Before: the SDK's five attempts were spent within
+/// seconds and the backup failed.)
+#[test]
+fn transfers_ride_out_an_endpoint_that_restarts() {
+    use e2e::tcpcut::{CutProxy, Outage};
+    let case = Case::new("s3blip", "{key: {secretRef: {name: k, key: key}}}", "");
+    let pg = Postgres::shared();
+    pg.sql(&case.name, "CREATE TABLE bulk AS SELECT i, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) i");
+    let before = fingerprint(pg, &case.name);
+    let upload = CutProxy::with_outage(
+        SeaweedFs::shared().port,
+        Outage { after_bytes: 6 << 20, count_client_bytes: true, down: Some(Duration::from_secs(20)) },
+    );
+    let blip = case.through(&format!("http://127.0.0.1:{}", upload.port));
+    let out = blip.run(&["backup", "run", "--part-size-mib", "5", "--parts-in-flight", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(upload.was_cut(), "the endpoint did not go away during the upload");
+    assert!(out.status.success(), "the backup did not ride out the outage:\n{stderr}");
+    assert!(stderr.contains("retrying"), "{stderr}");
+    let list = case.list();
+    assert_eq!(list.len(), 1);
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let stored = list[0]["objects"][0]["storedBytes"].as_u64().unwrap();
+
+    let download = CutProxy::with_outage(
+        SeaweedFs::shared().port,
+        Outage { after_bytes: stored + stored / 2, count_client_bytes: false, down: Some(Duration::from_secs(3)) },
+    );
+    let blip = case.through(&format!("http://127.0.0.1:{}", download.port));
+    let target = format!("{}_restored", case.name);
+    let out = blip.run(&["restore", "run", "--backup", &id, "--target-database", &target, "--create-database"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(download.was_cut(), "the endpoint did not go away during the download");
+    assert!(out.status.success(), "the restore did not ride out the outage:\n{stderr}");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    assert_eq!(fingerprint(pg, &target), before, "restored data differs from the source");
 }

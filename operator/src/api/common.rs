@@ -151,6 +151,19 @@ pub struct S3Location {
     /// to the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeySelector>,
+    /// How long one transfer (an upload part, a download, the manifest) may keep retrying through failures of
+    /// the endpoint (connection refused or reset, timeouts, 5xx, throttling) before the job fails, e.g. `5m`.
+    /// Retries wait 0.5 s doubling to 15 s with jitter; an interrupted download resumes where it stopped and a
+    /// failed part is sent again into the same multipart upload, so a restarting endpoint costs seconds, not the
+    /// backup. Errors that retrying cannot fix (credentials, a missing bucket) fail at once.
+    #[serde(default = "default_transfer_deadline")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("transferDeadline must be a duration of at least 1s such as 5m"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub transfer_deadline: String,
+}
+
+fn default_transfer_deadline() -> String {
+    "5m".into()
 }
 
 fn default_region() -> String {

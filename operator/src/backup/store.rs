@@ -70,15 +70,23 @@ pub struct S3Settings {
     pub static_keys: Option<(String, String, Option<String>)>,
     /// Extra CA certificates (PEM) to trust for the endpoint.
     pub ca_pem: Option<Vec<u8>>,
-    /// Attempts per request (standard retry mode with exponential backoff and jitter).
+    /// Attempts per request inside the SDK (its standard retry mode); [`with_retries`] retries on top of that
+    /// until `transfer_deadline`.
     pub max_attempts: u32,
+    /// How long one transfer may keep retrying through failures of the endpoint (`destination.transferDeadline`).
+    pub transfer_deadline: Duration,
 }
 
 impl S3Settings {
     /// Settings from a policy's destination; keys come from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (set
     /// from the policy's Secret by the job) or the ambient chain.
     pub fn from_location(loc: &S3Location) -> Self {
-        Self::from_env(&loc.bucket, &loc.region, loc.endpoint.clone(), loc.force_path_style)
+        let mut settings = Self::from_env(&loc.bucket, &loc.region, loc.endpoint.clone(), loc.force_path_style);
+        // The CRD admits only durations of at least 1s.
+        if let Ok(d) = crate::api::common::parse_duration(&loc.transfer_deadline) {
+            settings.transfer_deadline = d;
+        }
+        settings
     }
 
     /// Settings for a bucket, with keys and CA from the environment as described at [`Self::from_location`].
@@ -100,7 +108,8 @@ impl S3Settings {
             force_path_style,
             static_keys,
             ca_pem,
-            max_attempts: 5,
+            max_attempts: 2,
+            transfer_deadline: DEFAULT_TRANSFER_DEADLINE,
         }
     }
 }
@@ -146,11 +155,92 @@ fn missing_credentials(custom_endpoint: bool) -> Option<String> {
     })
 }
 
+/// The transfer deadline when the policy names none.
+pub const DEFAULT_TRANSFER_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Whether retrying can fix a failed request: the endpoint could not be reached or timed out, the connection
+/// broke, or it answered 5xx, 429 or 408. Credentials, permissions and missing buckets cannot be retried away.
+fn transient<E>(e: &aws_sdk_s3::error::SdkError<E>) -> bool {
+    use aws_sdk_s3::error::SdkError;
+    match e {
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
+        SdkError::DispatchFailure(d) => {
+            use aws_smithy_types::retry::ErrorKind;
+            d.is_io()
+                || d.is_timeout()
+                || matches!(
+                    d.as_other(),
+                    Some(ErrorKind::TransientError | ErrorKind::ServerError | ErrorKind::ThrottlingError)
+                )
+        }
+        SdkError::ServiceError(s) => {
+            let status = s.raw().status().as_u16();
+            status >= 500 || status == 429 || status == 408
+        }
+        _ => false,
+    }
+}
+
+/// The wait before retry `n` (0-based): 0.5 s doubling up to 15 s, shortened at random by up to half so that
+/// parts and jobs do not retry in step.
+fn retry_delay(n: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1u32 << n.min(5)).min(Duration::from_secs(15));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    base.mul_f64(1.0 - f64::from(nanos % 500) / 1000.0)
+}
+
+/// Runs `attempt` until it succeeds, fails in a way retrying cannot fix, or `deadline` has passed since its
+/// first failure.
+pub async fn with_retries<T, E, F, Fut>(
+    deadline: Duration,
+    op: &'static str,
+    key: &str,
+    mut attempt: F,
+) -> Result<T, aws_sdk_s3::error::SdkError<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, aws_sdk_s3::error::SdkError<E>>>,
+    E: std::fmt::Debug + std::fmt::Display,
+{
+    let mut first_failure: Option<std::time::Instant> = None;
+    let mut n = 0;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) => {
+                let since = *first_failure.get_or_insert_with(std::time::Instant::now);
+                let wait = retry_delay(n);
+                if since.elapsed() + wait > deadline {
+                    return Err(e);
+                }
+                if let StoreError::S3 { message, .. } = s3_err(op, key, &e) {
+                    tracing::warn!(
+                        op,
+                        key,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "S3 request failed, retrying: {message}"
+                    );
+                }
+                tokio::time::sleep(wait).await;
+                n += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A bucket (or directory) holding backups.
 #[derive(Clone, Debug)]
 pub enum Store {
-    S3 { client: aws_sdk_s3::Client, bucket: String },
-    Dir { root: PathBuf },
+    /// `deadline`: how long one transfer may keep retrying through failures of the endpoint.
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        deadline: Duration,
+    },
+    Dir {
+        root: PathBuf,
+    },
 }
 
 fn s3_err<E: std::fmt::Debug + std::fmt::Display>(
@@ -170,7 +260,13 @@ fn s3_err<E: std::fmt::Debug + std::fmt::Display>(
                 body.map(|b| format!(" ({b})")).unwrap_or_default()
             )
         }
-        SdkError::DispatchFailure(d) => format!("cannot reach the S3 endpoint: {d:?}"),
+        SdkError::DispatchFailure(d) => {
+            let why = match d.as_connector_error() {
+                Some(c) => aws_sdk_s3::error::DisplayErrorContext(c).to_string(),
+                None => format!("{d:?}"),
+            };
+            format!("cannot reach the S3 endpoint: {why}")
+        }
         SdkError::TimeoutError(_) => "timed out".to_string(),
         other => other.to_string(),
     };
@@ -239,7 +335,11 @@ impl Store {
         if let Some(ep) = &settings.endpoint {
             conf = conf.endpoint_url(ep.trim_end_matches('/'));
         }
-        Ok(Store::S3 { client: aws_sdk_s3::Client::from_conf(conf.build()), bucket: settings.bucket.clone() })
+        Ok(Store::S3 {
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
+            bucket: settings.bucket.clone(),
+            deadline: settings.transfer_deadline,
+        })
     }
 
     /// A local directory store.
@@ -262,15 +362,12 @@ impl Store {
     /// Writes a small object in one request.
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         match self {
-            Store::S3 { client, bucket } => {
-                client
-                    .put_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("PUT", key, &e))?;
+            Store::S3 { client, bucket, deadline } => {
+                with_retries(*deadline, "PUT", key, || {
+                    client.put_object().bucket(bucket).key(key).body(ByteStream::from(body.clone())).send()
+                })
+                .await
+                .map_err(|e| s3_err("PUT", key, &e))?;
                 Ok(())
             }
             Store::Dir { root } => {
@@ -289,8 +386,10 @@ impl Store {
     /// Reads a whole (small) object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         match self {
-            Store::S3 { client, bucket } => {
-                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| get_err(key, &e))?;
+            Store::S3 { client, bucket, deadline } => {
+                let out = with_retries(*deadline, "GET", key, || client.get_object().bucket(bucket).key(key).send())
+                    .await
+                    .map_err(|e| get_err(key, &e))?;
                 let data = out.body.collect().await.map_err(|e| body_err("GET", key, &e))?;
                 Ok(data.into_bytes())
             }
@@ -311,16 +410,13 @@ impl Store {
             return Ok(Bytes::new());
         }
         match self {
-            Store::S3 { client, bucket } => {
+            Store::S3 { client, bucket, deadline } => {
                 let range = format!("bytes={}-{}", offset, offset + len - 1);
-                let out = client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .range(range)
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("GET (range)", key, &e))?;
+                let out = with_retries(*deadline, "GET (range)", key, || {
+                    client.get_object().bucket(bucket).key(key).range(range.clone()).send()
+                })
+                .await
+                .map_err(|e| s3_err("GET (range)", key, &e))?;
                 let data = out.body.collect().await.map_err(|e| body_err("GET (range)", key, &e))?;
                 Ok(data.into_bytes())
             }
@@ -341,12 +437,44 @@ impl Store {
         let mut total = 0u64;
         let closed = || StoreError::ReaderStopped(key.to_string());
         match self {
-            Store::S3 { client, bucket } => {
-                let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| get_err(key, &e))?;
-                let mut body = out.body;
-                while let Some(piece) = body.try_next().await.map_err(|e| body_err("GET", key, &e))? {
-                    total += piece.len() as u64;
-                    tx.send(piece).await.map_err(|_| closed())?;
+            Store::S3 { client, bucket, deadline } => {
+                // A download that breaks off resumes where it stopped (a range request, pinned to the same object
+                // by its ETag), for as long as the transfer deadline allows since the break.
+                let mut etag: Option<String> = None;
+                let mut broke: Option<std::time::Instant> = None;
+                'resume: loop {
+                    let out = with_retries(*deadline, "GET", key, || {
+                        let mut req = client.get_object().bucket(bucket).key(key);
+                        if total > 0 {
+                            req = req.range(format!("bytes={total}-")).set_if_match(etag.clone());
+                        }
+                        req.send()
+                    })
+                    .await
+                    .map_err(|e| get_err(key, &e))?;
+                    if etag.is_none() {
+                        etag = out.e_tag().map(str::to_string);
+                    }
+                    let mut body = out.body;
+                    loop {
+                        match body.try_next().await {
+                            Ok(Some(piece)) => {
+                                broke = None;
+                                total += piece.len() as u64;
+                                tx.send(piece).await.map_err(|_| closed())?;
+                            }
+                            Ok(None) => break 'resume,
+                            Err(e) => {
+                                let since = *broke.get_or_insert_with(std::time::Instant::now);
+                                if since.elapsed() >= *deadline {
+                                    return Err(body_err("GET", key, &e));
+                                }
+                                tracing::warn!(key, offset = total, "download broke off ({e}); resuming");
+                                tokio::time::sleep(retry_delay(0)).await;
+                                continue 'resume;
+                            }
+                        }
+                    }
                 }
             }
             Store::Dir { root } => {
@@ -377,7 +505,7 @@ impl Store {
     /// Every object under `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         match self {
-            Store::S3 { client, bucket } => {
+            Store::S3 { client, bucket, .. } => {
                 let mut out = Vec::new();
                 let mut pages = client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
                 while let Some(page) = pages.next().await {
@@ -427,7 +555,7 @@ impl Store {
     pub async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         for key in keys {
             match self {
-                Store::S3 { client, bucket } => {
+                Store::S3 { client, bucket, .. } => {
                     client
                         .delete_object()
                         .bucket(bucket)
@@ -453,7 +581,7 @@ impl Store {
 
     /// Unfinished multipart uploads under `prefix` (S3 only; a directory store has none worth listing).
     pub async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
-        let Store::S3 { client, bucket } = self else { return Ok(Vec::new()) };
+        let Store::S3 { client, bucket, .. } = self else { return Ok(Vec::new()) };
         let mut found = Vec::new();
         let mut markers: (Option<String>, Option<String>) = (None, None);
         loop {
@@ -481,7 +609,7 @@ impl Store {
 
     /// The parts an unfinished multipart upload holds: how many, their bytes, and when the newest arrived.
     pub async fn upload_usage(&self, key: &str, upload_id: &str) -> Result<UploadUsage, StoreError> {
-        let Store::S3 { client, bucket } = self else { return Ok(UploadUsage::default()) };
+        let Store::S3 { client, bucket, .. } = self else { return Ok(UploadUsage::default()) };
         let mut usage = UploadUsage::default();
         let mut marker: Option<String> = None;
         loop {
@@ -510,7 +638,7 @@ impl Store {
 
     /// Aborts an unfinished multipart upload.
     pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        let Store::S3 { client, bucket } = self else { return Ok(()) };
+        let Store::S3 { client, bucket, .. } = self else { return Ok(()) };
         client
             .abort_multipart_upload()
             .bucket(bucket)
@@ -525,15 +653,18 @@ impl Store {
     /// Starts a multipart upload of `key`.
     pub async fn start_upload(&self, key: &str) -> Result<Upload, StoreError> {
         match self {
-            Store::S3 { client, bucket } => {
-                let out = client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .content_type("application/octet-stream")
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("CREATE upload", key, &e))?;
+            Store::S3 { client, bucket, deadline } => {
+                // A retried create may leave an unused upload behind; the next run reclaims it.
+                let out = with_retries(*deadline, "CREATE upload", key, || {
+                    client
+                        .create_multipart_upload()
+                        .bucket(bucket)
+                        .key(key)
+                        .content_type("application/octet-stream")
+                        .send()
+                })
+                .await
+                .map_err(|e| s3_err("CREATE upload", key, &e))?;
                 let upload_id = out.upload_id().unwrap_or_default().to_string();
                 if upload_id.is_empty() {
                     return Err(StoreError::S3 {
@@ -566,22 +697,25 @@ impl Upload {
     /// Uploads part `number` (1-based) and returns its completion record.
     pub async fn part(&self, number: i32, body: Bytes) -> Result<CompletedPart, StoreError> {
         match &self.store {
-            Store::S3 { client, bucket } => {
-                let out = client
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(&self.key)
-                    .upload_id(&self.upload_id)
-                    .part_number(number)
-                    .body(ByteStream::from(body))
-                    // No SigV4 hash of the payload (a second SHA-256 pass over every byte): each part still
-                    // carries a CRC32 checksum the server checks, the stream is AEAD-sealed, and the whole object
-                    // is re-read and verified against our own SHA-256 before the backup counts.
-                    .customize()
-                    .disable_payload_signing()
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("PUT part", &self.key, &e))?;
+            Store::S3 { client, bucket, deadline } => {
+                // A failed part is sent again into the same upload (same number: the server keeps the last).
+                let out = with_retries(*deadline, "PUT part", &self.key, || {
+                    client
+                        .upload_part()
+                        .bucket(bucket)
+                        .key(&self.key)
+                        .upload_id(&self.upload_id)
+                        .part_number(number)
+                        .body(ByteStream::from(body.clone()))
+                        // No SigV4 hash of the payload (a second SHA-256 pass over every byte): each part still
+                        // carries a CRC32 checksum the server checks, the stream is AEAD-sealed, and the whole
+                        // object is re-read and verified against our own SHA-256 before the backup counts.
+                        .customize()
+                        .disable_payload_signing()
+                        .send()
+                })
+                .await
+                .map_err(|e| s3_err("PUT part", &self.key, &e))?;
                 Ok(CompletedPart::builder()
                     .part_number(number)
                     .set_e_tag(out.e_tag().map(str::to_string))
@@ -600,17 +734,33 @@ impl Upload {
     pub async fn complete(self, mut parts: Vec<CompletedPart>) -> Result<(), StoreError> {
         parts.sort_by_key(|p| p.part_number());
         match &self.store {
-            Store::S3 { client, bucket } => {
-                client
-                    .complete_multipart_upload()
-                    .bucket(bucket)
-                    .key(&self.key)
-                    .upload_id(&self.upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("COMPLETE upload", &self.key, &e))?;
-                Ok(())
+            Store::S3 { client, bucket, deadline } => {
+                let done = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+                let mut attempts = 0u32;
+                let result = with_retries(*deadline, "COMPLETE upload", &self.key, || {
+                    attempts += 1;
+                    let attempt = client
+                        .complete_multipart_upload()
+                        .bucket(bucket)
+                        .key(&self.key)
+                        .upload_id(&self.upload_id)
+                        .multipart_upload(done.clone())
+                        .send();
+                    async move { attempt.await.map(drop) }
+                })
+                .await;
+                match result {
+                    Ok(_) => Ok(()),
+                    // An earlier attempt completed the upload but its answer was lost: the object is there.
+                    Err(e)
+                        if attempts > 1
+                            && e.as_service_error().and_then(|s| s.meta().code()) == Some("NoSuchUpload")
+                            && client.head_object().bucket(bucket).key(&self.key).send().await.is_ok() =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(s3_err("COMPLETE upload", &self.key, &e)),
+                }
             }
             Store::Dir { root } => {
                 use tokio::io::AsyncWriteExt;

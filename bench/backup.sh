@@ -2,7 +2,15 @@
 # Backup and restore throughput and peak memory: crmguard against restic (the engine K8up uses) and rclone, all
 # writing the same PostgreSQL dump into the same SeaweedFS server, plus the server's raw PUT rate as the ceiling.
 #
-#   bench/backup.sh [--size-mib 2048] [--level N] [--runs 3] [--keep] [--hold]
+#   bench/backup.sh [--size-mib 2048] [--dataset crm|random] [--live] [--level N] [--runs 3] [--keep] [--hold]
+#
+# --dataset crm (default): CRM-like rows that compress about 4.8x. --dataset random: contacts whose notes are
+# random text (base64 of random bytes) and whose attachments are random bytes, as real notes and uploaded files
+# are: it compresses about 1.3x, so storage and encryption, not compression, set the pace.
+#
+# --live: every tool reads a real `pg_dump` of the running database (crmguard runs it itself; restic and rclone
+# read it from a pipe), and `pg_dump` alone to /dev/null is measured as the ceiling. Without it every tool reads
+# the same dump file.
 #
 # --runs N: each tool backs up and restores N times (restic into a fresh repository each time, so nothing is
 # deduplicated against an earlier run); the report shows the median time and CPU and the highest peak RSS.
@@ -27,14 +35,18 @@ level=
 keep=0
 hold=0
 runs=3
+dataset=crm
+live=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib=$2; shift 2 ;;
+    --dataset) dataset=$2; shift 2 ;;
+    --live) live=1; shift ;;
     --level) level=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --hold) hold=1; shift ;;
     --runs) runs=$2; shift 2 ;;
-    *) echo "usage: $0 [--size-mib N] [--level N] [--runs N] [--keep] [--hold]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--size-mib N] [--dataset crm|random] [--live] [--level N] [--runs N] [--keep] [--hold]" >&2; exit 2 ;;
   esac
 done
 for tool in restic rclone /usr/bin/time; do
@@ -42,7 +54,7 @@ for tool in restic rclone /usr/bin/time; do
 done
 scripts/install-services >/dev/null
 cargo build --profile dist -p crmguard >&2
-bin=$PWD/target/dist/crmguard
+bin=${CARGO_TARGET_DIR:-$PWD/target}/dist/crmguard
 weed=$PWD/.ci/venv/bin/weed
 pgbin=$(dirname "$(readlink -f "$(command -v initdb || echo /usr/lib/postgresql/15/bin/initdb)")")
 
@@ -89,9 +101,22 @@ done
 # --- data: a CRM-like database of about the requested dump size --------------------------------------------
 psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pgport" -U postgres)
 "${psql[@]}" -c "CREATE DATABASE crm" >/dev/null
-rows=$(( size_mib * 1024 * 1024 / 330 ))
-echo "generating ~${size_mib} MiB of CRM data ($rows contacts)..." >&2
-"${psql[@]}" -d crm >/dev/null <<SQL
+if [ "$dataset" = random ]; then
+  # About 1 KiB per contact: 600 bytes of random text (notes) and 256 random bytes (an attachment), loaded by COPY.
+  rows=$(( size_mib * 1024 * 1024 / 1130 ))
+  echo "generating ~${size_mib} MiB of poorly compressible CRM data ($rows contacts)..." >&2
+  "${psql[@]}" -d crm -c "CREATE UNLOGGED TABLE contacts (id bigint PRIMARY KEY, name text, email text, notes text, attachment bytea)" >/dev/null
+  python3 - "$rows" <<'PY' | "${psql[@]}" -d crm -c "COPY contacts FROM STDIN" >/dev/null
+import base64, os, sys
+out = sys.stdout.buffer
+for i in range(1, int(sys.argv[1]) + 1):
+    notes = base64.b64encode(os.urandom(450)).decode()
+    out.write(f"{i}\tContact {i}\tcontact{i}@example.com\t{notes}\t\\\\x{os.urandom(256).hex()}\n".encode())
+PY
+elif [ "$dataset" = crm ]; then
+  rows=$(( size_mib * 1024 * 1024 / 330 ))
+  echo "generating ~${size_mib} MiB of CRM data ($rows contacts)..." >&2
+  "${psql[@]}" -d crm >/dev/null <<SQL
 CREATE UNLOGGED TABLE contacts (id bigint PRIMARY KEY, name text, email text, company text, phone text, notes text,
   created timestamptz, score int);
 INSERT INTO contacts
@@ -102,15 +127,25 @@ INSERT INTO contacts
          '2020-01-01'::timestamptz + (i % 100000) * interval '17 minutes', (i * 7) % 100
   FROM generate_series(1::bigint, $rows) i;
 SQL
+else
+  echo "--dataset is crm or random, not $dataset" >&2; exit 2
+fi
 "$pgbin/pg_dump" -h 127.0.0.1 -p "$pgport" -U postgres --format=custom --compress=0 crm >"$work/crm.dump"
 dump_bytes=$(stat -c %s "$work/crm.dump")
 dump_mib=$(( dump_bytes / 1048576 ))
 echo "dump: $dump_mib MiB" >&2
 
-# crmguard reads the same dump: a pg_dump that prints it; psql and pg_restore are the real ones.
 mkdir -p "$work/bin"
-printf '#!/bin/sh\n[ "$1" = --version ] && exec %s --version\nexec cat %s\n' "$pgbin/pg_dump" "$work/crm.dump" >"$work/bin/pg_dump"
-chmod +x "$work/bin/pg_dump"
+if [ "$live" = 1 ]; then
+  # Every tool reads a live pg_dump, as crmguard runs it (custom format, no compression of its own).
+  ln -s "$pgbin/pg_dump" "$work/bin/pg_dump"
+  source_cmd="'$pgbin/pg_dump' -h 127.0.0.1 -p $pgport -U postgres --format=custom --compress=0 crm"
+else
+  # crmguard reads the same dump: a pg_dump that prints it; psql and pg_restore are the real ones.
+  printf '#!/bin/sh\n[ "$1" = --version ] && exec %s --version\nexec cat %s\n' "$pgbin/pg_dump" "$work/crm.dump" >"$work/bin/pg_dump"
+  chmod +x "$work/bin/pg_dump"
+  source_cmd="cat '$work/crm.dump'"
+fi
 ln -s "$pgbin/psql" "$work/bin/psql"; ln -s "$pgbin/pg_restore" "$work/bin/pg_restore"
 cat >"$work/policy.yaml" <<EOF
 apiVersion: crmguard.io/v1alpha1
@@ -147,6 +182,7 @@ run raw-put rclone copyto --s3-upload-concurrency 4 --s3-chunk-size 16M "$work/r
 rm -f "$work/random.bin"
 run raw-get rclone cat s3:raw/random.bin
 rclone purge s3:raw >/dev/null 2>&1 || true
+[ "$live" = 1 ] && run pg-dump-alone sh -c "$source_cmd >/dev/null"
 sync
 for i in $(seq "$runs"); do
   export RESTIC_REPOSITORY="$restic_base/run-$i"
@@ -154,8 +190,8 @@ for i in $(seq "$runs"); do
   # CRMGUARD_BENCH_ARGS: extra flags for `crmguard backup run`, e.g. "--parts-in-flight 1".
   # shellcheck disable=SC2086
   run "crmguard-backup-$i" "$bin" backup run -f "$work/policy.yaml" ${CRMGUARD_BENCH_ARGS:-}
-  run "restic-backup-$i" restic backup --stdin --stdin-filename crm.dump --compression auto -q <"$work/crm.dump"
-  run "rclone-backup-$i" sh -c "rclone rcat s3:rclone/crm.dump <'$work/crm.dump'"
+  run "restic-backup-$i" sh -c "$source_cmd | restic backup --stdin --stdin-filename crm.dump --compression auto -q"
+  run "rclone-backup-$i" sh -c "$source_cmd | rclone rcat s3:rclone/crm.dump"
   run "crmguard-restore-$i" "$bin" backup fetch -f "$work/policy.yaml" --backup latest -o /dev/null
   run "restic-restore-$i" restic dump latest /crm.dump
   run "rclone-restore-$i" rclone cat s3:rclone/crm.dump
@@ -166,7 +202,7 @@ echo "$crm_stored $(stored restic/run-1) $(stored rclone)" >"$work/stored"
 [ "$keep" = 1 ] && rclone ls s3:crmguard >&2
 
 # --- report ------------------------------------------------------------------------------------------------
-python3 - "$work" "$dump_bytes" <<'PY'
+BENCH_DATASET=$dataset python3 - "$work" "$dump_bytes" <<'PY'
 import sys, pathlib
 w, dump = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 import statistics
@@ -182,10 +218,16 @@ def cpu(n): return statistics.median(float(usage(f"{n}-{i}")[1]) + float(usage(f
 def spread(n): return [float((w / f"{n}-{i}.secs").read_text()) for i in range(1, runs + 1)]
 mib = dump / 1048576
 stored = dict(zip(["crmguard", "restic", "rclone"], map(int, (w / "stored").read_text().split())))
-print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed); {runs} run(s) each: median seconds and CPU, highest RSS\n")
+import os
+mode = "live pg_dump" if (w / "pg-dump-alone.secs").exists() else "the same dump file"
+print(f"dump: {mib:.0f} MiB (PostgreSQL custom format, uncompressed), dataset {os.environ.get('BENCH_DATASET', 'crm')}, "
+      f"every tool reads {mode}; {runs} run(s) each: median seconds and CPU, highest RSS\n")
 print(f"{'':24}{'seconds':>9}{'MiB/s':>9}{'peak RSS MiB':>14}{'stored MiB':>12}{'CPU s':>8}")
 s, r = get("raw-put"); print(f"{'S3 raw PUT (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
 s, r = get("raw-get"); print(f"{'S3 raw GET (1 GiB)':24}{s:9.1f}{1024/s:9.1f}{r:14.1f}{'':>12}")
+if (w / "pg-dump-alone.secs").exists():
+    s, r = get("pg-dump-alone"); pg_rate = mib / s
+    print(f"{'pg_dump alone':24}{s:9.1f}{pg_rate:9.1f}{r:14.1f}{'':>12}")
 res = {}
 for op in ["backup", "restore"]:
     for t in ["crmguard", "restic", "rclone"]:
@@ -197,6 +239,8 @@ rep = json.loads((w / "crmguard-backup-1.out").read_text().strip().splitlines()[
 print(f"\ncrmguard backup phases: {rep['durationSeconds'] - rep['verifySeconds']:.1f} s dump+compress+encrypt+upload "
       f"(row counts and archive check alongside), {rep['verifySeconds']:.1f} s verification (re-read, sha256, decrypt, decompress)")
 print()
+if (w / "pg-dump-alone.secs").exists():
+    print(f"live backup: crmguard at {res[('crmguard', 'backup')] / pg_rate * 100:.0f} % of pg_dump's own rate")
 for op in ["backup", "restore"]:
     print(f"{op}: crmguard / restic throughput = {res[('crmguard', op)] / res[('restic', op)]:.2f}x, "
           f"crmguard / rclone = {res[('crmguard', op)] / res[('rclone', op)]:.2f}x")

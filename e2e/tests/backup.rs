@@ -182,6 +182,24 @@ spec:
 }
 
 impl Case {
+    /// Restores backup `id` into `<name>_restored` (created) with the row counts checked; returns that database.
+    fn restore_verified(&self, id: &str) -> String {
+        let target = format!("{}_restored", self.name);
+        let args = [
+            "restore",
+            "run",
+            "--backup",
+            id,
+            "--target-database",
+            &target,
+            "--create-database",
+            "--verify-row-counts",
+        ];
+        let r = self.ok(&args);
+        assert_eq!(r["rowCountsVerified"], true, "{r}");
+        target
+    }
+
     /// The same policy, database and environment, reaching S3 at `endpoint` instead.
     fn through(&self, endpoint: &str) -> Case {
         self.through_with(endpoint, "5m")
@@ -246,18 +264,7 @@ fn backup_list_verify_restore_brings_back_the_same_rows_and_bytes() {
     let v = case.ok(&["backup", "verify", "--backup", &id]);
     assert_eq!(v["id"], id.as_str());
 
-    let target = format!("{}_restored", case.name);
-    let r = case.ok(&[
-        "restore",
-        "run",
-        "--backup",
-        &id,
-        "--target-database",
-        &target,
-        "--create-database",
-        "--verify-row-counts",
-    ]);
-    assert_eq!(r["rowCountsVerified"], true, "{r}");
+    let target = case.restore_verified(&id);
     assert_eq!(fingerprint(pg, &target), before, "restored data differs from the source");
 
     // Retention (keepLast 2) keeps the two newest after a third backup.
@@ -508,18 +515,7 @@ fn an_edited_manifest_is_named_as_tampering_and_nothing_is_restored() {
     // The manifest as written verifies and restores.
     rt.block_on(store.put(&key, original.into())).unwrap();
     case.ok(&["backup", "verify", "--backup", &id]);
-    let target = format!("{}_restored", case.name);
-    let r = case.ok(&[
-        "restore",
-        "run",
-        "--backup",
-        &id,
-        "--target-database",
-        &target,
-        "--create-database",
-        "--verify-row-counts",
-    ]);
-    assert_eq!(r["rowCountsVerified"], true, "{r}");
+    case.restore_verified(&id);
 }
 
 #[test]

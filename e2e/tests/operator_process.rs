@@ -171,6 +171,31 @@ async fn sigterm_works_while_the_api_server_does_not_answer() {
     assert_eq!(exit_code(&mut op, 20).await, Some(0), "{}", op.logs());
 }
 
+/// Starts a replica with leader election (lease `lease_seconds`) as `id`.
+fn elected(kubeconfig: &str, ns: &str, lease_seconds: u32, id: &str) -> Operator {
+    Operator::start(
+        kubeconfig,
+        &Operator::elected_args(ns, lease_seconds, id).iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// Waits until `id` holds the lease.
+async fn until_holder(leases: &Api<Lease>, id: &str) {
+    eventually(30, &format!("{id} to lead"), || async {
+        let h = holder(leases).await;
+        if h == id { Ok(()) } else { Err(format!("held by {h:?}")) }
+    })
+    .await;
+}
+
+/// Waits until the replica says it waits for leadership.
+async fn until_standing_by(op: &Operator) {
+    eventually(30, "the replica to stand by", || async {
+        if op.logs().contains("waiting for leadership") { Ok(()) } else { Err(op.logs()) }
+    })
+    .await;
+}
+
 /// The lease holder as the Lease says, or "" when nobody holds it.
 async fn holder(leases: &Api<Lease>) -> String {
     leases.get_opt("crmguard-leader").await.ok().flatten().and_then(|l| l.spec?.holder_identity).unwrap_or_default()
@@ -182,19 +207,12 @@ async fn holder(leases: &Api<Lease>) -> String {
 async fn a_graceful_shutdown_hands_the_lease_over_at_once() {
     let cluster = Cluster::start("handover").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    let args = |id| Operator::elected_args(ns, 15, id);
-    let mut a = Operator::start(&cluster.kubeconfig, &args("replica-a").iter().map(String::as_str).collect::<Vec<_>>());
+    let mut a = elected(&cluster.kubeconfig, ns, 15, "replica-a");
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    eventually(30, "replica-a to lead", || async {
-        if holder(&leases).await == "replica-a" { Ok(()) } else { Err("not yet".to_string()) }
-    })
-    .await;
-    let b = Operator::start(&cluster.kubeconfig, &args("replica-b").iter().map(String::as_str).collect::<Vec<_>>());
+    until_holder(&leases, "replica-a").await;
+    let b = elected(&cluster.kubeconfig, ns, 15, "replica-b");
     // A standby is not ready (its caches start with leadership); it says it waits.
-    eventually(30, "replica-b to stand by", || async {
-        if b.logs().contains("waiting for leadership") { Ok(()) } else { Err(b.logs()) }
-    })
-    .await;
+    until_standing_by(&b).await;
     let pid = a.child.id().to_string();
     let sent = std::time::Instant::now();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -221,10 +239,7 @@ async fn a_frozen_api_server_makes_the_leader_step_down_before_its_lease_expires
     let mut op = Operator::start(&server.kubeconfig(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     op.wait_ready(30).await;
     let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), ns);
-    eventually(30, "the replica to lead", || async {
-        if holder(&leases).await == "frozen" { Ok(()) } else { Err("not yet".to_string()) }
-    })
-    .await;
+    until_holder(&leases, "frozen").await;
     let renewed = leases.get("crmguard-leader").await.unwrap().spec.unwrap().renew_time.unwrap().0;
     server.set_latency_ms(3_600_000);
     let frozen = std::time::Instant::now();
@@ -431,29 +446,18 @@ async fn a_cut_off_leader_never_writes_after_another_replica_took_over() {
     let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     e2e::crm_pod(&client, ns, "web-0").await;
-    let args = |id| Operator::elected_args(ns, 6, id);
-    let mut a =
-        Operator::start(&server.kubeconfig(), &args("replica-a").iter().map(String::as_str).collect::<Vec<_>>());
+    let mut a = elected(&server.kubeconfig(), ns, 6, "replica-a");
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    eventually(30, "replica-a to lead", || async {
-        if holder(&leases).await == "replica-a" { Ok(()) } else { Err("not yet".to_string()) }
-    })
-    .await;
-    let b = Operator::start(&cluster.kubeconfig, &args("replica-b").iter().map(String::as_str).collect::<Vec<_>>());
-    eventually(30, "replica-b to stand by", || async {
-        if b.logs().contains("waiting for leadership") { Ok(()) } else { Err(b.logs()) }
-    })
-    .await;
+    until_holder(&leases, "replica-a").await;
+    let b = elected(&cluster.kubeconfig, ns, 6, "replica-b");
+    until_standing_by(&b).await;
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
     guards.create(&PostParams::default(), &guard(ns, "g1")).await.unwrap();
     eventually(30, "g1 Ready under replica-a", || ready_true(&guards, "g1")).await;
 
     server.hold_requests();
     guards.create(&PostParams::default(), &guard(ns, "g2")).await.unwrap();
-    eventually(30, "replica-b to lead", || async {
-        if holder(&leases).await == "replica-b" { Ok(()) } else { Err("not yet".to_string()) }
-    })
-    .await;
+    until_holder(&leases, "replica-b").await;
     let took_over = leases.get("crmguard-leader").await.unwrap().spec.unwrap().acquire_time.unwrap().0;
     server.release_requests();
     eventually(30, "g2 Ready under replica-b", || ready_true(&guards, "g2")).await;

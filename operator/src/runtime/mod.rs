@@ -156,6 +156,29 @@ where
 type Running<K> =
     (BoxFuture<'static, ()>, BoxFuture<'static, ()>, kube::runtime::reflector::Store<DeserializeGuard<K>>);
 
+/// A namespaced kind a controller watches (as metadata) besides its own.
+trait Watched:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Watched for T where
+    T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// What a controller watches besides its own kind, each through [`watches::events`].
 struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>> {
     client: &'a Client,
@@ -169,31 +192,15 @@ where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
     /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
-    fn owns<C>(mut self) -> Self
-    where
-        C: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
+    fn owns<C: Watched>(mut self) -> Self {
         let children = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
         self.controller = self.controller.owns_stream(children.touched_objects());
         self
     }
 
     /// Other objects (metadata only, crmguard's label) mapped to the resource they concern.
-    fn watches<C, I>(mut self, mapper: impl Fn(PartialObjectMeta<C>) -> I + Send + Sync + 'static) -> Self
+    fn watches<C: Watched, I>(mut self, mapper: impl Fn(PartialObjectMeta<C>) -> I + Send + Sync + 'static) -> Self
     where
-        C: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
         I: IntoIterator<Item = ObjectRef<DeserializeGuard<K>>> + 'static,
         I::IntoIter: Send,
     {

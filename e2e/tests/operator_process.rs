@@ -282,6 +282,33 @@ async fn readiness_follows_the_api_server_and_liveness_does_not_flap() {
     assert_eq!(op.http_get("/healthz").map(|r| r.0), Some(200));
 }
 
+/// A control plane of the test's own (the shared one serves the other tests while this one restarts), with a
+/// namespace holding a CRM pod.
+async fn private_cluster(test: &str) -> (&'static ControlPlane, Cluster) {
+    let cp: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start_private()));
+    let cluster = Cluster::start_on(cp, test).await;
+    e2e::crm_pod(&cluster.client, &cluster.namespace, "web-0").await;
+    (cp, cluster)
+}
+
+/// Creates guard `g` from the example, waits until it is Ready and returns the NetworkPolicies' API and names.
+async fn guarded(cluster: &Cluster) -> (Api<NetworkPolicy>, Vec<String>) {
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
+    eventually(30, "g Ready", || ready_true(&guards, "g")).await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(client, ns);
+    let names =
+        nps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|np| np.metadata.name).collect();
+    (nps, names)
+}
+
+/// Restarts the control plane's kube-apiserver: SIGTERM, killed after 10 s, down for 20 s.
+async fn restart_apiserver(cp: &'static ControlPlane) {
+    let (grace, down) = (std::time::Duration::from_secs(10), std::time::Duration::from_secs(20));
+    tokio::task::spawn_blocking(move || cp.restart_apiserver(grace, down)).await.unwrap();
+}
+
 /// Deletes the NetworkPolicy `name` and waits until the operator has created it again; returns how long that took.
 async fn repair_time(nps: &Api<NetworkPolicy>, name: &str, secs: u64) -> std::time::Duration {
     let uid = nps.get(name).await.unwrap().metadata.uid;
@@ -302,27 +329,14 @@ async fn repair_time(nps: &Api<NetworkPolicy>, name: &str, secs: u64) -> std::ti
 /// 5 s, by a watch event (the periodic requeue is 10 min here), and so is one deleted later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_after_an_api_server_restart_is_repaired_within_seconds() {
-    // A control plane of its own: the shared one serves the other tests while this one restarts.
-    let cp: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start_private()));
-    let cluster = Cluster::start_on(cp, "apiserver-restart").await;
-    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    e2e::crm_pod(&client, ns, "web-0").await;
-    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let (cp, cluster) = private_cluster("apiserver-restart").await;
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &cluster.namespace]);
     op.wait_ready(30).await;
-    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
-    eventually(30, "g Ready", || ready_true(&guards, "g")).await;
-    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-    let names: Vec<String> =
-        nps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|np| np.metadata.name).collect();
+    let (nps, names) = guarded(&cluster).await;
     let before = repair_time(&nps, &names[0], 10).await;
     eprintln!("drift repaired {before:?} after the deletion (before the restart)");
 
-    tokio::task::spawn_blocking(move || {
-        cp.restart_apiserver(std::time::Duration::from_secs(10), std::time::Duration::from_secs(20))
-    })
-    .await
-    .unwrap();
+    restart_apiserver(cp).await;
     let back = std::time::Instant::now();
     let after = repair_time(&nps, &names[1], 60).await;
     eprintln!(
@@ -393,10 +407,8 @@ impl Drop for RestartingContainer {
 /// (10 s, then 20 s) kept it down long after the server was back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_lost_its_lease_to_an_api_server_restart_is_back_within_seconds() {
-    let cp: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start_private()));
-    let cluster = Cluster::start_on(cp, "apiserver-restart-elected").await;
+    let (cp, cluster) = private_cluster("apiserver-restart-elected").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
-    e2e::crm_pod(&client, ns, "web-0").await;
     // The chart's lease (15 s): the leader gives up 10 s into the outage. The pod name, and so the identity, stays.
     let container =
         RestartingContainer::start(cluster.kubeconfig.clone(), Operator::elected_args(ns, 15, "crmguard-0"));
@@ -409,18 +421,9 @@ async fn a_leader_that_lost_its_lease_to_an_api_server_restart_is_back_within_se
         }
     })
     .await;
-    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &guard(ns, "g")).await.unwrap();
-    eventually(30, "g Ready", || ready_true(&guards, "g")).await;
-    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-    let names: Vec<String> =
-        nps.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|np| np.metadata.name).collect();
+    let (nps, names) = guarded(&cluster).await;
 
-    tokio::task::spawn_blocking(move || {
-        cp.restart_apiserver(std::time::Duration::from_secs(10), std::time::Duration::from_secs(20))
-    })
-    .await
-    .unwrap();
+    restart_apiserver(cp).await;
     let back = std::time::Instant::now();
     let after = repair_time(&nps, &names[0], 90).await;
     eprintln!("drift repaired {after:?} after the deletion ({:?} after the API server was back)", back.elapsed());

@@ -182,16 +182,14 @@ impl Manifest {
     /// Sets `mac` for the backup's data key.
     pub fn seal(&mut self, dek: &DataKey) -> Result<(), Unauthenticated> {
         let tag = hmac::sign(&self.mac_key(dek)?, &self.mac_input()?);
-        self.mac = Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        self.mac = Some(super::report::hex(tag.as_ref()));
         Ok(())
     }
 
     /// Checks `mac` against the backup's data key (in constant time).
     pub fn check_seal(&self, dek: &DataKey) -> Result<(), Unauthenticated> {
         let Some(mac) = &self.mac else { return Err(Unauthenticated::Missing(self.id.clone(), self.format)) };
-        let bytes: Option<Vec<u8>> =
-            (0..mac.len()).step_by(2).map(|i| mac.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
-        let bytes = bytes.ok_or_else(|| Unauthenticated::Changed(self.id.clone()))?;
+        let bytes = super::report::unhex(mac).ok_or_else(|| Unauthenticated::Changed(self.id.clone()))?;
         hmac::verify(&self.mac_key(dek)?, &self.mac_input()?, &bytes)
             .map_err(|_| Unauthenticated::Changed(self.id.clone()))
     }

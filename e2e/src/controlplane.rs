@@ -32,14 +32,15 @@ pub struct ControlPlane {
     pub ca_pem: String,
     /// `git version` the API server reports, e.g. `v1.37.2`.
     pub version: String,
-    /// JSON lines of the audit log: one line per write (create, update, patch, delete) at level Metadata.
+    /// JSON lines of the audit log: one line per write (create, update, patch, delete) at level Metadata, and
+    /// per get or list of the tests' operator user.
     pub audit_log: PathBuf,
     /// kube-apiserver's flags, to start it again after [`ControlPlane::restart_apiserver`] stopped it.
     apiserver_args: Vec<String>,
     dir: TempDir,
 }
 
-/// One write request as the audit log recorded it.
+/// One request (a write, or a read of the operator's user) as the audit log recorded it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditWrite {
     pub user: String,
@@ -159,6 +160,10 @@ apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
 rules:
+# The operator's reads too (not its watches, which stay open): what it asks the server, counted by the server.
+- level: Metadata
+  users: [e2e-operator]
+  verbs: [get, list]
 - level: None
   verbs: [get, list, watch]
 - level: None
@@ -420,6 +425,15 @@ impl ControlPlane {
 
     /// Every write the audit log holds, made by `user` (or by someone impersonating `user`).
     pub fn writes_by(&self, user: &str) -> Vec<AuditWrite> {
+        self.requests_by(user).into_iter().filter(|r| r.verb != "get" && r.verb != "list").collect()
+    }
+
+    /// Every get and list of [`crate::OPERATOR_USER`] the audit log holds (other users' reads are not logged).
+    pub fn operator_reads(&self) -> Vec<AuditWrite> {
+        self.requests_by(crate::OPERATOR_USER).into_iter().filter(|r| r.verb == "get" || r.verb == "list").collect()
+    }
+
+    fn requests_by(&self, user: &str) -> Vec<AuditWrite> {
         let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -68,9 +68,12 @@ impl Operator {
         let http_port = free_port();
         let log = dir.path.join("operator.log");
         let logfile = std::fs::File::create(&log).expect("log file");
+        // A resync during a test only when the test asks for one.
+        let resync: &[&str] = if extra.contains(&"--resync-seconds") { &[] } else { &["--resync-seconds", "600"] };
         let child = Command::new(crmguard_bin())
             .args(["run", "--log-format", "text", "--log-level", "info,crmguard=debug"])
-            .args(["--http-addr", &format!("127.0.0.1:{http_port}"), "--resync-seconds", "600"])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(resync)
             .args(extra)
             .env("KUBECONFIG", &kc)
             // The operator's Vault identity is whatever the test passes, never the developer's shell's.

@@ -26,6 +26,37 @@ async fn policies(client: &kube::Client, ns: &str) -> Vec<String> {
     names
 }
 
+fn reconciles(op: &Operator, controllers: &[&str]) -> (f64, f64) {
+    let sum = |m: &str| -> f64 {
+        controllers.iter().map(|c| op.metric(&format!("crmguard_{m}{{controller=\"{c}\"}}")).unwrap_or(0.0)).sum()
+    };
+    (sum("reconcile_total"), sum("reconcile_duration_seconds_count"))
+}
+
+/// Waits until no reconcile of `controllers` started or ran for 2 s.
+async fn settle(op: &Operator, controllers: &[&str]) {
+    let mut quiet_since = (reconciles(op, controllers).0, std::time::Instant::now());
+    eventually(60, "the operator to be idle for 2 s", || {
+        let (started, done) = reconciles(op, controllers);
+        if started != quiet_since.0 || done < started {
+            quiet_since = (started, std::time::Instant::now());
+        }
+        let idle = quiet_since.1.elapsed();
+        async move {
+            if idle >= std::time::Duration::from_secs(2) { Ok(()) } else { Err(format!("{done} of {started}")) }
+        }
+    })
+    .await;
+}
+
+/// The operator's requests to the API server's resources so far (not watches, which stay open).
+fn resource_requests(op: &Operator) -> f64 {
+    ["get", "list", "create", "update", "patch", "delete"]
+        .iter()
+        .map(|v| op.metric(&format!("crmguard_api_requests_total{{verb=\"{v}\"}}")).unwrap_or(0.0))
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_reconciles_repairs_and_stays_quiet() {
     let cluster = Cluster::start("reconciles-repairs-quiet").await;
@@ -97,6 +128,7 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
     // Steady state: a reconcile with nothing to change makes no write. Counted by the operator's own write
     // metric and by the API server's audit log (every write of the operator's user in this namespace).
     let metric = r#"crmguard_reconcile_total{controller="networkguard"}"#;
+    let done_metric = r#"crmguard_reconcile_duration_seconds_count{controller="networkguard"}"#;
     let op_writes = || {
         ["apply", "prune", "status"]
             .iter()
@@ -106,21 +138,8 @@ async fn the_operator_reconciles_repairs_and_stays_quiet() {
             })
             .sum::<f64>()
     };
-    // First let the repairs settle: no reconcile started or running for 2 s (the repairs' own watch events
-    // queue reconciles that may still write their last status).
-    let done_metric = r#"crmguard_reconcile_duration_seconds_count{controller="networkguard"}"#;
-    let mut quiet_since = (op.metric(metric).unwrap_or(0.0), std::time::Instant::now());
-    eventually(60, "the operator to be idle for 2 s", || {
-        let (started, done) = (op.metric(metric).unwrap_or(0.0), op.metric(done_metric).unwrap_or(0.0));
-        if started != quiet_since.0 || done < started {
-            quiet_since = (started, std::time::Instant::now());
-        }
-        let idle = quiet_since.1.elapsed();
-        async move {
-            if idle >= std::time::Duration::from_secs(2) { Ok(()) } else { Err(format!("{done} of {started}")) }
-        }
-    })
-    .await;
+    // First let the repairs settle (their own watch events queue reconciles that may still write their last status).
+    settle(&op, &["networkguard"]).await;
     let before_reconciles = op.metric(metric).unwrap_or(0.0);
     let before_op_writes = op_writes();
     let before_server_writes = cluster.writes_by(e2e::OPERATOR_USER);
@@ -667,4 +686,107 @@ async fn a_guard_does_not_take_over_a_policy_it_does_not_own() {
         if ours { Ok(()) } else { Err("not ours yet".to_string()) }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_unchanged_resources_asks_the_api_server_nothing() {
+    let cluster = Cluster::start("resync-asks-nothing").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    e2e::crm_pod(&client, ns, "web-0").await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
+    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), ns);
+    let ap: AccessPolicy = serde_json::from_value(json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "teams", "namespace": ns},
+        "spec": {"teams": [{"name": "sales", "subjects": [{"kind": "Group", "name": "sales"}],
+                            "kubernetes": [{"resources": ["pods"], "verbs": ["get", "list"]}]}]}
+    }))
+    .unwrap();
+    aps.create(&PostParams::default(), &ap).await.unwrap();
+    // The shortest resync the operator allows: every resource is reconciled every 10 s although nothing changes.
+    let op =
+        Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns, "--resync-seconds", "10"]);
+    op.wait_ready(60).await;
+    eventually(30, "both resources Ready", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let a = aps.get("teams").await.map_err(|e| e.to_string())?;
+        let g = ready(g.status.as_ref().map(|s| &s.conditions), "Ready").map(|r| r.0);
+        let a = ready(a.status.as_ref().map(|s| &s.conditions), "Ready").map(|r| r.0);
+        if g.as_deref() == Some("True") && a.as_deref() == Some("True") { Ok(()) } else { Err(format!("{g:?} {a:?}")) }
+    })
+    .await;
+    let controllers = ["networkguard", "accesspolicy"];
+    settle(&op, &controllers).await;
+    let (reconciles_before, requests_before) = (reconciles(&op, &controllers).0, resource_requests(&op));
+    let writes_before = cluster.writes_by(e2e::OPERATOR_USER).len();
+    let reads_before = cluster.cp.operator_reads().into_iter().filter(|r| r.namespace == ns).count();
+    // Two resyncs of each resource.
+    tokio::time::sleep(std::time::Duration::from_secs(25)).await;
+    settle(&op, &controllers).await;
+    let resynced = reconciles(&op, &controllers).0 - reconciles_before;
+    assert!(resynced >= 4.0, "each resource is reconciled at every resync: {resynced} reconciles in 25 s");
+    // Status, children, pods, the grant ceiling: all known from the watches.
+    // By the API server's audit log (reads of this namespace) and by the operator's own request counter.
+    let reads: Vec<String> = cluster
+        .cp
+        .operator_reads()
+        .into_iter()
+        .filter(|r| r.namespace == ns)
+        .skip(reads_before)
+        .map(|r| format!("{} {}/{} {}", r.verb, r.resource, r.subresource, r.name))
+        .collect();
+    assert!(reads.is_empty(), "a resync read from the API server: {reads:?}");
+    assert_eq!(resource_requests(&op) - requests_before, 0.0, "a resync asked the API server something");
+    assert_eq!(cluster.writes_by(e2e::OPERATOR_USER).len(), writes_before, "a resync wrote something");
+
+    // A pod that comes is counted without a resync or a read: the pod watch reconciles the guard.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let stray = json!({"metadata": {"name": "debug-shell", "labels": {"app": "debug"}},
+                       "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(stray).unwrap()).await.unwrap();
+    eventually(5, "the new pod reported as uncovered", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        if st.uncovered_pods == vec!["debug-shell".to_string()] {
+            Ok(())
+        } else {
+            Err(format!("{:?}", st.uncovered_pods))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_written_into_a_namespace_being_deleted() {
+    let cluster = Cluster::start("namespace-being-deleted").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    e2e::crm_pod(&client, &ns, "web-0").await;
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), &ns);
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", &ns)).await.unwrap();
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+    eventually(30, "the guard Ready", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let r = ready(g.status.as_ref().map(|s| &s.conditions), "Ready").map(|r| r.0);
+        if r.as_deref() == Some("True") { Ok(()) } else { Err(format!("{r:?}")) }
+    })
+    .await;
+    let deleting = jiff::Timestamp::now();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
+    // The namespace controller removes the guard's NetworkPolicies and the guard, in no particular order.
+    eventually(120, "the namespace gone", || async {
+        match namespaces.get_opt(&ns).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(n) => Err(format!("{:?}", n.status.and_then(|s| s.phase))),
+        }
+    })
+    .await;
+    let late: Vec<_> = cluster
+        .writes_by(e2e::OPERATOR_USER)
+        .into_iter()
+        .filter(|w| w.namespace == ns && w.received.is_some_and(|t| t >= deleting))
+        .map(|w| format!("{} {} {} -> {}", w.verb, w.resource, w.name, w.code))
+        .collect();
+    assert!(late.is_empty(), "the operator wrote into the namespace being deleted: {late:?}");
+    assert!(!op.logs().contains("ReconcileFailed"), "{}", op.logs());
 }

@@ -1,14 +1,24 @@
-//! Controller benchmark: N NetworkGuards and N AccessPolicies across M namespaces on a real control plane (e2e/kube),
-//! reconciled by a real `crmguard run` process. Reports time until all are Ready, write requests per
-//! steady-state reconcile (expected 0) and the operator's peak RSS. Run it through bench/controllers.sh.
+//! Controller benchmark: N custom resources of the four kinds (NetworkGuards, AccessPolicies, CrmBackupPolicies,
+//! CrmRestores, a quarter each) across M namespaces on a real control plane (e2e/kube), created before a real
+//! `crmguard run` process starts. Reports:
+//! - cold start: time until every resource has a Ready condition for its generation;
+//! - idle: the operator's requests to the API server per second (its `crmguard_api_requests_total`, by verb) and
+//!   its writes (the API server's audit log) over a window at least as long as the resync interval;
+//! - churn: every resource's labels touched at once while one guard's spec changes, and the time until that
+//!   guard's change is in effect;
+//! - memory: peak RSS, RSS at idle, and RSS per watched object.
+//!
+//! Run it through bench/controllers.sh.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark driver
 
 use std::time::{Duration, Instant};
 
-use crmguard::api::{AccessPolicy, NetworkGuard};
+use crmguard::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use e2e::Operator;
 use e2e::{ControlPlane, OPERATOR_USER};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Resource;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -17,32 +27,72 @@ fn arg(name: &str, default: usize) -> usize {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn is_ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
-    conds.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+/// Whether the object's Ready condition speaks of its current generation.
+fn settled(generation: Option<i64>, conditions: &[Condition]) -> bool {
+    conditions.iter().any(|c| c.type_ == "Ready" && c.observed_generation == generation)
 }
 
-async fn ready_count(client: &kube::Client) -> usize {
-    let g: Api<NetworkGuard> = Api::all(client.clone());
-    let a: Api<AccessPolicy> = Api::all(client.clone());
-    let gs = g.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-    let aps = a.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-    gs.iter().filter(|x| x.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count()
-        + aps.iter().filter(|x| x.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count()
+async fn count<K>(client: &kube::Client, conds: impl Fn(&K) -> Option<Vec<Condition>>) -> usize
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let items = Api::<K>::all(client.clone()).list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    items.iter().filter(|o| settled(o.meta().generation, &conds(o).unwrap_or_default())).count()
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+async fn settled_count(client: &kube::Client) -> usize {
+    count::<NetworkGuard>(client, |o| o.status.as_ref().map(|s| s.conditions.clone())).await
+        + count::<AccessPolicy>(client, |o| o.status.as_ref().map(|s| s.conditions.clone())).await
+        + count::<CrmBackupPolicy>(client, |o| o.status.as_ref().map(|s| s.conditions.clone())).await
+        + count::<CrmRestore>(client, |o| o.status.as_ref().map(|s| s.conditions.clone())).await
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+const VERBS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "nonresource"];
+
+fn requests(op: &Operator) -> Vec<(&'static str, f64)> {
+    VERBS
+        .iter()
+        .map(|v| (*v, op.metric(&format!("crmguard_api_requests_total{{verb=\"{v}\"}}")).unwrap_or(0.0)))
+        .collect()
+}
+
+fn example(name: &str) -> serde_json::Value {
+    let path = e2e::repo_root().join("examples/crm").join(name);
+    serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+async fn create<K>(client: &kube::Client, ns: &str, name: &str, mut doc: serde_json::Value)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    doc["metadata"] = json!({"name": name, "namespace": ns});
+    let obj: K = serde_json::from_value(doc).unwrap();
+    Api::<K>::namespaced(client.clone(), ns).create(&PostParams::default(), &obj).await.unwrap();
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let total = arg("--resources", 1000);
     let namespaces = arg("--namespaces", 100).max(1);
-    let per_kind = total / 2;
+    let resync = arg("--resync-seconds", 60);
+    let idle = arg("--idle-seconds", resync.max(60));
+    let per_kind = (total / 4).max(1);
+    let want = per_kind * 4;
     let cp = ControlPlane::shared();
     let client = ControlPlane::client_for(&cp.admin_kubeconfig()).await;
     e2e::install_crds(&client).await;
@@ -62,37 +112,37 @@ async fn main() {
         .await;
         e2e::crm_pod(&client, &ns, "web-0").await;
     }
-    let operator_writes = || cp.writes_by(OPERATOR_USER).len() as u64;
-    let guard_path = e2e::repo_root().join("examples/crm/network-guard.yaml");
-    let guard: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(guard_path).unwrap()).unwrap();
+    let (guard, backup, restore) =
+        (example("network-guard.yaml"), example("backup-policy.yaml"), example("restore.yaml"));
+    let access = json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+        "spec": {"teams": [
+            {"name": "sales", "subjects": [{"kind": "Group", "name": "sales"}],
+             "kubernetes": [{"resources": ["pods"], "verbs": ["get", "list"]}]},
+            {"name": "finance", "subjects": [{"kind": "Group", "name": "finance"}],
+             "kubernetes": [{"resources": ["configmaps"], "verbs": ["get"]}]}]}
+    });
     for i in 0..per_kind {
         let ns = format!("bench-{}", i % namespaces);
-        let mut g = guard.clone();
-        g["metadata"] = json!({"name": format!("guard-{i}"), "namespace": ns});
-        let g: NetworkGuard = serde_json::from_value(g).unwrap();
-        Api::<NetworkGuard>::namespaced(client.clone(), &ns).create(&PostParams::default(), &g).await.unwrap();
-        let ap: AccessPolicy = serde_json::from_value(json!({
-            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
-            "metadata": {"name": format!("access-{i}"), "namespace": ns},
-            "spec": {"teams": [
-                {"name": "sales", "subjects": [{"kind": "Group", "name": "sales"}],
-                 "kubernetes": [{"resources": ["pods"], "verbs": ["get", "list"]}]},
-                {"name": "finance", "subjects": [{"kind": "Group", "name": "finance"}],
-                 "kubernetes": [{"resources": ["configmaps"], "verbs": ["get"]}]}]}
-        }))
-        .unwrap();
-        Api::<AccessPolicy>::namespaced(client.clone(), &ns).create(&PostParams::default(), &ap).await.unwrap();
+        create::<NetworkGuard>(&client, &ns, &format!("guard-{i}"), guard.clone()).await;
+        create::<AccessPolicy>(&client, &ns, &format!("access-{i}"), access.clone()).await;
+        create::<CrmBackupPolicy>(&client, &ns, &format!("backup-{i}"), backup.clone()).await;
+        let mut r = restore.clone();
+        r["spec"]["policyRef"]["name"] = json!(format!("backup-{i}"));
+        create::<CrmRestore>(&client, &ns, &format!("restore-{i}"), r).await;
     }
-    let want = per_kind * 2;
-    eprintln!("created {want} resources");
+    eprintln!("created {want} resources ({per_kind} of each kind) in {namespaces} namespaces");
+
+    // --- cold start ---
     let started = Instant::now();
+    let resync_arg = resync.to_string();
     let mut op = Operator::start(
         &cp.kubeconfig_for(OPERATOR_USER, &["system:masters"]),
-        &["--leader-election=false", "--concurrency", "8"],
+        &["--leader-election=false", "--resync-seconds", &resync_arg, "--grant-ceiling", "cluster-admin"],
     );
     let mut last_report = Instant::now();
     loop {
-        let n = ready_count(&client).await;
+        let n = settled_count(&client).await;
         if n == want {
             break;
         }
@@ -100,53 +150,108 @@ async fn main() {
             panic!("the operator exited ({status}):\n{}", op.logs());
         }
         if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("{n} of {want} Ready after {:.0} s", started.elapsed().as_secs_f64());
+            eprintln!("{n} of {want} settled after {:.0} s", started.elapsed().as_secs_f64());
             last_report = Instant::now();
         }
-        assert!(started.elapsed() < Duration::from_secs(1800), "only {n} of {want} Ready after 30 min:\n{}", op.logs());
+        assert!(started.elapsed() < Duration::from_secs(1800), "only {n} of {want} settled after 30 min");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let to_ready = started.elapsed();
-    let writes_to_ready = operator_writes();
+    let cold_requests: f64 = requests(&op).iter().map(|(_, n)| n).sum();
+    let rss_cold_peak = rss_kib(op.child.id(), "VmHWM:");
 
-    // Steady state: touch every resource's labels (one write each by the driver), wait until the operator has
-    // reconciled each of them, and count the operator's own writes.
-    let series = |c: &str| format!("crmguard_reconcile_total{{controller=\"{c}\"}}");
-    let done = |c: &str| format!("crmguard_reconcile_duration_seconds_count{{controller=\"{c}\"}}");
-    let before: f64 = ["networkguard", "accesspolicy"].iter().map(|c| op.metric(&series(c)).unwrap_or(0.0)).sum();
-    let writes_before = operator_writes();
+    // --- idle ---
+    // Let the reconciles that the status writes triggered finish, then count over a window >= the resync.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (req_before, writes_before) = (requests(&op), cp.writes_by(OPERATOR_USER).len());
+    let reconciles = |op: &Operator| -> f64 {
+        ["networkguard", "accesspolicy", "backuppolicy", "restore"]
+            .iter()
+            .map(|c| op.metric(&format!("crmguard_reconcile_total{{controller=\"{c}\"}}")).unwrap_or(0.0))
+            .sum()
+    };
+    let rec_before = reconciles(&op);
+    tokio::time::sleep(Duration::from_secs(idle as u64)).await;
+    let req_after = requests(&op);
+    let idle_writes: Vec<_> = cp.writes_by(OPERATOR_USER).into_iter().skip(writes_before).collect();
+    let idle_reconciles = reconciles(&op) - rec_before;
+    let per_verb: Vec<(&str, f64)> =
+        req_after.iter().zip(&req_before).map(|((v, a), (_, b))| (*v, a - b)).filter(|(_, n)| *n > 0.0).collect();
+    let idle_total: f64 = per_verb.iter().map(|(_, n)| n).sum();
+    let rss_idle = rss_kib(op.child.id(), "VmRSS:");
+
+    // --- churn: every resource touched at once, one guard's spec changed in the middle ---
+    let p = Patch::Merge(json!({"metadata": {"labels": {"bench": "touched"}}}));
+    let pp = PatchParams::default();
+    let changed_ns = format!("bench-{}", (per_kind / 2) % namespaces);
+    let changed = format!("guard-{}", per_kind / 2);
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), &changed_ns);
+    let mut churn_started = None;
     for i in 0..per_kind {
         let ns = format!("bench-{}", i % namespaces);
-        let p = Patch::Merge(json!({"metadata": {"labels": {"bench": "touched"}}}));
-        Api::<NetworkGuard>::namespaced(client.clone(), &ns)
-            .patch(&format!("guard-{i}"), &PatchParams::default(), &p)
-            .await
-            .unwrap();
-        Api::<AccessPolicy>::namespaced(client.clone(), &ns)
-            .patch(&format!("access-{i}"), &PatchParams::default(), &p)
-            .await
-            .unwrap();
-    }
-    let steady_started = Instant::now();
-    loop {
-        let started_n: f64 =
-            ["networkguard", "accesspolicy"].iter().map(|c| op.metric(&series(c)).unwrap_or(0.0)).sum();
-        let done_n: f64 = ["networkguard", "accesspolicy"].iter().map(|c| op.metric(&done(c)).unwrap_or(0.0)).sum();
-        if started_n - before >= want as f64 && done_n >= started_n {
-            break;
+        Api::<NetworkGuard>::namespaced(client.clone(), &ns).patch(&format!("guard-{i}"), &pp, &p).await.unwrap();
+        Api::<AccessPolicy>::namespaced(client.clone(), &ns).patch(&format!("access-{i}"), &pp, &p).await.unwrap();
+        Api::<CrmBackupPolicy>::namespaced(client.clone(), &ns).patch(&format!("backup-{i}"), &pp, &p).await.unwrap();
+        Api::<CrmRestore>::namespaced(client.clone(), &ns).patch(&format!("restore-{i}"), &pp, &p).await.unwrap();
+        if i == per_kind / 2 {
+            let spec = Patch::Merge(
+                json!({"spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "crm", "tier": "web"}}}}),
+            );
+            guards.patch(&changed, &pp, &spec).await.unwrap();
+            churn_started = Some(Instant::now());
         }
-        assert!(steady_started.elapsed() < Duration::from_secs(600), "steady-state reconciles did not finish");
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let reconciles: f64 =
-        ["networkguard", "accesspolicy"].iter().map(|c| op.metric(&series(c)).unwrap_or(0.0)).sum::<f64>() - before;
-    let operator_writes = operator_writes() - writes_before;
-    let rss = peak_rss_kib(op.child.id());
-    println!("resources: {want} ({per_kind} NetworkGuards + {per_kind} AccessPolicies) across {namespaces} namespaces");
-    println!("time until all Ready: {:.1} s ({writes_to_ready} operator writes)", to_ready.as_secs_f64());
+    let churn_started = churn_started.unwrap();
+    let applied = loop {
+        let g = guards.get(&changed).await.unwrap();
+        if settled(g.meta().generation, &g.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()) {
+            break churn_started.elapsed();
+        }
+        assert!(churn_started.elapsed() < Duration::from_secs(300), "the changed guard was not reconciled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rss_peak = rss_kib(op.child.id(), "VmHWM:");
+    let watched = {
+        let lp = ListParams::default().labels("app.kubernetes.io/managed-by=crmguard");
+        let mut n = want + namespaces * 2; // the resources, the pods and the namespaces
+        for (v, k, _) in crmguard::k8s::apply::CHILD_KINDS.iter().filter(|(_, k, _)| {
+            ["CronJob", "ConfigMap", "ServiceAccount", "Job", "Role", "RoleBinding", "NetworkPolicy"].contains(k)
+        }) {
+            let ar = crmguard::k8s::apply::api_resource(v, k).unwrap();
+            let api: Api<kube::core::DynamicObject> = Api::all_with(client.clone(), &ar);
+            n += api.list_metadata(&lp).await.map(|l| l.items.len()).unwrap_or(0);
+        }
+        n
+    };
+    let _ = op.child.kill();
+    let mib = |k: u64| k as f64 / 1024.0;
     println!(
-        "steady state: {reconciles} reconciles, {operator_writes} operator writes = {:.3} writes per reconcile",
-        operator_writes as f64 / reconciles.max(1.0)
+        "resources: {want} ({per_kind} NetworkGuards, AccessPolicies, CrmBackupPolicies, CrmRestores) in {namespaces} namespaces"
     );
-    println!("operator peak RSS: {:.1} MiB", rss as f64 / 1024.0);
+    println!(
+        "cold start: {:.1} s until every resource has Ready for its generation ({cold_requests:.0} API requests, peak RSS {:.1} MiB)",
+        to_ready.as_secs_f64(),
+        mib(rss_cold_peak)
+    );
+    println!(
+        "idle ({idle} s, resync every {resync} s): {:.2} requests/s = {:.2} per 1,000 resources per s ({}), {} writes, {idle_reconciles:.0} reconciles",
+        idle_total / idle as f64,
+        idle_total / idle as f64 * 1000.0 / want as f64,
+        per_verb.iter().map(|(v, n)| format!("{v} {n:.0}")).collect::<Vec<_>>().join(", "),
+        idle_writes.len()
+    );
+    for w in idle_writes.iter().take(10) {
+        println!("  idle write: {} {} {}/{} {}", w.verb, w.resource, w.namespace, w.name, w.code);
+    }
+    println!(
+        "churn: {} resources touched at once; a guard's spec change in the middle was in effect after {:.2} s",
+        want,
+        applied.as_secs_f64()
+    );
+    println!(
+        "memory: peak RSS {:.1} MiB, at idle {:.1} MiB; {watched} watched objects = {:.1} KiB of RSS per watched object",
+        mib(rss_peak),
+        mib(rss_idle),
+        rss_idle as f64 / watched as f64
+    );
 }

@@ -8,6 +8,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::Value;
 
+use super::cache::{Cache, Table};
 use super::meta::{OWNER_LABEL, Owner};
 
 /// The kinds crmguard writes (children it creates, and pods it labels for quarantine), with their plurals.
@@ -83,10 +84,29 @@ fn describe(v: &Value) -> String {
     format!("{}/{}", v["kind"].as_str().unwrap_or("?"), v["metadata"]["name"].as_str().unwrap_or("?"))
 }
 
-/// Applies `desired` (objects with apiVersion, kind and metadata) and prunes children of `owner` of the
-/// `prune` kinds that carry the owner label and a reference to the owner but are no longer desired.
+/// The kinds in the order children are created: what a child refers to exists before it (a Job's
+/// ServiceAccount, a RoleBinding's Role, a CronJob's ConfigMap).
+const CREATION_ORDER: [&str; 8] =
+    ["ServiceAccount", "Secret", "ConfigMap", "Role", "RoleBinding", "NetworkPolicy", "CronJob", "Job"];
+
+fn creation_rank(obj: &Value) -> usize {
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    CREATION_ORDER.iter().position(|k| *k == kind).unwrap_or(CREATION_ORDER.len())
+}
+
+/// The kind's name as the cache knows it, and its ApiResource.
+fn child_kind(api_version: &str, kind: &str) -> Option<(Table, ApiResource)> {
+    let (_, k, _) = CHILD_KINDS.iter().find(|(v, k, _)| *v == api_version && *k == kind)?;
+    Some((*k, api_resource(api_version, kind)?))
+}
+
+/// Applies `desired` (objects with apiVersion, kind and metadata; created in [`CREATION_ORDER`]) and prunes
+/// children of `owner` of the `prune` kinds that carry the owner label and a reference to the owner but are no
+/// longer desired. A child the cache vouches for is not read; the others are read, compared and written only
+/// when they differ.
 pub async fn apply_children(
     client: &Client,
+    cache: &Cache,
     manager: &str,
     owner: &Owner,
     desired: &[Value],
@@ -96,13 +116,21 @@ pub async fn apply_children(
     let params = PatchParams::apply(manager).force();
     let mut wanted = BTreeSet::new();
     let mut conflicts = Vec::new();
-    for obj in desired {
+    let ns = owner.namespace.as_str();
+    let mut ordered: Vec<&Value> = desired.iter().collect();
+    ordered.sort_by_key(|o| creation_rank(o));
+    for obj in ordered {
         let child = describe(obj);
-        let ar = api_resource(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
-            .ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
+        let (table, ar) =
+            child_kind(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
+                .ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
         wanted.insert(child.clone());
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &owner.namespace, &ar);
+        if cache.is_verified(table, ns, &name, obj) {
+            report.unchanged.push(child);
+            continue;
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
         let current = api.get_opt(&name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
         let current = current.and_then(|c| serde_json::to_value(c).ok());
         // Never take over an object someone else holds (a forced apply would): report it instead.
@@ -110,28 +138,37 @@ pub async fn apply_children(
             conflicts.push((child, h));
             continue;
         }
-        if current.as_ref().is_some_and(|c| is_subset(obj, c)) {
+        if let Some(c) = current.as_ref().filter(|c| is_subset(obj, c)) {
+            cache.verified(table, ns, &name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj);
             report.unchanged.push(child);
             continue;
         }
-        api.patch(&name, &params, &Patch::Apply(obj))
+        let applied = api
+            .patch(&name, &params, &Patch::Apply(obj))
             .await
             .map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
+        cache.verified(table, ns, &name, applied.metadata.resource_version.as_deref().unwrap_or_default(), obj);
         report.applied.push(child);
     }
-    let selector = format!("{OWNER_LABEL}={}", owner.owner_label_value());
+    let label = owner.owner_label_value();
     for (api_version, kind) in prune {
-        let Some(ar) = api_resource(api_version, kind) else { continue };
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &owner.namespace, &ar);
-        let existing = api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|source| ApplyError::Kube { child: format!("{kind}/*"), source })?;
-        for obj in existing.items {
-            let name = obj.metadata.name.clone().unwrap_or_default();
+        let Some((table, ar)) = child_kind(api_version, kind) else { continue };
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        let existing = match cache.owned_by(table, ns, &owner.uid, &label) {
+            Some(names) => names,
+            None => api
+                .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={label}")))
+                .await
+                .map_err(|source| ApplyError::Kube { child: format!("{kind}/*"), source })?
+                .items
+                .into_iter()
+                .filter(|o| o.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid))
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        };
+        for name in existing {
             let child = format!("{kind}/{name}");
-            let owned = obj.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid);
-            if wanted.contains(&child) || !owned {
+            if wanted.contains(&child) {
                 continue;
             }
             match api.delete(&name, &DeleteParams::background()).await {
@@ -139,6 +176,7 @@ pub async fn apply_children(
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(source) => return Err(ApplyError::Kube { child, source }),
             }
+            cache.deleted(table, ns, &name);
         }
     }
     if conflicts.is_empty() { Ok(report) } else { Err(ApplyError::OwnedByAnother(conflicts)) }
@@ -159,6 +197,17 @@ mod tests {
         assert!(!is_subset(&desired, &drifted));
         let extra_item = json!({"spec": {"a": 1, "list": [{"x": 1}, {"x": 2}]}, "metadata": {"labels": {"l": "v"}}});
         assert!(!is_subset(&desired, &extra_item));
+    }
+
+    #[test]
+    fn children_are_created_after_what_they_refer_to() {
+        let kinds = ["Job", "CronJob", "RoleBinding", "Role", "ConfigMap", "ServiceAccount", "NetworkPolicy"];
+        let mut objs: Vec<Value> = kinds.iter().map(|k| json!({"kind": k})).collect();
+        objs.sort_by_key(creation_rank);
+        let order: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        let pos = |k: &str| order.iter().position(|x| *x == k).unwrap();
+        assert!(pos("ServiceAccount") < pos("Job") && pos("ServiceAccount") < pos("CronJob"));
+        assert!(pos("Role") < pos("RoleBinding") && pos("ConfigMap") < pos("CronJob"));
     }
 
     #[test]

@@ -26,6 +26,11 @@ struct WriteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerbLabel {
+    verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: String,
     category: String,
@@ -52,6 +57,33 @@ pub const OBJECT_GAUGES: [(&str, &str); 12] = [
     ("posture_findings", "Posture findings of a namespace by result (fail, warn, pass, skip)"),
 ];
 
+/// The Kubernetes verb of an API request: a GET is `watch` with `watch=true`, else `list` or `get` by whether
+/// its path names an object (an odd number of segments after the group/version: `.../pods` vs `.../pods/x`).
+pub fn api_verb(method: &http::Method, uri: &http::Uri) -> &'static str {
+    match *method {
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        http::Method::GET if uri.query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1")) => {
+            "watch"
+        }
+        http::Method::GET => {
+            let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+            // /api/v1/..., /apis/group/v1/...
+            let rest = match segments.first() {
+                Some(&"api") => segments.get(2..).unwrap_or_default(),
+                Some(&"apis") => segments.get(3..).unwrap_or_default(),
+                _ => return "nonresource", // /version (the contact probe), /healthz
+            };
+            // namespaces/<ns>/<plural>[/<name>[/<sub>]] or <plural>[/<name>[/<sub>]]
+            let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+            if rest.len() >= 2 { "get" } else { "list" }
+        }
+        _ => "other",
+    }
+}
+
 /// One sample of a per-object gauge: metric (from [`OBJECT_GAUGES`]), extra labels, value.
 pub type ObjectSample = (&'static str, Vec<(&'static str, String)>, f64);
 
@@ -63,6 +95,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     durations: Family<ControllerLabel, Histogram>,
     writes: Family<WriteLabels, Counter>,
+    requests: Family<VerbLabel, Counter>,
     leader: Gauge,
     objects: Arc<HashMap<&'static str, Family<Labels, FloatGauge>>>,
     /// The series each object set last time: (kind, namespace, name) -> (metric, labels).
@@ -97,6 +130,13 @@ impl Default for Metrics {
             "Write requests to the Kubernetes API, per controller and action (apply, prune, status)",
             writes.clone(),
         );
+        let requests = Family::<VerbLabel, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API, per verb (get, list, watch, create, update, patch, delete; nonresource \
+             for /version)",
+            requests.clone(),
+        );
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         let mut objects = HashMap::new();
         for (name, help) in OBJECT_GAUGES {
@@ -110,6 +150,7 @@ impl Default for Metrics {
             errors,
             durations,
             writes,
+            requests,
             leader,
             objects: Arc::new(objects),
             owned: Arc::default(),
@@ -131,6 +172,10 @@ impl Metrics {
         self.writes
             .get_or_create(&WriteLabels { controller: controller.into(), action: action.into() })
             .inc_by(n as u64);
+    }
+    /// Counts a request to the Kubernetes API (see [`api_verb`]).
+    pub fn requested(&self, verb: &'static str) {
+        self.requests.get_or_create(&VerbLabel { verb: verb.into() }).inc();
     }
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
@@ -187,6 +232,26 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_named_by_their_kubernetes_verb() {
+        let get = http::Method::GET;
+        let cases = [
+            (&get, "/api/v1/namespaces/a/pods", "list"),
+            (&get, "/api/v1/namespaces/a/pods/web-0", "get"),
+            (&get, "/api/v1/namespaces/a", "get"),
+            (&get, "/api/v1/namespaces", "list"),
+            (&get, "/api/v1/pods?watch=true&resourceVersion=5", "watch"),
+            (&get, "/apis/crmguard.io/v1alpha1/namespaces/a/networkguards/g/status", "get"),
+            (&get, "/apis/rbac.authorization.k8s.io/v1/clusterroles/x", "get"),
+            (&get, "/version", "nonresource"),
+            (&http::Method::PATCH, "/apis/networking.k8s.io/v1/namespaces/a/networkpolicies/p", "patch"),
+            (&http::Method::DELETE, "/api/v1/namespaces/a/configmaps/c", "delete"),
+        ];
+        for (m, uri, verb) in cases {
+            assert_eq!(api_verb(m, &uri.parse().unwrap()), verb, "{uri}");
+        }
+    }
 
     #[test]
     fn renders_counters_with_controller_labels() {

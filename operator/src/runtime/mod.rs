@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
@@ -26,8 +26,11 @@ use kube::runtime::watcher::Config as WatcherConfig;
 use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource};
 
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
 use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use crate::controllers::BuildContext;
+use crate::k8s::cache::{self, Cache};
 use reconcile::{Context, Reconcilable, error_policy, reconcile};
 
 /// Options of `crmguard run`.
@@ -159,6 +162,7 @@ type Running<K> =
 /// A namespaced kind a controller watches (as metadata) besides its own.
 trait Watched:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + k8s_openapi::Resource
     + Clone
     + serde::de::DeserializeOwned
     + std::fmt::Debug
@@ -170,6 +174,7 @@ trait Watched:
 
 impl<T> Watched for T where
     T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -179,11 +184,12 @@ impl<T> Watched for T where
 {
 }
 
-/// What a controller watches besides its own kind, each through [`watches::events`].
+/// What a controller watches besides its own kind, each through [`watches::events`], feeding the cache.
 struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>> {
     client: &'a Client,
     ns: Option<&'a str>,
     restarts: &'a watches::Restarts,
+    cache: &'a Arc<Cache>,
     controller: Controller<DeserializeGuard<K>>,
 }
 
@@ -191,9 +197,17 @@ impl<K> Watches<'_, K>
 where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
+    /// Metadata of crmguard's objects of kind `C` (its label), feeding the cache's table of that kind.
+    fn labelled<C: Watched>(
+        &self,
+    ) -> impl Stream<Item = Result<WatchEvent<PartialObjectMeta<C>>, WatchError>> + Send + 'static + use<C, K> {
+        let events = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+        feeding(self.cache, C::KIND, self.ns, events)
+    }
+
     /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
     fn owns<C: Watched>(mut self) -> Self {
-        let children = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+        let children = self.labelled::<C>();
         self.controller = self.controller.owns_stream(children.touched_objects());
         self
     }
@@ -204,10 +218,99 @@ where
         I: IntoIterator<Item = ObjectRef<DeserializeGuard<K>>> + 'static,
         I::IntoIter: Send,
     {
-        let others = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+        let others = self.labelled::<C>();
         self.controller = self.controller.watches_stream(others.touched_objects(), mapper);
         self
     }
+
+    /// The pods that have not finished (metadata only), feeding the cache; every resource in a namespace is
+    /// reconciled when a pod of it comes, goes, or changes its labels or crmguard's annotations (not on the
+    /// status updates that make up most pod changes).
+    fn pods(mut self) -> Self {
+        let cfg = WatcherConfig::default().fields(UNFINISHED_PODS).any_semantic();
+        let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
+        let events = feeding(self.cache, cache::PODS, self.ns, events);
+        let store = self.controller.store();
+        let refs = pod_changes(events).flat_map(move |ns| {
+            let objects: Vec<ObjectRef<DeserializeGuard<K>>> = store
+                .state()
+                .iter()
+                .filter(|o| o.meta().namespace.as_deref() == Some(ns.as_str()))
+                .map(|o| ObjectRef::from_obj(o.as_ref()))
+                .collect();
+            futures::stream::iter(objects)
+        });
+        self.controller = self.controller.reconcile_on(refs);
+        self
+    }
+}
+
+/// Pods that are pending or running: finished pods leave the watch (and the cache) as they finish.
+const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+type WatchEvent<K> = kube::runtime::watcher::Event<K>;
+type WatchError = kube::runtime::watcher::Error;
+
+/// `events`, each applied to the cache's `table` first when this watch is the one that feeds it.
+fn feeding<K, S>(
+    cache: &Arc<Cache>,
+    table: cache::Table,
+    ns: Option<&str>,
+    events: S,
+) -> impl Stream<Item = Result<WatchEvent<PartialObjectMeta<K>>, WatchError>> + Send + 'static + use<K, S>
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<WatchEvent<PartialObjectMeta<K>>, WatchError>> + Send + 'static,
+{
+    let feeds = cache.claim(table, ns).then(|| cache.clone());
+    let scope = ns.map(str::to_string);
+    events.inspect(move |e| {
+        if let (Some(c), Ok(e)) = (&feeds, e) {
+            c.feed(table, scope.as_deref(), e);
+        }
+    })
+}
+
+/// The namespaces of pods that appeared, disappeared (also across a re-list) or changed what the cache keeps
+/// of them (labels, crmguard's annotations).
+fn pod_changes(
+    events: impl Stream<Item = Result<WatchEvent<PartialObjectMeta<Pod>>, WatchError>> + Send + 'static,
+) -> impl Stream<Item = String> + Send + 'static {
+    let mut seen: std::collections::HashMap<(String, String), u64> = Default::default();
+    let mut listed: Option<std::collections::HashSet<(String, String)>> = None;
+    events
+        .map(move |e| {
+            let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+                (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+            };
+            let changed: Vec<String> = match e {
+                Ok(WatchEvent::Apply(p) | WatchEvent::InitApply(p)) => {
+                    let k = key(&p.metadata);
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(k.clone());
+                    }
+                    let digest = cache::pod_digest(&p.metadata);
+                    (seen.insert(k.clone(), digest) != Some(digest)).then_some(k.0).into_iter().collect()
+                }
+                Ok(WatchEvent::Delete(p)) => {
+                    let k = key(&p.metadata);
+                    seen.remove(&k);
+                    vec![k.0]
+                }
+                Ok(WatchEvent::Init) => {
+                    listed = Some(Default::default());
+                    vec![]
+                }
+                Ok(WatchEvent::InitDone) => {
+                    let listed = listed.take().unwrap_or_default();
+                    let gone: Vec<(String, String)> = seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                    gone.into_iter().filter_map(|k| seen.remove(&k).map(|_| k.0)).collect()
+                }
+                Err(_) => vec![],
+            };
+            futures::stream::iter(changed)
+        })
+        .flatten()
 }
 
 /// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
@@ -223,12 +326,15 @@ where
 {
     let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<K>>::default();
     let store = writer.as_reader();
+    // managedFields are not needed and are often the larger part of an object: not kept.
     let own =
-        watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic(), restarts);
+        watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic(), restarts)
+            .modify(|o| o.meta_mut().managed_fields = None);
     let c = Controller::for_stream(kube::runtime::reflector(writer, own).applied_objects(), store.clone())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
-    let c = more(Watches { client: &ctx.client, ns, restarts, controller: c }).controller;
+    let cache = ctx.cache.clone();
+    let c = more(Watches { client: &ctx.client, ns, restarts, cache: &cache, controller: c }).controller;
     let cache = store.clone();
     let ready = async move {
         // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
@@ -262,6 +368,19 @@ where
     (run, ready, cache)
 }
 
+/// The tables of the cache: every kind a controller watches, the unfinished pods and the namespaces.
+const CACHED: [cache::Table; 9] = [
+    "CronJob",
+    "ConfigMap",
+    "ServiceAccount",
+    "Job",
+    "Role",
+    "RoleBinding",
+    "NetworkPolicy",
+    cache::PODS,
+    cache::NAMESPACES,
+];
+
 fn owns_cfg() -> WatcherConfig {
     WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard").any_semantic()
 }
@@ -273,8 +392,16 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if let Ok(agent) = hyper::header::HeaderValue::from_str(&user_agent(&opts.identity)) {
         config.headers.push((hyper::header::USER_AGENT, agent));
     }
-    let client = Client::try_from(config).map_err(RunError::Client)?;
     let metrics = metrics::Metrics::default();
+    // Every request is counted by verb (crmguard_api_requests_total): the load the operator puts on the server.
+    let counted = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(RunError::Client)?
+        .with_layer(&tower::util::MapRequestLayer::new(move |req: ::http::Request<kube::client::Body>| {
+            counted.requested(metrics::api_verb(req.method(), req.uri()));
+            req
+        }))
+        .build();
     let health = Arc::new(http::Health::default());
     let webhook_slot = http::WebhookSlot::default();
     // Liveness answers from the start; readiness says what is awaited.
@@ -324,6 +451,37 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     };
     // The webhook writes only now: as the leader, with the audit trail running.
     let _ = webhook_slot.set(webhook::Webhook { client: client.clone(), audit: audit.clone() });
+    let cache = Arc::new(Cache::new(&CACHED, &opts.namespaces));
+    // Namespaces being deleted get no writes: watched cluster-wide (metadata only).
+    let namespace_events = feeding(
+        &cache,
+        cache::NAMESPACES,
+        None,
+        watches::events(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            WatcherConfig::default().any_semantic(),
+            &restarts,
+        ),
+    );
+    tokio::spawn(namespace_events.for_each(|e| async move {
+        if let Err(e) = e {
+            tracing::debug!(error = %e, "namespace watch");
+        }
+    }));
+    // The grant ceiling (AccessPolicy): one ClusterRole, watched by name.
+    let ceiling_events = watches::events(
+        Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone()),
+        WatcherConfig::default().fields(&format!("metadata.name={}", opts.build.access.grant_ceiling)).any_semantic(),
+        &restarts,
+    );
+    let fed = cache.clone();
+    tokio::spawn(ceiling_events.for_each(move |e| {
+        match e {
+            Ok(e) => fed.feed_ceiling(&e),
+            Err(e) => tracing::debug!(error = %e, "grant ceiling watch"),
+        }
+        futures::future::ready(())
+    }));
     let reporter =
         Reporter { controller: "crmguard".into(), instance: opts.lease.as_ref().map(|l| l.identity.clone()) };
     let ctx = Arc::new(Context {
@@ -336,6 +494,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         resync: opts.resync,
         vault: Arc::new(crate::vault::admin::Sessions::new(opts.vault_auth.clone(), opts.build.vault_addr.clone())),
         audit: audit.clone(),
+        cache: cache.clone(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
@@ -374,7 +533,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         runs.push(r);
         readies.push(ready);
         let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
-            w.owns::<k8s_openapi::api::networking::v1::NetworkPolicy>()
+            w.owns::<k8s_openapi::api::networking::v1::NetworkPolicy>().pods()
         });
         stores.guards.push(s);
         runs.push(r);

@@ -37,6 +37,8 @@ pub struct Context {
     pub vault: Arc<crate::vault::admin::Sessions>,
     /// Every write, as an audit record.
     pub audit: crate::audit::Auditor,
+    /// What the watches hold (children, pods, namespaces) and what was last read or written.
+    pub cache: Arc<crate::k8s::cache::Cache>,
 }
 
 impl std::fmt::Debug for Context {
@@ -205,11 +207,19 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         // kind's cleanup before our finalizer is released.
         let (ns, name) = (guard.meta().namespace.clone().unwrap_or_default(), guard.name_any());
         ctx.metrics.set_object(&K::kind(&()), &ns, &name, &[]);
+        ctx.cache.status_forget(guard.meta().uid.as_deref().unwrap_or_default());
         if let (true, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0) {
             obj.cleanup(ctx).await?;
             set_finalizers(guard, ctx, finalizers.iter().filter(|x| *x != f).cloned().collect()).await?;
             tracing::info!(finalizer = f, "cleaned up; finalizer removed");
         }
+        return Ok(Action::await_change());
+    }
+    let namespace = guard.meta().namespace.clone().unwrap_or_default();
+    if ctx.cache.terminating(&namespace) {
+        // The namespace controller is removing everything in it, this resource included (whose deletion then
+        // runs the cleanup above): writing children or status now would only race it.
+        tracing::debug!(%namespace, "namespace is being deleted; nothing is written");
         return Ok(Action::await_change());
     }
     if let (false, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0)
@@ -227,9 +237,19 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     let name = guard.meta().name.clone().unwrap_or_default();
     let generation = guard.meta().generation;
     let manager = format!("crmguard/{}", K::CONTROLLER);
-    // The current status, read fresh (the cached object may predate our last status write).
-    let current = api.get_status(&name).await?;
-    let current_status = current.data.get("status").cloned().unwrap_or(json!({}));
+    // The current status as the server holds it: remembered for the cached object's resourceVersion, or read
+    // (the cached object may predate our last status write, whose result is remembered).
+    let uid = guard.meta().uid.clone().unwrap_or_default();
+    let version = guard.meta().resource_version.clone().unwrap_or_default();
+    let current_status = match ctx.cache.status(&uid, &version) {
+        Some(s) => s,
+        None => {
+            let current = api.get_status(&name).await?;
+            let status = current.data.get("status").cloned().unwrap_or(json!({}));
+            ctx.cache.remember_status(&uid, current.metadata.resource_version.as_deref(), &status);
+            status
+        }
+    };
     let mut conditions: Vec<Condition> =
         serde_json::from_value(current_status.get("conditions").cloned().unwrap_or(json!([]))).unwrap_or_default();
     let now = now_time(ctx);
@@ -311,7 +331,10 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 p.entry(k.clone()).or_insert(Value::Null);
             }
         }
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
+        let written =
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
+        let held = written.data.get("status").cloned().unwrap_or(json!({}));
+        ctx.cache.remember_status(&uid, written.metadata.resource_version.as_deref(), &held);
         ctx.metrics.wrote(K::CONTROLLER, "status", 1);
         let ns = guard.meta().namespace.clone().unwrap_or_default();
         ctx.audit.record(
@@ -351,7 +374,7 @@ async fn apply_desired<K: Reconcilable>(
     owner: &Owner,
     desired: &Desired,
 ) -> Result<(), Error> {
-    let report = apply_children(&ctx.client, manager, owner, &desired.children, &desired.prune).await?;
+    let report = apply_children(&ctx.client, &ctx.cache, manager, owner, &desired.children, &desired.prune).await?;
     ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
     ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
     let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);

@@ -84,7 +84,7 @@ pub fn events<K>(
     api: Api<K>,
     cfg: watcher::Config,
     restarts: &Restarts,
-) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static + use<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {

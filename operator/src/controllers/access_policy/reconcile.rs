@@ -137,8 +137,15 @@ async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, 
         return Ok(None);
     }
     let name = &ctx.build.access.grant_ceiling;
-    let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(ctx.client.clone());
-    let Some(role) = roles.get_opt(name).await? else {
+    // From the watch of the ceiling once it has listed it, else read.
+    let rules = match ctx.cache.ceiling() {
+        Some(rules) => rules,
+        None => {
+            let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(ctx.client.clone());
+            roles.get_opt(name).await?.map(|r| r.rules.unwrap_or_default())
+        }
+    };
+    let Some(rules) = rules else {
         return Ok(Some(Cond::new(
             "RbacApplied",
             Status::False,
@@ -150,7 +157,7 @@ async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, 
             ),
         )));
     };
-    let errors = ceiling::beyond(p, name, role.rules.as_deref().unwrap_or_default());
+    let errors = ceiling::beyond(p, name, &rules);
     if errors.is_empty() {
         return Ok(None);
     }

@@ -27,15 +27,18 @@ impl Reconcilable for NetworkGuard {
         };
         let policies = build::build(&v);
         let names: Vec<String> = policies.iter().filter_map(|p| p.metadata.name.clone()).collect();
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
-        // Every running pod of the CRM namespace should be behind the guard; finished pods do not count.
-        let running: Vec<Pod> = pods
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
-            .collect();
+        // Every pod of the CRM namespace that has not finished should be behind the guard: from the watch of such
+        // pods (whose changes reconcile the guard), read from the server only until that watch has listed them.
+        let running: Vec<Pod> = match ctx.cache.pods(&v.owner.namespace) {
+            Some(pods) => pods,
+            None => Api::<Pod>::namespaced(ctx.client.clone(), &v.owner.namespace)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+                .collect(),
+        };
         // crmguard's own backup and restore job pods are short-lived and not the CRM: they do not count either.
         let ours = |p: &&Pod| {
             p.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str)
@@ -100,8 +103,6 @@ impl Reconcilable for NetworkGuard {
         d.status.insert("policies".into(), json!(names));
         d.status.insert("coveredPods".into(), json!(covered.len()));
         d.status.insert("uncoveredPods".into(), json!(uncovered.into_iter().take(20).collect::<Vec<_>>()));
-        // Pods come and go without touching the guard: refresh coverage every minute.
-        d.requeue_after = Some(std::time::Duration::from_secs(60));
 
         // Quarantine: label the pods to isolate (the standing quarantine policy cuts them off), release expired ones.
         let now = (ctx.now)();
@@ -181,7 +182,7 @@ impl Reconcilable for NetworkGuard {
         d.status.insert("quarantines".into(), json!(qp.records));
         if let Some(next) = qp.next_expiry {
             let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();
-            d.requeue_after = d.requeue_after.map(|r| r.min(wait + std::time::Duration::from_secs(1)));
+            d.requeue_after = Some(wait + std::time::Duration::from_secs(1));
         }
         Ok(Ok(d))
     }

@@ -30,6 +30,29 @@ async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobRepo
     }))
 }
 
+/// A Job whose ServiceAccount does not exist gets no pod, and the Job controller backs off for minutes: until the
+/// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created.
+fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> Option<Desired> {
+    let sa = job.spec.as_ref()?.template.spec.as_ref()?.service_account_name.clone()?;
+    let job_name = job.metadata.name.as_deref()?;
+    let known = !ctx.cache.synced("ServiceAccount") || ctx.cache.get("ServiceAccount", ns, &sa).is_some();
+    if known || ctx.cache.get("Job", ns, job_name).is_some() {
+        return None;
+    }
+    let message = format!(
+        "waiting for ServiceAccount {sa}, which CrmBackupPolicy {policy} creates for its jobs; Job {job_name} is \
+         created once it exists"
+    );
+    let mut d = Desired {
+        conditions: vec![Cond::new("Restored", Status::False, "WaitingForServiceAccount", message)],
+        required: vec!["Restored"],
+        requeue_after: Some(std::time::Duration::from_secs(2)),
+        ..Desired::default()
+    };
+    d.status.insert("phase".into(), json!("Pending"));
+    Some(d)
+}
+
 impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
 
@@ -43,6 +66,9 @@ impl Reconcilable for CrmRestore {
         };
         let job = build::build(&v, &ctx.build);
         let job_name = job.metadata.name.clone().unwrap_or_default();
+        if let Some(waiting) = service_account_missing(ctx, &ns, &job, &self.spec.policy_ref.name) {
+            return Ok(Ok(waiting));
+        }
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
         let status = jobs.get_opt(&job_name).await?.and_then(|j| j.status).unwrap_or_default();
         let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;

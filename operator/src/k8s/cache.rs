@@ -1,0 +1,465 @@
+//! What the operator's watches already hold, so that a reconcile asks the API server only for what the cache
+//! cannot vouch for: crmguard's children (metadata only), the pods that have not finished (labels and crmguard's
+//! annotations), and namespaces that are being deleted. The runtime feeds each table from a watch
+//! ([`Cache::feed`]); the controllers read.
+//!
+//! A custom resource's status is read once per resourceVersion ([`Cache::status`]): a resync of an object that
+//! did not change reads nothing.
+//!
+//! Children are compared without reading them: after a child was found or made as desired, the cache remembers
+//! its resourceVersion and a digest of what was desired ([`Cache::verified`]). While the watch shows the same
+//! resourceVersion and the desired object has not changed, the child is as desired and nobody needs to look.
+//! Anyone else's change gives it a new resourceVersion, and then the child is read and compared again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::Event;
+use serde_json::Value;
+
+use super::meta::OWNER_LABEL;
+
+/// A table: the kinds fed from watches (`Kind` as in `CHILD_KINDS`), and the two that are not children.
+pub type Table = &'static str;
+/// Pods of the watched namespaces that have not finished.
+pub const PODS: Table = "Pod";
+/// Namespaces (cluster-wide).
+pub const NAMESPACES: Table = "Namespace";
+
+/// What the cache keeps of one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: String,
+    pub resource_version: String,
+    /// The uid of the object's controller (owner reference with `controller: true`).
+    pub controller: Option<String>,
+    /// The value of crmguard's owner label.
+    pub owner_label: Option<String>,
+    /// Pods only: all labels and crmguard's annotations (`crmguard.io/...`).
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Namespaces only: being deleted.
+    pub terminating: bool,
+}
+
+impl Meta {
+    fn of(table: Table, m: &ObjectMeta) -> Meta {
+        let labels = m.labels.clone().unwrap_or_default();
+        let pod = table == PODS;
+        Meta {
+            uid: m.uid.clone().unwrap_or_default(),
+            resource_version: m.resource_version.clone().unwrap_or_default(),
+            controller: m.owner_references.iter().flatten().find(|r| r.controller == Some(true)).map(|r| r.uid.clone()),
+            owner_label: labels.get(OWNER_LABEL).cloned(),
+            annotations: if pod {
+                m.annotations.iter().flatten().filter(|(k, _)| k.starts_with("crmguard.io/")).map(clone2).collect()
+            } else {
+                BTreeMap::new()
+            },
+            labels: if pod { labels } else { BTreeMap::new() },
+            terminating: table == NAMESPACES && m.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+fn clone2((k, v): (&String, &String)) -> (String, String) {
+    (k.clone(), v.clone())
+}
+
+type Key = (String, String);
+/// (kind, namespace, name) of a child.
+type ChildKey = (Table, String, String);
+
+/// One table, fed by one watch per scope (a watched namespace, or `""` for all).
+#[derive(Debug, Default)]
+struct Objects {
+    /// Scopes whose watch has delivered a full list.
+    synced: BTreeSet<String>,
+    by_key: HashMap<Key, Meta>,
+    /// Objects of a re-list in progress per scope, swapped in when it is complete.
+    relisting: HashMap<String, HashMap<Key, Meta>>,
+}
+
+/// The grant ceiling as its watch shows it, and a re-list in progress.
+#[derive(Debug, Default)]
+struct Ceiling {
+    current: Option<Option<Vec<PolicyRule>>>,
+    listing: Option<Option<Vec<PolicyRule>>>,
+}
+
+/// The operator's view of the objects its watches hold.
+#[derive(Debug, Default)]
+pub struct Cache {
+    tables: HashMap<Table, RwLock<Objects>>,
+    /// The scopes every table is watched in.
+    scopes: BTreeSet<String>,
+    /// (table, scope) pairs a watch already feeds (a kind several controllers watch is fed by one of them).
+    fed: Mutex<BTreeSet<(Table, String)>>,
+    /// (kind, namespace, name) -> (resourceVersion, digest of the desired object) of children found as desired.
+    verified: Mutex<HashMap<ChildKey, (String, u64)>>,
+    /// The grant ceiling ClusterRole's rules once its watch has listed it (`Some(None)`: it does not exist).
+    ceiling: RwLock<Ceiling>,
+    /// Custom resource uid -> (resourceVersion, its status as the server holds it), as last read or written.
+    statuses: Mutex<HashMap<String, (String, String)>>,
+}
+
+fn scope_of(scope: Option<&str>) -> String {
+    scope.unwrap_or_default().to_string()
+}
+
+fn key(m: &ObjectMeta) -> Key {
+    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+}
+
+impl Cache {
+    /// A cache with these tables, each watched in every one of `namespaces` (all when empty). Tables not named
+    /// stay unknown: their reads go to the API server.
+    pub fn new(tables: &[Table], namespaces: &[String]) -> Cache {
+        let scopes = if namespaces.is_empty() { [String::new()].into() } else { namespaces.iter().cloned().collect() };
+        Cache { tables: tables.iter().map(|t| (*t, RwLock::default())).collect(), scopes, ..Cache::default() }
+    }
+
+    /// Claims feeding `table` in `scope` (`None`: all namespaces): true for the first caller only.
+    pub fn claim(&self, table: Table, scope: Option<&str>) -> bool {
+        self.has(table) && self.fed.lock().unwrap_or_else(PoisonError::into_inner).insert((table, scope_of(scope)))
+    }
+
+    /// Whether `table` is fed by a watch.
+    pub fn has(&self, table: Table) -> bool {
+        self.tables.contains_key(table)
+    }
+
+    /// Applies one watch event of the watch of `table` in `scope` (`None`: all namespaces).
+    pub fn feed<K>(&self, table: Table, scope: Option<&str>, event: &Event<PartialObjectMeta<K>>) {
+        let Some(t) = self.tables.get(table) else { return };
+        let mut t = t.write().unwrap_or_else(PoisonError::into_inner);
+        let scope = scope_of(scope);
+        match event {
+            Event::Apply(o) => {
+                let m = Meta::of(table, &o.metadata);
+                t.by_key.insert(key(&o.metadata), m);
+            }
+            Event::Delete(o) => {
+                let k = key(&o.metadata);
+                t.by_key.remove(&k);
+                self.forget(table, &k);
+            }
+            Event::Init => {
+                t.relisting.insert(scope, HashMap::new());
+            }
+            Event::InitApply(o) => {
+                let m = Meta::of(table, &o.metadata);
+                t.relisting.entry(scope).or_default().insert(key(&o.metadata), m);
+            }
+            Event::InitDone => {
+                let fresh = t.relisting.remove(&scope).unwrap_or_default();
+                let gone: Vec<Key> = t
+                    .by_key
+                    .keys()
+                    .filter(|k| (scope.is_empty() || k.0 == scope) && !fresh.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    t.by_key.remove(&k);
+                    self.forget(table, &k);
+                }
+                t.by_key.extend(fresh);
+                t.synced.insert(scope);
+            }
+        }
+    }
+
+    /// What the cache holds of an object: `None` when the table is not fed or the object is absent (which is
+    /// only certain after [`Self::synced`]).
+    pub fn get(&self, table: Table, namespace: &str, name: &str) -> Option<Meta> {
+        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
+        t.by_key.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    /// Whether `table` is fed and has seen a full list in every scope.
+    pub fn synced(&self, table: Table) -> bool {
+        self.tables.get(table).is_some_and(|t| self.complete(&t.read().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    fn complete(&self, t: &Objects) -> bool {
+        self.scopes.iter().all(|s| t.synced.contains(s))
+    }
+
+    /// Names (sorted) of the objects of `table` in `namespace` whose controller is `owner_uid` and that carry
+    /// the owner label `owner_label`; `None` when the table is not fed or not yet synced.
+    pub fn owned_by(&self, table: Table, namespace: &str, owner_uid: &str, owner_label: &str) -> Option<Vec<String>> {
+        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
+        if !self.complete(&t) {
+            return None;
+        }
+        let mut names: Vec<String> = t
+            .by_key
+            .iter()
+            .filter(|((ns, _), m)| {
+                ns == namespace
+                    && m.controller.as_deref() == Some(owner_uid)
+                    && m.owner_label.as_deref() == Some(owner_label)
+            })
+            .map(|((_, name), _)| name.clone())
+            .collect();
+        names.sort();
+        Some(names)
+    }
+
+    /// The pods of `namespace` that have not finished, as pods carrying only name, uid, labels and crmguard's
+    /// annotations; `None` when pods are not watched or not yet synced.
+    pub fn pods(&self, namespace: &str) -> Option<Vec<Pod>> {
+        let t = self.tables.get(PODS)?.read().unwrap_or_else(PoisonError::into_inner);
+        if !self.complete(&t) {
+            return None;
+        }
+        let mut pods: Vec<Pod> = t
+            .by_key
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((ns, name), m)| Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(ns.clone()),
+                    uid: Some(m.uid.clone()),
+                    labels: Some(m.labels.clone()),
+                    annotations: Some(m.annotations.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..Pod::default()
+            })
+            .collect();
+        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Some(pods)
+    }
+
+    /// Whether `namespace` is being deleted (false when namespaces are not watched).
+    pub fn terminating(&self, namespace: &str) -> bool {
+        self.get(NAMESPACES, "", namespace).is_some_and(|m| m.terminating)
+    }
+
+    /// Whether the child is known to be as `desired` without reading it: the watch shows the resourceVersion
+    /// it had when it was last found or made as desired, and `desired` is what it was then.
+    pub fn is_verified(&self, table: Table, namespace: &str, name: &str, desired: &Value) -> bool {
+        let Some(current) = self.get(table, namespace, name) else { return false };
+        let v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        v.get(&(table, namespace.to_string(), name.to_string()))
+            .is_some_and(|(rv, d)| *rv == current.resource_version && *d == digest(desired))
+    }
+
+    /// Records that the child at `resource_version` is as `desired`.
+    pub fn verified(&self, table: Table, namespace: &str, name: &str, resource_version: &str, desired: &Value) {
+        if !self.has(table) || resource_version.is_empty() {
+            return;
+        }
+        let mut v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        v.insert((table, namespace.to_string(), name.to_string()), (resource_version.to_string(), digest(desired)));
+    }
+
+    fn forget(&self, table: Table, (namespace, name): &Key) {
+        let mut v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        v.remove(&(table, namespace.clone(), name.clone()));
+    }
+
+    /// Forgets a child that was deleted.
+    pub fn deleted(&self, table: Table, namespace: &str, name: &str) {
+        self.forget(table, &(namespace.to_string(), name.to_string()));
+    }
+
+    /// Remembers the status the server holds for the custom resource `uid` at `resource_version` (as read, or
+    /// as a status write returned it).
+    pub fn remember_status(&self, uid: &str, resource_version: Option<&str>, status: &Value) {
+        let mut s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        match resource_version {
+            Some(rv) if !uid.is_empty() => s.insert(uid.to_string(), (rv.to_string(), status.to_string())),
+            _ => s.remove(uid),
+        };
+    }
+
+    /// The status the server holds for `uid` at `resource_version`, when it was seen at that version; `None`
+    /// when the object changed since (or was never seen): then it must be read.
+    pub fn status(&self, uid: &str, resource_version: &str) -> Option<Value> {
+        let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        s.get(uid).filter(|(rv, _)| rv == resource_version).and_then(|(_, st)| serde_json::from_str(st).ok())
+    }
+
+    /// Applies one event of the watch of the grant ceiling ClusterRole (a watch of that one name).
+    pub fn feed_ceiling(&self, event: &Event<ClusterRole>) {
+        let mut c = self.ceiling.write().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            Event::Apply(r) => c.current = Some(Some(r.rules.clone().unwrap_or_default())),
+            Event::Delete(_) => c.current = Some(None),
+            Event::Init => c.listing = Some(None),
+            Event::InitApply(r) => c.listing = Some(Some(r.rules.clone().unwrap_or_default())),
+            // The list is complete: what it held (nothing: the ceiling does not exist).
+            Event::InitDone => c.current = Some(c.listing.take().flatten()),
+        }
+    }
+
+    /// The grant ceiling's rules as its watch shows them: `None` until the watch has listed it, `Some(None)` when
+    /// it does not exist.
+    pub fn ceiling(&self) -> Option<Option<Vec<PolicyRule>>> {
+        self.ceiling.read().unwrap_or_else(PoisonError::into_inner).current.clone()
+    }
+
+    /// Forgets a custom resource that is gone.
+    pub fn status_forget(&self, uid: &str) {
+        self.statuses.lock().unwrap_or_else(PoisonError::into_inner).remove(uid);
+    }
+}
+
+/// A digest of what the cache keeps of a pod (labels, crmguard's annotations).
+pub fn pod_digest(m: &ObjectMeta) -> u64 {
+    let kept = Meta::of(PODS, m);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (kept.labels, kept.annotations).hash(&mut h);
+    h.finish()
+}
+
+/// A digest of a desired object (same value, same digest, within one process).
+fn digest(v: &Value) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(ns: &str, name: &str, rv: &str, owner: Option<&str>) -> PartialObjectMeta<Pod> {
+        let v = json!({"apiVersion": "v1", "kind": "PartialObjectMetadata", "metadata": {
+            "namespace": ns, "name": name, "uid": format!("uid-{name}"), "resourceVersion": rv,
+            "labels": {"app": "crm", OWNER_LABEL: "g"},
+            "annotations": {"crmguard.io/quarantine-by": "g", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+            "ownerReferences": owner.map(|u| vec![json!({"apiVersion": "v1", "kind": "X", "name": "o", "uid": u, "controller": true})]).unwrap_or_default()
+        }});
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_table_only_when_complete() {
+        let c = Cache::new(&["NetworkPolicy"], &[]);
+        c.feed("NetworkPolicy", None, &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed("NetworkPolicy", None, &Event::InitApply(meta("a", "old", "1", Some("u"))));
+        assert!(!c.synced("NetworkPolicy") && c.owned_by("NetworkPolicy", "a", "u", "g").is_none());
+        c.feed("NetworkPolicy", None, &Event::<PartialObjectMeta<Pod>>::InitDone);
+        assert_eq!(c.owned_by("NetworkPolicy", "a", "u", "g"), Some(vec!["old".to_string()]));
+        c.feed("NetworkPolicy", None, &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed("NetworkPolicy", None, &Event::InitApply(meta("a", "new", "2", Some("u"))));
+        // During the re-list the last complete view holds.
+        assert_eq!(c.owned_by("NetworkPolicy", "a", "u", "g"), Some(vec!["old".to_string()]));
+        c.feed("NetworkPolicy", None, &Event::<PartialObjectMeta<Pod>>::InitDone);
+        assert_eq!(c.owned_by("NetworkPolicy", "a", "u", "g"), Some(vec!["new".to_string()]));
+        assert_eq!(c.owned_by("NetworkPolicy", "a", "other", "g"), Some(vec![]));
+        assert_eq!(c.owned_by("NetworkPolicy", "b", "u", "g"), Some(vec![]));
+        assert!(c.owned_by("Role", "a", "u", "g").is_none(), "a table nobody feeds knows nothing");
+    }
+
+    #[test]
+    fn each_namespace_watch_replaces_only_its_own_namespace() {
+        let c = Cache::new(&["NetworkPolicy"], &["a".to_string(), "b".to_string()]);
+        for (scope, name) in [("a", "pa"), ("b", "pb")] {
+            c.feed("NetworkPolicy", Some(scope), &Event::<PartialObjectMeta<Pod>>::Init);
+            c.feed("NetworkPolicy", Some(scope), &Event::InitApply(meta(scope, name, "1", Some("u"))));
+            c.feed("NetworkPolicy", Some(scope), &Event::<PartialObjectMeta<Pod>>::InitDone);
+        }
+        assert!(c.synced("NetworkPolicy"));
+        // b's watch restarts and lists nothing: a keeps its policy.
+        c.feed("NetworkPolicy", Some("b"), &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed("NetworkPolicy", Some("b"), &Event::<PartialObjectMeta<Pod>>::InitDone);
+        assert_eq!(c.owned_by("NetworkPolicy", "a", "u", "g"), Some(vec!["pa".to_string()]));
+        assert_eq!(c.owned_by("NetworkPolicy", "b", "u", "g"), Some(vec![]));
+        assert!(c.claim("NetworkPolicy", Some("a")) && !c.claim("NetworkPolicy", Some("a")));
+        assert!(!c.claim("Role", Some("a")), "a table the cache does not have is not fed");
+    }
+
+    #[test]
+    fn a_child_is_verified_only_at_the_version_it_was_verified_at_and_for_the_same_desire() {
+        let c = Cache::new(&["NetworkPolicy"], &[]);
+        let desired = json!({"spec": {"a": 1}});
+        c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "5", Some("u"))));
+        assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
+        c.verified("NetworkPolicy", "a", "p", "5", &desired);
+        assert!(c.is_verified("NetworkPolicy", "a", "p", &desired));
+        assert!(!c.is_verified("NetworkPolicy", "a", "p", &json!({"spec": {"a": 2}})), "the desire changed");
+        // Someone else's edit: a new resourceVersion.
+        c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "6", Some("u"))));
+        assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
+        c.verified("NetworkPolicy", "a", "p", "6", &desired);
+        c.feed("NetworkPolicy", None, &Event::Delete(meta("a", "p", "6", Some("u"))));
+        assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
+        c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "6", Some("u"))));
+        assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired), "a deleted child's verification is forgotten");
+    }
+
+    #[test]
+    fn pods_keep_labels_and_only_crmguards_annotations() {
+        let c = Cache::new(&[PODS], &[]);
+        assert!(c.pods("a").is_none(), "not synced yet");
+        c.feed(PODS, None, &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed(PODS, None, &Event::InitApply(meta("a", "web-0", "1", None)));
+        c.feed(PODS, None, &Event::<PartialObjectMeta<Pod>>::InitDone);
+        let pods = c.pods("a").unwrap();
+        assert_eq!(pods.len(), 1);
+        let m = &pods[0].metadata;
+        assert_eq!(m.labels.as_ref().unwrap().get("app").map(String::as_str), Some("crm"));
+        assert_eq!(m.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(), vec!["crmguard.io/quarantine-by"]);
+        assert_eq!(c.pods("b").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_remembered_status_serves_only_the_version_it_was_seen_at() {
+        let c = Cache::default();
+        assert_eq!(c.status("u", "3"), None, "never seen: read it");
+        c.remember_status("u", Some("4"), &json!({"observedGeneration": 2}));
+        assert_eq!(c.status("u", "4"), Some(json!({"observedGeneration": 2})));
+        assert_eq!(c.status("u", "3"), None, "the cached object predates the write");
+        assert_eq!(c.status("u", "5"), None, "changed since");
+        c.status_forget("u");
+        assert_eq!(c.status("u", "4"), None);
+    }
+
+    #[test]
+    fn the_ceiling_is_known_once_listed_and_a_relist_without_it_means_gone() {
+        let c = Cache::default();
+        let role: ClusterRole = serde_json::from_value(json!({"metadata": {"name": "g"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}))
+        .unwrap();
+        assert_eq!(c.ceiling(), None);
+        c.feed_ceiling(&Event::Init);
+        c.feed_ceiling(&Event::InitApply(role.clone()));
+        assert_eq!(c.ceiling(), None, "not until the list is complete");
+        c.feed_ceiling(&Event::InitDone);
+        assert_eq!(c.ceiling().flatten().map(|r| r.len()), Some(1));
+        c.feed_ceiling(&Event::Init);
+        c.feed_ceiling(&Event::InitDone);
+        assert_eq!(c.ceiling(), Some(None), "deleted while the watch was away");
+        c.feed_ceiling(&Event::Apply(role));
+        assert!(c.ceiling().flatten().is_some());
+    }
+
+    #[test]
+    fn namespaces_being_deleted_are_known() {
+        let c = Cache::new(&[NAMESPACES], &[]);
+        let ns = |deleting: bool| -> PartialObjectMeta<k8s_openapi::api::core::v1::Namespace> {
+            let mut m =
+                json!({"apiVersion": "v1", "kind": "PartialObjectMetadata", "metadata": {"name": "crm", "uid": "n"}});
+            if deleting {
+                m["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+            }
+            serde_json::from_value(m).unwrap()
+        };
+        c.feed(NAMESPACES, None, &Event::Apply(ns(false)));
+        assert!(!c.terminating("crm"));
+        c.feed(NAMESPACES, None, &Event::Apply(ns(true)));
+        assert!(c.terminating("crm"));
+        assert!(!c.terminating("other"));
+    }
+}

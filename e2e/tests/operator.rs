@@ -770,10 +770,57 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
         if r.as_deref() == Some("True") { Ok(()) } else { Err(format!("{r:?}")) }
     })
     .await;
+    // The namespace controller deletes a namespace's objects in no particular order; an admission policy that
+    // refuses deleting the guard holds it alive while its NetworkPolicies go, which is the moment a guard would
+    // re-create them.
+    let hold = format!("hold-guards-{ns}");
+    let policies_api: Api<kube::core::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicy",
+        )),
+    );
+    let bindings_api: Api<kube::core::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicyBinding",
+        )),
+    );
+    let vap = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": hold}, "spec": {"failurePolicy": "Fail",
+        "matchConstraints": {"resourceRules": [{"apiGroups": ["crmguard.io"], "apiVersions": ["*"],
+            "operations": ["DELETE"], "resources": ["networkguards"]}]},
+        "validations": [{"expression": "false", "message": "held by the test"}]}});
+    let binding = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": hold}, "spec": {"policyName": hold, "validationActions": ["Deny"],
+        "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}});
+    policies_api.create(&PostParams::default(), &serde_json::from_value(vap).unwrap()).await.unwrap();
+    bindings_api.create(&PostParams::default(), &serde_json::from_value(binding).unwrap()).await.unwrap();
+    eventually(30, "deleting the guard refused", || async {
+        let dry = DeleteParams { dry_run: true, ..DeleteParams::default() };
+        match guards.delete("crm-firewall", &dry).await {
+            Err(kube::Error::Api(e)) if e.message.contains("held by the test") => Ok(()),
+            other => Err(format!("{:?}", other.map(|_| ()))),
+        }
+    })
+    .await;
     let deleting = jiff::Timestamp::now();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
-    // The namespace controller removes the guard's NetworkPolicies and the guard, in no particular order.
+    eventually(60, "the guard's NetworkPolicies deleted by the namespace controller", || async {
+        let left = policies(&client, &ns).await;
+        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+    })
+    .await;
+    // Time for the guard's reconciles (the policies' deletions trigger them) to act, if they were to.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let left = policies(&client, &ns).await;
+    bindings_api.delete(&hold, &DeleteParams::default()).await.unwrap();
+    policies_api.delete(&hold, &DeleteParams::default()).await.unwrap();
     eventually(120, "the namespace gone", || async {
         match namespaces.get_opt(&ns).await.map_err(|e| e.to_string())? {
             None => Ok(()),
@@ -781,6 +828,7 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
         }
     })
     .await;
+    assert!(left.is_empty(), "policies re-created in the namespace being deleted: {left:?}");
     let late: Vec<_> = cluster
         .writes_by(e2e::OPERATOR_USER)
         .into_iter()

@@ -85,6 +85,8 @@ struct Objects {
     relisting: HashMap<String, HashMap<Key, Meta>>,
 }
 
+type Memo = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
 /// The grant ceiling as its watch shows it, and a re-list in progress.
 #[derive(Debug, Default)]
 struct Ceiling {
@@ -104,6 +106,8 @@ pub struct Cache {
     verified: Mutex<HashMap<ChildKey, (String, u64)>>,
     /// The grant ceiling ClusterRole's rules once its watch has listed it (`Some(None)`: it does not exist).
     ceiling: RwLock<Ceiling>,
+    /// (kind, uid) -> (digest of the cached inputs, what a reconcile computed from reads they vouch for).
+    memos: Mutex<HashMap<(Table, String), (u64, Memo)>>,
     /// Custom resource uid -> (resourceVersion, its status as the server holds it), as last read or written.
     statuses: Mutex<HashMap<String, (String, String)>>,
 }
@@ -288,6 +292,46 @@ impl Cache {
         s.get(uid).filter(|(rv, _)| rv == resource_version).and_then(|(_, st)| serde_json::from_str(st).ok())
     }
 
+    /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
+    /// resourceVersions): it changes whenever one of them comes, goes or changes. `None` until the table is synced.
+    pub fn digest_owned(&self, table: Table, namespace: &str, owner_label: &str) -> Option<u64> {
+        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
+        if !self.complete(&t) {
+            return None;
+        }
+        let mut owned: Vec<(&str, &str)> = t
+            .by_key
+            .iter()
+            .filter(|((ns, _), m)| ns == namespace && m.owner_label.as_deref() == Some(owner_label))
+            .map(|((_, name), m)| (name.as_str(), m.resource_version.as_str()))
+            .collect();
+        owned.sort_unstable();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        owned.hash(&mut h);
+        Some(h.finish())
+    }
+
+    /// What was computed for the object `uid` of `kind` from inputs whose digest was `digest`, if it still is.
+    pub fn memo<T: Clone + Send + Sync + 'static>(&self, kind: Table, uid: &str, digest: u64) -> Option<T> {
+        let m = self.memos.lock().unwrap_or_else(PoisonError::into_inner);
+        let (d, value) = m.get(&(kind, uid.to_string()))?;
+        if *d != digest {
+            return None;
+        }
+        value.downcast_ref::<T>().cloned()
+    }
+
+    /// Remembers what was computed for `uid` of `kind` from inputs whose digest is `digest`.
+    pub fn remember<T: Send + Sync + 'static>(&self, kind: Table, uid: &str, digest: u64, value: T) {
+        let mut m = self.memos.lock().unwrap_or_else(PoisonError::into_inner);
+        m.insert((kind, uid.to_string()), (digest, std::sync::Arc::new(value)));
+    }
+
+    /// Forgets what was remembered for `uid` of `kind`.
+    pub fn forget_memo(&self, kind: Table, uid: &str) {
+        self.memos.lock().unwrap_or_else(PoisonError::into_inner).remove(&(kind, uid.to_string()));
+    }
+
     /// Applies one event of the watch of the grant ceiling ClusterRole (a watch of that one name).
     pub fn feed_ceiling(&self, event: &Event<ClusterRole>) {
         let mut c = self.ceiling.write().unwrap_or_else(PoisonError::into_inner);
@@ -307,9 +351,10 @@ impl Cache {
         self.ceiling.read().unwrap_or_else(PoisonError::into_inner).current.clone()
     }
 
-    /// Forgets a custom resource that is gone.
-    pub fn status_forget(&self, uid: &str) {
+    /// Forgets what was remembered of a custom resource that is going away (its status, its memos).
+    pub fn forget_object(&self, uid: &str) {
         self.statuses.lock().unwrap_or_else(PoisonError::into_inner).remove(uid);
+        self.memos.lock().unwrap_or_else(PoisonError::into_inner).retain(|(_, u), _| u != uid);
     }
 }
 
@@ -318,6 +363,13 @@ pub fn pod_digest(m: &ObjectMeta) -> u64 {
     let kept = Meta::of(PODS, m);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (kept.labels, kept.annotations).hash(&mut h);
+    h.finish()
+}
+
+/// A digest of some strings (e.g. resourceVersions), for [`Cache::memo`].
+pub fn digest_of(parts: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
     h.finish()
 }
 
@@ -400,6 +452,28 @@ mod tests {
     }
 
     #[test]
+    fn a_memo_holds_while_the_owned_objects_do_not_change() {
+        let c = Cache::new(&["Job"], &[]);
+        assert_eq!(c.digest_owned("Job", "a", "g"), None, "not synced");
+        c.feed("Job", None, &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed("Job", None, &Event::<PartialObjectMeta<Pod>>::InitDone);
+        let empty = c.digest_owned("Job", "a", "g").unwrap();
+        c.remember("X", "u", empty, 7u32);
+        assert_eq!(c.memo::<u32>("X", "u", empty), Some(7));
+        assert_eq!(c.memo::<String>("X", "u", empty), None, "another type is not this memo");
+        c.feed("Job", None, &Event::Apply(meta("a", "j", "1", Some("u"))));
+        let one = c.digest_owned("Job", "a", "g").unwrap();
+        assert_ne!(one, empty);
+        assert_eq!(c.memo::<u32>("X", "u", one), None, "a job came");
+        c.feed("Job", None, &Event::Apply(meta("b", "j", "1", Some("u"))));
+        assert_eq!(c.digest_owned("Job", "a", "g"), Some(one), "another namespace's jobs do not matter");
+        c.feed("Job", None, &Event::Apply(meta("a", "j", "2", Some("u"))));
+        assert_ne!(c.digest_owned("Job", "a", "g"), Some(one), "the job changed");
+        c.forget_memo("X", "u");
+        assert_eq!(c.memo::<u32>("X", "u", empty), None);
+    }
+
+    #[test]
     fn pods_keep_labels_and_only_crmguards_annotations() {
         let c = Cache::new(&[PODS], &[]);
         assert!(c.pods("a").is_none(), "not synced yet");
@@ -422,8 +496,10 @@ mod tests {
         assert_eq!(c.status("u", "4"), Some(json!({"observedGeneration": 2})));
         assert_eq!(c.status("u", "3"), None, "the cached object predates the write");
         assert_eq!(c.status("u", "5"), None, "changed since");
-        c.status_forget("u");
+        c.remember("X", "u", 1, 1u8);
+        c.forget_object("u");
         assert_eq!(c.status("u", "4"), None);
+        assert_eq!(c.memo::<u8>("X", "u", 1), None);
     }
 
     #[test]

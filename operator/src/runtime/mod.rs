@@ -545,6 +545,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         metrics.clone(),
         audit,
         opts.posture_every,
+        opts.resync,
         jiff::Timestamp::now,
     ));
     let h = health.clone();

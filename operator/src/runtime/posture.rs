@@ -77,9 +77,13 @@ pub async fn run(
     metrics: Metrics,
     audit: crate::audit::Auditor,
     every: Duration,
+    reread: Duration,
     now: fn() -> jiff::Timestamp,
 ) {
     let mut reported: BTreeSet<String> = BTreeSet::new();
+    // What each namespace's report held when it was last read or written: while the assessment is the same, the
+    // report is read again only after `reread` (to repair an edit by someone else).
+    let mut known: BTreeMap<String, (Value, tokio::time::Instant)> = BTreeMap::new();
     let mut missing_crd_logged = false;
     loop {
         tokio::time::sleep(every).await;
@@ -93,6 +97,10 @@ pub async fn run(
             }
             metrics.set_object("PolicyReport", ns, "crmguard", &samples);
             let desired = posture::policy_report(&report, t);
+            let wanted = comparable(&desired);
+            if known.get(ns).is_some_and(|(held, at)| *held == wanted && at.elapsed() < reread) {
+                continue;
+            }
             let api = report_api(&client, ns);
             let current = match api.get_opt("crmguard").await {
                 Ok(c) => c.and_then(|c| serde_json::to_value(c).ok()),
@@ -112,12 +120,14 @@ pub async fn run(
                 }
             };
             reported.insert(ns.clone());
-            if current.as_ref().is_some_and(|c| comparable(c) == comparable(&desired)) {
+            if current.as_ref().is_some_and(|c| comparable(c) == wanted) {
+                known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                 continue;
             }
             match api.patch("crmguard", &PatchParams::apply("crmguard/posture").force(), &Patch::Apply(&desired)).await
             {
                 Ok(_) => {
+                    known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                     metrics.wrote("posture", "apply", 1);
                     let why = format!("score {}, {} failed", report.score, report.count(Outcome::Fail));
                     audit.record("posture", "apply", "PolicyReport", ns, "crmguard", &why);
@@ -128,6 +138,7 @@ pub async fn run(
         }
         let live: BTreeSet<(String, String)> = all.keys().map(|ns| (ns.clone(), "crmguard".to_string())).collect();
         metrics.retain_objects("PolicyReport", None, &live);
+        known.retain(|ns, _| all.contains_key(ns));
         for ns in reported.clone().iter().filter(|ns| !all.contains_key(*ns)) {
             match report_api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
                 Ok(_) => {

@@ -207,7 +207,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         // kind's cleanup before our finalizer is released.
         let (ns, name) = (guard.meta().namespace.clone().unwrap_or_default(), guard.name_any());
         ctx.metrics.set_object(&K::kind(&()), &ns, &name, &[]);
-        ctx.cache.status_forget(guard.meta().uid.as_deref().unwrap_or_default());
+        ctx.cache.forget_object(guard.meta().uid.as_deref().unwrap_or_default());
         if let (true, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0) {
             obj.cleanup(ctx).await?;
             set_finalizers(guard, ctx, finalizers.iter().filter(|x| *x != f).cloned().collect()).await?;

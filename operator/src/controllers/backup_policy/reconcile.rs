@@ -17,10 +17,47 @@ use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
 /// What the policy's Jobs show: the runs the operator can prove are its own, and the ones it ignored.
+#[derive(Clone)]
 struct Observed {
     jobs: Vec<status::JobObservation>,
     /// (job, reason) of every labelled Job whose report does not count.
     rejected: Vec<(String, String)>,
+}
+
+/// The report key and what the Jobs show, read from the server only when the policy's Jobs or CronJobs changed
+/// since the last time (their resourceVersions in the watches): a Job's status changes after its pod ended, so
+/// its report is in place by then. The key is read (and created when missing) at the first reconcile, before a
+/// Job can need it.
+async fn observe(
+    ctx: &Context,
+    owner: &Owner,
+    names: &build::Names,
+) -> Result<(Result<Vec<u8>, String>, Observed), Error> {
+    let label = owner.owner_label_value();
+    let digest = match (
+        ctx.cache.digest_owned("Job", &owner.namespace, &label),
+        ctx.cache.digest_owned("CronJob", &owner.namespace, &label),
+    ) {
+        (Some(jobs), Some(cron_jobs)) => Some(jobs ^ cron_jobs.rotate_left(1)),
+        _ => None,
+    };
+    if let Some(seen) = digest.and_then(|d| ctx.cache.memo::<Seen>(CrmBackupPolicy::CONTROLLER, &owner.uid, d)) {
+        return Ok((seen.key, seen.observed));
+    }
+    let key = report_key(ctx, owner, &names.report_key).await?;
+    let observed = observe_jobs(ctx, owner, names, key.as_ref().ok().map(Vec::as_slice)).await?;
+    if let Some(d) = digest {
+        let seen = Seen { key: key.clone(), observed: observed.clone() };
+        ctx.cache.remember(CrmBackupPolicy::CONTROLLER, &owner.uid, d, seen);
+    }
+    Ok((key, observed))
+}
+
+/// The report key and the Jobs' observation, as last read.
+#[derive(Clone)]
+struct Seen {
+    key: Result<Vec<u8>, String>,
+    observed: Observed,
 }
 
 /// The policy's Jobs with the reports their pods left as termination messages. A Job counts only when the
@@ -265,8 +302,7 @@ impl Reconcilable for CrmBackupPolicy {
             d.required.push("VaultConfigured");
         }
         let names = build::names(&v.owner);
-        let key = report_key(ctx, &v.owner, &names.report_key).await?;
-        let observed = observe_jobs(ctx, &v.owner, &names, key.as_ref().ok().map(Vec::as_slice)).await?;
+        let (key, observed) = observe(ctx, &v.owner, &names).await?;
         let previous = self.status.as_ref().map(|s| s.rejected_reports.as_slice()).unwrap_or_default();
         for (job, reason) in &observed.rejected {
             if !previous.iter().any(|p| &p.job == job) {

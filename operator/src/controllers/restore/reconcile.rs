@@ -9,6 +9,7 @@ use super::{build, validate};
 use crate::api::condition::Status;
 use crate::api::{CrmBackupPolicy, CrmRestore};
 use crate::backup::cli::JobReport;
+use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
@@ -57,7 +58,33 @@ impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+        // Once the Job exists, what the restore wants follows from the restore and the Job alone (a Job's pod
+        // template cannot change, so later edits of the policy do not reach it): computed again only when either
+        // changed (their resourceVersions in the watches).
+        let uid = self.metadata.uid.clone().unwrap_or_default();
         let ns = self.metadata.namespace.clone().unwrap_or_default();
+        let job_name = child_name(&self.metadata.name.clone().unwrap_or_default(), "restore", LABEL_NAME_MAX);
+        let digest = ctx.cache.get("Job", &ns, &job_name).map(|job| {
+            crate::k8s::cache::digest_of(&[
+                self.metadata.resource_version.as_deref().unwrap_or_default(),
+                &job.resource_version,
+            ])
+        });
+        if let Some(d) = digest.and_then(|d| ctx.cache.memo::<Desired>(Self::CONTROLLER, &uid, d)) {
+            return Ok(Ok(d));
+        }
+        let desired = self.read_and_decide(ctx, &ns).await?;
+        if let (Some(d), Ok(wanted)) = (digest, &desired) {
+            ctx.cache.remember(Self::CONTROLLER, &uid, d, wanted.clone());
+        }
+        Ok(desired)
+    }
+}
+
+impl CrmRestore {
+    /// Reads the policy and the Job, and decides the Job, the phase and the conditions.
+    async fn read_and_decide(&self, ctx: &Context, ns: &str) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+        let ns = ns.to_string();
         let policies: Api<CrmBackupPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         let policy = policies.get_opt(&self.spec.policy_ref.name).await?;
         let v = match validate::validate(self, policy.as_ref()) {

@@ -58,6 +58,26 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) used so far by each process whose command name is one of `names`.
+fn cpu_seconds(names: &[&str]) -> Vec<(String, f64)> {
+    let tick = 100.0; // USER_HZ
+    let mut out: Vec<(String, f64)> = names.iter().map(|n| (n.to_string(), 0.0)).collect();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = entry.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        let Some(slot) = out.iter_mut().find(|(n, _)| n.starts_with(comm.trim())) else { continue };
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else { continue };
+        // Fields after the command (which may hold spaces): state is field 3; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        slot.1 += (ticks(11) + ticks(12)) / tick;
+    }
+    out
+}
+
+const SERVERS: [&str; 4] = ["kube-apiserver", "etcd", "kube-controller-manager", "crmguard"];
+
 const VERBS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "nonresource"];
 
 fn requests(op: &Operator) -> Vec<(&'static str, f64)> {
@@ -134,11 +154,20 @@ async fn main() {
     eprintln!("created {want} resources ({per_kind} of each kind) in {namespaces} namespaces");
 
     // --- cold start ---
+    let cpu_before = cpu_seconds(&SERVERS);
     let started = Instant::now();
-    let resync_arg = resync.to_string();
+    let (resync_arg, concurrency) = (resync.to_string(), arg("--concurrency", 4).to_string());
     let mut op = Operator::start(
         &cp.kubeconfig_for(OPERATOR_USER, &["system:masters"]),
-        &["--leader-election=false", "--resync-seconds", &resync_arg, "--grant-ceiling", "cluster-admin"],
+        &[
+            "--leader-election=false",
+            "--resync-seconds",
+            &resync_arg,
+            "--grant-ceiling",
+            "cluster-admin",
+            "--concurrency",
+            &concurrency,
+        ],
     );
     let mut last_report = Instant::now();
     loop {
@@ -158,6 +187,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     let to_ready = started.elapsed();
+    let cpu_cold: Vec<String> =
+        cpu_seconds(&SERVERS).iter().zip(&cpu_before).map(|((n, a), (_, b))| format!("{n} {:.1}", a - b)).collect();
     let cold_requests: f64 = requests(&op).iter().map(|(_, n)| n).sum();
     let rss_cold_peak = rss_kib(op.child.id(), "VmHWM:");
 
@@ -201,7 +232,8 @@ async fn main() {
     let changed_ns = format!("bench-{}", (per_kind / 2) % namespaces);
     let changed = format!("guard-{}", per_kind / 2);
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), &changed_ns);
-    let mut churn_started = None;
+    // The changed guard is watched from the moment of its change, while the other patches go on.
+    let mut watcher = None;
     for i in 0..per_kind {
         let ns = format!("bench-{}", i % namespaces);
         Api::<NetworkGuard>::namespaced(client.clone(), &ns).patch(&format!("guard-{i}"), &pp, &p).await.unwrap();
@@ -213,18 +245,22 @@ async fn main() {
                 json!({"spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "crm", "tier": "web"}}}}),
             );
             guards.patch(&changed, &pp, &spec).await.unwrap();
-            churn_started = Some(Instant::now());
+            let (guards, changed) = (guards.clone(), changed.clone());
+            watcher = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                loop {
+                    let g = guards.get(&changed).await.unwrap();
+                    let conds = g.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+                    if settled(g.meta().generation, &conds) {
+                        break started.elapsed();
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(300), "the changed guard was not reconciled");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
         }
     }
-    let churn_started = churn_started.unwrap();
-    let applied = loop {
-        let g = guards.get(&changed).await.unwrap();
-        if settled(g.meta().generation, &g.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()) {
-            break churn_started.elapsed();
-        }
-        assert!(churn_started.elapsed() < Duration::from_secs(300), "the changed guard was not reconciled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let applied = watcher.unwrap().await.unwrap();
     let rss_peak = rss_kib(op.child.id(), "VmHWM:");
     let watched = {
         let lp = ListParams::default().labels("app.kubernetes.io/managed-by=crmguard");
@@ -241,13 +277,14 @@ async fn main() {
     let _ = op.child.kill();
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
-        "resources: {want} ({per_kind} NetworkGuards, AccessPolicies, CrmBackupPolicies, CrmRestores) in {namespaces} namespaces"
+        "resources: {want} ({per_kind} NetworkGuards, AccessPolicies, CrmBackupPolicies, CrmRestores) in {namespaces} namespaces; --concurrency {concurrency}"
     );
     println!(
         "cold start: {:.1} s until every resource has Ready for its generation ({cold_requests:.0} API requests, peak RSS {:.1} MiB)",
         to_ready.as_secs_f64(),
         mib(rss_cold_peak)
     );
+    println!("  CPU seconds during the cold start: {}", cpu_cold.join(", "));
     println!(
         "idle ({idle} s, resync every {resync} s): {:.2} requests/s = {:.2} per 1,000 resources per s ({}), {} writes, {idle_reconciles:.0} reconciles",
         idle_total / idle as f64,

@@ -545,7 +545,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         metrics.clone(),
         audit,
         opts.posture_every,
-        opts.resync,
+        // A report someone else edited is repaired within ten minutes (or a resync, when that is longer).
+        opts.resync.max(Duration::from_secs(600)),
         jiff::Timestamp::now,
     ));
     let h = health.clone();

@@ -70,14 +70,37 @@ impl Reconcilable for CrmRestore {
                 &job.resource_version,
             ])
         });
-        if let Some(d) = digest.and_then(|d| ctx.cache.memo::<Desired>(Self::CONTROLLER, &uid, d)) {
+        if let Some(d) = digest.and_then(|d| ctx.cache.memo::<Decided>(Self::CONTROLLER, &uid, d)?.desired()) {
             return Ok(Ok(d));
         }
         let desired = self.read_and_decide(ctx, &ns).await?;
         if let (Some(d), Ok(wanted)) = (digest, &desired) {
-            ctx.cache.remember(Self::CONTROLLER, &uid, d, wanted.clone());
+            ctx.cache.remember(Self::CONTROLLER, &uid, d, Decided::of(wanted));
         }
         Ok(desired)
+    }
+}
+
+/// A decision kept between reconciles, its children as JSON text (a parsed Job takes several times the memory).
+#[derive(Clone)]
+struct Decided {
+    rest: Desired,
+    children: Vec<String>,
+}
+
+impl Decided {
+    fn of(d: &Desired) -> Decided {
+        Decided {
+            rest: Desired { children: Vec::new(), ..d.clone() },
+            children: d.children.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// The decision again; `None` (decide anew) if a child does not parse: a child missing from it would be
+    /// pruned.
+    fn desired(&self) -> Option<Desired> {
+        let children = self.children.iter().map(|c| serde_json::from_str(c).ok()).collect::<Option<Vec<_>>>()?;
+        Some(Desired { children, ..self.rest.clone() })
     }
 }
 

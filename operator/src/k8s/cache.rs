@@ -108,8 +108,9 @@ pub struct Cache {
     ceiling: RwLock<Ceiling>,
     /// (kind, uid) -> (digest of the cached inputs, what a reconcile computed from reads they vouch for).
     memos: Mutex<HashMap<(Table, String), (u64, Memo)>>,
-    /// Custom resource uid -> (resourceVersion, its status as the server holds it), as last read or written.
-    statuses: Mutex<HashMap<String, (String, String)>>,
+    /// (kind, uid) of a custom resource -> (resourceVersion, its status as the server holds it), as last read or
+    /// written.
+    statuses: Mutex<HashMap<(Table, String), (String, String)>>,
 }
 
 fn scope_of(scope: Option<&str>) -> String {
@@ -126,6 +127,11 @@ impl Cache {
     pub fn new(tables: &[Table], namespaces: &[String]) -> Cache {
         let scopes = if namespaces.is_empty() { [String::new()].into() } else { namespaces.iter().cloned().collect() };
         Cache { tables: tables.iter().map(|t| (*t, RwLock::default())).collect(), scopes, ..Cache::default() }
+    }
+
+    /// Whether the tables are watched in one scope (one namespace, or all).
+    pub fn single_scope(&self) -> bool {
+        self.scopes.len() == 1
     }
 
     /// Claims feeding `table` in `scope` (`None`: all namespaces): true for the first caller only.
@@ -275,21 +281,32 @@ impl Cache {
         self.forget(table, &(namespace.to_string(), name.to_string()));
     }
 
-    /// Remembers the status the server holds for the custom resource `uid` at `resource_version` (as read, or
-    /// as a status write returned it).
-    pub fn remember_status(&self, uid: &str, resource_version: Option<&str>, status: &Value) {
+    /// Remembers the status the server holds for the custom resource `uid` of `kind` at `resource_version` (as
+    /// read, or as a status write returned it).
+    pub fn remember_status(&self, kind: Table, uid: &str, resource_version: Option<&str>, status: &Value) {
         let mut s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (kind, uid.to_string());
         match resource_version {
-            Some(rv) if !uid.is_empty() => s.insert(uid.to_string(), (rv.to_string(), status.to_string())),
-            _ => s.remove(uid),
+            Some(rv) if !uid.is_empty() => s.insert(key, (rv.to_string(), status.to_string())),
+            _ => s.remove(&key),
         };
     }
 
-    /// The status the server holds for `uid` at `resource_version`, when it was seen at that version; `None`
-    /// when the object changed since (or was never seen): then it must be read.
-    pub fn status(&self, uid: &str, resource_version: &str) -> Option<Value> {
+    /// The status the server holds for `uid` of `kind` at `resource_version`, when it was seen at that version;
+    /// `None` when the object changed since (or was never seen): then it must be read.
+    pub fn status(&self, kind: Table, uid: &str, resource_version: &str) -> Option<Value> {
         let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
-        s.get(uid).filter(|(rv, _)| rv == resource_version).and_then(|(_, st)| serde_json::from_str(st).ok())
+        s.get(&(kind, uid.to_string()))
+            .filter(|(rv, _)| rv == resource_version)
+            .and_then(|(_, st)| serde_json::from_str(st).ok())
+    }
+
+    /// Forgets what was remembered of the custom resources of `kind` whose uid is not in `live` (resources that
+    /// were deleted get no reconcile that could forget them).
+    pub fn retain(&self, kind: Table, live: &BTreeSet<String>) {
+        let keep = |(k, uid): &(Table, String)| *k != kind || live.contains(uid);
+        self.statuses.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep(k));
+        self.memos.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep(k));
     }
 
     /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
@@ -352,9 +369,9 @@ impl Cache {
     }
 
     /// Forgets what was remembered of a custom resource that is going away (its status, its memos).
-    pub fn forget_object(&self, uid: &str) {
-        self.statuses.lock().unwrap_or_else(PoisonError::into_inner).remove(uid);
-        self.memos.lock().unwrap_or_else(PoisonError::into_inner).retain(|(_, u), _| u != uid);
+    pub fn forget_object(&self, kind: Table, uid: &str) {
+        self.statuses.lock().unwrap_or_else(PoisonError::into_inner).remove(&(kind, uid.to_string()));
+        self.memos.lock().unwrap_or_else(PoisonError::into_inner).remove(&(kind, uid.to_string()));
     }
 }
 
@@ -491,15 +508,30 @@ mod tests {
     #[test]
     fn a_remembered_status_serves_only_the_version_it_was_seen_at() {
         let c = Cache::default();
-        assert_eq!(c.status("u", "3"), None, "never seen: read it");
-        c.remember_status("u", Some("4"), &json!({"observedGeneration": 2}));
-        assert_eq!(c.status("u", "4"), Some(json!({"observedGeneration": 2})));
-        assert_eq!(c.status("u", "3"), None, "the cached object predates the write");
-        assert_eq!(c.status("u", "5"), None, "changed since");
-        c.remember("X", "u", 1, 1u8);
-        c.forget_object("u");
-        assert_eq!(c.status("u", "4"), None);
-        assert_eq!(c.memo::<u8>("X", "u", 1), None);
+        assert_eq!(c.status("K", "u", "3"), None, "never seen: read it");
+        c.remember_status("K", "u", Some("4"), &json!({"observedGeneration": 2}));
+        assert_eq!(c.status("K", "u", "4"), Some(json!({"observedGeneration": 2})));
+        assert_eq!(c.status("K", "u", "3"), None, "the cached object predates the write");
+        assert_eq!(c.status("K", "u", "5"), None, "changed since");
+        assert_eq!(c.status("Other", "u", "4"), None);
+        c.remember("K", "u", 1, 1u8);
+        c.forget_object("K", "u");
+        assert_eq!(c.status("K", "u", "4"), None);
+        assert_eq!(c.memo::<u8>("K", "u", 1), None);
+    }
+
+    #[test]
+    fn what_is_remembered_of_deleted_resources_is_swept() {
+        let c = Cache::default();
+        for uid in ["live", "gone"] {
+            c.remember_status("K", uid, Some("1"), &json!({}));
+            c.remember("K", uid, 1, 1u8);
+        }
+        c.remember_status("Other", "gone", Some("1"), &json!({}));
+        c.retain("K", &["live".to_string()].into());
+        assert!(c.status("K", "live", "1").is_some() && c.memo::<u8>("K", "live", 1).is_some());
+        assert!(c.status("K", "gone", "1").is_none() && c.memo::<u8>("K", "gone", 1).is_none());
+        assert!(c.status("Other", "gone", "1").is_some(), "another kind's sweep decides for that kind");
     }
 
     #[test]

@@ -343,17 +343,24 @@ where
         tracing::debug!(kind = %K::kind(&()), "cache synced");
     }
     .boxed();
-    // Per-object metric series of resources that were deleted (no reconcile runs for those) are swept.
-    let (swept, metrics, scope) = (c.store(), ctx.metrics.clone(), ns.map(str::to_string));
+    // Per-object metric series and what the cache remembers of resources that were deleted (no reconcile runs for
+    // those) are swept.
+    let (swept, metrics, scope, remembered) =
+        (c.store(), ctx.metrics.clone(), ns.map(str::to_string), ctx.cache.clone());
     let sweep = async move {
         loop {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            let live = swept
-                .state()
+            let objects = swept.state();
+            let live = objects
                 .iter()
                 .map(|o| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default()))
                 .collect();
             metrics.retain_objects(&K::kind(&()), scope.as_deref(), &live);
+            // With several watched namespaces each sweep sees only its own: the cache is swept when one namespace
+            // is watched or all are.
+            if remembered.single_scope() {
+                remembered.retain(K::CONTROLLER, &objects.iter().filter_map(|o| o.meta().uid.clone()).collect());
+            }
         }
     };
     let run = c.run(reconcile::<K>, error_policy::<K>, ctx).for_each(|res| async move {

@@ -207,7 +207,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         // kind's cleanup before our finalizer is released.
         let (ns, name) = (guard.meta().namespace.clone().unwrap_or_default(), guard.name_any());
         ctx.metrics.set_object(&K::kind(&()), &ns, &name, &[]);
-        ctx.cache.forget_object(guard.meta().uid.as_deref().unwrap_or_default());
+        ctx.cache.forget_object(K::CONTROLLER, guard.meta().uid.as_deref().unwrap_or_default());
         if let (true, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0) {
             obj.cleanup(ctx).await?;
             set_finalizers(guard, ctx, finalizers.iter().filter(|x| *x != f).cloned().collect()).await?;
@@ -241,12 +241,12 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     // (the cached object may predate our last status write, whose result is remembered).
     let uid = guard.meta().uid.clone().unwrap_or_default();
     let version = guard.meta().resource_version.clone().unwrap_or_default();
-    let current_status = match ctx.cache.status(&uid, &version) {
+    let current_status = match ctx.cache.status(K::CONTROLLER, &uid, &version) {
         Some(s) => s,
         None => {
             let current = api.get_status(&name).await?;
             let status = current.data.get("status").cloned().unwrap_or(json!({}));
-            ctx.cache.remember_status(&uid, current.metadata.resource_version.as_deref(), &status);
+            ctx.cache.remember_status(K::CONTROLLER, &uid, current.metadata.resource_version.as_deref(), &status);
             status
         }
     };
@@ -334,7 +334,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         let written =
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
         let held = written.data.get("status").cloned().unwrap_or(json!({}));
-        ctx.cache.remember_status(&uid, written.metadata.resource_version.as_deref(), &held);
+        ctx.cache.remember_status(K::CONTROLLER, &uid, written.metadata.resource_version.as_deref(), &held);
         ctx.metrics.wrote(K::CONTROLLER, "status", 1);
         let ns = guard.meta().namespace.clone().unwrap_or_default();
         ctx.audit.record(

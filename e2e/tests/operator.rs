@@ -787,22 +787,12 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
     // refuses deleting the guard holds it alive while its NetworkPolicies go, which is the moment a guard would
     // re-create them.
     let hold = format!("hold-guards-{ns}");
-    let policies_api: Api<kube::core::DynamicObject> = Api::all_with(
-        client.clone(),
-        &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-            "admissionregistration.k8s.io",
-            "v1",
-            "ValidatingAdmissionPolicy",
-        )),
-    );
-    let bindings_api: Api<kube::core::DynamicObject> = Api::all_with(
-        client.clone(),
-        &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-            "admissionregistration.k8s.io",
-            "v1",
-            "ValidatingAdmissionPolicyBinding",
-        )),
-    );
+    let admission = |kind: &str| -> Api<kube::core::DynamicObject> {
+        let gvk = kube::core::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+        Api::all_with(client.clone(), &kube::core::ApiResource::from_gvk(&gvk))
+    };
+    let (policies_api, bindings_api) =
+        (admission("ValidatingAdmissionPolicy"), admission("ValidatingAdmissionPolicyBinding"));
     let vap = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
         "metadata": {"name": hold}, "spec": {"failurePolicy": "Fail",
         "matchConstraints": {"resourceRules": [{"apiGroups": ["crmguard.io"], "apiVersions": ["*"],

@@ -224,8 +224,9 @@ async fn main() {
     let rss_cold_peak = rss_kib(op.child.id(), "VmHWM:");
 
     // --- idle ---
-    // Let the reconciles that the status writes triggered finish, then count over a window >= the resync.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Let the reconciles that the status writes triggered finish and the posture loop make its first pass (60 s
+    // after the start: it reads every namespace's report once), then count over a window >= the resync.
+    tokio::time::sleep(Duration::from_secs(10).max(Duration::from_secs(70).saturating_sub(started.elapsed()))).await;
     let (req_before, writes_before, reads_before) =
         (requests(&op), cp.writes_by(OPERATOR_USER).len(), cp.operator_reads().len());
     let reconciles = |op: &Operator| -> f64 {

@@ -193,20 +193,23 @@ impl Cache {
 
     /// Whether `table` is fed and has seen a full list in every scope.
     pub fn synced(&self, table: Table) -> bool {
-        self.tables.get(table).is_some_and(|t| self.complete(&t.read().unwrap_or_else(PoisonError::into_inner)))
+        self.listed(table).is_some()
     }
 
     fn complete(&self, t: &Objects) -> bool {
         self.scopes.iter().all(|s| t.synced.contains(s))
     }
 
+    /// `table` for reading, once it has seen a full list in every scope.
+    fn listed(&self, table: Table) -> Option<std::sync::RwLockReadGuard<'_, Objects>> {
+        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
+        self.complete(&t).then_some(t)
+    }
+
     /// Names (sorted) of the objects of `table` in `namespace` whose controller is `owner_uid` and that carry
     /// the owner label `owner_label`; `None` when the table is not fed or not yet synced.
     pub fn owned_by(&self, table: Table, namespace: &str, owner_uid: &str, owner_label: &str) -> Option<Vec<String>> {
-        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
-        if !self.complete(&t) {
-            return None;
-        }
+        let t = self.listed(table)?;
         let mut names: Vec<String> = t
             .by_key
             .iter()
@@ -224,10 +227,7 @@ impl Cache {
     /// The pods of `namespace` that have not finished, as pods carrying only name, uid, labels and crmguard's
     /// annotations; `None` when pods are not watched or not yet synced.
     pub fn pods(&self, namespace: &str) -> Option<Vec<Pod>> {
-        let t = self.tables.get(PODS)?.read().unwrap_or_else(PoisonError::into_inner);
-        if !self.complete(&t) {
-            return None;
-        }
+        let t = self.listed(PODS)?;
         let mut pods: Vec<Pod> = t
             .by_key
             .iter()
@@ -312,10 +312,7 @@ impl Cache {
     /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
     /// resourceVersions): it changes whenever one of them comes, goes or changes. `None` until the table is synced.
     pub fn digest_owned(&self, table: Table, namespace: &str, owner_label: &str) -> Option<u64> {
-        let t = self.tables.get(table)?.read().unwrap_or_else(PoisonError::into_inner);
-        if !self.complete(&t) {
-            return None;
-        }
+        let t = self.listed(table)?;
         let mut owned: Vec<(&str, &str)> = t
             .by_key
             .iter()

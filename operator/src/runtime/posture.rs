@@ -105,6 +105,8 @@ pub async fn run(
             let current = match api.get_opt("crmguard").await {
                 Ok(c) => c.and_then(|c| serde_json::to_value(c).ok()),
                 Err(kube::Error::Api(s)) if s.code == 404 => {
+                    // No PolicyReport CRD: asked again after `reread` (or when the assessment changes).
+                    known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                     if !missing_crd_logged {
                         tracing::warn!(
                             "the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed: the posture is on /metrics \

@@ -30,9 +30,7 @@ pub const CHILD_KINDS: [(&str, &str, &str); 12] = [
 
 /// ApiResource of a child kind.
 pub fn api_resource(api_version: &str, kind: &str) -> Option<ApiResource> {
-    let (_, _, plural) = CHILD_KINDS.iter().find(|(v, k, _)| *v == api_version && *k == kind)?;
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    Some(ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural))
+    child_kind(api_version, kind).map(|(_, ar)| ar)
 }
 
 /// True when every field of `desired` is present in `current` with the same value (arrays element-wise, same
@@ -94,10 +92,11 @@ fn creation_rank(obj: &Value) -> usize {
     CREATION_ORDER.iter().position(|k| *k == kind).unwrap_or(CREATION_ORDER.len())
 }
 
-/// The kind's name as the cache knows it, and its ApiResource.
+/// The kind's name as the cache knows it, and its ApiResource (one lookup in [`CHILD_KINDS`]).
 fn child_kind(api_version: &str, kind: &str) -> Option<(Table, ApiResource)> {
-    let (_, k, _) = CHILD_KINDS.iter().find(|(v, k, _)| *v == api_version && *k == kind)?;
-    Some((*k, api_resource(api_version, kind)?))
+    let (_, k, plural) = CHILD_KINDS.iter().find(|(v, k, _)| *v == api_version && *k == kind)?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    Some((*k, ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)))
 }
 
 /// Applies `desired` (objects with apiVersion, kind and metadata; created in [`CREATION_ORDER`]) and prunes

@@ -733,11 +733,13 @@ async fn a_resync_of_unchanged_resources_asks_the_api_server_nothing() {
     let (reconciles_before, requests_before) = (reconciles(&op, &controllers).0, resource_requests(&op));
     let writes_before = cluster.writes_by(e2e::OPERATOR_USER).len();
     let reads_before = cluster.cp.operator_reads().into_iter().filter(|r| r.namespace == ns).count();
-    // Two resyncs of each resource.
-    tokio::time::sleep(std::time::Duration::from_secs(25)).await;
+    // Two resyncs of each of the four resources.
+    eventually(60, "two resyncs of every resource", || async {
+        let resynced = reconciles(&op, &controllers).0 - reconciles_before;
+        if resynced >= 8.0 { Ok(()) } else { Err(format!("{resynced} reconciles")) }
+    })
+    .await;
     settle(&op, &controllers).await;
-    let resynced = reconciles(&op, &controllers).0 - reconciles_before;
-    assert!(resynced >= 8.0, "each resource is reconciled at every resync: {resynced} reconciles in 25 s");
     // Status, children, pods, the grant ceiling: all known from the watches.
     // By the API server's audit log (reads of this namespace) and by the operator's own request counter.
     let reads: Vec<String> = cluster
@@ -811,6 +813,7 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
         }
     })
     .await;
+    let reconciles_before = reconciles(&op, &["networkguard"]).0;
     let deleting = jiff::Timestamp::now();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
@@ -819,8 +822,13 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
         if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
     })
     .await;
-    // Time for the guard's reconciles (the policies' deletions trigger them) to act, if they were to.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // The policies' deletions reconcile the guard: wait for those reconciles to have run and finished.
+    eventually(30, "the guard reconciled after its policies went", || async {
+        let n = reconciles(&op, &["networkguard"]).0 - reconciles_before;
+        if n >= 1.0 { Ok(()) } else { Err(format!("{n} reconciles")) }
+    })
+    .await;
+    settle(&op, &["networkguard"]).await;
     let left = policies(&client, &ns).await;
     bindings_api.delete(&hold, &DeleteParams::default()).await.unwrap();
     policies_api.delete(&hold, &DeleteParams::default()).await.unwrap();

@@ -15,8 +15,20 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Root of the repository.
+///
+/// Found at run time (cargo sets `CARGO_MANIFEST_DIR` for the tests it runs; a binary run by hand looks upwards
+/// from the working directory): the build directory is shared by checkouts, and a path compiled in could name
+/// another checkout whose artifact cargo reused.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    let marker = |d: &std::path::Path| d.join("e2e/kube/build").is_file();
+    if let Some(d) = std::env::var_os("CARGO_MANIFEST_DIR").map(|d| PathBuf::from(d).join("..")).filter(|d| marker(d)) {
+        return d;
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    cwd.ancestors()
+        .find(|d| marker(d))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 /// Path of the `crmguard` binary built by this workspace (debug profile unless `CRMGUARD_BIN` says otherwise).

@@ -113,6 +113,21 @@ fn requests(op: &Operator) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
+/// Requests grouped by verb, resource[/subresource] and response code, most frequent first.
+fn breakdown(records: impl Iterator<Item = e2e::controlplane::AuditWrite>) -> String {
+    let mut n = std::collections::BTreeMap::<String, usize>::new();
+    let mut total = 0;
+    for r in records {
+        let sub = if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) };
+        *n.entry(format!("{} {}{} {}", r.verb, r.resource, sub, r.code)).or_default() += 1;
+        total += 1;
+    }
+    let mut v: Vec<_> = n.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    let top: Vec<String> = v.iter().map(|(k, c)| format!("{k}: {c}")).collect();
+    format!("{total} in all; {}", top.join(", "))
+}
+
 fn example(name: &str) -> serde_json::Value {
     let path = e2e::repo_root().join("examples/crm").join(name);
     serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -187,6 +202,7 @@ async fn main() {
     };
     // --- cold start ---
     let cpu_before = cpu_seconds(&SERVERS);
+    let audit_before = (cp.writes_by(OPERATOR_USER).len(), cp.operator_reads().len());
     let started = Instant::now();
     let (resync_arg, concurrency) = (resync.to_string(), arg("--concurrency", 4).to_string());
     let mut op = Operator::start(
@@ -221,6 +237,12 @@ async fn main() {
     let cpu_cold: Vec<String> =
         cpu_seconds(&SERVERS).iter().zip(&cpu_before).map(|((n, a), (_, b))| format!("{n} {:.1}", a - b)).collect();
     let cold_requests: f64 = requests(&op).iter().map(|(_, n)| n).sum();
+    let cold_breakdown = breakdown(
+        cp.writes_by(OPERATOR_USER)
+            .into_iter()
+            .skip(audit_before.0)
+            .chain(cp.operator_reads().into_iter().skip(audit_before.1)),
+    );
     let rss_cold_peak = rss_kib(op.child.id(), "VmHWM:");
 
     // --- idle ---
@@ -317,6 +339,7 @@ async fn main() {
         mib(rss_cold_peak)
     );
     println!("  CPU seconds during the cold start: {}", cpu_cold.join(", "));
+    println!("  requests during the cold start, by the API server's audit log: {cold_breakdown}");
     println!(
         "idle ({idle} s, resync every {resync} s): {:.2} requests/s = {:.2} per 1,000 resources per s ({}), {} writes, {idle_reconciles:.0} reconciles",
         idle_total / idle as f64,

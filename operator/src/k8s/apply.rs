@@ -82,6 +82,11 @@ fn describe(v: &Value) -> String {
     format!("{}/{}", v["kind"].as_str().unwrap_or("?"), v["metadata"]["name"].as_str().unwrap_or("?"))
 }
 
+/// The resourceVersion of an apply that must only create: the server creates an absent object (an apply that
+/// creates ignores it) and answers 409 Conflict for any existing one, whose resourceVersion differs (etcd's
+/// revision 1 is taken before any object can be stored).
+const CREATE_ONLY: &str = "1";
+
 /// The kinds in the order children are created: what a child refers to exists before it (a Job's
 /// ServiceAccount, a RoleBinding's Role, a CronJob's ConfigMap).
 const CREATION_ORDER: [&str; 8] =
@@ -130,6 +135,28 @@ pub async fn apply_children(
             continue;
         }
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        if cache.absent(table, ns, &name) {
+            // Not among the objects crmguard labels: created without a read by an apply that may only create
+            // (a resourceVersion no stored object has makes the server refuse it for one that exists).
+            let mut create = obj.clone();
+            create["metadata"]["resourceVersion"] = Value::from(CREATE_ONLY);
+            match api.patch(&name, &params, &Patch::Apply(&create)).await {
+                Ok(made) => {
+                    cache.verified(
+                        table,
+                        ns,
+                        &name,
+                        made.metadata.resource_version.as_deref().unwrap_or_default(),
+                        obj,
+                    );
+                    report.applied.push(child);
+                    continue;
+                }
+                // Someone else's object of that name (or ours, not yet seen by the watch): read it below.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(source) => return Err(ApplyError::Kube { child, source }),
+            }
+        }
         let current = api.get_opt(&name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
         let current = current.and_then(|c| serde_json::to_value(c).ok());
         // Never take over an object someone else holds (a forced apply would): report it instead.

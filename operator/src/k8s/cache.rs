@@ -111,6 +111,8 @@ pub struct Cache {
     /// (kind, uid) of a custom resource -> (resourceVersion, its status as the server holds it), as last read or
     /// written.
     statuses: Mutex<HashMap<(Table, String), (String, String)>>,
+    created: Option<std::time::Instant>,
+    warned: std::sync::atomic::AtomicBool,
 }
 
 fn scope_of(scope: Option<&str>) -> String {
@@ -126,7 +128,12 @@ impl Cache {
     /// stay unknown: their reads go to the API server.
     pub fn new(tables: &[Table], namespaces: &[String]) -> Cache {
         let scopes = if namespaces.is_empty() { [String::new()].into() } else { namespaces.iter().cloned().collect() };
-        Cache { tables: tables.iter().map(|t| (*t, RwLock::default())).collect(), scopes, ..Cache::default() }
+        Cache {
+            tables: tables.iter().map(|t| (*t, RwLock::default())).collect(),
+            scopes,
+            created: Some(std::time::Instant::now()),
+            ..Cache::default()
+        }
     }
 
     /// Whether the tables are watched in one scope (one namespace, or all).
@@ -191,13 +198,35 @@ impl Cache {
         t.by_key.get(&(namespace.to_string(), name.to_string())).cloned()
     }
 
+    /// Whether the watch of `table` shows no object of this name: certain only for objects it selects (crmguard's
+    /// label), so a write after this must still refuse to replace one it does not select. False until synced.
+    pub fn absent(&self, table: Table, namespace: &str, name: &str) -> bool {
+        self.listed(table).is_some_and(|t| !t.by_key.contains_key(&(namespace.to_string(), name.to_string())))
+    }
+
+    /// Waits until every table has seen a full list in every scope, as a controller's workers wait for their
+    /// informers (a reconcile before that would read what the watches are about to show), but not past `limit`
+    /// after the cache was made: a watch that cannot list (e.g. forbidden) must not hold reconciles back.
+    pub async fn until_synced(&self, limit: std::time::Duration) {
+        while self.created.is_some_and(|c| c.elapsed() < limit) && !self.tables.keys().all(|t| self.synced(t)) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let unlisted: Vec<&str> = self.tables.keys().copied().filter(|t| !self.synced(t)).collect();
+            if !unlisted.is_empty() {
+                tracing::warn!(?unlisted, "these watches have not listed yet; reads stand in for them meanwhile");
+            }
+        }
+    }
+
     /// Whether `table` is fed and has seen a full list in every scope.
     pub fn synced(&self, table: Table) -> bool {
         self.listed(table).is_some()
     }
 
+    /// A table watched in all namespaces (the namespaces themselves) is complete for every scope.
     fn complete(&self, t: &Objects) -> bool {
-        self.scopes.iter().all(|s| t.synced.contains(s))
+        t.synced.contains("") || self.scopes.iter().all(|s| t.synced.contains(s))
     }
 
     /// `table` for reading, once it has seen a full list in every scope.
@@ -301,12 +330,29 @@ impl Cache {
             .and_then(|(_, st)| serde_json::from_str(st).ok())
     }
 
+    /// The status last read or written for `uid` of `kind`, whatever resourceVersion it had.
+    pub fn remembered_status(&self, kind: Table, uid: &str) -> Option<Value> {
+        let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        s.get(&(kind, uid.to_string())).and_then(|(_, st)| serde_json::from_str(st).ok())
+    }
+
     /// Forgets what was remembered of the custom resources of `kind` whose uid is not in `live` (resources that
     /// were deleted get no reconcile that could forget them).
     pub fn retain(&self, kind: Table, live: &BTreeSet<String>) {
         let keep = |(k, uid): &(Table, String)| *k != kind || live.contains(uid);
         self.statuses.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep(k));
         self.memos.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep(k));
+    }
+
+    /// How many objects of `table` in `namespace` carry the owner label `owner_label`; `None` until synced.
+    pub fn labelled(&self, table: Table, namespace: &str, owner_label: &str) -> Option<usize> {
+        let t = self.listed(table)?;
+        Some(
+            t.by_key
+                .iter()
+                .filter(|((ns, _), m)| ns == namespace && m.owner_label.as_deref() == Some(owner_label))
+                .count(),
+        )
     }
 
     /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
@@ -444,6 +490,34 @@ mod tests {
         assert_eq!(c.owned_by("NetworkPolicy", "b", "u", "g"), Some(vec![]));
         assert!(c.claim("NetworkPolicy", Some("a")) && !c.claim("NetworkPolicy", Some("a")));
         assert!(!c.claim("Role", Some("a")), "a table the cache does not have is not fed");
+    }
+
+    #[test]
+    fn absence_is_known_once_listed_and_a_cluster_wide_table_serves_every_watched_namespace() {
+        let c = Cache::new(&["Role", NAMESPACES], &["a".to_string()]);
+        assert!(!c.absent("Role", "a", "r"), "not listed yet: absence is unknown");
+        c.feed("Role", Some("a"), &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed("Role", Some("a"), &Event::InitApply(meta("a", "there", "1", None)));
+        c.feed("Role", Some("a"), &Event::<PartialObjectMeta<Pod>>::InitDone);
+        assert!(c.absent("Role", "a", "r") && !c.absent("Role", "a", "there"));
+        assert!(!c.absent("Pod", "a", "r"), "a table nobody feeds knows nothing");
+        // The namespaces are watched in all namespaces although the tables are watched in "a" only.
+        c.feed(NAMESPACES, None, &Event::<PartialObjectMeta<Pod>>::Init);
+        c.feed(NAMESPACES, None, &Event::<PartialObjectMeta<Pod>>::InitDone);
+        assert!(c.synced(NAMESPACES));
+    }
+
+    #[tokio::test]
+    async fn reconciles_wait_for_the_watches_to_list_but_not_past_the_limit() {
+        let c = Cache::new(&["Role"], &[]);
+        let limit = std::time::Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        c.until_synced(limit).await;
+        assert!(started.elapsed() >= limit - std::time::Duration::from_millis(50), "it waited for the list");
+        // The limit counts from the start, not per reconcile (a per-call limit would wait 500 ms again).
+        let again = std::time::Instant::now();
+        c.until_synced(limit).await;
+        assert!(again.elapsed() < std::time::Duration::from_millis(400), "past the limit nobody waits");
     }
 
     #[test]

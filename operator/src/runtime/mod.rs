@@ -313,6 +313,14 @@ fn pod_changes(
         .flatten()
 }
 
+/// Resolves once the store's watch has listed its objects.
+async fn listed<K: Resource<DynamicType = ()> + Clone + 'static>(store: kube::runtime::reflector::Store<K>) {
+    // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
+    // the same store, so a second waiter may never be woken: poll again periodically instead.
+    while tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await.is_err() {}
+    tracing::debug!(kind = %K::kind(&()), "cache synced");
+}
+
 /// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
 fn controller<K>(
     ctx: Arc<Context>,
@@ -336,13 +344,7 @@ where
     let cache = ctx.cache.clone();
     let c = more(Watches { client: &ctx.client, ns, restarts, cache: &cache, controller: c }).controller;
     let cache = store.clone();
-    let ready = async move {
-        // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
-        // the same store, so a second waiter may never be woken: poll again periodically instead.
-        while tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await.is_err() {}
-        tracing::debug!(kind = %K::kind(&()), "cache synced");
-    }
-    .boxed();
+    let ready = listed(store).boxed();
     // Per-object metric series and what the cache remembers of resources that were deleted (no reconcile runs for
     // those) are swept.
     let (swept, metrics, scope, remembered) =
@@ -502,6 +504,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         vault: Arc::new(crate::vault::admin::Sessions::new(opts.vault_auth.clone(), opts.build.vault_addr.clone())),
         audit: audit.clone(),
         cache: cache.clone(),
+        backup_policies: Default::default(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
@@ -546,6 +549,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         runs.push(r);
         readies.push(ready);
     }
+    let (listing, policies) = (stores.backups.clone(), ctx.clone());
+    tokio::spawn(async move {
+        futures::future::join_all(listing.iter().cloned().map(listed)).await;
+        let _ = policies.backup_policies.set(listing);
+    });
     tokio::spawn(posture::run(
         client.clone(),
         stores,

@@ -14,6 +14,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 
+use crate::api::CrmBackupPolicy;
 use crate::api::condition::{self, READY, Status, new_condition, reason, set_condition};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch, apply_children, patch_objects};
@@ -39,6 +40,26 @@ pub struct Context {
     pub audit: crate::audit::Auditor,
     /// What the watches hold (children, pods, namespaces) and what was last read or written.
     pub cache: Arc<crate::k8s::cache::Cache>,
+    /// The backup policies as their controllers' watches hold them (a restore's policy), once they have listed them.
+    pub backup_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<CrmBackupPolicy>>>>,
+}
+
+impl Context {
+    /// The backup policy `name` in `namespace` as the watch shows it; `None` when the watch does not show it (or
+    /// not as a valid object), which only a read can confirm. Right after the start this waits (up to 5 s) for
+    /// the backup policies' watches to list them.
+    pub async fn watched_backup_policy(&self, namespace: &str, name: &str) -> Option<CrmBackupPolicy> {
+        let started = Instant::now();
+        let stores = loop {
+            match self.backup_policies.get() {
+                Some(s) => break s,
+                None if started.elapsed() > Duration::from_secs(5) => return None,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        stores.iter().find_map(|s| s.get(&key)).and_then(|g| g.0.as_ref().ok().cloned())
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -200,6 +221,8 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
 }
 
 async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Context) -> Result<Action, Error> {
+    // Right after the start the children's watches may not have listed yet (past the limit, reads stand in).
+    ctx.cache.until_synced(Duration::from_secs(30)).await;
     let finalizers = guard.meta().finalizers.clone().unwrap_or_default();
     let has_finalizer = K::FINALIZER.is_some_and(|f| finalizers.iter().any(|x| x == f));
     if guard.meta().deletion_timestamp.is_some() {
@@ -243,12 +266,15 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     let version = guard.meta().resource_version.clone().unwrap_or_default();
     let current_status = match ctx.cache.status(K::CONTROLLER, &uid, &version) {
         Some(s) => s,
-        None => {
-            let current = api.get_status(&name).await?;
-            let status = current.data.get("status").cloned().unwrap_or(json!({}));
-            ctx.cache.remember_status(K::CONTROLLER, &uid, current.metadata.resource_version.as_deref(), &status);
-            status
-        }
+        None => match watched_status(guard, ctx, &uid, &version) {
+            Some(s) => s,
+            None => {
+                let current = api.get_status(&name).await?;
+                let status = current.data.get("status").cloned().unwrap_or(json!({}));
+                ctx.cache.remember_status(K::CONTROLLER, &uid, current.metadata.resource_version.as_deref(), &status);
+                status
+            }
+        },
     };
     let mut conditions: Vec<Condition> =
         serde_json::from_value(current_status.get("conditions").cloned().unwrap_or(json!([]))).unwrap_or_default();
@@ -323,7 +349,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     status.insert("observedGeneration".into(), json!(generation));
     status.insert("conditions".into(), serde_json::to_value(&conditions).unwrap_or(json!([])));
     let new_status = Value::Object(status);
-    if new_status != current_status {
+    if typed_status(guard, &new_status) != typed_status(guard, &current_status) {
         // Keys that disappeared are removed explicitly (a merge patch keeps what it does not mention).
         let mut patch = new_status.clone();
         if let (Some(old), Some(p)) = (current_status.as_object(), patch.as_object_mut()) {
@@ -365,6 +391,39 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
         _ => Action::requeue(ctx.resync),
     })
+}
+
+/// `status` as the resource's type holds it (what the CRD's schema keeps of it; e.g. an empty list and an absent
+/// one are the same), so that statuses from the watch (typed) and from the server (raw) compare; as it is when the
+/// object could not be read as its type.
+fn typed_status<K: Reconcilable>(guard: &DeserializeGuard<K>, status: &Value) -> Value {
+    let typed = guard.0.as_ref().ok().and_then(|obj| {
+        let mut v = serde_json::to_value(obj).ok()?;
+        v["status"] = status.clone();
+        let k: K = serde_json::from_value(v).ok()?;
+        serde_json::to_value(&k).ok().map(|v| v.get("status").cloned().unwrap_or(json!({})))
+    });
+    typed.unwrap_or_else(|| status.clone())
+}
+
+/// The status the watch shows, when it can be trusted without a read: nothing was remembered for the resource
+/// (the watch's object is the newest this process has seen), or what was remembered is the same (e.g. only its
+/// labels changed since our last status write). `None`: read it (the watch may not show our last write yet).
+fn watched_status<K: Reconcilable>(
+    guard: &DeserializeGuard<K>,
+    ctx: &Context,
+    uid: &str,
+    version: &str,
+) -> Option<Value> {
+    let obj = guard.0.as_ref().ok()?;
+    let shown = serde_json::to_value(obj).ok()?.get("status").cloned().unwrap_or(json!({}));
+    let status = match ctx.cache.remembered_status(K::CONTROLLER, uid) {
+        None => shown,
+        Some(last) if typed_status(guard, &last) == shown => last,
+        Some(_) => return None,
+    };
+    ctx.cache.remember_status(K::CONTROLLER, uid, Some(version), &status);
+    Some(status)
 }
 
 /// Applies the children, prunes what is no longer desired, patches other objects, and audits every write.

@@ -76,6 +76,10 @@ async fn observe_jobs(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let mut out = Observed { jobs: Vec::new(), rejected: Vec::new() };
+    if ctx.cache.labelled("Job", &owner.namespace, &owner.owner_label_value()) == Some(0) {
+        // The watch of crmguard's Jobs shows none with the policy's label (before the first scheduled run).
+        return Ok(out);
+    }
     let job_list = jobs.list(&lp).await?;
     if job_list.items.is_empty() {
         return Ok(out);

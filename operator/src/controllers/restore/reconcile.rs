@@ -108,8 +108,12 @@ impl CrmRestore {
     /// Reads the policy and the Job, and decides the Job, the phase and the conditions.
     async fn read_and_decide(&self, ctx: &Context, ns: &str) -> Result<Result<Desired, Vec<FieldError>>, Error> {
         let ns = ns.to_string();
-        let policies: Api<CrmBackupPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        let policy = policies.get_opt(&self.spec.policy_ref.name).await?;
+        let name = &self.spec.policy_ref.name;
+        let policy = match ctx.watched_backup_policy(&ns, name).await {
+            Some(p) => Some(p),
+            // Absent from the watch: just created, not valid, or really absent (then the read says so).
+            None => Api::<CrmBackupPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?,
+        };
         let v = match validate::validate(self, policy.as_ref()) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
@@ -119,8 +123,13 @@ impl CrmRestore {
         if let Some(waiting) = service_account_missing(ctx, &ns, &job, &self.spec.policy_ref.name) {
             return Ok(Ok(waiting));
         }
-        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-        let status = jobs.get_opt(&job_name).await?.and_then(|j| j.status).unwrap_or_default();
+        // The watch of crmguard's Jobs (metadata only) says when there is none to read.
+        let status = if ctx.cache.absent("Job", &ns, &job_name) {
+            Default::default()
+        } else {
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            jobs.get_opt(&job_name).await?.and_then(|j| j.status).unwrap_or_default()
+        };
         let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
         // The restore pod's termination message is `crmguard restore run`'s report.
         let report = if finished { job_report(ctx, &ns, &job_name).await? } else { None };

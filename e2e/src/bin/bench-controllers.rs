@@ -123,7 +123,7 @@ fn breakdown(records: impl Iterator<Item = e2e::controlplane::AuditWrite>) -> St
         total += 1;
     }
     let mut v: Vec<_> = n.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
     let top: Vec<String> = v.iter().map(|(k, c)| format!("{k}: {c}")).collect();
     format!("{total} in all; {}", top.join(", "))
 }

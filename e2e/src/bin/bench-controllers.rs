@@ -249,6 +249,19 @@ async fn main() {
     // Let the reconciles that the status writes triggered finish and the posture loop make its first pass (60 s
     // after the start: it reads every namespace's report once), then count over a window >= the resync.
     tokio::time::sleep(Duration::from_secs(10).max(Duration::from_secs(70).saturating_sub(started.elapsed()))).await;
+    // The Job controller goes on creating the restore Jobs' pods (and updating the Jobs, which the restores
+    // report) for a while after every resource is Ready: the idle window starts once the operator wrote nothing
+    // for 15 s.
+    let mut quiet_since = (Instant::now(), cp.writes_by(OPERATOR_USER).len());
+    while quiet_since.0.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = cp.writes_by(OPERATOR_USER).len();
+        if n != quiet_since.1 {
+            quiet_since = (Instant::now(), n);
+        }
+        assert!(started.elapsed() < Duration::from_secs(3600), "the operator kept writing");
+    }
+    let quiet_after = started.elapsed();
     let (req_before, writes_before, reads_before) =
         (requests(&op), cp.writes_by(OPERATOR_USER).len(), cp.operator_reads().len());
     let reconciles = |op: &Operator| -> f64 {
@@ -340,6 +353,7 @@ async fn main() {
     );
     println!("  CPU seconds during the cold start: {}", cpu_cold.join(", "));
     println!("  requests during the cold start, by the API server's audit log: {cold_breakdown}");
+    println!("quiet (no write for 15 s) after {:.0} s", quiet_after.as_secs_f64());
     println!(
         "idle ({idle} s, resync every {resync} s): {:.2} requests/s = {:.2} per 1,000 resources per s ({}), {} writes, {idle_reconciles:.0} reconciles",
         idle_total / idle as f64,

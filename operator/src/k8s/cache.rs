@@ -80,9 +80,20 @@ type ChildKey = (Table, String, String);
 struct Objects {
     /// Scopes whose watch has delivered a full list.
     synced: BTreeSet<String>,
-    by_key: HashMap<Key, Meta>,
+    /// Ordered by namespace, then name: a namespace's objects are one range.
+    by_key: BTreeMap<Key, Meta>,
     /// Objects of a re-list in progress per scope, swapped in when it is complete.
     relisting: HashMap<String, HashMap<Key, Meta>>,
+}
+
+impl Objects {
+    /// The objects of one namespace.
+    fn in_namespace<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = (&'a str, &'a Meta)> + 'a {
+        self.by_key
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|((_, name), m)| (name.as_str(), m))
+    }
 }
 
 type Memo = std::sync::Arc<dyn std::any::Any + Send + Sync>;
@@ -240,14 +251,11 @@ impl Cache {
     pub fn owned_by(&self, table: Table, namespace: &str, owner_uid: &str, owner_label: &str) -> Option<Vec<String>> {
         let t = self.listed(table)?;
         let mut names: Vec<String> = t
-            .by_key
-            .iter()
-            .filter(|((ns, _), m)| {
-                ns == namespace
-                    && m.controller.as_deref() == Some(owner_uid)
-                    && m.owner_label.as_deref() == Some(owner_label)
+            .in_namespace(namespace)
+            .filter(|(_, m)| {
+                m.controller.as_deref() == Some(owner_uid) && m.owner_label.as_deref() == Some(owner_label)
             })
-            .map(|((_, name), _)| name.clone())
+            .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
         Some(names)
@@ -258,13 +266,11 @@ impl Cache {
     pub fn pods(&self, namespace: &str) -> Option<Vec<Pod>> {
         let t = self.listed(PODS)?;
         let mut pods: Vec<Pod> = t
-            .by_key
-            .iter()
-            .filter(|((ns, _), _)| ns == namespace)
-            .map(|((ns, name), m)| Pod {
+            .in_namespace(namespace)
+            .map(|(name, m)| Pod {
                 metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(ns.clone()),
+                    name: Some(name.to_string()),
+                    namespace: Some(namespace.to_string()),
                     uid: Some(m.uid.clone()),
                     labels: Some(m.labels.clone()),
                     annotations: Some(m.annotations.clone()),
@@ -347,12 +353,7 @@ impl Cache {
     /// How many objects of `table` in `namespace` carry the owner label `owner_label`; `None` until synced.
     pub fn labelled(&self, table: Table, namespace: &str, owner_label: &str) -> Option<usize> {
         let t = self.listed(table)?;
-        Some(
-            t.by_key
-                .iter()
-                .filter(|((ns, _), m)| ns == namespace && m.owner_label.as_deref() == Some(owner_label))
-                .count(),
-        )
+        Some(t.in_namespace(namespace).filter(|(_, m)| m.owner_label.as_deref() == Some(owner_label)).count())
     }
 
     /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
@@ -360,10 +361,9 @@ impl Cache {
     pub fn digest_owned(&self, table: Table, namespace: &str, owner_label: &str) -> Option<u64> {
         let t = self.listed(table)?;
         let mut owned: Vec<(&str, &str)> = t
-            .by_key
-            .iter()
-            .filter(|((ns, _), m)| ns == namespace && m.owner_label.as_deref() == Some(owner_label))
-            .map(|((_, name), m)| (name.as_str(), m.resource_version.as_str()))
+            .in_namespace(namespace)
+            .filter(|(_, m)| m.owner_label.as_deref() == Some(owner_label))
+            .map(|(name, m)| (name, m.resource_version.as_str()))
             .collect();
         owned.sort_unstable();
         let mut h = std::collections::hash_map::DefaultHasher::new();

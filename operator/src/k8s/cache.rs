@@ -94,6 +94,15 @@ impl Objects {
             .take_while(move |((ns, _), _)| ns == namespace)
             .map(|((_, name), m)| (name.as_str(), m))
     }
+
+    /// The objects of one namespace that carry the owner label `owner_label`.
+    fn labelled<'a>(
+        &'a self,
+        namespace: &'a str,
+        owner_label: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Meta)> + 'a {
+        self.in_namespace(namespace).filter(move |(_, m)| m.owner_label.as_deref() == Some(owner_label))
+    }
 }
 
 type Memo = std::sync::Arc<dyn std::any::Any + Send + Sync>;
@@ -123,7 +132,8 @@ pub struct Cache {
     /// written.
     statuses: Mutex<HashMap<(Table, String), (String, String)>>,
     created: Option<std::time::Instant>,
-    warned: std::sync::atomic::AtomicBool,
+    /// Set once the waiting of [`Self::until_synced`] is over (every later reconcile goes on at once).
+    settled: std::sync::atomic::AtomicBool,
 }
 
 fn scope_of(scope: Option<&str>) -> String {
@@ -219,10 +229,13 @@ impl Cache {
     /// informers (a reconcile before that would read what the watches are about to show), but not past `limit`
     /// after the cache was made: a watch that cannot list (e.g. forbidden) must not hold reconciles back.
     pub async fn until_synced(&self, limit: std::time::Duration) {
+        if self.settled.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         while self.created.is_some_and(|c| c.elapsed() < limit) && !self.tables.keys().all(|t| self.synced(t)) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if !self.settled.swap(true, std::sync::atomic::Ordering::Relaxed) {
             let unlisted: Vec<&str> = self.tables.keys().copied().filter(|t| !self.synced(t)).collect();
             if !unlisted.is_empty() {
                 tracing::warn!(?unlisted, "these watches have not listed yet; reads stand in for them meanwhile");
@@ -353,18 +366,15 @@ impl Cache {
     /// How many objects of `table` in `namespace` carry the owner label `owner_label`; `None` until synced.
     pub fn labelled(&self, table: Table, namespace: &str, owner_label: &str) -> Option<usize> {
         let t = self.listed(table)?;
-        Some(t.in_namespace(namespace).filter(|(_, m)| m.owner_label.as_deref() == Some(owner_label)).count())
+        Some(t.labelled(namespace, owner_label).count())
     }
 
     /// A digest of the objects of `table` in `namespace` with the owner label `owner_label` (their names and
     /// resourceVersions): it changes whenever one of them comes, goes or changes. `None` until the table is synced.
     pub fn digest_owned(&self, table: Table, namespace: &str, owner_label: &str) -> Option<u64> {
         let t = self.listed(table)?;
-        let mut owned: Vec<(&str, &str)> = t
-            .in_namespace(namespace)
-            .filter(|(_, m)| m.owner_label.as_deref() == Some(owner_label))
-            .map(|(name, m)| (name, m.resource_version.as_str()))
-            .collect();
+        let mut owned: Vec<(&str, &str)> =
+            t.labelled(namespace, owner_label).map(|(name, m)| (name, m.resource_version.as_str())).collect();
         owned.sort_unstable();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         owned.hash(&mut h);

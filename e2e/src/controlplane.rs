@@ -54,6 +54,8 @@ pub struct AuditWrite {
     pub user_agent: String,
     /// When the API server received the request.
     pub received: Option<jiff::Timestamp>,
+    /// The request's path and query.
+    pub request_uri: String,
 }
 
 /// Directory holding `etcd`, `kube-apiserver` and `kube-controller-manager`, building them when needed.
@@ -455,6 +457,7 @@ impl ControlPlane {
                     code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
                     user_agent: s(&e["userAgent"]),
                     received: e["requestReceivedTimestamp"].as_str().and_then(|t| t.parse().ok()),
+                    request_uri: s(&e["requestURI"]),
                 }
             })
             .collect()

@@ -1,6 +1,7 @@
-//! The posture PolicyReport: the real operator writes one `wgpolicyk8s.io/v1alpha2` PolicyReport per CRM
-//! namespace, findings follow the resources (raised, then cleared), nothing is rewritten while nothing changes,
-//! the score is on /metrics too, and the report goes with the namespace's last crmguard resource.
+//! The posture PolicyReport: without its CRD the operator does not ask for reports; once the CRD is installed the
+//! real operator writes one `wgpolicyk8s.io/v1alpha2` PolicyReport per CRM namespace, findings follow the resources
+//! (raised, then cleared), nothing is rewritten while nothing changes, the score is on /metrics too, and the report
+//! goes with the namespace's last crmguard resource.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
@@ -23,6 +24,33 @@ fn result(report: &Value, policy: &str) -> Option<String> {
 async fn one_policy_report_per_namespace_follows_the_resources() {
     let cluster = Cluster::start("posture").await;
     let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let op = Operator::start(
+        &cluster.kubeconfig,
+        &["--leader-election=false", "--namespace", &ns, "--posture-seconds", "1"],
+    );
+    op.wait_ready(60).await;
+
+    // A backup policy and no firewall, and no PolicyReport CRD yet: the operator says so once, asks discovery (one
+    // request per pass for every namespace) and never the reports themselves.
+    let backups: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
+    backups.create(&PostParams::default(), &e2e::example("backup-policy.yaml", &ns)).await.unwrap();
+    eventually(30, "the missing PolicyReport CRD in the log", || async {
+        let logs = op.logs();
+        if logs.contains("the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed") {
+            Ok(())
+        } else {
+            Err(logs.lines().filter(|l| l.contains("PolicyReport")).collect::<Vec<_>>().join("\n"))
+        }
+    })
+    .await;
+    let asked: Vec<String> = cluster
+        .writes_by(e2e::OPERATOR_USER)
+        .into_iter()
+        .chain(cluster.cp.operator_reads())
+        .filter(|r| r.resource == "policyreports")
+        .map(|r| format!("{} {}/{} {}", r.verb, r.namespace, r.name, r.code))
+        .collect();
+    assert!(asked.is_empty(), "reports asked for without their CRD: {asked:?}");
     {
         // The wg-policy CRD, as Kyverno or policy-reporter install it (its schema is not ours to test, so it keeps every field).
         let crd = json!({
@@ -39,11 +67,6 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
             .await
             .unwrap();
     }
-    let op = Operator::start(
-        &cluster.kubeconfig,
-        &["--leader-election=false", "--namespace", &ns, "--posture-seconds", "1"],
-    );
-    op.wait_ready(60).await;
     let gvk = GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", "PolicyReport");
     let reports: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &ApiResource::from_gvk_with_plural(&gvk, "policyreports"));
@@ -52,9 +75,7 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
         Ok::<Value, String>(serde_json::to_value(r).unwrap())
     };
 
-    // A backup policy and no firewall: default deny is a failed finding.
-    let backups: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), &ns);
-    backups.create(&PostParams::default(), &e2e::example("backup-policy.yaml", &ns)).await.unwrap();
+    // Once the CRD is there, the report is written: no firewall, so default deny is a failed finding.
     let r = eventually(60, "a report with the missing firewall", || async {
         let r = report().await?;
         match result(&r, "crmguard-network-default-deny").as_deref() {

@@ -142,13 +142,8 @@ pub async fn apply_children(
             create["metadata"]["resourceVersion"] = Value::from(CREATE_ONLY);
             match api.patch(&name, &params, &Patch::Apply(&create)).await {
                 Ok(made) => {
-                    cache.verified(
-                        table,
-                        ns,
-                        &name,
-                        made.metadata.resource_version.as_deref().unwrap_or_default(),
-                        obj,
-                    );
+                    let rv = made.metadata.resource_version.as_deref().unwrap_or_default();
+                    cache.verified(table, ns, &name, rv, obj, &made);
                     report.applied.push(child);
                     continue;
                 }
@@ -165,7 +160,7 @@ pub async fn apply_children(
             continue;
         }
         if let Some(c) = current.as_ref().filter(|c| is_subset(obj, c)) {
-            cache.verified(table, ns, &name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj);
+            cache.verified(table, ns, &name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj, c);
             report.unchanged.push(child);
             continue;
         }
@@ -173,7 +168,8 @@ pub async fn apply_children(
             .patch(&name, &params, &Patch::Apply(obj))
             .await
             .map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
-        cache.verified(table, ns, &name, applied.metadata.resource_version.as_deref().unwrap_or_default(), obj);
+        let rv = applied.metadata.resource_version.as_deref().unwrap_or_default();
+        cache.verified(table, ns, &name, rv, obj, &applied);
         report.applied.push(child);
     }
     let label = owner.owner_label_value();

@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, PoisonError, RwLock};
 
+use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::Event;
 use serde_json::Value;
 
@@ -45,9 +45,47 @@ pub struct Meta {
     pub annotations: BTreeMap<String, String>,
     /// Namespaces only: being deleted.
     pub terminating: bool,
+    /// Jobs only: the progress its status reports.
+    pub job: Option<Box<JobProgress>>,
+    /// Objects watched whole (Jobs): a digest of what a status update leaves as it was ([`content_of`]).
+    pub content: Option<u64>,
+}
+
+/// What a Job's status says of its progress (what a restore reports), kept instead of the Job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobProgress {
+    pub active: i32,
+    pub ready: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+    pub start_time: Option<jiff::Timestamp>,
+    pub completion_time: Option<jiff::Timestamp>,
+}
+
+impl From<&JobStatus> for JobProgress {
+    fn from(s: &JobStatus) -> JobProgress {
+        JobProgress {
+            active: s.active.unwrap_or(0),
+            ready: s.ready.unwrap_or(0),
+            succeeded: s.succeeded.unwrap_or(0),
+            failed: s.failed.unwrap_or(0),
+            start_time: s.start_time.as_ref().map(|t| t.0),
+            completion_time: s.completion_time.as_ref().map(|t| t.0),
+        }
+    }
 }
 
 impl Meta {
+    /// What is kept of `o`, an object of `table` (metadata, or a Job).
+    fn of_object<O: kube::Resource + 'static>(table: Table, o: &O) -> Meta {
+        let mut m = Meta::of(table, o.meta());
+        if let Some(job) = (o as &dyn std::any::Any).downcast_ref::<Job>() {
+            m.job = Some(Box::new(job.status.as_ref().map(JobProgress::from).unwrap_or_default()));
+            m.content = Some(job_content(job));
+        }
+        m
+    }
+
     fn of(table: Table, m: &ObjectMeta) -> Meta {
         let labels = m.labels.clone().unwrap_or_default();
         let pod = table == PODS;
@@ -63,6 +101,8 @@ impl Meta {
             },
             labels: if pod { labels } else { BTreeMap::new() },
             terminating: table == NAMESPACES && m.deletion_timestamp.is_some(),
+            job: None,
+            content: None,
         }
     }
 }
@@ -72,6 +112,8 @@ fn clone2((k, v): (&String, &String)) -> (String, String) {
 }
 
 type Key = (String, String);
+/// (resourceVersion, digest of the desired object, [`content_of`] the object) of a child found as desired.
+type Verified = (String, u64, Option<u64>);
 /// (kind, namespace, name) of a child.
 type ChildKey = (Table, String, String);
 
@@ -122,8 +164,9 @@ pub struct Cache {
     scopes: BTreeSet<String>,
     /// (table, scope) pairs a watch already feeds (a kind several controllers watch is fed by one of them).
     fed: Mutex<BTreeSet<(Table, String)>>,
-    /// (kind, namespace, name) -> (resourceVersion, digest of the desired object) of children found as desired.
-    verified: Mutex<HashMap<ChildKey, (String, u64)>>,
+    /// (kind, namespace, name) -> (resourceVersion, digest of the desired object, [`content_of`] the object) of
+    /// children found as desired.
+    verified: Mutex<HashMap<ChildKey, Verified>>,
     /// The grant ceiling ClusterRole's rules once its watch has listed it (`Some(None)`: it does not exist).
     ceiling: RwLock<Ceiling>,
     /// (kind, uid) -> (digest of the cached inputs, what a reconcile computed from reads they vouch for).
@@ -173,17 +216,16 @@ impl Cache {
     }
 
     /// Applies one watch event of the watch of `table` in `scope` (`None`: all namespaces).
-    pub fn feed<K>(&self, table: Table, scope: Option<&str>, event: &Event<PartialObjectMeta<K>>) {
+    pub fn feed<O: kube::Resource + 'static>(&self, table: Table, scope: Option<&str>, event: &Event<O>) {
         let Some(t) = self.tables.get(table) else { return };
         let mut t = t.write().unwrap_or_else(PoisonError::into_inner);
         let scope = scope_of(scope);
         match event {
             Event::Apply(o) => {
-                let m = Meta::of(table, &o.metadata);
-                t.by_key.insert(key(&o.metadata), m);
+                t.by_key.insert(key(o.meta()), Meta::of_object(table, o));
             }
             Event::Delete(o) => {
-                let k = key(&o.metadata);
+                let k = key(o.meta());
                 t.by_key.remove(&k);
                 self.forget(table, &k);
             }
@@ -191,8 +233,7 @@ impl Cache {
                 t.relisting.insert(scope, HashMap::new());
             }
             Event::InitApply(o) => {
-                let m = Meta::of(table, &o.metadata);
-                t.relisting.entry(scope).or_default().insert(key(&o.metadata), m);
+                t.relisting.entry(scope).or_default().insert(key(o.meta()), Meta::of_object(table, o));
             }
             Event::InitDone => {
                 let fresh = t.relisting.remove(&scope).unwrap_or_default();
@@ -306,17 +347,29 @@ impl Cache {
     pub fn is_verified(&self, table: Table, namespace: &str, name: &str, desired: &Value) -> bool {
         let Some(current) = self.get(table, namespace, name) else { return false };
         let v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        v.get(&(table, namespace.to_string(), name.to_string()))
-            .is_some_and(|(rv, d)| *rv == current.resource_version && *d == digest(desired))
+        // A newer version whose content is the same (a Job whose status changed) is as desired too.
+        v.get(&(table, namespace.to_string(), name.to_string())).is_some_and(|(rv, d, content)| {
+            (*rv == current.resource_version || content.is_some_and(|c| current.content == Some(c)))
+                && *d == digest(desired)
+        })
     }
 
-    /// Records that the child at `resource_version` is as `desired`.
-    pub fn verified(&self, table: Table, namespace: &str, name: &str, resource_version: &str, desired: &Value) {
+    /// Records that the child at `resource_version`, `server` as the API server answered, is as `desired`.
+    pub fn verified(
+        &self,
+        table: Table,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        desired: &Value,
+        server: &impl serde::Serialize,
+    ) {
         if !self.has(table) || resource_version.is_empty() {
             return;
         }
+        let entry = (resource_version.to_string(), digest(desired), content_of(table, server));
         let mut v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        v.insert((table, namespace.to_string(), name.to_string()), (resource_version.to_string(), digest(desired)));
+        v.insert((table, namespace.to_string(), name.to_string()), entry);
     }
 
     fn forget(&self, table: Table, (namespace, name): &Key) {
@@ -444,6 +497,23 @@ pub fn digest_of(parts: &[&str]) -> u64 {
 }
 
 /// A digest of a desired object (same value, same digest, within one process).
+/// For a Job (the kind watched whole): a digest of its spec, labels, annotations and owner references, which a
+/// status update leaves as they were; `None` for the other kinds. Read through the Job type on both sides (the
+/// watch's objects and the API server's answers to writes), so that fields one side does not know do not count.
+pub fn content_of(table: Table, object: &impl serde::Serialize) -> Option<u64> {
+    if table != "Job" {
+        return None;
+    }
+    let job: Job = serde_json::to_value(object).ok().and_then(|v| serde_json::from_value(v).ok())?;
+    Some(job_content(&job))
+}
+
+fn job_content(job: &Job) -> u64 {
+    let m = &job.metadata;
+    let kept = serde_json::json!([job.spec, m.labels, m.annotations, m.owner_references]);
+    digest(&kept)
+}
+
 fn digest(v: &Value) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     v.to_string().hash(&mut h);
@@ -453,6 +523,7 @@ fn digest(v: &Value) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::core::PartialObjectMeta;
     use serde_json::json;
 
     fn meta(ns: &str, name: &str, rv: &str, owner: Option<&str>) -> PartialObjectMeta<Pod> {
@@ -517,6 +588,25 @@ mod tests {
         assert!(c.synced(NAMESPACES));
     }
 
+    #[test]
+    fn a_watched_job_keeps_its_progress_and_metadata_keeps_none() {
+        let c = Cache::new(&["Job"], &[]);
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"namespace": "a", "name": "j", "resourceVersion": "3"},
+            "status": {"active": 1, "ready": 1, "startTime": "2026-12-01T10:00:00Z"}
+        }))
+        .unwrap();
+        c.feed("Job", None, &Event::Apply(job));
+        let kept = c.get("Job", "a", "j").unwrap();
+        assert_eq!(kept.resource_version, "3");
+        let progress = kept.job.unwrap();
+        assert_eq!((progress.active, progress.ready, progress.succeeded, progress.failed), (1, 1, 0, 0));
+        assert_eq!(progress.start_time.map(|t| t.to_string()).as_deref(), Some("2026-12-01T10:00:00Z"));
+        assert_eq!(progress.completion_time, None);
+        c.feed("Job", None, &Event::Apply(meta("a", "m", "4", None)));
+        assert_eq!(c.get("Job", "a", "m").unwrap().job, None, "metadata says nothing of progress");
+    }
+
     #[tokio::test]
     async fn reconciles_wait_for_the_watches_to_list_but_not_past_the_limit() {
         let c = Cache::new(&["Role"], &[]);
@@ -536,17 +626,43 @@ mod tests {
         let desired = json!({"spec": {"a": 1}});
         c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "5", Some("u"))));
         assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
-        c.verified("NetworkPolicy", "a", "p", "5", &desired);
+        c.verified("NetworkPolicy", "a", "p", "5", &desired, &desired);
         assert!(c.is_verified("NetworkPolicy", "a", "p", &desired));
         assert!(!c.is_verified("NetworkPolicy", "a", "p", &json!({"spec": {"a": 2}})), "the desire changed");
         // Someone else's edit: a new resourceVersion.
         c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "6", Some("u"))));
         assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
-        c.verified("NetworkPolicy", "a", "p", "6", &desired);
+        c.verified("NetworkPolicy", "a", "p", "6", &desired, &desired);
         c.feed("NetworkPolicy", None, &Event::Delete(meta("a", "p", "6", Some("u"))));
         assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired));
         c.feed("NetworkPolicy", None, &Event::Apply(meta("a", "p", "6", Some("u"))));
         assert!(!c.is_verified("NetworkPolicy", "a", "p", &desired), "a deleted child's verification is forgotten");
+    }
+
+    #[test]
+    fn a_job_stays_verified_through_status_updates_but_not_through_someone_elses_edit() {
+        let c = Cache::new(&["Job"], &[]);
+        let desired = json!({"metadata": {"name": "j", "labels": {"a": "1"}}, "spec": {"backoffLimit": 0}});
+        let job = |rv: &str, labels: Value, status: Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "a", "name": "j", "resourceVersion": rv, "labels": labels},
+                "spec": {"backoffLimit": 0, "template": {"spec": {"containers": []}}},
+                "status": status
+            }))
+            .unwrap()
+        };
+        let created = job("5", json!({"a": "1"}), json!({}));
+        c.feed("Job", None, &Event::Apply(created.clone()));
+        c.verified("Job", "a", "j", "5", &desired, &created);
+        assert!(c.is_verified("Job", "a", "j", &desired));
+        // The Job controller reports progress: a new resourceVersion, the same Job.
+        c.feed("Job", None, &Event::Apply(job("6", json!({"a": "1"}), json!({"active": 1}))));
+        assert!(c.is_verified("Job", "a", "j", &desired), "a status update changes nothing crmguard wants");
+        // Someone relabels it.
+        c.feed("Job", None, &Event::Apply(job("7", json!({"a": "2"}), json!({"active": 1}))));
+        assert!(!c.is_verified("Job", "a", "j", &desired), "a changed label is read and compared again");
+        // Other kinds are verified at their resourceVersion only.
+        assert_eq!(content_of("NetworkPolicy", &desired), None);
     }
 
     #[test]

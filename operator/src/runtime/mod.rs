@@ -26,6 +26,7 @@ use kube::runtime::watcher::Config as WatcherConfig;
 use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource};
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
@@ -184,6 +185,21 @@ impl<T> Watched for T where
 {
 }
 
+/// How a watched kind `C` arrives: its metadata (`PartialObjectMeta<C>`) or `C` itself.
+trait WatchedAs<C>:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<C: Watched> WatchedAs<C> for PartialObjectMeta<C> {}
+impl<C: Watched> WatchedAs<C> for C {}
+
 /// What a controller watches besides its own kind, each through [`watches::events`], feeding the cache.
 struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>> {
     client: &'a Client,
@@ -197,28 +213,34 @@ impl<K> Watches<'_, K>
 where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
-    /// Metadata of crmguard's objects of kind `C` (its label), feeding the cache's table of that kind.
-    fn labelled<C: Watched>(
+    /// crmguard's objects of kind `C` (its label) as `O` (their metadata, or whole), feeding the cache's table of
+    /// that kind.
+    fn labelled<C: Watched, O: WatchedAs<C>>(
         &self,
-    ) -> impl Stream<Item = Result<WatchEvent<PartialObjectMeta<C>>, WatchError>> + Send + 'static + use<C, K> {
-        let events = watches::events(api::<PartialObjectMeta<C>>(self.client, self.ns), owns_cfg(), self.restarts);
+    ) -> impl Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static + use<C, O, K> {
+        let events = watches::events(api::<O>(self.client, self.ns), owns_cfg(), self.restarts);
         feeding(self.cache, C::KIND, self.ns, events)
     }
 
     /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
-    fn owns<C: Watched>(mut self) -> Self {
-        let children = self.labelled::<C>();
+    fn owns<C: Watched>(self) -> Self {
+        self.owns_as::<C, PartialObjectMeta<C>>()
+    }
+
+    /// Children the kind owns, watched as `O` (whole objects where the cache keeps more than their metadata).
+    fn owns_as<C: Watched, O: WatchedAs<C>>(mut self) -> Self {
+        let children = self.labelled::<C, O>();
         self.controller = self.controller.owns_stream(children.touched_objects());
         self
     }
 
-    /// Other objects (metadata only, crmguard's label) mapped to the resource they concern.
-    fn watches<C: Watched, I>(mut self, mapper: impl Fn(PartialObjectMeta<C>) -> I + Send + Sync + 'static) -> Self
+    /// Other objects (crmguard's label), watched as `O`, mapped to the resource they concern.
+    fn watches<C: Watched, O: WatchedAs<C>, I>(mut self, mapper: impl Fn(O) -> I + Send + Sync + 'static) -> Self
     where
         I: IntoIterator<Item = ObjectRef<DeserializeGuard<K>>> + 'static,
         I::IntoIter: Send,
     {
-        let others = self.labelled::<C>();
+        let others = self.labelled::<C, O>();
         self.controller = self.controller.watches_stream(others.touched_objects(), mapper);
         self
     }
@@ -227,7 +249,7 @@ where
     /// reconciled when a pod of it comes, goes, or changes its labels or crmguard's annotations (not on the
     /// status updates that make up most pod changes).
     fn pods(mut self) -> Self {
-        let cfg = WatcherConfig::default().fields(UNFINISHED_PODS).any_semantic();
+        let cfg = WatcherConfig::default().fields(UNFINISHED_PODS);
         let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
         let events = feeding(self.cache, cache::PODS, self.ns, events);
         let store = self.controller.store();
@@ -252,15 +274,15 @@ type WatchEvent<K> = kube::runtime::watcher::Event<K>;
 type WatchError = kube::runtime::watcher::Error;
 
 /// `events`, each applied to the cache's `table` first when this watch is the one that feeds it.
-fn feeding<K, S>(
+fn feeding<O, S>(
     cache: &Arc<Cache>,
     table: cache::Table,
     ns: Option<&str>,
     events: S,
-) -> impl Stream<Item = Result<WatchEvent<PartialObjectMeta<K>>, WatchError>> + Send + 'static + use<K, S>
+) -> impl Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static + use<O, S>
 where
-    K: Send + 'static,
-    S: Stream<Item = Result<WatchEvent<PartialObjectMeta<K>>, WatchError>> + Send + 'static,
+    O: Resource + Send + 'static,
+    S: Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static,
 {
     let feeds = cache.claim(table, ns).then(|| cache.clone());
     let scope = ns.map(str::to_string);
@@ -335,9 +357,8 @@ where
     let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<K>>::default();
     let store = writer.as_reader();
     // managedFields are not needed and are often the larger part of an object: not kept.
-    let own =
-        watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default().any_semantic(), restarts)
-            .modify(|o| o.meta_mut().managed_fields = None);
+    let own = watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default(), restarts)
+        .modify(|o| o.meta_mut().managed_fields = None);
     let c = Controller::for_stream(kube::runtime::reflector(writer, own).applied_objects(), store.clone())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
@@ -391,7 +412,7 @@ const CACHED: [cache::Table; 9] = [
 ];
 
 fn owns_cfg() -> WatcherConfig {
-    WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard").any_semantic()
+    WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard")
 }
 
 /// Runs the operator until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -466,11 +487,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         &cache,
         cache::NAMESPACES,
         None,
-        watches::events(
-            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-            WatcherConfig::default().any_semantic(),
-            &restarts,
-        ),
+        watches::events(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), WatcherConfig::default(), &restarts),
     );
     tokio::spawn(namespace_events.for_each(|e| async move {
         if let Err(e) = e {
@@ -480,7 +497,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // The grant ceiling (AccessPolicy): one ClusterRole, watched by name.
     let ceiling_events = watches::events(
         Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone()),
-        WatcherConfig::default().fields(&format!("metadata.name={}", opts.build.access.grant_ceiling)).any_semantic(),
+        WatcherConfig::default().fields(&format!("metadata.name={}", opts.build.access.grant_ceiling)),
         &restarts,
     );
     let fed = cache.clone();
@@ -517,8 +534,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             w.owns::<k8s_openapi::api::batch::v1::CronJob>()
                 .owns::<k8s_openapi::api::core::v1::ConfigMap>()
                 .owns::<k8s_openapi::api::core::v1::ServiceAccount>()
-                // Backup and drill Jobs belong to the CronJobs; their results feed the policy's status.
-                .watches::<k8s_openapi::api::batch::v1::Job, _>(|job| {
+                // Backup and drill Jobs belong to the CronJobs; their results feed the policy's status. Jobs are
+                // watched whole: the cache keeps their progress, which a restore reports.
+                .watches::<Job, Job, _>(|job| {
                     let ns = job.metadata.namespace.clone()?;
                     let policy = job
                         .metadata
@@ -531,9 +549,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         stores.backups.push(s);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
-            w.owns::<k8s_openapi::api::batch::v1::Job>()
-        });
+        let (r, ready, _) =
+            controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, |w| w.owns_as::<Job, Job>());
         runs.push(r);
         readies.push(ready);
         let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {

@@ -57,6 +57,15 @@ fn report_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk_with_plural(&gvk, "policyreports"))
 }
 
+/// Whether the API server serves PolicyReports (`wgpolicyk8s.io/v1alpha2`): one discovery request.
+async fn report_served(client: &Client) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources("wgpolicyk8s.io/v1alpha2").await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "policyreports")),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Results without their timestamps, to tell a real change from the clock moving.
 fn comparable(report: &Value) -> Value {
     let mut r = report.clone();
@@ -89,6 +98,8 @@ pub async fn run(
         tokio::time::sleep(every).await;
         let all = inputs(&stores);
         let t = now();
+        // Whether the PolicyReport CRD is served, asked once per pass and only when a report is to be read.
+        let mut served: Option<bool> = None;
         for (ns, input) in &all {
             let report = posture::assess(input, t);
             let mut samples = vec![("posture_score", vec![], f64::from(report.score))];
@@ -101,21 +112,30 @@ pub async fn run(
             if known.get(ns).is_some_and(|(held, at)| *held == wanted && at.elapsed() < reread) {
                 continue;
             }
+            if served.is_none() {
+                served = match report_served(&client).await {
+                    Ok(yes) => Some(yes),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell whether the PolicyReport CRD is installed");
+                        break;
+                    }
+                };
+            }
+            if served == Some(false) {
+                // No PolicyReport CRD: asked again at the next pass (one request for every namespace; a 404 of a
+                // report would not tell a missing CRD from a missing report).
+                if !missing_crd_logged {
+                    tracing::warn!(
+                        "the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed: the posture is on /metrics \
+                         and `crmguard report` only"
+                    );
+                    missing_crd_logged = true;
+                }
+                continue;
+            }
             let api = report_api(&client, ns);
             let current = match api.get_opt("crmguard").await {
                 Ok(c) => c.and_then(|c| serde_json::to_value(c).ok()),
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    // No PolicyReport CRD: asked again after `reread` (or when the assessment changes).
-                    known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
-                    if !missing_crd_logged {
-                        tracing::warn!(
-                            "the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed: the posture is on /metrics \
-                             and `crmguard report` only"
-                        );
-                        missing_crd_logged = true;
-                    }
-                    continue;
-                }
                 Err(e) => {
                     tracing::warn!(namespace = %ns, error = %e, "cannot read the PolicyReport");
                     continue;

@@ -9,6 +9,7 @@ use super::{build, validate};
 use crate::api::condition::Status;
 use crate::api::{CrmBackupPolicy, CrmRestore};
 use crate::backup::cli::JobReport;
+use crate::k8s::cache::JobProgress;
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
@@ -123,19 +124,27 @@ impl CrmRestore {
         if let Some(waiting) = service_account_missing(ctx, &ns, &job, &self.spec.policy_ref.name) {
             return Ok(Ok(waiting));
         }
-        // The watch of crmguard's Jobs (metadata only) says when there is none to read.
-        let status = if ctx.cache.absent("Job", &ns, &job_name) {
-            Default::default()
-        } else {
-            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            jobs.get_opt(&job_name).await?.and_then(|j| j.status).unwrap_or_default()
+        // The watch of crmguard's Jobs keeps their progress (and says when there is none); read only before it
+        // listed.
+        let status = match ctx.cache.get("Job", &ns, &job_name).and_then(|m| m.job) {
+            Some(progress) => *progress,
+            None if ctx.cache.absent("Job", &ns, &job_name) => JobProgress::default(),
+            None => {
+                let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+                jobs.get_opt(&job_name)
+                    .await?
+                    .and_then(|j| j.status)
+                    .as_ref()
+                    .map(JobProgress::from)
+                    .unwrap_or_default()
+            }
         };
-        let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
+        let finished = status.succeeded > 0 || status.failed > 0;
         // The restore pod's termination message is `crmguard restore run`'s report.
         let report = if finished { job_report(ctx, &ns, &job_name).await? } else { None };
-        let (phase, cond) = if status.succeeded.unwrap_or(0) > 0 {
+        let (phase, cond) = if status.succeeded > 0 {
             ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
-        } else if status.failed.unwrap_or(0) > 0 {
+        } else if status.failed > 0 {
             let (reason, message) = match &report {
                 Some(r) if !r.ok => (
                     crate::backup::known_reason(r.reason.as_deref().unwrap_or("JobFailed")),
@@ -144,9 +153,9 @@ impl CrmRestore {
                 _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
             };
             ("Failed", Cond::new("Restored", Status::False, reason, message))
-        } else if status.ready.unwrap_or(0) > 0 {
+        } else if status.ready > 0 {
             ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
-        } else if status.active.unwrap_or(0) > 0 {
+        } else if status.active > 0 {
             // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
             // pulled, started) the restore has not begun.
             let message =
@@ -191,10 +200,10 @@ impl CrmRestore {
             });
         }
         if let Some(t) = status.start_time {
-            d.status.insert("startTime".into(), json!(t.0.to_string()));
+            d.status.insert("startTime".into(), json!(t.to_string()));
         }
         if let Some(t) = status.completion_time {
-            d.status.insert("completionTime".into(), json!(t.0.to_string()));
+            d.status.insert("completionTime".into(), json!(t.to_string()));
         }
         Ok(Ok(d))
     }

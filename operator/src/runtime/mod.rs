@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
@@ -206,6 +207,7 @@ struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceReso
     ns: Option<&'a str>,
     restarts: &'a watches::Restarts,
     cache: &'a Arc<Cache>,
+    fanout: &'a watches::Fanout,
     controller: Controller<DeserializeGuard<K>>,
 }
 
@@ -215,11 +217,15 @@ where
 {
     /// crmguard's objects of kind `C` (its label) as `O` (their metadata, or whole), feeding the cache's table of
     /// that kind.
-    fn labelled<C: Watched, O: WatchedAs<C>>(
-        &self,
-    ) -> impl Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static + use<C, O, K> {
-        let events = watches::events(api::<O>(self.client, self.ns), owns_cfg(), self.restarts);
-        feeding(self.cache, C::KIND, self.ns, events)
+    /// One watch per kind and scope ([`watches::Fanout`]).
+    fn labelled<C: Watched, O: WatchedAs<C>>(&self) -> BoxStream<'static, Result<WatchEvent<O>, WatchError>> {
+        match self.fanout.subscribe::<O>(C::KIND, self.ns) {
+            watches::Subscription::Lead(followers) => {
+                let events = watches::events(api::<O>(self.client, self.ns), owns_cfg(), self.restarts);
+                watches::lead(feeding(self.cache, C::KIND, self.ns, events), followers).boxed()
+            }
+            watches::Subscription::Follow(events) => events.map(Ok).boxed(),
+        }
     }
 
     /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
@@ -245,6 +251,21 @@ where
         self
     }
 
+    /// Objects of kind `C` (metadata, crmguard's label): one that comes or goes reconciles every resource of its
+    /// namespace (e.g. a ServiceAccount a restore waits for).
+    fn namespace_of<C: Watched>(mut self) -> Self {
+        let store = self.controller.store();
+        let events = self.labelled::<C, PartialObjectMeta<C>>().filter_map(|e| {
+            futures::future::ready(match e {
+                Ok(WatchEvent::Apply(o) | WatchEvent::Delete(o)) => o.metadata.namespace,
+                _ => None,
+            })
+        });
+        let refs = events.flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
+        self.controller = self.controller.reconcile_on(refs);
+        self
+    }
+
     /// The pods that have not finished (metadata only), feeding the cache; every resource in a namespace is
     /// reconciled when a pod of it comes, goes, or changes its labels or crmguard's annotations (not on the
     /// status updates that make up most pod changes).
@@ -253,18 +274,23 @@ where
         let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
         let events = feeding(self.cache, cache::PODS, self.ns, events);
         let store = self.controller.store();
-        let refs = pod_changes(events).flat_map(move |ns| {
-            let objects: Vec<ObjectRef<DeserializeGuard<K>>> = store
-                .state()
-                .iter()
-                .filter(|o| o.meta().namespace.as_deref() == Some(ns.as_str()))
-                .map(|o| ObjectRef::from_obj(o.as_ref()))
-                .collect();
-            futures::stream::iter(objects)
-        });
+        let refs = pod_changes(events).flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
         self.controller = self.controller.reconcile_on(refs);
         self
     }
+}
+
+/// The resources of `store` in namespace `ns`.
+fn in_namespace<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &kube::runtime::reflector::Store<K>,
+    ns: &str,
+) -> Vec<ObjectRef<K>> {
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
 }
 
 /// Pods that are pending or running: finished pods leave the watch (and the cache) as they finish.
@@ -349,6 +375,7 @@ fn controller<K>(
     ns: Option<&str>,
     concurrency: u16,
     restarts: &watches::Restarts,
+    fanout: &watches::Fanout,
     more: impl FnOnce(Watches<'_, K>) -> Watches<'_, K>,
 ) -> Running<K>
 where
@@ -363,7 +390,7 @@ where
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
     let cache = ctx.cache.clone();
-    let c = more(Watches { client: &ctx.client, ns, restarts, cache: &cache, controller: c }).controller;
+    let c = more(Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c }).controller;
     let cache = store.clone();
     let ready = listed(store).boxed();
     // Per-object metric series and what the cache remembers of resources that were deleted (no reconcile runs for
@@ -528,9 +555,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut runs = Vec::new();
     let mut readies = Vec::new();
     let mut stores = posture::Stores::default();
+    let fanout = watches::Fanout::default();
     for ns in &namespaces {
         let ns = ns.as_deref();
-        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
             w.owns::<k8s_openapi::api::batch::v1::CronJob>()
                 .owns::<k8s_openapi::api::core::v1::ConfigMap>()
                 .owns::<k8s_openapi::api::core::v1::ServiceAccount>()
@@ -549,17 +577,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         stores.backups.push(s);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, _) =
-            controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, |w| w.owns_as::<Job, Job>());
+        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
+            // A restore waits for its policy's ServiceAccount: it is reconciled when one appears.
+            w.owns_as::<Job, Job>().namespace_of::<k8s_openapi::api::core::v1::ServiceAccount>()
+        });
         runs.push(r);
         readies.push(ready);
-        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
             w.owns::<k8s_openapi::api::rbac::v1::Role>().owns::<k8s_openapi::api::rbac::v1::RoleBinding>()
         });
         stores.access.push(s);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, |w| {
+        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
             w.owns::<k8s_openapi::api::networking::v1::NetworkPolicy>().pods()
         });
         stores.guards.push(s);

@@ -10,6 +10,7 @@
 //!   5 s longer, so a connection that died alone is replaced within about a minute even when `/version` answers;
 //! - failed watches are retried after at most [`MAX_BACKOFF`] (jittered), not 30 s.
 
+use std::any::TypeId;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -111,6 +112,67 @@ where
         }
     })
     .filter_map(futures::future::ready)
+}
+
+/// One watch per kind and scope, whichever controllers watch the kind: the first to ask leads (its stream is the
+/// watch, and feeds the cache), every later one follows (it receives each event once the leader's stream has
+/// passed it on, so after the cache has it). Two watches of one kind would each trigger reconciles whose reads of
+/// the cache may come before the other watch brought the change. Followers subscribe while the controllers are
+/// built, before any stream is polled.
+#[derive(Default)]
+pub struct Fanout(std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>);
+
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fanout")
+    }
+}
+
+/// (kind, scope, the type its objects arrive as).
+type WatchKey = (&'static str, Option<String>, TypeId);
+type Followers = Box<dyn std::any::Any + Send>;
+type Senders<O> = Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<Event<O>>>>>;
+
+/// How a controller gets the events of a shared watch.
+#[allow(missing_debug_implementations)] // channel ends
+pub enum Subscription<O> {
+    /// Runs the watch, and passes each event on to these followers.
+    Lead(Senders<O>),
+    Follow(futures::channel::mpsc::UnboundedReceiver<Event<O>>),
+}
+
+impl Fanout {
+    /// Subscribes to the watch of `kind` (as `O`) in `scope`.
+    pub fn subscribe<O: Send + 'static>(&self, kind: &'static str, scope: Option<&str>) -> Subscription<O> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (kind, scope.map(str::to_string), TypeId::of::<O>());
+        if let Some(senders) = m.get(&key).and_then(|f| f.downcast_ref::<Senders<O>>()) {
+            let (tx, rx) = futures::channel::mpsc::unbounded();
+            senders.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(tx);
+            return Subscription::Follow(rx);
+        }
+        let senders: Senders<O> = Arc::default();
+        m.insert(key, Box::new(senders.clone()));
+        Subscription::Lead(senders)
+    }
+}
+
+/// `events` (a leader's watch), each event passed on to the followers before it goes on.
+pub fn lead<O, S>(
+    events: S,
+    followers: Senders<O>,
+) -> impl Stream<Item = Result<Event<O>, watcher::Error>> + Send + 'static + use<O, S>
+where
+    O: Clone + Send + 'static,
+    S: Stream<Item = Result<Event<O>, watcher::Error>> + Send + 'static,
+{
+    events.inspect(move |e| {
+        if let Ok(e) = e {
+            for f in followers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+                let _ = f.unbounded_send(e.clone());
+            }
+        }
+    })
 }
 
 /// Retry delays for failed watches: doubling from 250 ms up to [`MAX_BACKOFF`], each with up to 50 % less at

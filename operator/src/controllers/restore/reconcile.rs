@@ -33,7 +33,8 @@ async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobRepo
 }
 
 /// A Job whose ServiceAccount does not exist gets no pod, and the Job controller backs off for minutes: until the
-/// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created.
+/// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created. The
+/// restore controller watches crmguard's ServiceAccounts: the one awaited reconciles the restore when it comes.
 fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> Option<Desired> {
     let sa = job.spec.as_ref()?.template.spec.as_ref()?.service_account_name.clone()?;
     let job_name = job.metadata.name.as_deref()?;
@@ -48,7 +49,6 @@ fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> 
     let mut d = Desired {
         conditions: vec![Cond::new("Restored", Status::False, "WaitingForServiceAccount", message)],
         required: vec!["Restored"],
-        requeue_after: Some(std::time::Duration::from_secs(2)),
         ..Desired::default()
     };
     d.status.insert("phase".into(), json!("Pending"));

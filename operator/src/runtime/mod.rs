@@ -161,10 +161,9 @@ where
 type Running<K> =
     (BoxFuture<'static, ()>, BoxFuture<'static, ()>, kube::runtime::reflector::Store<DeserializeGuard<K>>);
 
-/// A namespaced kind a controller watches (as metadata) besides its own.
-trait Watched:
+/// A namespaced object as a watch delivers it.
+trait Object:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + k8s_openapi::Resource
     + Clone
     + serde::de::DeserializeOwned
     + std::fmt::Debug
@@ -174,9 +173,8 @@ trait Watched:
 {
 }
 
-impl<T> Watched for T where
+impl<T> Object for T where
     T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -186,17 +184,13 @@ impl<T> Watched for T where
 {
 }
 
+/// A namespaced kind a controller watches besides its own.
+trait Watched: Object + k8s_openapi::Resource {}
+
+impl<T: Object + k8s_openapi::Resource> Watched for T {}
+
 /// How a watched kind `C` arrives: its metadata (`PartialObjectMeta<C>`) or `C` itself.
-trait WatchedAs<C>:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + Clone
-    + serde::de::DeserializeOwned
-    + std::fmt::Debug
-    + Send
-    + Sync
-    + 'static
-{
-}
+trait WatchedAs<C>: Object {}
 
 impl<C: Watched> WatchedAs<C> for PartialObjectMeta<C> {}
 impl<C: Watched> WatchedAs<C> for C {}

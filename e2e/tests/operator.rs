@@ -981,3 +981,66 @@ async fn nothing_is_written_into_a_namespace_being_deleted() {
     assert!(late.is_empty(), "the operator wrote into the namespace being deleted: {late:?}");
     assert!(!op.logs().contains("ReconcileFailed"), "{}", op.logs());
 }
+
+/// Events as the real API server takes them (events.k8s.io/v1 validation, from the Events API reference: `note`
+/// at most 1 KiB, a `series` with a count of at least 2 and a last observed time, `reportingInstance` set): the
+/// same Event published twice is one Event with a series of 2; a different note is another Event (client-go's
+/// key includes the note: a changed error is not hidden under the first message); a long note is cut to fit;
+/// a series whose Event was deleted starts a new Event. Failed before: kube's recorder behind our old
+/// `truncate`, which cut notes to 1,024 bytes and then added "...", so the server refused long notes (HTTP 422),
+/// and which folded a different note into the first Event's series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_fold_repeats_into_series_the_api_server_accepts() {
+    use crmguard::k8s::events::{Event, EventType, NOTE_LIMIT, Recorder};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::Resource;
+    let cluster = Cluster::start("events-series").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "crm-settings"}})).unwrap();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &cm).await.unwrap();
+    let regarding = cm.object_ref(&());
+    let recorder = Recorder::new(client.clone(), "crmguard", Some("crmguard-0"));
+    let event = |note: String| Event {
+        type_: EventType::Warning,
+        reason: "ReconcileFailed".into(),
+        note,
+        action: "Reconcile".into(),
+        related: None,
+    };
+    let long = event(format!("vault unreachable: {}", "é".repeat(NOTE_LIMIT)));
+    recorder.publish(&long, &regarding).await.expect("a long note is cut to fit");
+    recorder.publish(&long, &regarding).await.expect("the repeat joins the series");
+    recorder.publish(&event("vault sealed".into()), &regarding).await.unwrap();
+
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), ns);
+    let mut evs = events.list(&ListParams::default()).await.unwrap().items;
+    evs.sort_by_key(|e| e.note.clone());
+    let seen: Vec<(Option<i32>, usize, String)> = evs
+        .iter()
+        .map(|e| {
+            let note = e.note.clone().unwrap_or_default();
+            (e.series.as_ref().map(|s| s.count), note.len(), note.chars().take(12).collect())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(None, "vault sealed".len(), "vault sealed".into()), (Some(2), NOTE_LIMIT, "vault unreac".into())],
+        "{evs:?}"
+    );
+    for e in &evs {
+        assert_eq!(e.regarding.as_ref().and_then(|r| r.uid.as_deref()), cm.metadata.uid.as_deref());
+        assert_eq!(
+            (e.reporting_controller.as_deref(), e.reporting_instance.as_deref(), e.type_.as_deref()),
+            (Some("crmguard"), Some("crmguard-0"), Some("Warning"))
+        );
+    }
+
+    let first = evs[1].metadata.name.clone().unwrap();
+    events.delete(&first, &DeleteParams::default()).await.unwrap();
+    recorder.publish(&long, &regarding).await.expect("a new Event when the series' Event is gone");
+    let evs = events.list(&ListParams::default()).await.unwrap().items;
+    let renewed: Vec<_> = evs.iter().filter(|e| e.note.as_ref().is_some_and(|n| n.starts_with("vault unr"))).collect();
+    assert_eq!(renewed.len(), 1, "{evs:?}");
+    assert!(renewed[0].series.is_none() && renewed[0].metadata.name.as_deref() != Some(&first), "{evs:?}");
+}

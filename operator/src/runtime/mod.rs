@@ -21,7 +21,6 @@ use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Config as WatcherConfig;
 use kube::runtime::{Controller, WatchStreamExt};
@@ -529,13 +528,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         futures::future::ready(())
     }));
-    let reporter =
-        Reporter { controller: "crmguard".into(), instance: opts.lease.as_ref().map(|l| l.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
         build: opts.build.clone(),
         metrics: metrics.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: crate::k8s::events::Recorder::new(
+            client.clone(),
+            "crmguard",
+            opts.lease.as_ref().map(|l| l.identity.as_str()),
+        ),
         failures: Default::default(),
         now: jiff::Timestamp::now,
         resync: opts.resync,

@@ -10,7 +10,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 
@@ -18,6 +17,7 @@ use crate::api::CrmBackupPolicy;
 use crate::api::condition::{self, READY, Status, new_condition, reason, set_condition};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch, apply_children, patch_objects};
+use crate::k8s::events::{Event, EventType, Recorder};
 use crate::k8s::meta::Owner;
 use crate::runtime::metrics::Metrics;
 use crate::validation::FieldError;
@@ -211,9 +211,9 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
         let event = Event {
             type_: EventType::Warning,
             reason: "ReconcileFailed".into(),
-            note: Some(truncate(&format!("{} error, retrying with backoff: {e}", e.category()), 1024)),
+            note: format!("{} error, retrying with backoff: {e}", e.category()),
             action: "Reconcile".into(),
-            secondary: None,
+            related: None,
         };
         publish(&ctx, guard.as_ref(), event, K::CONTROLLER).await;
     }
@@ -305,9 +305,9 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 let event = Event {
                     type_: if *warning { EventType::Warning } else { EventType::Normal },
                     reason: (*reason).to_string(),
-                    note: Some(truncate(note, 1024)),
+                    note: note.clone(),
                     action: "Reconcile".into(),
-                    secondary: secondary.cloned(),
+                    related: secondary.cloned(),
                 };
                 publish(ctx, guard, event, K::CONTROLLER).await;
             }
@@ -377,9 +377,9 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         let event = Event {
             type_,
             reason: ready_reason.to_string(),
-            note: Some(truncate(&ready_message, 1024)),
+            note: ready_message.clone(),
             action: "Reconcile".into(),
-            secondary: None,
+            related: None,
         };
         publish(ctx, guard, event, K::CONTROLLER).await;
     }
@@ -518,17 +518,6 @@ async fn set_finalizers<K: Reconcilable>(
     Ok(())
 }
 
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
-}
-
 /// Error policy: count the failure, back off exponentially with jitter.
 pub fn error_policy<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(K::CONTROLLER, error.category());
@@ -557,11 +546,5 @@ mod tests {
         assert_eq!(backoff(3, 0.0), Duration::from_secs(4));
         assert_eq!(backoff(30, 1.0), Duration::from_secs(300));
         assert!(backoff(5, 0.5) < backoff(5, 1.0));
-    }
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("abc", 5), "abc");
-        assert_eq!(truncate("ääää", 3), "ä...");
     }
 }

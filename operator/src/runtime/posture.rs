@@ -4,6 +4,7 @@
 //! without the PolicyReport CRD still get the metrics and `crmguard report`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -30,26 +31,51 @@ impl std::fmt::Debug for Stores {
     }
 }
 
-fn collect<K: Clone + kube::Resource<DynamicType = ()>>(stores: &[Store<DeserializeGuard<K>>]) -> Vec<K> {
-    stores.iter().flat_map(|s| s.state()).filter_map(|o| o.0.as_ref().ok().cloned()).collect()
-}
-
-/// The inputs of every namespace with crmguard resources.
-pub fn inputs(stores: &Stores) -> BTreeMap<String, Inputs> {
-    fn entry(by_ns: &mut BTreeMap<String, Inputs>, ns: String) -> &mut Inputs {
-        by_ns.entry(ns.clone()).or_insert_with(|| Inputs { namespace: ns, with_status: true, ..Inputs::default() })
-    }
-    let mut by_ns: BTreeMap<String, Inputs> = BTreeMap::new();
-    for p in collect(&stores.backups) {
-        entry(&mut by_ns, p.namespace().unwrap_or_default()).backups.push(p);
-    }
-    for g in collect(&stores.guards) {
-        entry(&mut by_ns, g.namespace().unwrap_or_default()).guards.push(g);
-    }
-    for a in collect(&stores.access) {
-        entry(&mut by_ns, a.namespace().unwrap_or_default()).access.push(a);
+/// The objects of `stores` by namespace, shared with the stores (not copied).
+fn by_namespace<K: Clone + kube::Resource<DynamicType = ()>>(
+    stores: &[Store<DeserializeGuard<K>>],
+) -> BTreeMap<String, Vec<Arc<DeserializeGuard<K>>>> {
+    let mut by_ns: BTreeMap<String, Vec<Arc<DeserializeGuard<K>>>> = BTreeMap::new();
+    for o in stores.iter().flat_map(Store::state) {
+        by_ns.entry(o.namespace().unwrap_or_default()).or_default().push(o);
     }
     by_ns
+}
+
+/// The resources the caches hold, by namespace; a namespace's [`Inputs`] (copies of its valid resources) are
+/// made when it is assessed, so a pass holds copies of one namespace at a time.
+struct Held {
+    backups: BTreeMap<String, Vec<Arc<DeserializeGuard<CrmBackupPolicy>>>>,
+    guards: BTreeMap<String, Vec<Arc<DeserializeGuard<NetworkGuard>>>>,
+    access: BTreeMap<String, Vec<Arc<DeserializeGuard<AccessPolicy>>>>,
+}
+
+impl Held {
+    fn of(stores: &Stores) -> Held {
+        Held {
+            backups: by_namespace(&stores.backups),
+            guards: by_namespace(&stores.guards),
+            access: by_namespace(&stores.access),
+        }
+    }
+
+    /// Every namespace with crmguard resources.
+    fn namespaces(&self) -> BTreeSet<String> {
+        self.backups.keys().chain(self.guards.keys()).chain(self.access.keys()).cloned().collect()
+    }
+
+    fn inputs(&self, namespace: &str) -> Inputs {
+        fn valid<K: Clone>(held: &BTreeMap<String, Vec<Arc<DeserializeGuard<K>>>>, ns: &str) -> Vec<K> {
+            held.get(ns).into_iter().flatten().filter_map(|o| o.0.as_ref().ok().cloned()).collect()
+        }
+        Inputs {
+            namespace: namespace.to_string(),
+            backups: valid(&self.backups, namespace),
+            guards: valid(&self.guards, namespace),
+            access: valid(&self.access, namespace),
+            with_status: true,
+        }
+    }
 }
 
 fn report_api(client: &Client, ns: &str) -> Api<DynamicObject> {
@@ -96,12 +122,13 @@ pub async fn run(
     let mut missing_crd_logged = false;
     loop {
         tokio::time::sleep(every).await;
-        let all = inputs(&stores);
+        let held = Held::of(&stores);
+        let all = held.namespaces();
         let t = now();
         // Whether the PolicyReport CRD is served, asked once per pass and only when a report is to be read.
         let mut served: Option<bool> = None;
-        for (ns, input) in &all {
-            let report = posture::assess(input, t);
+        for ns in &all {
+            let report = posture::assess(&held.inputs(ns), t);
             let mut samples = vec![("posture_score", vec![], f64::from(report.score))];
             for o in [Outcome::Fail, Outcome::Warn, Outcome::Pass, Outcome::Skip] {
                 samples.push(("posture_findings", vec![("result", o.as_str().to_string())], report.count(o) as f64));
@@ -158,10 +185,11 @@ pub async fn run(
                 Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot write the PolicyReport"),
             }
         }
-        let live: BTreeSet<(String, String)> = all.keys().map(|ns| (ns.clone(), "crmguard".to_string())).collect();
+        drop(held);
+        let live: BTreeSet<(String, String)> = all.iter().map(|ns| (ns.clone(), "crmguard".to_string())).collect();
         metrics.retain_objects("PolicyReport", None, &live);
-        known.retain(|ns, _| all.contains_key(ns));
-        for ns in reported.clone().iter().filter(|ns| !all.contains_key(*ns)) {
+        known.retain(|ns, _| all.contains(ns));
+        for ns in reported.clone().iter().filter(|ns| !all.contains(*ns)) {
             match report_api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
                 Ok(_) => {
                     metrics.wrote("posture", "delete", 1);

@@ -1044,3 +1044,78 @@ async fn events_fold_repeats_into_series_the_api_server_accepts() {
     assert_eq!(renewed.len(), 1, "{evs:?}");
     assert!(renewed[0].series.is_none() && renewed[0].metadata.name.as_deref() != Some(&first), "{evs:?}");
 }
+
+/// A restore runs once: its Job is made once, then only followed. An edit of the backup policy after the Job
+/// exists does not reach the Job (a Job's pod template is immutable: the API server refuses the change); a Job
+/// deleted before it finished is not made again (a second run would restore the backup over whatever was
+/// written since): the restore is `Failed`, reason `JobDeleted`, and stays so. Failed before: the edited policy
+/// made the restore rebuild its Job at the next change of the restore and report the refused write (ApplyFailed,
+/// "field is immutable"), and a deleted Job was created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_runs_once_its_job_is_neither_changed_nor_made_again() {
+    use k8s_openapi::api::batch::v1::Job;
+    let cluster = Cluster::start("restore-once").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    op.wait_ready(60).await;
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
+    let restores: Api<crmguard::api::CrmRestore> = Api::namespaced(client.clone(), ns);
+    restores.create(&PostParams::default(), &e2e::example("restore.yaml", ns)).await.unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let job = eventually(60, "the restore's Job", || async {
+        jobs.get_opt("crm-db-check-restore").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    let restored = |r: &crmguard::api::CrmRestore| ready(r.status.as_ref().map(|s| &s.conditions), "Restored");
+    let resources = |j: &Job| {
+        serde_json::to_value(&j.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].resources).unwrap()
+    };
+
+    // The policy's jobs get other resources; the restore is touched, so it is reconciled with the new policy.
+    let more = json!({"spec": {"jobResources": {"requests": {"cpu": "300m", "memory": "200Mi"}}}});
+    policies.patch("crm-db", &PatchParams::default(), &Patch::Merge(&more)).await.unwrap();
+    settle(&op, &["backuppolicy", "restore"]).await;
+    let before = reconciles(&op, &["restore"]).0;
+    let touch = json!({"metadata": {"annotations": {"example.com/ticket": "CRM-1234"}}});
+    restores.patch("crm-db-check", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+    eventually(30, "the restore to be reconciled after the touch", || async {
+        let n = reconciles(&op, &["restore"]).0 - before;
+        if n >= 1.0 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    settle(&op, &["restore"]).await;
+    let r = restores.get("crm-db-check").await.unwrap();
+    let ready_now = ready(r.status.as_ref().map(|s| &s.conditions), "Ready").unwrap();
+    assert_ne!(ready_now.1, "ApplyFailed", "{ready_now:?}");
+    let same = jobs.get("crm-db-check-restore").await.unwrap();
+    assert_eq!(same.metadata.uid, job.metadata.uid);
+    assert_eq!(resources(&same), resources(&job), "the Job is as it was made");
+    assert_eq!(restored(&r).map(|c| c.1), Some("Pending".to_string()), "{r:?}");
+
+    // The Job is deleted before it ran: the restore failed and is not run again.
+    let dp =
+        DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Background), ..DeleteParams::default() };
+    jobs.delete("crm-db-check-restore", &dp).await.unwrap();
+    let (_, reason, message) = eventually(30, "the restore to report its deleted Job", || async {
+        let r = restores.get("crm-db-check").await.map_err(|e| e.to_string())?;
+        match restored(&r) {
+            Some(c) if c.0 == "False" && c.1 != "Pending" => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(reason, "JobDeleted", "{message}");
+    assert!(message.contains("create a new CrmRestore"), "{message}");
+    settle(&op, &["restore"]).await;
+    let r = restores.get("crm-db-check").await.unwrap();
+    assert_eq!(r.status.as_ref().and_then(|s| s.phase), Some(crmguard::api::restore::RestorePhase::Failed), "{r:?}");
+    assert!(jobs.get_opt("crm-db-check-restore").await.unwrap().is_none(), "the restore's Job was made again");
+    let writes: Vec<_> = cluster
+        .writes_by(e2e::OPERATOR_USER)
+        .into_iter()
+        .filter(|w| w.resource == "jobs" && w.code < 300)
+        .map(|w| (w.verb, w.name))
+        .collect();
+    assert_eq!(writes.len(), 1, "one Job write, its creation: {writes:?}");
+}

@@ -144,7 +144,9 @@ pub struct CrmRestoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`; `Restored` (with the job's failure reason, e.g. `VerificationFailed`, `WrongKey`,
-    /// `RowCountMismatch`); `Verified` (row counts match those recorded at backup time).
+    /// `RowCountMismatch`; `JobDeleted` when the Job was deleted before it finished: a restore is never run twice,
+    /// create a new CrmRestore; `JobNameTaken` when a Job of its name exists that it did not create); `Verified`
+    /// (row counts match those recorded at backup time).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -101,8 +101,8 @@ pub struct Desired {
     pub patches: Vec<ObjectPatch>,
     /// Events to record once the changes are made: (warning?, reason, note).
     pub events: Vec<(bool, &'static str, String)>,
-    /// Events about a second object (the Event's `related`), one series per object: (warning?, reason, note,
-    /// object). Events of the same reason without one fold into one series, whatever their notes.
+    /// Events about a second object (the Event's `related`): (warning?, reason, note, object). Repeats of the same
+    /// reason, note and objects fold into one series (`k8s::events`).
     pub related_events: Vec<(bool, &'static str, String, k8s_openapi::api::core::v1::ObjectReference)>,
     /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
     pub gauges: Vec<crate::runtime::metrics::ObjectSample>,

@@ -58,62 +58,204 @@ fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> 
 impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
 
+    /// A restore runs once. Its Job is created once and then followed, never changed (a Job's pod template cannot
+    /// change: a later edit of the policy would be refused) and never created again (that would restore the
+    /// backup a second time, over whatever was written since).
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
-        // Once the Job exists, what the restore wants follows from the restore and the Job alone (a Job's pod
-        // template cannot change, so later edits of the policy do not reach it): computed again only when either
-        // changed (their resourceVersions in the watches).
         let uid = self.metadata.uid.clone().unwrap_or_default();
         let ns = self.metadata.namespace.clone().unwrap_or_default();
         let job_name = child_name(&self.metadata.name.clone().unwrap_or_default(), "restore", LABEL_NAME_MAX);
-        let digest = ctx.cache.get("Job", &ns, &job_name).map(|job| {
-            crate::k8s::cache::digest_of(&[
-                self.metadata.resource_version.as_deref().unwrap_or_default(),
-                &job.resource_version,
-            ])
+        match job(ctx, &ns, &job_name).await? {
+            Some(job) if job.owner.as_deref() != Some(uid.as_str()) => Ok(Ok(failed(
+                "JobNameTaken",
+                format!(
+                    "a Job {job_name} exists that this restore did not create; delete it, or restore under another \
+                     CrmRestore name"
+                ),
+            ))),
+            Some(job) => {
+                // What the restore reports follows from the restore and its Job alone: computed again only when
+                // either changed (their resourceVersions), since a finished Job's report is read from its pod.
+                let digest = crate::k8s::cache::digest_of(&[
+                    self.metadata.resource_version.as_deref().unwrap_or_default(),
+                    &job.resource_version,
+                ]);
+                if let Some(d) = ctx.cache.memo::<Desired>(Self::CONTROLLER, &uid, digest) {
+                    return Ok(Ok(d));
+                }
+                let d = follow(ctx, &ns, &job_name, &job.progress).await?;
+                ctx.cache.remember(Self::CONTROLLER, &uid, digest, d.clone());
+                Ok(Ok(d))
+            }
+            None if self.job_created(ctx, &uid) => Ok(Ok(self.job_gone(&job_name))),
+            None => self.create(ctx, &ns).await,
+        }
+    }
+}
+
+/// The restore's Job as the watch shows it (read before the watch has listed).
+struct Watched {
+    /// The uid of its controller.
+    owner: Option<String>,
+    resource_version: String,
+    progress: JobProgress,
+}
+
+async fn job(ctx: &Context, ns: &str, name: &str) -> Result<Option<Watched>, Error> {
+    if let Some(m) = ctx.cache.get("Job", ns, name) {
+        let progress = m.job.map(|p| *p).unwrap_or_default();
+        return Ok(Some(Watched { owner: m.controller, resource_version: m.resource_version, progress }));
+    }
+    if ctx.cache.absent("Job", ns, name) {
+        return Ok(None);
+    }
+    let read = Api::<Job>::namespaced(ctx.client.clone(), ns).get_opt(name).await?;
+    Ok(read.map(|j| Watched {
+        owner: j.metadata.owner_references.iter().flatten().find(|r| r.controller == Some(true)).map(|r| r.uid.clone()),
+        resource_version: j.metadata.resource_version.clone().unwrap_or_default(),
+        progress: j.status.as_ref().map(JobProgress::from).unwrap_or_default(),
+    }))
+}
+
+/// A restore that ended without a Job to follow.
+fn failed(reason: &'static str, message: String) -> Desired {
+    let mut d = Desired {
+        conditions: vec![Cond::new("Restored", Status::False, reason, message)],
+        required: vec!["Restored"],
+        ..Desired::default()
+    };
+    d.status.insert("phase".into(), json!("Failed"));
+    d
+}
+
+/// The phase, conditions and figures of a restore whose Job exists, from the Job's progress and, once it ended,
+/// the report its pod left.
+async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -> Result<Desired, Error> {
+    let finished = status.succeeded > 0 || status.failed > 0;
+    // The restore pod's termination message is `crmguard restore run`'s report.
+    let report = if finished { job_report(ctx, ns, job_name).await? } else { None };
+    let (phase, cond) = if status.succeeded > 0 {
+        ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
+    } else if status.failed > 0 {
+        let (reason, message) = match &report {
+            Some(r) if !r.ok => (
+                crate::backup::known_reason(r.reason.as_deref().unwrap_or("JobFailed")),
+                r.message.clone().unwrap_or_default(),
+            ),
+            _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
+        };
+        ("Failed", Cond::new("Restored", Status::False, reason, message))
+    } else if status.ready > 0 {
+        ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
+    } else if status.active > 0 {
+        // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
+        // pulled, started) the restore has not begun.
+        let message = format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
+        ("Pending", Cond::new("Restored", Status::False, "Pending", message))
+    } else {
+        ("Pending", Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")))
+    };
+    let mut d = Desired { required: vec!["Restored"], ..Desired::default() };
+    d.conditions.push(cond);
+    d.status.insert("phase".into(), json!(phase));
+    d.status.insert("jobName".into(), json!(job_name));
+    if let Some(r) = report.as_ref().filter(|r| r.ok) {
+        if let Some(id) = &r.backup_id {
+            d.status.insert("backupId".into(), json!(id));
+        }
+        if let Some(b) = r.raw_bytes {
+            d.status.insert("restoredBytes".into(), json!(b));
+        }
+        if let Some(secs) = r.duration_seconds {
+            d.status.insert("durationSeconds".into(), json!(secs.round() as i64));
+        }
+        d.conditions.push(match r.row_counts_verified {
+            Some(true) => Cond::new(
+                "Verified",
+                Status::True,
+                ROW_COUNTS_MATCH,
+                "every table has the row count recorded at backup time",
+            ),
+            _ => Cond::new(
+                "Verified",
+                Status::False,
+                NOT_CHECKED,
+                "row counts were not compared (options.verifyRowCounts is false, or the backup has none)",
+            ),
         });
-        if let Some(d) = digest.and_then(|d| ctx.cache.memo::<Decided>(Self::CONTROLLER, &uid, d)?.desired()) {
-            return Ok(Ok(d));
-        }
-        let desired = self.read_and_decide(ctx, &ns).await?;
-        if let (Some(d), Ok(wanted)) = (digest, &desired) {
-            ctx.cache.remember(Self::CONTROLLER, &uid, d, Decided::of(wanted));
-        }
-        Ok(desired)
     }
+    if let Some(t) = status.start_time {
+        d.status.insert("startTime".into(), json!(t.to_string()));
+    }
+    if let Some(t) = status.completion_time {
+        d.status.insert("completionTime".into(), json!(t.to_string()));
+    }
+    Ok(d)
 }
 
-/// A decision kept between reconciles, its children as JSON text (a parsed Job takes several times the memory).
-#[derive(Clone)]
-struct Decided {
-    rest: Desired,
-    children: Vec<String>,
-}
-
-impl Decided {
-    fn of(d: &Desired) -> Decided {
-        Decided {
-            rest: Desired { children: Vec::new(), ..d.clone() },
-            children: d.children.iter().map(ToString::to_string).collect(),
-        }
-    }
-
-    /// The decision again; `None` (decide anew) if a child does not parse: a child missing from it would be
-    /// pruned.
-    fn desired(&self) -> Option<Desired> {
-        let children = self.children.iter().map(|c| serde_json::from_str(c).ok()).collect::<Option<Vec<_>>>()?;
-        Some(Desired { children, ..self.rest.clone() })
-    }
-}
+const ROW_COUNTS_MATCH: &str = "RowCountsMatch";
+const NOT_CHECKED: &str = "NotChecked";
 
 impl CrmRestore {
-    /// Reads the policy and the Job, and decides the Job, the phase and the conditions.
-    async fn read_and_decide(&self, ctx: &Context, ns: &str) -> Result<Result<Desired, Vec<FieldError>>, Error> {
-        let ns = ns.to_string();
+    /// Whether this restore created its Job before: its status names the Job (as the watch shows it, or as this
+    /// process last wrote it, which the watch may not show yet).
+    fn job_created(&self, ctx: &Context, uid: &str) -> bool {
+        self.status.as_ref().is_some_and(|s| s.job_name.is_some())
+            || ctx
+                .cache
+                .remembered_status(<Self as Reconcilable>::CONTROLLER, uid)
+                .is_some_and(|s| s.get("jobName").is_some_and(|n| !n.is_null()))
+    }
+
+    /// The restore's Job is gone (deleted by someone, or cleaned up): a finished restore keeps its outcome; an
+    /// unfinished one failed, and is not run again.
+    fn job_gone(&self, job_name: &str) -> Desired {
+        use crate::api::restore::RestorePhase;
+        let prev = self.status.clone().unwrap_or_default();
+        if !matches!(prev.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
+            let mut d = failed(
+                "JobDeleted",
+                format!(
+                    "Job {job_name} was deleted before the restore finished; a restore is never run twice (it would \
+                     overwrite what was written since): create a new CrmRestore to restore again"
+                ),
+            );
+            // Still named: it is what tells the next reconcile that the Job was made.
+            d.status.insert("jobName".into(), json!(job_name));
+            return d;
+        }
+        let mut d = Desired { required: vec!["Restored"], ..Desired::default() };
+        let kept = |t: &str| prev.conditions.iter().find(|c| c.type_ == t);
+        if let Some(c) = kept("Restored") {
+            let (status, reason) = if c.status == "True" {
+                (Status::True, "Succeeded")
+            } else {
+                (Status::False, crate::backup::known_reason(&c.reason))
+            };
+            d.conditions.push(Cond::new("Restored", status, reason, c.message.clone()));
+        }
+        if let Some(c) = kept("Verified") {
+            let (status, reason) = if c.reason == ROW_COUNTS_MATCH {
+                (Status::True, ROW_COUNTS_MATCH)
+            } else {
+                (Status::False, NOT_CHECKED)
+            };
+            d.conditions.push(Cond::new("Verified", status, reason, c.message.clone()));
+        }
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&prev) {
+            d.status = fields.into_iter().filter(|(k, _)| k != "conditions" && k != "observedGeneration").collect();
+        }
+        d
+    }
+
+    /// The restore's Job, created: reads the policy (from the watch), validates, builds the Job; waits for the
+    /// policy's ServiceAccount first.
+    async fn create(&self, ctx: &Context, ns: &str) -> Result<Result<Desired, Vec<FieldError>>, Error> {
         let name = &self.spec.policy_ref.name;
-        let policy = match ctx.watched_backup_policy(&ns, name).await {
+        let policy = match ctx.watched_backup_policy(ns, name).await {
             Some(p) => Some(p),
             // Absent from the watch: just created, not valid, or really absent (then the read says so).
-            None => Api::<CrmBackupPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(name).await?,
+            None => Api::<CrmBackupPolicy>::namespaced(ctx.client.clone(), ns).get_opt(name).await?,
         };
         let v = match validate::validate(self, policy.as_ref()) {
             Ok(v) => v,
@@ -121,90 +263,72 @@ impl CrmRestore {
         };
         let job = build::build(&v, &ctx.build);
         let job_name = job.metadata.name.clone().unwrap_or_default();
-        if let Some(waiting) = service_account_missing(ctx, &ns, &job, &self.spec.policy_ref.name) {
+        if let Some(waiting) = service_account_missing(ctx, ns, &job, name) {
             return Ok(Ok(waiting));
         }
-        // The watch of crmguard's Jobs keeps their progress (and says when there is none); read only before it
-        // listed.
-        let status = match ctx.cache.get("Job", &ns, &job_name).and_then(|m| m.job) {
-            Some(progress) => *progress,
-            None if ctx.cache.absent("Job", &ns, &job_name) => JobProgress::default(),
-            None => {
-                let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-                jobs.get_opt(&job_name)
-                    .await?
-                    .and_then(|j| j.status)
-                    .as_ref()
-                    .map(JobProgress::from)
-                    .unwrap_or_default()
-            }
-        };
-        let finished = status.succeeded > 0 || status.failed > 0;
-        // The restore pod's termination message is `crmguard restore run`'s report.
-        let report = if finished { job_report(ctx, &ns, &job_name).await? } else { None };
-        let (phase, cond) = if status.succeeded > 0 {
-            ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
-        } else if status.failed > 0 {
-            let (reason, message) = match &report {
-                Some(r) if !r.ok => (
-                    crate::backup::known_reason(r.reason.as_deref().unwrap_or("JobFailed")),
-                    r.message.clone().unwrap_or_default(),
-                ),
-                _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
-            };
-            ("Failed", Cond::new("Restored", Status::False, reason, message))
-        } else if status.ready > 0 {
-            ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
-        } else if status.active > 0 {
-            // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
-            // pulled, started) the restore has not begun.
-            let message =
-                format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
-            ("Pending", Cond::new("Restored", Status::False, "Pending", message))
-        } else {
-            ("Pending", Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")))
-        };
+        let child = serde_json::to_value(&job).map_err(kube::Error::SerdeError)?;
         let mut d = Desired {
             owner: Some(v.owner.clone()),
-            children: serde_json::to_value(&job).ok().into_iter().collect(),
+            children: vec![child],
             prune: vec![("batch/v1", "Job")],
             required: vec!["Restored"],
             ..Desired::default()
         };
-        d.conditions.push(cond);
-        d.status.insert("phase".into(), json!(phase));
+        d.conditions.push(Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")));
+        d.status.insert("phase".into(), json!("Pending"));
         d.status.insert("jobName".into(), json!(job_name));
-        if let Some(r) = report.as_ref().filter(|r| r.ok) {
-            if let Some(id) = &r.backup_id {
-                d.status.insert("backupId".into(), json!(id));
-            }
-            if let Some(b) = r.raw_bytes {
-                d.status.insert("restoredBytes".into(), json!(b));
-            }
-            if let Some(secs) = r.duration_seconds {
-                d.status.insert("durationSeconds".into(), json!(secs.round() as i64));
-            }
-            d.conditions.push(match r.row_counts_verified {
-                Some(true) => Cond::new(
-                    "Verified",
-                    Status::True,
-                    "RowCountsMatch",
-                    "every table has the row count recorded at backup time",
-                ),
-                _ => Cond::new(
-                    "Verified",
-                    Status::False,
-                    "NotChecked",
-                    "row counts were not compared (options.verifyRowCounts is false, or the backup has none)",
-                ),
-            });
-        }
-        if let Some(t) = status.start_time {
-            d.status.insert("startTime".into(), json!(t.to_string()));
-        }
-        if let Some(t) = status.completion_time {
-            d.status.insert("completionTime".into(), json!(t.to_string()));
-        }
         Ok(Ok(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::restore::RestorePhase;
+
+    fn restore(status: serde_json::Value) -> CrmRestore {
+        serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "CrmRestore",
+            "metadata": {"name": "crm-db-check", "namespace": "crm", "uid": "u1"},
+            "spec": {"policyRef": {"name": "crm-db"}, "backup": {"latest": true},
+                     "target": {"database": "crm_check"}},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_finished_restore_keeps_its_outcome_when_its_job_is_gone() {
+        let r = restore(json!({
+            "phase": "Succeeded", "jobName": "crm-db-check-restore", "backupId": "20261201T021500Z",
+            "restoredBytes": 1234, "observedGeneration": 1,
+            "conditions": [
+                {"type": "Restored", "status": "True", "reason": "Succeeded", "message": "restored",
+                 "lastTransitionTime": "2026-12-01T02:20:00Z"},
+                {"type": "Verified", "status": "True", "reason": "RowCountsMatch", "message": "counts match",
+                 "lastTransitionTime": "2026-12-01T02:20:00Z"}]
+        }));
+        let d = r.job_gone("crm-db-check-restore");
+        let conds: Vec<_> = d.conditions.iter().map(|c| (c.type_, c.status, c.reason)).collect();
+        assert_eq!(conds, vec![("Restored", Status::True, "Succeeded"), ("Verified", Status::True, "RowCountsMatch")]);
+        assert_eq!(d.status["phase"], "Succeeded");
+        assert_eq!(
+            (d.status["backupId"].as_str(), d.status["restoredBytes"].as_i64()),
+            (Some("20261201T021500Z"), Some(1234))
+        );
+        assert!(!d.status.contains_key("conditions") && d.owner.is_none() && d.children.is_empty());
+    }
+
+    #[test]
+    fn an_unfinished_restore_whose_job_is_gone_failed_and_is_not_run_again() {
+        for phase in [json!("Pending"), json!("Running")] {
+            let d =
+                restore(json!({"phase": phase, "jobName": "crm-db-check-restore"})).job_gone("crm-db-check-restore");
+            let c = &d.conditions[0];
+            assert_eq!((c.type_, c.status, c.reason), ("Restored", Status::False, "JobDeleted"));
+            assert_eq!(d.status["phase"], json!(RestorePhase::Failed));
+            assert!(d.owner.is_none() && d.children.is_empty() && d.prune.is_empty(), "nothing is created or pruned");
+            assert_eq!(d.status["jobName"], "crm-db-check-restore", "what says the Job was made stays");
+        }
     }
 }

@@ -1110,6 +1110,7 @@ async fn a_restore_runs_once_its_job_is_neither_changed_nor_made_again() {
     settle(&op, &["restore"]).await;
     let r = restores.get("crm-db-check").await.unwrap();
     assert_eq!(r.status.as_ref().and_then(|s| s.phase), Some(crmguard::api::restore::RestorePhase::Failed), "{r:?}");
+    assert_eq!(restored(&r).map(|c| c.1), Some("JobDeleted".to_string()), "and stays so: {r:?}");
     assert!(jobs.get_opt("crm-db-check-restore").await.unwrap().is_none(), "the restore's Job was made again");
     let writes: Vec<_> = cluster
         .writes_by(e2e::OPERATOR_USER)

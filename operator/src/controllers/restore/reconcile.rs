@@ -194,6 +194,8 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
 }
 
 const ROW_COUNTS_MATCH: &str = "RowCountsMatch";
+/// The restore's Job was deleted before it finished.
+const JOB_DELETED: &str = "JobDeleted";
 const NOT_CHECKED: &str = "NotChecked";
 
 impl CrmRestore {
@@ -214,7 +216,7 @@ impl CrmRestore {
         let prev = self.status.clone().unwrap_or_default();
         if !matches!(prev.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
             let mut d = failed(
-                "JobDeleted",
+                JOB_DELETED,
                 format!(
                     "Job {job_name} was deleted before the restore finished; a restore is never run twice (it would \
                      overwrite what was written since): create a new CrmRestore to restore again"
@@ -230,7 +232,10 @@ impl CrmRestore {
             let (status, reason) = if c.status == "True" {
                 (Status::True, "Succeeded")
             } else {
-                (Status::False, crate::backup::known_reason(&c.reason))
+                (
+                    Status::False,
+                    if c.reason == JOB_DELETED { JOB_DELETED } else { crate::backup::known_reason(&c.reason) },
+                )
             };
             d.conditions.push(Cond::new("Restored", status, reason, c.message.clone()));
         }
@@ -329,6 +334,13 @@ mod tests {
             assert_eq!(d.status["phase"], json!(RestorePhase::Failed));
             assert!(d.owner.is_none() && d.children.is_empty() && d.prune.is_empty(), "nothing is created or pruned");
             assert_eq!(d.status["jobName"], "crm-db-check-restore", "what says the Job was made stays");
+            // The next reconcile, from the status this one writes, decides the same.
+            let written = json!({"phase": d.status["phase"], "jobName": d.status["jobName"], "conditions": [
+                {"type": "Restored", "status": "False", "reason": c.reason, "message": c.message,
+                 "lastTransitionTime": "2026-12-01T02:20:00Z"}]});
+            let again = restore(written).job_gone("crm-db-check-restore");
+            let again_c = &again.conditions[0];
+            assert_eq!((again_c.reason, &again_c.message, &again.status), (c.reason, &c.message, &d.status));
         }
     }
 }

@@ -77,7 +77,7 @@ impl From<&JobStatus> for JobProgress {
 
 impl Meta {
     /// What is kept of `o`, an object of `table` (metadata, or a Job).
-    fn of_object<O: kube::Resource + 'static>(table: Table, o: &O) -> Meta {
+    pub fn of_object<O: kube::Resource + 'static>(table: Table, o: &O) -> Meta {
         let mut m = Meta::of(table, o.meta());
         if let Some(job) = (o as &dyn std::any::Any).downcast_ref::<Job>() {
             m.job = Some(Box::new(job.status.as_ref().map(JobProgress::from).unwrap_or_default()));

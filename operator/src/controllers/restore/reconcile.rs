@@ -9,7 +9,7 @@ use super::{build, validate};
 use crate::api::condition::Status;
 use crate::api::{CrmBackupPolicy, CrmRestore};
 use crate::backup::cli::JobReport;
-use crate::k8s::cache::JobProgress;
+use crate::k8s::cache::{JobProgress, Meta};
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
@@ -66,7 +66,7 @@ impl Reconcilable for CrmRestore {
         let ns = self.metadata.namespace.clone().unwrap_or_default();
         let job_name = child_name(&self.metadata.name.clone().unwrap_or_default(), "restore", LABEL_NAME_MAX);
         match job(ctx, &ns, &job_name).await? {
-            Some(job) if job.owner.as_deref() != Some(uid.as_str()) => Ok(Ok(failed(
+            Some(job) if job.controller.as_deref() != Some(uid.as_str()) => Ok(Ok(failed(
                 "JobNameTaken",
                 format!(
                     "a Job {job_name} exists that this restore did not create; delete it, or restore under another \
@@ -83,7 +83,7 @@ impl Reconcilable for CrmRestore {
                 if let Some(d) = ctx.cache.memo::<Desired>(Self::CONTROLLER, &uid, digest) {
                     return Ok(Ok(d));
                 }
-                let d = follow(ctx, &ns, &job_name, &job.progress).await?;
+                let d = follow(ctx, &ns, &job_name, &job.job.map(|p| *p).unwrap_or_default()).await?;
                 ctx.cache.remember(Self::CONTROLLER, &uid, digest, d.clone());
                 Ok(Ok(d))
             }
@@ -93,28 +93,16 @@ impl Reconcilable for CrmRestore {
     }
 }
 
-/// The restore's Job as the watch shows it (read before the watch has listed).
-struct Watched {
-    /// The uid of its controller.
-    owner: Option<String>,
-    resource_version: String,
-    progress: JobProgress,
-}
-
-async fn job(ctx: &Context, ns: &str, name: &str) -> Result<Option<Watched>, Error> {
+/// What the cache keeps of the restore's Job (read before the watch has listed).
+async fn job(ctx: &Context, ns: &str, name: &str) -> Result<Option<Meta>, Error> {
     if let Some(m) = ctx.cache.get("Job", ns, name) {
-        let progress = m.job.map(|p| *p).unwrap_or_default();
-        return Ok(Some(Watched { owner: m.controller, resource_version: m.resource_version, progress }));
+        return Ok(Some(m));
     }
     if ctx.cache.absent("Job", ns, name) {
         return Ok(None);
     }
     let read = Api::<Job>::namespaced(ctx.client.clone(), ns).get_opt(name).await?;
-    Ok(read.map(|j| Watched {
-        owner: j.metadata.owner_references.iter().flatten().find(|r| r.controller == Some(true)).map(|r| r.uid.clone()),
-        resource_version: j.metadata.resource_version.clone().unwrap_or_default(),
-        progress: j.status.as_ref().map(JobProgress::from).unwrap_or_default(),
-    }))
+    Ok(read.map(|j| Meta::of_object("Job", &j)))
 }
 
 /// A restore that ended without a Job to follow.

@@ -476,11 +476,17 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
     let started = backup_jobs().await;
     assert!(matches!(&started[..], [j] if j.starts_with("crm-db-backup-pre-quarantine-")), "{started:?}");
     assert!(body.contains("pendingBackup"), "{body}");
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // The guard's reconcile of the request reports the wait, and has not isolated the pod.
+    eventually(30, "the quarantine waiting for the backup", || async {
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        match st.quarantines.first() {
+            Some(r) if r.reason.contains("waiting for backup") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     let label = || async { pods.get("web-0").await.unwrap().labels().get("crmguard.io/quarantine").cloned() };
     assert_eq!(label().await, None, "not isolated while the backup has not ended");
-    let st = guards.get("crm-firewall").await.unwrap().status.unwrap_or_default();
-    assert!(st.quarantines.first().is_some_and(|r| r.reason.contains("waiting for backup")), "{:?}", st.quarantines);
     // A repeated alert while it waits: nothing written, no second backup.
     let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();
     assert_eq!(code, 200, "{body}");
@@ -795,6 +801,57 @@ async fn an_apply_carrying_resource_version_1_only_creates() {
     assert_eq!(kept.spec.unwrap().pod_selector.unwrap().match_labels.unwrap()["team"], "ours", "left as it was");
 }
 
+/// A new policy's report-key Secret is created without a read first; a Secret of that name someone else made is
+/// found all the same (the create is refused), left as it is, and no report signed with it is trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_key_the_policy_did_not_make_is_not_trusted() {
+    use k8s_openapi::api::core::v1::Secret;
+    let cluster = Cluster::start("foreign-report-key").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let planted: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "crmguard-report-key-crm-db"},
+        "stringData": {"key": "0123456789abcdef0123456789abcdef0123456789abcdef"}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &planted).await.unwrap();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
+    let args = ["--leader-election=false", "--namespace", ns, "--resync-seconds", "10"];
+    let op = Operator::start(&cluster.kubeconfig, &args);
+    op.wait_ready(20).await;
+    let (status, reason, message) = eventually(60, "ReportsTrusted on the policy", || async {
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        ready(p.status.as_ref().map(|s| &s.conditions), "ReportsTrusted").ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "ReportKeyUnusable"), "{message}");
+    assert!(message.contains("crmguard-report-key-crm-db") && message.contains("does not own"), "{message}");
+    let kept = secrets.get("crmguard-report-key-crm-db").await.unwrap();
+    assert_eq!(kept.metadata.owner_references, None, "the planted Secret was left as it was");
+    let key = kept.data.unwrap_or_default().remove("key").map(|b| b.0);
+    assert_eq!(key.as_deref(), Some(&b"0123456789abcdef0123456789abcdef0123456789abcdef"[..]), "its key unchanged");
+    let writes: Vec<String> = cluster
+        .writes_by(e2e::OPERATOR_USER)
+        .into_iter()
+        .filter(|w| w.resource == "secrets")
+        .map(|w| format!("{} {} {}", w.verb, w.name, w.code))
+        .collect();
+    assert_eq!(writes, vec!["create crmguard-report-key-crm-db 409".to_string()], "one refused create, no change");
+
+    // The repair the condition asks for: the planted Secret deleted, the policy makes its own (at the next resync:
+    // crmguard does not watch Secrets).
+    secrets.delete("crmguard-report-key-crm-db", &DeleteParams::default()).await.unwrap();
+    eventually(30, "the policy's own report key, trusted", || async {
+        let p = policies.get("crm-db").await.map_err(|e| e.to_string())?;
+        let trusted = ready(p.status.as_ref().map(|s| &s.conditions), "ReportsTrusted").map(|c| c.0);
+        let made = secrets.get_opt("crmguard-report-key-crm-db").await.map_err(|e| e.to_string())?;
+        let owned = made.is_some_and(|s| s.owner_references().iter().any(|r| r.uid == p.uid().unwrap_or_default()));
+        if owned && trusted.as_deref() == Some("True") { Ok(()) } else { Err(format!("owned {owned}, {trusted:?}")) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_of_unchanged_resources_asks_the_api_server_nothing() {
     let cluster = Cluster::start("resync-asks-nothing").await;
@@ -839,20 +896,18 @@ async fn a_resync_of_unchanged_resources_asks_the_api_server_nothing() {
     .await;
     let controllers = ["networkguard", "accesspolicy", "backuppolicy", "restore"];
     settle(&op, &controllers).await;
-    // Besides the watches' lists, the start read only what no watch shows: the backup policy's report-key Secret
-    // (crmguard does not watch Secrets). The Job controller changes the restore's Job while the restore's own
-    // status write is on its way, so the restore may be reconciled from an object older than that write: then its
-    // status is read too. Children absent from the watches are created without a read, statuses come from the
-    // watches, the restore's policy from the backup policies' watch, the policy's Jobs and the restore Job's
-    // progress from the cache.
+    // Besides the watches' lists, the start read nothing: the new backup policy's report-key Secret (crmguard does
+    // not watch Secrets) is created without a read, as are children absent from the watches; statuses come from
+    // the watches (a resource reconciled again before the watch shows its own status write, e.g. the
+    // guard on its NetworkPolicies' events or the restore on its Job's, waits for the watch), the restore's policy
+    // from the backup policies' watch, the policy's Jobs and the restore Job's progress from the cache.
     let start_reads: Vec<String> = reads_of_ns()
         .into_iter()
         .skip(reads_before_start)
-        .filter(|r| r.verb != "list" && r.resource != "secrets")
-        .filter(|r| !(r.resource == "crmrestores" && r.subresource == "status"))
+        .filter(|r| r.verb != "list")
         .map(|r| format!("{} {}/{} {} {}", r.verb, r.resource, r.subresource, r.name, r.code))
         .collect();
-    assert!(start_reads.is_empty(), "the start read what the watches show: {start_reads:?}");
+    assert!(start_reads.is_empty(), "the start read from the API server: {start_reads:?}");
     // The watches list in pages: a list at resourceVersion=0 is served from the API server's watch cache whole,
     // whatever its limit (k8s.io/apiserver's cacher, computeListLimit), and parsed whole by the operator.
     let lists: Vec<String> = reads_of_ns()

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::api::core::v1::Pod;
@@ -171,12 +172,26 @@ pub struct Cache {
     ceiling: RwLock<Ceiling>,
     /// (kind, uid) -> (digest of the cached inputs, what a reconcile computed from reads they vouch for).
     memos: Mutex<HashMap<(Table, String), (u64, Memo)>>,
-    /// (kind, uid) of a custom resource -> (resourceVersion, its status as the server holds it), as last read or
-    /// written.
-    statuses: Mutex<HashMap<(Table, String), (String, String)>>,
-    created: Option<std::time::Instant>,
+    /// (kind, uid) of a custom resource -> its status as the server holds it, as last read or written.
+    statuses: Mutex<HashMap<(Table, String), Remembered>>,
+    created: Option<Instant>,
     /// Set once the waiting of [`Self::until_synced`] is over (every later reconcile goes on at once).
     settled: std::sync::atomic::AtomicBool,
+}
+
+/// How long a reconcile of an object the watch shows from before this process's own status write waits for the
+/// watch to bring that write, before it reads the status from the API server instead.
+pub const WRITE_LAG: Duration = Duration::from_secs(5);
+
+/// The status the server holds for a custom resource, as last read or written.
+#[derive(Debug)]
+struct Remembered {
+    /// The resourceVersion the status was held at.
+    version: String,
+    /// The status, as JSON text.
+    status: String,
+    /// When this process wrote it, until the watch has shown that version.
+    unseen_write: Option<Instant>,
 }
 
 fn scope_of(scope: Option<&str>) -> String {
@@ -195,7 +210,7 @@ impl Cache {
         Cache {
             tables: tables.iter().map(|t| (*t, RwLock::default())).collect(),
             scopes,
-            created: Some(std::time::Instant::now()),
+            created: Some(Instant::now()),
             ..Cache::default()
         }
     }
@@ -269,12 +284,12 @@ impl Cache {
     /// Waits until every table has seen a full list in every scope, as a controller's workers wait for their
     /// informers (a reconcile before that would read what the watches are about to show), but not past `limit`
     /// after the cache was made: a watch that cannot list (e.g. forbidden) must not hold reconciles back.
-    pub async fn until_synced(&self, limit: std::time::Duration) {
+    pub async fn until_synced(&self, limit: Duration) {
         if self.settled.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         while self.created.is_some_and(|c| c.elapsed() < limit) && !self.tables.keys().all(|t| self.synced(t)) {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if !self.settled.swap(true, std::sync::atomic::Ordering::Relaxed) {
             let unlisted: Vec<&str> = self.tables.keys().copied().filter(|t| !self.synced(t)).collect();
@@ -382,15 +397,54 @@ impl Cache {
         self.forget(table, &(namespace.to_string(), name.to_string()));
     }
 
-    /// Remembers the status the server holds for the custom resource `uid` of `kind` at `resource_version` (as
-    /// read, or as a status write returned it).
+    /// Remembers the status the server holds for the custom resource `uid` of `kind` at `resource_version`, as
+    /// read (or as the watch showed it).
     pub fn remember_status(&self, kind: Table, uid: &str, resource_version: Option<&str>, status: &Value) {
+        self.hold_status(kind, uid, resource_version, status, None);
+    }
+
+    /// Remembers the status this process's status write left on the custom resource `uid` of `kind` (the version
+    /// the write returned): until the watch shows that version, its objects of `uid` predate the write.
+    pub fn remember_written_status(&self, kind: Table, uid: &str, resource_version: Option<&str>, status: &Value) {
+        self.hold_status(kind, uid, resource_version, status, Some(Instant::now()));
+    }
+
+    fn hold_status(&self, kind: Table, uid: &str, rv: Option<&str>, status: &Value, written: Option<Instant>) {
         let mut s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (kind, uid.to_string());
-        match resource_version {
-            Some(rv) if !uid.is_empty() => s.insert(key, (rv.to_string(), status.to_string())),
+        match rv {
+            Some(rv) if !uid.is_empty() => {
+                let held = Remembered { version: rv.to_string(), status: status.to_string(), unseen_write: written };
+                s.insert(key, held)
+            }
             _ => s.remove(&key),
         };
+    }
+
+    /// The watch of `kind` showed `uid` at `resource_version` (a watch shows an object's versions in order: once
+    /// it showed the version a status write returned, what it shows after is newer than the write).
+    pub fn watched(&self, kind: Table, uid: &str, resource_version: &str) {
+        let mut s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = s.get_mut(&(kind, uid.to_string()))
+            && r.unseen_write.is_some()
+            && r.version == resource_version
+        {
+            r.unseen_write = None;
+        }
+    }
+
+    /// Whether the object of `uid` at `resource_version` the watch shows predates this process's last status write
+    /// on it, written less than [`WRITE_LAG`] ago: the watch is about to show the write (and reconcile it then).
+    pub fn predates_own_write(&self, kind: Table, uid: &str, resource_version: &str) -> bool {
+        self.predates_own_write_at(kind, uid, resource_version, Instant::now())
+    }
+
+    fn predates_own_write_at(&self, kind: Table, uid: &str, resource_version: &str, now: Instant) -> bool {
+        let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        s.get(&(kind, uid.to_string())).is_some_and(|r| {
+            r.version != resource_version
+                && r.unseen_write.is_some_and(|at| now.saturating_duration_since(at) < WRITE_LAG)
+        })
     }
 
     /// The status the server holds for `uid` of `kind` at `resource_version`, when it was seen at that version;
@@ -398,14 +452,14 @@ impl Cache {
     pub fn status(&self, kind: Table, uid: &str, resource_version: &str) -> Option<Value> {
         let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
         s.get(&(kind, uid.to_string()))
-            .filter(|(rv, _)| rv == resource_version)
-            .and_then(|(_, st)| serde_json::from_str(st).ok())
+            .filter(|r| r.version == resource_version)
+            .and_then(|r| serde_json::from_str(&r.status).ok())
     }
 
     /// The status last read or written for `uid` of `kind`, whatever resourceVersion it had.
     pub fn remembered_status(&self, kind: Table, uid: &str) -> Option<Value> {
         let s = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
-        s.get(&(kind, uid.to_string())).and_then(|(_, st)| serde_json::from_str(st).ok())
+        s.get(&(kind, uid.to_string())).and_then(|r| serde_json::from_str(&r.status).ok())
     }
 
     /// Forgets what was remembered of the custom resources of `kind` whose uid is not in `live` (resources that
@@ -442,6 +496,12 @@ impl Cache {
             return None;
         }
         value.downcast_ref::<T>().cloned()
+    }
+
+    /// What was last remembered for `uid` of `kind`, whatever inputs it was computed from.
+    pub fn last_memo<T: Clone + Send + Sync + 'static>(&self, kind: Table, uid: &str) -> Option<T> {
+        let m = self.memos.lock().unwrap_or_else(PoisonError::into_inner);
+        m.get(&(kind, uid.to_string()))?.1.downcast_ref::<T>().cloned()
     }
 
     /// Remembers what was computed for `uid` of `kind` from inputs whose digest is `digest`.
@@ -610,14 +670,14 @@ mod tests {
     #[tokio::test]
     async fn reconciles_wait_for_the_watches_to_list_but_not_past_the_limit() {
         let c = Cache::new(&["Role"], &[]);
-        let limit = std::time::Duration::from_millis(500);
-        let started = std::time::Instant::now();
+        let limit = Duration::from_millis(500);
+        let started = Instant::now();
         c.until_synced(limit).await;
-        assert!(started.elapsed() >= limit - std::time::Duration::from_millis(50), "it waited for the list");
+        assert!(started.elapsed() >= limit - Duration::from_millis(50), "it waited for the list");
         // The limit counts from the start, not per reconcile (a per-call limit would wait 500 ms again).
-        let again = std::time::Instant::now();
+        let again = Instant::now();
         c.until_synced(limit).await;
-        assert!(again.elapsed() < std::time::Duration::from_millis(400), "past the limit nobody waits");
+        assert!(again.elapsed() < Duration::from_millis(400), "past the limit nobody waits");
     }
 
     #[test]
@@ -715,6 +775,24 @@ mod tests {
         c.forget_object("K", "u");
         assert_eq!(c.status("K", "u", "4"), None);
         assert_eq!(c.memo::<u8>("K", "u", 1), None);
+    }
+
+    #[test]
+    fn an_object_from_before_an_own_status_write_waits_for_the_watch_to_show_the_write() {
+        let c = Cache::default();
+        c.remember_status("K", "u", Some("4"), &json!({}));
+        assert!(!c.predates_own_write("K", "u", "3"), "a read status: the object is as the watch shows it");
+        c.remember_written_status("K", "u", Some("6"), &json!({"observedGeneration": 2}));
+        assert!(c.predates_own_write("K", "u", "5"), "the watch has not shown the write yet");
+        assert!(!c.predates_own_write("K", "u", "6"), "the write itself");
+        assert!(!c.predates_own_write("Other", "u", "5"));
+        let later = Instant::now() + WRITE_LAG;
+        assert!(!c.predates_own_write_at("K", "u", "5", later), "the watch is late: read instead");
+        c.watched("K", "u", "5");
+        assert!(c.predates_own_write("K", "u", "5"), "an older version shown does not count");
+        c.watched("K", "u", "6");
+        assert!(!c.predates_own_write("K", "u", "7"), "shown after the write: newer than it");
+        assert_eq!(c.status("K", "u", "6"), Some(json!({"observedGeneration": 2})));
     }
 
     #[test]

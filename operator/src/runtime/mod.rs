@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher::Config as WatcherConfig;
+use kube::runtime::watcher::{self, Config as WatcherConfig};
 use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource};
 
@@ -289,8 +289,8 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone + 'static>(
 /// Pods that are pending or running: finished pods leave the watch (and the cache) as they finish.
 const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
 
-type WatchEvent<K> = kube::runtime::watcher::Event<K>;
-type WatchError = kube::runtime::watcher::Error;
+type WatchEvent<K> = watcher::Event<K>;
+type WatchError = watcher::Error;
 
 /// `events`, each applied to the cache's `table` first when this watch is the one that feeds it.
 fn feeding<O, S>(
@@ -379,7 +379,17 @@ where
     // managedFields are not needed and are often the larger part of an object: not kept.
     let own = watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default(), restarts)
         .modify(|o| o.meta_mut().managed_fields = None);
-    let c = Controller::for_stream(kube::runtime::reflector(writer, own).applied_objects(), store.clone())
+    // Which versions the watch showed, once in the store: a reconcile can tell an object older than its own last
+    // status write from a newer one.
+    let shown = ctx.cache.clone();
+    let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
+        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = e
+            && let (Some(uid), Some(rv)) = (&o.meta().uid, &o.meta().resource_version)
+        {
+            shown.watched(K::CONTROLLER, uid, rv);
+        }
+    });
+    let c = Controller::for_stream(own.applied_objects(), store.clone())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
     let cache = ctx.cache.clone();

@@ -245,6 +245,14 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         tracing::debug!(%namespace, "namespace is being deleted; nothing is written");
         return Ok(Action::await_change());
     }
+    let (uid, version) = (guard.meta().uid.clone().unwrap_or_default(), guard.meta().resource_version.clone());
+    let version = version.unwrap_or_default();
+    if ctx.cache.predates_own_write(K::CONTROLLER, &uid, &version) {
+        // The watch shows the resource from before this process's last status write, and is about to show the write
+        // (whose event reconciles it again): reconciling the older object now would only read its status.
+        tracing::debug!("the watch has not shown the last status write yet");
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if let (false, Some(f), Ok(obj)) = (has_finalizer, K::FINALIZER, &guard.0)
         && obj.needs_finalizer()
     {
@@ -260,10 +268,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     let name = guard.meta().name.clone().unwrap_or_default();
     let generation = guard.meta().generation;
     let manager = format!("crmguard/{}", K::CONTROLLER);
-    // The current status as the server holds it: remembered for the cached object's resourceVersion, or read
-    // (the cached object may predate our last status write, whose result is remembered).
-    let uid = guard.meta().uid.clone().unwrap_or_default();
-    let version = guard.meta().resource_version.clone().unwrap_or_default();
+    // The current status as the server holds it: remembered for the cached object's resourceVersion, or as the
+    // watch shows it, or read (the cached object may predate our last status write by more than the watch's lag).
     let current_status = match ctx.cache.status(K::CONTROLLER, &uid, &version) {
         Some(s) => s,
         None => match watched_status(guard, ctx, &uid, &version) {
@@ -360,7 +366,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         let written =
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
         let held = written.data.get("status").cloned().unwrap_or(json!({}));
-        ctx.cache.remember_status(K::CONTROLLER, &uid, written.metadata.resource_version.as_deref(), &held);
+        ctx.cache.remember_written_status(K::CONTROLLER, &uid, written.metadata.resource_version.as_deref(), &held);
         ctx.metrics.wrote(K::CONTROLLER, "status", 1);
         let ns = guard.meta().namespace.clone().unwrap_or_default();
         ctx.audit.record(

@@ -27,11 +27,12 @@ struct Observed {
 /// The report key and what the Jobs show, read from the server only when the policy's Jobs or CronJobs changed
 /// since the last time (their resourceVersions in the watches): a Job's status changes after its pod ended, so
 /// its report is in place by then. The key is read (and created when missing) at the first reconcile, before a
-/// Job can need it.
+/// Job can need it, and again only when there are Jobs to check; `new`: the policy was never reconciled, so its key is most likely still to be made.
 async fn observe(
     ctx: &Context,
     owner: &Owner,
     names: &build::Names,
+    new: bool,
 ) -> Result<(Result<Vec<u8>, String>, Observed), Error> {
     let label = owner.owner_label_value();
     let digest = match (
@@ -41,10 +42,19 @@ async fn observe(
         (Some(jobs), Some(cron_jobs)) => Some(jobs ^ cron_jobs.rotate_left(1)),
         _ => None,
     };
-    if let Some(seen) = digest.and_then(|d| ctx.cache.memo::<Seen>(CrmBackupPolicy::CONTROLLER, &owner.uid, d)) {
+    let remembered = |d| ctx.cache.memo::<Seen>(CrmBackupPolicy::CONTROLLER, &owner.uid, d);
+    if let Some(seen) = digest.and_then(remembered).filter(|s| s.key.is_ok()) {
         return Ok((seen.key, seen.observed));
     }
-    let key = report_key(ctx, owner, &names.report_key).await?;
+    // The key as last read serves while the policy has no Job whose report needs it (a change of its CronJob
+    // needs none); an unusable key is read again at every reconcile, so that its repair is seen.
+    let no_jobs = ctx.cache.labelled("Job", &owner.namespace, &label) == Some(0);
+    let last =
+        ctx.cache.last_memo::<Seen>(CrmBackupPolicy::CONTROLLER, &owner.uid).filter(|s| no_jobs && s.key.is_ok());
+    let key = match last {
+        Some(seen) => seen.key,
+        None => report_key(ctx, owner, &names.report_key, new).await?,
+    };
     let observed = observe_jobs(ctx, owner, names, key.as_ref().ok().map(Vec::as_slice)).await?;
     if let Some(d) = digest {
         let seen = Seen { key: key.clone(), observed: observed.clone() };
@@ -177,12 +187,14 @@ async fn observe_jobs(
 
 /// The policy's report key: read from its Secret, which the operator creates (random, owned by the policy) when
 /// it is missing. `Err` (a message) when a Secret of that name exists that is not the policy's: then no report
-/// can be trusted, since whoever made it knows the key.
-async fn report_key(ctx: &Context, owner: &Owner, name: &str) -> Result<Result<Vec<u8>, String>, Error> {
+/// can be trusted, since whoever made it knows the key. For a `new` policy the Secret is created without a read
+/// first (one request instead of two; when it exists after all, the refused create is followed by the read).
+async fn report_key(ctx: &Context, owner: &Owner, name: &str, new: bool) -> Result<Result<Vec<u8>, String>, Error> {
     use k8s_openapi::api::core::v1::Secret;
     use kube::api::PostParams;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let existing = match secrets.get_opt(name).await? {
+    let found = if new { None } else { secrets.get_opt(name).await? };
+    let existing = match found {
         Some(s) => s,
         None => {
             let key = match crate::backup::report::new_key() {
@@ -306,7 +318,8 @@ impl Reconcilable for CrmBackupPolicy {
             d.required.push("VaultConfigured");
         }
         let names = build::names(&v.owner);
-        let (key, observed) = observe(ctx, &v.owner, &names).await?;
+        let new = self.status.as_ref().and_then(|s| s.observed_generation).is_none();
+        let (key, observed) = observe(ctx, &v.owner, &names, new).await?;
         let previous = self.status.as_ref().map(|s| s.rejected_reports.as_slice()).unwrap_or_default();
         for (job, reason) in &observed.rejected {
             if !previous.iter().any(|p| &p.job == job) {

@@ -26,6 +26,17 @@ struct Faults {
     latency_ms: AtomicU64,
     /// Bumped to end every open streaming response.
     generation: AtomicU64,
+    /// Requests that came while requests were held and are neither answered nor given up by their sender yet.
+    held: AtomicU64,
+}
+
+/// Counts one held request in [`Faults::held`] until it is answered or dropped.
+struct Held(Arc<Faults>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running proxy; stops on drop.
@@ -89,8 +100,14 @@ impl FaultProxy {
                         async move {
                             // Dropped with the connection when the sender closes it: a held request then never
                             // reaches the server.
+                            let counted = (*held.borrow()).then(|| {
+                                f.held.fetch_add(1, Ordering::SeqCst);
+                                Held(f.clone())
+                            });
                             let _ = held.wait_for(|h| !h).await;
-                            Ok::<_, Infallible>(forward(upstream, f, rx, &identity, req).await)
+                            let answer = forward(upstream, f, rx, &identity, req).await;
+                            drop(counted);
+                            Ok::<_, Infallible>(answer)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -130,6 +147,12 @@ impl FaultProxy {
     /// Delivers the held requests whose senders still wait, and lets new ones through.
     pub fn release_requests(&self) {
         let _ = self.hold.send(false);
+    }
+
+    /// How many requests that came while requests were held are still on their way: neither answered by the API
+    /// server nor given up by their sender.
+    pub fn held_in_transit(&self) -> u64 {
+        self.faults.held.load(Ordering::SeqCst)
     }
 
     /// Ends every watch (and any other streaming response) that is open now.

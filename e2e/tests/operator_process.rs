@@ -464,8 +464,14 @@ async fn a_cut_off_leader_never_writes_after_another_replica_took_over() {
     let took_over = leases.get("crmguard-leader").await.unwrap().spec.unwrap().acquire_time.unwrap().0;
     server.release_requests();
     eventually(30, "g2 Ready under replica-b", || ready_true(&guards, "g2")).await;
-    // Time for anything A held to arrive.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Everything A sent while its requests were held has reached the API server or was given up.
+    eventually(30, "the held requests delivered or given up", || async {
+        match server.held_in_transit() {
+            0 => Ok(()),
+            n => Err(format!("{n} on their way")),
+        }
+    })
+    .await;
 
     let (agent_a, agent_b) = (crmguard::runtime::user_agent("replica-a"), crmguard::runtime::user_agent("replica-b"));
     let writes = cluster.writes_by(e2e::OPERATOR_USER);

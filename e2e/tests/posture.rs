@@ -100,9 +100,14 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
     })
     .await;
 
-    // Nothing changes: nothing is rewritten (three more passes at 1 s).
+    // Nothing changes: nothing is rewritten (three more passes, counted by the operator).
     let version = r["metadata"]["resourceVersion"].clone();
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let passes = || op.metric("crmguard_reconcile_total{controller=\"posture\"}").unwrap_or_default();
+    let before = passes();
+    eventually(30, "three more posture passes", || async {
+        if passes() >= before + 3.0 { Ok(()) } else { Err(format!("{} passes", passes() - before)) }
+    })
+    .await;
     assert_eq!(
         report().await.unwrap()["metadata"]["resourceVersion"],
         version,

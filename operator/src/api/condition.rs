@@ -91,20 +91,6 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// True when two condition lists are equal apart from `lastTransitionTime` (used to skip no-op status writes).
-pub fn equal_ignoring_time(a: &[Condition], b: &[Condition]) -> bool {
-    a.len() == b.len()
-        && a.iter().all(|x| {
-            b.iter().any(|y| {
-                x.type_ == y.type_
-                    && x.status == y.status
-                    && x.reason == y.reason
-                    && x.message == y.message
-                    && x.observed_generation == y.observed_generation
-            })
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,15 +113,5 @@ mod tests {
         assert!(set_condition(&mut conds, new_condition(READY, Status::True, "C", "ok", Some(2), &t(40))));
         assert_eq!(conds[0].last_transition_time, t(40));
         assert_eq!(conds.len(), 1);
-    }
-
-    #[test]
-    fn equality_ignores_only_time() {
-        let a = vec![new_condition(READY, Status::True, "R", "m", Some(1), &t(1))];
-        let b = vec![new_condition(READY, Status::True, "R", "m", Some(1), &t(2))];
-        let c = vec![new_condition(READY, Status::True, "R", "m", Some(2), &t(1))];
-        assert!(equal_ignoring_time(&a, &b));
-        assert!(!equal_ignoring_time(&a, &c));
-        assert!(!equal_ignoring_time(&a, &[]));
     }
 }

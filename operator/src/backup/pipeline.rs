@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -142,6 +142,8 @@ impl<R: Read> Read for HashingReader<R> {
 struct Slots {
     free: std::sync::Mutex<usize>,
     freed: std::sync::Condvar,
+    /// How many are waiting for a slot.
+    waiting: AtomicUsize,
 }
 
 /// One part buffer's place; given back when dropped (after its upload, or when the upload is abandoned).
@@ -149,14 +151,17 @@ struct Slot(Arc<Slots>);
 
 impl Slots {
     fn new(n: usize) -> Arc<Slots> {
-        Arc::new(Slots { free: std::sync::Mutex::new(n), freed: std::sync::Condvar::new() })
+        let waiting = AtomicUsize::new(0);
+        Arc::new(Slots { free: std::sync::Mutex::new(n), freed: std::sync::Condvar::new(), waiting })
     }
 
     /// Blocks until a part buffer may be started.
     fn acquire(self: &Arc<Self>) -> Slot {
         let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while *free == 0 {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             free = self.freed.wait(free).unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         *free -= 1;
         Slot(self.clone())
@@ -805,8 +810,9 @@ mod tests {
     fn at_most_parts_in_flight_plus_one_part_buffers_exist() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(1);
         let part = 5 << 20;
+        let mut sink = PartSink::new(tx, part, 2);
+        let slots = sink.slots.clone();
         let producer = std::thread::spawn(move || {
-            let mut sink = PartSink::new(tx, part, 2);
             let block = vec![7u8; 1 << 20];
             for _ in 0..(10 * 5) {
                 sink.write_all(&block)?;
@@ -818,8 +824,11 @@ mod tests {
         while held.len() < 3 {
             held.push(rx.blocking_recv().expect("a part"));
         }
-        // Three slots are taken: the producer cannot start a fourth buffer however long it waits.
-        std::thread::sleep(Duration::from_millis(300));
+        // Three slots are taken: the producer waits for one to start a fourth buffer, and no fourth part exists.
+        while slots.waiting.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(*slots.free.lock().unwrap(), 0);
         assert!(rx.try_recv().is_err(), "a fourth part exists while three are held");
         assert_eq!(held.iter().map(|(b, _)| b.len()).sum::<usize>(), 3 * part);
         drop(held);

@@ -122,6 +122,8 @@ pub async fn run(
     let mut missing_crd_logged = false;
     loop {
         tokio::time::sleep(every).await;
+        // Passes are counted as the posture controller's reconciles (`crmguard_reconcile_total`).
+        metrics.reconciled("posture");
         let held = Held::of(&stores);
         let all = held.namespaces();
         let t = now();

@@ -279,7 +279,7 @@ async fn every_generated_network_policy_passes_the_api_servers_validation() {
         if let Some(e) = server_verdict(&client, &ns, g).await {
             refused.push(format!("NetworkGuard {name}: {e}"));
         }
-        let docs = vec![crmguard::plan::Document { source: name.clone(), value: g.clone() }];
+        let docs = vec![crmguard::document::Document { source: name.clone(), value: g.clone() }];
         let plans = crmguard::plan::plan(&docs, None, &crmguard::controllers::BuildContext::default(), now);
         assert!(plans[0].errors.is_empty(), "{name}: {:?}", plans[0].errors);
         for child in &plans[0].children {

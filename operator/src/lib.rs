@@ -4,8 +4,11 @@
 pub mod api;
 pub mod audit;
 pub mod backup;
+pub mod cli;
 pub mod controllers;
+pub mod document;
 pub mod k8s;
+pub mod metrics;
 pub mod netpol;
 pub mod plan;
 pub mod posture;

@@ -31,12 +31,12 @@ enum Command {
     /// Back up a policy's database now, list its backups, or verify one (what the backup CronJob runs).
     Backup {
         #[command(subcommand)]
-        command: crmguard::backup::cli::BackupCommand,
+        command: crmguard::cli::backup::BackupCommand,
     },
     /// Restore a backup into a database (what the restore Job and the restore drill run).
     Restore {
         #[command(subcommand)]
-        command: crmguard::backup::cli::RestoreCommand,
+        command: crmguard::cli::backup::RestoreCommand,
     },
     /// The audit trail of the operator's writes.
     Audit {
@@ -328,11 +328,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Run(args) => run_operator(*args),
         Command::Backup { command } => {
             init_job_logging()?;
-            crmguard::backup::cli::backup(command)
+            crmguard::cli::backup::backup(command)
         }
         Command::Restore { command } => {
             init_job_logging()?;
-            crmguard::backup::cli::restore(command)
+            crmguard::cli::backup::restore(command)
         }
         Command::Crd { out_dirs } => {
             let files = crmguard::api::crd_files().map_err(|e| format!("cannot render CRDs as YAML: {e}"))?;
@@ -353,7 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Report { files, namespace, output } => report(files, namespace, &output),
         Command::Audit { command: AuditCommand::Verify { audit } } => audit_verify(&audit),
         Command::Plan { files, namespace, image, explain } => {
-            let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
+            let docs = crmguard::document::load(&files).map_err(|e| e.to_string())?;
             let mut ctx = BuildContext::default();
             if let Some(image) = image {
                 ctx.image = image;
@@ -405,7 +405,7 @@ fn report(files: Vec<PathBuf>, namespace: Option<String>, output: &str) -> Resul
             posture::inputs_from_cluster(&client, &ns).await.map_err(|e| format!("listing crmguard resources: {e}"))
         })?]
     } else {
-        let docs = crmguard::plan::load(&files).map_err(|e| e.to_string())?;
+        let docs = crmguard::document::load(&files).map_err(|e| e.to_string())?;
         posture::inputs_from_documents(&docs, namespace.as_deref())
     };
     if inputs.is_empty() {

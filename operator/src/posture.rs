@@ -421,7 +421,7 @@ fn access_findings(inputs: &Inputs, f: &mut Vec<Finding>) {
 
 /// Groups the crmguard resources of input files by namespace (`default_ns` for those that name none). Documents
 /// that are not crmguard resources, or do not parse, are left out (`crmguard plan` reports them).
-pub fn inputs_from_documents(docs: &[crate::plan::Document], default_ns: Option<&str>) -> Vec<Inputs> {
+pub fn inputs_from_documents(docs: &[crate::document::Document], default_ns: Option<&str>) -> Vec<Inputs> {
     let mut by_ns: std::collections::BTreeMap<String, Inputs> = std::collections::BTreeMap::new();
     for d in docs {
         let mut v = crate::validation::with_defaults(&d.value);

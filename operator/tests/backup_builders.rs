@@ -106,8 +106,8 @@ fn the_backup_cron_job_runs_the_backup_command_restricted_without_api_rights_and
     );
     assert!(dpod.volumes.unwrap().iter().all(|v| v.name != "attachments"));
     // The mounted configuration carries the spec (references only), never a secret value.
-    let config = &children.config_map.data.unwrap()[build::CONFIG_FILE];
-    let parsed: build::JobConfig = serde_json::from_str(config).unwrap();
+    let config = &children.config_map.data.unwrap()[crmguard::api::job::CONFIG_FILE];
+    let parsed: crmguard::api::job::JobConfig = serde_json::from_str(config).unwrap();
     assert_eq!((parsed.policy.as_str(), parsed.prefix.as_str(), parsed.port), ("crm-db", "prod/crm", 5432));
 }
 
@@ -174,14 +174,14 @@ fn vaults_ca_reaches_jobs_through_their_config_map() {
     let with_ca = BuildContext { vault_ca_pem: Some(pem.clone()), ..ctx() };
     let v = validate::validate(&p).unwrap();
     let children = build::build(&v, &with_ca);
-    assert_eq!(children.config_map.data.as_ref().unwrap()[build::VAULT_CA_FILE], pem);
+    assert_eq!(children.config_map.data.as_ref().unwrap()[crmguard::api::job::VAULT_CA_FILE], pem);
     let env = build::job_env(&v.spec, &with_ca);
     let ca = env.iter().find(|e| e.name == "VAULT_CACERT").expect("VAULT_CACERT");
     assert_eq!(ca.value.as_deref(), Some("/etc/crmguard/vault-ca.crt"));
     // Without a CA the jobs trust the system roots and get no VAULT_CACERT.
     let plain = build::job_env(&v.spec, &ctx_plain());
     assert!(plain.iter().all(|e| e.name != "VAULT_CACERT"));
-    assert!(!build::build(&v, &ctx_plain()).config_map.data.unwrap().contains_key(build::VAULT_CA_FILE));
+    assert!(!build::build(&v, &ctx_plain()).config_map.data.unwrap().contains_key(crmguard::api::job::VAULT_CA_FILE));
 }
 
 fn ctx_plain() -> BuildContext {

@@ -7,7 +7,8 @@
 mod support;
 
 use crmguard::controllers::BuildContext;
-use crmguard::plan::{Document, parse_documents, plan};
+use crmguard::document::{Document, parse_documents};
+use crmguard::plan::plan;
 use crmguard::validation::{admit, read_typed, with_defaults};
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -166,13 +166,12 @@ fn dockerfile_agrees_with_the_pods_and_the_workspace() {
 fn chart_alerts_and_dashboard_use_only_exported_metrics() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // One sample of every series the operator can export (families without samples are not rendered).
-    let m = crmguard::runtime::metrics::Metrics::default();
+    let m = crmguard::metrics::Metrics::default();
     m.reconciled("c");
     m.failed("c", "api");
     m.observe_duration("c", std::time::Duration::from_millis(1));
     m.wrote("c", "apply", 1);
-    let samples: Vec<_> =
-        crmguard::runtime::metrics::OBJECT_GAUGES.iter().map(|(name, _)| (*name, vec![], 1.0)).collect();
+    let samples: Vec<_> = crmguard::metrics::OBJECT_GAUGES.iter().map(|(name, _)| (*name, vec![], 1.0)).collect();
     m.set_object("Kind", "ns", "n", &samples);
     let exported = m.render();
     let mut used = std::collections::BTreeSet::new();

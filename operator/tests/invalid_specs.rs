@@ -6,7 +6,8 @@
 mod support;
 
 use crmguard::controllers::BuildContext;
-use crmguard::plan::{Document, plan};
+use crmguard::document::Document;
+use crmguard::plan::plan;
 use serde_json::{Value, json};
 use support::invalid_cases::cases;
 use support::{example, set};

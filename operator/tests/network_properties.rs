@@ -7,8 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use crmguard::controllers::BuildContext;
+use crmguard::document::Document;
 use crmguard::netpol::{Endpoint, Flow, World};
-use crmguard::plan::{Document, plan, world};
+use crmguard::plan::{plan, world};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

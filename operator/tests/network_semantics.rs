@@ -130,9 +130,9 @@ fn targets_expand_into_the_rules_the_database_vault_and_s3_need() {
         "vault": {"namespace": "vault"},
         "s3": {"cidr": "198.51.100.0/24"}
     });
-    let mut inputs: Vec<crmguard::plan::Document> =
+    let mut inputs: Vec<crmguard::document::Document> =
         docs.into_iter().filter(|d| d.value["kind"] == "Namespace" || d.value["kind"] == "Pod").collect();
-    inputs.push(crmguard::plan::Document { source: "targets".into(), value: guard });
+    inputs.push(crmguard::document::Document { source: "targets".into(), value: guard });
     let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
     let plans = plan(&inputs, None, &BuildContext::default(), now);
     let guard_plan = plans.iter().find(|p| p.resource.contains("targets")).unwrap();

@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crmguard::controllers::BuildContext;
+use crmguard::document::Document;
 use crmguard::netpol::{Endpoint, Flow};
-use crmguard::plan::{Document, plan, world};
+use crmguard::plan::{plan, world};
 use serde::Deserialize;
 use serde_json::{Value, json};
 

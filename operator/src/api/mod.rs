@@ -4,6 +4,7 @@ pub mod access_policy;
 pub mod backup_policy;
 pub mod common;
 pub mod condition;
+pub mod job;
 pub mod network_guard;
 pub mod restore;
 

@@ -5,7 +5,6 @@
 //! -> manifest (commit) -> retention and cleanup of leftovers. A backup is complete only once its manifest is
 //! written, and the manifest is written only after verification passed.
 
-pub mod cli;
 pub mod crypto;
 pub mod keys;
 pub mod manifest;
@@ -20,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use self::crypto::DataKey;
 use self::keys::{Kek, KeyError};
@@ -32,10 +31,10 @@ use self::pipeline::{PipelineError, PipelineOptions, Protection, human_bytes};
 use self::source::{DbConn, SourceError};
 use self::store::{Store, StoreError};
 use crate::api::backup_policy::{Engine, VerificationMode};
-use crate::controllers::backup_policy::build::JobConfig;
+use crate::api::job::{JobConfig, JobReason, Reclaimed};
 
-/// Why a backup, verification or restore failed. `reason()` is a stable PascalCase word for conditions and the
-/// job's termination message.
+/// Why a backup, verification or restore failed; `reason()` is what the job reports and the operator's
+/// condition shows.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("{0}")]
@@ -60,51 +59,32 @@ pub enum BackupError {
 
 impl BackupError {
     /// Stable reason for conditions, Events and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> JobReason {
         match self {
-            BackupError::Config(_) => "InvalidConfiguration",
-            BackupError::Source(SourceError::Credentials(_) | SourceError::Vault(_)) => "CredentialsUnavailable",
-            BackupError::Source(_) => "DatabaseToolFailed",
-            BackupError::Store(StoreError::Credentials(_)) => "CredentialsUnavailable",
-            BackupError::Store(_) => "StorageError",
-            BackupError::TargetUnreachable(_) => "DatabaseUnreachable",
-            BackupError::Key(KeyError::WrongKey { .. } | KeyError::Mismatch { .. }) => "WrongKey",
-            BackupError::Key(KeyError::Damaged(_) | KeyError::Relabelled { .. }) => "ManifestTampered",
-            BackupError::Manifest(manifest::Unauthenticated::Internal(_)) => "InvalidConfiguration",
-            BackupError::Manifest(_) => "ManifestTampered",
-            BackupError::Key(_) => "KeyUnavailable",
-            BackupError::Pipeline(PipelineError::Verify { .. }) => "VerificationFailed",
-            BackupError::Pipeline(PipelineError::Store(StoreError::Credentials(_))) => "CredentialsUnavailable",
-            BackupError::Pipeline(PipelineError::Store(_)) => "StorageError",
-            BackupError::Pipeline(PipelineError::Stream(_)) => "BackupStreamFailed",
-            BackupError::Pipeline(PipelineError::Source(_)) => "DatabaseToolFailed",
-            BackupError::NotFound(_) => "BackupNotFound",
-            BackupError::RowCounts(_) => "RowCountMismatch",
+            BackupError::Config(_) => JobReason::InvalidConfiguration,
+            BackupError::Source(SourceError::Credentials(_) | SourceError::Vault(_)) => {
+                JobReason::CredentialsUnavailable
+            }
+            BackupError::Source(_) => JobReason::DatabaseToolFailed,
+            BackupError::Store(StoreError::Credentials(_)) => JobReason::CredentialsUnavailable,
+            BackupError::Store(_) => JobReason::StorageError,
+            BackupError::TargetUnreachable(_) => JobReason::DatabaseUnreachable,
+            BackupError::Key(KeyError::WrongKey { .. } | KeyError::Mismatch { .. }) => JobReason::WrongKey,
+            BackupError::Key(KeyError::Damaged(_) | KeyError::Relabelled { .. }) => JobReason::ManifestTampered,
+            BackupError::Manifest(manifest::Unauthenticated::Internal(_)) => JobReason::InvalidConfiguration,
+            BackupError::Manifest(_) => JobReason::ManifestTampered,
+            BackupError::Key(_) => JobReason::KeyUnavailable,
+            BackupError::Pipeline(PipelineError::Verify { .. }) => JobReason::VerificationFailed,
+            BackupError::Pipeline(PipelineError::Store(StoreError::Credentials(_))) => {
+                JobReason::CredentialsUnavailable
+            }
+            BackupError::Pipeline(PipelineError::Store(_)) => JobReason::StorageError,
+            BackupError::Pipeline(PipelineError::Stream(_)) => JobReason::BackupStreamFailed,
+            BackupError::Pipeline(PipelineError::Source(_)) => JobReason::DatabaseToolFailed,
+            BackupError::NotFound(_) => JobReason::BackupNotFound,
+            BackupError::RowCounts(_) => JobReason::RowCountMismatch,
         }
     }
-}
-
-/// Every reason a backup, verification or restore job can report, plus `JobFailed` for a job that left no
-/// report (e.g. killed for memory).
-pub const REASONS: [&str; 13] = [
-    "InvalidConfiguration",
-    "CredentialsUnavailable",
-    "DatabaseToolFailed",
-    "StorageError",
-    "WrongKey",
-    "KeyUnavailable",
-    "VerificationFailed",
-    "BackupStreamFailed",
-    "BackupNotFound",
-    "RowCountMismatch",
-    "ManifestTampered",
-    "DatabaseUnreachable",
-    "JobFailed",
-];
-
-/// The static reason for a reason string read back from a job's report (`JobFailed` when unknown).
-pub fn known_reason(r: &str) -> &'static str {
-    REASONS.into_iter().find(|k| *k == r).unwrap_or("JobFailed")
 }
 
 /// Everything a job needs besides the policy: where to store, the data path tuning, the clock.
@@ -407,23 +387,6 @@ fn stored(purpose: &str, key: String, s: &pipeline::StreamStats) -> StoredObject
 async fn discard(store: &Store, keys: &[String]) {
     if let Err(e) = store.delete(keys).await {
         tracing::warn!(error = %e, "could not remove the objects of a failed backup; the next cleanup removes them");
-    }
-}
-
-/// Unfinished multipart uploads a run aborted: what killed runs of the policy had left in the bucket.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Reclaimed {
-    pub uploads: u64,
-    pub parts: u64,
-    pub bytes: u64,
-}
-
-impl Reclaimed {
-    fn add(&mut self, other: Reclaimed) {
-        self.uploads += other.uploads;
-        self.parts += other.parts;
-        self.bytes += other.bytes;
     }
 }
 

@@ -6,7 +6,7 @@
 
 use ring::hmac;
 
-use super::cli::JobReport;
+use crate::api::job::JobReport;
 
 /// Environment variable holding the report key (hex) in backup and drill jobs.
 pub const KEY_ENV: &str = "CRMGUARD_REPORT_KEY";

@@ -3,6 +3,7 @@
 
 pub mod access_policy;
 pub mod backup_policy;
+pub mod contract;
 pub mod network_guard;
 pub mod restore;
 pub mod schedule;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
-use super::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Readiness shared with the controllers.
 #[derive(Debug, Default)]

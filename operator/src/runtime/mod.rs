@@ -3,7 +3,6 @@
 
 pub mod http;
 pub mod leader;
-pub mod metrics;
 pub mod posture;
 pub mod reconcile;
 pub mod watches;
@@ -31,8 +30,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use crate::controllers::BuildContext;
+use crate::controllers::contract::{Context, Reconcilable};
 use crate::k8s::cache::{self, Cache};
-use reconcile::{Context, Reconcilable, error_policy, reconcile};
+use crate::metrics;
+use reconcile::{error_policy, reconcile};
 
 /// Options of `crmguard run`.
 #[derive(Clone, Debug)]

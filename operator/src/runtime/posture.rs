@@ -14,8 +14,8 @@ use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
+use crate::metrics::Metrics;
 use crate::posture::{self, Inputs, Outcome};
-use crate::runtime::metrics::Metrics;
 
 /// The controllers' caches (one per watched namespace, or one for all).
 #[derive(Default)]

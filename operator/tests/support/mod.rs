@@ -6,7 +6,7 @@ pub mod invalid_cases;
 
 use std::path::PathBuf;
 
-use crmguard::plan::{Document, load};
+use crmguard::document::{Document, load};
 use serde_json::Value;
 
 pub fn examples_dir() -> PathBuf {

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
 use crate::api::condition::Status;
-use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
 impl Reconcilable for AccessPolicy {

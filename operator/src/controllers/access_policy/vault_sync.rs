@@ -18,9 +18,9 @@ use super::vault_objects::{self, Engine, VaultObjects};
 use crate::api::AccessPolicy;
 use crate::api::access_policy::{Team, VaultSettings, WorkloadKind};
 use crate::api::condition::Status;
+use crate::controllers::contract::{Cond, Context, Error};
 use crate::k8s::apply::{ObjectPatch, is_subset};
 use crate::k8s::meta::{NAME_MAX, child_name};
-use crate::runtime::reconcile::{Cond, Context, Error};
 use crate::vault::admin::{ApiError, VaultApi};
 
 /// The finalizer that holds an AccessPolicy until its Vault objects and leases are gone.

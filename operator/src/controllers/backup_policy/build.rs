@@ -12,44 +12,17 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::{Deserialize, Serialize};
 
 use super::validate::ValidatedBackupPolicy;
 use crate::api::backup_policy::CrmBackupPolicySpec;
+use crate::api::job::{ATTACHMENTS_DIR, CONFIG_DIR, CONFIG_FILE, JobConfig, VAULT_CA_FILE, VAULT_TOKEN_DIR};
 use crate::controllers::BuildContext;
 use crate::k8s::meta::{CRONJOB_NAME_MAX, NAME_MAX, Owner, child_name};
 
-/// Where the job's configuration is mounted.
-pub const CONFIG_DIR: &str = "/etc/crmguard";
-/// File name of the job configuration inside [`CONFIG_DIR`].
-pub const CONFIG_FILE: &str = "policy.json";
-/// Key (and file in [`CONFIG_DIR`]) of Vault's CA certificate in the job ConfigMap.
-pub const VAULT_CA_FILE: &str = "vault-ca.crt";
-/// Where Vault's projected ServiceAccount token is mounted.
-pub const VAULT_TOKEN_DIR: &str = "/var/run/secrets/vault";
-/// Where the attachments volume is mounted (read-only) in backup jobs.
-pub const ATTACHMENTS_DIR: &str = "/data/attachments";
 /// Annotation on backup and drill Jobs naming their CrmBackupPolicy.
 pub const POLICY_ANNOTATION: &str = "crmguard.io/policy";
 /// UID/GID the jobs run as (non-root).
 pub const RUN_AS: i64 = 65532;
-
-/// Configuration of a backup or restore job, mounted from the ConfigMap. Holds references to secrets, never
-/// secret values.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct JobConfig {
-    /// Name of the policy.
-    pub policy: String,
-    /// Namespace of the policy.
-    pub namespace: String,
-    /// Resolved key prefix in the bucket.
-    pub prefix: String,
-    /// Resolved database port.
-    pub port: u16,
-    /// The policy's spec.
-    pub spec: CrmBackupPolicySpec,
-}
 
 /// Names of the children of a policy.
 #[derive(Clone, Debug, PartialEq, Eq)]

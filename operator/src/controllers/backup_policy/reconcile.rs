@@ -11,9 +11,9 @@ use super::{build, status, validate};
 use crate::api::CrmBackupPolicy;
 use crate::api::backup_policy::{RejectedReport, TlsMode};
 use crate::api::condition::Status;
+use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::controllers::schedule::next_run;
 use crate::k8s::meta::{OWNER_LABEL, Owner};
-use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
 /// What the policy's Jobs show: the runs the operator can prove are its own, and the ones it ignored.
@@ -408,8 +408,8 @@ impl Reconcilable for CrmBackupPolicy {
     }
 }
 
-/// The policy's metric samples (see `runtime::metrics::OBJECT_GAUGES`).
-fn gauges(h: &status::Health, rpo: std::time::Duration) -> Vec<crate::runtime::metrics::ObjectSample> {
+/// The policy's metric samples (see `metrics::OBJECT_GAUGES`).
+fn gauges(h: &status::Health, rpo: std::time::Duration) -> Vec<crate::metrics::ObjectSample> {
     let secs = |t: &Time| t.0.as_second() as f64;
     let mut g = vec![("backup_rpo_seconds", vec![], rpo.as_secs_f64())];
     let healthy = h.conditions.iter().any(|c| c.type_ == "BackupHealthy" && c.status == Status::True);

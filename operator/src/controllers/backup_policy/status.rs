@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::backup_policy::{BackupRecord, CrmBackupPolicyStatus, VerifiedRestore};
 use crate::api::condition::Status;
-use crate::backup::cli::JobReport;
-use crate::runtime::reconcile::Cond;
+use crate::api::job::{JobKind, JobReason, JobReport};
+use crate::controllers::contract::Cond;
 
 /// What one Job of the policy shows.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,14 +71,13 @@ fn to_time(t: Timestamp) -> Time {
     Time(t)
 }
 
-fn failure_text(o: &JobObservation) -> (String, String) {
+fn failure_text(o: &JobObservation) -> (JobReason, String) {
     match &o.report {
-        Some(r) if !r.ok => (
-            r.reason.clone().unwrap_or_else(|| "JobFailed".into()),
-            r.message.clone().unwrap_or_else(|| "no message".into()),
-        ),
+        Some(r) if !r.ok => {
+            (r.reason.unwrap_or(JobReason::JobFailed), r.message.clone().unwrap_or_else(|| "no message".into()))
+        }
         _ => (
-            "JobFailed".into(),
+            JobReason::JobFailed,
             format!(
                 "Job {} failed{}; see `kubectl logs job/{}`",
                 o.name,
@@ -125,8 +124,8 @@ pub fn health(
             }
             continue;
         };
-        match (r.kind.as_str(), r.ok) {
-            ("backup", true) => {
+        match (r.kind, r.ok) {
+            (JobKind::Backup, true) => {
                 let completed = r.completed.or(j.finished);
                 if completed > last_ok.as_ref().and_then(|b| b.completion_time.as_ref().map(|t| t.0)) {
                     last_ok = Some(BackupRecord {
@@ -144,13 +143,13 @@ pub fn health(
                     }
                 }
             }
-            ("backup", false) => {
+            (JobKind::Backup, false) => {
                 let t = j.finished.map(to_time);
                 if t.as_ref().map(|t| t.0) > last_failure.as_ref().map(|t| t.0) {
                     last_failure = t;
                 }
             }
-            ("drill", true) => {
+            (JobKind::Drill, true) => {
                 let time = r.completed.or(j.finished);
                 if time > verified_restore.as_ref().and_then(|v| v.time.as_ref().map(|t| t.0)) {
                     verified_restore = Some(VerifiedRestore {
@@ -182,7 +181,7 @@ pub fn health(
             Cond::new(
                 "BackupHealthy",
                 Status::False,
-                crate::backup::known_reason(&reason),
+                reason.as_str(),
                 format!("the last backup failed: {message}{since}"),
             )
         }
@@ -236,7 +235,7 @@ pub fn health(
                 conditions.push(Cond::new(
                     "RestoreVerified",
                     Status::False,
-                    crate::backup::known_reason(&reason),
+                    reason.as_str(),
                     format!("the last restore drill failed: {message}"),
                 ));
                 required.push("RestoreVerified");
@@ -293,14 +292,13 @@ mod tests {
             finished: Some(ts(at)),
             report: Some(JobReport {
                 ok: true,
-                kind: "backup".into(),
                 backup_id: Some(format!("id-{name}")),
                 completed: Some(ts(at)),
                 stored_bytes: Some(1000),
                 sha256: Some("ab".into()),
                 duration_seconds: Some(12.4),
                 backup_count: Some(count),
-                ..JobReport::default()
+                ..JobReport::new(JobKind::Backup)
             }),
             failure_hint: None,
         }
@@ -316,10 +314,9 @@ mod tests {
             finished: Some(ts(at)),
             report: Some(JobReport {
                 ok: false,
-                kind: "backup".into(),
-                reason: Some(reason.into()),
+                reason: Some(JobReason::parse(reason)),
                 message: Some(message.into()),
-                ..JobReport::default()
+                ..JobReport::new(JobKind::Backup)
             }),
             failure_hint: None,
         }
@@ -427,12 +424,11 @@ mod tests {
             component: "restore-drill".into(),
             report: Some(JobReport {
                 ok: true,
-                kind: "drill".into(),
                 backup_id: Some("id-a".into()),
                 completed: Some(ts("2026-11-29T05:10:00Z")),
                 duration_seconds: Some(42.0),
                 row_counts_verified: Some(true),
-                ..JobReport::default()
+                ..JobReport::new(JobKind::Drill)
             }),
             ..backup_ok("drill-1", "2026-11-29T05:10:00Z", 0)
         };
@@ -451,10 +447,9 @@ mod tests {
             finished: Some(ts("2026-11-29T06:00:00Z")),
             report: Some(JobReport {
                 ok: false,
-                kind: "drill".into(),
-                reason: Some("RowCountMismatch".into()),
+                reason: Some(JobReason::RowCountMismatch),
                 message: Some("public.contacts: 5000 rows at backup time, 4999 restored".into()),
-                ..JobReport::default()
+                ..JobReport::new(JobKind::Drill)
             }),
             failure_hint: None,
             active: false,

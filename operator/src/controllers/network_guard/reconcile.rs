@@ -11,10 +11,10 @@ use super::{build, validate};
 use crate::api::NetworkGuard;
 use crate::api::common::parse_duration;
 use crate::api::condition::Status;
+use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::k8s::apply::ObjectPatch;
 use crate::k8s::meta::label_value;
 use crate::netpol::selector_matches;
-use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
 impl Reconcilable for NetworkGuard {

@@ -4,10 +4,9 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::EnvVar;
 
 use super::validate::ValidatedRestore;
+use crate::api::job::{CONFIG_DIR, CONFIG_FILE};
 use crate::controllers::BuildContext;
-use crate::controllers::backup_policy::build::{
-    CONFIG_DIR, CONFIG_FILE, JobPod, attachments_volume, job_env, job_volumes, names, uses_vault,
-};
+use crate::controllers::backup_policy::build::{JobPod, attachments_volume, job_env, job_volumes, names, uses_vault};
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 
 /// Builds the Job that performs the restore. It runs as the policy's ServiceAccount with the policy's config.

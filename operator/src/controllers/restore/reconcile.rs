@@ -7,11 +7,11 @@ use serde_json::json;
 
 use super::{build, validate};
 use crate::api::condition::Status;
+use crate::api::job::{JobReason, JobReport};
 use crate::api::{CrmBackupPolicy, CrmRestore};
-use crate::backup::cli::JobReport;
+use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::k8s::cache::{JobProgress, Meta};
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
-use crate::runtime::reconcile::{Cond, Context, Desired, Error, Reconcilable};
 use crate::validation::FieldError;
 
 /// The report `crmguard restore run` left as the termination message of the Job's newest pod.
@@ -126,10 +126,9 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
         ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
     } else if status.failed > 0 {
         let (reason, message) = match &report {
-            Some(r) if !r.ok => (
-                crate::backup::known_reason(r.reason.as_deref().unwrap_or("JobFailed")),
-                r.message.clone().unwrap_or_default(),
-            ),
+            Some(r) if !r.ok => {
+                (r.reason.unwrap_or(JobReason::JobFailed).as_str(), r.message.clone().unwrap_or_default())
+            }
             _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
         };
         ("Failed", Cond::new("Restored", Status::False, reason, message))
@@ -222,7 +221,7 @@ impl CrmRestore {
             } else {
                 (
                     Status::False,
-                    if c.reason == JOB_DELETED { JOB_DELETED } else { crate::backup::known_reason(&c.reason) },
+                    if c.reason == JOB_DELETED { JOB_DELETED } else { JobReason::parse(&c.reason).as_str() },
                 )
             };
             d.conditions.push(Cond::new("Restored", status, reason, c.message.clone()));

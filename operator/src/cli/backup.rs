@@ -6,13 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use jiff::Timestamp;
-use serde::Serialize;
 
-use super::pipeline::{PipelineOptions, human_bytes};
-use super::store::{S3Settings, Store};
-use super::{BackupError, Runtime, Selector};
 use crate::api::backup_policy::CrmBackupPolicy;
-use crate::controllers::backup_policy::build::{ATTACHMENTS_DIR, JobConfig};
+use crate::api::job::{ATTACHMENTS_DIR, JobConfig, JobKind, JobReport, Reclaimed};
+use crate::backup::pipeline::{PipelineOptions, human_bytes};
+use crate::backup::store::{S3Settings, Store};
+use crate::backup::{BackupError, Runtime, Selector};
 
 /// Where the policy comes from and where backups go.
 #[derive(clap::Args, Debug, Clone)]
@@ -164,7 +163,7 @@ pub fn load_config(args: &PolicyArgs) -> Result<JobConfig, String> {
     let Some(path) = &args.policy else {
         return Err("name the policy: --config <job config> or -f <CrmBackupPolicy manifest>".into());
     };
-    let docs = crate::plan::load(std::slice::from_ref(path)).map_err(|e| e.to_string())?;
+    let docs = crate::document::load(std::slice::from_ref(path)).map_err(|e| e.to_string())?;
     let doc = docs
         .iter()
         .find(|d| d.value.get("kind").and_then(|k| k.as_str()) == Some("CrmBackupPolicy"))
@@ -228,75 +227,25 @@ async fn s3_keys_from_vault(v: &crate::api::common::VaultSource) -> Result<(Stri
     }
 }
 
-/// Summary written to the pod's termination message (read by the operator for the policy's status) and to
-/// stdout. Small: the termination message is limited to 4 KiB.
-#[derive(Serialize, serde::Deserialize, Debug, Clone, Default, PartialEq)]
-#[serde(rename_all = "camelCase", default)]
-pub struct JobReport {
-    pub ok: bool,
-    pub kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backup_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completed: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stored_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub raw_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_seconds: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub verify_seconds: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backup_count: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub newest_backup: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub newest_completed: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub deleted_backups: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub row_counts_verified: Option<bool>,
-    /// Unfinished uploads of runs that died, aborted by this run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reclaimed: Option<super::Reclaimed>,
+/// The report of a job that failed with `e`.
+fn failed(kind: JobKind, e: &BackupError) -> JobReport {
+    JobReport::failed(kind, e.reason(), &e.to_string())
 }
 
-impl JobReport {
-    fn new(kind: &str) -> JobReport {
-        JobReport { ok: true, kind: kind.into(), ..JobReport::default() }
-    }
-
-    fn failed(kind: &str, e: &BackupError) -> JobReport {
-        let mut r = JobReport::new(kind);
-        r.ok = false;
-        r.reason = Some(e.reason().into());
-        // Keep the message short enough for the 4 KiB termination message.
-        r.message = Some(e.to_string().chars().take(1500).collect());
-        r
-    }
-
-    /// Prints the report and writes the termination message, signed with the policy's report key when the job
-    /// has one (see `report.rs`).
-    fn emit(&self) {
-        let json = serde_json::to_string(self).unwrap_or_default();
-        println!("{json}");
-        let path = std::env::var("CRMGUARD_TERMINATION_LOG").unwrap_or_else(|_| "/dev/termination-log".into());
-        let wanted = std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some();
-        let message = match super::report::from_env() {
-            Some((key, pod_uid)) => super::report::sign(&json, &key, &pod_uid),
-            None => json,
-        };
-        if wanted && let Err(e) = std::fs::write(&path, &message) {
-            // The operator reads the result from here: without it the run counts as one without a report.
-            tracing::warn!(%path, error = %e, "cannot write the report as the termination message");
-        }
+/// Prints the report and writes the termination message, signed with the policy's report key when the job has
+/// one (see `report.rs`).
+fn emit(report: &JobReport) {
+    let json = serde_json::to_string(report).unwrap_or_default();
+    println!("{json}");
+    let path = std::env::var("CRMGUARD_TERMINATION_LOG").unwrap_or_else(|_| "/dev/termination-log".into());
+    let wanted = std::path::Path::new(&path).exists() || std::env::var_os("CRMGUARD_TERMINATION_LOG").is_some();
+    let message = match crate::backup::report::from_env() {
+        Some((key, pod_uid)) => crate::backup::report::sign(&json, &key, &pod_uid),
+        None => json,
+    };
+    if wanted && let Err(e) = std::fs::write(&path, &message) {
+        // The operator reads the result from here: without it the run counts as one without a report.
+        tracing::warn!(%path, error = %e, "cannot write the report as the termination message");
     }
 }
 
@@ -322,11 +271,11 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
                 let report = match backup_run(&config, &policy, attachments).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(reason = e.reason(), "backup failed: {e}");
-                        JobReport::failed("backup", &e)
+                        tracing::error!(reason = e.reason().as_str(), "backup failed: {e}");
+                        failed(JobKind::Backup, &e)
                     }
                 };
-                report.emit();
+                emit(&report);
                 if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
             })
         }
@@ -334,8 +283,9 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
             let config = load_config(&policy)?;
             block_on(async move {
                 let rt = runtime(&config, &policy, None).await.map_err(|e| e.to_string())?;
-                let catalog =
-                    super::manifest::read_catalog(&rt.store, &config.prefix).await.map_err(|e| e.to_string())?;
+                let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if output == "json" {
                     println!("{}", serde_json::to_string_pretty(&catalog.backups).unwrap_or_default());
                 } else {
@@ -374,12 +324,13 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
             block_on(async move {
                 let result = async {
                     let rt = runtime(&config, &policy, None).await?;
-                    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
-                    let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
-                    let kek = super::kek_for(&config).await?;
-                    let key = super::data_key(m, kek.as_ref(), &rt).await?;
+                    let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix).await?;
+                    let m =
+                        crate::backup::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
+                    let kek = crate::backup::kek_for(&config).await?;
+                    let key = crate::backup::data_key(m, kek.as_ref(), &rt).await?;
                     let object = m
-                        .object(super::manifest::DATABASE)
+                        .object(crate::backup::manifest::DATABASE)
                         .ok_or_else(|| BackupError::NotFound(format!("backup {} has no database object", m.id)))?;
                     let sink: Box<dyn Write + Send> = if output.as_os_str() == "-" {
                         Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()))
@@ -389,7 +340,8 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
                         Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
                     };
                     let (v, mut sink) =
-                        super::pipeline::read_object(&rt.store, object, key, sink, rt.options.progress_every).await?;
+                        crate::backup::pipeline::read_object(&rt.store, object, key, sink, rt.options.progress_every)
+                            .await?;
                     sink.flush().map_err(|e| BackupError::Config(format!("{}: {e}", output.display())))?;
                     Ok::<_, BackupError>((m.id.clone(), v))
                 }
@@ -418,10 +370,11 @@ pub fn backup(cmd: BackupCommand) -> Result<ExitCode, String> {
             block_on(async move {
                 let result = async {
                     let rt = runtime(&config, &policy, None).await?;
-                    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
-                    let m = super::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
-                    let kek = super::kek_for(&config).await?;
-                    super::verify_backup(m, kek.as_ref(), &rt).await
+                    let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix).await?;
+                    let m =
+                        crate::backup::select(&catalog, &selector(Some(&backup), None).map_err(BackupError::Config)?)?;
+                    let kek = crate::backup::kek_for(&config).await?;
+                    crate::backup::verify_backup(m, kek.as_ref(), &rt).await
                 }
                 .await;
                 match result {
@@ -463,28 +416,30 @@ async fn backup_run(
     attachments: Option<PathBuf>,
 ) -> Result<JobReport, BackupError> {
     let rt = runtime(config, args, attachments).await?;
-    let kek = super::kek_for(config).await?;
-    let conn = super::source_conn(config).await?;
+    let kek = crate::backup::kek_for(config).await?;
+    let conn = crate::backup::source_conn(config).await?;
     // First what runs of this policy that died left behind, so that a crash-looping job does not fill the bucket.
     // Cleanup never fails the backup (the bucket may not exist yet, or listing uploads may not be allowed).
-    let mut reclaimed = super::reclaim_uploads(&rt.store, &config.prefix, Timestamp::now(), rt.reclaim_idle)
+    let mut reclaimed = crate::backup::reclaim_uploads(&rt.store, &config.prefix, Timestamp::now(), rt.reclaim_idle)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!("could not look for unfinished uploads of earlier runs: {e}");
-            super::Reclaimed::default()
+            Reclaimed::default()
         });
-    let m = super::run_backup(config, &conn, kek.as_ref(), &rt).await?;
-    let mut report = JobReport::new("backup");
+    let m = crate::backup::run_backup(config, &conn, kek.as_ref(), &rt).await?;
+    let mut report = JobReport::new(JobKind::Backup);
     report.backup_id = Some(m.id.clone());
     report.completed = Some(m.completed);
     report.stored_bytes = Some(m.stored_bytes());
     report.raw_bytes = Some(m.objects.iter().map(|o| o.raw_bytes).sum());
-    report.sha256 = m.object(super::manifest::DATABASE).map(|o| o.sha256.clone());
+    report.sha256 = m.object(crate::backup::manifest::DATABASE).map(|o| o.sha256.clone());
     report.duration_seconds = Some(m.completed.duration_since(m.started).as_secs_f64());
     report.verify_seconds = Some(m.verification.seconds);
     // Retention and cleanup run after a successful backup; their failure does not undo the backup.
-    let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
-    match super::housekeeping(config, &rt, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24)).await {
+    let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix).await?;
+    match crate::backup::housekeeping(config, &rt, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24))
+        .await
+    {
         Ok(h) => {
             reclaimed.add(h.reclaimed);
             if !h.deleted_backups.is_empty() || !h.removed_leftovers.is_empty() {
@@ -541,12 +496,12 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
         .restore_attachments
         .then(|| args.attachments_dir.clone().unwrap_or_else(|| PathBuf::from(ATTACHMENTS_DIR)));
     block_on(async move {
-        let kind = if args.drill { "drill" } else { "restore" };
+        let kind = if args.drill { JobKind::Drill } else { JobKind::Restore };
         let result = async {
             let rt = runtime(&config, &args.policy, None).await?;
-            let catalog = super::manifest::read_catalog(&rt.store, &config.prefix).await?;
-            let m = super::select(&catalog, &sel)?;
-            let kek = super::kek_for(&config).await?;
+            let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix).await?;
+            let m = crate::backup::select(&catalog, &sel)?;
+            let kek = crate::backup::kek_for(&config).await?;
             let conn = match (&args.target_vault_path, &args.target_vault_role) {
                 (Some(path), Some(role)) => {
                     let mut c = config.clone();
@@ -558,12 +513,12 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
                             auth_mount: args.target_vault_mount.clone(),
                         }),
                     };
-                    super::source_conn(&c).await?
+                    crate::backup::source_conn(&c).await?
                 }
-                _ => super::source_conn(&config).await?,
+                _ => crate::backup::source_conn(&config).await?,
             };
             let target = conn.with_target(&host, port, &args.target_database);
-            let req = super::RestoreRequest {
+            let req = crate::backup::RestoreRequest {
                 target,
                 create_database: args.create_database || args.drill,
                 recreate: args.drill,
@@ -571,7 +526,7 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
                 verify_row_counts: args.verify_row_counts || args.drill,
                 attachments_dir: attachments,
             };
-            super::restore(m, kek.as_ref(), &req, &rt).await
+            crate::backup::restore(m, kek.as_ref(), &req, &rt).await
         }
         .await;
         let report = match result {
@@ -595,11 +550,11 @@ pub fn restore(cmd: RestoreCommand) -> Result<ExitCode, String> {
                 j
             }
             Err(e) => {
-                tracing::error!(reason = e.reason(), "{kind} failed: {e}");
-                JobReport::failed(kind, &e)
+                tracing::error!(reason = e.reason().as_str(), "{} failed: {e}", kind.as_str());
+                failed(kind, &e)
             }
         };
-        report.emit();
+        emit(&report);
         if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
     })
 }

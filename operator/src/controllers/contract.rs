@@ -1,0 +1,170 @@
+//! The contract between the reconcile runtime and the kinds: what a kind implements ([`Reconcilable`]), what it
+//! hands back ([`Desired`], [`Cond`]), what it may fail with ([`Error`]) and the shared state it is given
+//! ([`Context`]). The runtime (`crate::runtime`) drives it; nothing here knows the process around it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::core::DeserializeGuard;
+use kube::{Client, Resource};
+use serde_json::{Map, Value};
+
+use crate::api::CrmBackupPolicy;
+use crate::api::condition::Status;
+use crate::controllers::BuildContext;
+use crate::k8s::apply::{ApplyError, ObjectPatch};
+use crate::k8s::events::Recorder;
+use crate::k8s::meta::Owner;
+use crate::metrics::Metrics;
+use crate::validation::FieldError;
+
+/// Shared state of all controllers.
+pub struct Context {
+    pub client: Client,
+    pub build: BuildContext,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// Consecutive failures per object, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// Injected clock.
+    pub now: fn() -> jiff::Timestamp,
+    /// Requeue interval in steady state.
+    pub resync: Duration,
+    /// The operator's Vault logins (AccessPolicy).
+    pub vault: Arc<crate::vault::admin::Sessions>,
+    /// Every write, as an audit record.
+    pub audit: crate::audit::Auditor,
+    /// What the watches hold (children, pods, namespaces) and what was last read or written.
+    pub cache: Arc<crate::k8s::cache::Cache>,
+    /// The backup policies as their controllers' watches hold them (a restore's policy), once they have listed them.
+    pub backup_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<CrmBackupPolicy>>>>,
+}
+
+impl Context {
+    /// The backup policy `name` in `namespace` as the watch shows it; `None` when the watch does not show it (or
+    /// not as a valid object), which only a read can confirm. Right after the start this waits (up to 5 s) for
+    /// the backup policies' watches to list them.
+    pub async fn watched_backup_policy(&self, namespace: &str, name: &str) -> Option<CrmBackupPolicy> {
+        let started = Instant::now();
+        let stores = loop {
+            match self.backup_policies.get() {
+                Some(s) => break s,
+                None if started.elapsed() > Duration::from_secs(5) => return None,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        stores.iter().find_map(|s| s.get(&key)).and_then(|g| g.0.as_ref().ok().cloned())
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("build", &self.build).finish_non_exhaustive()
+    }
+}
+
+/// One condition a kind reports besides `Ready`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Cond { type_, status, reason, message: message.into() }
+    }
+}
+
+/// What a kind wants: children, their kinds to prune, status facts and conditions.
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub owner: Option<Owner>,
+    pub children: Vec<Value>,
+    pub prune: Vec<(&'static str, &'static str)>,
+    /// Specific conditions, computed before apply.
+    pub conditions: Vec<Cond>,
+    /// Conditions whose False makes Ready False (the others are warnings).
+    pub required: Vec<&'static str>,
+    /// Status fields besides observedGeneration and conditions.
+    pub status: Map<String, Value>,
+    /// Requeue sooner than the resync (e.g. at a grant's expiry).
+    pub requeue_after: Option<Duration>,
+    /// Merge patches to objects the resource does not own (applied after the children).
+    pub patches: Vec<ObjectPatch>,
+    /// Events to record once the changes are made: (warning?, reason, note).
+    pub events: Vec<(bool, &'static str, String)>,
+    /// Events about a second object (the Event's `related`): (warning?, reason, note, object). Repeats of the same
+    /// reason, note and objects fold into one series (`k8s::events`).
+    pub related_events: Vec<(bool, &'static str, String, k8s_openapi::api::core::v1::ObjectReference)>,
+    /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
+    pub gauges: Vec<crate::metrics::ObjectSample>,
+    /// Writes made outside the Kubernetes API while computing this (Vault): (action, kind, name, reason).
+    pub audit: Vec<(&'static str, &'static str, String, String)>,
+}
+
+/// Errors of a reconcile that are worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Removing what a resource left outside the cluster (e.g. in Vault) failed; deletion waits for it.
+    #[error("cleanup before deletion: {0}")]
+    Cleanup(String),
+}
+
+impl Error {
+    /// Category for metrics labels and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Cleanup(_) => "cleanup",
+            Error::Apply(ApplyError::UnknownKind(_)) => "bug",
+            Error::Apply(ApplyError::OwnedByAnother(_)) => "conflict",
+            Error::Apply(ApplyError::Kube { source, .. }) | Error::Kube(source) => match source {
+                kube::Error::Api(s) if s.code == 409 => "conflict",
+                kube::Error::Api(s) if s.code == 403 || s.code == 401 => "forbidden",
+                kube::Error::Api(s) if s.code >= 500 => "apiserver",
+                kube::Error::Api(_) => "api",
+                _ => "transport",
+            },
+        }
+    }
+}
+
+/// A custom resource kind with a controller.
+pub trait Reconcilable:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Controller name; the field manager is `crmguard/<name>`.
+    const CONTROLLER: &'static str;
+    /// Resolve, validate and build. Field errors mean the spec is invalid (Ready=False, wait for a change).
+    fn desired(&self, ctx: &Context) -> impl Future<Output = Result<Result<Desired, Vec<FieldError>>, Error>> + Send;
+
+    /// A finalizer for kinds that leave state outside the cluster (children inside it go with owner references).
+    const FINALIZER: Option<&'static str> = None;
+
+    /// Whether this object currently needs [`Self::FINALIZER`] (it is added before anything is created outside).
+    fn needs_finalizer(&self) -> bool {
+        false
+    }
+
+    /// Removes the state outside the cluster while the object is being deleted; retried until it succeeds,
+    /// then the finalizer is removed. "Already gone" must count as success.
+    fn cleanup(&self, _ctx: &Context) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Ok(()) }
+    }
+}

@@ -108,6 +108,16 @@ pub struct Desired {
     pub audit: Vec<(&'static str, &'static str, String, String)>,
 }
 
+impl Desired {
+    /// Adds a child. One that cannot be serialized fails the reconcile: left out, it would be pruned, i.e. the
+    /// live object deleted.
+    pub fn child(&mut self, object: &impl serde::Serialize) -> Result<(), Error> {
+        let value = serde_json::to_value(object).map_err(|e| Error::Serialize(e.to_string()))?;
+        self.children.push(value);
+        Ok(())
+    }
+}
+
 /// Errors of a reconcile that are worth a retry.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -118,6 +128,9 @@ pub enum Error {
     /// Removing what a resource left outside the cluster (e.g. in Vault) failed; deletion waits for it.
     #[error("cleanup before deletion: {0}")]
     Cleanup(String),
+    /// A child could not be serialized (a bug in its builder).
+    #[error("a child could not be serialized: {0}")]
+    Serialize(String),
 }
 
 impl Error {
@@ -125,6 +138,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Cleanup(_) => "cleanup",
+            Error::Serialize(_) => "bug",
             Error::Apply(ApplyError::UnknownKind(_)) => "bug",
             Error::Apply(ApplyError::OwnedByAnother(_)) => "conflict",
             Error::Apply(ApplyError::Kube { source, .. }) | Error::Kube(source) => match source {
@@ -136,6 +150,36 @@ impl Error {
             },
         }
     }
+}
+
+/// A kind of object a controller watches besides its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Other {
+    ConfigMap,
+    CronJob,
+    Job,
+    NetworkPolicy,
+    Role,
+    RoleBinding,
+    ServiceAccount,
+}
+
+/// What a kind watches besides itself, and which of its resources an event of a watched object reconciles. Every
+/// watched object but pods carries crmguard's label; the watches feed the cache the kind reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Children it owns (owner references), as metadata: the owner is reconciled.
+    Owns(Other),
+    /// Children it owns, whole (the cache keeps more than their metadata, e.g. a Job's progress).
+    OwnsWhole(Other),
+    /// Objects, whole, whose annotation of this name names the resource (in their namespace).
+    NamedBy(Other, &'static str),
+    /// Objects, as metadata: one that comes or goes reconciles every resource of its namespace (e.g. a
+    /// ServiceAccount a restore waits for).
+    InNamespace(Other),
+    /// Pods that have not finished, as metadata: one that comes, goes, or changes its labels or crmguard's
+    /// annotations reconciles every resource of its namespace.
+    Pods,
 }
 
 /// A custom resource kind with a controller.
@@ -151,6 +195,8 @@ pub trait Reconcilable:
 {
     /// Controller name; the field manager is `crmguard/<name>`.
     const CONTROLLER: &'static str;
+    /// What it watches besides itself.
+    const WATCHES: &'static [Watch];
     /// Resolve, validate and build. Field errors mean the spec is invalid (Ready=False, wait for a change).
     fn desired(&self, ctx: &Context) -> impl Future<Output = Result<Result<Desired, Vec<FieldError>>, Error>> + Send;
 
@@ -166,5 +212,22 @@ pub trait Reconcilable:
     /// then the finalizer is removed. "Already gone" must count as success.
     fn cleanup(&self, _ctx: &Context) -> impl Future<Output = Result<(), Error>> + Send {
         async { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_cannot_be_serialized_fails_the_reconcile_instead_of_being_left_out() {
+        let mut d = Desired::default();
+        d.child(&serde_json::json!({"kind": "ConfigMap"})).unwrap();
+        // JSON object keys must be strings: this map has no JSON form.
+        let unserializable: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let e = d.child(&unserializable).unwrap_err();
+        assert_eq!(e.category(), "bug");
+        assert!(e.to_string().starts_with("a child could not be serialized"), "{e}");
+        assert_eq!(d.children.len(), 1);
     }
 }

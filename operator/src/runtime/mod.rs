@@ -30,7 +30,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use crate::controllers::BuildContext;
-use crate::controllers::contract::{Context, Reconcilable};
+use crate::controllers::contract::{Context, Other, Reconcilable, Watch};
 use crate::k8s::cache::{self, Cache};
 use crate::metrics;
 use reconcile::{error_policy, reconcile};
@@ -260,6 +260,60 @@ where
         self
     }
 
+    /// Adds one of the watches the kind declares ([`Reconcilable::WATCHES`]).
+    fn add(self, watch: Watch) -> Self {
+        use k8s_openapi::api::batch::v1::CronJob;
+        use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+        use k8s_openapi::api::networking::v1::NetworkPolicy;
+        use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+        // `$C` is the Rust type of the watched kind within `$body`.
+        macro_rules! of {
+            ($other:expr, $C:ident => $body:expr) => {
+                match $other {
+                    Other::ConfigMap => {
+                        type $C = ConfigMap;
+                        $body
+                    }
+                    Other::CronJob => {
+                        type $C = CronJob;
+                        $body
+                    }
+                    Other::Job => {
+                        type $C = Job;
+                        $body
+                    }
+                    Other::NetworkPolicy => {
+                        type $C = NetworkPolicy;
+                        $body
+                    }
+                    Other::Role => {
+                        type $C = Role;
+                        $body
+                    }
+                    Other::RoleBinding => {
+                        type $C = RoleBinding;
+                        $body
+                    }
+                    Other::ServiceAccount => {
+                        type $C = ServiceAccount;
+                        $body
+                    }
+                }
+            };
+        }
+        match watch {
+            Watch::Owns(other) => of!(other, C => self.owns::<C>()),
+            Watch::OwnsWhole(other) => of!(other, C => self.owns_as::<C, C>()),
+            Watch::NamedBy(other, annotation) => of!(other, C => self.watches::<C, C, _>(move |o: C| {
+                let ns = o.meta().namespace.clone()?;
+                let name = o.meta().annotations.as_ref()?.get(annotation)?;
+                Some(ObjectRef::new(name).within(&ns))
+            })),
+            Watch::InNamespace(other) => of!(other, C => self.namespace_of::<C>()),
+            Watch::Pods => self.pods(),
+        }
+    }
+
     /// The pods that have not finished (metadata only), feeding the cache; every resource in a namespace is
     /// reconciled when a pod of it comes, goes, or changes its labels or crmguard's annotations (not on the
     /// status updates that make up most pod changes).
@@ -370,7 +424,6 @@ fn controller<K>(
     concurrency: u16,
     restarts: &watches::Restarts,
     fanout: &watches::Fanout,
-    more: impl FnOnce(Watches<'_, K>) -> Watches<'_, K>,
 ) -> Running<K>
 where
     K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -394,7 +447,8 @@ where
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
     let cache = ctx.cache.clone();
-    let c = more(Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c }).controller;
+    let watching = Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c };
+    let c = K::WATCHES.iter().fold(watching, |w, watch| w.add(*watch)).controller;
     let cache = store.clone();
     let ready = listed(store).boxed();
     // Per-object metric series and what the cache remembers of resources that were deleted (no reconcile runs for
@@ -564,40 +618,18 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let fanout = watches::Fanout::default();
     for ns in &namespaces {
         let ns = ns.as_deref();
-        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
-            w.owns::<k8s_openapi::api::batch::v1::CronJob>()
-                .owns::<k8s_openapi::api::core::v1::ConfigMap>()
-                .owns::<k8s_openapi::api::core::v1::ServiceAccount>()
-                // Backup and drill Jobs belong to the CronJobs; their results feed the policy's status. Jobs are
-                // watched whole: the cache keeps their progress, which a restore reports.
-                .watches::<Job, Job, _>(|job| {
-                    let ns = job.metadata.namespace.clone()?;
-                    let policy = job
-                        .metadata
-                        .annotations
-                        .as_ref()?
-                        .get(crate::controllers::backup_policy::build::POLICY_ANNOTATION)?;
-                    Some(ObjectRef::new(policy).within(&ns))
-                })
-        });
+        let (r, ready, s) = controller::<CrmBackupPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout);
         stores.backups.push(s);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
-            // A restore waits for its policy's ServiceAccount: it is reconciled when one appears.
-            w.owns_as::<Job, Job>().namespace_of::<k8s_openapi::api::core::v1::ServiceAccount>()
-        });
+        let (r, ready, _) = controller::<CrmRestore>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
-            w.owns::<k8s_openapi::api::rbac::v1::Role>().owns::<k8s_openapi::api::rbac::v1::RoleBinding>()
-        });
+        let (r, ready, s) = controller::<AccessPolicy>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout);
         stores.access.push(s);
         runs.push(r);
         readies.push(ready);
-        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout, |w| {
-            w.owns::<k8s_openapi::api::networking::v1::NetworkPolicy>().pods()
-        });
+        let (r, ready, s) = controller::<NetworkGuard>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout);
         stores.guards.push(s);
         runs.push(r);
         readies.push(ready);

@@ -8,11 +8,12 @@ use serde_json::json;
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
 use crate::api::condition::Status;
-use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::validation::FieldError;
 
 impl Reconcilable for AccessPolicy {
     const CONTROLLER: &'static str = "accesspolicy";
+    const WATCHES: &'static [Watch] = &[Watch::Owns(Other::Role), Watch::Owns(Other::RoleBinding)];
     const FINALIZER: Option<&'static str> = Some(vault_sync::FINALIZER);
 
     fn needs_finalizer(&self) -> bool {
@@ -48,8 +49,8 @@ impl Reconcilable for AccessPolicy {
             ..Desired::default()
         };
         for t in &rbac.teams {
-            d.children.extend(serde_json::to_value(&t.role).ok());
-            d.children.extend(serde_json::to_value(&t.binding).ok());
+            d.child(&t.role)?;
+            d.child(&t.binding)?;
         }
         d.children.extend(vault.secrets.iter().cloned());
         d.patches = vault.patches.clone();

@@ -11,7 +11,7 @@ use super::{build, status, validate};
 use crate::api::CrmBackupPolicy;
 use crate::api::backup_policy::{RejectedReport, TlsMode};
 use crate::api::condition::Status;
-use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::controllers::schedule::next_run;
 use crate::k8s::meta::{OWNER_LABEL, Owner};
 use crate::validation::FieldError;
@@ -270,6 +270,14 @@ fn rejected_reports(
 
 impl Reconcilable for CrmBackupPolicy {
     const CONTROLLER: &'static str = "backuppolicy";
+    /// Backup and drill Jobs belong to the CronJobs and name their policy; their results feed the policy's status.
+    /// They are watched whole: the cache keeps their progress, which a restore reports.
+    const WATCHES: &'static [Watch] = &[
+        Watch::Owns(Other::CronJob),
+        Watch::Owns(Other::ConfigMap),
+        Watch::Owns(Other::ServiceAccount),
+        Watch::NamedBy(Other::Job, build::POLICY_ANNOTATION),
+    ];
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
@@ -284,10 +292,12 @@ impl Reconcilable for CrmBackupPolicy {
             required: vec!["ScheduleReady", "BackupHealthy"],
             ..Desired::default()
         };
-        d.children.extend(serde_json::to_value(&c.service_account).ok());
-        d.children.extend(serde_json::to_value(&c.config_map).ok());
-        d.children.extend(serde_json::to_value(&c.backup).ok());
-        d.children.extend(c.drill.as_ref().and_then(|j| serde_json::to_value(j).ok()));
+        d.child(&c.service_account)?;
+        d.child(&c.config_map)?;
+        d.child(&c.backup)?;
+        if let Some(drill) = &c.drill {
+            d.child(drill)?;
+        }
         let tz = self.spec.schedule.time_zone.clone().unwrap_or_else(|| "UTC".into());
         if self.spec.suspend {
             d.conditions.push(Cond::new(

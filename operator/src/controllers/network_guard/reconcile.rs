@@ -11,7 +11,7 @@ use super::{build, validate};
 use crate::api::NetworkGuard;
 use crate::api::common::parse_duration;
 use crate::api::condition::Status;
-use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::k8s::apply::ObjectPatch;
 use crate::k8s::meta::label_value;
 use crate::netpol::selector_matches;
@@ -19,6 +19,7 @@ use crate::validation::FieldError;
 
 impl Reconcilable for NetworkGuard {
     const CONTROLLER: &'static str = "networkguard";
+    const WATCHES: &'static [Watch] = &[Watch::Owns(Other::NetworkPolicy), Watch::Pods];
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
@@ -52,11 +53,13 @@ impl Reconcilable for NetworkGuard {
         uncovered.sort();
         let mut d = Desired {
             owner: Some(v.owner.clone()),
-            children: policies.iter().filter_map(|p| serde_json::to_value(p).ok()).collect(),
             prune: vec![("networking.k8s.io/v1", "NetworkPolicy")],
             required: vec!["PoliciesApplied", "Protecting"],
             ..Desired::default()
         };
+        for p in &policies {
+            d.child(p)?;
+        }
         d.conditions.push(Cond::new(
             "PoliciesApplied",
             Status::True,

@@ -9,7 +9,7 @@ use super::{build, validate};
 use crate::api::condition::Status;
 use crate::api::job::{JobReason, JobReport};
 use crate::api::{CrmBackupPolicy, CrmRestore};
-use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::k8s::cache::{JobProgress, Meta};
 use crate::k8s::meta::{LABEL_NAME_MAX, child_name};
 use crate::validation::FieldError;
@@ -57,6 +57,8 @@ fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> 
 
 impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
+    /// A restore waits for its policy's ServiceAccount: it is reconciled when one appears.
+    const WATCHES: &'static [Watch] = &[Watch::OwnsWhole(Other::Job), Watch::InNamespace(Other::ServiceAccount)];
 
     /// A restore runs once. Its Job is created once and then followed, never changed (a Job's pod template cannot
     /// change: a later edit of the policy would be refused) and never created again (that would restore the
@@ -258,14 +260,13 @@ impl CrmRestore {
         if let Some(waiting) = service_account_missing(ctx, ns, &job, name) {
             return Ok(Ok(waiting));
         }
-        let child = serde_json::to_value(&job).map_err(kube::Error::SerdeError)?;
         let mut d = Desired {
             owner: Some(v.owner.clone()),
-            children: vec![child],
             prune: vec![("batch/v1", "Job")],
             required: vec!["Restored"],
             ..Desired::default()
         };
+        d.child(&job)?;
         d.conditions.push(Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")));
         d.status.insert("phase".into(), json!("Pending"));
         d.status.insert("jobName".into(), json!(job_name));

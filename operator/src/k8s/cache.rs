@@ -490,18 +490,22 @@ impl Cache {
 
     /// What was computed for the object `uid` of `kind` from inputs whose digest was `digest`, if it still is.
     pub fn memo<T: Clone + Send + Sync + 'static>(&self, kind: Table, uid: &str, digest: u64) -> Option<T> {
-        let m = self.memos.lock().unwrap_or_else(PoisonError::into_inner);
-        let (d, value) = m.get(&(kind, uid.to_string()))?;
-        if *d != digest {
-            return None;
-        }
-        value.downcast_ref::<T>().cloned()
+        self.memo_of(kind, uid, Some(digest))
     }
 
     /// What was last remembered for `uid` of `kind`, whatever inputs it was computed from.
     pub fn last_memo<T: Clone + Send + Sync + 'static>(&self, kind: Table, uid: &str) -> Option<T> {
+        self.memo_of(kind, uid, None)
+    }
+
+    /// What was remembered for `uid` of `kind`, from inputs of digest `digest` when one is given.
+    fn memo_of<T: Clone + Send + Sync + 'static>(&self, kind: Table, uid: &str, digest: Option<u64>) -> Option<T> {
         let m = self.memos.lock().unwrap_or_else(PoisonError::into_inner);
-        m.get(&(kind, uid.to_string()))?.1.downcast_ref::<T>().cloned()
+        let (d, value) = m.get(&(kind, uid.to_string()))?;
+        if digest.is_some_and(|digest| digest != *d) {
+            return None;
+        }
+        value.downcast_ref::<T>().cloned()
     }
 
     /// Remembers what was computed for `uid` of `kind` from inputs whose digest is `digest`.

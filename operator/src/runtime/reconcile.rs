@@ -92,8 +92,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         tracing::debug!(%namespace, "namespace is being deleted; nothing is written");
         return Ok(Action::await_change());
     }
-    let (uid, version) = (guard.meta().uid.clone().unwrap_or_default(), guard.meta().resource_version.clone());
-    let version = version.unwrap_or_default();
+    let uid = guard.meta().uid.clone().unwrap_or_default();
+    let version = guard.meta().resource_version.clone().unwrap_or_default();
     if ctx.cache.predates_own_write(K::CONTROLLER, &uid, &version) {
         // The watch shows the resource from before this process's last status write, and is about to show the write
         // (whose event reconciles it again): reconciling the older object now would only read its status.

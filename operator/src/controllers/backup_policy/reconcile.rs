@@ -27,7 +27,8 @@ struct Observed {
 /// The report key and what the Jobs show, read from the server only when the policy's Jobs or CronJobs changed
 /// since the last time (their resourceVersions in the watches): a Job's status changes after its pod ended, so
 /// its report is in place by then. The key is read (and created when missing) at the first reconcile, before a
-/// Job can need it, and again only when there are Jobs to check; `new`: the policy was never reconciled, so its key is most likely still to be made.
+/// Job can need it, and again only when there are Jobs to check; `new`: the policy was never reconciled, so its
+/// key is most likely still to be made.
 async fn observe(
     ctx: &Context,
     owner: &Owner,

@@ -11,7 +11,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
+use crate::api::access_policy::conditions::CredentialsIssued;
 use crate::api::backup_policy::TlsMode;
+use crate::api::backup_policy::conditions::BackupHealthy;
+use crate::api::condition::Reason;
 use crate::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
 
 /// How old the newest verified restore drill may be before it is a finding.
@@ -228,7 +231,7 @@ fn backup_findings(inputs: &Inputs, now: Timestamp, f: &mut Vec<Finding>) {
             continue;
         }
         let st = p.status.clone().unwrap_or_default();
-        match cond(&st.conditions, "BackupHealthy") {
+        match cond(&st.conditions, BackupHealthy::TYPE) {
             Some(c) if c.status == "True" => f.push(finding(
                 "backup-within-rpo",
                 "Backup",
@@ -404,7 +407,7 @@ fn access_findings(inputs: &Inputs, f: &mut Vec<Finding>) {
             finding("rbac-wildcards", "Access", Severity::Medium, Outcome::Pass, r(), "grants name verbs and resources")
         });
         if inputs.with_status
-            && let Some(c) = a.status.as_ref().and_then(|s| cond(&s.conditions, "CredentialsIssued"))
+            && let Some(c) = a.status.as_ref().and_then(|s| cond(&s.conditions, CredentialsIssued::TYPE))
             && c.status != "True"
         {
             f.push(finding(

@@ -279,3 +279,40 @@ fn the_readmes_enumerations_are_the_crds_enums() {
     }
     assert!(groups >= 3, "found {groups} enumerations in the README");
 }
+
+/// The conditions a committed CRD describes are exactly those its controller can set: the types and reasons
+/// declared in `api::<kind>::conditions` (the only ones `Cond::new` accepts) and `Ready`'s own, nothing else (the
+/// AccessPolicy CRD once promised a `WildcardGrant` condition that no code set, and the CrmBackupPolicy CRD left
+/// `ReportsTrusted` out).
+#[test]
+fn committed_crds_describe_exactly_the_conditions_the_code_can_set() {
+    use crmguard::api::condition::{ConditionDoc, READY, ReadyReason, ReasonSet};
+    use std::collections::BTreeSet;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let kinds: [(&str, &[ConditionDoc]); 4] = [
+        ("crmbackuppolicies", crmguard::api::backup_policy::conditions::ALL),
+        ("crmrestores", crmguard::api::restore::conditions::ALL),
+        ("accesspolicies", crmguard::api::access_policy::conditions::ALL),
+        ("networkguards", crmguard::api::network_guard::conditions::ALL),
+    ];
+    for (plural, all) in kinds {
+        let path = root.join(format!("{plural}.crmguard.io.yaml"));
+        let crd: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let pointer = "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/conditions/description";
+        let description = crd.pointer(pointer).and_then(|d| d.as_str()).unwrap_or_default();
+        // Condition types and reasons are the PascalCase words in backquotes.
+        let named: BTreeSet<&str> = description
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| w.starts_with(|c: char| c.is_ascii_uppercase()) && w.chars().all(|c| c.is_ascii_alphanumeric()))
+            .collect();
+        let mut declared: BTreeSet<&str> = ReadyReason::DOCS.iter().map(|r| r.name).collect();
+        declared.insert(READY);
+        for c in all {
+            declared.insert(c.type_);
+            declared.extend(c.reasons.iter().chain(c.more.1).map(|r| r.name));
+        }
+        assert_eq!(named, declared, "{}: the conditions described vs those the code can set", path.display());
+    }
+}

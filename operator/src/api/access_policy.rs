@@ -349,7 +349,8 @@ pub struct AccessPolicyStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `RbacApplied`, `VaultConfigured`, `CredentialsIssued` and warnings such as `WildcardGrant`.
+    /// Conditions, one per type: `Ready` and those of [`conditions`], whose declaration the CRD's description of this
+    /// field is generated from (`api::crds`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -366,4 +367,53 @@ pub struct AccessPolicyStatus {
     /// the connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret_version: Option<String>,
+}
+
+/// An AccessPolicy's conditions besides `Ready`.
+pub mod conditions {
+    use crate::api::condition::VaultFailure;
+
+    crate::api::condition::conditions! {
+        /// The teams' Roles and RoleBindings are applied.
+        RbacApplied: Required {
+            /// Every team's Role and RoleBinding is in effect.
+            Applied,
+            /// The grant ceiling ClusterRole does not exist, so no Kubernetes grant is applied: install it with
+            /// the Helm chart (accessPolicy.grantCeiling) or name another with --grant-ceiling.
+            GrantCeilingMissing,
+            /// A grant goes beyond the grant ceiling; nothing of the policy is applied. The message names the
+            /// grant.
+            BeyondGrantCeiling,
+        }
+        /// The teams' Vault policies, Kubernetes-auth roles and database roles are written.
+        VaultConfigured: Required {
+            /// No team has Vault or database grants.
+            NotRequested,
+            /// Vault holds what the teams need.
+            Synced,
+            /// A database connection the grants name is not configured in Vault; retried.
+            DatabaseConnectionMissing,
+        } + VaultFailure
+        /// The teams with database grants hold live, short-lived database credentials in their Secrets.
+        CredentialsIssued: Required {
+            /// No team has live database grants.
+            NotRequested,
+            /// Every team's credentials are issued or renewed.
+            Issued,
+            /// A database grant names an identifier that is not a plain SQL name; the message names it.
+            InvalidGrant,
+            /// The database connection a team's grants name is not configured in Vault; retried.
+            DatabaseConnectionMissing,
+            /// A Secret of the team's credentials name exists that the policy does not manage: delete it or set
+            /// credentials.secretName to another name.
+            SecretConflict,
+        } + VaultFailure
+        /// Every grant names its verbs and resources.
+        LeastPrivilege: Warning {
+            /// No grant uses a wildcard.
+            NoWildcards,
+            /// A grant uses a wildcard verb or resource; the message names it.
+            BroadGrant,
+        }
+    }
 }

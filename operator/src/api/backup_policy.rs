@@ -391,10 +391,8 @@ pub struct CrmBackupPolicyStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`; `ScheduleReady`; `BackupHealthy` (False when the newest verified backup is older than `rpo` or
-    /// the last run failed, with that run's reason); `RestoreVerified` (with restore drills); `EncryptedInTransit`
-    /// (False, reason `PlaintextEndpoint`, when S3, the database or Vault is reached without TLS);
-    /// `VaultConfigured` (when the policy uses Vault).
+    /// Conditions, one per type: `Ready` and those of [`conditions`], whose declaration the CRD's description of this
+    /// field is generated from (`api::crds`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -439,3 +437,57 @@ pub struct RejectedReport {
 
 /// Reference to a policy used by other kinds.
 pub type PolicyReference = LocalObjectReference;
+
+/// A CrmBackupPolicy's conditions besides `Ready`.
+pub mod conditions {
+    use crate::api::job::JobReason;
+
+    crate::api::condition::conditions! {
+        /// Backups run on the schedule.
+        ScheduleReady: Required {
+            /// The CronJob runs the backups on spec.schedule.
+            Scheduled,
+            /// spec.suspend is true: no new backups start.
+            Suspended,
+        }
+        /// The newest verified backup is within the RPO and the last run succeeded.
+        BackupHealthy: Required {
+            /// The newest verified backup is within the RPO.
+            BackupVerified,
+            /// The newest verified backup is older than the RPO.
+            BackupTooOld,
+            /// A new policy (younger than its RPO) has no verified backup yet (status Unknown).
+            NoBackupYet,
+            /// No verified backup exists although the policy is older than its RPO.
+            NoBackup,
+        } + JobReason
+        /// The restore drill (spec.verification.restoreDrill) restored the newest backup with matching row counts.
+        RestoreVerified: BlocksWhenFalse {
+            /// The last drill passed.
+            DrillPassed,
+            /// No drill has run yet (status Unknown).
+            NoDrillYet,
+        } + JobReason
+        /// The operator can reach Vault, from which the policy reads credentials or keys.
+        VaultConfigured: Required {
+            /// The operator has no Vault address: set vault.address in the Helm values (--vault-addr).
+            VaultAddressMissing,
+        }
+        /// The status comes only from the policy's own jobs, whose reports are signed with its report key.
+        ReportsTrusted: Warning {
+            /// Every report read was the policy's own.
+            OwnJobsOnly,
+            /// The report key Secret is not the policy's own; delete it and crmguard creates the policy's own.
+            ReportKeyUnusable,
+            /// Reports of jobs that are not provably the policy's own were ignored (status.rejectedReports).
+            ForgedReport,
+        }
+        /// The database, S3 and Vault are reached over TLS.
+        EncryptedInTransit: Warning {
+            /// Every connection uses TLS.
+            TlsEverywhere,
+            /// Something is reached without TLS; the message says what.
+            PlaintextEndpoint,
+        }
+    }
+}

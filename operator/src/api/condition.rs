@@ -1,4 +1,6 @@
-//! Status conditions (`meta.v1.Condition`), their types and reasons, and the one helper that sets them.
+//! Status conditions (`meta.v1.Condition`): their types and reasons, declared per kind with [`conditions!`] so that
+//! the code can set no condition or reason the CRD's description does not list (the description is generated from
+//! the same declaration, [`describe`]), and the one helper that sets them.
 //!
 //! `lastTransitionTime` changes only when a condition's status flips; everything else (reason, message,
 //! observedGeneration) is updated in place.
@@ -8,18 +10,203 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 /// Summary condition: the resource is fully in effect.
 pub const READY: &str = "Ready";
 
-/// Reasons shared by every kind. Reasons are PascalCase and stable: alerts and scripts match on them.
-pub mod reason {
-    /// Everything the spec asks for is in place.
-    pub const RECONCILED: &str = "Reconciled";
-    /// The spec is invalid; the message says which field and how to fix it.
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// A referenced object (Secret, policy, ...) does not exist yet.
-    pub const REFERENCE_NOT_FOUND: &str = "ReferenceNotFound";
-    /// Work is in progress.
-    pub const PROGRESSING: &str = "Progressing";
-    /// A transient failure; the operator retries with backoff.
-    pub const TRANSIENT_ERROR: &str = "TransientError";
+/// A reason and its meaning, as a CRD's description lists it.
+#[derive(Clone, Copy, Debug)]
+pub struct Described {
+    pub name: &'static str,
+    /// The doc comment's lines.
+    pub doc: &'static [&'static str],
+}
+
+/// A closed set of reasons. Reasons are PascalCase and stable: alerts and scripts match on them.
+pub trait ReasonSet: Copy + std::fmt::Debug + Send + Sync + 'static {
+    /// What the set is about, from its doc comment.
+    const SUMMARY: &'static [&'static str];
+    /// Every reason of the set with its meaning.
+    const DOCS: &'static [Described];
+    /// The set this one wraps (e.g. a job's failure reasons), if any: its summary and reasons.
+    const MORE: (&'static [&'static str], &'static [Described]) = (&[], &[]);
+    fn as_str(self) -> &'static str;
+}
+
+/// The reasons of one condition type (the enum's name is the type's name) and how the type bears on `Ready`.
+pub trait Reason: ReasonSet {
+    const TYPE: &'static str;
+    const GATE: Gate;
+}
+
+/// How a condition bears on `Ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Ready is False unless this condition is True.
+    Required,
+    /// Ready is False while this condition is False; Unknown (not checked yet) does not hold it back.
+    BlocksWhenFalse,
+    /// A False is a warning: Ready does not depend on it.
+    Warning,
+}
+
+impl Gate {
+    /// Whether a condition of this gate and status holds `Ready` back.
+    pub fn holds_back(self, status: Status) -> bool {
+        match self {
+            Gate::Required => status != Status::True,
+            Gate::BlocksWhenFalse => status == Status::False,
+            Gate::Warning => false,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Gate::Required => "Ready is False unless it is True",
+            Gate::BlocksWhenFalse => "Ready is False while it is False",
+            Gate::Warning => "a warning: Ready does not depend on it",
+        }
+    }
+}
+
+/// One condition type of a kind, as its CRD's description lists it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConditionDoc {
+    pub type_: &'static str,
+    pub gate: Gate,
+    pub doc: &'static [&'static str],
+    pub reasons: &'static [Described],
+    /// A wrapped set's summary and reasons.
+    pub more: (&'static [&'static str], &'static [Described]),
+}
+
+impl ConditionDoc {
+    pub const fn of<R: Reason>() -> ConditionDoc {
+        ConditionDoc { type_: R::TYPE, gate: R::GATE, doc: R::SUMMARY, reasons: R::DOCS, more: R::MORE }
+    }
+}
+
+/// Declares a closed set of reasons: an enum whose variants are the reasons, documented by their doc comments. With
+/// `+ Inner` it also holds every reason of the set `Inner` (as `Of(Inner)`, and `From<Inner>`).
+macro_rules! reasons {
+    (
+        $(#[doc = $doc:literal])*
+        $vis:vis enum $Set:ident { $( $(#[doc = $rdoc:literal])* $R:ident ),* $(,)? } $(+ $Inner:ident)?
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $Set {
+            $( $(#[doc = $rdoc])* $R, )*
+            $(
+                /// A reason of the wrapped set.
+                Of($Inner),
+            )?
+        }
+
+        impl $crate::api::condition::ReasonSet for $Set {
+            const SUMMARY: &'static [&'static str] = &[$($doc),*];
+            const DOCS: &'static [$crate::api::condition::Described] =
+                &[$( $crate::api::condition::Described { name: stringify!($R), doc: &[$($rdoc),*] } ),*];
+            $( const MORE: (&'static [&'static str], &'static [$crate::api::condition::Described]) = (
+                <$Inner as $crate::api::condition::ReasonSet>::SUMMARY,
+                <$Inner as $crate::api::condition::ReasonSet>::DOCS,
+            ); )?
+            fn as_str(self) -> &'static str {
+                match self {
+                    $( Self::$R => stringify!($R), )*
+                    $( Self::Of(r) => <$Inner as $crate::api::condition::ReasonSet>::as_str(r), )?
+                }
+            }
+        }
+
+        $(
+            impl From<$Inner> for $Set {
+                fn from(r: $Inner) -> Self {
+                    Self::Of(r)
+                }
+            }
+        )?
+    };
+}
+pub(crate) use reasons;
+
+/// Declares a kind's condition types besides `Ready`: per type, its gate on Ready ([`Gate`]'s variant name), its
+/// reasons ([`reasons!`]), and `ALL`, the list its CRD's description is generated from.
+macro_rules! conditions {
+    ($(
+        $(#[doc = $doc:literal])*
+        $Type:ident: $gate:ident { $($body:tt)* } $(+ $Inner:ident)?
+    )*) => {
+        $(
+            $crate::api::condition::reasons! { $(#[doc = $doc])* pub enum $Type { $($body)* } $(+ $Inner)? }
+
+            impl $crate::api::condition::Reason for $Type {
+                const TYPE: &'static str = stringify!($Type);
+                const GATE: $crate::api::condition::Gate = $crate::api::condition::Gate::$gate;
+            }
+        )*
+
+        /// Every condition type besides `Ready`, in the order the CRD's description lists them.
+        pub const ALL: &[$crate::api::condition::ConditionDoc] =
+            &[$( $crate::api::condition::ConditionDoc::of::<$Type>() ),*];
+    };
+}
+pub(crate) use conditions;
+
+reasons! {
+    /// The reasons of `Ready` besides those of the condition that holds it back.
+    pub enum ReadyReason {
+        /// Everything the spec asks for is in place.
+        Reconciled,
+        /// The spec is invalid; the message names each field and the fix. Nothing is applied until the spec changes.
+        InvalidSpec,
+        /// The API server refused a write; the message names the object and the server's answer. Retried with
+        /// backoff.
+        ApplyFailed,
+        /// An object of a child's name exists that crmguard does not own; crmguard does not take it over: rename or
+        /// delete it.
+        NameConflict,
+    }
+}
+
+reasons! {
+    /// Why Vault could not be used:
+    pub enum VaultFailure {
+        /// The operator has no Vault address: set vault.address in the Helm values (--vault-addr).
+        VaultAddressMissing,
+        /// Vault is sealed: unseal it.
+        VaultSealed,
+        /// Vault did not answer (network, DNS or TLS).
+        VaultUnreachable,
+        /// Vault refused the operator's login or request: check the operator's Vault role and policy.
+        VaultPermissionDenied,
+        /// Vault answered a request with an error or with something unreadable.
+        VaultRequestFailed,
+    }
+}
+
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_lowercase().chain(c).collect()).unwrap_or_default()
+}
+
+/// The description of a kind's `status.conditions` for its CRD (`kubectl explain <kind>.status.conditions`).
+pub fn describe(all: &[ConditionDoc]) -> String {
+    fn text(lines: &[&str]) -> String {
+        lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")
+    }
+    fn list(reasons: &[Described]) -> String {
+        reasons.iter().map(|r| format!("`{}`: {}", r.name, text(r.doc))).collect::<Vec<_>>().join(" ")
+    }
+    let mut out = format!(
+        "Conditions, one per type. `Ready`: True when everything the spec asks for is in place, else False with the \
+         reason of the first condition below that holds it back, or one of these. {}",
+        list(<ReadyReason as ReasonSet>::DOCS)
+    );
+    for c in all {
+        out.push_str(&format!("\n`{}` ({}): {} Reasons: {}", c.type_, c.gate.describe(), text(c.doc), list(c.reasons)));
+        let (summary, more) = c.more;
+        if !more.is_empty() {
+            out.push_str(&format!(" And {} {}", lower_first(&text(summary)), list(more)));
+        }
+    }
+    out
 }
 
 /// Condition status values as the API spells them.

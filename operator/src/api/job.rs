@@ -6,6 +6,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::backup_policy::CrmBackupPolicySpec;
+use super::condition::{Described, ReasonSet};
 
 /// Where the job's configuration is mounted.
 pub const CONFIG_DIR: &str = "/etc/crmguard";
@@ -96,7 +97,7 @@ impl JobReason {
         JobReason::JobFailed,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             JobReason::InvalidConfiguration => "InvalidConfiguration",
             JobReason::CredentialsUnavailable => "CredentialsUnavailable",
@@ -117,6 +118,53 @@ impl JobReason {
     /// The reason named `s` (as a condition holds it); [`JobReason::JobFailed`] when it names none.
     pub fn parse(s: &str) -> JobReason {
         JobReason::ALL.into_iter().find(|r| r.as_str() == s).unwrap_or(JobReason::JobFailed)
+    }
+}
+
+impl ReasonSet for JobReason {
+    const SUMMARY: &'static [&'static str] = &["Why a job failed, from its report:"];
+    const DOCS: &'static [Described] = &[
+        Described {
+            name: JobReason::InvalidConfiguration.as_str(),
+            doc: &["The job's mounted configuration is missing or invalid."],
+        },
+        Described {
+            name: JobReason::CredentialsUnavailable.as_str(),
+            doc: &["The database or S3 credentials could not be read (Secret or Vault)."],
+        },
+        Described {
+            name: JobReason::DatabaseToolFailed.as_str(),
+            doc: &["The database's dump or restore tool failed."],
+        },
+        Described { name: JobReason::StorageError.as_str(), doc: &["An S3 request failed."] },
+        Described { name: JobReason::WrongKey.as_str(), doc: &["The encryption key does not open the backup."] },
+        Described { name: JobReason::KeyUnavailable.as_str(), doc: &["The encryption key could not be read."] },
+        Described {
+            name: JobReason::VerificationFailed.as_str(),
+            doc: &["The stored backup did not read back as it was written."],
+        },
+        Described {
+            name: JobReason::BackupStreamFailed.as_str(),
+            doc: &["The backup stream broke between the database and S3."],
+        },
+        Described { name: JobReason::BackupNotFound.as_str(), doc: &["The backup to restore does not exist."] },
+        Described {
+            name: JobReason::RowCountMismatch.as_str(),
+            doc: &["Restored row counts differ from those recorded at backup time."],
+        },
+        Described {
+            name: JobReason::ManifestTampered.as_str(),
+            doc: &["A backup's manifest or key envelope fails its integrity check."],
+        },
+        Described { name: JobReason::DatabaseUnreachable.as_str(), doc: &["The database could not be reached."] },
+        Described {
+            name: JobReason::JobFailed.as_str(),
+            doc: &["The job failed without a known reason, or left no report (e.g. killed for memory)."],
+        },
+    ];
+
+    fn as_str(self) -> &'static str {
+        JobReason::as_str(self)
     }
 }
 

@@ -18,7 +18,25 @@ use kube::CustomResourceExt;
 
 /// Every CustomResourceDefinition crmguard serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![CrmBackupPolicy::crd(), CrmRestore::crd(), AccessPolicy::crd(), NetworkGuard::crd()]
+    vec![
+        with_conditions(CrmBackupPolicy::crd(), backup_policy::conditions::ALL),
+        with_conditions(CrmRestore::crd(), restore::conditions::ALL),
+        with_conditions(AccessPolicy::crd(), access_policy::conditions::ALL),
+        with_conditions(NetworkGuard::crd(), network_guard::conditions::ALL),
+    ]
+}
+
+/// The CRD with `status.conditions` described from the kind's declared conditions (types, gates and reasons), so
+/// that `kubectl explain` lists exactly what the controller can set.
+fn with_conditions(mut crd: CustomResourceDefinition, all: &[condition::ConditionDoc]) -> CustomResourceDefinition {
+    let conditions = crd.spec.versions.iter_mut().filter_map(|v| {
+        let status = v.schema.as_mut()?.open_api_v3_schema.as_mut()?.properties.as_mut()?.get_mut("status")?;
+        status.properties.as_mut()?.get_mut("conditions")
+    });
+    for c in conditions {
+        c.description = Some(condition::describe(all));
+    }
+    crd
 }
 
 /// The kinds crmguard serves, as they appear in manifests.

@@ -344,8 +344,8 @@ pub struct NetworkGuardStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `PoliciesApplied`, `Protecting` (False `NoPodsSelected` when spec.podSelector selects no pod:
-    /// such a guard is not Ready), `Covered`, `Quarantined`.
+    /// Conditions, one per type: `Ready` and those of [`conditions`], whose declaration the CRD's description of this
+    /// field is generated from (`api::crds`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -365,4 +365,37 @@ pub struct NetworkGuardStatus {
     /// 20; a released pod leaves the list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarantines: Vec<QuarantineRecord>,
+}
+
+/// A NetworkGuard's conditions besides `Ready`.
+pub mod conditions {
+    crate::api::condition::conditions! {
+        /// The NetworkPolicies the spec asks for are in effect (a write the API server refuses makes Ready False
+        /// with reason `ApplyFailed` instead).
+        PoliciesApplied: Required {
+            /// Every NetworkPolicy of the guard is applied.
+            Applied,
+        }
+        /// The guard protects something: spec.podSelector selects pods of its namespace that have not finished.
+        Protecting: Required {
+            /// The selector selects at least one pod.
+            PodsSelected,
+            /// The selector selects no pod, so the guard protects nothing: check it against the CRM pods' labels.
+            NoPodsSelected,
+        }
+        /// Every pod of the namespace that has not finished (crmguard's own job pods aside) is behind the guard.
+        Covered: Warning {
+            /// Every such pod is selected.
+            AllPodsCovered,
+            /// Some pods are not selected and not protected; the message names them.
+            UncoveredPods,
+        }
+        /// Pods are isolated by the guard's quarantine (status.quarantines lists them).
+        Quarantined: Warning {
+            /// At least one pod is isolated.
+            Isolated,
+            /// No pod is isolated.
+            NoneIsolated,
+        }
+    }
 }

@@ -143,10 +143,8 @@ pub struct CrmRestoreStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`; `Restored` (with the job's failure reason, e.g. `VerificationFailed`, `WrongKey`,
-    /// `RowCountMismatch`; `JobDeleted` when the Job was deleted before it finished: a restore is never run twice,
-    /// create a new CrmRestore; `JobNameTaken` when a Job of its name exists that it did not create); `Verified`
-    /// (row counts match those recorded at backup time).
+    /// Conditions, one per type: `Ready` and those of [`conditions`], whose declaration the CRD's description of this
+    /// field is generated from (`api::crds`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -171,4 +169,34 @@ pub struct CrmRestoreStatus {
     /// Bytes restored (uncompressed dump size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_bytes: Option<i64>,
+}
+
+/// A CrmRestore's conditions besides `Ready`.
+pub mod conditions {
+    use crate::api::job::JobReason;
+
+    crate::api::condition::conditions! {
+        /// The backup was restored and verified.
+        Restored: Required {
+            /// Restored and verified.
+            Succeeded,
+            /// The restore Job has not started (or its pod has not).
+            Pending,
+            /// The restore Job runs.
+            Running,
+            /// The policy's ServiceAccount does not exist yet; the Job is created once it does.
+            WaitingForServiceAccount,
+            /// A Job of the restore's name exists that it did not create: delete it, or restore under another name.
+            JobNameTaken,
+            /// The Job was deleted before it finished. A restore never runs twice: create a new CrmRestore.
+            JobDeleted,
+        } + JobReason
+        /// Row counts after the restore match those recorded at backup time.
+        Verified: Warning {
+            /// Every table has its recorded row count.
+            RowCountsMatch,
+            /// Row counts were not compared (options.verifyRowCounts is false, or the backup has none).
+            NotChecked,
+        }
+    }
 }

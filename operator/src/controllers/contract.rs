@@ -12,7 +12,7 @@ use kube::{Client, Resource};
 use serde_json::{Map, Value};
 
 use crate::api::CrmBackupPolicy;
-use crate::api::condition::Status;
+use crate::api::condition::{Gate, Reason, Status};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch};
 use crate::k8s::events::Recorder;
@@ -66,18 +66,25 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// One condition a kind reports besides `Ready`.
+/// One condition a kind reports besides `Ready`: made only from a reason its kind declares (`api::<kind>::conditions`),
+/// so every type and reason set is one the CRD's description lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond {
     pub type_: &'static str,
+    pub gate: Gate,
     pub status: Status,
     pub reason: &'static str,
     pub message: String,
 }
 
 impl Cond {
-    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
-        Cond { type_, status, reason, message: message.into() }
+    pub fn new<R: Reason>(reason: R, status: Status, message: impl Into<String>) -> Self {
+        Cond { type_: R::TYPE, gate: R::GATE, status, reason: reason.as_str(), message: message.into() }
+    }
+
+    /// Whether it holds `Ready` back.
+    pub fn holds_back(&self) -> bool {
+        self.gate.holds_back(self.status)
     }
 }
 
@@ -87,10 +94,8 @@ pub struct Desired {
     pub owner: Option<Owner>,
     pub children: Vec<Value>,
     pub prune: Vec<(&'static str, &'static str)>,
-    /// Specific conditions, computed before apply.
+    /// Specific conditions, computed before apply; their gates decide `Ready`.
     pub conditions: Vec<Cond>,
-    /// Conditions whose False makes Ready False (the others are warnings).
-    pub required: Vec<&'static str>,
     /// Status fields besides observedGeneration and conditions.
     pub status: Map<String, Value>,
     /// Requeue sooner than the resync (e.g. at a grant's expiry).

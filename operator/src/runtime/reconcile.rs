@@ -11,7 +11,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 
-use crate::api::condition::{self, READY, Status, new_condition, reason, set_condition};
+use crate::api::condition::{self, READY, ReadyReason, ReasonSet, Status, new_condition, set_condition};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::k8s::apply::{ApplyError, apply_children, patch_objects};
 use crate::k8s::events::{Event, EventType};
@@ -140,7 +140,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         Err(errors) => {
             let message =
                 format!("invalid spec: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
-            (Status::False, reason::INVALID_SPEC, message, None)
+            (Status::False, ReadyReason::InvalidSpec.as_str(), message, None)
         }
         Ok(desired) => {
             if let Some(owner) = &desired.owner
@@ -172,16 +172,12 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             }
             status = desired.status.clone();
             gauges = desired.gauges.clone();
-            let failing: Vec<&Cond> = desired
-                .conditions
-                .iter()
-                .filter(|c| desired.required.contains(&c.type_) && c.status != Status::True)
-                .collect();
+            let failing: Vec<&Cond> = desired.conditions.iter().filter(|c| c.holds_back()).collect();
             match (apply_error.as_ref().and_then(refused), failing.first()) {
                 (Some((reason, message)), _) => (Status::False, reason, message, None),
                 (None, None) => (
                     Status::True,
-                    reason::RECONCILED,
+                    ReadyReason::Reconciled.as_str(),
                     "everything the spec asks for is in place".to_string(),
                     desired.requeue_after,
                 ),
@@ -239,10 +235,10 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     if let Some(e) = apply_error {
         return Err(e);
     }
-    Ok(match (ready_reason, requeue) {
-        (reason::INVALID_SPEC, _) => Action::await_change(),
-        (_, Some(after)) => Action::requeue(after.min(ctx.resync)),
-        _ => Action::requeue(ctx.resync),
+    Ok(match requeue {
+        _ if ready_reason == ReadyReason::InvalidSpec.as_str() => Action::await_change(),
+        Some(after) => Action::requeue(after.min(ctx.resync)),
+        None => Action::requeue(ctx.resync),
     })
 }
 
@@ -315,7 +311,7 @@ async fn apply_desired<K: Reconcilable>(
 fn refused(e: &Error) -> Option<(&'static str, String)> {
     if let Error::Apply(ApplyError::OwnedByAnother(_)) = e {
         let message = format!("{e}: crmguard does not take over objects it does not own; rename or delete them");
-        return Some(("NameConflict", message));
+        return Some((ReadyReason::NameConflict.as_str(), message));
     }
     let (child, status) = match e {
         Error::Apply(ApplyError::Kube { child, source: kube::Error::Api(s) }) => (child.as_str(), s),
@@ -336,7 +332,7 @@ fn refused(e: &Error) -> Option<(&'static str, String)> {
             status.code, status.message
         )
     };
-    Some(("ApplyFailed", message))
+    Some((ReadyReason::ApplyFailed.as_str(), message))
 }
 
 /// Publishes an Event about the object (a failure is only logged) and audits it.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
+use crate::api::condition::VaultFailure;
+
 /// A failed Vault call, classified so that conditions can say what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -36,13 +38,13 @@ pub enum ApiError {
 
 impl ApiError {
     /// Condition reason for this error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> VaultFailure {
         match self {
-            ApiError::Config(_) => "VaultAddressMissing",
-            ApiError::Sealed { .. } => "VaultSealed",
-            ApiError::Unreachable { .. } => "VaultUnreachable",
-            ApiError::Forbidden { .. } | ApiError::Login(_) => "VaultPermissionDenied",
-            ApiError::Status { .. } | ApiError::Decode { .. } => "VaultRequestFailed",
+            ApiError::Config(_) => VaultFailure::VaultAddressMissing,
+            ApiError::Sealed { .. } => VaultFailure::VaultSealed,
+            ApiError::Unreachable { .. } => VaultFailure::VaultUnreachable,
+            ApiError::Forbidden { .. } | ApiError::Login(_) => VaultFailure::VaultPermissionDenied,
+            ApiError::Status { .. } | ApiError::Decode { .. } => VaultFailure::VaultRequestFailed,
         }
     }
 
@@ -358,7 +360,7 @@ mod tests {
     fn errors_name_the_problem_and_redact() {
         let api = VaultApi::new("http://127.0.0.1:1", "s.very-secret-token").expect("client");
         assert!(!format!("{api:?}").contains("very-secret"));
-        assert_eq!(ApiError::Sealed { addr: "x".into() }.reason(), "VaultSealed");
+        assert_eq!(ApiError::Sealed { addr: "x".into() }.reason(), VaultFailure::VaultSealed);
         assert_eq!(vault_errors(r#"{"errors":["permission denied","x"]}"#), "permission denied; x");
         assert_eq!(vault_errors("<html>"), "");
         assert!(VaultApi::new("not a url", "").is_err());
@@ -371,6 +373,6 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
         let api = VaultApi::new(&format!("http://127.0.0.1:{}", port.unwrap_or(1)), "t").expect("client");
         let e = api.read("sys/health").await.expect_err("nothing listens");
-        assert_eq!(e.reason(), "VaultUnreachable", "{e}");
+        assert_eq!(e.reason(), VaultFailure::VaultUnreachable, "{e}");
     }
 }

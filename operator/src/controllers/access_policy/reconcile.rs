@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
+use crate::api::access_policy::conditions::{LeastPrivilege, RbacApplied};
 use crate::api::condition::Status;
 use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::validation::FieldError;
@@ -34,7 +35,6 @@ impl Reconcilable for AccessPolicy {
             // administrator widens (or creates) takes effect without an edit of the policy.
             return Ok(Ok(Desired {
                 conditions: vec![refused],
-                required: vec!["RbacApplied"],
                 requeue_after: Some(ctx.resync),
                 ..Desired::default()
             }));
@@ -45,7 +45,6 @@ impl Reconcilable for AccessPolicy {
         let mut d = Desired {
             owner: Some(v.owner.clone()),
             prune: vec![("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")],
-            required: vec!["RbacApplied", "VaultConfigured", "CredentialsIssued"],
             ..Desired::default()
         };
         for t in &rbac.teams {
@@ -100,13 +99,13 @@ impl Reconcilable for AccessPolicy {
         if !rbac.expired.is_empty() {
             rbac_msg.push_str(&format!("; expired and removed: {}", rbac.expired.join("; ")));
         }
-        d.conditions.push(Cond::new("RbacApplied", Status::True, "Applied", rbac_msg));
+        d.conditions.push(Cond::new(RbacApplied::Applied, Status::True, rbac_msg));
         d.conditions.push(vault.vault.clone());
         d.conditions.push(vault.credentials.clone());
         d.conditions.push(if v.warnings.is_empty() {
-            Cond::new("LeastPrivilege", Status::True, "NoWildcards", "every grant names its verbs and resources")
+            Cond::new(LeastPrivilege::NoWildcards, Status::True, "every grant names its verbs and resources")
         } else {
-            Cond::new("LeastPrivilege", Status::False, "BroadGrant", v.warnings.join("; "))
+            Cond::new(LeastPrivilege::BroadGrant, Status::False, v.warnings.join("; "))
         });
         d.status.insert("teamCount".into(), json!(self.spec.teams.len()));
         d.status.insert("teams".into(), json!(teams));
@@ -148,9 +147,8 @@ async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, 
     };
     let Some(rules) = rules else {
         return Ok(Some(Cond::new(
-            "RbacApplied",
+            RbacApplied::GrantCeilingMissing,
             Status::False,
-            "GrantCeilingMissing",
             format!(
                 "the grant ceiling ClusterRole {name} does not exist, so no Kubernetes grant can be checked and none \
                  is applied; install it with the Helm chart (accessPolicy.grantCeiling) or name another with \
@@ -163,10 +161,5 @@ async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, 
         return Ok(None);
     }
     let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-    Ok(Some(Cond::new(
-        "RbacApplied",
-        Status::False,
-        "BeyondGrantCeiling",
-        format!("refused, nothing applied: {message}"),
-    )))
+    Ok(Some(Cond::new(RbacApplied::BeyondGrantCeiling, Status::False, format!("refused, nothing applied: {message}"))))
 }

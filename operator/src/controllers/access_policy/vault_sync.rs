@@ -16,6 +16,7 @@ use super::lease::{self, Delivery, IssueReason, State, Step};
 use super::validate::ValidatedAccessPolicy;
 use super::vault_objects::{self, Engine, VaultObjects};
 use crate::api::AccessPolicy;
+use crate::api::access_policy::conditions::{CredentialsIssued, VaultConfigured};
 use crate::api::access_policy::{Team, VaultSettings, WorkloadKind};
 use crate::api::condition::Status;
 use crate::controllers::contract::{Cond, Context, Error};
@@ -61,8 +62,8 @@ pub struct Outcome {
 impl Outcome {
     fn new(objects: VaultObjects) -> Outcome {
         Outcome {
-            vault: Cond::new("VaultConfigured", Status::True, "NotRequested", "no team has Vault or database grants"),
-            credentials: Cond::new("CredentialsIssued", Status::True, "NotRequested", "no team has database grants"),
+            vault: Cond::new(VaultConfigured::NotRequested, Status::True, "no team has Vault or database grants"),
+            credentials: Cond::new(CredentialsIssued::NotRequested, Status::True, "no team has database grants"),
             secrets: vec![],
             patches: vec![],
             events: vec![],
@@ -89,11 +90,10 @@ impl Outcome {
                 },
             );
         }
-        self.vault = Cond::new("VaultConfigured", Status::False, e.reason(), e.to_string());
+        self.vault = Cond::new(VaultConfigured::from(e.reason()), Status::False, e.to_string());
         self.credentials = Cond::new(
-            "CredentialsIssued",
+            CredentialsIssued::from(e.reason()),
             Status::False,
-            e.reason(),
             "credentials cannot be issued or renewed while Vault cannot be used (see VaultConfigured); \
              Secrets already delivered stay until their leases end",
         );
@@ -294,10 +294,10 @@ async fn sync_objects(
     }
     let missing: Vec<String> = engines.values().filter_map(|e| e.as_ref().err().cloned()).collect();
     out.vault = if missing.is_empty() {
-        Cond::new("VaultConfigured", Status::True, "Synced", msg)
+        Cond::new(VaultConfigured::Synced, Status::True, msg)
     } else {
         out.retry = Some(VAULT_RETRY);
-        Cond::new("VaultConfigured", Status::False, "DatabaseConnectionMissing", missing.join("; "))
+        Cond::new(VaultConfigured::DatabaseConnectionMissing, Status::False, missing.join("; "))
     };
     for t in &objects.teams {
         let team = out.teams.entry(t.team.clone()).or_default();
@@ -422,7 +422,7 @@ async fn issue_credentials(
     let owner = &v.owner;
     let db = mount(&s.database_mount);
     let mut issued = Vec::new();
-    let mut failed: Vec<(String, &'static str)> = Vec::new();
+    let mut failed: Vec<(String, CredentialsIssued)> = Vec::new();
     let mut wanted_secrets = BTreeSet::new();
     for team in &p.spec.teams {
         let Some(role) = objects.teams.iter().find(|t| t.team == team.name).and_then(|t| t.db_role.as_ref()) else {
@@ -433,13 +433,13 @@ async fn issue_credentials(
         wanted_secrets.insert(name.clone());
         out.teams.entry(team.name.clone()).or_default().secret_name = Some(name.clone());
         if let Err(e) = vault_objects::check_identifiers(role) {
-            failed.push((format!("{}: {e}", team.name), "InvalidGrant"));
+            failed.push((format!("{}: {e}", team.name), CredentialsIssued::InvalidGrant));
             continue;
         }
         match engines.get(&role.connection) {
             Some(Ok(_)) => {}
             Some(Err(msg)) => {
-                failed.push((format!("{}: {msg}", team.name), "DatabaseConnectionMissing"));
+                failed.push((format!("{}: {msg}", team.name), CredentialsIssued::DatabaseConnectionMissing));
                 continue;
             }
             None => continue,
@@ -454,7 +454,7 @@ async fn issue_credentials(
                      credentials.secretName to another name",
                     team.name
                 ),
-                "SecretConflict",
+                CredentialsIssued::SecretConflict,
             ));
             continue;
         }
@@ -503,7 +503,7 @@ async fn issue_credentials(
                 }
                 Ok(_) | Err(ApiError::Status { code: 400, .. }) => step = Step::Issue(IssueReason::Expired),
                 Err(e) => {
-                    failed.push((format!("{}: renewing the lease failed: {e}", team.name), e.reason()));
+                    failed.push((format!("{}: renewing the lease failed: {e}", team.name), e.reason().into()));
                 }
             }
         }
@@ -560,7 +560,7 @@ async fn issue_credentials(
                     );
                 }
                 Err(e) => {
-                    failed.push((format!("{}: issuing credentials failed: {e}", team.name), e.reason()));
+                    failed.push((format!("{}: issuing credentials failed: {e}", team.name), e.reason().into()));
                     if current.is_none() {
                         continue;
                     }
@@ -603,16 +603,11 @@ async fn issue_credentials(
     }
     out.credentials = if let Some((_, reason)) = failed.first() {
         out.retry = Some(VAULT_RETRY);
-        Cond::new(
-            "CredentialsIssued",
-            Status::False,
-            reason,
-            failed.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join("; "),
-        )
+        Cond::new(*reason, Status::False, failed.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join("; "))
     } else if issued.is_empty() {
-        Cond::new("CredentialsIssued", Status::True, "NotRequested", "no team has live database grants")
+        Cond::new(CredentialsIssued::NotRequested, Status::True, "no team has live database grants")
     } else {
-        Cond::new("CredentialsIssued", Status::True, "Issued", issued.join("; "))
+        Cond::new(CredentialsIssued::Issued, Status::True, issued.join("; "))
     };
     remove_stale_secrets(p, v, secrets, Some(api), &wanted_secrets, out).await
 }

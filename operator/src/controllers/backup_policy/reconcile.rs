@@ -9,8 +9,11 @@ use serde_json::json;
 
 use super::{build, status, validate};
 use crate::api::CrmBackupPolicy;
+use crate::api::backup_policy::conditions::{
+    BackupHealthy, EncryptedInTransit, ReportsTrusted, ScheduleReady, VaultConfigured,
+};
 use crate::api::backup_policy::{RejectedReport, TlsMode};
-use crate::api::condition::Status;
+use crate::api::condition::{Reason, Status};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::controllers::schedule::next_run;
 use crate::k8s::meta::{OWNER_LABEL, Owner};
@@ -290,7 +293,6 @@ impl Reconcilable for CrmBackupPolicy {
         let mut d = Desired {
             owner: Some(v.owner.clone()),
             prune: vec![("batch/v1", "CronJob"), ("v1", "ConfigMap"), ("v1", "ServiceAccount")],
-            required: vec!["ScheduleReady", "BackupHealthy"],
             ..Desired::default()
         };
         d.child(&c.service_account)?;
@@ -302,16 +304,14 @@ impl Reconcilable for CrmBackupPolicy {
         let tz = self.spec.schedule.time_zone.clone().unwrap_or_else(|| "UTC".into());
         if self.spec.suspend {
             d.conditions.push(Cond::new(
-                "ScheduleReady",
+                ScheduleReady::Suspended,
                 Status::False,
-                "Suspended",
                 "spec.suspend is true: no new backups start",
             ));
         } else {
             d.conditions.push(Cond::new(
-                "ScheduleReady",
+                ScheduleReady::Scheduled,
                 Status::True,
-                "Scheduled",
                 format!("CronJob {cron_job} runs {:?} ({tz})", self.spec.schedule.cron),
             ));
             if let Some(next) = next_run(&v.cron, v.time_zone.as_ref(), (ctx.now)()) {
@@ -320,13 +320,11 @@ impl Reconcilable for CrmBackupPolicy {
         }
         if build::uses_vault(&self.spec) && ctx.build.vault_addr.is_none() {
             d.conditions.push(Cond::new(
-                "VaultConfigured",
+                VaultConfigured::VaultAddressMissing,
                 Status::False,
-                "VaultAddressMissing",
                 "this policy reads credentials or keys from Vault, but the operator has no Vault address: set \
                  vault.address in the Helm values (--vault-addr)",
             ));
-            d.required.push("VaultConfigured");
         }
         let names = build::names(&v.owner);
         let new = self.status.as_ref().and_then(|s| s.observed_generation).is_none();
@@ -347,17 +345,15 @@ impl Reconcilable for CrmBackupPolicy {
         }
         let rejected = rejected_reports((ctx.now)(), previous, &observed.rejected);
         d.conditions.push(match (&key, rejected.is_empty()) {
-            (Err(e), _) => Cond::new("ReportsTrusted", Status::False, "ReportKeyUnusable", e.clone()),
+            (Err(e), _) => Cond::new(ReportsTrusted::ReportKeyUnusable, Status::False, e.clone()),
             (Ok(_), true) => Cond::new(
-                "ReportsTrusted",
+                ReportsTrusted::OwnJobsOnly,
                 Status::True,
-                "OwnJobsOnly",
                 "status comes only from the policy's own jobs, with reports signed by its report key",
             ),
             (Ok(_), false) => Cond::new(
-                "ReportsTrusted",
+                ReportsTrusted::ForgedReport,
                 Status::False,
-                "ForgedReport",
                 format!(
                     "ignored the reports of {}: they are not provably the policy's own jobs (status.rejectedReports)",
                     rejected.iter().map(|r| r.job.as_str()).collect::<Vec<_>>().join(", ")
@@ -378,8 +374,6 @@ impl Reconcilable for CrmBackupPolicy {
             self.spec.verification.restore_drill.is_some(),
         );
         d.conditions.extend(h.conditions.iter().cloned());
-        d.required.retain(|r| *r != "BackupHealthy");
-        d.required.extend(h.required.iter().copied());
         d.requeue_after = h.requeue_after;
         if let Some(b) = &h.last_successful_backup {
             d.status.insert("lastSuccessfulBackup".into(), serde_json::to_value(b).unwrap_or_default());
@@ -405,14 +399,9 @@ impl Reconcilable for CrmBackupPolicy {
             plaintext.push("the operator's Vault address is plain http (vault.address)");
         }
         d.conditions.push(if plaintext.is_empty() {
-            Cond::new(
-                "EncryptedInTransit",
-                Status::True,
-                "TlsEverywhere",
-                "database, S3 and Vault are reached over TLS",
-            )
+            Cond::new(EncryptedInTransit::TlsEverywhere, Status::True, "database, S3 and Vault are reached over TLS")
         } else {
-            Cond::new("EncryptedInTransit", Status::False, "PlaintextEndpoint", plaintext.join("; "))
+            Cond::new(EncryptedInTransit::PlaintextEndpoint, Status::False, plaintext.join("; "))
         });
         d.status.insert("cronJobName".into(), json!(cron_job));
         Ok(Ok(d))
@@ -423,7 +412,7 @@ impl Reconcilable for CrmBackupPolicy {
 fn gauges(h: &status::Health, rpo: std::time::Duration) -> Vec<crate::metrics::ObjectSample> {
     let secs = |t: &Time| t.0.as_second() as f64;
     let mut g = vec![("backup_rpo_seconds", vec![], rpo.as_secs_f64())];
-    let healthy = h.conditions.iter().any(|c| c.type_ == "BackupHealthy" && c.status == Status::True);
+    let healthy = h.conditions.iter().any(|c| c.type_ == BackupHealthy::TYPE && c.status == Status::True);
     g.push(("backup_healthy", vec![], f64::from(u8::from(healthy))));
     if let Some(b) = &h.last_successful_backup {
         g.extend(b.completion_time.as_ref().map(|t| ("backup_last_success_timestamp_seconds", vec![], secs(t))));

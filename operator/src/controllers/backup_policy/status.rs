@@ -11,6 +11,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use crate::api::backup_policy::conditions::{BackupHealthy, RestoreVerified};
 use crate::api::backup_policy::{BackupRecord, CrmBackupPolicyStatus, VerifiedRestore};
 use crate::api::condition::Status;
 use crate::api::job::{JobKind, JobReason, JobReport};
@@ -37,8 +38,6 @@ pub struct JobObservation {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Health {
     pub conditions: Vec<Cond>,
-    /// Condition types that must be True for Ready.
-    pub required: Vec<&'static str>,
     pub last_successful_backup: Option<BackupRecord>,
     pub last_failure_time: Option<Time>,
     pub backup_count: Option<i64>,
@@ -164,7 +163,6 @@ pub fn health(
     }
 
     let mut conditions = Vec::new();
-    let mut required = vec!["BackupHealthy"];
     let mut requeue: Option<Duration> = None;
     let ok_time = last_ok.as_ref().and_then(|b| b.completion_time.as_ref().map(|t| t.0));
     let failed_last = match newest_backup_run {
@@ -178,26 +176,19 @@ pub fn health(
             let since = ok_time
                 .map(|t| format!("; the newest verified backup is from {t}"))
                 .unwrap_or_else(|| "; there is no verified backup".into());
-            Cond::new(
-                "BackupHealthy",
-                Status::False,
-                reason.as_str(),
-                format!("the last backup failed: {message}{since}"),
-            )
+            Cond::new(BackupHealthy::from(reason), Status::False, format!("the last backup failed: {message}{since}"))
         }
         (None, Some(t), Some(age)) if age > rpo => Cond::new(
-            "BackupHealthy",
+            BackupHealthy::BackupTooOld,
             Status::False,
-            "BackupTooOld",
             // No age in messages: a message that changes with the clock rewrites the status on every reconcile.
             format!("the newest verified backup is from {t}, beyond the RPO of {} since {}", human(rpo), plus(t, rpo)),
         ),
         (None, Some(t), Some(age)) => {
             requeue = Some(rpo.saturating_sub(age) + Duration::from_secs(1));
             Cond::new(
-                "BackupHealthy",
+                BackupHealthy::BackupVerified,
                 Status::True,
-                "BackupVerified",
                 format!(
                     "the newest verified backup is from {t}, within the RPO of {} until {}",
                     human(rpo),
@@ -211,16 +202,14 @@ pub fn health(
             if young {
                 // A new policy is not unhealthy; it is not Ready either until it has a verified backup.
                 Cond::new(
-                    "BackupHealthy",
+                    BackupHealthy::NoBackupYet,
                     Status::Unknown,
-                    "NoBackupYet",
                     "no verified backup exists yet; it appears here after the first scheduled run (or run one now with `kubectl create job --from=cronjob/<name>`)",
                 )
             } else {
                 Cond::new(
-                    "BackupHealthy",
+                    BackupHealthy::NoBackup,
                     Status::False,
-                    "NoBackup",
                     format!("no verified backup exists although the policy is older than its RPO ({})", human(rpo)),
                 )
             }
@@ -233,18 +222,15 @@ pub fn health(
             Some(j) if j.failed || j.report.as_ref().is_some_and(|r| !r.ok) => {
                 let (reason, message) = failure_text(j);
                 conditions.push(Cond::new(
-                    "RestoreVerified",
+                    RestoreVerified::from(reason),
                     Status::False,
-                    reason.as_str(),
                     format!("the last restore drill failed: {message}"),
                 ));
-                required.push("RestoreVerified");
             }
             _ => match &verified_restore {
                 Some(v) => conditions.push(Cond::new(
-                    "RestoreVerified",
+                    RestoreVerified::DrillPassed,
                     Status::True,
-                    "DrillPassed",
                     format!(
                         "backup {} was restored into the scratch database with matching row counts{}",
                         v.backup_id,
@@ -252,9 +238,8 @@ pub fn health(
                     ),
                 )),
                 None => conditions.push(Cond::new(
-                    "RestoreVerified",
+                    RestoreVerified::NoDrillYet,
                     Status::Unknown,
-                    "NoDrillYet",
                     "no restore drill has run yet",
                 )),
             },
@@ -265,7 +250,6 @@ pub fn health(
     }
     Health {
         conditions,
-        required,
         last_successful_backup: last_ok,
         last_failure_time: last_failure,
         backup_count: count,
@@ -417,6 +401,18 @@ mod tests {
     }
 
     #[test]
+    fn a_drill_not_run_yet_does_not_hold_ready_back_but_no_backup_yet_does() {
+        let now = ts("2026-11-29T10:00:00Z");
+        let h = health(now, None, DAY, None, &[backup_ok("a", "2026-11-29T02:15:00Z", 1)], true);
+        let drill = &h.conditions[1];
+        assert_eq!((drill.type_, drill.status, drill.reason), ("RestoreVerified", Status::Unknown, "NoDrillYet"));
+        assert!(!drill.holds_back());
+        let h = health(now, Some(ts("2026-11-29T09:00:00Z")), DAY, None, &[], true);
+        assert_eq!((h.conditions[0].status, h.conditions[0].reason), (Status::Unknown, "NoBackupYet"));
+        assert!(h.conditions[0].holds_back(), "a policy without a verified backup is not Ready");
+    }
+
+    #[test]
     fn drills_record_the_verified_restore_and_a_failed_drill_blocks_ready() {
         let now = ts("2026-11-29T10:00:00Z");
         let drill_ok = JobObservation {
@@ -437,7 +433,7 @@ mod tests {
         let v = h.last_verified_restore.clone().unwrap();
         assert_eq!((v.backup_id.as_str(), v.duration_seconds), ("id-a", Some(42)));
         assert_eq!(h.conditions[1].status, Status::True);
-        assert_eq!(h.required, vec!["BackupHealthy"]);
+        assert!(!h.conditions.iter().any(Cond::holds_back), "a healthy policy whose drill passed is Ready");
 
         let drill_bad = JobObservation {
             name: "drill-2".into(),
@@ -456,7 +452,7 @@ mod tests {
         };
         let h = health(now, None, DAY, None, &[jobs[0].clone(), drill_ok, drill_bad], true);
         assert_eq!((h.conditions[1].status, h.conditions[1].reason), (Status::False, "RowCountMismatch"));
-        assert!(h.required.contains(&"RestoreVerified"));
+        assert!(h.conditions[1].holds_back(), "a failed drill holds Ready back");
         assert_eq!(h.last_verified_restore.unwrap().backup_id, "id-a", "the last good drill is kept");
     }
 }

@@ -11,6 +11,7 @@ use super::{build, validate};
 use crate::api::NetworkGuard;
 use crate::api::common::parse_duration;
 use crate::api::condition::Status;
+use crate::api::network_guard::conditions::{Covered, PoliciesApplied, Protecting, Quarantined};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::k8s::apply::ObjectPatch;
 use crate::k8s::meta::label_value;
@@ -54,47 +55,41 @@ impl Reconcilable for NetworkGuard {
         let mut d = Desired {
             owner: Some(v.owner.clone()),
             prune: vec![("networking.k8s.io/v1", "NetworkPolicy")],
-            required: vec!["PoliciesApplied", "Protecting"],
             ..Desired::default()
         };
         for p in &policies {
             d.child(p)?;
         }
         d.conditions.push(Cond::new(
-            "PoliciesApplied",
+            PoliciesApplied::Applied,
             Status::True,
-            "Applied",
             format!("{} NetworkPolicies in effect", names.len()),
         ));
         // A guard that selects no pod protects nothing: not Ready, whatever policies exist.
         d.conditions.push(if covered.is_empty() {
             Cond::new(
-                "Protecting",
+                Protecting::NoPodsSelected,
                 Status::False,
-                "NoPodsSelected",
                 "spec.podSelector selects no pod of this namespace that has not finished, so the guard protects \
                  nothing: check the selector against the CRM pods' labels (kubectl get pods --show-labels)",
             )
         } else {
             Cond::new(
-                "Protecting",
+                Protecting::PodsSelected,
                 Status::True,
-                "PodsSelected",
                 format!("{} pod(s) selected by spec.podSelector are behind the guard", covered.len()),
             )
         });
         d.conditions.push(if uncovered.is_empty() {
             Cond::new(
-                "Covered",
+                Covered::AllPodsCovered,
                 Status::True,
-                "AllPodsCovered",
                 format!("all {} pod(s) of this namespace that have not finished are behind the guard", covered.len()),
             )
         } else {
             Cond::new(
-                "Covered",
+                Covered::UncoveredPods,
                 Status::False,
-                "UncoveredPods",
                 format!(
                     "{} pod(s) of this namespace that have not finished (pending or running) are not selected by \
                      spec.podSelector and are not protected: {}",
@@ -172,13 +167,12 @@ impl Reconcilable for NetworkGuard {
         }
         d.conditions.push(if qp.active > 0 {
             Cond::new(
-                "Quarantined",
+                Quarantined::Isolated,
                 Status::True,
-                "Isolated",
                 format!("{} pod(s) isolated; see status.quarantines", qp.active),
             )
         } else {
-            Cond::new("Quarantined", Status::False, "NoneIsolated", "no pod is isolated")
+            Cond::new(Quarantined::NoneIsolated, Status::False, "no pod is isolated")
         });
         d.status.insert("quarantinedPods".into(), json!(qp.active));
         d.gauges.push(("quarantined_pods", vec![], qp.active as f64));

@@ -6,8 +6,9 @@ use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use super::{build, validate};
-use crate::api::condition::Status;
+use crate::api::condition::{Reason, ReasonSet, Status};
 use crate::api::job::{JobReason, JobReport};
+use crate::api::restore::conditions::{Restored, Verified};
 use crate::api::{CrmBackupPolicy, CrmRestore};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::k8s::cache::{JobProgress, Meta};
@@ -47,8 +48,7 @@ fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> 
          created once it exists"
     );
     let mut d = Desired {
-        conditions: vec![Cond::new("Restored", Status::False, "WaitingForServiceAccount", message)],
-        required: vec!["Restored"],
+        conditions: vec![Cond::new(Restored::WaitingForServiceAccount, Status::False, message)],
         ..Desired::default()
     };
     d.status.insert("phase".into(), json!("Pending"));
@@ -69,7 +69,7 @@ impl Reconcilable for CrmRestore {
         let job_name = child_name(&self.metadata.name.clone().unwrap_or_default(), "restore", LABEL_NAME_MAX);
         match job(ctx, &ns, &job_name).await? {
             Some(job) if job.controller.as_deref() != Some(uid.as_str()) => Ok(Ok(failed(
-                "JobNameTaken",
+                Restored::JobNameTaken,
                 format!(
                     "a Job {job_name} exists that this restore did not create; delete it, or restore under another \
                      CrmRestore name"
@@ -108,12 +108,8 @@ async fn job(ctx: &Context, ns: &str, name: &str) -> Result<Option<Meta>, Error>
 }
 
 /// A restore that ended without a Job to follow.
-fn failed(reason: &'static str, message: String) -> Desired {
-    let mut d = Desired {
-        conditions: vec![Cond::new("Restored", Status::False, reason, message)],
-        required: vec!["Restored"],
-        ..Desired::default()
-    };
+fn failed(reason: Restored, message: String) -> Desired {
+    let mut d = Desired { conditions: vec![Cond::new(reason, Status::False, message)], ..Desired::default() };
     d.status.insert("phase".into(), json!("Failed"));
     d
 }
@@ -125,26 +121,24 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
     // The restore pod's termination message is `crmguard restore run`'s report.
     let report = if finished { job_report(ctx, ns, job_name).await? } else { None };
     let (phase, cond) = if status.succeeded > 0 {
-        ("Succeeded", Cond::new("Restored", Status::True, "Succeeded", "the backup was verified and restored"))
+        ("Succeeded", Cond::new(Restored::Succeeded, Status::True, "the backup was verified and restored"))
     } else if status.failed > 0 {
         let (reason, message) = match &report {
-            Some(r) if !r.ok => {
-                (r.reason.unwrap_or(JobReason::JobFailed).as_str(), r.message.clone().unwrap_or_default())
-            }
-            _ => ("JobFailed", format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
+            Some(r) if !r.ok => (r.reason.unwrap_or(JobReason::JobFailed), r.message.clone().unwrap_or_default()),
+            _ => (JobReason::JobFailed, format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
         };
-        ("Failed", Cond::new("Restored", Status::False, reason, message))
+        ("Failed", Cond::new(Restored::from(reason), Status::False, message))
     } else if status.ready > 0 {
-        ("Running", Cond::new("Restored", Status::False, "Running", format!("Job {job_name} is running")))
+        ("Running", Cond::new(Restored::Running, Status::False, format!("Job {job_name} is running")))
     } else if status.active > 0 {
         // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
         // pulled, started) the restore has not begun.
         let message = format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
-        ("Pending", Cond::new("Restored", Status::False, "Pending", message))
+        ("Pending", Cond::new(Restored::Pending, Status::False, message))
     } else {
-        ("Pending", Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")))
+        ("Pending", Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")))
     };
-    let mut d = Desired { required: vec!["Restored"], ..Desired::default() };
+    let mut d = Desired::default();
     d.conditions.push(cond);
     d.status.insert("phase".into(), json!(phase));
     d.status.insert("jobName".into(), json!(job_name));
@@ -160,15 +154,13 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
         }
         d.conditions.push(match r.row_counts_verified {
             Some(true) => Cond::new(
-                "Verified",
+                Verified::RowCountsMatch,
                 Status::True,
-                ROW_COUNTS_MATCH,
                 "every table has the row count recorded at backup time",
             ),
             _ => Cond::new(
-                "Verified",
+                Verified::NotChecked,
                 Status::False,
-                NOT_CHECKED,
                 "row counts were not compared (options.verifyRowCounts is false, or the backup has none)",
             ),
         });
@@ -181,11 +173,6 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
     }
     Ok(d)
 }
-
-const ROW_COUNTS_MATCH: &str = "RowCountsMatch";
-/// The restore's Job was deleted before it finished.
-const JOB_DELETED: &str = "JobDeleted";
-const NOT_CHECKED: &str = "NotChecked";
 
 impl CrmRestore {
     /// Whether this restore created its Job before: its status names the Job (as the watch shows it, or as this
@@ -205,7 +192,7 @@ impl CrmRestore {
         let prev = self.status.clone().unwrap_or_default();
         if !matches!(prev.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
             let mut d = failed(
-                JOB_DELETED,
+                Restored::JobDeleted,
                 format!(
                     "Job {job_name} was deleted before the restore finished; a restore is never run twice (it would \
                      overwrite what was written since): create a new CrmRestore to restore again"
@@ -215,26 +202,25 @@ impl CrmRestore {
             d.status.insert("jobName".into(), json!(job_name));
             return d;
         }
-        let mut d = Desired { required: vec!["Restored"], ..Desired::default() };
+        let mut d = Desired::default();
         let kept = |t: &str| prev.conditions.iter().find(|c| c.type_ == t);
-        if let Some(c) = kept("Restored") {
+        if let Some(c) = kept(Restored::TYPE) {
             let (status, reason) = if c.status == "True" {
-                (Status::True, "Succeeded")
+                (Status::True, Restored::Succeeded)
+            } else if c.reason == Restored::JobDeleted.as_str() {
+                (Status::False, Restored::JobDeleted)
             } else {
-                (
-                    Status::False,
-                    if c.reason == JOB_DELETED { JOB_DELETED } else { JobReason::parse(&c.reason).as_str() },
-                )
+                (Status::False, Restored::from(JobReason::parse(&c.reason)))
             };
-            d.conditions.push(Cond::new("Restored", status, reason, c.message.clone()));
+            d.conditions.push(Cond::new(reason, status, c.message.clone()));
         }
-        if let Some(c) = kept("Verified") {
-            let (status, reason) = if c.reason == ROW_COUNTS_MATCH {
-                (Status::True, ROW_COUNTS_MATCH)
+        if let Some(c) = kept(Verified::TYPE) {
+            let (status, reason) = if c.reason == Verified::RowCountsMatch.as_str() {
+                (Status::True, Verified::RowCountsMatch)
             } else {
-                (Status::False, NOT_CHECKED)
+                (Status::False, Verified::NotChecked)
             };
-            d.conditions.push(Cond::new("Verified", status, reason, c.message.clone()));
+            d.conditions.push(Cond::new(reason, status, c.message.clone()));
         }
         if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&prev) {
             d.status = fields.into_iter().filter(|(k, _)| k != "conditions" && k != "observedGeneration").collect();
@@ -260,14 +246,9 @@ impl CrmRestore {
         if let Some(waiting) = service_account_missing(ctx, ns, &job, name) {
             return Ok(Ok(waiting));
         }
-        let mut d = Desired {
-            owner: Some(v.owner.clone()),
-            prune: vec![("batch/v1", "Job")],
-            required: vec!["Restored"],
-            ..Desired::default()
-        };
+        let mut d = Desired { owner: Some(v.owner.clone()), prune: vec![("batch/v1", "Job")], ..Desired::default() };
         d.child(&job)?;
-        d.conditions.push(Cond::new("Restored", Status::False, "Pending", format!("Job {job_name} has not started")));
+        d.conditions.push(Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")));
         d.status.insert("phase".into(), json!("Pending"));
         d.status.insert("jobName".into(), json!(job_name));
         Ok(Ok(d))

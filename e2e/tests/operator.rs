@@ -469,6 +469,34 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
     }
     assert!(backup_jobs().await.is_empty(), "no backup for a refused call");
     assert!(!op.logs().contains(token), "the token must never be logged");
+    // A guard whose spec its controller refuses is not reconciled, so an isolation through it would never be
+    // released: the webhook refuses too (409, naming the field), and nothing changes.
+    let valid = guards.get("crm-firewall").await.unwrap();
+    let mut bad = serde_json::to_value(&valid).unwrap();
+    bad["spec"]["ingress"][0]["peers"][0]["podSelector"] = json!({"matchLabels": {"-bad": "x"}});
+    guards.replace("crm-firewall", &PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap();
+    eventually(30, "the guard refused by its controller", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        match ready(g.status.as_ref().map(|s| &s.conditions), "Ready") {
+            Some((s, r, _)) if s == "False" && r == "InvalidSpec" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("is not a valid label key"), "{body}");
+    assert!(!touched("web-0").await, "web-0 unchanged by a call through an invalid guard");
+    assert!(backup_jobs().await.is_empty(), "no backup through an invalid guard");
+    let mut fixed = guards.get("crm-firewall").await.unwrap();
+    fixed.spec = valid.spec.clone();
+    guards.replace("crm-firewall", &PostParams::default(), &fixed).await.unwrap();
+    eventually(30, "the guard Ready again", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let r = ready(g.status.as_ref().map(|s| &s.conditions), "Ready");
+        if r.as_ref().is_some_and(|r| r.0 == "True") { Ok(()) } else { Err(format!("{r:?}")) }
+    })
+    .await;
 
     // backupFirst: the backup Job starts, the pod waits for it.
     let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();

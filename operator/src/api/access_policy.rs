@@ -417,3 +417,24 @@ pub mod conditions {
         }
     }
 }
+
+crate::api::condition::reasons! {
+    /// The reasons of the Events an AccessPolicy's controller records, besides `Ready`'s.
+    pub enum AccessPolicyEvent {
+        /// A grant's `expiresAt` passed; it was removed from RBAC and Vault.
+        GrantExpired,
+        /// A team's first database credentials were issued into its Secret.
+        CredentialsIssued,
+        /// A team's credentials were replaced (renewal limit, grants changed, or revoked); the note says when the
+        /// previous one is revoked.
+        CredentialsRotated,
+        /// A replaced credential was revoked after its grace period.
+        CredentialsRevoked,
+        /// Revoking a credential failed; retried.
+        RevokeFailed,
+        /// Credentials expired without renewal because Vault could not be used.
+        CredentialsExpired,
+        /// A team lost its database grants: its Secret was deleted and its leases revoked.
+        CredentialsRemoved,
+    }
+}

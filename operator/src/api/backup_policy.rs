@@ -491,3 +491,11 @@ pub mod conditions {
         }
     }
 }
+
+crate::api::condition::reasons! {
+    /// The reasons of the Events a CrmBackupPolicy's controller records, besides `Ready`'s.
+    pub enum BackupPolicyEvent {
+        /// A Job's report was ignored: it is not provably the policy's own (the Event is also about the Job).
+        ForgedReport,
+    }
+}

@@ -399,3 +399,13 @@ pub mod conditions {
         }
     }
 }
+
+crate::api::condition::reasons! {
+    /// The reasons of the Events a NetworkGuard's controller records, besides `Ready`'s.
+    pub enum NetworkGuardEvent {
+        /// A pod was isolated; the note names it, why and until when.
+        Quarantined,
+        /// A pod was released from quarantine.
+        Released,
+    }
+}

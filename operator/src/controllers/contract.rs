@@ -12,7 +12,7 @@ use kube::{Client, Resource};
 use serde_json::{Map, Value};
 
 use crate::api::CrmBackupPolicy;
-use crate::api::condition::{Gate, Reason, Status};
+use crate::api::condition::{Gate, Reason, ReasonSet, Status};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch};
 use crate::k8s::events::Recorder;
@@ -102,15 +102,75 @@ pub struct Desired {
     pub requeue_after: Option<Duration>,
     /// Merge patches to objects the resource does not own (applied after the children).
     pub patches: Vec<ObjectPatch>,
-    /// Events to record once the changes are made: (warning?, reason, note).
-    pub events: Vec<(bool, &'static str, String)>,
-    /// Events about a second object (the Event's `related`): (warning?, reason, note, object). Repeats of the same
-    /// reason, note and objects fold into one series (`k8s::events`).
-    pub related_events: Vec<(bool, &'static str, String, k8s_openapi::api::core::v1::ObjectReference)>,
+    /// Events to record once the changes are made.
+    pub events: Vec<Note>,
     /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
     pub gauges: Vec<crate::metrics::ObjectSample>,
-    /// Writes made outside the Kubernetes API while computing this (Vault): (action, kind, name, reason).
-    pub audit: Vec<(&'static str, &'static str, String, String)>,
+    /// Writes made to Vault while computing this, for the audit trail.
+    pub audit: Vec<VaultWrite>,
+}
+
+/// An Event to record about the resource once the changes are made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    /// One of the kind's declared Event reasons (`api::<kind>`).
+    pub reason: &'static str,
+    pub note: String,
+    /// A second object the Event is about (its `related`). Repeats of the same reason, note and objects fold into
+    /// one series (`k8s::events`).
+    pub related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+}
+
+impl Note {
+    pub fn normal(reason: impl ReasonSet, note: impl Into<String>) -> Note {
+        Note { warning: false, reason: reason.as_str(), note: note.into(), related: None }
+    }
+
+    pub fn warning(reason: impl ReasonSet, note: impl Into<String>) -> Note {
+        Note { warning: true, reason: reason.as_str(), note: note.into(), related: None }
+    }
+
+    /// The same Event, about `object` too.
+    pub fn about(self, object: k8s_openapi::api::core::v1::ObjectReference) -> Note {
+        Note { related: Some(object), ..self }
+    }
+}
+
+/// What crmguard did in Vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaultAction {
+    /// A policy or role written.
+    Write,
+    /// A stale policy or role deleted.
+    Delete,
+    /// A database credential lease issued.
+    LeaseIssue,
+    /// A lease renewed.
+    LeaseRenew,
+    /// A lease revoked.
+    LeaseRevoke,
+}
+
+impl VaultAction {
+    /// The audit trail's action.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaultAction::Write => "vault-write",
+            VaultAction::Delete => "vault-delete",
+            VaultAction::LeaseIssue => "lease-issue",
+            VaultAction::LeaseRenew => "lease-renew",
+            VaultAction::LeaseRevoke => "lease-revoke",
+        }
+    }
+}
+
+/// A write to Vault, for the audit trail: what, where (a Vault path, or the Secret whose leases were revoked), why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultWrite {
+    pub action: VaultAction,
+    pub path: String,
+    pub reason: String,
 }
 
 impl Desired {

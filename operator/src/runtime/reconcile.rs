@@ -151,16 +151,14 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                 }
                 apply_error = Some(e);
             }
-            let related = desired.related_events.iter().map(|(w, r, n, o)| (w, r, n, Some(o)));
-            let events = desired.events.iter().map(|(w, r, n)| (w, r, n, None)).chain(related);
             // Events describe changes made; after a refused write they wait for the retry.
-            for (warning, reason, note, secondary) in events.filter(|_| apply_error.is_none()) {
+            for n in desired.events.iter().filter(|_| apply_error.is_none()) {
                 let event = Event {
-                    type_: if *warning { EventType::Warning } else { EventType::Normal },
-                    reason: (*reason).to_string(),
-                    note: note.clone(),
+                    type_: if n.warning { EventType::Warning } else { EventType::Normal },
+                    reason: n.reason.to_string(),
+                    note: n.note.clone(),
                     action: "Reconcile".into(),
-                    related: secondary.cloned(),
+                    related: n.related.clone(),
                 };
                 publish(ctx, guard, event, K::CONTROLLER).await;
             }
@@ -300,8 +298,9 @@ async fn apply_desired<K: Reconcilable>(
     for c in &patched {
         ctx.audit.record_child(K::CONTROLLER, "patch", &owner.namespace, c, &format!("requested by {because}"));
     }
-    for (action, kind, target, reason) in &desired.audit {
-        ctx.audit.record(K::CONTROLLER, action, kind, &owner.namespace, target, &format!("{reason} ({because})"));
+    for w in &desired.audit {
+        let detail = format!("{} ({because})", w.reason);
+        ctx.audit.record(K::CONTROLLER, w.action.as_str(), "Vault", &owner.namespace, &w.path, &detail);
     }
     Ok(())
 }

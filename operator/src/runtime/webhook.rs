@@ -17,6 +17,7 @@ use crate::controllers::network_guard::build::QUARANTINE_LABEL;
 use crate::controllers::network_guard::quarantine::{
     AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, SINCE, UNTIL,
 };
+use crate::controllers::network_guard::validate::validate;
 use crate::k8s::meta::label_value;
 use crate::netpol::selector_matches;
 
@@ -137,19 +138,17 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
         Ok(r) => r,
         Err(m) => return err(400, m),
     };
-    let duration = |field: &str, value: &str| {
-        crate::api::common::parse_duration(value)
-            .ok()
-            .and_then(|d| jiff::SignedDuration::try_from(d).ok())
-            .ok_or_else(|| err(500, format!("spec.webhook.{field} cannot be parsed")))
+    // An invalid guard is not reconciled, so an isolation would never be released: refuse, as its controller does.
+    let times = match validate(&guard) {
+        Ok(v) => v.webhook,
+        Err(errors) => {
+            let errors = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            return err(409, format!("NetworkGuard {guard_name} is invalid ({errors}); nothing was changed"));
+        }
     };
-    let ttl = match duration("ttl", &webhook.ttl) {
-        Ok(t) => t,
-        Err(e) => return e,
-    };
-    let wait = match duration("backupTimeout", &webhook.backup_timeout) {
-        Ok(t) => t,
-        Err(e) => return e,
+    let signed = |d| jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
+    let Some((ttl, wait)) = times.map(|t| (signed(t.ttl), signed(t.backup_timeout))) else {
+        return err(401, "unauthorized");
     };
     // Only pods the guard protects, and all of them exist: otherwise nothing changes.
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);

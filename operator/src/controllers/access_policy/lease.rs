@@ -110,17 +110,38 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// A team's settings (its `credentials`, or the CRD's defaults). Durations were validated; the fallbacks are
-    /// the CRD's defaults.
-    pub fn of(team: &crate::api::access_policy::Team) -> Delivery {
+    /// The CRD's defaults (`credentials` left out).
+    pub const DEFAULT: Delivery = Delivery {
+        ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(86400),
+        renew_fraction: 0.67,
+        grace: Duration::from_secs(300),
+    };
+
+    /// The settings of team `i` (its `credentials`, or the CRD's defaults); a duration that does not parse is a
+    /// field error.
+    pub fn parse(
+        team: &crate::api::access_policy::Team,
+        i: usize,
+        errors: &mut Vec<crate::validation::FieldError>,
+    ) -> Option<Delivery> {
         let c = team.credentials.clone().unwrap_or_default();
-        let d = |s: &str, f: u64| crate::api::common::parse_duration(s).unwrap_or(Duration::from_secs(f));
-        Delivery {
-            ttl: d(&c.ttl, 3600),
-            max_ttl: d(&c.max_ttl, 86400),
+        let mut d = |field: &str, value: &str| {
+            crate::api::common::parse_duration(value)
+                .map_err(|e| {
+                    let field = format!("spec.teams[{i}].credentials.{field}");
+                    errors.push(crate::validation::FieldError::new(field, e.to_string()))
+                })
+                .ok()
+        };
+        let (ttl, max_ttl, grace) =
+            (d("ttl", &c.ttl), d("maxTtl", &c.max_ttl), d("revokeGracePeriod", &c.revoke_grace_period));
+        Some(Delivery {
+            ttl: ttl?,
+            max_ttl: max_ttl?,
             renew_fraction: f64::from(c.renew_at_percent.clamp(10, 90)) / 100.0,
-            grace: d(&c.revoke_grace_period, 300),
-        }
+            grace: grace?,
+        })
     }
 
     /// Whole seconds of a duration, at least 1 (Vault's TTL fields).
@@ -272,6 +293,21 @@ mod tests {
         renew_fraction: 0.5,
         grace: Duration::from_secs(300),
     };
+
+    #[test]
+    fn settings_are_parsed_once_with_the_crds_defaults_and_a_bad_duration_is_a_field_error() {
+        let team: crate::api::access_policy::Team =
+            serde_json::from_value(serde_json::json!({"name": "sales", "subjects": []})).unwrap();
+        let mut errors = vec![];
+        assert_eq!(Delivery::parse(&team, 0, &mut errors), Some(Delivery::DEFAULT));
+        assert!(errors.is_empty());
+        let team: crate::api::access_policy::Team = serde_json::from_value(serde_json::json!({
+            "name": "sales", "subjects": [], "credentials": {"ttl": "2h", "maxTtl": "forever"}}))
+        .unwrap();
+        assert_eq!(Delivery::parse(&team, 3, &mut errors), None);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field, "spec.teams[3].credentials.maxTtl");
+    }
 
     #[test]
     fn a_credential_lives_through_renewals_then_rotates_before_max_ttl() {

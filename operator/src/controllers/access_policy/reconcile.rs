@@ -7,9 +7,10 @@ use serde_json::json;
 
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
+use crate::api::access_policy::AccessPolicyEvent;
 use crate::api::access_policy::conditions::{LeastPrivilege, RbacApplied};
 use crate::api::condition::Status;
-use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
 use crate::validation::FieldError;
 
 impl Reconcilable for AccessPolicy {
@@ -64,7 +65,7 @@ impl Reconcilable for AccessPolicy {
             .collect();
         let expired: Vec<&String> = rbac.expired.iter().chain(vault.objects.expired.iter()).collect();
         for e in expired.iter().filter(|e| !known.contains(e.split_once(": ").map_or("", |(_, g)| g))) {
-            d.events.push((true, "GrantExpired", format!("{e}; removed from RBAC and Vault")));
+            d.events.push(Note::warning(AccessPolicyEvent::GrantExpired, format!("{e}; removed from RBAC and Vault")));
         }
         let mut teams = vec![];
         for t in &self.spec.teams {

@@ -1,7 +1,9 @@
 //! Checks of an AccessPolicy beyond the CRD schema, and the warnings it deserves.
 
+use std::collections::BTreeMap;
+
+use super::lease::Delivery;
 use crate::api::access_policy::AccessPolicy;
-use crate::api::common::parse_duration;
 use crate::controllers::BuildContext;
 use crate::k8s::meta::Owner;
 use crate::validation::FieldError;
@@ -13,6 +15,16 @@ pub struct ValidatedAccessPolicy {
     pub policy: AccessPolicy,
     /// Things that are allowed but deserve attention (e.g. wildcard grants), one sentence each.
     pub warnings: Vec<String>,
+    /// Each team's credential settings, parsed.
+    pub deliveries: BTreeMap<String, Delivery>,
+}
+
+impl ValidatedAccessPolicy {
+    /// The credential settings of the team named `team` (every team of the spec has its own; the CRD's defaults
+    /// answer for a name it does not hold).
+    pub fn delivery(&self, team: &str) -> Delivery {
+        self.deliveries.get(team).copied().unwrap_or(Delivery::DEFAULT)
+    }
 }
 
 /// Validates an AccessPolicy, including the installation's limits on Vault paths and addresses
@@ -22,6 +34,7 @@ pub fn validate(policy: &AccessPolicy, ctx: &BuildContext) -> Result<ValidatedAc
     let owner = super::super::owner_of(policy)?;
     let mut errors = ctx.access.vault_errors(policy, ctx.vault_addr.as_deref());
     let mut warnings = Vec::new();
+    let mut deliveries = BTreeMap::new();
     for (i, team) in policy.spec.teams.iter().enumerate() {
         for (j, grant) in team.kubernetes.iter().enumerate() {
             if grant.verbs.iter().any(|v| v == "*")
@@ -40,14 +53,8 @@ pub fn validate(policy: &AccessPolicy, ctx: &BuildContext) -> Result<ValidatedAc
                 ));
             }
         }
-        if let Some(c) = &team.credentials {
-            for (field, value) in
-                [("ttl", &c.ttl), ("maxTtl", &c.max_ttl), ("revokeGracePeriod", &c.revoke_grace_period)]
-            {
-                if let Err(e) = parse_duration(value) {
-                    errors.push(FieldError::new(format!("spec.teams[{i}].credentials.{field}"), e.to_string()));
-                }
-            }
+        if let Some(d) = Delivery::parse(team, i, &mut errors) {
+            deliveries.insert(team.name.clone(), d);
         }
         for (j, s) in team.subjects.iter().enumerate() {
             if s.kind == crate::api::access_policy::SubjectKind::ServiceAccount && s.name.contains(':') {
@@ -74,5 +81,9 @@ pub fn validate(policy: &AccessPolicy, ctx: &BuildContext) -> Result<ValidatedAc
             ));
         }
     }
-    if errors.is_empty() { Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings }) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings, deliveries })
+    } else {
+        Err(errors)
+    }
 }

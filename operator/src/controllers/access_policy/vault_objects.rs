@@ -155,7 +155,7 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
                     }
                 }
             }
-            let delivery = Delivery::of(team);
+            let delivery = v.delivery(&team.name);
             (!grants.is_empty()).then(|| DbRole {
                 name: base.clone(),
                 connection: db.connection.clone(),
@@ -173,7 +173,7 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
         });
         teams.push(TeamVault {
             team: team.name.clone(),
-            auth_roles: auth_roles(team, &base, &owner.namespace),
+            auth_roles: auth_roles(team, v.delivery(&team.name), &base, &owner.namespace),
             policy_name: base,
             policy,
             db_role,
@@ -187,12 +187,11 @@ pub fn build(v: &ValidatedAccessPolicy, now: Timestamp) -> VaultObjects {
 /// One Kubernetes-auth role per namespace of the team's ServiceAccounts (Vault binds names x namespaces, so one
 /// role for several namespaces would admit a same-named account in each): `<base>` for the policy's namespace,
 /// `<base>_<namespace>` for others. Users and groups do not log in through Kubernetes auth.
-fn auth_roles(team: &Team, base: &str, namespace: &str) -> Vec<AuthRole> {
+fn auth_roles(team: &Team, delivery: Delivery, base: &str, namespace: &str) -> Vec<AuthRole> {
     let mut by_ns: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for s in team.subjects.iter().filter(|s| s.kind == SubjectKind::ServiceAccount) {
         by_ns.entry(s.namespace.clone().unwrap_or_else(|| namespace.to_string())).or_default().insert(s.name.clone());
     }
-    let delivery = Delivery::of(team);
     by_ns
         .into_iter()
         .map(|(ns, names)| AuthRole {

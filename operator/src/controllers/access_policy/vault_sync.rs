@@ -12,14 +12,15 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
-use super::lease::{self, Delivery, IssueReason, State, Step};
+use super::lease::{self, IssueReason, State, Step};
 use super::validate::ValidatedAccessPolicy;
 use super::vault_objects::{self, Engine, VaultObjects};
 use crate::api::AccessPolicy;
+use crate::api::access_policy::AccessPolicyEvent as Event;
 use crate::api::access_policy::conditions::{CredentialsIssued, VaultConfigured};
 use crate::api::access_policy::{Team, VaultSettings, WorkloadKind};
 use crate::api::condition::Status;
-use crate::controllers::contract::{Cond, Context, Error};
+use crate::controllers::contract::{Cond, Context, Error, Note, VaultAction, VaultWrite};
 use crate::k8s::apply::{ObjectPatch, is_subset};
 use crate::k8s::meta::{NAME_MAX, child_name};
 use crate::vault::admin::{ApiError, VaultApi};
@@ -46,7 +47,7 @@ pub struct Outcome {
     pub credentials: Cond,
     pub secrets: Vec<Value>,
     pub patches: Vec<ObjectPatch>,
-    pub events: Vec<(bool, &'static str, String)>,
+    pub events: Vec<Note>,
     pub teams: BTreeMap<String, TeamOut>,
     pub objects: VaultObjects,
     /// Next instant something is due (renewal, rotation, revocation, grant expiry).
@@ -55,8 +56,8 @@ pub struct Outcome {
     pub retry: Option<Duration>,
     /// resourceVersion of the connection Secret now written to Vault.
     pub connection_secret_version: Option<String>,
-    /// Vault writes made: (action, "Vault", path, reason), for the audit trail.
-    pub audit: Vec<(&'static str, &'static str, String, String)>,
+    /// Vault writes made, for the audit trail.
+    pub audit: Vec<VaultWrite>,
 }
 
 impl Outcome {
@@ -106,12 +107,13 @@ impl Outcome {
         if !lapsed.is_empty() {
             let msg = format!("database credentials expired without renewal: {}", lapsed.join(", "));
             self.credentials.message = format!("{msg}; {}", self.credentials.message);
-            self.events.push((true, "CredentialsExpired", format!("{msg}, because Vault cannot be used: {e}")));
+            self.events
+                .push(Note::warning(Event::CredentialsExpired, format!("{msg}, because Vault cannot be used: {e}")));
         }
     }
 
-    fn audit(&mut self, action: &'static str, path: String, reason: impl Into<String>) {
-        self.audit.push((action, "Vault", path, reason.into()));
+    fn audit(&mut self, action: VaultAction, path: String, reason: impl Into<String>) {
+        self.audit.push(VaultWrite { action, path, reason: reason.into() });
     }
 
     fn note(&mut self, t: Timestamp) {
@@ -201,13 +203,13 @@ async fn sync_objects(
         if current.as_ref().and_then(|c| c["data"]["policy"].as_str()) != Some(text.as_str()) {
             api.write(&path, &json!({ "policy": text })).await?;
             written += 1;
-            out.audit("vault-write", path, format!("policy of team {}", t.team));
+            out.audit(VaultAction::Write, path, format!("policy of team {}", t.team));
         }
         for r in &t.auth_roles {
             let path = format!("auth/{auth}/role/{}", r.name);
             if write_if_changed(api, &path, &r.body).await? == 1 {
                 written += 1;
-                out.audit("vault-write", path, format!("Kubernetes-auth role of team {}", t.team));
+                out.audit(VaultAction::Write, path, format!("Kubernetes-auth role of team {}", t.team));
             }
         }
     }
@@ -230,7 +232,7 @@ async fn sync_objects(
                     written += n;
                     if n > 0 {
                         out.audit(
-                            "vault-write",
+                            VaultAction::Write,
                             format!("{db}/config/{conn}"),
                             "database connection from spec.vault.connectionSecretRef",
                         );
@@ -263,7 +265,7 @@ async fn sync_objects(
         if write_if_changed(api, &path, &body).await? == 1 {
             written += 1;
             out.audit(
-                "vault-write",
+                VaultAction::Write,
                 path,
                 format!(
                     "database role of team {}: {}",
@@ -281,7 +283,7 @@ async fn sync_objects(
         objects.teams.iter().filter_map(|t| t.db_role.as_ref().map(|r| r.name.as_str())).collect();
     let removed = remove_under_prefix(api, s, &objects.prefix, &want_policies, &want_auth, &want_db).await?;
     for path in &removed {
-        out.audit("vault-delete", path.clone(), "stale: no longer in the policy");
+        out.audit(VaultAction::Delete, path.clone(), "stale: no longer in the policy");
     }
     let removed = removed.len();
     let (np, na, nd) = (want_policies.len(), want_auth.len(), want_db.len());
@@ -458,7 +460,7 @@ async fn issue_credentials(
             ));
             continue;
         }
-        let d = Delivery::of(team);
+        let d = v.delivery(&team.name);
         let grants = role.grants.iter().cloned().collect::<Vec<_>>().join(",");
         let annotations = current.as_ref().and_then(|c| c.metadata.annotations.clone()).unwrap_or_default();
         let mut state = State::from_annotations(&annotations);
@@ -471,19 +473,17 @@ async fn issue_credentials(
                 Ok(()) => {
                     state.previous = None;
                     out.audit(
-                        "lease-revoke",
+                        VaultAction::LeaseRevoke,
                         format!("{db}/creds/{}", role.name),
                         format!("team {}: previous credential, grace period over", team.name),
                     );
-                    out.events.push((
-                        false,
-                        "CredentialsRevoked",
+                    out.events.push(Note::normal(
+                        Event::CredentialsRevoked,
                         format!("team {}: the previous database credential was revoked", team.name),
                     ));
                 }
-                Err(e) => out.events.push((
-                    true,
-                    "RevokeFailed",
+                Err(e) => out.events.push(Note::warning(
+                    Event::RevokeFailed,
                     format!("team {}: revoking the previous credential failed, retrying: {e}", team.name),
                 )),
             }
@@ -499,7 +499,11 @@ async fn issue_credentials(
                             now.checked_add(SignedDuration::try_from(dur).unwrap_or_default()).unwrap_or(l.expires_at);
                     }
                     tracing::info!(team = %team.name, expires_at = %state.current.as_ref().map(|l| l.expires_at.to_string()).unwrap_or_default(), "database credential lease renewed");
-                    out.audit("lease-renew", format!("{db}/creds/{}", role.name), format!("team {}", team.name));
+                    out.audit(
+                        VaultAction::LeaseRenew,
+                        format!("{db}/creds/{}", role.name),
+                        format!("team {}", team.name),
+                    );
                 }
                 Ok(_) | Err(ApiError::Status { code: 400, .. }) => step = Step::Issue(IssueReason::Expired),
                 Err(e) => {
@@ -512,7 +516,7 @@ async fn issue_credentials(
             if let Some(prev) = state.previous.take()
                 && let Err(e) = api.revoke(&prev.lease_id).await
             {
-                out.events.push((true, "RevokeFailed", format!("team {}: {e}", team.name)));
+                out.events.push(Note::warning(Event::RevokeFailed, format!("team {}: {e}", team.name)));
             }
             match api.read_leased(&format!("{db}/creds/{}", role.name)).await {
                 Ok(leased) => {
@@ -548,13 +552,13 @@ async fn issue_credentials(
                         format!("; restarting {}", restarts.join(", "))
                     };
                     out.events.push(if first {
-                        (false, "CredentialsIssued", format!("team {}: database credentials issued into Secret {name}, lease until {until}{restarts}", team.name))
+                        Note::normal(Event::CredentialsIssued, format!("team {}: database credentials issued into Secret {name}, lease until {until}{restarts}", team.name))
                     } else {
-                        (false, "CredentialsRotated", format!("team {}: new database credentials in Secret {name} ({}), lease until {until}; the previous one is revoked {}{restarts}", team.name, reason.describe(), if reason.revoke_at_once() { "now".to_string() } else { format!("after the grace period ({})", team.credentials.as_ref().map(|c| c.revoke_grace_period.as_str()).unwrap_or("5m")) }))
+                        Note::normal(Event::CredentialsRotated, format!("team {}: new database credentials in Secret {name} ({}), lease until {until}; the previous one is revoked {}{restarts}", team.name, reason.describe(), if reason.revoke_at_once() { "now".to_string() } else { format!("after the grace period ({})", team.credentials.as_ref().map(|c| c.revoke_grace_period.as_str()).unwrap_or("5m")) }))
                     });
                     tracing::info!(team = %team.name, secret = %name, reason = reason.describe(), "database credentials issued");
                     out.audit(
-                        "lease-issue",
+                        VaultAction::LeaseIssue,
                         format!("{db}/creds/{}", role.name),
                         format!("team {}: {} into Secret {name}", team.name, reason.describe()),
                     );
@@ -636,7 +640,7 @@ async fn remove_stale_secrets(
         }
         if let Some(api) = api {
             revoke_all(api, &sec).await.map_err(|e| Error::Cleanup(e.to_string()))?;
-            out.audit("lease-revoke", format!("Secret {name}"), "the team no longer has database grants");
+            out.audit(VaultAction::LeaseRevoke, format!("Secret {name}"), "the team no longer has database grants");
         } else {
             // Without Vault the leases simply run out; the Secret must not outlive the grant.
             tracing::warn!(secret = %name, "removing credentials without Vault access; their leases expire on their own");
@@ -646,9 +650,8 @@ async fn remove_stale_secrets(
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        out.events.push((
-            false,
-            "CredentialsRemoved",
+        out.events.push(Note::normal(
+            Event::CredentialsRemoved,
             format!("Secret {name}: the team no longer has database grants; its leases were revoked"),
         ));
     }
@@ -691,7 +694,7 @@ pub async fn cleanup(p: &AccessPolicy, ctx: &Context) -> Result<(), Error> {
             revoked += 1;
             ctx.audit.record(
                 "accesspolicy",
-                "lease-revoke",
+                VaultAction::LeaseRevoke.as_str(),
                 "Vault",
                 &owner.namespace,
                 &format!("Secret {name}"),
@@ -703,7 +706,14 @@ pub async fn cleanup(p: &AccessPolicy, ctx: &Context) -> Result<(), Error> {
     let prefix = vault_objects::prefix(&owner.namespace, &owner.name);
     let removed = remove_under_prefix(&api, &s, &prefix, &none, &none, &none).await.map_err(fail)?;
     for path in &removed {
-        ctx.audit.record("accesspolicy", "vault-delete", "Vault", &owner.namespace, path, "policy deleted");
+        ctx.audit.record(
+            "accesspolicy",
+            VaultAction::Delete.as_str(),
+            "Vault",
+            &owner.namespace,
+            path,
+            "policy deleted",
+        );
     }
     let removed = removed.len();
     if s.connection_secret_ref.is_some() {
@@ -712,7 +722,14 @@ pub async fn cleanup(p: &AccessPolicy, ctx: &Context) -> Result<(), Error> {
         for c in conns {
             let path = format!("{}/config/{c}", mount(&s.database_mount));
             api.delete(&path).await.map_err(fail)?;
-            ctx.audit.record("accesspolicy", "vault-delete", "Vault", &owner.namespace, &path, "policy deleted");
+            ctx.audit.record(
+                "accesspolicy",
+                VaultAction::Delete.as_str(),
+                "Vault",
+                &owner.namespace,
+                &path,
+                "policy deleted",
+            );
         }
     }
     tracing::info!(revoked_secrets = revoked, removed_objects = removed, "Vault cleanup done");

@@ -12,9 +12,9 @@ use crate::api::CrmBackupPolicy;
 use crate::api::backup_policy::conditions::{
     BackupHealthy, EncryptedInTransit, ReportsTrusted, ScheduleReady, VaultConfigured,
 };
-use crate::api::backup_policy::{RejectedReport, TlsMode};
+use crate::api::backup_policy::{BackupPolicyEvent, RejectedReport, TlsMode};
 use crate::api::condition::{Reason, Status};
-use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
 use crate::controllers::schedule::next_run;
 use crate::k8s::meta::{OWNER_LABEL, Owner};
 use crate::validation::FieldError;
@@ -340,7 +340,7 @@ impl Reconcilable for CrmBackupPolicy {
                     ..Default::default()
                 };
                 let note = format!("Job {job}: {reason}; its report was ignored");
-                d.related_events.push((true, "ForgedReport", note, about));
+                d.events.push(Note::warning(BackupPolicyEvent::ForgedReport, note).about(about));
             }
         }
         let rejected = rejected_reports((ctx.now)(), previous, &observed.rejected);

@@ -9,10 +9,10 @@ use super::build::QUARANTINE_LABEL;
 use super::quarantine::{self, Change, PRE_QUARANTINE_LABEL};
 use super::{build, validate};
 use crate::api::NetworkGuard;
-use crate::api::common::parse_duration;
 use crate::api::condition::Status;
+use crate::api::network_guard::NetworkGuardEvent;
 use crate::api::network_guard::conditions::{Covered, PoliciesApplied, Protecting, Quarantined};
-use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
 use crate::k8s::apply::ObjectPatch;
 use crate::k8s::meta::label_value;
 use crate::netpol::selector_matches;
@@ -104,14 +104,8 @@ impl Reconcilable for NetworkGuard {
 
         // Quarantine: label the pods to isolate (the standing quarantine policy cuts them off), release expired ones.
         let now = (ctx.now)();
-        let ttl = match &self.spec.quarantine {
-            Some(q) => match parse_duration(&q.ttl) {
-                Ok(ttl) => Some((q, ttl)),
-                Err(e) => return Ok(Err(vec![FieldError::new("spec.quarantine.ttl", e.to_string())])),
-            },
-            None => None,
-        };
-        let webhook_ttl = self.spec.webhook.as_ref().and_then(|w| parse_duration(&w.ttl).ok());
+        let ttl = self.spec.quarantine.as_ref().zip(v.quarantine_ttl);
+        let webhook_ttl = v.webhook.map(|w| w.ttl);
         // backupFirst isolations wait for the pre-quarantine backup Jobs the webhook started (gone counts as ended).
         let waits_for_backup = running.iter().any(|p| p.annotations().contains_key(quarantine::AFTER_BACKUP));
         let mut unfinished = std::collections::BTreeSet::new();
@@ -147,7 +141,7 @@ impl Reconcilable for NetworkGuard {
                         ),
                         None => format!("pod {pod} isolated again (its quarantine label had been removed)"),
                     };
-                    (pod, json!({"metadata": meta}), (true, "Quarantined", note))
+                    (pod, json!({"metadata": meta}), Note::warning(NetworkGuardEvent::Quarantined, note))
                 }
                 Change::Release { pod, served } => {
                     let mut annotations: serde_json::Map<String, serde_json::Value> =
@@ -158,7 +152,7 @@ impl Reconcilable for NetworkGuard {
                     (
                         pod,
                         json!({"metadata": {"labels": {QUARANTINE_LABEL: null}, "annotations": annotations}}),
-                        (false, "Released", format!("pod {pod} released from quarantine")),
+                        Note::normal(NetworkGuardEvent::Released, format!("pod {pod} released from quarantine")),
                     )
                 }
             };

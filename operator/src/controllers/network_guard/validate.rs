@@ -4,6 +4,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use std::time::Duration;
+
+use crate::api::common::parse_duration;
 use crate::api::network_guard::{NetworkGuard, PortRule};
 use crate::k8s::meta::Owner;
 use crate::validation::FieldError;
@@ -13,6 +16,17 @@ use crate::validation::FieldError;
 pub struct ValidatedNetworkGuard {
     pub owner: Owner,
     pub guard: NetworkGuard,
+    /// spec.quarantine.ttl, parsed.
+    pub quarantine_ttl: Option<Duration>,
+    /// spec.webhook's ttl and backupTimeout, parsed.
+    pub webhook: Option<WebhookTimes>,
+}
+
+/// How long a webhook-triggered isolation lasts, and how long one waits for its backup at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WebhookTimes {
+    pub ttl: Duration,
+    pub backup_timeout: Duration,
 }
 
 /// Checks label keys and values the way the API server checks them in a NetworkPolicy (`-bad` is refused there,
@@ -194,9 +208,19 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
                 }
             }
         }
-        if let Err(e) = crate::api::common::parse_duration(&q.ttl) {
-            errors.push(FieldError::new("spec.quarantine.ttl", e.to_string()));
-        }
     }
-    if errors.is_empty() { Ok(ValidatedNetworkGuard { owner, guard: guard.clone() }) } else { Err(errors) }
+    let mut duration = |field: &str, value: &str| {
+        parse_duration(value).map_err(|e| errors.push(FieldError::new(field, e.to_string()))).ok()
+    };
+    let quarantine_ttl = spec.quarantine.as_ref().and_then(|q| duration("spec.quarantine.ttl", &q.ttl));
+    let webhook = spec.webhook.as_ref().and_then(|w| {
+        let ttl = duration("spec.webhook.ttl", &w.ttl);
+        let backup_timeout = duration("spec.webhook.backupTimeout", &w.backup_timeout);
+        Some(WebhookTimes { ttl: ttl?, backup_timeout: backup_timeout? })
+    });
+    if errors.is_empty() {
+        Ok(ValidatedNetworkGuard { owner, guard: guard.clone(), quarantine_ttl, webhook })
+    } else {
+        Err(errors)
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kube::core::DeserializeGuard;
 use kube::{Client, Resource};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::api::CrmBackupPolicy;
 use crate::api::condition::{Gate, Reason, ReasonSet, Status};
@@ -88,16 +88,16 @@ impl Cond {
     }
 }
 
-/// What a kind wants: children, their kinds to prune, status facts and conditions.
+/// What a kind wants: children, their kinds to prune, its status (`S`, the kind's status type) and conditions.
 #[derive(Clone, Debug, Default)]
-pub struct Desired {
+pub struct Desired<S> {
     pub owner: Option<Owner>,
     pub children: Vec<Value>,
     pub prune: Vec<(&'static str, &'static str)>,
     /// Specific conditions, computed before apply; their gates decide `Ready`.
     pub conditions: Vec<Cond>,
-    /// Status fields besides observedGeneration and conditions.
-    pub status: Map<String, Value>,
+    /// The status; its `observedGeneration` and `conditions` are the runtime's (what is set there is replaced).
+    pub status: S,
     /// Requeue sooner than the resync (e.g. at a grant's expiry).
     pub requeue_after: Option<Duration>,
     /// Merge patches to objects the resource does not own (applied after the children).
@@ -173,7 +173,7 @@ pub struct VaultWrite {
     pub reason: String,
 }
 
-impl Desired {
+impl<S> Desired<S> {
     /// Adds a child. One that cannot be serialized fails the reconcile: left out, it would be pruned, i.e. the
     /// live object deleted.
     pub fn child(&mut self, object: &impl serde::Serialize) -> Result<(), Error> {
@@ -260,10 +260,16 @@ pub trait Reconcilable:
 {
     /// Controller name; the field manager is `crmguard/<name>`.
     const CONTROLLER: &'static str;
+    /// The kind's status type.
+    type Status: serde::Serialize + Clone + std::fmt::Debug + Default + Send + Sync + 'static;
     /// What it watches besides itself.
     const WATCHES: &'static [Watch];
     /// Resolve, validate and build. Field errors mean the spec is invalid (Ready=False, wait for a change).
-    fn desired(&self, ctx: &Context) -> impl Future<Output = Result<Result<Desired, Vec<FieldError>>, Error>> + Send;
+    #[allow(clippy::type_complexity)]
+    fn desired(
+        &self,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error>> + Send;
 
     /// A finalizer for kinds that leave state outside the cluster (children inside it go with owner references).
     const FINALIZER: Option<&'static str> = None;
@@ -286,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_child_that_cannot_be_serialized_fails_the_reconcile_instead_of_being_left_out() {
-        let mut d = Desired::default();
+        let mut d = Desired::<()>::default();
         d.child(&serde_json::json!({"kind": "ConfigMap"})).unwrap();
         // JSON object keys must be strings: this map has no JSON form.
         let unserializable: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();

@@ -168,7 +168,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
                     new_condition(c.type_, c.status, c.reason, c.message.clone(), generation, &now),
                 );
             }
-            status = desired.status.clone();
+            status = fields_of(&desired.status)?;
             gauges = desired.gauges.clone();
             let failing: Vec<&Cond> = desired.conditions.iter().filter(|c| c.holds_back()).collect();
             match (apply_error.as_ref().and_then(refused), failing.first()) {
@@ -273,12 +273,24 @@ fn watched_status<K: Reconcilable>(
     Some(status)
 }
 
+/// The fields of a kind's status as JSON, without those the runtime writes (`observedGeneration`, `conditions`).
+fn fields_of(status: &impl serde::Serialize) -> Result<Map<String, Value>, Error> {
+    match serde_json::to_value(status).map_err(|e| Error::Serialize(e.to_string()))? {
+        Value::Object(mut fields) => {
+            fields.remove("observedGeneration");
+            fields.remove("conditions");
+            Ok(fields)
+        }
+        other => Err(Error::Serialize(format!("a status is an object, not {other}"))),
+    }
+}
+
 /// Applies the children, prunes what is no longer desired, patches other objects, and audits every write.
 async fn apply_desired<K: Reconcilable>(
     ctx: &Context,
     manager: &str,
     owner: &Owner,
-    desired: &Desired,
+    desired: &Desired<K::Status>,
 ) -> Result<(), Error> {
     let report = apply_children(&ctx.client, &ctx.cache, manager, owner, &desired.children, &desired.prune).await?;
     ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());

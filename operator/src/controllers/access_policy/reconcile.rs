@@ -3,11 +3,12 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::json;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
 use crate::api::access_policy::AccessPolicyEvent;
+use crate::api::access_policy::TeamStatus;
 use crate::api::access_policy::conditions::{LeastPrivilege, RbacApplied};
 use crate::api::condition::Status;
 use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
@@ -15,6 +16,7 @@ use crate::validation::FieldError;
 
 impl Reconcilable for AccessPolicy {
     const CONTROLLER: &'static str = "accesspolicy";
+    type Status = crate::api::AccessPolicyStatus;
     const WATCHES: &'static [Watch] = &[Watch::Owns(Other::Role), Watch::Owns(Other::RoleBinding)];
     const FINALIZER: Option<&'static str> = Some(vault_sync::FINALIZER);
 
@@ -26,7 +28,7 @@ impl Reconcilable for AccessPolicy {
         vault_sync::cleanup(self, ctx).await
     }
 
-    async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+    async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let v = match validate::validate(self, &ctx.build) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
@@ -43,7 +45,7 @@ impl Reconcilable for AccessPolicy {
         let now = (ctx.now)();
         let rbac = build::build(&v, now);
         let vault = vault_sync::reconcile(self, &v, ctx, now).await?;
-        let mut d = Desired {
+        let mut d = Desired::<Self::Status> {
             owner: Some(v.owner.clone()),
             prune: vec![("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")],
             ..Desired::default()
@@ -73,28 +75,19 @@ impl Reconcilable for AccessPolicy {
             let o = vault.teams.get(&t.name).cloned().unwrap_or_default();
             let prefix = format!("{}: ", t.name);
             let expired_grants: Vec<&str> = expired.iter().filter_map(|e| e.strip_prefix(&prefix)).collect();
-            let mut team = json!({"name": t.name});
-            if let Some(r) = r {
-                team["role"] = json!(r.role.metadata.name);
-            }
-            if let Some(p) = o.vault_policy {
-                team["vaultPolicy"] = json!(p);
-            }
-            if !o.vault_roles.is_empty() {
-                team["vaultRoles"] = json!(o.vault_roles);
-            }
-            if let Some(s) = o.secret_name {
-                team["secretName"] = json!(s);
-            }
             if let Some(e) = o.expires_at {
-                team["credentialsExpireAt"] = json!(e.to_string());
                 let labels = vec![("team", t.name.clone())];
                 d.gauges.push(("credentials_expiry_timestamp_seconds", labels, e.as_second() as f64));
             }
-            if !expired_grants.is_empty() {
-                team["expiredGrants"] = json!(expired_grants);
-            }
-            teams.push(team);
+            teams.push(TeamStatus {
+                name: t.name.clone(),
+                role: r.and_then(|r| r.role.metadata.name.clone()),
+                vault_policy: o.vault_policy,
+                vault_roles: o.vault_roles,
+                secret_name: o.secret_name,
+                credentials_expire_at: o.expires_at.map(Time),
+                expired_grants: expired_grants.into_iter().map(String::from).collect(),
+            });
         }
         let mut rbac_msg = format!("{} Role(s) and RoleBinding(s) in effect", rbac.teams.len());
         if !rbac.expired.is_empty() {
@@ -108,19 +101,19 @@ impl Reconcilable for AccessPolicy {
         } else {
             Cond::new(LeastPrivilege::BroadGrant, Status::False, v.warnings.join("; "))
         });
-        d.status.insert("teamCount".into(), json!(self.spec.teams.len()));
-        d.status.insert("teams".into(), json!(teams));
-        if let Some(version) = &vault.connection_secret_version {
-            d.status.insert("connectionSecretVersion".into(), json!(version));
-        } else if let Some(old) = self.status.as_ref().and_then(|s| s.connection_secret_version.clone()) {
+        d.status.team_count = Some(i32::try_from(self.spec.teams.len()).unwrap_or(i32::MAX));
+        d.status.teams = teams;
+        d.status.connection_secret_version = match &vault.connection_secret_version {
+            Some(version) => Some(version.clone()),
             // Keep what was written while Vault is briefly unusable.
-            if vault.vault.status != Status::True {
-                d.status.insert("connectionSecretVersion".into(), json!(old));
+            None if vault.vault.status != Status::True => {
+                self.status.as_ref().and_then(|s| s.connection_secret_version.clone())
             }
-        }
+            None => None,
+        };
         let next = [rbac.next_expiry, vault.next].into_iter().flatten().min();
         if let Some(next) = next {
-            d.status.insert("nextExpiry".into(), json!(next.to_string()));
+            d.status.next_expiry = Some(Time(next));
             let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();
             d.requeue_after = Some(wait + std::time::Duration::from_secs(1));
         }

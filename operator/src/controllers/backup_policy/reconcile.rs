@@ -5,7 +5,6 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
-use serde_json::json;
 
 use super::{build, status, validate};
 use crate::api::CrmBackupPolicy;
@@ -274,6 +273,7 @@ fn rejected_reports(
 
 impl Reconcilable for CrmBackupPolicy {
     const CONTROLLER: &'static str = "backuppolicy";
+    type Status = crate::api::CrmBackupPolicyStatus;
     /// Backup and drill Jobs belong to the CronJobs and name their policy; their results feed the policy's status.
     /// They are watched whole: the cache keeps their progress, which a restore reports.
     const WATCHES: &'static [Watch] = &[
@@ -283,14 +283,14 @@ impl Reconcilable for CrmBackupPolicy {
         Watch::NamedBy(Other::Job, build::POLICY_ANNOTATION),
     ];
 
-    async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+    async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
         let c = build::build(&v, &ctx.build);
         let cron_job = c.backup.metadata.name.clone().unwrap_or_default();
-        let mut d = Desired {
+        let mut d = Desired::<Self::Status> {
             owner: Some(v.owner.clone()),
             prune: vec![("batch/v1", "CronJob"), ("v1", "ConfigMap"), ("v1", "ServiceAccount")],
             ..Desired::default()
@@ -315,7 +315,7 @@ impl Reconcilable for CrmBackupPolicy {
                 format!("CronJob {cron_job} runs {:?} ({tz})", self.spec.schedule.cron),
             ));
             if let Some(next) = next_run(&v.cron, v.time_zone.as_ref(), (ctx.now)()) {
-                d.status.insert("nextScheduleTime".into(), json!(next.to_string()));
+                d.status.next_schedule_time = Some(Time(next));
             }
         }
         if build::uses_vault(&self.spec) && ctx.build.vault_addr.is_none() {
@@ -360,9 +360,7 @@ impl Reconcilable for CrmBackupPolicy {
                 ),
             ),
         });
-        if !rejected.is_empty() {
-            d.status.insert("rejectedReports".into(), serde_json::to_value(&rejected).unwrap_or_default());
-        }
+        d.status.rejected_reports = rejected;
         let observations = observed.jobs;
         let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let h = status::health(
@@ -375,18 +373,10 @@ impl Reconcilable for CrmBackupPolicy {
         );
         d.conditions.extend(h.conditions.iter().cloned());
         d.requeue_after = h.requeue_after;
-        if let Some(b) = &h.last_successful_backup {
-            d.status.insert("lastSuccessfulBackup".into(), serde_json::to_value(b).unwrap_or_default());
-        }
-        if let Some(t) = &h.last_failure_time {
-            d.status.insert("lastFailureTime".into(), json!(t.0.to_string()));
-        }
-        if let Some(c) = h.backup_count {
-            d.status.insert("backupCount".into(), json!(c));
-        }
-        if let Some(r) = &h.last_verified_restore {
-            d.status.insert("lastVerifiedRestore".into(), serde_json::to_value(r).unwrap_or_default());
-        }
+        d.status.last_successful_backup = h.last_successful_backup.clone();
+        d.status.last_failure_time = h.last_failure_time.clone();
+        d.status.backup_count = h.backup_count;
+        d.status.last_verified_restore = h.last_verified_restore.clone();
         d.gauges = gauges(&h, v.rpo);
         let mut plaintext = Vec::new();
         if ctx.build.destination(&self.spec.destination).endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
@@ -403,7 +393,7 @@ impl Reconcilable for CrmBackupPolicy {
         } else {
             Cond::new(EncryptedInTransit::PlaintextEndpoint, Status::False, plaintext.join("; "))
         });
-        d.status.insert("cronJobName".into(), json!(cron_job));
+        d.status.cron_job_name = Some(cron_job);
         Ok(Ok(d))
     }
 }

@@ -20,9 +20,10 @@ use crate::validation::FieldError;
 
 impl Reconcilable for NetworkGuard {
     const CONTROLLER: &'static str = "networkguard";
+    type Status = crate::api::NetworkGuardStatus;
     const WATCHES: &'static [Watch] = &[Watch::Owns(Other::NetworkPolicy), Watch::Pods];
 
-    async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+    async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
@@ -52,7 +53,7 @@ impl Reconcilable for NetworkGuard {
             .partition(|p| selector_matches(&self.spec.pod_selector, &p.metadata.labels.clone().unwrap_or_default()));
         let mut uncovered: Vec<String> = uncovered.iter().filter_map(|p| p.metadata.name.clone()).collect();
         uncovered.sort();
-        let mut d = Desired {
+        let mut d = Desired::<Self::Status> {
             owner: Some(v.owner.clone()),
             prune: vec![("networking.k8s.io/v1", "NetworkPolicy")],
             ..Desired::default()
@@ -98,9 +99,9 @@ impl Reconcilable for NetworkGuard {
                 ),
             )
         });
-        d.status.insert("policies".into(), json!(names));
-        d.status.insert("coveredPods".into(), json!(covered.len()));
-        d.status.insert("uncoveredPods".into(), json!(uncovered.into_iter().take(20).collect::<Vec<_>>()));
+        d.status.covered_pods = Some(count(covered.len()));
+        d.status.uncovered_pods = uncovered.into_iter().take(20).collect();
+        d.status.policies = names;
 
         // Quarantine: label the pods to isolate (the standing quarantine policy cuts them off), release expired ones.
         let now = (ctx.now)();
@@ -168,13 +169,18 @@ impl Reconcilable for NetworkGuard {
         } else {
             Cond::new(Quarantined::NoneIsolated, Status::False, "no pod is isolated")
         });
-        d.status.insert("quarantinedPods".into(), json!(qp.active));
+        d.status.quarantined_pods = Some(count(qp.active));
         d.gauges.push(("quarantined_pods", vec![], qp.active as f64));
-        d.status.insert("quarantines".into(), json!(qp.records));
+        d.status.quarantines = qp.records;
         if let Some(next) = qp.next_expiry {
             let wait = std::time::Duration::try_from(next.duration_since(now)).unwrap_or_default();
             d.requeue_after = Some(wait + std::time::Duration::from_secs(1));
         }
         Ok(Ok(d))
     }
+}
+
+/// A count as the status holds it.
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }

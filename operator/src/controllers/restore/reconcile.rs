@@ -2,13 +2,14 @@
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
-use serde_json::json;
 
 use super::{build, validate};
 use crate::api::condition::{Reason, ReasonSet, Status};
 use crate::api::job::{JobReason, JobReport};
 use crate::api::restore::conditions::{Restored, Verified};
+use crate::api::restore::{CrmRestoreStatus, RestorePhase};
 use crate::api::{CrmBackupPolicy, CrmRestore};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Other, Reconcilable, Watch};
 use crate::k8s::cache::{JobProgress, Meta};
@@ -36,7 +37,7 @@ async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobRepo
 /// A Job whose ServiceAccount does not exist gets no pod, and the Job controller backs off for minutes: until the
 /// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created. The
 /// restore controller watches crmguard's ServiceAccounts: the one awaited reconciles the restore when it comes.
-fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> Option<Desired> {
+fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> Option<Desired<CrmRestoreStatus>> {
     let sa = job.spec.as_ref()?.template.spec.as_ref()?.service_account_name.clone()?;
     let job_name = job.metadata.name.as_deref()?;
     let known = !ctx.cache.synced("ServiceAccount") || ctx.cache.get("ServiceAccount", ns, &sa).is_some();
@@ -47,23 +48,24 @@ fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> 
         "waiting for ServiceAccount {sa}, which CrmBackupPolicy {policy} creates for its jobs; Job {job_name} is \
          created once it exists"
     );
-    let mut d = Desired {
+    let mut d = Desired::<CrmRestoreStatus> {
         conditions: vec![Cond::new(Restored::WaitingForServiceAccount, Status::False, message)],
         ..Desired::default()
     };
-    d.status.insert("phase".into(), json!("Pending"));
+    d.status.phase = Some(RestorePhase::Pending);
     Some(d)
 }
 
 impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
+    type Status = CrmRestoreStatus;
     /// A restore waits for its policy's ServiceAccount: it is reconciled when one appears.
     const WATCHES: &'static [Watch] = &[Watch::OwnsWhole(Other::Job), Watch::InNamespace(Other::ServiceAccount)];
 
     /// A restore runs once. Its Job is created once and then followed, never changed (a Job's pod template cannot
     /// change: a later edit of the policy would be refused) and never created again (that would restore the
     /// backup a second time, over whatever was written since).
-    async fn desired(&self, ctx: &Context) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+    async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let uid = self.metadata.uid.clone().unwrap_or_default();
         let ns = self.metadata.namespace.clone().unwrap_or_default();
         let job_name = child_name(&self.metadata.name.clone().unwrap_or_default(), "restore", LABEL_NAME_MAX);
@@ -82,7 +84,7 @@ impl Reconcilable for CrmRestore {
                     self.metadata.resource_version.as_deref().unwrap_or_default(),
                     &job.resource_version,
                 ]);
-                if let Some(d) = ctx.cache.memo::<Desired>(Self::CONTROLLER, &uid, digest) {
+                if let Some(d) = ctx.cache.memo::<Desired<CrmRestoreStatus>>(Self::CONTROLLER, &uid, digest) {
                     return Ok(Ok(d));
                 }
                 let d = follow(ctx, &ns, &job_name, &job.job.map(|p| *p).unwrap_or_default()).await?;
@@ -108,50 +110,52 @@ async fn job(ctx: &Context, ns: &str, name: &str) -> Result<Option<Meta>, Error>
 }
 
 /// A restore that ended without a Job to follow.
-fn failed(reason: Restored, message: String) -> Desired {
-    let mut d = Desired { conditions: vec![Cond::new(reason, Status::False, message)], ..Desired::default() };
-    d.status.insert("phase".into(), json!("Failed"));
+fn failed(reason: Restored, message: String) -> Desired<CrmRestoreStatus> {
+    let mut d = Desired::<CrmRestoreStatus> {
+        conditions: vec![Cond::new(reason, Status::False, message)],
+        ..Desired::default()
+    };
+    d.status.phase = Some(RestorePhase::Failed);
     d
 }
 
 /// The phase, conditions and figures of a restore whose Job exists, from the Job's progress and, once it ended,
 /// the report its pod left.
-async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -> Result<Desired, Error> {
+async fn follow(
+    ctx: &Context,
+    ns: &str,
+    job_name: &str,
+    status: &JobProgress,
+) -> Result<Desired<CrmRestoreStatus>, Error> {
     let finished = status.succeeded > 0 || status.failed > 0;
     // The restore pod's termination message is `crmguard restore run`'s report.
     let report = if finished { job_report(ctx, ns, job_name).await? } else { None };
     let (phase, cond) = if status.succeeded > 0 {
-        ("Succeeded", Cond::new(Restored::Succeeded, Status::True, "the backup was verified and restored"))
+        (RestorePhase::Succeeded, Cond::new(Restored::Succeeded, Status::True, "the backup was verified and restored"))
     } else if status.failed > 0 {
         let (reason, message) = match &report {
             Some(r) if !r.ok => (r.reason.unwrap_or(JobReason::JobFailed), r.message.clone().unwrap_or_default()),
             _ => (JobReason::JobFailed, format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
         };
-        ("Failed", Cond::new(Restored::from(reason), Status::False, message))
+        (RestorePhase::Failed, Cond::new(Restored::from(reason), Status::False, message))
     } else if status.ready > 0 {
-        ("Running", Cond::new(Restored::Running, Status::False, format!("Job {job_name} is running")))
+        (RestorePhase::Running, Cond::new(Restored::Running, Status::False, format!("Job {job_name} is running")))
     } else if status.active > 0 {
         // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
         // pulled, started) the restore has not begun.
         let message = format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
-        ("Pending", Cond::new(Restored::Pending, Status::False, message))
+        (RestorePhase::Pending, Cond::new(Restored::Pending, Status::False, message))
     } else {
-        ("Pending", Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")))
+        (RestorePhase::Pending, Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")))
     };
-    let mut d = Desired::default();
+    let mut d = Desired::<CrmRestoreStatus>::default();
     d.conditions.push(cond);
-    d.status.insert("phase".into(), json!(phase));
-    d.status.insert("jobName".into(), json!(job_name));
+    d.status.phase = Some(phase);
+    d.status.job_name = Some(job_name.to_string());
     if let Some(r) = report.as_ref().filter(|r| r.ok) {
-        if let Some(id) = &r.backup_id {
-            d.status.insert("backupId".into(), json!(id));
-        }
-        if let Some(b) = r.raw_bytes {
-            d.status.insert("restoredBytes".into(), json!(b));
-        }
-        if let Some(secs) = r.duration_seconds {
-            d.status.insert("durationSeconds".into(), json!(secs.round() as i64));
-        }
+        d.status.backup_id = r.backup_id.clone();
+        d.status.restored_bytes = r.raw_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
+        d.status.duration_seconds = r.duration_seconds.map(|secs| secs.round() as i64);
         d.conditions.push(match r.row_counts_verified {
             Some(true) => Cond::new(
                 Verified::RowCountsMatch,
@@ -165,12 +169,8 @@ async fn follow(ctx: &Context, ns: &str, job_name: &str, status: &JobProgress) -
             ),
         });
     }
-    if let Some(t) = status.start_time {
-        d.status.insert("startTime".into(), json!(t.to_string()));
-    }
-    if let Some(t) = status.completion_time {
-        d.status.insert("completionTime".into(), json!(t.to_string()));
-    }
+    d.status.start_time = status.start_time.map(Time);
+    d.status.completion_time = status.completion_time.map(Time);
     Ok(d)
 }
 
@@ -187,8 +187,7 @@ impl CrmRestore {
 
     /// The restore's Job is gone (deleted by someone, or cleaned up): a finished restore keeps its outcome; an
     /// unfinished one failed, and is not run again.
-    fn job_gone(&self, job_name: &str) -> Desired {
-        use crate::api::restore::RestorePhase;
+    fn job_gone(&self, job_name: &str) -> Desired<CrmRestoreStatus> {
         let prev = self.status.clone().unwrap_or_default();
         if !matches!(prev.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
             let mut d = failed(
@@ -199,7 +198,7 @@ impl CrmRestore {
                 ),
             );
             // Still named: it is what tells the next reconcile that the Job was made.
-            d.status.insert("jobName".into(), json!(job_name));
+            d.status.job_name = Some(job_name.to_string());
             return d;
         }
         let mut d = Desired::default();
@@ -222,15 +221,17 @@ impl CrmRestore {
             };
             d.conditions.push(Cond::new(reason, status, c.message.clone()));
         }
-        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&prev) {
-            d.status = fields.into_iter().filter(|(k, _)| k != "conditions" && k != "observedGeneration").collect();
-        }
+        d.status = prev;
         d
     }
 
     /// The restore's Job, created: reads the policy (from the watch), validates, builds the Job; waits for the
     /// policy's ServiceAccount first.
-    async fn create(&self, ctx: &Context, ns: &str) -> Result<Result<Desired, Vec<FieldError>>, Error> {
+    async fn create(
+        &self,
+        ctx: &Context,
+        ns: &str,
+    ) -> Result<Result<Desired<CrmRestoreStatus>, Vec<FieldError>>, Error> {
         let name = &self.spec.policy_ref.name;
         let policy = match ctx.watched_backup_policy(ns, name).await {
             Some(p) => Some(p),
@@ -246,11 +247,15 @@ impl CrmRestore {
         if let Some(waiting) = service_account_missing(ctx, ns, &job, name) {
             return Ok(Ok(waiting));
         }
-        let mut d = Desired { owner: Some(v.owner.clone()), prune: vec![("batch/v1", "Job")], ..Desired::default() };
+        let mut d = Desired::<CrmRestoreStatus> {
+            owner: Some(v.owner.clone()),
+            prune: vec![("batch/v1", "Job")],
+            ..Desired::default()
+        };
         d.child(&job)?;
         d.conditions.push(Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")));
-        d.status.insert("phase".into(), json!("Pending"));
-        d.status.insert("jobName".into(), json!(job_name));
+        d.status.phase = Some(RestorePhase::Pending);
+        d.status.job_name = Some(job_name);
         Ok(Ok(d))
     }
 }
@@ -258,7 +263,7 @@ impl CrmRestore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::restore::RestorePhase;
+    use serde_json::json;
 
     fn restore(status: serde_json::Value) -> CrmRestore {
         serde_json::from_value(json!({
@@ -285,12 +290,9 @@ mod tests {
         let d = r.job_gone("crm-db-check-restore");
         let conds: Vec<_> = d.conditions.iter().map(|c| (c.type_, c.status, c.reason)).collect();
         assert_eq!(conds, vec![("Restored", Status::True, "Succeeded"), ("Verified", Status::True, "RowCountsMatch")]);
-        assert_eq!(d.status["phase"], "Succeeded");
-        assert_eq!(
-            (d.status["backupId"].as_str(), d.status["restoredBytes"].as_i64()),
-            (Some("20261201T021500Z"), Some(1234))
-        );
-        assert!(!d.status.contains_key("conditions") && d.owner.is_none() && d.children.is_empty());
+        assert_eq!(d.status.phase, Some(RestorePhase::Succeeded));
+        assert_eq!((d.status.backup_id.as_deref(), d.status.restored_bytes), (Some("20261201T021500Z"), Some(1234)));
+        assert!(d.owner.is_none() && d.children.is_empty());
     }
 
     #[test]
@@ -300,16 +302,22 @@ mod tests {
                 restore(json!({"phase": phase, "jobName": "crm-db-check-restore"})).job_gone("crm-db-check-restore");
             let c = &d.conditions[0];
             assert_eq!((c.type_, c.status, c.reason), ("Restored", Status::False, "JobDeleted"));
-            assert_eq!(d.status["phase"], json!(RestorePhase::Failed));
+            assert_eq!(d.status.phase, Some(RestorePhase::Failed));
             assert!(d.owner.is_none() && d.children.is_empty() && d.prune.is_empty(), "nothing is created or pruned");
-            assert_eq!(d.status["jobName"], "crm-db-check-restore", "what says the Job was made stays");
+            assert_eq!(d.status.job_name.as_deref(), Some("crm-db-check-restore"), "what says the Job was made stays");
             // The next reconcile, from the status this one writes, decides the same.
-            let written = json!({"phase": d.status["phase"], "jobName": d.status["jobName"], "conditions": [
+            let written = json!({"phase": d.status.phase, "jobName": d.status.job_name, "conditions": [
                 {"type": "Restored", "status": "False", "reason": c.reason, "message": c.message,
                  "lastTransitionTime": "2026-12-01T02:20:00Z"}]});
             let again = restore(written).job_gone("crm-db-check-restore");
             let again_c = &again.conditions[0];
-            assert_eq!((again_c.reason, &again_c.message, &again.status), (c.reason, &c.message, &d.status));
+            // The runtime writes its own conditions and observedGeneration.
+            let fields =
+                |s: &CrmRestoreStatus| CrmRestoreStatus { conditions: vec![], observed_generation: None, ..s.clone() };
+            assert_eq!(
+                (again_c.reason, &again_c.message, fields(&again.status)),
+                (c.reason, &c.message, fields(&d.status))
+            );
         }
     }
 }

@@ -471,10 +471,18 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
     assert!(!op.logs().contains(token), "the token must never be logged");
     // A guard whose spec its controller refuses is not reconciled, so an isolation through it would never be
     // released: the webhook refuses too (409, naming the field), and nothing changes.
-    let valid = guards.get("crm-firewall").await.unwrap();
-    let mut bad = serde_json::to_value(&valid).unwrap();
-    bad["spec"]["ingress"][0]["peers"][0]["podSelector"] = json!({"matchLabels": {"-bad": "x"}});
-    guards.replace("crm-firewall", &PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap();
+    // (Merge patches of the spec alone: a replace could meet a status write of the controller.)
+    let valid = serde_json::to_value(guards.get("crm-firewall").await.unwrap()).unwrap()["spec"]["ingress"].clone();
+    let mut bad = valid.clone();
+    bad[0]["peers"][0]["podSelector"] = json!({"matchLabels": {"-bad": "x"}});
+    let set_ingress = |ingress: serde_json::Value| {
+        let guards = guards.clone();
+        async move {
+            let patch = Patch::Merge(json!({"spec": {"ingress": ingress}}));
+            guards.patch("crm-firewall", &PatchParams::default(), &patch).await.unwrap();
+        }
+    };
+    set_ingress(bad).await;
     eventually(30, "the guard refused by its controller", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
         match ready(g.status.as_ref().map(|s| &s.conditions), "Ready") {
@@ -488,9 +496,7 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
     assert!(body.contains("is not a valid label key"), "{body}");
     assert!(!touched("web-0").await, "web-0 unchanged by a call through an invalid guard");
     assert!(backup_jobs().await.is_empty(), "no backup through an invalid guard");
-    let mut fixed = guards.get("crm-firewall").await.unwrap();
-    fixed.spec = valid.spec.clone();
-    guards.replace("crm-firewall", &PostParams::default(), &fixed).await.unwrap();
+    set_ingress(valid).await;
     eventually(30, "the guard Ready again", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
         let r = ready(g.status.as_ref().map(|s| &s.conditions), "Ready");
@@ -552,6 +558,26 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
     eventually(30, "the guard's status to be clean", || async {
         let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
         if st.quarantines.is_empty() && st.quarantined_pods == Some(0) { Ok(()) } else { Err(format!("{st:?}")) }
+    })
+    .await;
+    // Without backupFirst the webhook records the request on the pod and the guard's controller isolates it at
+    // once, through the same quarantine plan: label, status, release at the TTL.
+    let no_backup = Patch::Merge(json!({"spec": {"webhook": {"backupFirst": false}}}));
+    guards.patch("crm-firewall", &PatchParams::default(), &no_backup).await.unwrap();
+    let (code, body) = op.http_post(&path, Some(token), &alert("db-0")).unwrap();
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains("\"isolating\":[\"db-0\"]"), "{body}");
+    eventually(30, "db-0 isolated by the guard's controller", || async {
+        let p = pods.get("db-0").await.map_err(|e| e.to_string())?;
+        let st = guards.get("crm-firewall").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let labelled = p.labels().get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall");
+        let recorded = st.quarantines.iter().any(|r| r.pod == "db-0" && r.requested_by == "alertmanager");
+        if labelled && recorded { Ok(()) } else { Err(format!("{:?} {st:?}", p.labels())) }
+    })
+    .await;
+    assert!(backup_jobs().await.is_empty(), "no backup without backupFirst");
+    eventually(30, "the TTL to release db-0", || async {
+        if touched("db-0").await { Err("still isolated or annotated".to_string()) } else { Ok(()) }
     })
     .await;
     assert!(!op.logs().contains(token), "the token must never be logged");

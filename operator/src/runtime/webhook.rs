@@ -13,7 +13,6 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{CrmBackupPolicy, NetworkGuard};
-use crate::controllers::network_guard::build::QUARANTINE_LABEL;
 use crate::controllers::network_guard::quarantine::{
     AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, SINCE, UNTIL,
 };
@@ -101,9 +100,9 @@ fn is_ours_and_live(pod: &Pod, label: &str, now: jiff::Timestamp) -> bool {
     if a.get(BY).map(String::as_str) != Some(label) {
         return false;
     }
+    // A request recorded until a later time is live whether or not the guard's controller has labelled the pod yet.
     let until = a.get(UNTIL).and_then(|u| u.parse::<jiff::Timestamp>().ok());
-    let labelled = pod.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some(label);
-    (labelled && until.is_some_and(|u| u > now)) || a.contains_key(AFTER_BACKUP)
+    until.is_some_and(|u| u > now) || a.contains_key(AFTER_BACKUP)
 }
 
 /// Handles one call. Every named pod must exist and be protected by the guard (`spec.podSelector`), else
@@ -181,7 +180,7 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
     let (already, new): (Vec<Pod>, Vec<Pod>) = found.into_iter().partition(|p| is_ours_and_live(p, &label, now));
     let already: Vec<String> = already.iter().map(ResourceExt::name_any).collect();
     if new.is_empty() {
-        return (200, json!({"isolated": [], "alreadyIsolated": already, "reason": request.reason}));
+        return (200, json!({"isolating": [], "alreadyIsolated": already, "reason": request.reason}));
     }
     let backup_jobs = if webhook.backup_first {
         match pre_quarantine_backups(w, namespace, &label, ttl, now).await {
@@ -204,11 +203,12 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
             (REASON, Value::from(request.reason.clone())),
             (REQUESTED_BY, Value::from(request.source)),
         ]);
+        // The request is recorded on the pod; the guard's controller carries it out (its quarantine plan labels the
+        // pod, records it in status and releases it at the TTL), at once or once the backup has ended.
         let mut meta = json!({});
         if backup_jobs.is_empty() {
             annotations.insert(SINCE, now.to_string().into());
             annotations.insert(UNTIL, until.to_string().into());
-            meta["labels"] = json!({QUARANTINE_LABEL: label});
         } else {
             // The guard's controller isolates the pod once the backup Jobs have ended (or at the deadline).
             annotations.insert(AFTER_BACKUP, backup_jobs.join(",").into());
@@ -217,7 +217,8 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
         meta["annotations"] = json!(annotations);
         match pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&json!({"metadata": meta}))).await {
             Ok(_) => {
-                let what = if backup_jobs.is_empty() { "isolated until " } else { "isolation after backup, by " };
+                let what =
+                    if backup_jobs.is_empty() { "isolation requested until " } else { "isolation after backup, by " };
                 let at = if backup_jobs.is_empty() { until } else { deadline };
                 w.audit.record(AUDIT_AS, "patch", "Pod", namespace, &pod, &format!("{what}{at}: {}", request.reason));
                 isolated.push(pod);
@@ -225,7 +226,7 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
             Err(e) => return err(503, format!("cannot label pod {pod}: {e}")),
         }
     }
-    // Touch the guard so that its controller records the isolation and schedules the release at once.
+    // Touch the guard so that its controller isolates the pods and schedules the release at once.
     let touch = json!({"metadata": {"annotations": {"crmguard.io/last-webhook-call": now.to_string()}}});
     match guards.patch(guard_name, &PatchParams::default(), &Patch::Merge(&touch)).await {
         Ok(_) => w.audit.record(AUDIT_AS, "patch", "NetworkGuard", namespace, guard_name, "last webhook call"),
@@ -235,7 +236,7 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
     if backup_jobs.is_empty() {
         (
             202,
-            json!({"isolated": isolated, "alreadyIsolated": already, "until": until.to_string(), "reason": request.reason}),
+            json!({"isolating": isolated, "alreadyIsolated": already, "until": until.to_string(), "reason": request.reason}),
         )
     } else {
         (

@@ -145,6 +145,8 @@ pub fn verify(mut segments: Vec<(String, Vec<u8>)>) -> Verification {
 pub struct Auditor {
     tx: Option<tokio::sync::mpsc::Sender<Record>>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The records' clock (`None`: the system's).
+    clock: Option<fn() -> jiff::Timestamp>,
 }
 
 /// Records waiting for the segment writer at most (a stalled bucket must not grow memory without bound).
@@ -154,13 +156,18 @@ impl Auditor {
     /// An auditor that also ships to `rx`'s consumer.
     pub fn shipping() -> (Auditor, tokio::sync::mpsc::Receiver<Record>) {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        (Auditor { tx: Some(tx), dropped: Default::default() }, rx)
+        (Auditor { tx: Some(tx), dropped: Default::default(), clock: None }, rx)
+    }
+
+    /// The same auditor, timing its records with `clock`.
+    pub fn with_clock(self, clock: fn() -> jiff::Timestamp) -> Auditor {
+        Auditor { clock: Some(clock), ..self }
     }
 
     /// Records one write.
     pub fn record(&self, controller: &str, action: &str, kind: &str, namespace: &str, name: &str, reason: &str) {
         let r = Record {
-            time: jiff::Timestamp::now().to_string(),
+            time: self.clock.map_or_else(jiff::Timestamp::now, |now| now()).to_string(),
             controller: controller.into(),
             action: action.into(),
             kind: kind.into(),
@@ -285,6 +292,15 @@ mod tests {
                 (segment_key("audit", "op", seq), bytes)
             })
             .collect()
+    }
+
+    #[test]
+    fn records_are_timed_by_the_auditors_clock() {
+        let (auditor, mut rx) = Auditor::shipping();
+        let auditor = auditor.with_clock(|| jiff::Timestamp::from_second(1_800_000_000).unwrap_or_default());
+        auditor.record("networkguard", "patch", "Pod", "crm", "web-0", "quarantine");
+        let r = rx.try_recv().unwrap();
+        assert_eq!((r.time.as_str(), r.name.as_str()), ("2027-01-15T08:00:00Z", "web-0"));
     }
 
     #[tokio::test]

@@ -112,6 +112,8 @@ pub struct Runtime {
     /// An unfinished multipart upload that received no part for this long belongs to a run that died: it is
     /// aborted when a backup starts and after it committed.
     pub reclaim_idle: std::time::Duration,
+    /// The clock: when a run starts and completes, what retention and reclaiming count from.
+    pub clock: fn() -> Timestamp,
 }
 
 /// The policy's encryption, resolved: the key-encryption key, or `None` when encryption is off.

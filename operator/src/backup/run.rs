@@ -9,7 +9,7 @@ pub async fn run_backup(
     kek: Option<&Kek>,
     rt: &Runtime,
 ) -> Result<Manifest, BackupError> {
-    let started = Timestamp::now();
+    let started = (rt.clock)();
     let id = manifest::new_id(started);
     let spec = &config.spec;
     let span = tracing::info_span!("backup", policy = %config.policy, id = %id);
@@ -169,7 +169,7 @@ pub async fn run_backup(
             }
         }
     }
-    let completed = Timestamp::now();
+    let completed = (rt.clock)();
     let mut manifest = Manifest {
         format: FORMAT,
         id: id.clone(),

@@ -209,6 +209,7 @@ async fn runtime(config: &JobConfig, args: &PolicyArgs, attachments: Option<Path
         attachments_dir: attachments,
         allow_unauthenticated_manifest: args.allow_unauthenticated_manifest,
         reclaim_idle: std::time::Duration::from_secs(args.reclaim_idle_seconds),
+        clock: Timestamp::now,
     })
 }
 
@@ -420,7 +421,7 @@ async fn backup_run(
     let conn = crate::backup::source_conn(config).await?;
     // First what runs of this policy that died left behind, so that a crash-looping job does not fill the bucket.
     // Cleanup never fails the backup (the bucket may not exist yet, or listing uploads may not be allowed).
-    let mut reclaimed = crate::backup::reclaim_uploads(&rt.store, &config.prefix, Timestamp::now(), rt.reclaim_idle)
+    let mut reclaimed = crate::backup::reclaim_uploads(&rt.store, &config.prefix, (rt.clock)(), rt.reclaim_idle)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!("could not look for unfinished uploads of earlier runs: {e}");
@@ -437,9 +438,7 @@ async fn backup_run(
     report.verify_seconds = Some(m.verification.seconds);
     // Retention and cleanup run after a successful backup; their failure does not undo the backup.
     let catalog = crate::backup::manifest::read_catalog(&rt.store, &config.prefix).await?;
-    match crate::backup::housekeeping(config, &rt, &catalog, Timestamp::now(), jiff::SignedDuration::from_hours(24))
-        .await
-    {
+    match crate::backup::housekeeping(config, &rt, &catalog, (rt.clock)(), jiff::SignedDuration::from_hours(24)).await {
         Ok(h) => {
             reclaimed.add(h.reclaimed);
             if !h.deleted_backups.is_empty() || !h.removed_leftovers.is_empty() {

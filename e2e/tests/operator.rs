@@ -390,6 +390,42 @@ async fn quarantine_isolates_then_the_ttl_releases() {
     assert!(reasons.contains(&"Quarantined".to_string()) && reasons.contains(&"Released".to_string()), "{reasons:?}");
 }
 
+/// A NetworkPolicy of the guard that cannot be applied (its name taken by an object crmguard does not own) is
+/// reported (Ready=False, NameConflict) and does not hold an isolation back: the quarantine label is set anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_policy_does_not_hold_a_quarantine_back() {
+    let cluster = Cluster::start("quarantine-conflict").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let pod = json!({"metadata": {"name": "web-0", "labels": {"app.kubernetes.io/part-of": "crm", "app.kubernetes.io/component": "web"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    // Someone else's NetworkPolicy under the name of the guard's DNS policy.
+    let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let taken = json!({"metadata": {"name": "crm-firewall.dns"}, "spec": {"podSelector": {}}});
+    np.create(&PostParams::default(), &serde_json::from_value(taken).unwrap()).await.unwrap();
+    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
+    g.spec.quarantine = Some(
+        serde_json::from_value(json!({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "web"}},
+            "reason": "falco: shell spawned in crm-web", "ttl": "10m"}))
+        .unwrap(),
+    );
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &g).await.unwrap();
+    eventually(30, "the conflict reported and web-0 isolated anyway", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let r = ready(g.status.as_ref().map(|s| &s.conditions), "Ready");
+        let p = pods.get("web-0").await.map_err(|e| e.to_string())?;
+        let label = p.labels().get("crmguard.io/quarantine").cloned();
+        match (&r, label.as_deref()) {
+            (Some((s, reason, _)), Some("crm-firewall")) if s == "False" && reason == "NameConflict" => Ok(()),
+            _ => Err(format!("{r:?} {label:?}; logs:\n{}", op.logs())),
+        }
+    })
+    .await;
+}
+
 /// The quarantine webhook does only what it says (issue 15, item 3; expected from the issue's requirements):
 /// refused calls change nothing; it acts only on pods its guard selects (others get a 403 naming them, a
 /// missing pod a 404, and nothing changes); with `backupFirst` the pod is not isolated until the backup Job has

@@ -292,10 +292,25 @@ async fn apply_desired<K: Reconcilable>(
     owner: &Owner,
     desired: &Desired<K::Status>,
 ) -> Result<(), Error> {
-    let report = apply_children(&ctx.client, &ctx.cache, manager, owner, &desired.children, &desired.prune).await?;
+    let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);
+    // Made while `desired` was computed: recorded whatever happens next.
+    for w in &desired.audit {
+        let detail = format!("{} ({because})", w.reason);
+        ctx.audit.record(K::CONTROLLER, w.action.as_str(), "Vault", &owner.namespace, &w.path, &detail);
+    }
+    let children = apply_children(&ctx.client, &ctx.cache, manager, owner, &desired.children, &desired.prune).await;
+    // Patches of other objects (e.g. a quarantine's label) do not wait for the children: a child the API server
+    // refuses must not hold an isolation back.
+    let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await;
+    if let Ok(patched) = &patched {
+        ctx.metrics.wrote(K::CONTROLLER, "patch", patched.len());
+        for c in patched {
+            ctx.audit.record_child(K::CONTROLLER, "patch", &owner.namespace, c, &format!("requested by {because}"));
+        }
+    }
+    let report = children?;
     ctx.metrics.wrote(K::CONTROLLER, "apply", report.applied.len());
     ctx.metrics.wrote(K::CONTROLLER, "prune", report.pruned.len());
-    let because = format!("{} {}/{}", K::kind(&()), owner.namespace, owner.name);
     for c in &report.applied {
         ctx.audit.record_child(K::CONTROLLER, "apply", &owner.namespace, c, &format!("desired by {because}"));
     }
@@ -305,15 +320,7 @@ async fn apply_desired<K: Reconcilable>(
     if !report.applied.is_empty() || !report.pruned.is_empty() {
         tracing::info!(applied = ?report.applied, pruned = ?report.pruned, "children reconciled");
     }
-    let patched = patch_objects(&ctx.client, &owner.namespace, &desired.patches).await?;
-    ctx.metrics.wrote(K::CONTROLLER, "patch", patched.len());
-    for c in &patched {
-        ctx.audit.record_child(K::CONTROLLER, "patch", &owner.namespace, c, &format!("requested by {because}"));
-    }
-    for w in &desired.audit {
-        let detail = format!("{} ({because})", w.reason);
-        ctx.audit.record(K::CONTROLLER, w.action.as_str(), "Vault", &owner.namespace, &w.path, &detail);
-    }
+    patched?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Alert-driven quarantine: `POST /webhook/quarantine/<namespace>/<networkguard>` with an Alertmanager or
 //! Falcosidekick payload and `Authorization: Bearer <token>` (the token lives in the Secret the guard's
-//! `spec.webhook.tokenSecretRef` names). The named pods are labelled and annotated like a spec quarantine, so
-//! the guard's standing quarantine policy cuts them off and its TTL releases them. Refused calls change nothing.
+//! `spec.webhook.tokenSecretRef` names). The request is recorded on the named pods (annotations); the guard's
+//! controller carries it out through its quarantine plan like a spec quarantine (the label its standing quarantine
+//! policy selects, status, release at the TTL). Refused calls change nothing.
 
 use std::collections::BTreeMap;
 
@@ -13,8 +14,9 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{CrmBackupPolicy, NetworkGuard};
+use crate::controllers::network_guard::build::QUARANTINE_LABEL;
 use crate::controllers::network_guard::quarantine::{
-    AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, SINCE, UNTIL,
+    AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, UNTIL,
 };
 use crate::controllers::network_guard::validate::validate;
 use crate::k8s::meta::label_value;
@@ -100,9 +102,10 @@ fn is_ours_and_live(pod: &Pod, label: &str, now: jiff::Timestamp) -> bool {
     if a.get(BY).map(String::as_str) != Some(label) {
         return false;
     }
-    // A request recorded until a later time is live whether or not the guard's controller has labelled the pod yet.
+    // Isolated and not expired, or requested and not carried out yet.
     let until = a.get(UNTIL).and_then(|u| u.parse::<jiff::Timestamp>().ok());
-    until.is_some_and(|u| u > now) || a.contains_key(AFTER_BACKUP)
+    let labelled = pod.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some(label);
+    (labelled && until.is_some_and(|u| u > now)) || a.contains_key(AFTER_BACKUP)
 }
 
 /// Handles one call. Every named pod must exist and be protected by the guard (`spec.podSelector`), else
@@ -194,7 +197,6 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
     } else {
         vec![]
     };
-    let until = now.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
     let deadline = now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX);
     let mut isolated = vec![];
     for pod in new.iter().map(ResourceExt::name_any) {
@@ -203,27 +205,26 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
             (REASON, Value::from(request.reason.clone())),
             (REQUESTED_BY, Value::from(request.source)),
         ]);
-        // The request is recorded on the pod; the guard's controller carries it out (its quarantine plan labels the
-        // pod, records it in status and releases it at the TTL), at once or once the backup has ended.
-        let mut meta = json!({});
-        if backup_jobs.is_empty() {
-            annotations.insert(SINCE, now.to_string().into());
-            annotations.insert(UNTIL, until.to_string().into());
-        } else {
-            // The guard's controller isolates the pod once the backup Jobs have ended (or at the deadline).
-            annotations.insert(AFTER_BACKUP, backup_jobs.join(",").into());
+        // The request is recorded on the pod; the guard's controller carries it out through its quarantine plan
+        // (label, since and until, status, release at the TTL): at once, or once the backup Jobs have ended (or at
+        // the deadline).
+        annotations.insert(AFTER_BACKUP, backup_jobs.join(",").into());
+        if !backup_jobs.is_empty() {
             annotations.insert(BACKUP_DEADLINE, deadline.to_string().into());
         }
+        let mut meta = json!({});
         meta["annotations"] = json!(annotations);
         match pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&json!({"metadata": meta}))).await {
             Ok(_) => {
-                let what =
-                    if backup_jobs.is_empty() { "isolation requested until " } else { "isolation after backup, by " };
-                let at = if backup_jobs.is_empty() { until } else { deadline };
-                w.audit.record(AUDIT_AS, "patch", "Pod", namespace, &pod, &format!("{what}{at}: {}", request.reason));
+                let what = if backup_jobs.is_empty() {
+                    format!("isolation requested for {}", webhook.ttl)
+                } else {
+                    format!("isolation after backup, by {deadline}")
+                };
+                w.audit.record(AUDIT_AS, "patch", "Pod", namespace, &pod, &format!("{what}: {}", request.reason));
                 isolated.push(pod);
             }
-            Err(e) => return err(503, format!("cannot label pod {pod}: {e}")),
+            Err(e) => return err(503, format!("cannot annotate pod {pod}: {e}")),
         }
     }
     // Touch the guard so that its controller isolates the pods and schedules the release at once.
@@ -232,12 +233,9 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
         Ok(_) => w.audit.record(AUDIT_AS, "patch", "NetworkGuard", namespace, guard_name, "last webhook call"),
         Err(e) => tracing::warn!(error = %e, "webhook: could not nudge the NetworkGuard"),
     }
-    tracing::info!(namespace, guard = guard_name, source = request.source, pods = ?isolated, %until, "webhook quarantine");
+    tracing::info!(namespace, guard = guard_name, source = request.source, pods = ?isolated, "webhook quarantine");
     if backup_jobs.is_empty() {
-        (
-            202,
-            json!({"isolating": isolated, "alreadyIsolated": already, "until": until.to_string(), "reason": request.reason}),
-        )
+        (202, json!({"isolating": isolated, "alreadyIsolated": already, "ttl": webhook.ttl, "reason": request.reason}))
     } else {
         (
             202,

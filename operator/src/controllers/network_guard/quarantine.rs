@@ -22,7 +22,8 @@ pub const REQUESTED_BY: &str = "crmguard.io/quarantine-requested-by";
 pub const SINCE: &str = "crmguard.io/quarantine-since";
 /// Annotation: until (RFC 3339).
 pub const UNTIL: &str = "crmguard.io/quarantine-until";
-/// Annotation: the backup Jobs (comma-separated) whose end a `backupFirst` isolation waits for.
+/// Annotation: a webhook isolation the guard's controller has not carried out yet, and the backup Jobs
+/// (comma-separated; none without `backupFirst`) whose end it waits for.
 pub const AFTER_BACKUP: &str = "crmguard.io/quarantine-after-backup";
 /// Annotation: when the wait for those Jobs ends regardless (RFC 3339).
 pub const BACKUP_DEADLINE: &str = "crmguard.io/quarantine-backup-deadline";
@@ -155,7 +156,8 @@ pub fn plan(
     out
 }
 
-/// A webhook isolation waiting for its backup: carried out once the Jobs ended or at the deadline.
+/// A webhook isolation not carried out yet: at once when it waits for no backup Job, else once its Jobs ended or at
+/// the deadline.
 fn pending(
     label: &str,
     pod: &Pod,
@@ -172,14 +174,19 @@ fn pending(
     let waiting: Vec<&str> = jobs.split(',').filter(|j| !j.is_empty() && !backup_done(j)).collect();
     if waiting.is_empty() || now >= deadline {
         let until = now.checked_add(webhook_ttl.unwrap_or(SignedDuration::from_hours(1))).unwrap_or(Timestamp::MAX);
-        let why = if waiting.is_empty() {
-            format!("after backup Job(s) {jobs} ended")
+        let reason = if jobs.is_empty() {
+            reason
+        } else if waiting.is_empty() {
+            format!("{reason} (isolated after backup Job(s) {jobs} ended)")
         } else {
-            format!("without waiting longer for backup Job(s) {}: the wait ended at {deadline}", waiting.join(","))
+            let waited = waiting.join(",");
+            format!(
+                "{reason} (isolated without waiting longer for backup Job(s) {waited}: the wait ended at {deadline})"
+            )
         };
         let annotations = BTreeMap::from([
             (BY.to_string(), label.to_string()),
-            (REASON.to_string(), format!("{reason} (isolated {why})")),
+            (REASON.to_string(), reason.clone()),
             (REQUESTED_BY.to_string(), requested_by.clone()),
             (SINCE.to_string(), now.to_string()),
             (UNTIL.to_string(), until.to_string()),
@@ -187,7 +194,7 @@ fn pending(
         out.changes.push(Change::Isolate { pod: name.clone(), annotations });
         out.records.push(QuarantineRecord {
             pod: name,
-            reason: format!("{reason} (isolated {why})"),
+            reason,
             requested_by,
             since: Some(Time(now)),
             until: Some(Time(until)),
@@ -317,6 +324,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_webhook_request_without_backup_is_isolated_at_once_with_its_reason_and_the_guards_ttl() {
+        let pods = [alerted("web-1", "", "")];
+        let p = plan("g", None, Some(HOUR), &|_| false, &pods, t("2026-11-29T10:00:00Z"));
+        match &p.changes[..] {
+            [Change::Isolate { pod, annotations }] => {
+                assert_eq!(pod, "web-1");
+                assert_eq!(annotations[REASON], "alertmanager: CrmShell", "no backup to mention");
+                assert_eq!(annotations[REQUESTED_BY], "alertmanager");
+                assert_eq!(
+                    (annotations[SINCE].as_str(), annotations[UNTIL].as_str()),
+                    ("2026-11-29T10:00:00Z", "2026-11-29T11:00:00Z")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((p.active, p.next_expiry), (1, Some(t("2026-11-29T11:00:00Z"))));
     }
 
     #[test]

@@ -140,18 +140,7 @@ impl Reconcilable for NetworkGuard {
                             "pod {pod} isolated until {until}: {}",
                             annotations.get(quarantine::REASON).cloned().unwrap_or_default()
                         ),
-                        // A request recorded on the pod (the webhook's, or one whose label was removed).
-                        None => {
-                            let a =
-                                running.iter().find(|p| p.metadata.name.as_ref() == Some(pod)).map(|p| p.annotations());
-                            let get = |k: &str| a.and_then(|a| a.get(k)).cloned().unwrap_or_default();
-                            format!(
-                                "pod {pod} isolated until {}: {} (requested by {})",
-                                get(quarantine::UNTIL),
-                                get(quarantine::REASON),
-                                get(quarantine::REQUESTED_BY)
-                            )
-                        }
+                        None => format!("pod {pod} isolated again (its quarantine label had been removed)"),
                     };
                     (pod, json!({"metadata": meta}), Note::warning(NetworkGuardEvent::Quarantined, note))
                 }

@@ -468,7 +468,8 @@ pub mod conditions {
             /// No drill has run yet (status Unknown).
             NoDrillYet,
         } + JobReason
-        /// The operator can reach Vault, from which the policy reads credentials or keys.
+        /// The operator knows Vault's address, from which the policy reads credentials or keys (reported only when
+        /// it does not).
         VaultConfigured: Required {
             /// The operator has no Vault address: set vault.address in the Helm values (--vault-addr).
             VaultAddressMissing,

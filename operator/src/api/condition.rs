@@ -42,7 +42,7 @@ pub enum Gate {
     Required,
     /// Ready is False while this condition is False; Unknown (not checked yet) does not hold it back.
     BlocksWhenFalse,
-    /// A False is a warning: Ready does not depend on it.
+    /// Ready does not depend on it (a False is a warning, or just a fact such as no pod isolated).
     Warning,
 }
 
@@ -60,7 +60,7 @@ impl Gate {
         match self {
             Gate::Required => "Ready is False unless it is True",
             Gate::BlocksWhenFalse => "Ready is False while it is False",
-            Gate::Warning => "a warning: Ready does not depend on it",
+            Gate::Warning => "Ready does not depend on it",
         }
     }
 }
@@ -196,7 +196,7 @@ pub fn describe(all: &[ConditionDoc]) -> String {
     }
     let mut out = format!(
         "Conditions, one per type. `Ready`: True when everything the spec asks for is in place, else False with the \
-         reason of the first condition below that holds it back, or one of these. {}",
+         reason of a condition below that holds it back, or one of these. {}",
         list(<ReadyReason as ReasonSet>::DOCS)
     );
     for c in all {

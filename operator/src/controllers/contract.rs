@@ -66,8 +66,8 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// One condition a kind reports besides `Ready`: made only from a reason its kind declares (`api::<kind>::conditions`),
-/// so every type and reason set is one the CRD's description lists.
+/// One condition a kind reports besides `Ready`: made only from a declared reason (`api::<kind>::conditions`, which the
+/// CRDs' descriptions are generated from), never from a string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond {
     pub type_: &'static str,
@@ -114,7 +114,7 @@ pub struct Desired<S> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Note {
     pub warning: bool,
-    /// One of the kind's declared Event reasons (`api::<kind>`).
+    /// A declared Event reason (`api::<kind>::*Event`).
     pub reason: &'static str,
     pub note: String,
     /// A second object the Event is about (its `related`). Repeats of the same reason, note and objects fold into
@@ -140,9 +140,9 @@ impl Note {
 /// What crmguard did in Vault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VaultAction {
-    /// A policy or role written.
+    /// A policy, role or database connection written.
     Write,
-    /// A stale policy or role deleted.
+    /// A stale policy, role or database connection deleted.
     Delete,
     /// A database credential lease issued.
     LeaseIssue,

@@ -527,6 +527,8 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
         }
     })
     .await;
+    let st = guards.get("crm-firewall").await.unwrap().status.unwrap_or_default();
+    assert!(!st.policies.is_empty(), "the policies still in effect stay in status: {st:?}");
     let (code, body) = op.http_post(&path, Some(token), &alert("web-0")).unwrap();
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("is not a valid label key"), "{body}");

@@ -132,12 +132,15 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     let mut conditions: Vec<Condition> =
         serde_json::from_value(current_status.get("conditions").cloned().unwrap_or(json!([]))).unwrap_or_default();
     let now = now_time(ctx);
-    let mut status = Map::new();
+    let mut status: Map<String, Value>;
     let mut gauges = Vec::new();
     // A write the API server refused is reported (Ready=False, ApplyFailed) and then returned for backoff.
     let mut apply_error: Option<Error> = None;
     let (ready, ready_reason, ready_message, requeue) = match desired {
         Err(errors) => {
+            // Nothing is applied or pruned: the status keeps describing what is still in effect (e.g. the
+            // AccessPolicy's teams, which its finalizer reads to know what to clean up in Vault).
+            status = fields_of(&current_status)?;
             let message =
                 format!("invalid spec: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
             (Status::False, ReadyReason::InvalidSpec.as_str(), message, None)

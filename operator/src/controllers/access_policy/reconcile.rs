@@ -36,9 +36,11 @@ impl Reconcilable for AccessPolicy {
         if let Some(refused) = check_ceiling(self, ctx).await? {
             // Nothing is applied or pruned and Vault is not touched; retried at the resync, so a ceiling the
             // administrator widens (or creates) takes effect without an edit of the policy.
+            // The status keeps describing what is in effect (its teams tell the finalizer what to clean up).
             return Ok(Ok(Desired {
                 conditions: vec![refused],
                 requeue_after: Some(ctx.resync),
+                status: self.status.clone().unwrap_or_default(),
                 ..Desired::default()
             }));
         }

@@ -133,6 +133,15 @@ fn json_pointer_to_path(prefix: &str, pointer: &str) -> String {
     out
 }
 
+/// A duration field, parsed: its value, or `None` with a field error naming it in `errors`.
+pub fn duration_field(
+    field: impl Into<String>,
+    value: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<std::time::Duration> {
+    crate::api::common::parse_duration(value).map_err(|e| errors.push(FieldError::new(field, e.to_string()))).ok()
+}
+
 /// Returns the kind when `obj` is a crmguard custom resource of a version this build serves.
 pub fn crmguard_kind(obj: &Value) -> Option<&str> {
     let api_version = obj.get("apiVersion")?.as_str()?;

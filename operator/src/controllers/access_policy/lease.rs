@@ -127,12 +127,7 @@ impl Delivery {
     ) -> Option<Delivery> {
         let c = team.credentials.clone().unwrap_or_default();
         let mut d = |field: &str, value: &str| {
-            crate::api::common::parse_duration(value)
-                .map_err(|e| {
-                    let field = format!("spec.teams[{i}].credentials.{field}");
-                    errors.push(crate::validation::FieldError::new(field, e.to_string()))
-                })
-                .ok()
+            crate::validation::duration_field(format!("spec.teams[{i}].credentials.{field}"), value, errors)
         };
         let (ttl, max_ttl, grace) =
             (d("ttl", &c.ttl), d("maxTtl", &c.max_ttl), d("revokeGracePeriod", &c.revoke_grace_period));

@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use crate::api::backup_policy::{CrmBackupPolicy, CrmBackupPolicySpec};
-use crate::api::common::parse_duration;
 use crate::controllers::schedule::{check_time_zone, parse_cron};
 use crate::k8s::meta::Owner;
-use crate::validation::FieldError;
+use crate::validation::{FieldError, duration_field};
 
 /// A CrmBackupPolicy that passed every check.
 #[derive(Clone, Debug)]
@@ -33,7 +32,7 @@ pub fn validate(policy: &CrmBackupPolicy) -> Result<ValidatedBackupPolicy, Vec<F
         Some(tz) => check_time_zone(tz).map_err(|m| errors.push(FieldError::new("spec.schedule.timeZone", m))).ok(),
         None => None,
     };
-    let rpo = parse_duration(&spec.rpo).map_err(|e| errors.push(FieldError::new("spec.rpo", e.to_string()))).ok();
+    let rpo = duration_field("spec.rpo", &spec.rpo, &mut errors);
     if let Some(drill) = &spec.verification.restore_drill {
         if let Err(m) = parse_cron(&drill.cron) {
             errors.push(FieldError::new("spec.verification.restoreDrill.cron", m));

@@ -6,10 +6,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use std::time::Duration;
 
-use crate::api::common::parse_duration;
 use crate::api::network_guard::{NetworkGuard, PortRule};
 use crate::k8s::meta::Owner;
-use crate::validation::FieldError;
+use crate::validation::{FieldError, duration_field};
 
 /// A NetworkGuard that passed every check.
 #[derive(Clone, Debug)]
@@ -209,9 +208,7 @@ pub fn validate(guard: &NetworkGuard) -> Result<ValidatedNetworkGuard, Vec<Field
             }
         }
     }
-    let mut duration = |field: &str, value: &str| {
-        parse_duration(value).map_err(|e| errors.push(FieldError::new(field, e.to_string()))).ok()
-    };
+    let mut duration = |field: &str, value: &str| duration_field(field, value, &mut errors);
     let quarantine_ttl = spec.quarantine.as_ref().and_then(|q| duration("spec.quarantine.ttl", &q.ttl));
     let webhook = spec.webhook.as_ref().and_then(|w| {
         let ttl = duration("spec.webhook.ttl", &w.ttl);

@@ -2,22 +2,20 @@
 //! Secret; Secrets of teams that no longer have grants removed with their leases.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 
 use super::*;
 use crate::controllers::access_policy::lease::Delivery;
-use crate::vault::admin::Leased;
 
 /// Issues, renews, rotates and revokes each team's credentials; builds the Secrets and restart patches.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn issue_credentials(
     p: &AccessPolicy,
     v: &ValidatedAccessPolicy,
-    api: &VaultApi,
+    api: &impl VaultOps,
     s: &VaultSettings,
     objects: &VaultObjects,
     engines: &BTreeMap<String, Result<Engine, String>>,
-    secrets: &Api<Secret>,
+    secrets: &impl SecretOps,
     now: Timestamp,
     out: &mut Outcome,
 ) -> Result<(), Error> {
@@ -46,7 +44,7 @@ pub(super) async fn issue_credentials(
             }
             None => continue,
         }
-        let current = secrets.get_opt(&name).await?;
+        let current = secrets.get(&name).await?;
         if let Some(c) = &current
             && !c.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid)
         {
@@ -116,30 +114,6 @@ pub(super) async fn issue_credentials(
     remove_stale_secrets(p, v, secrets, Some(api), &wanted_secrets, out).await
 }
 
-/// What a team's credentials ask of Vault: [`VaultApi`] in the operator, a double in the unit tests.
-pub(super) trait Leases: Sync {
-    /// Reads a path that issues a lease (a database role's `creds/`).
-    fn read_leased(&self, path: &str) -> impl Future<Output = Result<Leased, ApiError>> + Send;
-    /// Renews a lease by `increment`; the duration Vault granted.
-    fn renew(&self, lease_id: &str, increment: Duration) -> impl Future<Output = Result<Duration, ApiError>> + Send;
-    /// Revokes a lease (an unknown one counts as revoked).
-    fn revoke(&self, lease_id: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
-}
-
-impl Leases for VaultApi {
-    fn read_leased(&self, path: &str) -> impl Future<Output = Result<Leased, ApiError>> + Send {
-        VaultApi::read_leased(self, path)
-    }
-
-    fn renew(&self, lease_id: &str, increment: Duration) -> impl Future<Output = Result<Duration, ApiError>> + Send {
-        VaultApi::renew(self, lease_id, increment)
-    }
-
-    fn revoke(&self, lease_id: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
-        VaultApi::revoke(self, lease_id)
-    }
-}
-
 /// One team's credentials: who, into which Secret, from which Vault path, for which grants and settings.
 struct TeamLease<'a> {
     team: &'a Team,
@@ -160,7 +134,7 @@ impl TeamLease<'_> {
     #[allow(clippy::too_many_arguments)]
     async fn step(
         &self,
-        api: &impl Leases,
+        api: &impl VaultOps,
         mut state: State,
         mut data: BTreeMap<String, k8s_openapi::ByteString>,
         had_secret: bool,
@@ -277,11 +251,11 @@ impl TeamLease<'_> {
 
 /// Secrets this policy delivered earlier for teams that no longer get credentials: their leases are revoked
 /// and the Secrets deleted.
-pub(super) async fn remove_stale_secrets(
+pub(super) async fn remove_stale_secrets<V: VaultOps>(
     p: &AccessPolicy,
     v: &ValidatedAccessPolicy,
-    api_secrets: &Api<Secret>,
-    api: Option<&VaultApi>,
+    api_secrets: &impl SecretOps,
+    api: Option<&V>,
     wanted: &BTreeSet<String>,
     out: &mut Outcome,
 ) -> Result<(), Error> {
@@ -293,7 +267,7 @@ pub(super) async fn remove_stale_secrets(
         .filter(|n| !wanted.contains(n))
         .collect();
     for name in previous {
-        let Some(sec) = api_secrets.get_opt(&name).await? else { continue };
+        let Some(sec) = api_secrets.get(&name).await? else { continue };
         if !sec.metadata.owner_references.iter().flatten().any(|r| r.uid == v.owner.uid) {
             continue;
         }
@@ -304,11 +278,7 @@ pub(super) async fn remove_stale_secrets(
             // Without Vault the leases simply run out; the Secret must not outlive the grant.
             tracing::warn!(secret = %name, "removing credentials without Vault access; their leases expire on their own");
         }
-        match api_secrets.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        api_secrets.delete(&name).await?;
         out.events.push(Note::normal(
             Event::CredentialsRemoved,
             format!("Secret {name}: the team no longer has database grants; its leases were revoked"),
@@ -318,7 +288,7 @@ pub(super) async fn remove_stale_secrets(
 }
 
 /// Revokes the current and previous leases recorded on a credentials Secret.
-pub(super) async fn revoke_all(api: &VaultApi, sec: &Secret) -> Result<(), ApiError> {
+pub(super) async fn revoke_all(api: &impl VaultOps, sec: &Secret) -> Result<(), ApiError> {
     let a = sec.metadata.annotations.clone().unwrap_or_default();
     for k in [lease::LEASE_ID, lease::PREVIOUS_LEASE_ID] {
         if let Some(id) = a.get(k) {
@@ -330,56 +300,8 @@ pub(super) async fn revoke_all(api: &VaultApi, sec: &Secret) -> Result<(), ApiEr
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
+    use super::super::fake::FakeVault;
     use super::*;
-
-    /// Vault as the credential lifecycle sees it: leases issued with increasing ids, every call recorded, and
-    /// answers that can be made to fail.
-    #[derive(Default)]
-    struct FakeVault {
-        calls: Mutex<Vec<String>>,
-        issued: Mutex<u32>,
-        renew_answer: Mutex<Option<ApiError>>,
-        issue_fails: bool,
-    }
-
-    impl Leases for FakeVault {
-        fn read_leased(&self, path: &str) -> impl Future<Output = Result<Leased, ApiError>> + Send {
-            self.calls.lock().unwrap().push(format!("read {path}"));
-            let result = if self.issue_fails {
-                Err(ApiError::Unreachable { addr: "vault".into(), message: "connection refused".into() })
-            } else {
-                let mut n = self.issued.lock().unwrap();
-                *n += 1;
-                let data = serde_json::json!({"username": format!("v-sales-{n}"), "password": format!("pw-{n}")});
-                Ok(Leased {
-                    lease_id: format!("db/creds/sales/{n}"),
-                    lease_duration: Duration::from_secs(3600),
-                    renewable: true,
-                    data: data.as_object().cloned().unwrap_or_default(),
-                })
-            };
-            std::future::ready(result)
-        }
-
-        fn renew(
-            &self,
-            lease_id: &str,
-            increment: Duration,
-        ) -> impl Future<Output = Result<Duration, ApiError>> + Send {
-            self.calls.lock().unwrap().push(format!("renew {lease_id} {}s", increment.as_secs()));
-            std::future::ready(match self.renew_answer.lock().unwrap().take() {
-                Some(e) => Err(e),
-                None => Ok(increment),
-            })
-        }
-
-        fn revoke(&self, lease_id: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
-            self.calls.lock().unwrap().push(format!("revoke {lease_id}"));
-            std::future::ready(Ok(()))
-        }
-    }
 
     fn team() -> Team {
         serde_json::from_value(serde_json::json!({"name": "sales", "subjects": []})).unwrap()
@@ -442,7 +364,7 @@ mod tests {
         assert_eq!(username(&keep), "v-sales-old", "the Secret's credentials stay");
         // At half the term: renewed, the same credentials, a later expiry.
         let renewed = pass(&vault, state, true, "2026-12-01T00:31:00Z", "SELECT crm.deals").await;
-        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "renew db/creds/sales/1 3600s");
+        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "renew database/creds/sales/1 3600s");
         let state = renewed.result.unwrap().0;
         assert_eq!(state.current.as_ref().unwrap().expires_at, t("2026-12-01T01:31:00Z"));
         assert!(renewed.out.events.is_empty());
@@ -453,7 +375,7 @@ mod tests {
             let calls = vault.calls.lock().unwrap().len();
             let renewed = pass(&vault, state, true, &format!("2026-12-01T{at}:00Z"), "SELECT crm.deals").await;
             assert_eq!(vault.calls.lock().unwrap().len(), calls + 1, "one call at {at}");
-            assert!(vault.calls.lock().unwrap().last().unwrap().starts_with("renew db/creds/sales/1"), "{at}");
+            assert!(vault.calls.lock().unwrap().last().unwrap().starts_with("renew database/creds/sales/1"), "{at}");
             state = renewed.result.unwrap().0;
         }
         let rotated = pass(&vault, state, true, "2026-12-01T03:31:00Z", "SELECT crm.deals").await;
@@ -461,10 +383,13 @@ mod tests {
         assert_eq!(reasons(&rotated.out), ["CredentialsRotated"]);
         let state = rotated.result.unwrap().0;
         let previous = state.previous.clone().unwrap();
-        assert_eq!((previous.lease_id.as_str(), previous.revoke_at), ("db/creds/sales/1", t("2026-12-01T03:36:00Z")));
+        assert_eq!(
+            (previous.lease_id.as_str(), previous.revoke_at),
+            ("database/creds/sales/1", t("2026-12-01T03:36:00Z"))
+        );
         // After the grace period: the previous lease is revoked, once.
         let later = pass(&vault, state, true, "2026-12-01T03:37:00Z", "SELECT crm.deals").await;
-        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "revoke db/creds/sales/1");
+        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "revoke database/creds/sales/1");
         assert_eq!(reasons(&later.out), ["CredentialsRevoked"]);
         let state = later.result.unwrap().0;
         assert_eq!(state.previous, None);
@@ -487,7 +412,7 @@ mod tests {
         assert_eq!(previous.revoke_at, t("2026-12-01T00:05:00Z"), "a credential that may read more is revoked now");
         // Revoked at the pass that follows the write of the new Secret (the same instant will do).
         let next = pass(&vault, state, true, "2026-12-01T00:05:00Z", "SELECT crm.deals").await;
-        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "revoke db/creds/sales/1");
+        assert_eq!(vault.calls.lock().unwrap().last().unwrap(), "revoke database/creds/sales/1");
         assert_eq!(next.result.unwrap().0.previous, None);
     }
 

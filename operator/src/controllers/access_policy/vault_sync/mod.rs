@@ -4,7 +4,9 @@
 //! never a crash loop. Credential values go only into the Secret's `data`; never into logs, Events or status.
 //!
 //! `objects`: Vault's policies, auth roles and database connection and roles; `credentials`: each team's leases
-//! (issue, renew, rotate, revoke) and Secret; `cleanup`: what a deleted policy leaves in Vault.
+//! (issue, renew, rotate, revoke) and Secret; `cleanup`: what a deleted policy leaves in Vault. What to write is
+//! decided from the spec, the leases the Secrets record and the clock ([`vault_objects::build`], [`lease::decide`]);
+//! the writes go through the executors of `ops` (Vault and the namespace's Secrets), which the unit tests double.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use serde_json::{Value, json};
 
 use super::lease::{self, IssueReason, State, Step};
@@ -26,15 +28,21 @@ use crate::api::condition::Status;
 use crate::controllers::contract::{Cond, Context, Error, Note, VaultAction, VaultWrite};
 use crate::k8s::apply::{ObjectPatch, is_subset};
 use crate::k8s::meta::{NAME_MAX, child_name};
-use crate::vault::admin::{ApiError, VaultApi};
+use crate::vault::admin::ApiError;
 
 mod cleanup;
 mod credentials;
+#[cfg(test)]
+mod fake;
 mod objects;
+mod ops;
+#[cfg(test)]
+mod tests;
 
 pub use cleanup::cleanup;
 use credentials::{issue_credentials, remove_stale_secrets};
 use objects::sync_objects;
+use ops::{SecretOps, VaultOps};
 
 /// The finalizer that holds an AccessPolicy until its Vault objects and leases are gone.
 pub const FINALIZER: &str = "crmguard.io/vault-cleanup";
@@ -69,6 +77,8 @@ pub struct Outcome {
     pub connection_secret_version: Option<String>,
     /// Vault writes made, for the audit trail.
     pub audit: Vec<VaultWrite>,
+    /// Vault refused the operator's token: its session is to be forgotten (a new login at the next pass).
+    pub forbidden: bool,
 }
 
 impl Outcome {
@@ -85,6 +95,7 @@ impl Outcome {
             retry: None,
             connection_secret_version: None,
             audit: vec![],
+            forbidden: false,
         }
     }
 
@@ -161,34 +172,55 @@ pub async fn reconcile(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Outcome, Error> {
-    let objects = vault_objects::build(v, now);
-    let mut out = Outcome::new(objects.clone());
-    let wants = p.spec.teams.iter().any(|t| !t.vault.is_empty() || t.database.is_some());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
-    if !wants {
-        remove_stale_secrets(p, v, &secrets, None, &BTreeSet::new(), &mut out).await?;
-        return Ok(out);
+    if !wants_vault(p) {
+        return pass(p, v, None::<&crate::vault::admin::VaultApi>, &secrets, now).await;
     }
     let s = settings(p);
     let api = match ctx.vault.address(s.address.as_deref()) {
         Ok(addr) => ctx.vault.api(&addr).await,
         Err(e) => Err(e),
     };
-    let api = match api {
-        Ok(api) => api,
-        Err(e) => {
-            out.vault_failed(&e, p, now);
-            return Ok(out);
-        }
-    };
-    match sync_objects(p, &api, &s, &objects, &secrets, &mut out).await {
-        Ok(engines) => {
-            issue_credentials(p, v, &api, &s, &objects, &engines, &secrets, now, &mut out).await?;
-        }
-        Err(e) => {
-            if matches!(e, ApiError::Forbidden { .. }) {
+    match api {
+        Ok(api) => {
+            let out = pass(p, v, Some(&api), &secrets, now).await?;
+            if out.forbidden {
                 ctx.vault.forget(api.addr()).await;
             }
+            Ok(out)
+        }
+        Err(e) => {
+            let mut out = Outcome::new(vault_objects::build(v, now));
+            out.vault_failed(&e, p, now);
+            Ok(out)
+        }
+    }
+}
+
+/// Whether any team asks for Vault paths or database credentials.
+fn wants_vault(p: &AccessPolicy) -> bool {
+    p.spec.teams.iter().any(|t| !t.vault.is_empty() || t.database.is_some())
+}
+
+/// One pass over Vault (`None` when no team asks for it) and the namespace's Secrets.
+async fn pass<V: VaultOps>(
+    p: &AccessPolicy,
+    v: &ValidatedAccessPolicy,
+    vault: Option<&V>,
+    secrets: &impl SecretOps,
+    now: Timestamp,
+) -> Result<Outcome, Error> {
+    let objects = vault_objects::build(v, now);
+    let mut out = Outcome::new(objects.clone());
+    let Some(api) = vault else {
+        remove_stale_secrets(p, v, secrets, None::<&V>, &BTreeSet::new(), &mut out).await?;
+        return Ok(out);
+    };
+    let s = settings(p);
+    match sync_objects(p, api, &s, &objects, secrets, &mut out).await {
+        Ok(engines) => issue_credentials(p, v, api, &s, &objects, &engines, secrets, now, &mut out).await?,
+        Err(e) => {
+            out.forbidden = matches!(e, ApiError::Forbidden { .. });
             out.vault_failed(&e, p, now);
         }
     }

@@ -7,10 +7,10 @@ use super::*;
 /// Returns the SQL dialect of every connection the teams use.
 pub(super) async fn sync_objects(
     p: &AccessPolicy,
-    api: &VaultApi,
+    api: &impl VaultOps,
     s: &VaultSettings,
     objects: &VaultObjects,
-    secrets: &Api<Secret>,
+    secrets: &impl SecretOps,
     out: &mut Outcome,
 ) -> Result<BTreeMap<String, Result<Engine, String>>, ApiError> {
     let (auth, db) = (mount(&s.kubernetes_auth_mount), mount(&s.database_mount));
@@ -128,7 +128,7 @@ pub(super) async fn sync_objects(
     Ok(engines)
 }
 
-async fn write_if_changed(api: &VaultApi, path: &str, body: &Value) -> Result<usize, ApiError> {
+async fn write_if_changed(api: &impl VaultOps, path: &str, body: &Value) -> Result<usize, ApiError> {
     let current = api.read(path).await?;
     if current.as_ref().is_some_and(|c| is_subset(body, &c["data"])) {
         return Ok(0);
@@ -139,7 +139,7 @@ async fn write_if_changed(api: &VaultApi, path: &str, body: &Value) -> Result<us
 
 /// Deletes the policies and roles under `prefix` that are not wanted; returns their paths.
 pub(super) async fn remove_under_prefix(
-    api: &VaultApi,
+    api: &impl VaultOps,
     s: &VaultSettings,
     prefix: &str,
     policies: &BTreeSet<&str>,
@@ -172,13 +172,13 @@ enum ConnError {
 /// Writes `<db>/config/<conn>` from the Secret when Vault's copy differs or the Secret changed since the last
 /// write (its resourceVersion is recorded in the policy's status). Returns (resourceVersion, writes).
 async fn configure_connection(
-    api: &VaultApi,
+    api: &impl VaultOps,
     db: &str,
     conn: &str,
     secret: &str,
     roles: &[&str],
     p: &AccessPolicy,
-    secrets: &Api<Secret>,
+    secrets: &impl SecretOps,
 ) -> Result<(String, usize), ConnError> {
     let missing = |what: String| {
         ConnError::Secret(format!(
@@ -187,7 +187,7 @@ async fn configure_connection(
         ))
     };
     let sec = secrets
-        .get_opt(secret)
+        .get(secret)
         .await
         .map_err(|e| missing(format!("cannot read Secret {secret:?}: {e}")))?
         .ok_or_else(|| missing(format!("Secret {secret:?} not found")))?;

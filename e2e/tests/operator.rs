@@ -325,6 +325,45 @@ async fn a_malformed_object_does_not_break_the_watch() {
     assert!(message.contains("cannot be read"), "{message}");
 }
 
+/// Status is written by server-side apply of the status subresource, so a field the status no longer has is removed
+/// because nobody owns it. Status an earlier version wrote with merge patches (an Update by the manager the API
+/// server names after the User-Agent, `crmguard`) is moved to the apply once: its stale fields go too, and no
+/// Update entry of crmguard's is left on the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_applied_and_what_earlier_merge_patches_wrote_is_taken_over() {
+    let cluster = Cluster::start("status-apply").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
+    guards.create(&PostParams::default(), &e2e::example("network-guard.yaml", ns)).await.unwrap();
+    // As an earlier crmguard wrote it: a merge patch of the status, here with a pod no longer uncovered.
+    let earlier = PatchParams { field_manager: Some("crmguard".into()), ..PatchParams::default() };
+    let old = json!({"status": {"observedGeneration": 1, "uncoveredPods": ["ghost-0"], "policies": ["gone"]}});
+    guards.patch_status("crm-firewall", &earlier, &Patch::Merge(&old)).await.unwrap();
+    let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let entries = |g: &NetworkGuard| -> Vec<(String, String)> {
+        g.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|e| e.subresource.as_deref() == Some("status"))
+            .map(|e| (e.manager.clone().unwrap_or_default(), e.operation.clone().unwrap_or_default()))
+            .collect()
+    };
+    let apply = [("crmguard/networkguard".to_string(), "Apply".to_string())];
+    let g = eventually(30, "the status owned by crmguard's apply alone, without the stale fields", || async {
+        let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
+        let st = g.status.clone().unwrap_or_default();
+        let stale = !st.uncovered_pods.is_empty() || st.policies.contains(&"gone".to_string());
+        if entries(&g) == apply && !stale && ready(Some(&st.conditions), "Ready").is_some() {
+            Ok(g)
+        } else {
+            Err(format!("owners {:?}, status {st:?}; logs:\n{}", entries(&g), op.logs()))
+        }
+    })
+    .await;
+    assert!(!g.status.unwrap().policies.is_empty(), "the guard's own policies are listed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantine_isolates_then_the_ttl_releases() {
     let cluster = Cluster::start("quarantine").await;

@@ -4,4 +4,5 @@
 pub mod apply;
 pub mod cache;
 pub mod events;
+pub mod managed_fields;
 pub mod meta;

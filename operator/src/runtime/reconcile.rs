@@ -15,6 +15,7 @@ use crate::api::condition::{self, READY, ReadyReason, ReasonSet, Status, new_con
 use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::k8s::apply::{ApplyError, apply_children, patch_objects};
 use crate::k8s::events::{Event, EventType};
+use crate::k8s::managed_fields;
 use crate::k8s::meta::Owner;
 use crate::validation::FieldError;
 
@@ -200,15 +201,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
     status.insert("conditions".into(), serde_json::to_value(&conditions).unwrap_or(json!([])));
     let new_status = Value::Object(status);
     if typed_status(guard, &new_status) != typed_status(guard, &current_status) {
-        // Keys that disappeared are removed explicitly (a merge patch keeps what it does not mention).
-        let mut patch = new_status.clone();
-        if let (Some(old), Some(p)) = (current_status.as_object(), patch.as_object_mut()) {
-            for k in old.keys() {
-                p.entry(k.clone()).or_insert(Value::Null);
-            }
-        }
-        let written =
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": patch }))).await?;
+        let written = write_status::<K>(ctx, &api, &name, &manager, new_status).await?;
         let held = written.data.get("status").cloned().unwrap_or(json!({}));
         ctx.cache.remember_written_status(K::CONTROLLER, &uid, written.metadata.resource_version.as_deref(), &held);
         ctx.metrics.wrote(K::CONTROLLER, "status", 1);
@@ -241,6 +234,39 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         Some(after) => Action::requeue(after.min(ctx.resync)),
         None => Action::requeue(ctx.resync),
     })
+}
+
+/// Writes the whole status by server-side apply of the status subresource as `manager`: a field the status no
+/// longer has is removed because nobody else owns it. Status an earlier version wrote with merge patches is moved
+/// to the apply first (once per object, `k8s::managed_fields`), so that its fields can go too.
+async fn write_status<K: Reconcilable>(
+    ctx: &Context,
+    api: &Api<DynamicObject>,
+    name: &str,
+    manager: &str,
+    status: Value,
+) -> Result<DynamicObject, Error> {
+    let body = json!({
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+        "metadata": {"name": name}, "status": status,
+    });
+    let params = PatchParams::apply(manager).force();
+    let written = api.patch_status(name, &params, &Patch::Apply(&body)).await?;
+    let entries = written.metadata.managed_fields.as_deref().unwrap_or_default();
+    let Some(moved) = managed_fields::move_to_apply(entries, manager, "status", managed_fields::LEGACY_STATUS_MANAGERS)
+    else {
+        return Ok(written);
+    };
+    // The resourceVersion makes the move conditional: a write in between answers 409 and the reconcile is retried.
+    let patch = json!({"metadata": {"resourceVersion": written.metadata.resource_version, "managedFields": moved}});
+    let pp = PatchParams { field_manager: Some(manager.to_string()), ..PatchParams::default() };
+    api.patch(name, &pp, &Patch::Merge(&patch)).await?;
+    ctx.metrics.wrote(K::CONTROLLER, "managedFields", 1);
+    let ns = written.metadata.namespace.clone().unwrap_or_default();
+    ctx.audit.record(K::CONTROLLER, "patch", &K::kind(&()), &ns, name, "status fields moved to server-side apply");
+    tracing::info!("status written by merge patches before is now owned by server-side apply");
+    // Applied again: the fields only the merge patches had set, and this status no longer has, are removed now.
+    Ok(api.patch_status(name, &params, &Patch::Apply(&body)).await?)
 }
 
 /// `status` as the resource's type holds it (what the CRD's schema keeps of it; e.g. an empty list and an absent

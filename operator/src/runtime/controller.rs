@@ -1,0 +1,379 @@
+//! Each kind's controller: its own watch (the cache of its resources and which of their versions it showed), the
+//! watches it declares (`Reconcilable::WATCHES`: owned children, objects named by an annotation, pods, the
+//! namespace's resources) feeding the shared cache and mapped back to the resources they concern, and the sweep
+//! of what deleted resources leave in metrics and cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::{self, Config as WatcherConfig};
+use kube::runtime::{Controller, WatchStreamExt};
+use kube::{Client, Resource};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::reconcile::{error_policy, reconcile};
+use super::watches;
+use crate::controllers::contract::{Context, Other, Reconcilable, Watch};
+use crate::k8s::cache::{self, Cache};
+
+pub(super) fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+pub(super) type Running<K> =
+    (BoxFuture<'static, ()>, BoxFuture<'static, ()>, kube::runtime::reflector::Store<DeserializeGuard<K>>);
+
+/// A namespaced object as a watch delivers it.
+trait Object:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Object for T where
+    T: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A namespaced kind a controller watches besides its own.
+trait Watched: Object + k8s_openapi::Resource {}
+
+impl<T: Object + k8s_openapi::Resource> Watched for T {}
+
+/// How a watched kind `C` arrives: its metadata (`PartialObjectMeta<C>`) or `C` itself.
+trait WatchedAs<C>: Object {}
+
+impl<C: Watched> WatchedAs<C> for PartialObjectMeta<C> {}
+impl<C: Watched> WatchedAs<C> for C {}
+
+/// What a controller watches besides its own kind, each through [`watches::events`], feeding the cache.
+struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>> {
+    client: &'a Client,
+    ns: Option<&'a str>,
+    restarts: &'a watches::Restarts,
+    cache: &'a Arc<Cache>,
+    fanout: &'a watches::Fanout,
+    controller: Controller<DeserializeGuard<K>>,
+}
+
+impl<K> Watches<'_, K>
+where
+    K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    /// crmguard's objects of kind `C` (its label) as `O` (their metadata, or whole), feeding the cache's table of
+    /// that kind.
+    /// One watch per kind and scope ([`watches::Fanout`]).
+    fn labelled<C: Watched, O: WatchedAs<C>>(&self) -> BoxStream<'static, Result<WatchEvent<O>, WatchError>> {
+        match self.fanout.subscribe::<O>(C::KIND, self.ns) {
+            watches::Subscription::Lead(followers) => {
+                let events = watches::events(api::<O>(self.client, self.ns), owns_cfg(), self.restarts);
+                watches::lead(feeding(self.cache, C::KIND, self.ns, events), followers).boxed()
+            }
+            watches::Subscription::Follow(events) => events.map(Ok).boxed(),
+        }
+    }
+
+    /// Children the kind owns (owner references), watched as metadata only, filtered to crmguard's label.
+    fn owns<C: Watched>(self) -> Self {
+        self.owns_as::<C, PartialObjectMeta<C>>()
+    }
+
+    /// Children the kind owns, watched as `O` (whole objects where the cache keeps more than their metadata).
+    fn owns_as<C: Watched, O: WatchedAs<C>>(mut self) -> Self {
+        let children = self.labelled::<C, O>();
+        self.controller = self.controller.owns_stream(children.touched_objects());
+        self
+    }
+
+    /// Other objects (crmguard's label), watched as `O`, mapped to the resource they concern.
+    fn watches<C: Watched, O: WatchedAs<C>, I>(mut self, mapper: impl Fn(O) -> I + Send + Sync + 'static) -> Self
+    where
+        I: IntoIterator<Item = ObjectRef<DeserializeGuard<K>>> + 'static,
+        I::IntoIter: Send,
+    {
+        let others = self.labelled::<C, O>();
+        self.controller = self.controller.watches_stream(others.touched_objects(), mapper);
+        self
+    }
+
+    /// Objects of kind `C` (metadata, crmguard's label): one that comes or goes reconciles every resource of its
+    /// namespace (e.g. a ServiceAccount a restore waits for).
+    fn namespace_of<C: Watched>(mut self) -> Self {
+        let store = self.controller.store();
+        let events = self.labelled::<C, PartialObjectMeta<C>>().filter_map(|e| {
+            futures::future::ready(match e {
+                Ok(WatchEvent::Apply(o) | WatchEvent::Delete(o)) => o.metadata.namespace,
+                _ => None,
+            })
+        });
+        let refs = events.flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
+        self.controller = self.controller.reconcile_on(refs);
+        self
+    }
+
+    /// Adds one of the watches the kind declares ([`Reconcilable::WATCHES`]).
+    fn add(self, watch: Watch) -> Self {
+        use k8s_openapi::api::batch::v1::CronJob;
+        use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+        use k8s_openapi::api::networking::v1::NetworkPolicy;
+        use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+        // `$C` is the Rust type of the watched kind within `$body`.
+        macro_rules! of {
+            ($other:expr, $C:ident => $body:expr) => {
+                match $other {
+                    Other::ConfigMap => {
+                        type $C = ConfigMap;
+                        $body
+                    }
+                    Other::CronJob => {
+                        type $C = CronJob;
+                        $body
+                    }
+                    Other::Job => {
+                        type $C = Job;
+                        $body
+                    }
+                    Other::NetworkPolicy => {
+                        type $C = NetworkPolicy;
+                        $body
+                    }
+                    Other::Role => {
+                        type $C = Role;
+                        $body
+                    }
+                    Other::RoleBinding => {
+                        type $C = RoleBinding;
+                        $body
+                    }
+                    Other::ServiceAccount => {
+                        type $C = ServiceAccount;
+                        $body
+                    }
+                }
+            };
+        }
+        match watch {
+            Watch::Owns(other) => of!(other, C => self.owns::<C>()),
+            Watch::OwnsWhole(other) => of!(other, C => self.owns_as::<C, C>()),
+            Watch::NamedBy(other, annotation) => of!(other, C => self.watches::<C, C, _>(move |o: C| {
+                let ns = o.meta().namespace.clone()?;
+                let name = o.meta().annotations.as_ref()?.get(annotation)?;
+                Some(ObjectRef::new(name).within(&ns))
+            })),
+            Watch::InNamespace(other) => of!(other, C => self.namespace_of::<C>()),
+            Watch::Pods => self.pods(),
+        }
+    }
+
+    /// The pods that have not finished (metadata only), feeding the cache; every resource in a namespace is
+    /// reconciled when a pod of it comes, goes, or changes its labels or crmguard's annotations (not on the
+    /// status updates that make up most pod changes).
+    fn pods(mut self) -> Self {
+        let cfg = WatcherConfig::default().fields(UNFINISHED_PODS);
+        let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
+        let events = feeding(self.cache, cache::PODS, self.ns, events);
+        let store = self.controller.store();
+        let refs = pod_changes(events).flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
+        self.controller = self.controller.reconcile_on(refs);
+        self
+    }
+}
+
+/// The resources of `store` in namespace `ns`.
+fn in_namespace<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &kube::runtime::reflector::Store<K>,
+    ns: &str,
+) -> Vec<ObjectRef<K>> {
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
+}
+
+/// Pods that are pending or running: finished pods leave the watch (and the cache) as they finish.
+const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+type WatchEvent<K> = watcher::Event<K>;
+type WatchError = watcher::Error;
+
+/// `events`, each applied to the cache's `table` first when this watch is the one that feeds it.
+pub(super) fn feeding<O, S>(
+    cache: &Arc<Cache>,
+    table: cache::Table,
+    ns: Option<&str>,
+    events: S,
+) -> impl Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static + use<O, S>
+where
+    O: Resource + Send + 'static,
+    S: Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static,
+{
+    let feeds = cache.claim(table, ns).then(|| cache.clone());
+    let scope = ns.map(str::to_string);
+    events.inspect(move |e| {
+        if let (Some(c), Ok(e)) = (&feeds, e) {
+            c.feed(table, scope.as_deref(), e);
+        }
+    })
+}
+
+/// The namespaces of pods that appeared, disappeared (also across a re-list) or changed what the cache keeps
+/// of them (labels, crmguard's annotations).
+fn pod_changes(
+    events: impl Stream<Item = Result<WatchEvent<PartialObjectMeta<Pod>>, WatchError>> + Send + 'static,
+) -> impl Stream<Item = String> + Send + 'static {
+    let mut seen: std::collections::HashMap<(String, String), u64> = Default::default();
+    let mut listed: Option<std::collections::HashSet<(String, String)>> = None;
+    events
+        .map(move |e| {
+            let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+                (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+            };
+            let changed: Vec<String> = match e {
+                Ok(WatchEvent::Apply(p) | WatchEvent::InitApply(p)) => {
+                    let k = key(&p.metadata);
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(k.clone());
+                    }
+                    let digest = cache::pod_digest(&p.metadata);
+                    (seen.insert(k.clone(), digest) != Some(digest)).then_some(k.0).into_iter().collect()
+                }
+                Ok(WatchEvent::Delete(p)) => {
+                    let k = key(&p.metadata);
+                    seen.remove(&k);
+                    vec![k.0]
+                }
+                Ok(WatchEvent::Init) => {
+                    listed = Some(Default::default());
+                    vec![]
+                }
+                Ok(WatchEvent::InitDone) => {
+                    let listed = listed.take().unwrap_or_default();
+                    let gone: Vec<(String, String)> = seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                    gone.into_iter().filter_map(|k| seen.remove(&k).map(|_| k.0)).collect()
+                }
+                Err(_) => vec![],
+            };
+            futures::stream::iter(changed)
+        })
+        .flatten()
+}
+
+/// Resolves once the store's watch has listed its objects.
+pub(super) async fn listed<K: Resource<DynamicType = ()> + Clone + 'static>(store: kube::runtime::reflector::Store<K>) {
+    // kube-runtime's store readiness keeps only the waker of its latest waiter, and the Controller waits on
+    // the same store, so a second waiter may never be woken: poll again periodically instead.
+    while tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await.is_err() {}
+    tracing::debug!(kind = %K::kind(&()), "cache synced");
+}
+
+/// Builds one controller: the future that runs it, and a future that resolves once its cache is synced.
+pub(super) fn controller<K>(
+    ctx: Arc<Context>,
+    ns: Option<&str>,
+    concurrency: u16,
+    restarts: &watches::Restarts,
+    fanout: &watches::Fanout,
+) -> Running<K>
+where
+    K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<K>>::default();
+    let store = writer.as_reader();
+    // managedFields are not needed and are often the larger part of an object: not kept.
+    let own = watches::events(api::<DeserializeGuard<K>>(&ctx.client, ns), WatcherConfig::default(), restarts)
+        .modify(|o| o.meta_mut().managed_fields = None);
+    // Which versions the watch showed, once in the store: a reconcile can tell an object older than its own last
+    // status write from a newer one.
+    let shown = ctx.cache.clone();
+    let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
+        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = e
+            && let (Some(uid), Some(rv)) = (&o.meta().uid, &o.meta().resource_version)
+        {
+            shown.watched(K::CONTROLLER, uid, rv);
+        }
+    });
+    let c = Controller::for_stream(own.applied_objects(), store.clone())
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .trigger_backoff(watches::WatchBackoff::default());
+    let cache = ctx.cache.clone();
+    let watching = Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c };
+    let c = K::WATCHES.iter().fold(watching, |w, watch| w.add(*watch)).controller;
+    let cache = store.clone();
+    let ready = listed(store).boxed();
+    // Per-object metric series and what the cache remembers of resources that were deleted (no reconcile runs for
+    // those) are swept.
+    let (swept, metrics, scope, remembered) =
+        (c.store(), ctx.metrics.clone(), ns.map(str::to_string), ctx.cache.clone());
+    let sweep = async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let objects = swept.state();
+            let live = objects
+                .iter()
+                .map(|o| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default()))
+                .collect();
+            metrics.retain_objects(&K::kind(&()), scope.as_deref(), &live);
+            // With several watched namespaces each sweep sees only its own: the cache is swept when one namespace
+            // is watched or all are.
+            if remembered.single_scope() {
+                remembered.retain(K::CONTROLLER, &objects.iter().filter_map(|o| o.meta().uid.clone()).collect());
+            }
+        }
+    };
+    let run = c.run(reconcile::<K>, error_policy::<K>, ctx).for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "controller event");
+        }
+    });
+    let run = async move {
+        futures::future::select(run.boxed(), sweep.boxed()).await;
+    }
+    .boxed();
+    (run, ready, cache)
+}
+
+/// The tables of the cache: every kind a controller watches, the unfinished pods and the namespaces.
+pub(super) const CACHED: [cache::Table; 9] = [
+    "CronJob",
+    "ConfigMap",
+    "ServiceAccount",
+    "Job",
+    "Role",
+    "RoleBinding",
+    "NetworkPolicy",
+    cache::PODS,
+    cache::NAMESPACES,
+];
+
+pub(super) fn owns_cfg() -> WatcherConfig {
+    WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard")
+}

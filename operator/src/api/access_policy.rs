@@ -374,6 +374,7 @@ pub mod conditions {
     use crate::api::condition::VaultFailure;
 
     crate::api::condition::conditions! {
+        for super::AccessPolicyStatus;
         /// The teams' Roles and RoleBindings are applied.
         RbacApplied: Required {
             /// Every team's Role and RoleBinding is in effect.
@@ -437,4 +438,8 @@ crate::api::condition::reasons! {
         /// A team lost its database grants: its Secret was deleted and its leases revoked.
         CredentialsRemoved,
     }
+}
+
+impl crate::api::condition::EventReason for AccessPolicyEvent {
+    type Status = AccessPolicyStatus;
 }

@@ -443,6 +443,7 @@ pub mod conditions {
     use crate::api::job::JobReason;
 
     crate::api::condition::conditions! {
+        for super::CrmBackupPolicyStatus;
         /// Backups run on the schedule.
         ScheduleReady: Required {
             /// The CronJob runs the backups on spec.schedule.
@@ -499,4 +500,8 @@ crate::api::condition::reasons! {
         /// A Job's report was ignored: it is not provably the policy's own (the Event is also about the Job).
         ForgedReport,
     }
+}
+
+impl crate::api::condition::EventReason for BackupPolicyEvent {
+    type Status = CrmBackupPolicyStatus;
 }

@@ -33,6 +33,14 @@ pub trait ReasonSet: Copy + std::fmt::Debug + Send + Sync + 'static {
 pub trait Reason: ReasonSet {
     const TYPE: &'static str;
     const GATE: Gate;
+    /// The status type of the kind that reports the condition: a condition of another kind does not compile.
+    type Status;
+}
+
+/// The reasons of a kind's Events besides `Ready`'s.
+pub trait EventReason: ReasonSet {
+    /// The status type of the kind whose controller records them: another kind's Event reason does not compile.
+    type Status;
 }
 
 /// How a condition bears on `Ready`.
@@ -129,7 +137,7 @@ pub(crate) use reasons;
 /// Declares a kind's condition types besides `Ready`: per type, its gate on Ready ([`Gate`]'s variant name), its
 /// reasons ([`reasons!`]), and `ALL`, the list its CRD's description is generated from.
 macro_rules! conditions {
-    ($(
+    (for $Status:ty; $(
         $(#[doc = $doc:literal])*
         $Type:ident: $gate:ident { $($body:tt)* } $(+ $Inner:ident)?
     )*) => {
@@ -139,6 +147,7 @@ macro_rules! conditions {
             impl $crate::api::condition::Reason for $Type {
                 const TYPE: &'static str = stringify!($Type);
                 const GATE: $crate::api::condition::Gate = $crate::api::condition::Gate::$gate;
+                type Status = $Status;
             }
         )*
 

@@ -370,6 +370,7 @@ pub struct NetworkGuardStatus {
 /// A NetworkGuard's conditions besides `Ready`.
 pub mod conditions {
     crate::api::condition::conditions! {
+        for super::NetworkGuardStatus;
         /// The NetworkPolicies the spec asks for are in effect (a write the API server refuses makes Ready False
         /// with reason `ApplyFailed` instead).
         PoliciesApplied: Required {
@@ -408,4 +409,8 @@ crate::api::condition::reasons! {
         /// A pod was released from quarantine.
         Released,
     }
+}
+
+impl crate::api::condition::EventReason for NetworkGuardEvent {
+    type Status = NetworkGuardStatus;
 }

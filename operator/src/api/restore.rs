@@ -176,6 +176,7 @@ pub mod conditions {
     use crate::api::job::JobReason;
 
     crate::api::condition::conditions! {
+        for super::CrmRestoreStatus;
         /// The backup was restored and verified.
         Restored: Required {
             /// Restored and verified.

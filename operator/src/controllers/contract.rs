@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use kube::{Client, Resource};
 use serde_json::Value;
 
 use crate::api::CrmBackupPolicy;
-use crate::api::condition::{Gate, Reason, ReasonSet, Status};
+use crate::api::condition::{EventReason, Gate, Reason, Status};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch};
 use crate::k8s::events::Recorder;
@@ -68,18 +69,36 @@ impl std::fmt::Debug for Context {
 
 /// One condition a kind reports besides `Ready`: made only from a declared reason (`api::<kind>::conditions`, which the
 /// CRDs' descriptions are generated from), never from a string.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
+/// `S` is the kind's status type: a condition another kind declares does not compile.
+///
+/// ```
+/// use crmguard::api::AccessPolicyStatus;
+/// use crmguard::api::access_policy::conditions::VaultConfigured;
+/// use crmguard::api::condition::Status;
+/// use crmguard::controllers::contract::Cond;
+/// let _: Cond<AccessPolicyStatus> = Cond::new(VaultConfigured::Synced, Status::True, "synced");
+/// ```
+/// ```compile_fail
+/// use crmguard::api::NetworkGuardStatus;
+/// use crmguard::api::access_policy::conditions::VaultConfigured;
+/// use crmguard::api::condition::Status;
+/// use crmguard::controllers::contract::Cond;
+/// let _: Cond<NetworkGuardStatus> = Cond::new(VaultConfigured::Synced, Status::True, "synced");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cond<S> {
     pub type_: &'static str,
     pub gate: Gate,
     pub status: Status,
     pub reason: &'static str,
     pub message: String,
+    of: PhantomData<fn() -> S>,
 }
 
-impl Cond {
-    pub fn new<R: Reason>(reason: R, status: Status, message: impl Into<String>) -> Self {
-        Cond { type_: R::TYPE, gate: R::GATE, status, reason: reason.as_str(), message: message.into() }
+impl<S> Cond<S> {
+    pub fn new<R: Reason<Status = S>>(reason: R, status: Status, message: impl Into<String>) -> Self {
+        let (type_, gate, reason) = (R::TYPE, R::GATE, reason.as_str());
+        Cond { type_, gate, status, reason, message: message.into(), of: PhantomData }
     }
 
     /// Whether it holds `Ready` back.
@@ -95,7 +114,7 @@ pub struct Desired<S> {
     pub children: Vec<Value>,
     pub prune: Vec<(&'static str, &'static str)>,
     /// Specific conditions, computed before apply; their gates decide `Ready`.
-    pub conditions: Vec<Cond>,
+    pub conditions: Vec<Cond<S>>,
     /// The status; its `observedGeneration` and `conditions` are the runtime's (what is set there is replaced).
     pub status: S,
     /// Requeue sooner than the resync (e.g. at a grant's expiry).
@@ -103,16 +122,17 @@ pub struct Desired<S> {
     /// Merge patches to objects the resource does not own (applied after the children).
     pub patches: Vec<ObjectPatch>,
     /// Events to record once the changes are made.
-    pub events: Vec<Note>,
+    pub events: Vec<Note<S>>,
     /// Per-object metric samples (see `metrics::OBJECT_GAUGES`); `resource_ready` is added by the runtime.
     pub gauges: Vec<crate::metrics::ObjectSample>,
     /// Writes made to Vault while computing this, for the audit trail.
     pub audit: Vec<VaultWrite>,
 }
 
-/// An Event to record about the resource once the changes are made.
+/// An Event to record about the resource once the changes are made; `S` is the kind's status type (another kind's
+/// Event reason does not compile).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Note {
+pub struct Note<S> {
     pub warning: bool,
     /// A declared Event reason (`api::<kind>::*Event`).
     pub reason: &'static str,
@@ -120,19 +140,20 @@ pub struct Note {
     /// A second object the Event is about (its `related`). Repeats of the same reason, note and objects fold into
     /// one series (`k8s::events`).
     pub related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    of: PhantomData<fn() -> S>,
 }
 
-impl Note {
-    pub fn normal(reason: impl ReasonSet, note: impl Into<String>) -> Note {
-        Note { warning: false, reason: reason.as_str(), note: note.into(), related: None }
+impl<S> Note<S> {
+    pub fn normal(reason: impl EventReason<Status = S>, note: impl Into<String>) -> Self {
+        Note { warning: false, reason: reason.as_str(), note: note.into(), related: None, of: PhantomData }
     }
 
-    pub fn warning(reason: impl ReasonSet, note: impl Into<String>) -> Note {
-        Note { warning: true, reason: reason.as_str(), note: note.into(), related: None }
+    pub fn warning(reason: impl EventReason<Status = S>, note: impl Into<String>) -> Self {
+        Note { warning: true, reason: reason.as_str(), note: note.into(), related: None, of: PhantomData }
     }
 
     /// The same Event, about `object` too.
-    pub fn about(self, object: k8s_openapi::api::core::v1::ObjectReference) -> Note {
+    pub fn about(self, object: k8s_openapi::api::core::v1::ObjectReference) -> Self {
         Note { related: Some(object), ..self }
     }
 }

@@ -174,7 +174,7 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
             }
             status = fields_of(&desired.status)?;
             gauges = desired.gauges.clone();
-            let failing: Vec<&Cond> = desired.conditions.iter().filter(|c| c.holds_back()).collect();
+            let failing: Vec<&Cond<K::Status>> = desired.conditions.iter().filter(|c| c.holds_back()).collect();
             match (apply_error.as_ref().and_then(refused), failing.first()) {
                 (Some((reason, message)), _) => (Status::False, reason, message, None),
                 (None, None) => (

@@ -128,7 +128,7 @@ impl Reconcilable for AccessPolicy {
 
 /// Reads the grant ceiling ClusterRole and checks every Kubernetes grant against it: `Some(condition)` when the
 /// policy must not be applied (a grant beyond the ceiling, or no ceiling installed).
-async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond>, Error> {
+async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond<crate::api::AccessPolicyStatus>>, Error> {
     if p.spec.teams.iter().all(|t| t.kubernetes.is_empty()) {
         return Ok(None);
     }

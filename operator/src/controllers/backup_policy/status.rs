@@ -37,7 +37,7 @@ pub struct JobObservation {
 /// Conditions and status fields derived from the jobs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Health {
-    pub conditions: Vec<Cond>,
+    pub conditions: Vec<Cond<CrmBackupPolicyStatus>>,
     pub last_successful_backup: Option<BackupRecord>,
     pub last_failure_time: Option<Time>,
     pub backup_count: Option<i64>,

@@ -20,11 +20,11 @@ use serde_json::{Value, json};
 use super::lease::{self, IssueReason, State, Step};
 use super::validate::ValidatedAccessPolicy;
 use super::vault_objects::{self, Engine, VaultObjects};
-use crate::api::AccessPolicy;
 use crate::api::access_policy::AccessPolicyEvent as Event;
 use crate::api::access_policy::conditions::{CredentialsIssued, VaultConfigured};
 use crate::api::access_policy::{Team, VaultSettings, WorkloadKind};
 use crate::api::condition::Status;
+use crate::api::{AccessPolicy, AccessPolicyStatus};
 use crate::controllers::contract::{Cond, Context, Error, Note, VaultAction, VaultWrite};
 use crate::k8s::apply::{ObjectPatch, is_subset};
 use crate::k8s::meta::{NAME_MAX, child_name};
@@ -62,11 +62,11 @@ pub struct TeamOut {
 /// What the Vault half produced.
 #[derive(Debug)]
 pub struct Outcome {
-    pub vault: Cond,
-    pub credentials: Cond,
+    pub vault: Cond<AccessPolicyStatus>,
+    pub credentials: Cond<AccessPolicyStatus>,
     pub secrets: Vec<Value>,
     pub patches: Vec<ObjectPatch>,
-    pub events: Vec<Note>,
+    pub events: Vec<Note<AccessPolicyStatus>>,
     pub teams: BTreeMap<String, TeamOut>,
     pub objects: VaultObjects,
     /// Next instant something is due (renewal, rotation, revocation, grant expiry).

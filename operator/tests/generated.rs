@@ -316,3 +316,30 @@ fn committed_crds_describe_exactly_the_conditions_the_code_can_set() {
         assert_eq!(named, declared, "{}: the conditions described vs those the code can set", path.display());
     }
 }
+
+/// The README's table of Events lists exactly the Event reasons the code declares (`api::<kind>::*Event` and
+/// `ReconcileEvent`), with their meanings; the table is the text this test prints when it differs.
+#[test]
+fn the_readmes_event_table_is_the_declared_event_reasons() {
+    use crmguard::api::condition::{Described, ReasonSet, ReconcileEvent};
+    let sets: [(&str, &[Described]); 4] = [
+        ("any", ReconcileEvent::DOCS),
+        ("NetworkGuard", crmguard::api::network_guard::NetworkGuardEvent::DOCS),
+        ("AccessPolicy", crmguard::api::access_policy::AccessPolicyEvent::DOCS),
+        ("CrmBackupPolicy", crmguard::api::backup_policy::BackupPolicyEvent::DOCS),
+    ];
+    let mut table = String::from("| Kind | Reason | Meaning |\n|---|---|---|\n");
+    for (kind, reasons) in sets {
+        for r in reasons {
+            let doc: Vec<&str> = r.doc.iter().map(|l| l.trim()).collect();
+            table.push_str(&format!("| {kind} | `{}` | {} |\n", r.name, doc.join(" ")));
+        }
+    }
+    let readme = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let (begin, end) = ("<!-- events -->\n", "<!-- /events -->");
+    let found = readme.split_once(begin).and_then(|(_, rest)| rest.split_once(end)).map(|(t, _)| t);
+    assert!(
+        found == Some(table.as_str()),
+        "README's Event table (between {begin:?} and {end:?}) should read:\n{table}"
+    );
+}

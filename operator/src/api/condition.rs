@@ -175,6 +175,15 @@ reasons! {
 }
 
 reasons! {
+    /// The reasons of the Events every kind's controller records.
+    pub enum ReconcileEvent {
+        /// A reconcile failed; the note says which category (e.g. `apiserver`, `forbidden`, `conflict`) and why.
+        /// Retried with backoff; repeats fold into one Event series.
+        ReconcileFailed,
+    }
+}
+
+reasons! {
     /// Why Vault could not be used:
     pub enum VaultFailure {
         /// The operator has no Vault address: set vault.address in the Helm values (--vault-addr).

@@ -11,7 +11,9 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 
-use crate::api::condition::{self, READY, ReadyReason, ReasonSet, Status, new_condition, set_condition};
+use crate::api::condition::{
+    self, READY, ReadyReason, ReasonSet, ReconcileEvent, Status, new_condition, set_condition,
+};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Reconcilable};
 use crate::k8s::apply::{ApplyError, apply_children, patch_objects};
 use crate::k8s::events::{Event, EventType};
@@ -58,7 +60,7 @@ pub async fn reconcile<K: Reconcilable>(guard: Arc<DeserializeGuard<K>>, ctx: Ar
         // not flood the namespace.
         let event = Event {
             type_: EventType::Warning,
-            reason: "ReconcileFailed".into(),
+            reason: ReconcileEvent::ReconcileFailed.as_str().into(),
             note: format!("{} error, retrying with backoff: {e}", e.category()),
             action: "Reconcile".into(),
             related: None,

@@ -14,9 +14,8 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{CrmBackupPolicy, NetworkGuard};
-use crate::controllers::network_guard::build::QUARANTINE_LABEL;
 use crate::controllers::network_guard::quarantine::{
-    AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY, UNTIL,
+    self, AFTER_BACKUP, BACKUP_DEADLINE, BY, PRE_QUARANTINE_LABEL, REASON, REQUESTED_BY,
 };
 use crate::controllers::network_guard::validate::validate;
 use crate::k8s::meta::label_value;
@@ -97,17 +96,6 @@ impl std::fmt::Debug for Webhook {
 /// Controller name in the audit records of webhook writes.
 const AUDIT_AS: &str = "quarantine-webhook";
 
-fn is_ours_and_live(pod: &Pod, label: &str, now: jiff::Timestamp) -> bool {
-    let a = pod.annotations();
-    if a.get(BY).map(String::as_str) != Some(label) {
-        return false;
-    }
-    // Isolated and not expired, or requested and not carried out yet.
-    let until = a.get(UNTIL).and_then(|u| u.parse::<jiff::Timestamp>().ok());
-    let labelled = pod.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some(label);
-    (labelled && until.is_some_and(|u| u > now)) || a.contains_key(AFTER_BACKUP)
-}
-
 /// Handles one call. Every named pod must exist and be protected by the guard (`spec.podSelector`), else
 /// nothing changes; pods already isolated (or waiting for their backup) by this guard are left as they are, so a
 /// repeated alert writes nothing and starts no second backup.
@@ -180,7 +168,7 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
         return err(404, format!("no pod {} in namespace {namespace}; nothing was changed", missing.join(", ")));
     }
     let label = label_value(guard_name);
-    let (already, new): (Vec<Pod>, Vec<Pod>) = found.into_iter().partition(|p| is_ours_and_live(p, &label, now));
+    let (already, new): (Vec<Pod>, Vec<Pod>) = found.into_iter().partition(|p| quarantine::holds(p, &label, now));
     let already: Vec<String> = already.iter().map(ResourceExt::name_any).collect();
     if new.is_empty() {
         return (200, json!({"isolating": [], "alreadyIsolated": already, "reason": request.reason}));

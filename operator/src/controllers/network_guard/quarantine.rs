@@ -69,6 +69,13 @@ fn ts(s: Option<&str>) -> Option<Timestamp> {
     s?.parse().ok()
 }
 
+/// Whether the guard whose label value is `label` holds the pod: a webhook request not carried out yet, or an
+/// isolation that has not expired (what [`plan`] keeps isolated, re-labelling the pod if its label was removed).
+/// A repeated alert for such a pod changes nothing.
+pub fn holds(pod: &Pod, label: &str, now: Timestamp) -> bool {
+    ann(pod, BY) == Some(label) && (ann(pod, AFTER_BACKUP).is_some() || ts(ann(pod, UNTIL)).is_some_and(|u| u > now))
+}
+
 /// Plans isolation for the guard whose label value is `label`.
 ///
 /// A running pod matching `spec.podSelector` is isolated for `ttl`. When the TTL has passed it is released,
@@ -262,6 +269,38 @@ mod tests {
                 serde_json::from_value(json!({"metadata": {"name": n, "labels": {"app": app}}})).unwrap()
             })
             .collect()
+    }
+
+    /// The webhook answers "already isolated" (and writes nothing) for exactly the pods the plan keeps isolated.
+    #[test]
+    fn what_the_webhook_counts_as_held_is_what_the_plan_keeps_isolated() {
+        let now = t("2026-12-01T00:00:00Z");
+        let pod = |label: Option<&str>, annotations: &[(&str, &str)]| -> Pod {
+            let mut labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+            labels.extend(label.map(|l| (QUARANTINE_LABEL.to_string(), l.to_string())));
+            let annotations: BTreeMap<String, String> =
+                annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            serde_json::from_value(json!({"metadata": {"name": "web-1", "labels": labels, "annotations": annotations}}))
+                .unwrap()
+        };
+        let live = [(BY, "g"), (REQUESTED_BY, "alertmanager"), (UNTIL, "2026-12-01T01:00:00Z")];
+        let expired = [(BY, "g"), (REQUESTED_BY, "alertmanager"), (UNTIL, "2026-11-30T23:00:00Z")];
+        let cases = [
+            ("a request waiting for no backup", pod(None, &[(BY, "g"), (AFTER_BACKUP, "")]), true),
+            ("a request waiting for a backup", pod(None, &[(BY, "g"), (AFTER_BACKUP, "job-1")]), true),
+            ("isolated until later", pod(Some("g"), &live), true),
+            ("isolated until later, its label removed", pod(None, &live), true),
+            ("expired", pod(Some("g"), &expired), false),
+            ("another guard's", pod(Some("other"), &[(BY, "other"), (UNTIL, "2026-12-01T01:00:00Z")]), false),
+            ("never isolated", pod(None, &[]), false),
+        ];
+        for (what, p, held) in cases {
+            assert_eq!(holds(&p, "g", now), held, "{what}");
+            let planned = plan("g", None, Some(HOUR), &|_| false, std::slice::from_ref(&p), now);
+            let released = planned.changes.iter().any(|c| matches!(c, Change::Release { .. }));
+            let kept = !released && (planned.active == 1 || ann(&p, AFTER_BACKUP) == Some("job-1"));
+            assert_eq!(kept, held, "{what}: the plan keeps it isolated (or waiting): {planned:?}");
+        }
     }
 
     #[test]

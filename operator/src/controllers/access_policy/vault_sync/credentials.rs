@@ -228,7 +228,7 @@ impl TeamLease<'_> {
                     out.events.push(if first {
                         Note::normal(Event::CredentialsIssued, format!("team {}: database credentials issued into Secret {name}, lease until {until}{restarts}", team.name))
                     } else {
-                        Note::normal(Event::CredentialsRotated, format!("team {}: new database credentials in Secret {name} ({}), lease until {until}; the previous one is revoked {}{restarts}", team.name, reason.describe(), if reason.revoke_at_once() { "now".to_string() } else { format!("after the grace period ({})", team.credentials.as_ref().map(|c| c.revoke_grace_period.as_str()).unwrap_or("5m")) }))
+                        Note::normal(Event::CredentialsRotated, format!("team {}: new database credentials in Secret {name} ({}), lease until {until}; the previous one is revoked {}{restarts}", team.name, reason.describe(), if reason.revoke_at_once() { "as soon as the new Secret is written".to_string() } else { format!("after the grace period ({})", team.credentials.as_ref().map(|c| c.revoke_grace_period.as_str()).unwrap_or("5m")) }))
                     });
                     tracing::info!(team = %team.name, secret = %name, reason = reason.describe(), "database credentials issued");
                     out.audit(

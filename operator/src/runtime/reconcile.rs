@@ -240,7 +240,8 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
 
 /// Writes the whole status by server-side apply of the status subresource as `manager`: a field the status no
 /// longer has is removed because nobody else owns it. Status an earlier version wrote with merge patches is moved
-/// to the apply first (once per object, `k8s::managed_fields`), so that its fields can go too.
+/// to the apply as well (once per object, `k8s::managed_fields`), so that its fields can go too; the move is best
+/// effort: the status is written either way, and a move that fails is tried again at the next status write.
 async fn write_status<K: Reconcilable>(
     ctx: &Context,
     api: &Api<DynamicObject>,
@@ -259,16 +260,25 @@ async fn write_status<K: Reconcilable>(
     else {
         return Ok(written);
     };
-    // The resourceVersion makes the move conditional: a write in between answers 409 and the reconcile is retried.
+    // The resourceVersion makes the move conditional: after a write in between (409) it waits for the next one.
     let patch = json!({"metadata": {"resourceVersion": written.metadata.resource_version, "managedFields": moved}});
     let pp = PatchParams { field_manager: Some(manager.to_string()), ..PatchParams::default() };
-    api.patch(name, &pp, &Patch::Merge(&patch)).await?;
+    if let Err(e) = api.patch(name, &pp, &Patch::Merge(&patch)).await {
+        tracing::warn!(error = %e, "status fields written by merge patches before could not be moved to server-side apply; tried again at the next status write");
+        return Ok(written);
+    }
     ctx.metrics.wrote(K::CONTROLLER, "managedFields", 1);
     let ns = written.metadata.namespace.clone().unwrap_or_default();
     ctx.audit.record(K::CONTROLLER, "patch", &K::kind(&()), &ns, name, "status fields moved to server-side apply");
     tracing::info!("status written by merge patches before is now owned by server-side apply");
     // Applied again: the fields only the merge patches had set, and this status no longer has, are removed now.
-    Ok(api.patch_status(name, &params, &Patch::Apply(&body)).await?)
+    match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+        Ok(again) => Ok(again),
+        Err(e) => {
+            tracing::warn!(error = %e, "status applied again after the move failed; its stale fields go at the next status write");
+            Ok(written)
+        }
+    }
 }
 
 /// `status` as the resource's type holds it (what the CRD's schema keeps of it; e.g. an empty list and an absent

@@ -168,7 +168,9 @@ pub async fn handle(w: &Webhook, path: &str, authorization: Option<&str>, body: 
         return err(404, format!("no pod {} in namespace {namespace}; nothing was changed", missing.join(", ")));
     }
     let label = label_value(guard_name);
-    let (already, new): (Vec<Pod>, Vec<Pod>) = found.into_iter().partition(|p| quarantine::holds(p, &label, now));
+    let spec_reason = guard.spec.quarantine.as_ref().map(|q| q.reason.as_str());
+    let (already, new): (Vec<Pod>, Vec<Pod>) =
+        found.into_iter().partition(|p| quarantine::holds(p, &label, spec_reason, now));
     let already: Vec<String> = already.iter().map(ResourceExt::name_any).collect();
     if new.is_empty() {
         return (200, json!({"isolating": [], "alreadyIsolated": already, "reason": request.reason}));

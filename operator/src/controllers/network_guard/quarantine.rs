@@ -70,10 +70,19 @@ fn ts(s: Option<&str>) -> Option<Timestamp> {
 }
 
 /// Whether the guard whose label value is `label` holds the pod: a webhook request not carried out yet, or an
-/// isolation that has not expired (what [`plan`] keeps isolated, re-labelling the pod if its label was removed).
-/// A repeated alert for such a pod changes nothing.
-pub fn holds(pod: &Pod, label: &str, now: Timestamp) -> bool {
-    ann(pod, BY) == Some(label) && (ann(pod, AFTER_BACKUP).is_some() || ts(ann(pod, UNTIL)).is_some_and(|u| u > now))
+/// isolation in force (what [`plan`] keeps isolated, re-labelling the pod if its label was removed). `spec_reason`
+/// is the reason of the guard's `spec.quarantine`. A repeated alert for such a pod changes nothing.
+pub fn holds(pod: &Pod, label: &str, spec_reason: Option<&str>, now: Timestamp) -> bool {
+    (ann(pod, BY) == Some(label) && ann(pod, AFTER_BACKUP).is_some()) || in_force(pod, label, spec_reason, now)
+}
+
+/// Whether the pod's isolation by the guard `label` is in force at `now`: not expired and, for one the spec asked
+/// for, still asked for (the spec's quarantine has the same reason).
+fn in_force(pod: &Pod, label: &str, spec_reason: Option<&str>, now: Timestamp) -> bool {
+    let spec_asked = ann(pod, REQUESTED_BY).unwrap_or("spec") == "spec";
+    ann(pod, BY) == Some(label)
+        && ts(ann(pod, UNTIL)).is_some_and(|u| u > now)
+        && (!spec_asked || spec_reason.is_some_and(|r| ann(pod, REASON) == Some(r)))
 }
 
 /// Plans isolation for the guard whose label value is `label`.
@@ -107,9 +116,7 @@ pub fn plan(
         let ours = ann(pod, BY) == Some(label);
         let until = if ours { ts(ann(pod, UNTIL)) } else { None };
         let requested_by = ann(pod, REQUESTED_BY).unwrap_or("spec");
-        let still_requested =
-            requested_by != "spec" || spec.is_some_and(|(q, _)| ann(pod, REASON) == Some(q.reason.as_str()));
-        let active_now = ours && until.is_some_and(|u| u > now) && still_requested;
+        let active_now = in_force(pod, label, spec.map(|(q, _)| q.reason.as_str()), now);
         let mut record = ours.then(|| QuarantineRecord {
             pod: name.clone(),
             reason: ann(pod, REASON).unwrap_or_default().to_string(),
@@ -284,6 +291,7 @@ mod tests {
                 .unwrap()
         };
         let live = [(BY, "g"), (REQUESTED_BY, "alertmanager"), (UNTIL, "2026-12-01T01:00:00Z")];
+        let by_spec = [(BY, "g"), (REQUESTED_BY, "spec"), (REASON, "falco"), (UNTIL, "2026-12-01T01:00:00Z")];
         let expired = [(BY, "g"), (REQUESTED_BY, "alertmanager"), (UNTIL, "2026-11-30T23:00:00Z")];
         let cases = [
             ("a request waiting for no backup", pod(None, &[(BY, "g"), (AFTER_BACKUP, "")]), true),
@@ -294,9 +302,21 @@ mod tests {
             ("another guard's", pod(Some("other"), &[(BY, "other"), (UNTIL, "2026-12-01T01:00:00Z")]), false),
             ("never isolated", pod(None, &[]), false),
         ];
-        for (what, p, held) in cases {
-            assert_eq!(holds(&p, "g", now), held, "{what}");
-            let planned = plan("g", None, Some(HOUR), &|_| false, std::slice::from_ref(&p), now);
+        let asked = q("falco");
+        let elsewhere: Quarantine = serde_json::from_value(
+            json!({"podSelector": {"matchLabels": {"app": "db"}}, "reason": "other", "ttl": "1h"}),
+        )
+        .unwrap();
+        let spec_cases = [
+            ("isolated by the spec, still asked for", Some(&asked), pod(Some("g"), &by_spec), true),
+            ("isolated by the spec, no longer asked for", None, pod(Some("g"), &by_spec), false),
+            ("isolated by the spec, which now asks for other pods", Some(&elsewhere), pod(Some("g"), &by_spec), false),
+        ];
+        let all = cases.into_iter().map(|(what, p, held)| (what, None, p, held)).chain(spec_cases);
+        for (what, spec, p, held) in all {
+            assert_eq!(holds(&p, "g", spec.map(|q| q.reason.as_str()), now), held, "{what}");
+            let spec = spec.map(|q| (q, HOUR));
+            let planned = plan("g", spec, Some(HOUR), &|_| false, std::slice::from_ref(&p), now);
             let released = planned.changes.iter().any(|c| matches!(c, Change::Release { .. }));
             let kept = !released && (planned.active == 1 || ann(&p, AFTER_BACKUP) == Some("job-1"));
             assert_eq!(kept, held, "{what}: the plan keeps it isolated (or waiting): {planned:?}");

@@ -22,7 +22,7 @@ mod upload;
 
 pub use archive::{read_tar, write_tar};
 pub(crate) use read::BlockReader;
-pub use read::{Verified, read_object, sampled, verify_object};
+pub use read::{Verified, read_object, sampled, verify_object, verify_sampled};
 pub use upload::{Protection, StreamStats, upload_stream};
 
 /// Tuning of the data path.

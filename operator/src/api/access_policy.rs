@@ -429,13 +429,15 @@ crate::api::condition::reasons! {
         /// A team's credentials were replaced (renewal limit, grants changed, or revoked); the note says when the
         /// previous one is revoked.
         CredentialsRotated,
-        /// A replaced credential was revoked after its grace period.
+        /// A replaced credential was revoked: after its grace period, or at once when its grants were narrowed.
         CredentialsRevoked,
-        /// Revoking a credential failed; retried.
+        /// Revoking a credential failed; retried at the next pass (a new credential waits until an older one that
+        /// is still recorded is revoked).
         RevokeFailed,
         /// Credentials expired without renewal because Vault could not be used.
         CredentialsExpired,
-        /// A team lost its database grants: its Secret was deleted and its leases revoked.
+        /// A team lost its database grants: its Secret was deleted and its leases revoked (without Vault in the policy
+        /// any more, they run out on their own).
         CredentialsRemoved,
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::api::condition::VaultFailure;
 use crate::controllers::access_policy::lease::Delivery;
 
 /// Issues, renews, rotates and revokes each team's credentials; builds the Secrets and restart patches.
@@ -143,6 +144,8 @@ impl TeamLease<'_> {
         failed: &mut Vec<(String, CredentialsIssued)>,
     ) -> Option<(State, BTreeMap<String, k8s_openapi::ByteString>)> {
         let (team, name, d) = (self.team, self.secret, self.delivery);
+        // Why revoking the previous credential failed in this pass, if it did.
+        let mut revoke_failure: Option<(VaultFailure, String)> = None;
         // A replaced credential whose grace period is over.
         if let Some(prev) = state.previous.clone()
             && now >= prev.revoke_at
@@ -160,10 +163,13 @@ impl TeamLease<'_> {
                         format!("team {}: the previous database credential was revoked", team.name),
                     ));
                 }
-                Err(e) => out.events.push(Note::warning(
-                    Event::RevokeFailed,
-                    format!("team {}: revoking the previous credential failed, retrying: {e}", team.name),
-                )),
+                Err(e) => {
+                    revoke_failure = Some((e.reason(), e.to_string()));
+                    out.events.push(Note::warning(
+                        Event::RevokeFailed,
+                        format!("team {}: revoking the previous credential failed, retrying: {e}", team.name),
+                    ));
+                }
             }
         }
         let mut step = lease::decide(now, &state, &self.grants, &d);
@@ -186,11 +192,32 @@ impl TeamLease<'_> {
             }
         }
         if let Step::Issue(reason) = step {
-            // A still older credential waiting for revocation would lose its bookkeeping: revoke it now.
-            if let Some(prev) = state.previous.take()
-                && let Err(e) = api.revoke(&prev.lease_id).await
-            {
-                out.events.push(Note::warning(Event::RevokeFailed, format!("team {}: {e}", team.name)));
+            // A still older credential waiting for revocation would lose its bookkeeping: revoke it first, and
+            // when that fails keep everything as it is (that credential stays recorded) and retry at the next pass.
+            if let Some(prev) = state.previous.clone() {
+                let failure = match revoke_failure.take() {
+                    Some(f) => Some(f),
+                    None => match api.revoke(&prev.lease_id).await {
+                        Ok(()) => {
+                            state.previous = None;
+                            let why = format!("team {}: an older credential, before issuing a new one", team.name);
+                            out.audit(VaultAction::LeaseRevoke, self.path.clone(), why);
+                            None
+                        }
+                        Err(e) => {
+                            let note =
+                                format!("team {}: revoking an older credential failed, retrying: {e}", team.name);
+                            out.events.push(Note::warning(Event::RevokeFailed, note));
+                            Some((e.reason(), e.to_string()))
+                        }
+                    },
+                };
+                if let Some((reason, message)) = failure {
+                    let msg =
+                        format!("{}: a new credential waits until the older one is revoked: {message}", team.name);
+                    failed.push((msg, reason.into()));
+                    return had_secret.then_some((state, data));
+                }
             }
             match api.read_leased(&self.path).await {
                 Ok(leased) => {
@@ -271,17 +298,19 @@ pub(super) async fn remove_stale_secrets<V: VaultOps>(
         if !sec.metadata.owner_references.iter().flatten().any(|r| r.uid == v.owner.uid) {
             continue;
         }
-        if let Some(api) = api {
+        let leases = if let Some(api) = api {
             revoke_all(api, &sec).await.map_err(|e| Error::Cleanup(e.to_string()))?;
             out.audit(VaultAction::LeaseRevoke, format!("Secret {name}"), "the team no longer has database grants");
+            "its leases were revoked"
         } else {
             // Without Vault the leases simply run out; the Secret must not outlive the grant.
             tracing::warn!(secret = %name, "removing credentials without Vault access; their leases expire on their own");
-        }
+            "its leases run out on their own (the policy no longer uses Vault)"
+        };
         api_secrets.delete(&name).await?;
         out.events.push(Note::normal(
             Event::CredentialsRemoved,
-            format!("Secret {name}: the team no longer has database grants; its leases were revoked"),
+            format!("Secret {name}: the team no longer has database grants; {leases}"),
         ));
     }
     Ok(())
@@ -443,11 +472,29 @@ mod tests {
         assert_eq!(username(&p), "v-sales-old");
         assert_eq!(p.result.as_ref().unwrap().0.current, state.current);
         assert_eq!(p.failed.len(), 1);
-        assert_eq!(p.failed[0].1, CredentialsIssued::Of(crate::api::condition::VaultFailure::VaultUnreachable));
+        assert_eq!(p.failed[0].1, CredentialsIssued::Of(VaultFailure::VaultUnreachable));
         assert!(p.failed[0].0.starts_with("sales: issuing credentials failed"), "{}", p.failed[0].0);
         // No Secret yet: nothing to deliver.
         let p = pass(&down, State::default(), false, "2026-12-01T00:05:00Z", "SELECT crm.deals").await;
         assert!(p.result.is_none());
+        assert_eq!(p.failed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_credential_waits_while_an_older_one_cannot_be_revoked() {
+        let ok = FakeVault::default();
+        let state =
+            pass(&ok, State::default(), false, "2026-12-01T00:00:00Z", "SELECT crm.deals").await.result.unwrap().0;
+        // Grants narrowed: a new credential, the first one to be revoked at once (at the next pass).
+        let state = pass(&ok, state, true, "2026-12-01T00:05:00Z", "SELECT crm.invoices").await.result.unwrap().0;
+        assert_eq!(state.previous.as_ref().unwrap().lease_id, "database/creds/sales/1");
+        // Narrowed again before that pass, while revoking fails: nothing is issued, the first lease stays recorded.
+        let failing = FakeVault { revoke_fails: true, ..FakeVault::default() };
+        let p = pass(&failing, state.clone(), true, "2026-12-01T00:05:00Z", "SELECT crm.contacts").await;
+        assert!(failing.calls_of("issue ").is_empty(), "{:?}", failing.calls.lock().unwrap());
+        let kept = p.result.unwrap().0;
+        assert_eq!(kept, state, "the state is kept as it was");
+        assert_eq!(reasons(&p.out), ["RevokeFailed"], "one failure, one Event");
         assert_eq!(p.failed.len(), 1);
     }
 }

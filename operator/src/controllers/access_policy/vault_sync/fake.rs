@@ -16,7 +16,14 @@ use crate::vault::admin::{ApiError, Leased};
 #[derive(Default)]
 pub struct FakeVault {
     pub calls: Mutex<Vec<String>>,
+    /// What each path holds, as Vault would read it back.
     pub paths: Mutex<BTreeMap<String, Value>>,
+    /// Every write as it was sent.
+    pub written: Mutex<Vec<(String, Value)>>,
+    /// Every call fails with this (e.g. a refused token).
+    pub fails: Option<ApiError>,
+    /// Revoking fails as if Vault were unreachable.
+    pub revoke_fails: bool,
     /// Leases issued and not revoked.
     pub live: Mutex<BTreeSet<String>>,
     pub issued: Mutex<u32>,
@@ -34,8 +41,13 @@ impl FakeVault {
         v
     }
 
-    fn call(&self, what: String) {
+    fn call(&self, what: String) -> Result<(), ApiError> {
         self.calls.lock().unwrap().push(what);
+        match &self.fails {
+            Some(ApiError::Forbidden { op, path }) => Err(ApiError::Forbidden { op: op.clone(), path: path.clone() }),
+            Some(_) => Err(ApiError::Unreachable { addr: "vault".into(), message: "connection refused".into() }),
+            None => Ok(()),
+        }
     }
 
     /// The calls made whose text starts with `prefix`.
@@ -54,27 +66,29 @@ impl VaultOps for FakeVault {
     }
 
     async fn read(&self, path: &str) -> Result<Option<Value>, ApiError> {
-        self.call(format!("read {path}"));
+        self.call(format!("read {path}"))?;
         Ok(self.paths.lock().unwrap().get(path).map(|b| json!({ "data": b })))
     }
 
     async fn write(&self, path: &str, body: &Value) -> Result<(), ApiError> {
-        self.call(format!("write {path}"));
+        self.call(format!("write {path}"))?;
+        self.written.lock().unwrap().push((path.to_string(), body.clone()));
         let mut held = body.clone();
         if let Some(b) = held.as_object_mut()
             && b.contains_key("connection_url")
         {
             // A database connection reads back as Vault shows it: the URL and user under `connection_details`,
-            // but not the password (kept here for the tests to check what was sent).
+            // and not the password.
             let details = json!({"connection_url": b.remove("connection_url"), "username": b.remove("username")});
             b.insert("connection_details".into(), details);
+            b.remove("password");
         }
         self.paths.lock().unwrap().insert(path.to_string(), held);
         Ok(())
     }
 
     async fn list(&self, path: &str) -> Result<Vec<String>, ApiError> {
-        self.call(format!("list {path}"));
+        self.call(format!("list {path}"))?;
         let prefix = format!("{path}/");
         Ok(self
             .paths
@@ -86,13 +100,13 @@ impl VaultOps for FakeVault {
     }
 
     async fn delete(&self, path: &str) -> Result<(), ApiError> {
-        self.call(format!("delete {path}"));
+        self.call(format!("delete {path}"))?;
         self.paths.lock().unwrap().remove(path);
         Ok(())
     }
 
     async fn read_leased(&self, path: &str) -> Result<Leased, ApiError> {
-        self.call(format!("issue {path}"));
+        self.call(format!("issue {path}"))?;
         if self.issue_fails {
             return Err(ApiError::Unreachable { addr: "vault".into(), message: "connection refused".into() });
         }
@@ -114,7 +128,7 @@ impl VaultOps for FakeVault {
     }
 
     async fn renew(&self, lease_id: &str, increment: Duration) -> Result<Duration, ApiError> {
-        self.call(format!("renew {lease_id} {}s", increment.as_secs()));
+        self.call(format!("renew {lease_id} {}s", increment.as_secs()))?;
         match self.renew_answer.lock().unwrap().take() {
             Some(e) => Err(e),
             None => Ok(increment),
@@ -122,7 +136,10 @@ impl VaultOps for FakeVault {
     }
 
     async fn revoke(&self, lease_id: &str) -> Result<(), ApiError> {
-        self.call(format!("revoke {lease_id}"));
+        self.call(format!("revoke {lease_id}"))?;
+        if self.revoke_fails {
+            return Err(ApiError::Unreachable { addr: "vault".into(), message: "connection refused".into() });
+        }
         self.live.lock().unwrap().remove(lease_id);
         Ok(())
     }

@@ -84,7 +84,8 @@ fn owned_secret(name: &str, owner_uid: &str, leases: &[(&str, &str)]) -> Secret 
 async fn a_pass_writes_what_differs_removes_only_its_own_stale_objects_and_delivers_credentials() {
     let (p, v) = policy(POLICY);
     let own_stale = "sys/policies/acl/crmguard_crm_crm-access_marketing";
-    let others = "sys/policies/acl/crmguard_crm_other-policy_sales";
+    // Another policy whose name starts with this one's: its objects are not under this policy's prefix.
+    let others = "sys/policies/acl/crmguard_crm_crm-access-2_sales";
     let vault = FakeVault::holding(&[
         connection(),
         (own_stale, json!({"policy": "path \"secret/*\" {capabilities = [\"read\"]}"})),
@@ -168,7 +169,8 @@ async fn a_connection_from_a_secret_is_written_once_per_version_of_the_secret_an
     let vault = FakeVault::default();
     let out = run(&p, &v, &vault, &FakeSecrets::holding(vec![admin("7")])).await;
     assert_eq!(out.vault.reason, "Synced", "{}", out.vault.message);
-    assert_eq!(vault.paths.lock().unwrap()["database/config/crm"]["password"], "s3cr3t-pw");
+    let sent = vault.written.lock().unwrap().iter().find(|(p, _)| p == "database/config/crm").cloned();
+    assert_eq!(sent.expect("the connection written").1["password"], "s3cr3t-pw");
     assert_eq!(out.connection_secret_version.as_deref(), Some("7"));
     assert!(out.audit.iter().any(|w| w.path == "database/config/crm"));
     assert!(!format!("{:?}", out.audit).contains("s3cr3t-pw"), "the password is not in the audit");
@@ -252,4 +254,23 @@ async fn the_finalizer_leaves_nothing_of_the_policy_in_vault_and_audits_each_rem
     // Idempotent: a second run (the finalizer retried) finds nothing and fails on nothing.
     let mut again = Vec::new();
     remove_all(&p, &v.owner, &vault, &secrets, &mut again).await.expect("cleanup again");
+}
+
+#[tokio::test]
+async fn a_token_vault_refuses_is_reported_and_its_session_forgotten_and_what_status_names_is_kept() {
+    let yaml =
+        format!("{POLICY}status:\n  teams:\n    - {{name: sales, vaultPolicy: p, secretName: crm-access-sales-db}}\n");
+    let (p, v) = policy(&yaml);
+    let vault = FakeVault {
+        fails: Some(ApiError::Forbidden { op: "GET".into(), path: "sys/policies/acl/p".into() }),
+        ..FakeVault::default()
+    };
+    let out = run(&p, &v, &vault, &FakeSecrets::default()).await;
+    assert!(out.forbidden, "the operator's Vault session is to be forgotten");
+    assert_eq!((out.vault.status, out.vault.reason), (Status::False, "VaultPermissionDenied"));
+    assert_eq!(out.credentials.reason, "VaultPermissionDenied");
+    assert_eq!(out.retry, Some(VAULT_RETRY));
+    // What the status names stays known (the finalizer reads it to clean up).
+    assert_eq!(out.teams["sales"].secret_name.as_deref(), Some("crm-access-sales-db"));
+    assert!(out.secrets.is_empty() && out.audit.is_empty());
 }

@@ -480,10 +480,17 @@ pub fn kubectl() -> PathBuf {
 /// Creates a pod of the example CRM (`app.kubernetes.io/part-of: crm`, what examples/crm/network-guard.yaml
 /// selects) in `ns`; with no kubelet for it, it stays Pending, which counts as a pod that has not finished.
 pub async fn crm_pod(client: &kube::Client, ns: &str, name: &str) {
-    let pod = serde_json::json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm"}},
+    pod(client, ns, name, &[("app.kubernetes.io/part-of", "crm")]).await;
+}
+
+/// Creates a pod `name` with `labels` (the busybox container never runs: there is no kubelet unless a test acts
+/// as one).
+pub async fn pod(client: &kube::Client, ns: &str, name: &str, labels: &[(&str, &str)]) {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let pod = serde_json::json!({"metadata": {"name": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
     kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
         .create(&Default::default(), &serde_json::from_value(pod).expect("pod"))
         .await
-        .expect("create the CRM pod");
+        .expect("create the pod");
 }

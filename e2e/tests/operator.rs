@@ -364,6 +364,20 @@ async fn status_is_applied_and_what_earlier_merge_patches_wrote_is_taken_over() 
     assert!(!g.status.unwrap().policies.is_empty(), "the guard's own policies are listed");
 }
 
+const PART_OF: &str = "app.kubernetes.io/part-of";
+const COMPONENT: &str = "app.kubernetes.io/component";
+
+/// The example guard, with a spec quarantine of the CRM's web pods for `ttl`.
+fn quarantining_web(ns: &str, ttl: &str) -> NetworkGuard {
+    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
+    g.spec.quarantine = Some(
+        serde_json::from_value(json!({"podSelector": {"matchLabels": {COMPONENT: "web"}},
+            "reason": "falco: shell spawned in crm-web", "ttl": ttl}))
+        .unwrap(),
+    );
+    g
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantine_isolates_then_the_ttl_releases() {
     let cluster = Cluster::start("quarantine").await;
@@ -371,18 +385,10 @@ async fn quarantine_isolates_then_the_ttl_releases() {
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
     for (name, component) in [("web-0", "web"), ("db-0", "db")] {
-        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crm", "app.kubernetes.io/component": component}},
-            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
-        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+        e2e::pod(&client, ns, name, &[(PART_OF, "crm"), (COMPONENT, component)]).await;
     }
-    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
-    g.spec.quarantine = Some(
-        serde_json::from_value(json!({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "web"}},
-            "reason": "falco: shell spawned in crm-web", "ttl": "4s"}))
-        .unwrap(),
-    );
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &g).await.unwrap();
+    guards.create(&PostParams::default(), &quarantining_web(ns, "4s")).await.unwrap();
     let label = |p: &k8s_openapi::api::core::v1::Pod| p.labels().get("crmguard.io/quarantine").cloned();
     eventually(30, "web-0 labelled for quarantine", || async {
         let p = pods.get("web-0").await.map_err(|e| e.to_string())?;
@@ -437,21 +443,13 @@ async fn a_refused_policy_does_not_hold_a_quarantine_back() {
     let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
     let op = Operator::start(&cluster.kubeconfig, &["--leader-election=false", "--namespace", ns]);
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
-    let pod = json!({"metadata": {"name": "web-0", "labels": {"app.kubernetes.io/part-of": "crm", "app.kubernetes.io/component": "web"}},
-        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
-    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    e2e::pod(&client, ns, "web-0", &[(PART_OF, "crm"), (COMPONENT, "web")]).await;
     // Someone else's NetworkPolicy under the name of the guard's DNS policy.
     let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     let taken = json!({"metadata": {"name": "crm-firewall.dns"}, "spec": {"podSelector": {}}});
     np.create(&PostParams::default(), &serde_json::from_value(taken).unwrap()).await.unwrap();
-    let mut g: NetworkGuard = e2e::example("network-guard.yaml", ns);
-    g.spec.quarantine = Some(
-        serde_json::from_value(json!({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "web"}},
-            "reason": "falco: shell spawned in crm-web", "ttl": "10m"}))
-        .unwrap(),
-    );
     let guards: Api<NetworkGuard> = Api::namespaced(client.clone(), ns);
-    guards.create(&PostParams::default(), &g).await.unwrap();
+    guards.create(&PostParams::default(), &quarantining_web(ns, "10m")).await.unwrap();
     eventually(30, "the conflict reported and web-0 isolated anyway", || async {
         let g = guards.get("crm-firewall").await.map_err(|e| e.to_string())?;
         let r = ready(g.status.as_ref().map(|s| &s.conditions), "Ready");
@@ -484,9 +482,7 @@ async fn the_quarantine_webhook_acts_only_within_its_guard_and_undoes_what_it_di
         .unwrap();
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
     for (name, part_of) in [("web-0", "crm"), ("db-0", "crm"), ("shop-0", "shop")] {
-        let pod = json!({"metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": part_of}},
-            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
-        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+        e2e::pod(&client, ns, name, &[(PART_OF, part_of)]).await;
     }
     // A backup policy, so that `backupFirst` has a CronJob to start a backup from.
     let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);

@@ -109,6 +109,8 @@ pub struct Postgres {
     pub port: u16,
     pub user: String,
     pub password: String,
+    /// The server's log (stderr).
+    pub log: PathBuf,
     _dir: TempDir,
 }
 
@@ -116,10 +118,23 @@ impl Postgres {
     /// The server shared by the tests of this binary.
     pub fn shared() -> &'static Postgres {
         static PG: OnceLock<Postgres> = OnceLock::new();
-        PG.get_or_init(Postgres::start)
+        PG.get_or_init(|| Postgres::start(&[]))
     }
 
-    fn start() -> Postgres {
+    /// A server of its own with pgaudit loaded and these settings (`name=value`), its entries in [`Postgres::log`]
+    /// behind the log line prefix the access monitor reads.
+    pub fn audited(settings: &[&str]) -> Postgres {
+        let postgres = find_program("postgres");
+        let postgres = std::fs::canonicalize(&postgres).unwrap_or(postgres);
+        let lib = postgres.parent().and_then(Path::parent).map(|d| d.join("lib/pgaudit.so"));
+        assert!(lib.as_ref().is_some_and(|l| l.is_file()), "pgaudit is not installed: run scripts/install-services");
+        let prefix = format!("log_line_prefix={}", crmguard::monitor::pgaudit::LOG_LINE_PREFIX);
+        let mut all = vec!["shared_preload_libraries=pgaudit", prefix.as_str()];
+        all.extend(settings);
+        Postgres::start(&all)
+    }
+
+    fn start(settings: &[&str]) -> Postgres {
         let dir = TempDir::new("pg");
         let root = nix_root();
         let run_as = root.then_some("postgres");
@@ -165,13 +180,15 @@ impl Postgres {
             "-c".into(),
             "max_connections=50".into(),
         ];
+        let args: Vec<String> =
+            args.into_iter().chain(settings.iter().flat_map(|s| ["-c".into(), s.to_string()])).collect();
         // Under runuser the watched process is runuser itself: stop the postmaster through its pid file.
         let stop =
             format!("kill -INT $(head -1 {}/postmaster.pid) 2>/dev/null; kill -INT $child 2>/dev/null", data.display());
         let cleanup = format!("sleep 1; rm -rf {}", dir.path.display());
         spawn_watched(&find_program("postgres"), &args, &log, run_as, &stop, &cleanup);
         wait_port(port, "PostgreSQL", &log);
-        let pg = Postgres { port, user: "postgres".into(), password, _dir: dir };
+        let pg = Postgres { port, user: "postgres".into(), password, log, _dir: dir };
         // Ready for queries (the port opens slightly before the server accepts logins).
         let deadline = Instant::now() + Duration::from_secs(30);
         while pg.try_sql("postgres", "SELECT 1").is_err() {

@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod document;
 pub mod k8s;
 pub mod metrics;
+pub mod monitor;
 pub mod netpol;
 pub mod plan;
 pub mod posture;

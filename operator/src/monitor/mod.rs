@@ -1,0 +1,7 @@
+//! Who touched which customer data (issue 18, in progress): audit entries read from the databases' own audit logs,
+//! attributed to the identity that ran them, with every literal value removed before anything is kept.
+//!
+//! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries. Not wired into a controller yet.
+
+pub mod pgaudit;
+pub mod redact;

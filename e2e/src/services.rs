@@ -247,6 +247,8 @@ pub struct MariaDb {
     pub port: u16,
     pub user: String,
     pub password: String,
+    /// The audit plugin's log (see [`MariaDb::audited`]).
+    pub audit_log: PathBuf,
     _dir: TempDir,
 }
 
@@ -254,11 +256,18 @@ impl MariaDb {
     /// The server shared by the tests of this binary.
     pub fn shared() -> &'static MariaDb {
         static DB: OnceLock<MariaDb> = OnceLock::new();
-        DB.get_or_init(MariaDb::start)
+        DB.get_or_init(|| MariaDb::start(false))
     }
 
-    fn start() -> MariaDb {
+    /// A server of its own with the audit plugin (`server_audit`) logging connections, queries and tables to
+    /// [`MariaDb::audit_log`].
+    pub fn audited() -> MariaDb {
+        MariaDb::start(true)
+    }
+
+    fn start(audited: bool) -> MariaDb {
         let dir = TempDir::new("mariadb");
+        let audit_log = dir.path.join("audit.log");
         let data = dir.path.join("data");
         let user =
             if nix_root() { "root".to_string() } else { std::env::var("USER").unwrap_or_else(|_| "nobody".into()) };
@@ -283,6 +292,13 @@ impl MariaDb {
             "--skip-log-bin".into(),
             "--innodb-buffer-pool-size=64M".into(),
         ];
+        let audit = [
+            "--plugin-load-add=server_audit".to_string(),
+            "--server-audit-logging=ON".into(),
+            "--server-audit-events=CONNECT,QUERY,TABLE".into(),
+            format!("--server-audit-file-path={}", audit_log.display()),
+        ];
+        let args: Vec<String> = args.into_iter().chain(audit.into_iter().filter(|_| audited)).collect();
         let cleanup = format!("rm -rf {}", dir.path.display());
         spawn_watched(&find_program("mariadbd"), &args, &log, None, "kill -TERM $child", &cleanup);
         wait_port(port, "MariaDB", &log);
@@ -304,7 +320,7 @@ impl MariaDb {
             assert!(Instant::now() < deadline, "MariaDB setup failed: {}", String::from_utf8_lossy(&out.stderr));
             std::thread::sleep(Duration::from_millis(200));
         }
-        MariaDb { port, user: "crm".into(), password, _dir: dir }
+        MariaDb { port, user: "crm".into(), password, audit_log, _dir: dir }
     }
 
     /// Runs SQL over TCP as `crm`, returning stdout or stderr.

@@ -1,11 +1,13 @@
-//! The access monitor's collection against a real PostgreSQL 15 with pgaudit (issue 18, in progress): the entries
-//! PostgreSQL writes are read from its log, attributed to the database user that ran them, classed and tied to the
-//! table, and keep no value of the statements (expected classes and objects from pgaudit's documentation).
+//! The access monitor's collection against real databases (issue 18, in progress): PostgreSQL 15 with pgaudit and
+//! MariaDB with its audit plugin. The entries they write are read from their logs, attributed to the database user
+//! that ran them, classed and tied to the table, and keep no value of the statements (expected classes and objects
+//! from the plugins' documentation).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
 use crmguard::monitor::pgaudit::{self, Class};
-use e2e::services::Postgres;
+use crmguard::monitor::server_audit;
+use e2e::services::{MariaDb, Postgres};
 
 #[tokio::test]
 async fn pgaudit_entries_are_read_attributed_and_keep_no_value() {
@@ -47,4 +49,37 @@ async fn pgaudit_entries_are_read_attributed_and_keep_no_value() {
     assert_eq!(read[0].statement, "SELECT *\nFROM crm.invoices\nWHERE customer = ? AND amount > ?");
     assert!(entries.iter().all(|e| e.database == "postgres"));
     assert!(!format!("{entries:?}").contains(secret), "no value of a statement is kept");
+}
+
+#[tokio::test]
+async fn mariadb_audit_events_are_read_attributed_and_keep_no_value() {
+    let db = MariaDb::audited();
+    db.sql(
+        "",
+        "CREATE DATABASE crm; CREATE TABLE crm.invoices (id int, customer text, amount decimal(10,2));
+         CREATE USER 'sales'@'%' IDENTIFIED BY 'sales-Pw-2'; GRANT SELECT, INSERT ON crm.invoices TO 'sales'@'%';",
+    );
+    let secret = "ACME Secret Customer";
+    let sales = |sql: &str| db.try_sql_as("crm", "sales", "sales-Pw-2", sql);
+    sales(&format!("INSERT INTO invoices VALUES (7, '{secret}', 1234.5)")).unwrap();
+    sales(&format!("SELECT *\nFROM invoices\nWHERE customer = \"{secret}\" AND amount > 1000")).unwrap();
+    assert!(db.try_sql_as("crm", "sales", "wrong-password", "SELECT 1").is_err());
+    let events = e2e::eventually(10, "the events in the audit log", || async {
+        let log = std::fs::read_to_string(&db.audit_log).map_err(|e| e.to_string())?;
+        let events: Vec<server_audit::Event> = log.lines().filter_map(server_audit::parse).collect();
+        let failed = events.iter().any(|e| e.user == "sales" && e.operation == "FAILED_CONNECT");
+        if failed { Ok(events) } else { Err(format!("{} events:\n{log}", events.len())) }
+    })
+    .await;
+    let of = |op: &str| -> Vec<&server_audit::Event> {
+        events.iter().filter(|e| e.user == "sales" && e.operation == op).collect()
+    };
+    assert!(of("READ").iter().any(|e| (e.database.as_str(), e.object.as_str()) == ("crm", "invoices")), "{events:?}");
+    assert!(of("WRITE").iter().any(|e| (e.database.as_str(), e.object.as_str()) == ("crm", "invoices")), "{events:?}");
+    let queries: Vec<&str> = of("QUERY").iter().map(|e| e.object.as_str()).collect();
+    assert!(queries.contains(&"INSERT INTO invoices VALUES (?, ?, ?)"), "{queries:?}");
+    assert!(queries.contains(&"SELECT *\nFROM invoices\nWHERE customer = ? AND amount > ?"), "{queries:?}");
+    assert_eq!(of("FAILED_CONNECT")[0].retcode, Some(1045), "access denied");
+    assert!(!format!("{events:?}").contains(secret), "no value of a query is kept");
+    assert!(!format!("{events:?}").contains("sales-Pw-2"), "no password is kept");
 }

@@ -429,7 +429,8 @@ crate::api::condition::reasons! {
         /// A team's credentials were replaced (renewal limit, grants changed, or revoked); the note says when the
         /// previous one is revoked.
         CredentialsRotated,
-        /// A replaced credential was revoked: after its grace period, or at once when its grants were narrowed.
+        /// A replaced credential was revoked: after its grace period, or as soon as the new Secret is written when its
+        /// grants were narrowed.
         CredentialsRevoked,
         /// Revoking a credential failed; retried at the next pass (a new credential waits until an older one that
         /// is still recorded is revoked).

@@ -83,7 +83,7 @@ def check_manifests(controlplane, kubectl):
     out = subprocess.run([kubectl, "kustomize", os.path.join(ROOT, "manifests")], capture_output=True, text=True)
     kinds = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("kind:")]
     check(out.returncode == 0, f"kubectl kustomize manifests/: {out.stderr}")
-    check(kinds.count("CustomResourceDefinition") == 4 and "Deployment" in kinds and "Namespace" in kinds, f"kinds {kinds}")
+    check(kinds.count("CustomResourceDefinition") == 5 and "Deployment" in kinds and "Namespace" in kinds, f"kinds {kinds}")
     proc, kubeconfig = start_controlplane(controlplane, "--no-crds")
     server = kubeconfig
     try:

@@ -5,6 +5,7 @@
 pub mod controlplane;
 pub mod faultproxy;
 pub mod kubelet;
+pub mod nodelog;
 pub mod services;
 pub mod tcpcut;
 

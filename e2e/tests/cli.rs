@@ -10,7 +10,7 @@ fn plan_of_the_examples_succeeds_and_prints_the_children() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("4 resource(s) accepted, 0 refused, 20 object(s) to create"), "{stderr}");
+    assert!(stderr.contains("5 resource(s) accepted, 0 refused, 20 object(s) to create"), "{stderr}");
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&stdout).expect("plan prints YAML");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     for kind in ["CronJob", "ConfigMap", "ServiceAccount", "Job", "Role", "RoleBinding", "NetworkPolicy"] {
@@ -44,7 +44,7 @@ fn plan_of_a_missing_path_says_so() {
 }
 
 #[test]
-fn crd_prints_four_crds() {
+fn crd_prints_five_crds() {
     let out = crmguard(&["crd"]);
     assert!(out.status.success());
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
@@ -55,7 +55,8 @@ fn crd_prints_four_crds() {
             "crmbackuppolicies.crmguard.io",
             "crmrestores.crmguard.io",
             "accesspolicies.crmguard.io",
-            "networkguards.crmguard.io"
+            "networkguards.crmguard.io",
+            "accessmonitors.crmguard.io"
         ]
     );
 }

@@ -72,6 +72,7 @@ fn every_rendered_object_matches_its_kubernetes_schema() {
         "crds/crmbackuppolicies.crmguard.io.yaml",
         "crds/crmrestores.crmguard.io.yaml",
         "crds/accesspolicies.crmguard.io.yaml",
+        "crds/accessmonitors.crmguard.io.yaml",
     ] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
         for doc in serde_saphyr::from_multiple::<Value>(&text).unwrap().into_iter().filter(|d| !d.is_null()) {

@@ -4,6 +4,10 @@
 //! records and the SHA-256 of the whole previous segment. `crmguard audit verify` walks the chain and names the
 //! segment that was modified, removed or moved. (The newest segment has no successor to vouch for it: its hash is
 //! logged when it is written, and bucket versioning / object lock protect it further.)
+//!
+//! Who touched which customer data (`AccessMonitor`) is a stream of its own, `<stream>-access`, chained the same
+//! way: one [`AccessRecord`] per user, kind of access and table for each read of a database's audit log, and one
+//! per finding. `crmguard audit access` asks it.
 
 use std::time::Duration;
 
@@ -27,6 +31,40 @@ pub struct Record {
     /// Name of the object (a Vault path for Vault writes; never a secret value).
     pub name: String,
     pub reason: String,
+}
+
+/// Who touched which data: accesses of one user, of one kind, on one object, within one read of a database's audit
+/// log; or a finding (`finding` set). Never a value of a statement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessRecord {
+    /// The first access (RFC 3339, the kubelet's time of the log line).
+    pub time: String,
+    /// The last access.
+    pub until: String,
+    /// The AccessMonitor's namespace and name.
+    pub namespace: String,
+    pub monitor: String,
+    /// The database user.
+    pub user: String,
+    /// Who that is: `team sales (AccessPolicy crm-access)`, a named identity, `unknown`.
+    pub identity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// read, write, ddl, role, denied, login-failed, other; `finding` for a finding.
+    pub access: String,
+    /// `schema.table` (`database.table` on MariaDB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// How many accesses (1 for a finding).
+    pub count: u64,
+    /// The rule a finding broke, and what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// First line of a segment.
@@ -54,13 +92,18 @@ pub fn segment_hash(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// The stream of access records that goes with the operator's stream `stream`.
+pub fn access_stream(stream: &str) -> String {
+    format!("{stream}-access")
+}
+
 /// Object key of segment `seq` of `stream`.
 pub fn segment_key(prefix: &str, stream: &str, seq: u64) -> String {
     format!("{}/{stream}/{seq:012}.jsonl", prefix.trim_end_matches('/'))
 }
 
 /// Encodes a segment: the header line, then one JSON line per record.
-pub fn encode(stream: &str, seq: u64, prev: &str, records: &[Record]) -> Vec<u8> {
+pub fn encode<R: Serialize>(stream: &str, seq: u64, prev: &str, records: &[R]) -> Vec<u8> {
     let mut body = Vec::new();
     for r in records {
         body.extend(serde_json::to_vec(r).unwrap_or_default());
@@ -140,10 +183,42 @@ pub fn verify(mut segments: Vec<(String, Vec<u8>)>) -> Verification {
     v
 }
 
+/// The records of a segment (after its header); lines that are not records of type `R` are skipped.
+pub fn records_of<R: serde::de::DeserializeOwned>(segment: &[u8]) -> Vec<R> {
+    let Some((_, body)) = split(segment) else { return vec![] };
+    body.split(|b| *b == b'\n').filter_map(|l| serde_json::from_slice(l).ok()).collect()
+}
+
+/// What `crmguard audit access` asks of the access stream; an empty field matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct AccessQuery {
+    pub team: Option<String>,
+    pub user: Option<String>,
+    /// `schema.table`.
+    pub table: Option<String>,
+    pub namespace: Option<String>,
+    /// Records whose last access is at or after this.
+    pub since: Option<jiff::Timestamp>,
+    pub findings_only: bool,
+}
+
+impl AccessQuery {
+    pub fn matches(&self, r: &AccessRecord) -> bool {
+        let is = |want: &Option<String>, have: Option<&str>| want.as_deref().is_none_or(|w| have == Some(w));
+        is(&self.team, r.team.as_deref())
+            && is(&self.user, Some(&r.user))
+            && is(&self.table, r.object.as_deref())
+            && is(&self.namespace, Some(&r.namespace))
+            && self.since.is_none_or(|s| r.until.parse::<jiff::Timestamp>().is_ok_and(|u| u >= s))
+            && (!self.findings_only || r.finding.is_some())
+    }
+}
+
 /// Records writes: a log line each, and (when shipping) into the segment writer's queue.
 #[derive(Clone, Debug, Default)]
 pub struct Auditor {
     tx: Option<tokio::sync::mpsc::Sender<Record>>,
+    access: Option<tokio::sync::mpsc::Sender<AccessRecord>>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The records' clock (`None`: the system's).
     clock: Option<fn() -> jiff::Timestamp>,
@@ -156,7 +231,31 @@ impl Auditor {
     /// An auditor that also ships to `rx`'s consumer.
     pub fn shipping() -> (Auditor, tokio::sync::mpsc::Receiver<Record>) {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        (Auditor { tx: Some(tx), dropped: Default::default(), clock: None }, rx)
+        (Auditor { tx: Some(tx), access: None, dropped: Default::default(), clock: None }, rx)
+    }
+
+    /// The same auditor, also shipping access records to the returned queue's consumer.
+    pub fn with_access_stream(self) -> (Auditor, tokio::sync::mpsc::Receiver<AccessRecord>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        (Auditor { access: Some(tx), ..self }, rx)
+    }
+
+    /// Records who touched which data (a log line each, target `crmguard::access`, and the access stream).
+    pub fn access(&self, r: AccessRecord) {
+        tracing::info!(
+            target: "crmguard::access",
+            namespace = %r.namespace, monitor = %r.monitor, user = %r.user, identity = %r.identity,
+            access = %r.access, object = %r.object.as_deref().unwrap_or_default(), count = r.count,
+            finding = %r.finding.as_deref().unwrap_or_default(), time = %r.time, until = %r.until, "access"
+        );
+        if let Some(tx) = &self.access
+            && tx.try_send(r).is_err()
+        {
+            let n = self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::error!(dropped = n, "audit records dropped: the audit bucket is not keeping up");
+            }
+        }
     }
 
     /// The same auditor, timing its records with `clock`.
@@ -221,7 +320,7 @@ pub async fn head(store: &Store, prefix: &str, stream: &str) -> Result<(u64, Str
 
 /// Writes segments until the queue closes: every `flush_every`, or at `max_records`. A failed write keeps the
 /// records and tries again at the next flush.
-pub async fn ship(s: Shipping, mut rx: tokio::sync::mpsc::Receiver<Record>) {
+pub async fn ship<R: Serialize>(s: Shipping, mut rx: tokio::sync::mpsc::Receiver<R>) {
     let (mut seq, mut prev) = loop {
         match head(&s.store, &s.prefix, &s.stream).await {
             Ok(h) => break h,
@@ -231,7 +330,7 @@ pub async fn ship(s: Shipping, mut rx: tokio::sync::mpsc::Receiver<Record>) {
             }
         }
     };
-    let mut pending: Vec<Record> = Vec::new();
+    let mut pending: Vec<R> = Vec::new();
     let mut open = true;
     while open || !pending.is_empty() {
         let deadline = tokio::time::sleep(s.flush_every);

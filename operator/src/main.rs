@@ -123,6 +123,33 @@ enum AuditCommand {
         #[command(flatten)]
         audit: AuditArgs,
     },
+    /// Who touched which customer data: the access records AccessMonitors wrote (stream `<audit-stream>-access`),
+    /// filtered, with the findings among them. The chain is checked first; a broken chain exits 1 after the list.
+    Access {
+        #[command(flatten)]
+        audit: AuditArgs,
+        /// Only accesses by this team's credentials.
+        #[arg(long)]
+        team: Option<String>,
+        /// Only this database user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this table, as `schema.table` (`database.table` on MariaDB), e.g. public.invoices.
+        #[arg(long)]
+        table: Option<String>,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Only accesses within this long before now (e.g. 24h, 90m) or since this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only findings.
+        #[arg(long)]
+        findings: bool,
+        /// `text` (a table) or `json` (one record per line).
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -352,6 +379,23 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Report { files, namespace, output } => report(files, namespace, &output),
         Command::Audit { command: AuditCommand::Verify { audit } } => audit_verify(&audit),
+        Command::Audit {
+            command: AuditCommand::Access { audit, team, user, table, namespace, since, findings, output },
+        } => {
+            let since = match since {
+                None => None,
+                Some(s) => Some(match s.parse::<Timestamp>() {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let d = crmguard::api::common::parse_duration(&s).map_err(|e| format!("--since: {e}"))?;
+                        let d = jiff::SignedDuration::try_from(d).map_err(|e| format!("--since: {e}"))?;
+                        Timestamp::now().checked_sub(d).map_err(|e| format!("--since: {e}"))?
+                    }
+                }),
+            };
+            let q = crmguard::audit::AccessQuery { team, user, table, namespace, since, findings_only: findings };
+            audit_access(&audit, &q, output == "json")
+        }
         Command::Plan { files, namespace, image, explain } => {
             let docs = crmguard::document::load(&files).map_err(|e| e.to_string())?;
             let mut ctx = BuildContext::default();
@@ -424,20 +468,91 @@ fn report(files: Vec<PathBuf>, namespace: Option<String>, output: &str) -> Resul
     Ok(if worst == 100 { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
+/// The segments of `stream` as (key, bytes).
+async fn segments(
+    store: &crmguard::backup::store::Store,
+    args: &AuditArgs,
+    stream: &str,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let dir = format!("{}/{stream}/", args.audit_prefix.trim_end_matches('/'));
+    let mut segments = Vec::new();
+    for o in store.list(&dir).await.map_err(|e| e.to_string())?.into_iter().filter(|o| o.key.ends_with(".jsonl")) {
+        let bytes = store.get(&o.key).await.map_err(|e| e.to_string())?;
+        segments.push((o.key, bytes.to_vec()));
+    }
+    if segments.is_empty() {
+        return Err(format!("no audit segments under {}", store.describe(&dir)));
+    }
+    Ok(segments)
+}
+
+fn audit_access(args: &AuditArgs, q: &crmguard::audit::AccessQuery, json: bool) -> Result<ExitCode, String> {
+    use crmguard::audit::AccessRecord;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
+    runtime.block_on(async {
+        let store = args.store().await?.ok_or("give --audit-bucket (with --audit-endpoint etc.) or --audit-dir")?;
+        let mut segments = segments(&store, args, &crmguard::audit::access_stream(&args.audit_stream)).await?;
+        segments.sort();
+        let records: Vec<AccessRecord> = segments
+            .iter()
+            .flat_map(|(_, b)| crmguard::audit::records_of::<AccessRecord>(b))
+            .filter(|r| q.matches(r))
+            .collect();
+        let v = crmguard::audit::verify(segments);
+        if json {
+            for r in &records {
+                println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+            }
+        } else {
+            println!(
+                "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  FINDING",
+                "UNTIL", "NAMESPACE", "WHO", "ACCESS", "TABLE", "COUNT"
+            );
+            for r in &records {
+                let who = match &r.team {
+                    Some(t) => format!("{t} ({})", r.user),
+                    None => format!("{} ({})", r.identity, r.user),
+                };
+                let finding = match (&r.finding, &r.message) {
+                    (Some(f), Some(m)) => format!("{f}: {m}"),
+                    (Some(f), None) => f.clone(),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  {finding}",
+                    r.until,
+                    r.namespace,
+                    who,
+                    r.access,
+                    r.object.as_deref().unwrap_or("-"),
+                    r.count
+                );
+            }
+            let accesses: u64 = records.iter().filter(|r| r.finding.is_none()).map(|r| r.count).sum();
+            let findings = records.iter().filter(|r| r.finding.is_some()).count();
+            println!(
+                "{accesses} access(es), {findings} finding(s){}",
+                if findings == 0 { ": nothing broke a rule" } else { "" }
+            );
+        }
+        if v.problems.is_empty() {
+            Ok(ExitCode::SUCCESS)
+        } else {
+            for p in &v.problems {
+                eprintln!("BROKEN: {p}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    })
+}
+
 fn audit_verify(args: &AuditArgs) -> Result<ExitCode, String> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio: {e}"))?;
     runtime.block_on(async {
         let store = args.store().await?.ok_or("give --audit-bucket (with --audit-endpoint etc.) or --audit-dir")?;
-        let dir = format!("{}/{}/", args.audit_prefix.trim_end_matches('/'), args.audit_stream);
-        let mut segments = Vec::new();
-        for o in store.list(&dir).await.map_err(|e| e.to_string())?.into_iter().filter(|o| o.key.ends_with(".jsonl")) {
-            let bytes = store.get(&o.key).await.map_err(|e| e.to_string())?;
-            segments.push((o.key, bytes.to_vec()));
-        }
-        if segments.is_empty() {
-            return Err(format!("no audit segments under {}", store.describe(&dir)));
-        }
+        let segments = segments(&store, args, &args.audit_stream).await?;
         let v = crmguard::audit::verify(segments);
         println!(
             "{} segment(s), {} record(s); newest segment sha256 {} (compare with the operator's last \"audit segment written\" log line)",

@@ -42,7 +42,7 @@ type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type Owned = BTreeMap<(String, String, String), Vec<(&'static str, Labels)>>;
 
 /// Per-object gauges: (metric name without prefix, help). Controllers may set only these.
-pub const OBJECT_GAUGES: [(&str, &str); 12] = [
+pub const OBJECT_GAUGES: [(&str, &str); 14] = [
     ("resource_ready", "1 when the resource's Ready condition is True, else 0 (labels: kind, namespace, name)"),
     ("backup_last_success_timestamp_seconds", "Completion time of the newest verified backup of a CrmBackupPolicy"),
     ("backup_last_success_size_bytes", "Stored size of the newest verified backup"),
@@ -55,6 +55,8 @@ pub const OBJECT_GAUGES: [(&str, &str); 12] = [
     ("quarantined_pods", "Pods a NetworkGuard currently isolates"),
     ("posture_score", "Security posture score of a namespace, 0-100 (name: the PolicyReport, crmguard)"),
     ("posture_findings", "Posture findings of a namespace by result (fail, warn, pass, skip)"),
+    ("access_entries", "Audit entries an AccessMonitor has read from its database's log"),
+    ("access_findings", "Findings an AccessMonitor has made (status.findingCount)"),
 ];
 
 /// The Kubernetes verb of an API request: a GET is `watch` with `watch=true`, else `list` or `get` by whether

@@ -128,6 +128,10 @@ pub fn plan(docs: &[Document], namespace: Option<&str>, ctx: &BuildContext, now:
                 "NetworkGuard" => typed::<NetworkGuard>(&v)
                     .and_then(|g| network_guard::validate::validate(&g))
                     .map(|g| (to_values(network_guard::build::build(&g)), vec![])),
+                // An AccessMonitor creates no object: it reads a log and writes status, Events and audit records.
+                "AccessMonitor" => typed::<crate::api::AccessMonitor>(&v)
+                    .and_then(|m| crate::controllers::access_monitor::validate::validate(&m))
+                    .map(|_| (vec![], vec![])),
                 _ => Ok((vec![], vec![])),
             };
             match result {

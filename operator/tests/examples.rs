@@ -56,6 +56,7 @@ fn every_example_is_admitted_and_round_trips() {
             "CrmRestore" => roundtrip::<CrmRestore>(&defaulted),
             "AccessPolicy" => roundtrip::<AccessPolicy>(&defaulted),
             "NetworkGuard" => roundtrip::<NetworkGuard>(&defaulted),
+            "AccessMonitor" => roundtrip::<crmguard::api::AccessMonitor>(&defaulted),
             other => panic!("unexpected kind {other}"),
         }
     }

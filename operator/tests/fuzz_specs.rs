@@ -81,6 +81,7 @@ fn check(doc: Value) {
             "CrmRestore" => read_typed::<crmguard::api::CrmRestore>(&defaulted).map(drop),
             "AccessPolicy" => read_typed::<crmguard::api::AccessPolicy>(&defaulted).map(drop),
             "NetworkGuard" => read_typed::<crmguard::api::NetworkGuard>(&defaulted).map(drop),
+            "AccessMonitor" => read_typed::<crmguard::api::AccessMonitor>(&defaulted).map(drop),
             _ => Ok(()),
         };
         if let Err(e) = readable {
@@ -91,9 +92,13 @@ fn check(doc: Value) {
     let planned = plan(&[Document { source: "fuzz".into(), value: doc }], None, &BuildContext::default(), now);
     for p in planned {
         // Accepted resources create children; only an AccessPolicy whose teams have no Kubernetes grants
-        // (Vault-only teams) may legitimately create none.
+        // (Vault-only teams) and an AccessMonitor (which reads a log) may legitimately create none.
         assert!(
-            p.skipped || !p.errors.is_empty() || !p.children.is_empty() || p.resource.starts_with("AccessPolicy"),
+            p.skipped
+                || !p.errors.is_empty()
+                || !p.children.is_empty()
+                || p.resource.starts_with("AccessPolicy")
+                || p.resource.starts_with("AccessMonitor"),
             "{} accepted but created nothing",
             p.resource
         );
@@ -105,7 +110,7 @@ proptest! {
 
     #[test]
     fn mutated_examples_never_panic(
-        which in 0usize..4,
+        which in 0usize..crmguard::api::KINDS.len(),
         picks in prop::collection::vec((any::<usize>(), leaf(), any::<bool>()), 1..4),
     ) {
         let doc = support::example(crmguard::api::KINDS[which]);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 fn committed_crds_match_the_code() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let files = crmguard::api::crd_files().unwrap();
-    assert_eq!(files.len(), 4);
+    assert_eq!(files.len(), crmguard::api::KINDS.len());
     for dir in ["crds", "charts/crmguard/crds", "manifests/crds"] {
         for (name, text) in &files {
             let path = root.join(dir).join(name);
@@ -289,11 +289,12 @@ fn committed_crds_describe_exactly_the_conditions_the_code_can_set() {
     use crmguard::api::condition::{ConditionDoc, READY, ReadyReason, ReasonSet};
     use std::collections::BTreeSet;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let kinds: [(&str, &[ConditionDoc]); 4] = [
+    let kinds: [(&str, &[ConditionDoc]); 5] = [
         ("crmbackuppolicies", crmguard::api::backup_policy::conditions::ALL),
         ("crmrestores", crmguard::api::restore::conditions::ALL),
         ("accesspolicies", crmguard::api::access_policy::conditions::ALL),
         ("networkguards", crmguard::api::network_guard::conditions::ALL),
+        ("accessmonitors", crmguard::api::access_monitor::conditions::ALL),
     ];
     for (plural, all) in kinds {
         let path = root.join(format!("{plural}.crmguard.io.yaml"));
@@ -322,11 +323,12 @@ fn committed_crds_describe_exactly_the_conditions_the_code_can_set() {
 #[test]
 fn the_readmes_event_table_is_the_declared_event_reasons() {
     use crmguard::api::condition::{Described, ReasonSet, ReconcileEvent};
-    let sets: [(&str, &[Described]); 4] = [
+    let sets: [(&str, &[Described]); 5] = [
         ("any", ReconcileEvent::DOCS),
         ("NetworkGuard", crmguard::api::network_guard::NetworkGuardEvent::DOCS),
         ("AccessPolicy", crmguard::api::access_policy::AccessPolicyEvent::DOCS),
         ("CrmBackupPolicy", crmguard::api::backup_policy::BackupPolicyEvent::DOCS),
+        ("AccessMonitor", crmguard::api::access_monitor::AccessMonitorEvent::DOCS),
     ];
     let mut table = String::from("| Kind | Reason | Meaning |\n|---|---|---|\n");
     for (kind, reasons) in sets {

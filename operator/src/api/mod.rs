@@ -1,5 +1,6 @@
 //! The crmguard API: group `crmguard.io`, version `v1alpha1`. One module per custom resource.
 
+pub mod access_monitor;
 pub mod access_policy;
 pub mod backup_policy;
 pub mod common;
@@ -8,6 +9,7 @@ pub mod job;
 pub mod network_guard;
 pub mod restore;
 
+pub use access_monitor::{AccessMonitor, AccessMonitorSpec, AccessMonitorStatus};
 pub use access_policy::{AccessPolicy, AccessPolicySpec, AccessPolicyStatus};
 pub use backup_policy::{CrmBackupPolicy, CrmBackupPolicySpec, CrmBackupPolicyStatus};
 pub use network_guard::{NetworkGuard, NetworkGuardSpec, NetworkGuardStatus};
@@ -23,6 +25,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         with_conditions(CrmRestore::crd(), restore::conditions::ALL),
         with_conditions(AccessPolicy::crd(), access_policy::conditions::ALL),
         with_conditions(NetworkGuard::crd(), network_guard::conditions::ALL),
+        with_conditions(AccessMonitor::crd(), access_monitor::conditions::ALL),
     ]
 }
 
@@ -40,7 +43,7 @@ fn with_conditions(mut crd: CustomResourceDefinition, all: &[condition::Conditio
 }
 
 /// The kinds crmguard serves, as they appear in manifests.
-pub const KINDS: [&str; 4] = ["CrmBackupPolicy", "CrmRestore", "AccessPolicy", "NetworkGuard"];
+pub const KINDS: [&str; 5] = ["CrmBackupPolicy", "CrmRestore", "AccessPolicy", "NetworkGuard", "AccessMonitor"];
 
 /// The generated CRD files: `(file name, YAML text)`, as `crmguard crd --out-dir` writes them into `crds/` and
 /// the chart.

@@ -12,8 +12,8 @@ use kube::core::DeserializeGuard;
 use kube::{Client, Resource};
 use serde_json::Value;
 
-use crate::api::CrmBackupPolicy;
 use crate::api::condition::{EventReason, Gate, Reason, Status};
+use crate::api::{AccessPolicy, CrmBackupPolicy};
 use crate::controllers::BuildContext;
 use crate::k8s::apply::{ApplyError, ObjectPatch};
 use crate::k8s::events::Recorder;
@@ -41,6 +41,8 @@ pub struct Context {
     pub cache: Arc<crate::k8s::cache::Cache>,
     /// The backup policies as their controllers' watches hold them (a restore's policy), once they have listed them.
     pub backup_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<CrmBackupPolicy>>>>,
+    /// The AccessPolicies as their controllers' watches hold them (the AccessMonitor's attribution), once listed.
+    pub access_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<AccessPolicy>>>>,
 }
 
 impl Context {
@@ -58,6 +60,21 @@ impl Context {
         };
         let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
         stores.iter().find_map(|s| s.get(&key)).and_then(|g| g.0.as_ref().ok().cloned())
+    }
+}
+
+impl Context {
+    /// The valid AccessPolicies of `namespace` as the watches show them; `None` until the watches have listed them.
+    pub fn watched_access_policies(&self, namespace: &str) -> Option<Vec<AccessPolicy>> {
+        let stores = self.access_policies.get()?;
+        Some(
+            stores
+                .iter()
+                .flat_map(|s| s.state())
+                .filter_map(|g| g.0.as_ref().ok().cloned())
+                .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+                .collect(),
+        )
     }
 }
 

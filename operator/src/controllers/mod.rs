@@ -1,6 +1,7 @@
 //! One folder per custom resource. Each reconcile is resolve -> validate (pure) -> build (pure) -> apply ->
 //! status; the pure steps live here and are shared with `crmguard plan`.
 
+pub mod access_monitor;
 pub mod access_policy;
 pub mod backup_policy;
 pub mod contract;

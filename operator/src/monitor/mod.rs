@@ -1,9 +1,14 @@
-//! Who touched which customer data (issue 18, in progress): audit entries read from the databases' own audit logs,
-//! attributed to the identity that ran them, with every literal value removed before anything is kept.
+//! Who touched which customer data: audit entries read from the databases' own audit logs, attributed to the
+//! identity that ran them, with every literal value removed before anything is kept, and checked against the
+//! AccessMonitor's rules.
 //!
 //! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries; `server_audit`: MariaDB's audit plugin
-//! events. Not wired into a controller yet.
+//! events; `access`: a pod's timestamped log lines as accesses; `attribution`: who a database user is; `rules`:
+//! findings and the summaries the audit trail keeps.
 
+pub mod access;
+pub mod attribution;
 pub mod pgaudit;
 pub mod redact;
+pub mod rules;
 pub mod server_audit;

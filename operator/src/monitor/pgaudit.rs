@@ -93,11 +93,9 @@ pub fn records(log: &str) -> Vec<String> {
 /// for records that are not pgaudit entries or do not carry the expected prefix.
 pub fn parse(record: &str) -> Option<Entry> {
     // `<time> [<pid>] <user>@<db> <LEVEL>:  AUDIT: <fields>`
-    let (prefix, rest) = record.split_once(" AUDIT: ")?;
-    let (head, _level) = prefix.trim_end().strip_suffix(':')?.rsplit_once(' ')?;
-    let (head, who) = head.rsplit_once(' ')?;
-    let (at, _pid) = head.rsplit_once(" [")?;
-    let (user, database) = who.rsplit_once('@')?;
+    let p = prefixed(record)?;
+    let (at, user, database) = (p.at, p.user, p.database);
+    let rest = p.message.strip_prefix("AUDIT: ")?;
     let fields = csv_fields(rest.trim_end_matches(['\n', '\r']));
     if !(8..=9).contains(&fields.len()) {
         return None;
@@ -120,6 +118,30 @@ pub fn parse(record: &str) -> Option<Entry> {
         object_name: fields[6].clone(),
         statement: redact(&fields[7], Dialect::Postgres),
     })
+}
+
+/// A log record behind the prefix: `<time> [<pid>] <user>@<db> <LEVEL>:  <message>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefixed<'a> {
+    pub at: &'a str,
+    pub user: &'a str,
+    pub database: &'a str,
+    /// `LOG`, `ERROR`, `FATAL`, ...
+    pub level: &'a str,
+    pub message: &'a str,
+}
+
+/// Splits a record into its prefix's fields and its message; `None` without the expected prefix.
+pub fn prefixed(record: &str) -> Option<Prefixed<'_>> {
+    let (at, rest) = record.split_once(" [")?;
+    let (_pid, rest) = rest.split_once("] ")?;
+    let (who, rest) = rest.split_once(' ')?;
+    let (level, message) = rest.split_once(":  ")?;
+    let (user, database) = who.rsplit_once('@')?;
+    if level.is_empty() || !level.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Prefixed { at, user, database, level, message })
 }
 
 /// The fields of one CSV record: separated by commas, a field in double quotes may hold commas, newlines and doubled

@@ -24,7 +24,7 @@ use kube::{Client, Resource};
 
 use k8s_openapi::api::core::v1::Namespace;
 
-use crate::api::{AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
+use crate::api::{AccessMonitor, AccessPolicy, CrmBackupPolicy, CrmRestore, NetworkGuard};
 use crate::controllers::BuildContext;
 use crate::controllers::contract::Context;
 use crate::k8s::cache::{self, Cache};
@@ -138,6 +138,7 @@ where
             "CrmBackupPolicy" => "crmbackuppolicies.crmguard.io",
             "CrmRestore" => "crmrestores.crmguard.io",
             "AccessPolicy" => "accesspolicies.crmguard.io",
+            "AccessMonitor" => "accessmonitors.crmguard.io",
             _ => "networkguards.crmguard.io",
         })),
         Err(e) => Err(RunError::Startup("custom resources", e)),
@@ -181,6 +182,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     check_crd::<CrmRestore>(&client).await?;
     check_crd::<AccessPolicy>(&client).await?;
     check_crd::<NetworkGuard>(&client).await?;
+    check_crd::<AccessMonitor>(&client).await?;
     let (outage_ended, restarts) = watches::Restarts::channel();
     tokio::spawn(watches::watch_contact(client.clone(), health.clone(), outage_ended));
 
@@ -202,8 +204,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let audit = match opts.audit.clone() {
         Some(shipping) => {
             let (auditor, rx) = crate::audit::Auditor::shipping();
+            let (auditor, access_rx) = auditor.with_access_stream();
             tracing::info!(stream = %shipping.stream, location = %shipping.store.describe(&shipping.prefix), "shipping the audit trail");
+            let access =
+                crate::audit::Shipping { stream: crate::audit::access_stream(&shipping.stream), ..shipping.clone() };
             tokio::spawn(crate::audit::ship(shipping, rx));
+            tokio::spawn(crate::audit::ship(access, access_rx));
             auditor
         }
         None => crate::audit::Auditor::default(),
@@ -253,6 +259,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         audit: audit.clone(),
         cache: cache.clone(),
         backup_policies: Default::default(),
+        access_policies: Default::default(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };
@@ -277,7 +284,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         stores.guards.push(s);
         runs.push(r);
         readies.push(ready);
+        let (r, ready, _) = controller::<AccessMonitor>(ctx.clone(), ns, opts.concurrency, &restarts, &fanout);
+        runs.push(r);
+        readies.push(ready);
     }
+    let (listing, policies) = (stores.access.clone(), ctx.clone());
+    tokio::spawn(async move {
+        futures::future::join_all(listing.iter().cloned().map(listed)).await;
+        let _ = policies.access_policies.set(listing);
+    });
     let (listing, policies) = (stores.backups.clone(), ctx.clone());
     tokio::spawn(async move {
         futures::future::join_all(listing.iter().cloned().map(listed)).await;

@@ -17,6 +17,27 @@ pub const RENEWABLE: &str = "crmguard.io/renewable";
 pub const GRANTS: &str = "crmguard.io/grants";
 pub const PREVIOUS_LEASE_ID: &str = "crmguard.io/previous-lease-id";
 pub const REVOKE_PREVIOUS_AT: &str = "crmguard.io/revoke-previous-at";
+/// The database user of the current credential (not a secret: the AccessMonitor attributes statements by it).
+pub const USERNAME: &str = "crmguard.io/username";
+/// The database user of the replaced credential while it waits for revocation.
+pub const PREVIOUS_USERNAME: &str = "crmguard.io/previous-username";
+
+/// The user annotations of a team's Secret: `user` is the current credential's; the previous user is kept while a
+/// replaced credential waits for revocation (`previous` lease recorded), taken from `old` (the Secret's annotations
+/// before this pass) when the user changed in it.
+pub fn usernames(old: &BTreeMap<String, String>, user: &str, state: &State) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::from([(USERNAME.to_string(), user.to_string())]);
+    if state.previous.is_some() {
+        let previous = match old.get(USERNAME) {
+            Some(u) if u != user => Some(u),
+            _ => old.get(PREVIOUS_USERNAME),
+        };
+        if let Some(p) = previous {
+            a.insert(PREVIOUS_USERNAME.into(), p.clone());
+        }
+    }
+    a
+}
 
 /// The current credential's lease.
 #[derive(Clone, PartialEq, Eq)]
@@ -365,6 +386,23 @@ mod tests {
             Step::Issue(IssueReason::Expired)
         );
         assert_eq!(next_due(&fixed, &D), Some(add(now, D.ttl)));
+    }
+
+    #[test]
+    fn the_previous_user_is_kept_while_its_credential_waits_for_revocation() {
+        let old = BTreeMap::from([(USERNAME.to_string(), "v-1".to_string())]);
+        let waiting = State {
+            current: None,
+            previous: Some(Previous { lease_id: "l1".into(), revoke_at: Timestamp::UNIX_EPOCH }),
+        };
+        let rotated = usernames(&old, "v-2", &waiting);
+        assert_eq!(rotated.get(PREVIOUS_USERNAME).map(String::as_str), Some("v-1"));
+        // The next pass (same user) keeps it; once revoked it goes.
+        let mut old = rotated.clone();
+        old.insert(USERNAME.into(), "v-2".into());
+        assert_eq!(usernames(&old, "v-2", &waiting), rotated);
+        let revoked = usernames(&old, "v-2", &State::default());
+        assert_eq!(revoked, BTreeMap::from([(USERNAME.to_string(), "v-2".to_string())]));
     }
 
     #[test]

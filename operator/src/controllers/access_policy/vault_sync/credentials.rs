@@ -79,7 +79,12 @@ pub(super) async fn issue_credentials(
             issued.push(format!("{} (Secret {name}, lease until {})", team.name, l.expires_at));
         }
         let mut meta = owner.child_meta(name.clone(), &format!("credentials-{}", team.name));
-        meta.annotations = Some(state.annotations());
+        let mut recorded = state.annotations();
+        let user = data.get("username").map(|u| String::from_utf8_lossy(&u.0).into_owned()).unwrap_or_default();
+        if !user.is_empty() {
+            recorded.extend(lease::usernames(&annotations, &user, &state));
+        }
+        meta.annotations = Some(recorded);
         let b64 = base64::engine::general_purpose::STANDARD;
         let data_json: serde_json::Map<String, Value> =
             data.iter().map(|(k, v)| (k.clone(), Value::String(b64.encode(&v.0)))).collect();

@@ -1,0 +1,284 @@
+//! `AccessMonitor`: who touched which customer data. The database's own audit log (PostgreSQL's pgaudit, MariaDB's
+//! server_audit) is read from the database pod's log through the API, every statement attributed to the team whose
+//! short-lived credential ran it (or to an identity the spec names), kept as access records in the audit trail
+//! without any literal value, and checked against declarative rules; what breaks a rule is a finding.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Watch a CRM database's audit log: attribute every statement to a team's credential or a named identity, record
+/// who touched which table in the audit trail, and report findings (a team outside its grants, an identity nobody
+/// issued or named, DDL outside a change window, bulk reads of a sensitive table, bursts of failed logins).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "crmguard.io",
+    version = "v1alpha1",
+    kind = "AccessMonitor",
+    doc = "Database access monitoring for the CRM: statements from the database's audit log attributed to teams and identities, recorded in the audit trail, and checked against rules.",
+    plural = "accessmonitors",
+    singular = "accessmonitor",
+    shortname = "am",
+    category = "crmguard",
+    namespaced,
+    status = "AccessMonitorStatus",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Engine", type_ = "string", json_path = ".spec.database.engine"),
+    printcolumn(name = "Entries", type_ = "integer", json_path = ".status.entries"),
+    printcolumn(name = "Findings", type_ = "integer", json_path = ".status.findingCount"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessMonitorSpec {
+    /// The database whose audit log is read.
+    pub database: MonitoredDatabase,
+    /// AccessPolicies (this namespace) whose teams' database credentials are attributed; empty: every AccessPolicy
+    /// of the namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    pub access_policies: Vec<String>,
+    /// Database users crmguard does not issue (e.g. the CRM application's own) and who they are. A user that is
+    /// neither issued by an attributed AccessPolicy nor listed here is an unknown identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["user"]))]
+    pub identities: Vec<KnownIdentity>,
+    /// What makes a finding.
+    #[serde(default)]
+    pub rules: Rules,
+    /// How often the log is read, e.g. `5s` (at least 1s, at most 5m).
+    #[serde(default = "default_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('5m')").message("interval must be between 1s and 5m, e.g. 5s"))]
+    pub interval: String,
+}
+
+fn default_interval() -> String {
+    "5s".into()
+}
+
+/// Database servers whose audit log crmguard reads.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitoredEngine {
+    /// PostgreSQL with pgaudit: `shared_preload_libraries = 'pgaudit'`, `pgaudit.log = 'read, write, ddl, role'`,
+    /// `log_line_prefix = '%m [%p] %q%u@%d '`, `CREATE EXTENSION pgaudit`, the log on the container's stderr.
+    Postgres,
+    /// MariaDB with its audit plugin: `plugin_load_add = server_audit`, `server_audit_logging = ON`,
+    /// `server_audit_events = CONNECT,QUERY,TABLE`, and the plugin's file on the container's output
+    /// (`server_audit_file_path = /dev/stderr`).
+    Mysql,
+}
+
+/// The database pod and the container whose log carries the audit entries.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoredDatabase {
+    /// `postgres` (pgaudit) or `mysql` (MariaDB's server_audit).
+    pub engine: MonitoredEngine,
+    /// The database pod (this namespace). When several running pods match, the oldest is read.
+    pub pod_selector: LabelSelector,
+    /// The container whose log is read; the pod's first container when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub container: Option<String>,
+}
+
+/// A database user crmguard does not issue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownIdentity {
+    /// The database user, e.g. `crm_app`.
+    #[schemars(length(min = 1, max = 128))]
+    pub user: String,
+    /// Who it is, e.g. `crm-web (the CRM application)`: shown in records and findings.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Tables it is expected to touch (`schema.table`, `database.table` on MariaDB); a statement on another is
+    /// outside its grants. Empty: any table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 127)))]
+    pub tables: Vec<String>,
+}
+
+/// What makes a finding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rules {
+    /// A team's statement on a table its AccessPolicy does not grant it (or with a privilege it does not grant),
+    /// any DDL or role statement by a team, a statement the database refused for want of a privilege, and a
+    /// named identity's statement on a table it does not list.
+    #[serde(default = "default_true")]
+    pub outside_grants: bool,
+    /// A statement by a database user that no attributed AccessPolicy issued and `identities` does not name, or by
+    /// a team credential whose lease was revoked.
+    #[serde(default = "default_true")]
+    pub unknown_identity: bool,
+    /// DDL (CREATE, ALTER, DROP, ...) is a finding outside these change windows. Absent: DDL is not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<DdlRule>,
+    /// Bulk reads: more read statements per minute on the listed tables by one identity than allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub read_volume: Vec<ReadVolumeRule>,
+    /// A burst of failed logins for one database user. Absent: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_logins: Option<FailedLoginsRule>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules { outside_grants: true, unknown_identity: true, ddl: None, read_volume: vec![], failed_logins: None }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// When DDL is expected.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DdlRule {
+    /// Change windows; none: every DDL statement is a finding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub change_windows: Vec<ChangeWindow>,
+}
+
+/// A recurring change window (UTC).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeWindow {
+    /// When it opens: a cron expression in UTC, e.g. `0 2 * * 6` (Saturdays at 02:00).
+    #[schemars(length(min = 9, max = 128))]
+    pub schedule: String,
+    /// How long it stays open, e.g. `2h`.
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('168h')").message("duration must be positive and at most 168h, e.g. 2h"))]
+    pub duration: String,
+}
+
+/// A limit on read statements per minute.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadVolumeRule {
+    /// Sensitive tables (`schema.table`, `database.table` on MariaDB).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 127)))]
+    pub tables: Vec<String>,
+    /// Read statements one identity may run on them within a minute.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_per_minute: i32,
+}
+
+/// A limit on failed logins.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedLoginsRule {
+    /// Failed logins of one user within a minute that make a finding.
+    #[schemars(range(min = 1, max = 100_000))]
+    pub max_per_minute: i32,
+}
+
+/// What a finding is about.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum FindingRule {
+    /// `rules.outsideGrants`.
+    OutsideGrants,
+    /// `rules.unknownIdentity`: a user nobody issued or named.
+    UnknownIdentity,
+    /// `rules.unknownIdentity`: a team credential used after its lease was revoked.
+    RevokedCredential,
+    /// `rules.ddl`.
+    DdlOutsideWindow,
+    /// `rules.readVolume`.
+    ReadVolume,
+    /// `rules.failedLogins`.
+    FailedLogins,
+}
+
+/// One finding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Finding {
+    pub rule: FindingRule,
+    /// The database user.
+    pub user: String,
+    /// Who that is: `team sales (AccessPolicy crm-access)`, a named identity, or `unknown`.
+    pub identity: String,
+    /// The table (or database) concerned, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// What happened, without any literal value, e.g. `12 SELECT on crm.invoices within a minute (limit 5)`.
+    pub message: String,
+    /// When the database logged the first entry of the finding.
+    pub at: Time,
+}
+
+/// Observed state of an AccessMonitor.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessMonitorStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions, one per type: `Ready` and those of [`conditions`], whose declaration the CRD's description of this
+    /// field is generated from (`api::crds`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The pod whose log is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The time of the last log line read (the kubelet's timestamp): reading resumes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_until: Option<String>,
+    /// Audit entries read since the monitor was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<i64>,
+    /// Findings since the monitor was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding_count: Option<i64>,
+    /// The newest findings, newest first, at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<Finding>,
+}
+
+/// An AccessMonitor's conditions besides `Ready`.
+pub mod conditions {
+    crate::api::condition::conditions! {
+        for super::AccessMonitorStatus;
+        /// The database's audit log is read.
+        Collecting: Required {
+            /// The log of the database pod is read at every interval.
+            Reading,
+            /// No running pod matches spec.database.podSelector: check it against the database pod's labels.
+            PodNotFound,
+            /// The pod has no container of the name spec.database.container gives.
+            ContainerNotFound,
+            /// The API server did not serve the pod's log (the message has its answer); retried at the next interval.
+            LogUnreadable,
+        }
+        /// Statements since the monitor started broke no rule.
+        Clean: Warning {
+            /// No finding.
+            NoFindings,
+            /// Findings were made; status.findings lists the newest, Events and the audit trail every one.
+            FindingsMade,
+        }
+    }
+}
+
+crate::api::condition::reasons! {
+    /// The reasons of the Events an AccessMonitor's controller records, besides `Ready`'s.
+    pub enum AccessMonitorEvent {
+        /// A statement (or a run of them) broke a rule; the note names the rule, the user, who that is and the table,
+        /// never a value.
+        AccessFinding,
+    }
+}
+
+impl crate::api::condition::EventReason for AccessMonitorEvent {
+    type Status = AccessMonitorStatus;
+}

@@ -1,0 +1,5 @@
+//! AccessMonitor controller: the database pod's log read at every interval, its audit entries attributed and
+//! recorded, the rules checked.
+
+pub mod reconcile;
+pub mod validate;

@@ -1,0 +1,298 @@
+//! AccessMonitor: validate -> the database pod -> its log since the last line read (`pods/log`, `timestamps=true`)
+//! -> accesses attributed -> access records in the audit trail, rules checked -> findings in status, Events and the
+//! audit trail. Requeued at the spec's interval.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, LogParams};
+
+use super::validate;
+use crate::api::access_monitor::conditions::{Clean, Collecting};
+use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, MonitoredEngine};
+use crate::api::condition::Status;
+use crate::api::{AccessMonitor, AccessPolicy};
+use crate::audit::AccessRecord;
+use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Reconcilable, Watch};
+use crate::monitor::access::{self, Access};
+use crate::monitor::attribution::{Identities, TeamUsers};
+use crate::monitor::rules::{self, Found, Minute};
+use crate::netpol::selector_matches;
+use crate::validation::FieldError;
+
+/// The most a read of the log takes (the rest is read right after).
+pub const READ_LIMIT: i64 = 4 << 20;
+/// Findings kept in status.
+pub const FINDINGS_KEPT: usize = 20;
+
+/// What the controller keeps of a monitor between reads (in this process).
+#[derive(Clone, Debug, Default)]
+struct State {
+    /// The kubelet's time of the last line read.
+    read_until: Option<Timestamp>,
+    minute: Minute,
+    identities: Identities,
+    /// The inputs `identities` was built from (the policies' and the monitor's versions).
+    identities_of: u64,
+    /// Users not known when `identities` was built from those inputs.
+    looked_up: BTreeSet<String>,
+}
+
+impl Reconcilable for AccessMonitor {
+    const CONTROLLER: &'static str = "accessmonitor";
+    type Status = AccessMonitorStatus;
+    /// A database pod that comes or goes (or is relabelled) is read at once.
+    const WATCHES: &'static [Watch] = &[Watch::Pods];
+
+    async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
+        let v = match validate::validate(self) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        let ns = v.owner.namespace.clone();
+        let uid = v.owner.uid.clone();
+        let mut state: State = ctx.cache.last_memo(Self::CONTROLLER, &uid).unwrap_or_default();
+        let before = self.status.clone().unwrap_or_default();
+        let mut d = Desired::<Self::Status> { requeue_after: Some(v.interval), ..Desired::default() };
+        d.status = AccessMonitorStatus { observed_generation: None, conditions: vec![], ..before.clone() };
+        let clean = |d: &mut Desired<Self::Status>| {
+            let n = d.status.finding_count.unwrap_or(0);
+            d.conditions.push(if n == 0 {
+                Cond::new(Clean::NoFindings, Status::True, "no statement broke a rule")
+            } else {
+                Cond::new(
+                    Clean::FindingsMade,
+                    Status::False,
+                    format!("{n} finding(s); status.findings lists the newest"),
+                )
+            });
+            d.gauges.push(("access_entries", vec![], d.status.entries.unwrap_or(0) as f64));
+            d.gauges.push(("access_findings", vec![], n as f64));
+        };
+
+        let Some(pod) = database_pod(ctx, self, &ns).await? else {
+            d.conditions.push(Cond::new(
+                Collecting::PodNotFound,
+                Status::False,
+                "no pod of this namespace that has not finished matches spec.database.podSelector: check it against \
+                 the database pod's labels (kubectl get pods --show-labels)",
+            ));
+            clean(&mut d);
+            return Ok(Ok(d));
+        };
+        // Resume after the last line read; the first read starts when the monitor was created.
+        let recorded = before.read_until.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+        let after = match (state.read_until, recorded) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(ctx.now);
+        let since = after.unwrap_or(created);
+        let params = LogParams {
+            container: self.spec.database.container.clone(),
+            timestamps: true,
+            // The API takes whole seconds: lines of that second already read are skipped below.
+            since_time: Some(Timestamp::from_second(since.as_second()).unwrap_or(since)),
+            limit_bytes: Some(READ_LIMIT),
+            ..LogParams::default()
+        };
+        let log = match Api::<Pod>::namespaced(ctx.client.clone(), &ns).logs(&pod, &params).await {
+            Ok(log) => log,
+            Err(kube::Error::Api(s)) if s.code < 500 => {
+                let reason = if s.message.contains("container") && s.message.contains("not valid") {
+                    Collecting::ContainerNotFound
+                } else {
+                    Collecting::LogUnreadable
+                };
+                d.status.pod = Some(pod.clone());
+                d.conditions.push(Cond::new(
+                    reason,
+                    Status::False,
+                    format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
+                ));
+                clean(&mut d);
+                return Ok(Ok(d));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // A read cut at the limit may end inside a line: that line is read again next time, right away.
+        let cut = log.len() as i64 >= READ_LIMIT;
+        let whole = if cut { log.rsplit_once('\n').map_or("", |(w, _)| w) } else { log.as_str() };
+        let lines: Vec<(Timestamp, &str)> = access::timed(whole)
+            .into_iter()
+            .filter(|(t, _)| match after {
+                Some(a) => *t > a,
+                None => *t >= created,
+            })
+            .collect();
+        let accesses = match self.spec.database.engine {
+            MonitoredEngine::Postgres => access::postgres(&lines),
+            MonitoredEngine::Mysql => access::mariadb(&lines),
+        };
+        state.identities = identities(ctx, self, &ns, &mut state, &accesses).await?;
+        let found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
+        record(ctx, self, &ns, &state.identities, &accesses, &found);
+        if let Some((t, _)) = lines.last() {
+            state.read_until = Some(*t);
+            d.status.read_until = Some(t.to_string());
+        }
+        d.status.pod = Some(pod.clone());
+        d.status.entries = Some(before.entries.unwrap_or(0) + accesses.len() as i64);
+        if !found.is_empty() {
+            d.status.finding_count = Some(before.finding_count.unwrap_or(0) + found.len() as i64);
+            let mut findings: Vec<Finding> = found.iter().rev().map(finding).collect();
+            findings.extend(before.findings.iter().cloned());
+            findings.truncate(FINDINGS_KEPT);
+            d.status.findings = findings;
+        }
+        for f in &found {
+            d.events.push(Note::warning(AccessMonitorEvent::AccessFinding, format!("{:?}: {}", f.rule, f.message)));
+        }
+        let container = self.spec.database.container.as_deref().map(|c| format!(", container {c}")).unwrap_or_default();
+        d.conditions.push(Cond::new(
+            Collecting::Reading,
+            Status::True,
+            format!("reading the log of pod {pod}{container} every {}", self.spec.interval),
+        ));
+        clean(&mut d);
+        if cut {
+            d.requeue_after = Some(Duration::from_millis(200));
+        }
+        ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
+        Ok(Ok(d))
+    }
+}
+
+/// The database pod: the first by name of the pods that have not finished and match the selector.
+async fn database_pod(ctx: &Context, m: &AccessMonitor, ns: &str) -> Result<Option<String>, Error> {
+    let pods: Vec<Pod> = match ctx.cache.pods(ns) {
+        Some(pods) => pods,
+        None => Api::<Pod>::namespaced(ctx.client.clone(), ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+            .collect(),
+    };
+    let mut names: Vec<String> = pods
+        .into_iter()
+        .filter(|p| selector_matches(&m.spec.database.pod_selector, &p.metadata.labels.clone().unwrap_or_default()))
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    names.sort();
+    Ok(names.into_iter().next())
+}
+
+/// Who the users are: built again when an attributed AccessPolicy or the monitor changed, or a user appears that
+/// is not known (a credential issued since), reading the teams' Secrets' metadata (never their data).
+async fn identities(
+    ctx: &Context,
+    m: &AccessMonitor,
+    ns: &str,
+    state: &mut State,
+    accesses: &[Access],
+) -> Result<Identities, Error> {
+    let mut policies: Vec<AccessPolicy> = match ctx.watched_access_policies(ns) {
+        Some(p) => p,
+        None => Api::<AccessPolicy>::namespaced(ctx.client.clone(), ns).list(&ListParams::default()).await?.items,
+    };
+    policies.retain(|p| {
+        m.spec.access_policies.is_empty()
+            || p.metadata.name.as_ref().is_some_and(|n| m.spec.access_policies.contains(n))
+    });
+    let mut parts: Vec<String> = vec![m.metadata.generation.unwrap_or_default().to_string()];
+    parts.extend(policies.iter().map(|p| p.metadata.resource_version.clone().unwrap_or_default()));
+    let digest = crate::k8s::cache::digest_of(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+    let unknown: BTreeSet<String> =
+        accesses.iter().filter(|a| !state.identities.knows(&a.user)).map(|a| a.user.clone()).collect();
+    if digest == state.identities_of {
+        // Users already looked up at these versions stay unknown until something changes.
+        if unknown.is_subset(&state.looked_up) {
+            return Ok(state.identities.clone());
+        }
+    } else {
+        state.looked_up.clear();
+    }
+    state.looked_up.extend(unknown);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut teams = Vec::new();
+    for p in &policies {
+        let policy = p.metadata.name.clone().unwrap_or_default();
+        for t in p.status.iter().flat_map(|s| s.teams.iter()) {
+            let Some(secret) = &t.secret_name else { continue };
+            let Some(meta) = secrets.get_metadata_opt(secret).await? else { continue };
+            let owned =
+                meta.metadata.owner_references.iter().flatten().any(|r| Some(&r.uid) == p.metadata.uid.as_ref());
+            let a: BTreeMap<String, String> = meta.metadata.annotations.unwrap_or_default();
+            let users: Vec<String> = [USERNAME, PREVIOUS_USERNAME].iter().filter_map(|k| a.get(*k).cloned()).collect();
+            if owned && !users.is_empty() {
+                teams.push(TeamUsers { policy: policy.clone(), team: t.name.clone(), users });
+            }
+        }
+    }
+    let ids = Identities::build(&policies, &teams, &m.spec.identities, &state.identities, (ctx.now)());
+    state.identities_of = digest;
+    Ok(ids)
+}
+
+/// The access records and findings of one read, into the audit trail.
+fn record(ctx: &Context, m: &AccessMonitor, ns: &str, ids: &Identities, accesses: &[Access], found: &[Found]) {
+    let monitor = m.metadata.name.clone().unwrap_or_default();
+    let base = |user: &str| {
+        let who = ids.who(user);
+        let (team, policy) = who.team().map_or((None, None), |(t, p)| (Some(t.to_string()), Some(p.to_string())));
+        (who.describe(), team, policy)
+    };
+    for s in rules::summarize(accesses) {
+        let (identity, team, policy) = base(&s.user);
+        ctx.audit.access(AccessRecord {
+            time: s.first.to_string(),
+            until: s.last.to_string(),
+            namespace: ns.into(),
+            monitor: monitor.clone(),
+            user: s.user,
+            identity,
+            team,
+            policy,
+            access: s.kind.as_str().into(),
+            object: s.object,
+            count: s.count,
+            finding: None,
+            message: None,
+        });
+    }
+    for f in found {
+        let (identity, team, policy) = base(&f.user);
+        ctx.audit.access(AccessRecord {
+            time: f.at.to_string(),
+            until: f.at.to_string(),
+            namespace: ns.into(),
+            monitor: monitor.clone(),
+            user: f.user.clone(),
+            identity,
+            team,
+            policy,
+            access: "finding".into(),
+            object: f.object.clone(),
+            count: 1,
+            finding: Some(format!("{:?}", f.rule)),
+            message: Some(f.message.clone()),
+        });
+    }
+}
+
+fn finding(f: &Found) -> Finding {
+    Finding {
+        rule: f.rule,
+        user: f.user.clone(),
+        identity: f.identity.clone(),
+        object: f.object.clone(),
+        message: f.message.clone(),
+        at: Time(f.at),
+    }
+}

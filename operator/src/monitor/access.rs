@@ -1,0 +1,222 @@
+//! A database pod's log as the API serves it with `timestamps=true` (each line behind the kubelet's RFC 3339 time
+//! and a space) turned into accesses: when, which database user, what kind of statement, on which table. The
+//! kubelet's time orders and positions the lines (reading resumes after the last one read); the database's own
+//! time is not used.
+
+use jiff::Timestamp;
+
+use super::{pgaudit, server_audit};
+
+/// What kind of access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// A read of a table (SELECT, COPY TO).
+    Read,
+    /// A change of a table's rows (INSERT, UPDATE, DELETE, TRUNCATE, COPY FROM).
+    Write,
+    /// A change of the schema (CREATE, ALTER, DROP, ...).
+    Ddl,
+    /// A change of roles or privileges (GRANT, REVOKE, CREATE ROLE, ...).
+    Role,
+    /// A statement the database refused for want of a privilege.
+    Denied,
+    /// A login that failed (wrong password, unknown user).
+    LoginFailed,
+    /// Anything else the audit log records (functions, `SET`, ...).
+    Other,
+}
+
+impl Kind {
+    /// As access records and the CLI name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Ddl => "ddl",
+            Kind::Role => "role",
+            Kind::Denied => "denied",
+            Kind::LoginFailed => "login-failed",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// One access, without any value of the statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The kubelet's time of the log line.
+    pub at: Timestamp,
+    pub user: String,
+    pub kind: Kind,
+    /// e.g. `SELECT`, `ALTER TABLE`, `INSERT`.
+    pub command: String,
+    /// `schema.table` (`database.table` on MariaDB), when the entry names one.
+    pub object: Option<String>,
+}
+
+/// The lines of a log served with `timestamps=true`: (kubelet time, line). A line without a readable time is
+/// skipped.
+pub fn timed(log: &str) -> Vec<(Timestamp, &str)> {
+    log.lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ').unwrap_or((l, ""));
+            Some((t.parse().ok()?, rest))
+        })
+        .collect()
+}
+
+/// The accesses in PostgreSQL's log lines (pgaudit entries, refused statements, failed logins), read behind the
+/// log line prefix [`pgaudit::LOG_LINE_PREFIX`]. A record that spans lines is timed by its first line.
+pub fn postgres(lines: &[(Timestamp, &str)]) -> Vec<Access> {
+    let mut records: Vec<(Timestamp, String)> = Vec::new();
+    for (at, line) in lines {
+        match records.last_mut() {
+            Some((_, r)) if !starts_record(line) => {
+                r.push('\n');
+                r.push_str(line.strip_prefix('\t').unwrap_or(line));
+            }
+            _ => records.push((*at, (*line).to_string())),
+        }
+    }
+    records.iter().filter_map(|(at, r)| postgres_record(*at, r)).collect()
+}
+
+/// Whether a line starts a record (the prefix's `%m`, `YYYY-MM-DD `).
+fn starts_record(l: &str) -> bool {
+    let b = l.as_bytes();
+    b.len() > 11
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b'-'
+        && b[8..10].iter().all(u8::is_ascii_digit)
+        && b[10] == b' '
+}
+
+fn postgres_record(at: Timestamp, record: &str) -> Option<Access> {
+    if let Some(e) = pgaudit::parse(record) {
+        let kind = match e.class {
+            pgaudit::Class::Read => Kind::Read,
+            pgaudit::Class::Write => Kind::Write,
+            pgaudit::Class::Ddl => Kind::Ddl,
+            pgaudit::Class::Role => Kind::Role,
+            _ => Kind::Other,
+        };
+        let object = (!e.object_name.is_empty()).then_some(e.object_name);
+        return Some(Access { at, user: e.user, kind, command: e.command, object });
+    }
+    let p = pgaudit::prefixed(record)?;
+    // PostgreSQL's messages (src/backend/libpq/auth.c, aclchk.c): `password authentication failed for user "x"`,
+    // `permission denied for table t` (also view, sequence, schema, function).
+    if p.level == "FATAL" {
+        let rest = p.message.strip_prefix("password authentication failed for user \"")?;
+        let user = rest.split_once('"')?.0;
+        return Some(Access { at, user: user.into(), kind: Kind::LoginFailed, command: "LOGIN".into(), object: None });
+    }
+    if p.level == "ERROR" {
+        let rest = p.message.strip_prefix("permission denied for ")?;
+        let (what, name) = rest.split_once(' ')?;
+        let name = name.lines().next().unwrap_or_default().trim();
+        return Some(Access {
+            at,
+            user: p.user.into(),
+            kind: Kind::Denied,
+            command: what.to_uppercase(),
+            object: Some(name.into()),
+        });
+    }
+    None
+}
+
+/// The accesses in MariaDB's audit plugin lines: table reads and writes and DDL (`TABLE` events), failed logins
+/// (`FAILED_CONNECT`), and queries the server refused for want of a privilege (error 1142, 1143, 1044).
+pub fn mariadb(lines: &[(Timestamp, &str)]) -> Vec<Access> {
+    lines
+        .iter()
+        .filter_map(|(at, line)| {
+            let e = server_audit::parse(line)?;
+            let table = || Some(format!("{}.{}", e.database, e.object));
+            let (kind, object) = match e.operation.as_str() {
+                "READ" => (Kind::Read, table()),
+                "WRITE" => (Kind::Write, table()),
+                "CREATE" | "ALTER" | "RENAME" | "DROP" => (Kind::Ddl, table()),
+                "FAILED_CONNECT" => (Kind::LoginFailed, None),
+                // ER_TABLEACCESS_DENIED_ERROR, ER_COLUMNACCESS_DENIED_ERROR, ER_DBACCESS_DENIED_ERROR
+                "QUERY" if matches!(e.retcode, Some(1142 | 1143 | 1044)) => {
+                    (Kind::Denied, (!e.database.is_empty()).then(|| e.database.clone()))
+                }
+                _ => return None,
+            };
+            let command = if kind == Kind::Denied { "QUERY".to_string() } else { e.operation.clone() };
+            Some(Access { at: *at, user: e.user.clone(), kind, command, object })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    /// Lines as `kubectl logs --timestamps` shows them, the messages as PostgreSQL 15 and pgaudit write them.
+    #[test]
+    fn postgres_entries_refusals_and_failed_logins_become_accesses() {
+        let log = "\
+2026-12-03T09:00:00.100000000Z 2026-12-03 09:00:00.099 UTC [41] v-sales-1@crm LOG:  AUDIT: SESSION,1,1,READ,SELECT,TABLE,crm.invoices,\"SELECT *
+2026-12-03T09:00:00.100000100Z \tFROM crm.invoices WHERE customer = 'ACME'\",<not logged>
+2026-12-03T09:00:01.000000000Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm ERROR:  permission denied for table payroll
+2026-12-03T09:00:01.000000100Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm STATEMENT:  SELECT * FROM crm.payroll WHERE salary > 100000
+2026-12-03T09:00:02.000000000Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm FATAL:  password authentication failed for user \"mallory\"
+2026-12-03T09:00:02.000000100Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm DETAIL:  Role \"mallory\" does not exist.
+2026-12-03T09:00:03.000000000Z 2026-12-03 09:00:03.000 UTC [43] postgres@crm LOG:  AUDIT: SESSION,1,1,DDL,ALTER TABLE,TABLE,crm.invoices,ALTER TABLE crm.invoices ADD COLUMN note text DEFAULT 'x',<not logged>
+2026-12-03T09:00:04.000000000Z 2026-12-03 09:00:04.000 UTC [44] LOG:  checkpoint starting: time
+not a timed line
+";
+        let accesses = postgres(&timed(log));
+        let a = |at_: &str, user: &str, kind, command: &str, object: Option<&str>| Access {
+            at: at(at_),
+            user: user.into(),
+            kind,
+            command: command.into(),
+            object: object.map(Into::into),
+        };
+        assert_eq!(
+            accesses,
+            vec![
+                a("2026-12-03T09:00:00.1Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices")),
+                a("2026-12-03T09:00:01Z", "v-sales-1", Kind::Denied, "TABLE", Some("payroll")),
+                a("2026-12-03T09:00:02Z", "mallory", Kind::LoginFailed, "LOGIN", None),
+                a("2026-12-03T09:00:03Z", "postgres", Kind::Ddl, "ALTER TABLE", Some("crm.invoices")),
+            ]
+        );
+        assert!(!format!("{accesses:?}").contains("ACME"));
+    }
+
+    /// Lines in the plugin's "Log Format".
+    #[test]
+    fn mariadb_table_events_refusals_and_failed_logins_become_accesses() {
+        let log = "\
+2026-12-03T09:00:00Z 20261203 09:00:00,db-0,sales,10.0.0.7,12,34,QUERY,crm,'SELECT * FROM invoices',0
+2026-12-03T09:00:00.1Z 20261203 09:00:00,db-0,sales,10.0.0.7,12,34,READ,crm,invoices,
+2026-12-03T09:00:01Z 20261203 09:00:01,db-0,sales,10.0.0.7,12,35,QUERY,crm,'SELECT * FROM payroll',1142
+2026-12-03T09:00:02Z 20261203 09:00:02,db-0,mallory,10.0.0.9,13,0,FAILED_CONNECT,,,1045
+2026-12-03T09:00:03Z 20261203 09:00:03,db-0,root,localhost,14,36,ALTER,crm,invoices,
+";
+        let got: Vec<(Kind, &str, Option<String>)> = mariadb(&timed(log))
+            .into_iter()
+            .map(|a| (a.kind, if a.user == "sales" { "sales" } else { "other" }, a.object))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::Read, "sales", Some("crm.invoices".into())),
+                (Kind::Denied, "sales", Some("crm".into())),
+                (Kind::LoginFailed, "other", None),
+                (Kind::Ddl, "other", Some("crm.invoices".into())),
+            ]
+        );
+    }
+}

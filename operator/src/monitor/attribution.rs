@@ -1,0 +1,160 @@
+//! Who a database user is. crmguard issues every team's database identity itself: the user Vault created for a
+//! team's lease is recorded on the team's Secret (`crmguard.io/username`, and `crmguard.io/previous-username` while
+//! a replaced credential is in its grace period), so a statement is attributed to the team, its AccessPolicy and
+//! the grants it holds. Users crmguard does not issue are named by the monitor's spec; any other is unknown, and a
+//! team's user that is no longer on its Secret was revoked.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+
+use crate::api::access_monitor::KnownIdentity;
+use crate::api::access_policy::{AccessPolicy, SqlPrivilege};
+
+/// A team's privileges on one table (`schema.table`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub table: String,
+    pub privileges: Vec<SqlPrivilege>,
+}
+
+/// Who a database user is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Who {
+    /// A credential crmguard issued to a team, with the team's grants.
+    Team { team: String, policy: String, grants: Vec<Grant> },
+    /// A team's credential that is no longer on its Secret: its lease was revoked.
+    Revoked { team: String, policy: String },
+    /// A user the monitor's spec names.
+    Known { name: String, tables: Vec<String> },
+    /// Nobody crmguard knows.
+    Unknown,
+}
+
+impl Who {
+    /// How records, findings and Events name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Who::Team { team, policy, .. } => format!("team {team} (AccessPolicy {policy})"),
+            Who::Revoked { team, policy } => format!("revoked credential of team {team} (AccessPolicy {policy})"),
+            Who::Known { name, .. } => name.clone(),
+            Who::Unknown => "unknown".into(),
+        }
+    }
+
+    /// The team and its AccessPolicy, for a team's credential (current or revoked).
+    pub fn team(&self) -> Option<(&str, &str)> {
+        match self {
+            Who::Team { team, policy, .. } | Who::Revoked { team, policy } => Some((team, policy)),
+            _ => None,
+        }
+    }
+}
+
+/// A team's users as its Secret records them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TeamUsers {
+    pub policy: String,
+    pub team: String,
+    /// The current credential's user and, during a rotation's grace period, the previous one's.
+    pub users: Vec<String>,
+}
+
+/// Database users and who they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identities {
+    users: BTreeMap<String, Who>,
+}
+
+impl Identities {
+    /// From the attributed AccessPolicies, the users their teams' Secrets record, the users the spec names, and
+    /// what was known before (a team's user known before and no longer recorded was revoked). Grants that expired
+    /// by `now` are not held.
+    pub fn build(
+        policies: &[AccessPolicy],
+        teams: &[TeamUsers],
+        known: &[KnownIdentity],
+        before: &Identities,
+        now: Timestamp,
+    ) -> Identities {
+        let mut users = BTreeMap::new();
+        for (user, who) in &before.users {
+            if let Some((team, policy)) = who.team() {
+                users.insert(user.clone(), Who::Revoked { team: team.into(), policy: policy.into() });
+            }
+        }
+        for k in known {
+            users.insert(k.user.clone(), Who::Known { name: k.name.clone(), tables: k.tables.clone() });
+        }
+        for t in teams {
+            let grants = policies
+                .iter()
+                .filter(|p| p.metadata.name.as_deref() == Some(t.policy.as_str()))
+                .flat_map(|p| p.spec.teams.iter().filter(|x| x.name == t.team))
+                .flat_map(|x| x.database.iter().flat_map(|d| d.grants.iter()))
+                .filter(|g| g.expires_at.as_ref().is_none_or(|e| e.0 > now))
+                .flat_map(|g| {
+                    g.tables
+                        .iter()
+                        .map(|table| Grant { table: format!("{}.{table}", g.schema), privileges: g.privileges.clone() })
+                })
+                .collect::<Vec<_>>();
+            for user in &t.users {
+                let who = Who::Team { team: t.team.clone(), policy: t.policy.clone(), grants: grants.clone() };
+                users.insert(user.clone(), who);
+            }
+        }
+        Identities { users }
+    }
+
+    /// Who `user` is.
+    pub fn who(&self, user: &str) -> &Who {
+        self.users.get(user).unwrap_or(&Who::Unknown)
+    }
+
+    /// Whether `user` is known at all (a team's, revoked or named).
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> AccessPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "crm-access", "namespace": "crm"},
+            "spec": {"vault": {}, "teams": [{
+                "name": "sales", "subjects": [{"kind": "Group", "name": "sales"}], "credentials": {},
+                "database": {"connection": "crm", "grants": [
+                    {"schema": "crm", "tables": ["contacts", "deals"], "privileges": ["SELECT", "UPDATE"]},
+                    {"schema": "crm", "tables": ["invoices"], "privileges": ["SELECT"], "expiresAt": "2026-12-01T00:00:00Z"}
+                ]}
+            }]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn team_users_carry_their_live_grants_and_a_user_gone_from_the_secret_is_revoked() {
+        let now: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let teams = [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales-1".into()] }];
+        let known = [KnownIdentity { user: "crm_app".into(), name: "crm-web".into(), tables: vec![] }];
+        let first = Identities::build(&[policy()], &teams, &known, &Identities::default(), now);
+        let Who::Team { grants, .. } = first.who("v-sales-1") else { panic!("{:?}", first.who("v-sales-1")) };
+        let tables: Vec<&str> = grants.iter().map(|g| g.table.as_str()).collect();
+        assert_eq!(tables, ["crm.contacts", "crm.deals"], "the expired invoices grant is not held");
+        assert_eq!(first.who("crm_app").describe(), "crm-web");
+        assert_eq!(first.who("mallory"), &Who::Unknown);
+        // The next credential replaced the first on the Secret.
+        let teams = [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales-2".into()] }];
+        let second = Identities::build(&[policy()], &teams, &known, &first, now);
+        assert_eq!(second.who("v-sales-1").describe(), "revoked credential of team sales (AccessPolicy crm-access)");
+        assert_eq!(second.who("v-sales-2").describe(), "team sales (AccessPolicy crm-access)");
+        // Still revoked one build later.
+        let third = Identities::build(&[policy()], &teams, &known, &second, now);
+        assert!(matches!(third.who("v-sales-1"), Who::Revoked { .. }));
+    }
+}

@@ -1,0 +1,431 @@
+//! The monitor's rules, checked against attributed accesses; what breaks one is a finding. Pure: the accesses, who
+//! their users are and the counts of the current minute go in, findings come out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use croner::Cron;
+use jiff::{SignedDuration, Timestamp};
+
+use super::access::{Access, Kind};
+use super::attribution::{Identities, Who};
+use crate::api::access_monitor::{self, FindingRule};
+use crate::api::access_policy::SqlPrivilege;
+use crate::validation::FieldError;
+
+/// A change window: opens at each of the schedule's times (UTC), stays open for `open`.
+#[derive(Clone, Debug)]
+pub struct Window {
+    pub cron: Cron,
+    pub open: SignedDuration,
+}
+
+impl Window {
+    /// Whether `at` lies in a window: the schedule fired within `open` before it.
+    pub fn contains(&self, at: Timestamp) -> bool {
+        let from = at.checked_sub(self.open).unwrap_or(at);
+        crate::controllers::schedule::next_run(&self.cron, None, from).is_some_and(|t| t <= at)
+    }
+}
+
+/// The spec's rules, checked.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub outside_grants: bool,
+    pub unknown_identity: bool,
+    /// `None`: DDL not checked; empty: every DDL statement is a finding.
+    pub ddl: Option<Vec<Window>>,
+    /// (tables, read statements allowed per minute).
+    pub read_volume: Vec<(Vec<String>, u64)>,
+    pub failed_logins: Option<u64>,
+}
+
+impl Rules {
+    /// Checks `spec.rules`; a bad schedule or duration is a field error.
+    pub fn parse(r: &access_monitor::Rules, errors: &mut Vec<FieldError>) -> Rules {
+        let ddl = r.ddl.as_ref().map(|d| {
+            d.change_windows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    let field = format!("spec.rules.ddl.changeWindows[{i}]");
+                    let cron = crate::controllers::schedule::parse_cron(&w.schedule)
+                        .map_err(|e| errors.push(FieldError::new(format!("{field}.schedule"), e)))
+                        .ok();
+                    let open = crate::validation::duration_field(format!("{field}.duration"), &w.duration, errors);
+                    Some(Window { cron: cron?, open: SignedDuration::try_from(open?).ok()? })
+                })
+                .collect()
+        });
+        Rules {
+            outside_grants: r.outside_grants,
+            unknown_identity: r.unknown_identity,
+            ddl,
+            read_volume: r.read_volume.iter().map(|v| (v.tables.clone(), v.max_per_minute.max(1) as u64)).collect(),
+            failed_logins: r.failed_logins.as_ref().map(|f| f.max_per_minute.max(1) as u64),
+        }
+    }
+}
+
+/// A finding, before it is put into status, Events and the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub rule: FindingRule,
+    pub user: String,
+    /// Who the user is ([`Who::describe`]).
+    pub identity: String,
+    pub object: Option<String>,
+    /// Without any value: the rule, the count, the command(s).
+    pub message: String,
+    /// The first access of the finding.
+    pub at: Timestamp,
+}
+
+/// Counts of the current minute, carried from one read of the log to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Minute {
+    /// Minutes since the epoch.
+    pub minute: i64,
+    /// Read statements per (user, table).
+    pub reads: BTreeMap<(String, String), u64>,
+    /// Failed logins per user.
+    pub failed_logins: BTreeMap<String, u64>,
+    /// Volume findings made this minute (one per user and table).
+    pub flagged: BTreeSet<(FindingRule, String, String)>,
+}
+
+impl Minute {
+    fn at(&mut self, t: Timestamp) {
+        let m = t.as_second().div_euclid(60);
+        if m != self.minute {
+            *self = Minute { minute: m, ..Minute::default() };
+        }
+    }
+}
+
+/// The privilege a team needs for an access, `None` when no table privilege allows it (DDL, roles).
+fn needed(a: &Access) -> Option<&'static [SqlPrivilege]> {
+    match (a.kind, a.command.as_str()) {
+        (Kind::Read, _) => Some(&[SqlPrivilege::Select]),
+        (Kind::Write, "INSERT" | "COPY") => Some(&[SqlPrivilege::Insert]),
+        (Kind::Write, "UPDATE") => Some(&[SqlPrivilege::Update]),
+        (Kind::Write, "DELETE") => Some(&[SqlPrivilege::Delete]),
+        // MariaDB's WRITE names no command: any change privilege on the table.
+        (Kind::Write, "WRITE") => Some(&[SqlPrivilege::Insert, SqlPrivilege::Update, SqlPrivilege::Delete]),
+        _ => None,
+    }
+}
+
+/// Whether `a` lies outside what `who` may do.
+fn outside(who: &Who, a: &Access) -> bool {
+    match (who, a.kind) {
+        (_, Kind::Denied) => true,
+        (_, Kind::LoginFailed | Kind::Other) => false,
+        (Who::Team { .. }, Kind::Ddl | Kind::Role) => true,
+        (Who::Team { grants, .. }, _) => {
+            let (Some(object), Some(need)) = (a.object.as_deref(), needed(a)) else { return true };
+            !grants.iter().any(|g| g.table == object && g.privileges.iter().any(|p| need.contains(p)))
+        }
+        (Who::Known { tables, .. }, Kind::Read | Kind::Write) => {
+            !tables.is_empty() && !a.object.as_ref().is_some_and(|o| tables.contains(o))
+        }
+        _ => false,
+    }
+}
+
+/// A finding per call: (rule, user, object).
+type FindingKey = (FindingRule, String, Option<String>);
+
+/// Checks `accesses` (in log order) against the rules; `minute` carries the per-minute counts between reads. One
+/// finding per rule, user and object per call (with the number of accesses), and per minute for the volume rules.
+pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut Minute) -> Vec<Found> {
+    // (rule, user, object) -> (first access, count, commands)
+    let mut found: BTreeMap<FindingKey, (Timestamp, u64, BTreeSet<String>)> = BTreeMap::new();
+    let mut volume: Vec<Found> = Vec::new();
+    let mut add = |rule, a: &Access| {
+        let e = found.entry((rule, a.user.clone(), a.object.clone())).or_insert((a.at, 0, BTreeSet::new()));
+        e.1 += 1;
+        e.2.insert(format!("{} {}", a.kind.as_str(), a.command));
+    };
+    for a in accesses {
+        minute.at(a.at);
+        let who = ids.who(&a.user);
+        match who {
+            Who::Unknown if rules.unknown_identity && a.kind != Kind::LoginFailed => {
+                add(FindingRule::UnknownIdentity, a)
+            }
+            Who::Revoked { .. } if rules.unknown_identity => add(FindingRule::RevokedCredential, a),
+            _ => {}
+        }
+        if rules.outside_grants && !matches!(who, Who::Unknown | Who::Revoked { .. }) && outside(who, a) {
+            add(FindingRule::OutsideGrants, a);
+        }
+        if a.kind == Kind::Ddl
+            && let Some(windows) = &rules.ddl
+            && !windows.iter().any(|w| w.contains(a.at))
+        {
+            add(FindingRule::DdlOutsideWindow, a);
+        }
+        if a.kind == Kind::Read
+            && let Some(table) = &a.object
+            && let Some((_, max)) = rules.read_volume.iter().find(|(tables, _)| tables.contains(table))
+        {
+            let n = minute.reads.entry((a.user.clone(), table.clone())).or_default();
+            *n += 1;
+            if *n > *max && minute.flagged.insert((FindingRule::ReadVolume, a.user.clone(), table.clone())) {
+                volume.push(Found {
+                    rule: FindingRule::ReadVolume,
+                    user: a.user.clone(),
+                    identity: who.describe(),
+                    object: Some(table.clone()),
+                    message: format!("more than {max} reads of {table} within a minute by {}", who.describe()),
+                    at: a.at,
+                });
+            }
+        }
+        if a.kind == Kind::LoginFailed
+            && let Some(max) = rules.failed_logins
+        {
+            let n = minute.failed_logins.entry(a.user.clone()).or_default();
+            *n += 1;
+            if *n > max && minute.flagged.insert((FindingRule::FailedLogins, a.user.clone(), String::new())) {
+                volume.push(Found {
+                    rule: FindingRule::FailedLogins,
+                    user: a.user.clone(),
+                    identity: who.describe(),
+                    object: None,
+                    message: format!("more than {max} failed logins of user {} within a minute", a.user),
+                    at: a.at,
+                });
+            }
+        }
+    }
+    let mut out: Vec<Found> = found
+        .into_iter()
+        .map(|((rule, user, object), (at, n, commands))| {
+            let identity = ids.who(&user).describe();
+            let on = object.as_deref().map(|o| format!(" on {o}")).unwrap_or_default();
+            let what = commands.into_iter().collect::<Vec<_>>().join(", ");
+            let message = match rule {
+                FindingRule::OutsideGrants => format!("{n} access(es) outside the grants of {identity}{on}: {what}"),
+                FindingRule::UnknownIdentity => {
+                    let on = object.as_deref().map(|o| format!(", on {o}")).unwrap_or_default();
+                    format!("{n} access(es) by database user {user}, whom no AccessPolicy issued and the spec does not name{on}: {what}")
+                }
+                FindingRule::RevokedCredential => format!("{n} use(s) of the {identity}{on}: {what}"),
+                FindingRule::DdlOutsideWindow => format!("{n} DDL statement(s) outside the change windows by {identity}{on}: {what}"),
+                FindingRule::ReadVolume | FindingRule::FailedLogins => what,
+            };
+            Found { rule, user, identity, object, message, at }
+        })
+        .chain(volume)
+        .collect();
+    out.sort_by_key(|f| (f.at, f.rule));
+    out
+}
+
+/// What the audit trail keeps of a read of the log: per user, kind of access and object, how many and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub user: String,
+    pub kind: Kind,
+    pub object: Option<String>,
+    pub first: Timestamp,
+    pub last: Timestamp,
+    pub count: u64,
+}
+
+/// Accesses summed per user, kind and object, in that order.
+pub fn summarize(accesses: &[Access]) -> Vec<Summary> {
+    let mut by: BTreeMap<(String, Kind, Option<String>), Summary> = BTreeMap::new();
+    for a in accesses {
+        let s = by.entry((a.user.clone(), a.kind, a.object.clone())).or_insert_with(|| Summary {
+            user: a.user.clone(),
+            kind: a.kind,
+            object: a.object.clone(),
+            first: a.at,
+            last: a.at,
+            count: 0,
+        });
+        s.count += 1;
+        s.first = s.first.min(a.at);
+        s.last = s.last.max(a.at);
+    }
+    by.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::access_monitor::{ChangeWindow, DdlRule, FailedLoginsRule, ReadVolumeRule};
+    use crate::monitor::attribution::TeamUsers;
+
+    fn ids() -> Identities {
+        let policy: crate::api::AccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "crm-access", "namespace": "crm"},
+            "spec": {"vault": {}, "teams": [{
+                "name": "sales", "subjects": [{"kind": "Group", "name": "sales"}], "credentials": {},
+                "database": {"connection": "crm", "grants": [
+                    {"schema": "crm", "tables": ["contacts"], "privileges": ["SELECT", "UPDATE"]},
+                    {"schema": "crm", "tables": ["invoices"], "privileges": ["SELECT"]}
+                ]}
+            }]}
+        }))
+        .unwrap();
+        let known = [access_monitor::KnownIdentity {
+            user: "crm_app".into(),
+            name: "crm-web".into(),
+            tables: vec!["crm.contacts".into()],
+        }];
+        let before = Identities::build(
+            std::slice::from_ref(&policy),
+            &[TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-old".into()] }],
+            &[],
+            &Identities::default(),
+            Timestamp::UNIX_EPOCH,
+        );
+        Identities::build(
+            &[policy],
+            &[TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales".into()] }],
+            &known,
+            &before,
+            Timestamp::UNIX_EPOCH,
+        )
+    }
+
+    fn a(sec: i64, user: &str, kind: Kind, command: &str, object: Option<&str>) -> Access {
+        Access {
+            at: Timestamp::from_second(1_796_000_000 + sec).unwrap(),
+            user: user.into(),
+            kind,
+            command: command.into(),
+            object: object.map(Into::into),
+        }
+    }
+
+    fn rules(spec: serde_json::Value) -> Rules {
+        let r: access_monitor::Rules = serde_json::from_value(spec).unwrap();
+        let mut errors = vec![];
+        let rules = Rules::parse(&r, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        rules
+    }
+
+    /// Expected from the rules' documentation (api::access_monitor::Rules): a team may do exactly what its grants
+    /// say; DDL and role statements are never a team's; a refusal is always outside; a named identity with tables
+    /// stays on them; an unknown user and a revoked credential are findings of their own.
+    #[test]
+    fn each_access_is_judged_by_who_ran_it() {
+        let r = rules(serde_json::json!({}));
+        let table = [
+            (a(0, "v-sales", Kind::Read, "SELECT", Some("crm.invoices")), None),
+            (a(0, "v-sales", Kind::Write, "UPDATE", Some("crm.contacts")), None),
+            (a(0, "v-sales", Kind::Write, "UPDATE", Some("crm.invoices")), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::Write, "DELETE", Some("crm.contacts")), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::Read, "SELECT", Some("crm.payroll")), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::Ddl, "DROP TABLE", Some("crm.contacts")), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::Role, "GRANT", None), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::Denied, "TABLE", Some("payroll")), Some(FindingRule::OutsideGrants)),
+            (a(0, "v-sales", Kind::LoginFailed, "LOGIN", None), None),
+            (a(0, "crm_app", Kind::Write, "INSERT", Some("crm.contacts")), None),
+            (a(0, "crm_app", Kind::Read, "SELECT", Some("crm.invoices")), Some(FindingRule::OutsideGrants)),
+            (a(0, "crm_app", Kind::Ddl, "CREATE TABLE", Some("crm.x")), None),
+            (a(0, "mallory", Kind::Read, "SELECT", Some("crm.contacts")), Some(FindingRule::UnknownIdentity)),
+            (a(0, "mallory", Kind::LoginFailed, "LOGIN", None), None),
+            (a(0, "v-old", Kind::LoginFailed, "LOGIN", None), Some(FindingRule::RevokedCredential)),
+            (a(0, "v-old", Kind::Read, "SELECT", Some("crm.invoices")), Some(FindingRule::RevokedCredential)),
+        ];
+        for (access, want) in table {
+            let got: Vec<FindingRule> = check(&r, &ids(), std::slice::from_ref(&access), &mut Minute::default())
+                .iter()
+                .map(|f| f.rule)
+                .collect();
+            assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{access:?}");
+        }
+        // Rules switched off make no finding.
+        let off = rules(serde_json::json!({"outsideGrants": false, "unknownIdentity": false}));
+        let all: Vec<Access> = [
+            a(0, "v-sales", Kind::Ddl, "DROP TABLE", Some("crm.contacts")),
+            a(0, "mallory", Kind::Read, "SELECT", Some("crm.contacts")),
+            a(0, "v-old", Kind::LoginFailed, "LOGIN", None),
+        ]
+        .into();
+        assert_eq!(check(&off, &ids(), &all, &mut Minute::default()), vec![]);
+    }
+
+    #[test]
+    fn one_finding_per_rule_user_and_table_names_the_count_and_no_value() {
+        let r = rules(serde_json::json!({}));
+        let many: Vec<Access> = (0..5).map(|i| a(i, "v-sales", Kind::Read, "SELECT", Some("crm.payroll"))).collect();
+        let f = check(&r, &ids(), &many, &mut Minute::default());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            f[0].message,
+            "5 access(es) outside the grants of team sales (AccessPolicy crm-access) on crm.payroll: read SELECT"
+        );
+        assert_eq!(f[0].at, many[0].at);
+    }
+
+    #[test]
+    fn ddl_is_a_finding_outside_its_windows_only() {
+        // 1_796_000_000 is 2026-11-30T00:53:20Z, a Monday.
+        let r = rules(serde_json::json!({"ddl": {"changeWindows": [{"schedule": "30 0 * * 1", "duration": "1h"}]}}));
+        let inside = a(0, "crm_app", Kind::Ddl, "ALTER TABLE", Some("crm.contacts"));
+        assert_eq!(check(&r, &ids(), &[inside], &mut Minute::default()), vec![]);
+        let after = a(3600, "crm_app", Kind::Ddl, "ALTER TABLE", Some("crm.contacts"));
+        let f = check(&r, &ids(), &[after], &mut Minute::default());
+        assert_eq!(f.iter().map(|f| f.rule).collect::<Vec<_>>(), [FindingRule::DdlOutsideWindow]);
+        let never = rules(serde_json::json!({"ddl": {}}));
+        let any = a(0, "crm_app", Kind::Ddl, "ALTER TABLE", Some("crm.contacts"));
+        assert_eq!(check(&never, &ids(), &[any], &mut Minute::default()).len(), 1);
+        let mut errors = vec![];
+        let bad: access_monitor::Rules = access_monitor::Rules {
+            ddl: Some(DdlRule {
+                change_windows: vec![ChangeWindow { schedule: "61 * * * *".into(), duration: "2 hours".into() }],
+            }),
+            ..Default::default()
+        };
+        Rules::parse(&bad, &mut errors);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.rules.ddl.changeWindows[0].schedule", "spec.rules.ddl.changeWindows[0].duration"]);
+    }
+
+    #[test]
+    fn volumes_count_across_reads_within_the_minute_and_flag_once() {
+        let r = access_monitor::Rules {
+            read_volume: vec![ReadVolumeRule { tables: vec!["crm.invoices".into()], max_per_minute: 3 }],
+            failed_logins: Some(FailedLoginsRule { max_per_minute: 2 }),
+            ..Default::default()
+        };
+        let r = Rules::parse(&r, &mut vec![]);
+        let mut minute = Minute::default();
+        let read = |s| a(s, "v-sales", Kind::Read, "SELECT", Some("crm.invoices"));
+        // 1_796_000_000 is 20 s past a minute: seconds 0-39 are one minute.
+        assert_eq!(check(&r, &ids(), &[read(0), read(1), read(2)], &mut minute), vec![]);
+        let f = check(&r, &ids(), &[read(3), read(4)], &mut minute);
+        assert_eq!(f.iter().map(|f| (f.rule, f.at)).collect::<Vec<_>>(), [(FindingRule::ReadVolume, read(3).at)]);
+        assert_eq!(
+            f[0].message,
+            "more than 3 reads of crm.invoices within a minute by team sales (AccessPolicy crm-access)"
+        );
+        // A new minute starts counting again.
+        assert_eq!(check(&r, &ids(), &[read(40), read(41)], &mut minute), vec![]);
+        let fail = |s| a(s, "v-sales", Kind::LoginFailed, "LOGIN", None);
+        let f = check(&r, &ids(), &[fail(42), fail(43), fail(44), fail(45)], &mut minute);
+        assert_eq!(f.iter().map(|f| f.rule).collect::<Vec<_>>(), [FindingRule::FailedLogins]);
+    }
+
+    #[test]
+    fn summaries_count_per_user_kind_and_table() {
+        let s = summarize(&[
+            a(2, "v-sales", Kind::Read, "SELECT", Some("crm.invoices")),
+            a(1, "v-sales", Kind::Read, "SELECT", Some("crm.invoices")),
+            a(3, "v-sales", Kind::Write, "INSERT", Some("crm.invoices")),
+        ]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].kind, s[0].count, s[0].first, s[0].last),
+            (Kind::Read, 2, a(1, "", Kind::Read, "", None).at, a(2, "", Kind::Read, "", None).at)
+        );
+    }
+}

@@ -25,6 +25,7 @@ async fn server_verdict(client: &kube::Client, ns: &str, doc: &Value) -> Option<
         "CrmRestore" => "crmrestores",
         "AccessPolicy" => "accesspolicies",
         "NetworkGuard" => "networkguards",
+        "AccessMonitor" => "accessmonitors",
         other => panic!("not a crmguard kind: {other}"),
     };
     let api_version = doc["apiVersion"].as_str().unwrap_or("crmguard.io/v1alpha1");

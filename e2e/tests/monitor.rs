@@ -22,7 +22,7 @@ async fn pgaudit_entries_are_read_attributed_and_keep_no_value() {
     let sales = |sql: &str| pg.try_sql_as("postgres", "sales", "sales-Pw-1", sql).unwrap();
     sales(&format!("INSERT INTO crm.invoices VALUES (7, '{secret}', 1234.5)"));
     sales(&format!("SELECT *\nFROM crm.invoices\nWHERE customer = '{secret}' AND amount > 1000"));
-    let entries = e2e::eventually(10, "the entries in the log", || async {
+    let entries = eventually(10, "the entries in the log", || async {
         let log = std::fs::read_to_string(&pg.log).map_err(|e| e.to_string())?;
         let entries: Vec<pgaudit::Entry> = pgaudit::records(&log).iter().filter_map(|r| pgaudit::parse(r)).collect();
         let read = entries.iter().any(|e| e.user == "sales" && e.class == Class::Read);
@@ -64,7 +64,7 @@ async fn mariadb_audit_events_are_read_attributed_and_keep_no_value() {
     sales(&format!("INSERT INTO invoices VALUES (7, '{secret}', 1234.5)")).unwrap();
     sales(&format!("SELECT *\nFROM invoices\nWHERE customer = \"{secret}\" AND amount > 1000")).unwrap();
     assert!(db.try_sql_as("crm", "sales", "wrong-password", "SELECT 1").is_err());
-    let events = e2e::eventually(10, "the events in the audit log", || async {
+    let events = eventually(10, "the events in the audit log", || async {
         let log = std::fs::read_to_string(&db.audit_log).map_err(|e| e.to_string())?;
         let events: Vec<server_audit::Event> = log.lines().filter_map(server_audit::parse).collect();
         let failed = events.iter().any(|e| e.user == "sales" && e.operation == "FAILED_CONNECT");
@@ -84,6 +84,198 @@ async fn mariadb_audit_events_are_read_attributed_and_keep_no_value() {
     assert!(!format!("{events:?}").contains("sales-Pw-2"), "no password is kept");
 }
 
+use crmguard::api::AccessPolicy;
+use crmguard::api::access_monitor::{AccessMonitor, AccessMonitorStatus, FindingRule};
+use e2e::services::OpenBao;
+use e2e::{Cluster, Operator, eventually};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+/// A value of the customer data that must never leave the database through crmguard.
+const SECRET: &str = "ACME Secret Customer";
+
+/// A namespace with: a real PostgreSQL 15 with pgaudit (database `crm`: invoices, contacts, payroll; a role
+/// `mallory` nobody issued), its log served as pod `crm-db-0`'s by a test node; the operator (chart RBAC, an audit
+/// directory) with OpenBao; an AccessPolicy whose team sales (ServiceAccount sales-app) may SELECT invoices and
+/// contacts, and the sales team's current credentials.
+struct Monitored {
+    _cluster: Cluster,
+    client: kube::Client,
+    ns: String,
+    pg: Postgres,
+    op: Operator,
+    audit_dir: e2e::TempDir,
+    secrets: Api<Secret>,
+    monitors: Api<AccessMonitor>,
+    _node: e2e::nodelog::LogNode,
+}
+
+impl Monitored {
+    async fn start(test: &str) -> Monitored {
+        let cluster = Cluster::start(test).await;
+        let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+        let pg = Postgres::audited(&["pgaudit.log=read,write,ddl,role", "pgaudit.log_relation=on"]);
+        let bao = OpenBao::shared();
+        let id = format!("{test}-{}", std::process::id());
+        pg.sql("postgres", "CREATE DATABASE crm");
+        pg.sql(
+            "crm",
+            &format!(
+                "CREATE EXTENSION pgaudit;
+                 CREATE TABLE invoices (id int PRIMARY KEY, customer text, total numeric);
+                 CREATE TABLE contacts (id int PRIMARY KEY, email text);
+                 CREATE TABLE payroll (id int PRIMARY KEY, salary numeric);
+                 INSERT INTO invoices SELECT i, '{SECRET}', i * 42 FROM generate_series(1, 50) i;
+                 INSERT INTO contacts SELECT i, 'c' || i || '@example.com' FROM generate_series(1, 20) i;
+                 CREATE ROLE mallory LOGIN PASSWORD 'mallory-Pw-1'; GRANT SELECT ON contacts TO mallory;"
+            ),
+        );
+        let (auth_mount, db_mount) = (format!("k8s-{id}"), format!("db-{id}"));
+        bao.cli(&["auth", "enable", &format!("-path={auth_mount}"), "kubernetes"]).unwrap();
+        bao.cli(&["secrets", "enable", &format!("-path={db_mount}"), "database"]).unwrap();
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let url = format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/crm?sslmode=disable", pg.port);
+        let connection: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "crm-vault-connection", "namespace": ns},
+            "stringData": {"connection_url": url, "username": pg.user, "password": pg.password},
+        }))
+        .unwrap();
+        secrets.create(&PostParams::default(), &connection).await.unwrap();
+        // The database pod, its log served by a node as a kubelet serves it.
+        let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
+        node.pod(&client, &ns, "crm-db-0", &[("app", "crm-db")], "postgres", &pg.log).await;
+
+        let addr = bao.addr();
+        let audit_dir = e2e::TempDir::new("audit");
+        let audit_path = audit_dir.path.display().to_string();
+        let args = [
+            "--leader-election=false",
+            "--namespace",
+            &ns,
+            "--vault-addr",
+            &addr,
+            "--audit-dir",
+            &audit_path,
+            "--audit-flush-seconds",
+            "1",
+        ];
+        let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
+        let op = Operator::start_with_env(&kubeconfig, &args, &[("VAULT_TOKEN", bao.token.as_str())]);
+        op.wait_ready(60).await;
+        let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
+        let ap: AccessPolicy = serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "crm-access", "namespace": ns},
+            "spec": {
+                "vault": {"address": addr, "kubernetesAuthMount": auth_mount, "databaseMount": db_mount,
+                          "connectionSecretRef": {"name": "crm-vault-connection", "key": "connection_url"}},
+                "teams": [{
+                    "name": "sales", "subjects": [{"kind": "ServiceAccount", "name": "sales-app"}],
+                    "database": {"connection": "crm", "grants": [{"tables": ["invoices", "contacts"], "privileges": ["SELECT"]}]},
+                    "credentials": {},
+                }],
+            },
+        }))
+        .unwrap();
+        aps.create(&PostParams::default(), &ap).await.unwrap();
+        let monitors = Api::namespaced(client.clone(), &ns);
+        let m = Monitored { _cluster: cluster, client, ns, pg, op, audit_dir, secrets, monitors, _node: node };
+        m.credentials(None).await;
+        m
+    }
+
+    /// The sales team's credentials once its Secret records them (other than `not`).
+    async fn credentials(&self, not: Option<&str>) -> (String, String) {
+        eventually(90, "the sales team's credentials", || async {
+            let s = self.secrets.get_opt("crm-access-sales-db").await.map_err(|e| e.to_string())?.ok_or("no Secret")?;
+            let d = s.data.clone().unwrap_or_default();
+            let get = |k: &str| String::from_utf8(d.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap();
+            let annotated = s.metadata.annotations.as_ref().and_then(|a| a.get("crmguard.io/username")).cloned();
+            let user = get("username");
+            if !user.is_empty() && annotated.as_deref() == Some(user.as_str()) && Some(user.as_str()) != not {
+                Ok((user, get("password")))
+            } else {
+                Err(format!("the Secret's user {user:?}, annotation {annotated:?}; log: {}", tail(&self.op.logs())))
+            }
+        })
+        .await
+    }
+
+    /// Creates AccessMonitor `crm-db` with these rules (and response) and waits until it reads the pod's log.
+    async fn monitor(&self, rules: Value, response: Option<Value>) {
+        let mut spec = json!({
+            "database": {"engine": "postgres", "podSelector": {"matchLabels": {"app": "crm-db"}}},
+            "accessPolicies": ["crm-access"],
+            "identities": [{"user": self.pg.user, "name": "dba (the database owner)"}],
+            "interval": "1s",
+            "rules": rules,
+        });
+        if let Some(r) = response {
+            spec["response"] = r;
+        }
+        let monitor: AccessMonitor = serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
+            "metadata": {"name": "crm-db", "namespace": self.ns}, "spec": spec,
+        }))
+        .unwrap();
+        self.monitors.create(&PostParams::default(), &monitor).await.unwrap();
+        let reading = self
+            .until("the monitor reading the pod's log", |s| {
+                s.conditions.iter().any(|c| c.type_ == "Collecting" && c.status == "True" && c.reason == "Reading")
+            })
+            .await;
+        assert_eq!(reading.pod.as_deref(), Some("crm-db-0"));
+    }
+
+    /// The monitor's status once `ok` holds for it.
+    async fn until(&self, what: &str, ok: impl Fn(&AccessMonitorStatus) -> bool) -> AccessMonitorStatus {
+        eventually(60, what, || async {
+            let m = self.monitors.get("crm-db").await.map_err(|e| e.to_string())?;
+            let s = m.status.unwrap_or_default();
+            if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&self.op.logs()))) }
+        })
+        .await
+    }
+
+    /// The notes of the namespace's Events of `reason`, once there are at least `n`.
+    async fn notes(&self, reason: &str, n: usize) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        eventually(30, &format!("{n} {reason} Event(s)"), || async {
+            let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+            let notes: Vec<String> =
+                list.items.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.note).collect();
+            if notes.len() >= n { Ok(notes) } else { Err(format!("{notes:?}")) }
+        })
+        .await
+    }
+
+    /// `crmguard audit access` on the test's audit directory.
+    fn audit_access(&self, extra: &[&str]) -> std::process::Output {
+        let dir = self.audit_dir.path.display().to_string();
+        let mut a = vec!["audit", "access", "--audit-dir", dir.as_str()];
+        a.extend(extra);
+        e2e::crmguard(&a)
+    }
+
+    /// Everything crmguard said or kept: its log, the monitor, the namespace's Events, the access stream.
+    async fn everything(&self) -> String {
+        let mut trail = String::new();
+        for f in std::fs::read_dir(self.audit_dir.path.join("crmguard-audit/operator-access")).unwrap() {
+            trail.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
+        }
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let events = serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
+        let monitor = serde_json::to_string(&self.monitors.get("crm-db").await.unwrap()).unwrap();
+        format!("{}\n{monitor}\n{events}\n{trail}", self.op.logs())
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
 /// The whole path on real things: PostgreSQL 15 with pgaudit writes its log; a test node serves it as the database
 /// pod's container log; the operator reads it through the real API server (`pods/log`), attributes the sales team's
 /// short-lived credential (issued by an AccessPolicy through OpenBao) to the team, keeps quiet during the team's
@@ -93,129 +285,20 @@ async fn mariadb_audit_events_are_read_attributed_and_keep_no_value() {
 /// statement and no password appears in status, Events, the operator's log or the audit trail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_team_credential_exfiltrating_invoices_is_attributed_and_reported() {
-    use crmguard::api::AccessPolicy;
-    use crmguard::api::access_monitor::{AccessMonitor, FindingRule};
-    use e2e::services::OpenBao;
-    use e2e::{Cluster, Operator, eventually};
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::api::{Api, ListParams, PostParams};
-    use serde_json::json;
-
-    let cluster = Cluster::start("monitor-pg").await;
-    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-    let pg = Postgres::audited(&["pgaudit.log=read,write,ddl,role", "pgaudit.log_relation=on"]);
-    let bao = OpenBao::shared();
-    let id = format!("m{}", std::process::id());
-    let secret = "ACME Secret Customer";
-    pg.sql("postgres", "CREATE DATABASE crm");
-    pg.sql(
-        "crm",
-        &format!(
-            "CREATE EXTENSION pgaudit;
-             CREATE TABLE invoices (id int PRIMARY KEY, customer text, total numeric);
-             CREATE TABLE contacts (id int PRIMARY KEY, email text);
-             CREATE TABLE payroll (id int PRIMARY KEY, salary numeric);
-             INSERT INTO invoices SELECT i, '{secret}', i * 42 FROM generate_series(1, 50) i;
-             INSERT INTO contacts SELECT i, 'c' || i || '@example.com' FROM generate_series(1, 20) i;
-             CREATE ROLE mallory LOGIN PASSWORD 'mallory-Pw-1'; GRANT SELECT ON contacts TO mallory;"
-        ),
-    );
-    let (auth_mount, db_mount) = (format!("k8s-{id}"), format!("db-{id}"));
-    bao.cli(&["auth", "enable", &format!("-path={auth_mount}"), "kubernetes"]).unwrap();
-    bao.cli(&["secrets", "enable", &format!("-path={db_mount}"), "database"]).unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let url = format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/crm?sslmode=disable", pg.port);
-    let connection: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "crm-vault-connection", "namespace": ns},
-        "stringData": {"connection_url": url, "username": pg.user, "password": pg.password},
-    }))
-    .unwrap();
-    secrets.create(&PostParams::default(), &connection).await.unwrap();
-
-    // The database pod, its log served by a node as a kubelet serves it.
-    let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
-    node.pod(&client, &ns, "crm-db-0", &[("app", "crm-db")], "postgres", &pg.log).await;
-
-    let addr = bao.addr();
-    let args = ["--leader-election=false", "--namespace", &ns, "--vault-addr", &addr];
-    let audit_dir = e2e::TempDir::new("audit");
-    let audit_path = audit_dir.path.display().to_string();
-    let mut all_args = args.to_vec();
-    all_args.extend(["--audit-dir", &audit_path, "--audit-flush-seconds", "1"]);
-    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
-    let op = Operator::start_with_env(&kubeconfig, &all_args, &[("VAULT_TOKEN", bao.token.as_str())]);
-    op.wait_ready(60).await;
-
-    let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
-    let ap: AccessPolicy = serde_json::from_value(json!({
-        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
-        "metadata": {"name": "crm-access", "namespace": ns},
-        "spec": {
-            "vault": {"address": addr, "kubernetesAuthMount": auth_mount, "databaseMount": db_mount,
-                      "connectionSecretRef": {"name": "crm-vault-connection", "key": "connection_url"}},
-            "teams": [{
-                "name": "sales", "subjects": [{"kind": "ServiceAccount", "name": "sales-app"}],
-                "database": {"connection": "crm", "grants": [{"tables": ["invoices", "contacts"], "privileges": ["SELECT"]}]},
-                "credentials": {},
-            }],
-        },
-    }))
-    .unwrap();
-    aps.create(&PostParams::default(), &ap).await.unwrap();
-    let sales = eventually(90, "the sales team's credentials", || async {
-        let s = secrets.get_opt("crm-access-sales-db").await.map_err(|e| e.to_string())?.ok_or("no Secret yet")?;
-        let d = s.data.clone().unwrap_or_default();
-        let get = |k: &str| String::from_utf8(d.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap();
-        let annotated = s.metadata.annotations.as_ref().and_then(|a| a.get("crmguard.io/username")).cloned();
-        if annotated.as_deref() == Some(get("username").as_str()) {
-            Ok((get("username"), get("password")))
-        } else {
-            Err(format!("the Secret's user annotation {annotated:?}; log: {}", op.logs()))
-        }
-    })
-    .await;
-    let (su, sp) = sales;
-
-    let monitors: Api<AccessMonitor> = Api::namespaced(client.clone(), &ns);
-    let monitor: AccessMonitor = serde_json::from_value(json!({
-        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
-        "metadata": {"name": "crm-db", "namespace": ns},
-        "spec": {
-            "database": {"engine": "postgres", "podSelector": {"matchLabels": {"app": "crm-db"}}},
-            "accessPolicies": ["crm-access"],
-            "identities": [{"user": pg.user, "name": "dba (the database owner)"}],
-            "interval": "1s",
-            "rules": {"ddl": {}, "readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]},
-        },
-    }))
-    .unwrap();
-    monitors.create(&PostParams::default(), &monitor).await.unwrap();
-    let status = |m: &AccessMonitor| m.status.clone().unwrap_or_default();
-    let reading = eventually(60, "the monitor reading the pod's log", || async {
-        let m = monitors.get("crm-db").await.map_err(|e| e.to_string())?;
-        let c = status(&m).conditions.into_iter().find(|c| c.type_ == "Collecting");
-        match c {
-            Some(c) if c.status == "True" && c.reason == "Reading" => Ok(m),
-            other => Err(format!("{other:?}; log: {}", op.logs())),
-        }
-    })
-    .await;
-    assert_eq!(status(&reading).pod.as_deref(), Some("crm-db-0"));
+    let m = Monitored::start("monitor-pg").await;
+    let (su, sp) = m.credentials(None).await;
+    m.monitor(json!({"ddl": {}, "readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}), None).await;
 
     // Normal work: the team reads what it is granted. Nothing is flagged.
-    let as_sales = |sql: &str| pg.try_sql_as("crm", &su, &sp, sql);
+    let as_sales = |sql: &str| m.pg.try_sql_as("crm", &su, &sp, sql);
     assert_eq!(as_sales("SELECT count(*) FROM contacts").as_deref(), Ok("20"));
     assert_eq!(
-        as_sales(&format!("SELECT total FROM invoices WHERE customer = '{secret}' AND id = 7")).as_deref(),
+        as_sales(&format!("SELECT total FROM invoices WHERE customer = '{SECRET}' AND id = 7")).as_deref(),
         Ok("294")
     );
-    let normal = eventually(30, "the normal reads counted", || async {
-        let m = monitors.get("crm-db").await.map_err(|e| e.to_string())?;
-        if status(&m).entries.unwrap_or(0) >= 2 { Ok(m) } else { Err(format!("{:?}", status(&m))) }
-    })
-    .await;
-    assert_eq!(status(&normal).findings, vec![], "normal work is not a finding");
-    let clean = status(&normal).conditions.into_iter().find(|c| c.type_ == "Clean").unwrap();
+    let normal = m.until("the normal reads counted", |s| s.entries.unwrap_or(0) >= 2).await;
+    assert_eq!(normal.findings, vec![], "normal work is not a finding");
+    let clean = normal.conditions.iter().find(|c| c.type_ == "Clean").unwrap();
     assert_eq!((clean.status.as_str(), clean.reason.as_str()), ("True", "NoFindings"));
 
     // Exfiltration: invoices read in bulk, a table outside the grants, DDL, and a user nobody issued.
@@ -224,55 +307,41 @@ async fn a_team_credential_exfiltrating_invoices_is_attributed_and_reported() {
         as_sales("SELECT * FROM invoices").unwrap();
     }
     assert!(as_sales("SELECT * FROM payroll").unwrap_err().contains("permission denied"));
-    pg.sql("crm", "ALTER TABLE contacts ADD COLUMN note text");
-    pg.try_sql_as("crm", "mallory", "mallory-Pw-1", "SELECT email FROM contacts").unwrap();
+    m.pg.sql("crm", "ALTER TABLE contacts ADD COLUMN note text");
+    m.pg.try_sql_as("crm", "mallory", "mallory-Pw-1", "SELECT email FROM contacts").unwrap();
     let want = [
         (FindingRule::ReadVolume, su.clone(), Some("public.invoices".to_string())),
         (FindingRule::OutsideGrants, su.clone(), Some("payroll".to_string())),
-        (FindingRule::DdlOutsideWindow, pg.user.clone(), Some("public.contacts".to_string())),
+        (FindingRule::DdlOutsideWindow, m.pg.user.clone(), Some("public.contacts".to_string())),
         (FindingRule::UnknownIdentity, "mallory".to_string(), Some("public.contacts".to_string())),
     ];
-    let flagged = eventually(30, "the findings", || async {
-        let m = monitors.get("crm-db").await.map_err(|e| e.to_string())?;
-        let got: Vec<(FindingRule, String, Option<String>)> =
-            status(&m).findings.iter().map(|f| (f.rule, f.user.clone(), f.object.clone())).collect();
-        if want.iter().all(|w| got.contains(w)) { Ok(m) } else { Err(format!("{got:?}")) }
-    })
-    .await;
-    let findings = status(&flagged).findings;
-    let granted = |f: &&crmguard::api::access_monitor::Finding| {
-        f.user == su && f.rule == FindingRule::OutsideGrants && f.object.as_deref() != Some("payroll")
-    };
-    assert!(!findings.iter().any(|f| granted(&f) && f.object.as_deref() != Some("public.payroll")), "{findings:#?}");
+    let flagged = m
+        .until("the findings", |s| {
+            let got: Vec<(FindingRule, String, Option<String>)> =
+                s.findings.iter().map(|f| (f.rule, f.user.clone(), f.object.clone())).collect();
+            want.iter().all(|w| got.contains(w))
+        })
+        .await;
+    let findings = flagged.findings;
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f.user == su && f.rule == FindingRule::OutsideGrants && f.object.as_deref() != Some("payroll")),
+        "the granted reads are no finding: {findings:#?}"
+    );
     let volume = findings.iter().find(|f| f.rule == FindingRule::ReadVolume).unwrap();
     assert_eq!(volume.identity, "team sales (AccessPolicy crm-access)");
-    assert_eq!(status(&flagged).finding_count, Some(findings.len() as i64));
-    let clean = status(&flagged).conditions.into_iter().find(|c| c.type_ == "Clean").unwrap();
+    assert_eq!(flagged.finding_count, Some(findings.len() as i64));
+    let clean = flagged.conditions.iter().find(|c| c.type_ == "Clean").unwrap();
     assert_eq!((clean.status.as_str(), clean.reason.as_str()), ("False", "FindingsMade"));
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let notes = eventually(30, "AccessFinding Events", || async {
-        let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        let notes: Vec<String> = list
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("AccessFinding"))
-            .filter_map(|e| e.note)
-            .collect();
-        if notes.len() >= 4 { Ok(notes) } else { Err(format!("{notes:?}")) }
-    })
-    .await;
+    let notes = m.notes("AccessFinding", 4).await;
     assert!(notes.iter().any(|n| n.starts_with("ReadVolume: more than 5 reads of public.invoices")), "{notes:?}");
 
     // The access stream of the audit trail: intact, and it answers "who read the invoices, and was it normal?".
-    let cli = |extra: &[&str]| {
-        let mut a = vec!["audit", "access", "--audit-dir", audit_path.as_str()];
-        a.extend(extra);
-        e2e::crmguard(&a)
-    };
     let out = eventually(30, "the access records in the audit trail", || async {
-        let out = cli(&["--table", "public.invoices", "--team", "sales", "-o", "json"]);
+        let out = m.audit_access(&["--table", "public.invoices", "--team", "sales", "-o", "json"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         let reads: u64 = records.iter().filter(|r| r["access"] == "read").filter_map(|r| r["count"].as_u64()).sum();
         let found = records.iter().any(|r| r["finding"] == "ReadVolume");
         if out.status.success() && reads >= 13 && found {
@@ -283,23 +352,163 @@ async fn a_team_credential_exfiltrating_invoices_is_attributed_and_reported() {
     })
     .await;
     assert!(out.contains(&su), "{out}");
-    let verify = e2e::crmguard(&["audit", "verify", "--audit-dir", &audit_path, "--audit-stream", "operator-access"]);
+    let dir = m.audit_dir.path.display().to_string();
+    let verify = e2e::crmguard(&["audit", "verify", "--audit-dir", &dir, "--audit-stream", "operator-access"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
-    let table = cli(&["--team", "sales", "--since", "1h"]);
+    let table = m.audit_access(&["--team", "sales", "--since", "1h"]);
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(table.contains("public.invoices") && table.contains("finding(s)"), "{table}");
 
     // Nothing of the data, nor any password, left the database through the operator.
-    let mut trail = String::new();
-    for f in std::fs::read_dir(audit_dir.path.join("crmguard-audit/operator-access")).unwrap() {
-        trail.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
-    }
-    let everything = format!(
-        "{}\n{}\n{notes:?}\n{trail}",
-        op.logs(),
-        serde_json::to_string(&monitors.get("crm-db").await.unwrap()).unwrap()
-    );
-    for leak in [secret, sp.as_str(), "mallory-Pw-1", pg.password.as_str()] {
+    let everything = m.everything().await;
+    for leak in [SECRET, sp.as_str(), "mallory-Pw-1", m.pg.password.as_str()] {
         assert!(!everything.contains(leak), "{leak:?} leaked");
     }
+}
+
+/// The automated response on the real things (expected from the AccessMonitor's documented response, Response in
+/// api::access_monitor): a bulk read of the invoices by the sales team's credential opens an incident; the
+/// credential is revoked in Vault (the real login fails), the team's Secret is emptied and the AccessPolicy says why;
+/// the pod running as the team's ServiceAccount is isolated through the NetworkGuard; the revoked credential's next
+/// use is itself a finding. The acknowledgement gives the team a new, working credential. A dry run says what it
+/// would do and does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let m = Monitored::start("monitor-respond").await;
+    let (su, sp) = m.credentials(None).await;
+    // The team's workload: a pod running as its ServiceAccount, behind a NetworkGuard with alert-driven quarantine.
+    let sas: Api<ServiceAccount> = Api::namespaced(m.client.clone(), &m.ns);
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "sales-app"}})).unwrap())
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(m.client.clone(), &m.ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "sales-app-0", "labels": {"app": "sales-app", "part-of": "crm"}},
+        "spec": {"serviceAccountName": "sales-app", "containers": [{"name": "app", "image": "busybox"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
+        "stringData": {"token": "t0ken-for-alertmanager"}}))
+    .unwrap();
+    m.secrets.create(&PostParams::default(), &token).await.unwrap();
+    let guards: Api<crmguard::api::NetworkGuard> = Api::namespaced(m.client.clone(), &m.ns);
+    let guard = serde_json::from_value(json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
+        "metadata": {"name": "crm-firewall"},
+        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
+                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m"}},
+    }))
+    .unwrap();
+    guards.create(&PostParams::default(), &guard).await.unwrap();
+    m.monitor(
+        json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}),
+        Some(json!({"triggers": ["ReadVolume", "RevokedCredential"], "revokeCredentials": true, "quarantineThrough": "crm-firewall"})),
+    )
+    .await;
+
+    let as_sales = |sql: &str| m.pg.try_sql_as("crm", &su, &sp, sql);
+    // The bulk read: the response may cut it short (the credential stops working mid-way).
+    let mut read = 0;
+    while read < 12 && as_sales("SELECT * FROM invoices").is_ok() {
+        read += 1;
+    }
+    assert!(read > 5, "{read} reads");
+    let contained = m
+        .until("an incident for team sales, its credentials held", |s| {
+            s.incidents.iter().any(|i| i.team == "sales" && i.actions.iter().any(|a| a.starts_with("credentials held")))
+        })
+        .await;
+    let incident = contained.incidents[0].clone();
+    assert_eq!((incident.access_policy.as_str(), incident.dry_run), ("crm-access", false));
+    assert!(
+        incident
+            .actions
+            .iter()
+            .any(|a| a == "isolation of pod(s) sales-app-0 requested through NetworkGuard crm-firewall"),
+        "{incident:#?}"
+    );
+    let settled = contained.conditions.iter().find(|c| c.type_ == "Settled").unwrap();
+    assert_eq!((settled.status.as_str(), settled.reason.as_str()), ("False", "IncidentOpen"), "{settled:?}");
+    // Contained: the credential no longer logs in, the Secret is empty, the AccessPolicy says why.
+    let refused = eventually(30, "the revoked credential refused by PostgreSQL", || async {
+        match as_sales("SELECT 1") {
+            Err(e) => Ok(e),
+            Ok(_) => Err("still logs in".to_string()),
+        }
+    })
+    .await;
+    assert!(refused.contains("password authentication failed"), "{refused}");
+    let aps: Api<AccessPolicy> = Api::namespaced(m.client.clone(), &m.ns);
+    eventually(30, "the AccessPolicy's CredentialsHeld", || async {
+        let ap = aps.get("crm-access").await.map_err(|e| e.to_string())?;
+        let c = ap.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == "CredentialsIssued");
+        match c {
+            Some(c) if c.reason == "CredentialsHeld" && c.message.contains(&incident.id) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let held = m.secrets.get("crm-access-sales-db").await.unwrap();
+    assert!(held.data.unwrap_or_default().values().all(|v| v.0.is_empty()), "the held Secret keeps no credential");
+    let isolated = eventually(30, "the team's pod isolated", || async {
+        let p = pods.get("sales-app-0").await.map_err(|e| e.to_string())?;
+        let l = p.metadata.labels.clone().unwrap_or_default();
+        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
+            Ok(p)
+        } else {
+            Err(format!("{l:?}"))
+        }
+    })
+    .await;
+    assert!(isolated.metadata.annotations.unwrap_or_default().values().any(|v| v.contains(&incident.id)));
+    // The revoked credential, used again, is a finding of its own.
+    let _ = as_sales("SELECT count(*) FROM contacts");
+    m.until("the revoked credential's use", |s| {
+        s.findings.iter().any(|f| f.rule == FindingRule::RevokedCredential && f.user == su)
+    })
+    .await;
+    m.notes("IncidentOpened", 1).await;
+
+    // Acknowledged: the hold is lifted and the team gets a new credential that works.
+    let ack = json!({"metadata": {"annotations": {"crmguard.io/acknowledge": incident.id}}});
+    m.monitors.patch("crm-db", &PatchParams::default(), &Patch::Merge(&ack)).await.unwrap();
+    let released = m.until("the incident acknowledged", |s| s.incidents.iter().all(|i| i.acknowledged.is_some())).await;
+    let settled = released.conditions.iter().find(|c| c.type_ == "Settled").unwrap();
+    assert_eq!(settled.reason, "NoOpenIncident");
+    let (su2, sp2) = m.credentials(Some(&su)).await;
+    assert_eq!(m.pg.try_sql_as("crm", &su2, &sp2, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
+    m.notes("IncidentAcknowledged", 1).await;
+
+    // A dry run: the next bulk read opens an incident that only says what it would do.
+    let dry = json!({"spec": {"response": {"triggers": ["ReadVolume"], "dryRun": true, "revokeCredentials": true,
+        "quarantineThrough": "crm-firewall"}, "rules": {"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}}});
+    m.monitors.patch("crm-db", &PatchParams::default(), &Patch::Merge(&dry)).await.unwrap();
+    for _ in 0..12 {
+        m.pg.try_sql_as("crm", &su2, &sp2, "SELECT * FROM invoices").unwrap();
+    }
+    let dry_run = m.until("a dry-run incident", |s| s.incidents.iter().any(|i| i.dry_run)).await;
+    let i = dry_run.incidents.iter().find(|i| i.dry_run).unwrap();
+    assert!(i.actions.iter().all(|a| a.starts_with("would ")), "{i:#?}");
+    m.notes("WouldRespond", 1).await;
+    assert_eq!(m.pg.try_sql_as("crm", &su2, &sp2, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
+    let settled = dry_run.conditions.iter().find(|c| c.type_ == "Settled").unwrap();
+    assert_eq!(settled.reason, "NoOpenIncident", "a dry run holds nothing");
+
+    let everything = m.everything().await;
+    for leak in [SECRET, sp.as_str(), sp2.as_str(), m.pg.password.as_str()] {
+        assert!(!everything.contains(leak), "{leak:?} leaked");
+    }
+    eventually(30, "the response and the dry run in the access stream", || async {
+        let records = String::from_utf8_lossy(&m.audit_access(&["--team", "sales", "-o", "json"]).stdout).to_string();
+        let both = records.contains("\"access\":\"response\"") && records.contains("\"access\":\"dry-run\"");
+        if both { Ok(()) } else { Err(records) }
+    })
+    .await;
+    // Normal reads of a team credential that touch no table are no finding either.
+    assert!(
+        !m.everything().await.contains("outside the grants of team sales (AccessPolicy crm-access): read"),
+        "a SELECT 1 is outside no grant"
+    );
 }

@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: crmguard::cli::backup::RestoreCommand,
     },
+    /// Database access monitoring without a cluster: replay a database's log through an AccessMonitor's rules.
+    Monitor {
+        #[command(subcommand)]
+        command: crmguard::cli::monitor::MonitorCommand,
+    },
     /// The audit trail of the operator's writes.
     Audit {
         #[command(subcommand)]
@@ -378,6 +383,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { files, namespace, output } => report(files, namespace, &output),
+        Command::Monitor { command: crmguard::cli::monitor::MonitorCommand::Replay(args) } => {
+            crmguard::cli::monitor::replay(args)
+        }
         Command::Audit { command: AuditCommand::Verify { audit } } => audit_verify(&audit),
         Command::Audit {
             command: AuditCommand::Access { audit, team, user, table, namespace, since, findings, output },

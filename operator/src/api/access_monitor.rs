@@ -47,6 +47,9 @@ pub struct AccessMonitorSpec {
     /// What makes a finding.
     #[serde(default)]
     pub rules: Rules,
+    /// What crmguard does about findings on its own: nothing unless asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Response>,
     /// How often the log is read, e.g. `5s` (at least 1s, at most 5m).
     #[serde(default = "default_interval")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
@@ -181,6 +184,57 @@ pub struct FailedLoginsRule {
     pub max_per_minute: i32,
 }
 
+/// An automated, reversible response to findings: each finding of the listed rules by a team's credential opens an
+/// incident for that team (later findings join it until it is acknowledged), recorded in status.incidents, Events
+/// and the audit trail. Acknowledge an incident with `kubectl annotate accessmonitor <name>
+/// crmguard.io/acknowledge=<incident id>`: the team gets new credentials. Findings of users that are no team's
+/// (unknown users) are reported, nothing is revoked or isolated for them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.revokeCredentials || has(self.quarantineThrough)").message("a response does something: set revokeCredentials: true and/or quarantineThrough: <NetworkGuard>"))]
+pub struct Response {
+    /// The rules whose findings are responded to, e.g. `[ReadVolume, RevokedCredential]`.
+    #[schemars(length(min = 1, max = 6))]
+    pub triggers: Vec<FindingRule>,
+    /// Only record what would be done (status, Events, the audit trail); nothing is revoked or isolated.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Revoke the team's database credentials (every lease its Secret records; the credential stops working as
+    /// soon as Vault has revoked it) and issue no new one until the incident is acknowledged.
+    #[serde(default)]
+    pub revoke_credentials: bool,
+    /// Isolate the pods that run as the team's ServiceAccounts (its AccessPolicy's ServiceAccount subjects) through
+    /// this NetworkGuard (same namespace), as its alert webhook would: with the guard's `webhook` settings (it must
+    /// have them and be enabled: ttl, backupFirst), released at that ttl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub quarantine_through: Option<String>,
+}
+
+/// An incident: a team's findings that were responded to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Incident {
+    /// Names the incident in the acknowledgement annotation, e.g. `sales-1796290714`.
+    pub id: String,
+    /// The team whose credential the findings were made of.
+    pub team: String,
+    /// The AccessPolicy that issued the team's credentials.
+    pub access_policy: String,
+    /// The rules whose findings opened or joined it.
+    pub rules: Vec<FindingRule>,
+    /// When the first finding was made.
+    pub detected: Time,
+    /// What was done (or, in a dry run, would have been), e.g. `credentials held (Secret crm-access-sales-db)`.
+    pub actions: Vec<String>,
+    /// A dry run: nothing was done, `actions` says what would have been.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// When it was acknowledged (the team's credentials are issued again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<Time>,
+}
+
 /// What a finding is about.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
 pub enum FindingRule {
@@ -243,6 +297,9 @@ pub struct AccessMonitorStatus {
     /// The newest findings, newest first, at most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<Finding>,
+    /// Incidents responded to, newest first: every open one and the newest acknowledged ones, at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incidents: Vec<Incident>,
 }
 
 /// An AccessMonitor's conditions besides `Ready`.
@@ -267,6 +324,16 @@ pub mod conditions {
             /// Findings were made; status.findings lists the newest, Events and the audit trail every one.
             FindingsMade,
         }
+        /// No incident waits for acknowledgement.
+        Settled: Warning {
+            /// No incident is open.
+            NoOpenIncident,
+            /// An incident is open: the team's credentials are held and/or its pods isolated until it is
+            /// acknowledged (status.incidents).
+            IncidentOpen,
+            /// A response could not be carried out (the message says what and why); retried at the next read.
+            ResponseFailed,
+        }
     }
 }
 
@@ -276,6 +343,13 @@ crate::api::condition::reasons! {
         /// A statement (or a run of them) broke a rule; the note names the rule, the user, who that is and the table,
         /// never a value.
         AccessFinding,
+        /// An incident was opened and the response carried out; the note names the team, the rules and what was
+        /// done (later findings of the team join the open incident without another Event).
+        IncidentOpened,
+        /// A dry run: the note says what the response would have done.
+        WouldRespond,
+        /// An incident was acknowledged: the team's credentials are released.
+        IncidentAcknowledged,
     }
 }
 

@@ -408,6 +408,9 @@ pub mod conditions {
             /// A Secret of the team's credentials name exists that the policy does not manage: delete it or set
             /// credentials.secretName to another name.
             SecretConflict,
+            /// An AccessMonitor's incident holds a team's credentials: its leases are revoked and no new one is issued
+            /// until the incident is acknowledged (the message names the monitor and the incident).
+            CredentialsHeld,
         } + VaultFailure
         /// Every grant names its verbs and resources.
         LeastPrivilege: Warning {
@@ -440,6 +443,9 @@ crate::api::condition::reasons! {
         /// A team lost its database grants: its Secret was deleted and its leases revoked (without Vault in the policy
         /// any more, they run out on their own).
         CredentialsRemoved,
+        /// An AccessMonitor's incident put a hold on a team's credentials: its leases were revoked and its Secret
+        /// emptied; new credentials are issued once the incident is acknowledged.
+        CredentialsHeld,
     }
 }
 

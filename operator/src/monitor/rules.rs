@@ -122,7 +122,9 @@ fn outside(who: &Who, a: &Access) -> bool {
         (_, Kind::LoginFailed | Kind::Other) => false,
         (Who::Team { .. }, Kind::Ddl | Kind::Role) => true,
         (Who::Team { grants, .. }, _) => {
-            let (Some(object), Some(need)) = (a.object.as_deref(), needed(a)) else { return true };
+            // A statement on no table (`SELECT 1`, `SELECT now()`) needs no table privilege.
+            let Some(object) = a.object.as_deref() else { return false };
+            let Some(need) = needed(a) else { return true };
             !grants.iter().any(|g| g.table == object && g.privileges.iter().any(|p| need.contains(p)))
         }
         (Who::Known { tables, .. }, Kind::Read | Kind::Write) => {
@@ -327,6 +329,8 @@ mod tests {
             (a(0, "v-sales", Kind::Role, "GRANT", None), Some(FindingRule::OutsideGrants)),
             (a(0, "v-sales", Kind::Denied, "TABLE", Some("payroll")), Some(FindingRule::OutsideGrants)),
             (a(0, "v-sales", Kind::LoginFailed, "LOGIN", None), None),
+            (a(0, "v-sales", Kind::Read, "SELECT", None), None),
+            (a(0, "v-sales", Kind::Write, "TRUNCATE", Some("crm.contacts")), Some(FindingRule::OutsideGrants)),
             (a(0, "crm_app", Kind::Write, "INSERT", Some("crm.contacts")), None),
             (a(0, "crm_app", Kind::Read, "SELECT", Some("crm.invoices")), Some(FindingRule::OutsideGrants)),
             (a(0, "crm_app", Kind::Ddl, "CREATE TABLE", Some("crm.x")), None),

@@ -2,4 +2,5 @@
 //! recorded, the rules checked.
 
 pub mod reconcile;
+pub mod respond;
 pub mod validate;

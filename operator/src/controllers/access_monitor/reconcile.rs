@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, LogParams};
 
-use super::validate;
-use crate::api::access_monitor::conditions::{Clean, Collecting};
+use super::{respond, validate};
+use crate::api::access_monitor::conditions::{Clean, Collecting, Settled};
 use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, MonitoredEngine};
 use crate::api::condition::Status;
 use crate::api::{AccessMonitor, AccessPolicy};
@@ -59,21 +59,6 @@ impl Reconcilable for AccessMonitor {
         let before = self.status.clone().unwrap_or_default();
         let mut d = Desired::<Self::Status> { requeue_after: Some(v.interval), ..Desired::default() };
         d.status = AccessMonitorStatus { observed_generation: None, conditions: vec![], ..before.clone() };
-        let clean = |d: &mut Desired<Self::Status>| {
-            let n = d.status.finding_count.unwrap_or(0);
-            d.conditions.push(if n == 0 {
-                Cond::new(Clean::NoFindings, Status::True, "no statement broke a rule")
-            } else {
-                Cond::new(
-                    Clean::FindingsMade,
-                    Status::False,
-                    format!("{n} finding(s); status.findings lists the newest"),
-                )
-            });
-            d.gauges.push(("access_entries", vec![], d.status.entries.unwrap_or(0) as f64));
-            d.gauges.push(("access_findings", vec![], n as f64));
-        };
-
         let Some(pod) = database_pod(ctx, self, &ns).await? else {
             d.conditions.push(Cond::new(
                 Collecting::PodNotFound,
@@ -81,7 +66,17 @@ impl Reconcilable for AccessMonitor {
                 "no pod of this namespace that has not finished matches spec.database.podSelector: check it against \
                  the database pod's labels (kubectl get pods --show-labels)",
             ));
-            clean(&mut d);
+            let o = respond::respond(
+                ctx,
+                self,
+                self.spec.response.as_ref(),
+                &[],
+                &state.identities,
+                &mut d.status.incidents,
+            )
+            .await?;
+            d.events.extend(o.events);
+            summary(self, &mut d, &o.failures);
             return Ok(Ok(d));
         };
         // Resume after the last line read; the first read starts when the monitor was created.
@@ -114,7 +109,17 @@ impl Reconcilable for AccessMonitor {
                     Status::False,
                     format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
                 ));
-                clean(&mut d);
+                let o = respond::respond(
+                    ctx,
+                    self,
+                    self.spec.response.as_ref(),
+                    &[],
+                    &state.identities,
+                    &mut d.status.incidents,
+                )
+                .await?;
+                d.events.extend(o.events);
+                summary(self, &mut d, &o.failures);
                 return Ok(Ok(d));
             }
             Err(e) => return Err(e.into()),
@@ -136,6 +141,9 @@ impl Reconcilable for AccessMonitor {
         state.identities = identities(ctx, self, &ns, &mut state, &accesses).await?;
         let found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
         record(ctx, self, &ns, &state.identities, &accesses, &found);
+        let response = self.spec.response.as_ref();
+        let o = respond::respond(ctx, self, response, &found, &state.identities, &mut d.status.incidents).await?;
+        d.events.extend(o.events);
         if let Some((t, _)) = lines.last() {
             state.read_until = Some(*t);
             d.status.read_until = Some(t.to_string());
@@ -158,13 +166,48 @@ impl Reconcilable for AccessMonitor {
             Status::True,
             format!("reading the log of pod {pod}{container} every {}", self.spec.interval),
         ));
-        clean(&mut d);
+        summary(self, &mut d, &o.failures);
         if cut {
             d.requeue_after = Some(Duration::from_millis(200));
         }
         ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
         Ok(Ok(d))
     }
+}
+
+/// The `Clean` and `Settled` conditions and the per-object gauges, from the status.
+fn summary(m: &AccessMonitor, d: &mut Desired<AccessMonitorStatus>, failures: &[String]) {
+    let n = d.status.finding_count.unwrap_or(0);
+    d.conditions.push(if n == 0 {
+        Cond::new(Clean::NoFindings, Status::True, "no statement broke a rule")
+    } else {
+        Cond::new(Clean::FindingsMade, Status::False, format!("{n} finding(s); status.findings lists the newest"))
+    });
+    let name = m.metadata.name.as_deref().unwrap_or_default();
+    let open: Vec<String> = d
+        .status
+        .incidents
+        .iter()
+        .filter(|i| i.acknowledged.is_none() && !i.dry_run)
+        .map(|i| format!("{} (team {})", i.id, i.team))
+        .collect();
+    d.conditions.push(if !failures.is_empty() {
+        Cond::new(Settled::ResponseFailed, Status::False, failures.join("; "))
+    } else if !open.is_empty() {
+        Cond::new(
+            Settled::IncidentOpen,
+            Status::False,
+            format!(
+                "open: {}; acknowledge with kubectl annotate accessmonitor {name} {}=<incident id>",
+                open.join(", "),
+                respond::ACKNOWLEDGE
+            ),
+        )
+    } else {
+        Cond::new(Settled::NoOpenIncident, Status::True, "no incident is open")
+    });
+    d.gauges.push(("access_entries", vec![], d.status.entries.unwrap_or(0) as f64));
+    d.gauges.push(("access_findings", vec![], n as f64));
 }
 
 /// The database pod: the first by name of the pods that have not finished and match the selector.
@@ -229,7 +272,11 @@ async fn identities(
             let owned =
                 meta.metadata.owner_references.iter().flatten().any(|r| Some(&r.uid) == p.metadata.uid.as_ref());
             let a: BTreeMap<String, String> = meta.metadata.annotations.unwrap_or_default();
-            let users: Vec<String> = [USERNAME, PREVIOUS_USERNAME].iter().filter_map(|k| a.get(*k).cloned()).collect();
+            let users: Vec<String> = [USERNAME, PREVIOUS_USERNAME]
+                .iter()
+                .filter_map(|k| a.get(*k).cloned())
+                .filter(|u| !u.is_empty())
+                .collect();
             if owned && !users.is_empty() {
                 teams.push(TeamUsers { policy: policy.clone(), team: t.name.clone(), users });
             }

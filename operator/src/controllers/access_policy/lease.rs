@@ -19,8 +19,32 @@ pub const PREVIOUS_LEASE_ID: &str = "crmguard.io/previous-lease-id";
 pub const REVOKE_PREVIOUS_AT: &str = "crmguard.io/revoke-previous-at";
 /// The database user of the current credential (not a secret: the AccessMonitor attributes statements by it).
 pub const USERNAME: &str = "crmguard.io/username";
+/// Set by an AccessMonitor's incident (`<namespace>/<monitor>: incident <id>`): the team's leases are revoked, its
+/// Secret emptied, and nothing is issued while it is there. The monitor removes it when the incident is acknowledged.
+pub const HELD_BY: &str = "crmguard.io/held-by";
 /// The database user of the replaced credential while it waits for revocation.
 pub const PREVIOUS_USERNAME: &str = "crmguard.io/previous-username";
+
+/// The annotations of a Secret whose credentials are held: every lease and user annotation present and empty (a
+/// child is rewritten only when it differs from what is live, so the keys are blanked rather than left out).
+pub fn blank_annotations() -> BTreeMap<String, String> {
+    [
+        LEASE_ID,
+        ISSUED_AT,
+        RENEWED_AT,
+        EXPIRES_AT,
+        MAX_EXPIRES_AT,
+        RENEWABLE,
+        GRANTS,
+        PREVIOUS_LEASE_ID,
+        REVOKE_PREVIOUS_AT,
+        USERNAME,
+        PREVIOUS_USERNAME,
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), String::new()))
+    .collect()
+}
 
 /// The user annotations of a team's Secret: `user` is the current credential's; the previous user is kept while a
 /// replaced credential waits for revocation (`previous` lease recorded), taken from `old` (the Secret's annotations
@@ -403,6 +427,11 @@ mod tests {
         assert_eq!(usernames(&old, "v-2", &waiting), rotated);
         let revoked = usernames(&old, "v-2", &State::default());
         assert_eq!(revoked, BTreeMap::from([(USERNAME.to_string(), "v-2".to_string())]));
+    }
+
+    #[test]
+    fn blank_annotations_record_no_lease() {
+        assert_eq!(State::from_annotations(&blank_annotations()), State::default());
     }
 
     #[test]

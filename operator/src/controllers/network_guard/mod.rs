@@ -3,4 +3,5 @@
 pub mod build;
 pub mod quarantine;
 pub mod reconcile;
+pub mod request;
 pub mod validate;

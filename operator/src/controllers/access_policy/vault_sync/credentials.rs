@@ -25,6 +25,7 @@ pub(super) async fn issue_credentials(
     let mut issued = Vec::new();
     let mut failed: Vec<(String, CredentialsIssued)> = Vec::new();
     let mut wanted_secrets = BTreeSet::new();
+    let mut holds: Vec<String> = Vec::new();
     for team in &p.spec.teams {
         let Some(role) = objects.teams.iter().find(|t| t.team == team.name).and_then(|t| t.db_role.as_ref()) else {
             continue;
@@ -63,6 +64,45 @@ pub(super) async fn issue_credentials(
         let grants = role.grants.iter().cloned().collect::<Vec<_>>().join(",");
         let annotations = current.as_ref().and_then(|c| c.metadata.annotations.clone()).unwrap_or_default();
         let held = current.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
+        if let Some(hold) = annotations.get(lease::HELD_BY) {
+            // An AccessMonitor's incident: every recorded lease revoked, the Secret emptied, nothing issued until
+            // the hold is lifted. A revocation that fails leaves the Secret as it is, and is retried.
+            let state = State::from_annotations(&annotations);
+            let leases = state.current.iter().map(|l| &l.lease_id).chain(state.previous.iter().map(|p| &p.lease_id));
+            let path = format!("{db}/creds/{}", role.name);
+            let mut revoked = true;
+            for lease_id in leases {
+                match api.revoke(lease_id).await {
+                    Ok(()) => {
+                        out.audit(VaultAction::LeaseRevoke, path.clone(), format!("team {}: held by {hold}", team.name))
+                    }
+                    Err(e) => {
+                        revoked = false;
+                        let m = format!("{}: revoking the held credential failed, retrying: {e}", team.name);
+                        failed.push((m, e.reason().into()));
+                    }
+                }
+            }
+            if !revoked {
+                continue;
+            }
+            if state.current.is_some() || state.previous.is_some() || held.values().any(|v| !v.0.is_empty()) {
+                let note =
+                    format!("team {}: credentials held by {hold}: leases revoked, Secret {name} emptied", team.name);
+                out.events.push(Note::warning(Event::CredentialsHeld, note));
+            }
+            let mut meta = owner.child_meta(name.clone(), &format!("credentials-{}", team.name));
+            meta.annotations = Some(lease::blank_annotations());
+            let data = json!({"username": "", "password": ""});
+            out.secrets
+                .push(json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": data}));
+            holds.push(format!(
+                "{}: held by {hold}; acknowledge the incident (kubectl annotate accessmonitor <name> \
+                 crmguard.io/acknowledge=<incident id>) to issue new credentials",
+                team.name
+            ));
+            continue;
+        }
         let lease = TeamLease { team, secret: &name, path: format!("{db}/creds/{}", role.name), grants, delivery: d };
         let Some((state, data)) = lease
             .step(api, State::from_annotations(&annotations), held, current.is_some(), now, out, &mut failed)
@@ -112,6 +152,8 @@ pub(super) async fn issue_credentials(
     out.credentials = if let Some((_, reason)) = failed.first() {
         out.retry = Some(VAULT_RETRY);
         Cond::new(*reason, Status::False, failed.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join("; "))
+    } else if !holds.is_empty() {
+        Cond::new(CredentialsIssued::CredentialsHeld, Status::False, holds.join("; "))
     } else if issued.is_empty() {
         Cond::new(CredentialsIssued::NotRequested, Status::True, "no team has live database grants")
     } else {

@@ -194,7 +194,10 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, logs: &Mutex<BTreeMa
                 body.push_str(line);
                 body.push('\n');
                 if body.len() >= limit {
-                    body.truncate(limit);
+                    // As a kubelet, cut at the limit even inside a character (the reader must cope).
+                    let mut bytes = body.into_bytes();
+                    bytes.truncate(limit);
+                    body = String::from_utf8_lossy(&bytes).into_owned();
                     break;
                 }
             }

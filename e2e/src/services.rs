@@ -247,27 +247,45 @@ pub struct MariaDb {
     pub port: u16,
     pub user: String,
     pub password: String,
-    /// The audit plugin's log (see [`MariaDb::audited`]).
+    /// The audit plugin's log (see [`MariaDb::audited`]); the server's own log (stderr) with
+    /// [`MariaDb::audited_to_stderr`].
     pub audit_log: PathBuf,
+    /// The server's log: what it writes to stderr.
+    pub log: PathBuf,
     _dir: TempDir,
+}
+
+/// Where a MariaDB server's audit plugin writes, if it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Audit {
+    Off,
+    File,
+    Stderr,
 }
 
 impl MariaDb {
     /// The server shared by the tests of this binary.
     pub fn shared() -> &'static MariaDb {
         static DB: OnceLock<MariaDb> = OnceLock::new();
-        DB.get_or_init(|| MariaDb::start(false))
+        DB.get_or_init(|| MariaDb::start(Audit::Off))
     }
 
     /// A server of its own with the audit plugin (`server_audit`) logging connections, queries and tables to
     /// [`MariaDb::audit_log`].
     pub fn audited() -> MariaDb {
-        MariaDb::start(true)
+        MariaDb::start(Audit::File)
     }
 
-    fn start(audited: bool) -> MariaDb {
+    /// A server of its own whose audit plugin writes to the server's stderr (`server_audit_file_path =
+    /// /dev/stderr`), as a container's would reach its log; [`MariaDb::log`] holds both.
+    pub fn audited_to_stderr() -> MariaDb {
+        MariaDb::start(Audit::Stderr)
+    }
+
+    fn start(audited: Audit) -> MariaDb {
         let dir = TempDir::new("mariadb");
-        let audit_log = dir.path.join("audit.log");
+        let log = dir.path.join("mariadb.log");
+        let audit_log = if audited == Audit::Stderr { log.clone() } else { dir.path.join("audit.log") };
         let data = dir.path.join("data");
         let user =
             if nix_root() { "root".to_string() } else { std::env::var("USER").unwrap_or_else(|_| "nobody".into()) };
@@ -280,7 +298,6 @@ impl MariaDb {
         assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let socket = dir.path.join("sock");
-        let log = dir.path.join("mariadb.log");
         let args: Vec<String> = vec![
             "--no-defaults".into(),
             format!("--datadir={}", data.display()),
@@ -296,9 +313,14 @@ impl MariaDb {
             "--plugin-load-add=server_audit".to_string(),
             "--server-audit-logging=ON".into(),
             "--server-audit-events=CONNECT,QUERY,TABLE".into(),
-            format!("--server-audit-file-path={}", audit_log.display()),
+            format!(
+                "--server-audit-file-path={}",
+                if audited == Audit::Stderr { "/dev/stderr".into() } else { audit_log.display().to_string() }
+            ),
+            // The query cache would answer repeated reads without a TABLE event (the plugin warns of it).
+            "--query-cache-type=OFF".into(),
         ];
-        let args: Vec<String> = args.into_iter().chain(audit.into_iter().filter(|_| audited)).collect();
+        let args: Vec<String> = args.into_iter().chain(audit.into_iter().filter(|_| audited != Audit::Off)).collect();
         let cleanup = format!("rm -rf {}", dir.path.display());
         spawn_watched(&find_program("mariadbd"), &args, &log, None, "kill -TERM $child", &cleanup);
         wait_port(port, "MariaDB", &log);
@@ -320,7 +342,7 @@ impl MariaDb {
             assert!(Instant::now() < deadline, "MariaDB setup failed: {}", String::from_utf8_lossy(&out.stderr));
             std::thread::sleep(Duration::from_millis(200));
         }
-        MariaDb { port, user: "crm".into(), password, audit_log, _dir: dir }
+        MariaDb { port, user: "crm".into(), password, audit_log, log, _dir: dir }
     }
 
     /// Runs SQL over TCP as `crm`, returning stdout or stderr.

@@ -61,6 +61,21 @@ fn default_interval() -> String {
     "5s".into()
 }
 
+impl AccessMonitor {
+    /// The teams whose credentials this monitor's open incidents hold for AccessPolicy `policy`: team -> the hold,
+    /// as the AccessPolicy's condition names it (`AccessMonitor <namespace>/<name>: incident <id>`).
+    pub fn holds(&self, policy: &str) -> std::collections::BTreeMap<String, String> {
+        let ns = self.metadata.namespace.as_deref().unwrap_or_default();
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        self.status
+            .iter()
+            .flat_map(|s| s.incidents.iter())
+            .filter(|i| i.acknowledged.is_none() && !i.dry_run && i.holds_credentials && i.access_policy == policy)
+            .map(|i| (i.team.clone(), format!("AccessMonitor {ns}/{name}: incident {}", i.id)))
+            .collect()
+    }
+}
+
 /// Database servers whose audit log crmguard reads.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -80,7 +95,8 @@ pub enum MonitoredEngine {
 pub struct MonitoredDatabase {
     /// `postgres` (pgaudit) or `mysql` (MariaDB's server_audit).
     pub engine: MonitoredEngine,
-    /// The database pod (this namespace). When several running pods match, the oldest is read.
+    /// The database pod (this namespace). When several pods that have not finished match, the first by name is
+    /// read (a StatefulSet's `-0`); the others are not.
     pub pod_selector: LabelSelector,
     /// The container whose log is read; the pod's first container when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,9 +202,11 @@ pub struct FailedLoginsRule {
 
 /// An automated, reversible response to findings: each finding of the listed rules by a team's credential opens an
 /// incident for that team (later findings join it until it is acknowledged), recorded in status.incidents, Events
-/// and the audit trail. Acknowledge an incident with `kubectl annotate accessmonitor <name>
-/// crmguard.io/acknowledge=<incident id>`: the team gets new credentials. Findings of users that are no team's
-/// (unknown users) are reported, nothing is revoked or isolated for them.
+/// and the audit trail; the response is carried out at the next read, once the incident is in status, and retried
+/// until it is done. Acknowledge an incident with `kubectl annotate accessmonitor <name>
+/// crmguard.io/acknowledge=<incident id>`: the team gets new credentials. The targets opt in: the AccessPolicy
+/// (`acceptHoldsFrom`) and the NetworkGuard (`webhook.accessMonitors`) name the monitor. Findings of users that are
+/// no team's (unknown users) are reported, nothing is revoked or isolated for them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.revokeCredentials || has(self.quarantineThrough)").message("a response does something: set revokeCredentials: true and/or quarantineThrough: <NetworkGuard>"))]
@@ -199,13 +217,15 @@ pub struct Response {
     /// Only record what would be done (status, Events, the audit trail); nothing is revoked or isolated.
     #[serde(default)]
     pub dry_run: bool,
-    /// Revoke the team's database credentials (every lease its Secret records; the credential stops working as
-    /// soon as Vault has revoked it) and issue no new one until the incident is acknowledged.
+    /// Hold the team's database credentials while the incident is open: the AccessPolicy's controller revokes
+    /// every lease the team's Secret records (the credential stops working as soon as Vault has revoked it) and
+    /// issues none until the incident is acknowledged or this monitor deleted. The AccessPolicy must accept it:
+    /// its `spec.acceptHoldsFrom` names this monitor.
     #[serde(default)]
     pub revoke_credentials: bool,
     /// Isolate the pods that run as the team's ServiceAccounts (its AccessPolicy's ServiceAccount subjects) through
-    /// this NetworkGuard (same namespace), as its alert webhook would: with the guard's `webhook` settings (it must
-    /// have them and be enabled: ttl, backupFirst), released at that ttl.
+    /// this NetworkGuard (same namespace), as its alert webhook would: with the guard's `webhook` settings (enabled,
+    /// and `webhook.accessMonitors` naming this monitor: ttl, backupFirst), released at that ttl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub quarantine_through: Option<String>,
@@ -233,6 +253,15 @@ pub struct Incident {
     /// When it was acknowledged (the team's credentials are issued again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<Time>,
+    /// It holds the team's credentials while open (`response.revokeCredentials` when it was opened).
+    #[serde(default)]
+    pub holds_credentials: bool,
+    /// The response is still to be carried out (at the next read: an incident acts once it is in status).
+    #[serde(default)]
+    pub pending: bool,
+    /// Why the response could not be carried out, if it could not (a target refused it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// What a finding is about.
@@ -331,7 +360,7 @@ pub mod conditions {
             /// An incident is open: the team's credentials are held and/or its pods isolated until it is
             /// acknowledged (status.incidents).
             IncidentOpen,
-            /// A response could not be carried out (the message says what and why); retried at the next read.
+            /// A response could not be carried out: a target refused it (the message says which and why).
             ResponseFailed,
         }
     }
@@ -348,8 +377,11 @@ crate::api::condition::reasons! {
         IncidentOpened,
         /// A dry run: the note says what the response would have done.
         WouldRespond,
-        /// An incident was acknowledged: the team's credentials are released.
+        /// An incident was acknowledged: its hold ends and the team's credentials are issued again.
         IncidentAcknowledged,
+        /// Part of the log could not be read (a line, or the lines of one second, longer than a read's limit) and
+        /// was skipped; the note says from where to where.
+        LinesSkipped,
     }
 }
 

@@ -38,6 +38,12 @@ pub struct AccessPolicySpec {
     /// Vault settings shared by all teams. Required when any team has `vault` or `database` grants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<VaultSettings>,
+    /// AccessMonitors (this namespace) whose open incidents may hold a team's database credentials (their
+    /// `spec.response.revokeCredentials`): the team's leases are revoked and none is issued until the incident is
+    /// acknowledged or the monitor deleted. Empty: no monitor may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub accept_holds_from: Vec<String>,
 }
 
 /// One team.

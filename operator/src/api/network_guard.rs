@@ -309,6 +309,11 @@ pub struct QuarantineWebhook {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("webhook.backupTimeout must be a positive duration such as 15m"))]
     pub backup_timeout: String,
+    /// AccessMonitors (this namespace) whose incidents may isolate pods through this guard (their
+    /// `spec.response.quarantineThrough`), with these settings. Empty: no monitor may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub access_monitors: Vec<String>,
 }
 
 fn default_backup_timeout() -> String {

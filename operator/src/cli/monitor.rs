@@ -102,10 +102,11 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
         let ends = read == 0 || (n >= BATCH && starts_record(&line));
         if ends && !batch.is_empty() {
             let timed = access::timed(&batch);
-            let got: Vec<Access> = match m.spec.database.engine {
+            let mut got: Vec<Access> = match m.spec.database.engine {
                 MonitoredEngine::Postgres => access::postgres(&timed),
                 MonitoredEngine::Mysql => access::mariadb(&timed),
             };
+            crate::monitor::attribution::mask_unknown_logins(&mut got, &ids);
             let found = rules::check(&rules, &ids, &got, &mut minute);
             let mut out: Vec<AccessRecord> = Vec::new();
             for s in rules::summarize(&got) {

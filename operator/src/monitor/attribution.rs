@@ -64,6 +64,8 @@ pub struct TeamUsers {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identities {
     users: BTreeMap<String, Who>,
+    /// The first grant expiry after the build: who may do what changes then.
+    pub valid_until: Option<Timestamp>,
 }
 
 impl Identities {
@@ -78,11 +80,15 @@ impl Identities {
         now: Timestamp,
     ) -> Identities {
         let mut users = BTreeMap::new();
+        // A team's user known before and no longer on its Secret was revoked (only for policies still attributed:
+        // the users of a policy the monitor no longer attributes are simply not known).
+        let attributed = |p: &str| policies.iter().any(|x| x.metadata.name.as_deref() == Some(p));
         for (user, who) in &before.users {
-            if let Some((team, policy)) = who.team() {
+            if let Some((team, policy)) = who.team().filter(|(_, p)| attributed(p)) {
                 users.insert(user.clone(), Who::Revoked { team: team.into(), policy: policy.into() });
             }
         }
+        let mut valid_until: Option<Timestamp> = None;
         for k in known {
             users.insert(k.user.clone(), Who::Known { name: k.name.clone(), tables: k.tables.clone() });
         }
@@ -93,6 +99,11 @@ impl Identities {
                 .flat_map(|p| p.spec.teams.iter().filter(|x| x.name == t.team))
                 .flat_map(|x| x.database.iter().flat_map(|d| d.grants.iter()))
                 .filter(|g| g.expires_at.as_ref().is_none_or(|e| e.0 > now))
+                .inspect(|g| {
+                    if let Some(e) = &g.expires_at {
+                        valid_until = Some(valid_until.map_or(e.0, |v| v.min(e.0)));
+                    }
+                })
                 .flat_map(|g| {
                     g.tables
                         .iter()
@@ -104,7 +115,7 @@ impl Identities {
                 users.insert(user.clone(), who);
             }
         }
-        Identities { users }
+        Identities { users, valid_until }
     }
 
     /// Who `user` is.
@@ -115,6 +126,17 @@ impl Identities {
     /// Whether `user` is known at all (a team's, revoked or named).
     pub fn knows(&self, user: &str) -> bool {
         self.users.contains_key(user)
+    }
+}
+
+/// A failed login's user name comes from the client, and is often a password typed into the wrong field: for a
+/// user nobody knows it is kept only as a pseudonym (`unknown-` and 12 hex digits of its SHA-256), which still
+/// counts repeated failures of the same name.
+pub fn mask_unknown_logins(accesses: &mut [super::access::Access], ids: &Identities) {
+    use sha2::Digest as _;
+    for a in accesses.iter_mut().filter(|a| a.kind == super::access::Kind::LoginFailed && !ids.knows(&a.user)) {
+        let digest = sha2::Sha256::digest(a.user.as_bytes());
+        a.user = format!("unknown-{}", digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>());
     }
 }
 
@@ -156,5 +178,36 @@ mod tests {
         // Still revoked one build later.
         let third = Identities::build(&[policy()], &teams, &known, &second, now);
         assert!(matches!(third.who("v-sales-1"), Who::Revoked { .. }));
+        // A policy no longer attributed: its users are not known at all (not revoked).
+        let dropped = Identities::build(&[], &[], &known, &third, now);
+        assert_eq!(dropped.who("v-sales-2"), &Who::Unknown);
+        assert_eq!(dropped.who("v-sales-1"), &Who::Unknown);
+    }
+
+    #[test]
+    fn identities_are_valid_until_the_first_grant_expires() {
+        let before: Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
+        let teams = [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales-1".into()] }];
+        let ids = Identities::build(&[policy()], &teams, &[], &Identities::default(), before);
+        assert_eq!(ids.valid_until, Some("2026-12-01T00:00:00Z".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_failed_login_of_nobody_known_keeps_no_name() {
+        use crate::monitor::access::{Access, Kind};
+        let known = [KnownIdentity { user: "crm_app".into(), name: "crm-web".into(), tables: vec![] }];
+        let ids = Identities::build(&[], &[], &known, &Identities::default(), Timestamp::UNIX_EPOCH);
+        let login = |user: &str| Access {
+            at: Timestamp::UNIX_EPOCH,
+            user: user.into(),
+            kind: Kind::LoginFailed,
+            command: "LOGIN".into(),
+            object: None,
+        };
+        let mut a = vec![login("Sup3r-Secret-typed-as-user"), login("Sup3r-Secret-typed-as-user"), login("crm_app")];
+        mask_unknown_logins(&mut a, &ids);
+        assert!(a[0].user.starts_with("unknown-") && a[0].user.len() == 20, "{}", a[0].user);
+        assert_eq!(a[0].user, a[1].user, "the same name, the same pseudonym");
+        assert_eq!(a[2].user, "crm_app");
     }
 }

@@ -19,7 +19,7 @@ use crate::audit::AccessRecord;
 use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Reconcilable, Watch};
 use crate::monitor::access::{self, Access};
-use crate::monitor::attribution::{Identities, TeamUsers};
+use crate::monitor::attribution::{Identities, TeamUsers, mask_unknown_logins};
 use crate::monitor::rules::{self, Found, Minute};
 use crate::netpol::selector_matches;
 use crate::validation::FieldError;
@@ -76,7 +76,7 @@ impl Reconcilable for AccessMonitor {
             )
             .await?;
             d.events.extend(o.events);
-            summary(self, &mut d, &o.failures);
+            summary(self, &mut d);
             return Ok(Ok(d));
         };
         // Resume after the last line read; the first read starts when the monitor was created.
@@ -95,7 +95,7 @@ impl Reconcilable for AccessMonitor {
             limit_bytes: Some(READ_LIMIT),
             ..LogParams::default()
         };
-        let log = match Api::<Pod>::namespaced(ctx.client.clone(), &ns).logs(&pod, &params).await {
+        let log = match read_log(ctx, &ns, &pod, &params).await {
             Ok(log) => log,
             Err(kube::Error::Api(s)) if s.code < 500 => {
                 let reason = if s.message.contains("container") && s.message.contains("not valid") {
@@ -119,7 +119,7 @@ impl Reconcilable for AccessMonitor {
                 )
                 .await?;
                 d.events.extend(o.events);
-                summary(self, &mut d, &o.failures);
+                summary(self, &mut d);
                 return Ok(Ok(d));
             }
             Err(e) => return Err(e.into()),
@@ -127,26 +127,52 @@ impl Reconcilable for AccessMonitor {
         // A read cut at the limit may end inside a line: that line is read again next time, right away.
         let cut = log.len() as i64 >= READ_LIMIT;
         let whole = if cut { log.rsplit_once('\n').map_or("", |(w, _)| w) } else { log.as_str() };
-        let lines: Vec<(Timestamp, &str)> = access::timed(whole)
-            .into_iter()
-            .filter(|(t, _)| match after {
-                Some(a) => *t > a,
-                None => *t >= created,
-            })
-            .collect();
-        let accesses = match self.spec.database.engine {
+        let new = |t: &Timestamp| match after {
+            Some(a) => *t > a,
+            None => *t >= created,
+        };
+        let lines: Vec<(Timestamp, &str)> = access::timed(whole).into_iter().filter(|(t, _)| new(t)).collect();
+        // A cut read that brings no new whole line would bring the same again: a line longer than the limit, or
+        // more than the limit within the second the API resumes at. What cannot be read is skipped, and said.
+        let mut skipped = None;
+        if cut && lines.is_empty() {
+            let first_new = access::timed(&log).into_iter().map(|(t, _)| t).find(|t| new(t));
+            let past = first_new.unwrap_or_else(|| {
+                let s = since.as_second() + 1;
+                Timestamp::from_second(s)
+                    .unwrap_or(since)
+                    .checked_sub(jiff::SignedDuration::from_nanos(1))
+                    .unwrap_or(since)
+            });
+            skipped = Some(past);
+        }
+        let mut accesses = match self.spec.database.engine {
             MonitoredEngine::Postgres => access::postgres(&lines),
             MonitoredEngine::Mysql => access::mariadb(&lines),
         };
-        state.identities = identities(ctx, self, &ns, &mut state, &accesses).await?;
+        let now = (ctx.now)();
+        state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
+        mask_unknown_logins(&mut accesses, &state.identities);
         let found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
-        record(ctx, self, &ns, &state.identities, &accesses, &found);
+        // The response first: a read that fails there is made again, from the same position (its actions are
+        // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
         let response = self.spec.response.as_ref();
         let o = respond::respond(ctx, self, response, &found, &state.identities, &mut d.status.incidents).await?;
         d.events.extend(o.events);
-        if let Some((t, _)) = lines.last() {
-            state.read_until = Some(*t);
+        record(ctx, self, &ns, &state.identities, &accesses, &found);
+        if let Some(t) = lines.last().map(|(t, _)| *t).or(skipped) {
+            state.read_until = Some(t);
             d.status.read_until = Some(t.to_string());
+        }
+        if let Some(t) = skipped {
+            d.events.push(Note::warning(
+                AccessMonitorEvent::LinesSkipped,
+                format!(
+                    "the log of pod {pod} could not be read past {since}: a line, or the lines of one second, exceed {} \
+                     MiB; skipped up to {t}",
+                    READ_LIMIT >> 20
+                ),
+            ));
         }
         d.status.pod = Some(pod.clone());
         d.status.entries = Some(before.entries.unwrap_or(0) + accesses.len() as i64);
@@ -166,7 +192,7 @@ impl Reconcilable for AccessMonitor {
             Status::True,
             format!("reading the log of pod {pod}{container} every {}", self.spec.interval),
         ));
-        summary(self, &mut d, &o.failures);
+        summary(self, &mut d);
         if cut {
             d.requeue_after = Some(Duration::from_millis(200));
         }
@@ -176,7 +202,7 @@ impl Reconcilable for AccessMonitor {
 }
 
 /// The `Clean` and `Settled` conditions and the per-object gauges, from the status.
-fn summary(m: &AccessMonitor, d: &mut Desired<AccessMonitorStatus>, failures: &[String]) {
+fn summary(m: &AccessMonitor, d: &mut Desired<AccessMonitorStatus>) {
     let n = d.status.finding_count.unwrap_or(0);
     d.conditions.push(if n == 0 {
         Cond::new(Clean::NoFindings, Status::True, "no statement broke a rule")
@@ -184,6 +210,13 @@ fn summary(m: &AccessMonitor, d: &mut Desired<AccessMonitorStatus>, failures: &[
         Cond::new(Clean::FindingsMade, Status::False, format!("{n} finding(s); status.findings lists the newest"))
     });
     let name = m.metadata.name.as_deref().unwrap_or_default();
+    let failures: Vec<String> = d
+        .status
+        .incidents
+        .iter()
+        .filter(|i| i.acknowledged.is_none())
+        .filter_map(|i| i.failed.as_ref().map(|f| format!("incident {}: {f}", i.id)))
+        .collect();
     let open: Vec<String> = d
         .status
         .incidents
@@ -208,6 +241,15 @@ fn summary(m: &AccessMonitor, d: &mut Desired<AccessMonitorStatus>, failures: &[
     });
     d.gauges.push(("access_entries", vec![], d.status.entries.unwrap_or(0) as f64));
     d.gauges.push(("access_findings", vec![], n as f64));
+}
+
+/// The pod's log, decoded lossily (a cut inside a character, or a byte that is no UTF-8, must not stop the reads).
+async fn read_log(ctx: &Context, ns: &str, pod: &str, params: &LogParams) -> Result<String, kube::Error> {
+    use futures::AsyncReadExt as _;
+    let mut stream = Api::<Pod>::namespaced(ctx.client.clone(), ns).log_stream(pod, params).await?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.map_err(kube::Error::ReadEvents)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The database pod: the first by name of the pods that have not finished and match the selector.
@@ -239,6 +281,7 @@ async fn identities(
     ns: &str,
     state: &mut State,
     accesses: &[Access],
+    now: Timestamp,
 ) -> Result<Identities, Error> {
     let mut policies: Vec<AccessPolicy> = match ctx.watched_access_policies(ns) {
         Some(p) => p,
@@ -253,7 +296,8 @@ async fn identities(
     let digest = crate::k8s::cache::digest_of(&parts.iter().map(String::as_str).collect::<Vec<_>>());
     let unknown: BTreeSet<String> =
         accesses.iter().filter(|a| !state.identities.knows(&a.user)).map(|a| a.user.clone()).collect();
-    if digest == state.identities_of {
+    let expired = state.identities.valid_until.is_some_and(|t| t <= now);
+    if digest == state.identities_of && !expired {
         // Users already looked up at these versions stay unknown until something changes.
         if unknown.is_subset(&state.looked_up) {
             return Ok(state.identities.clone());
@@ -282,7 +326,7 @@ async fn identities(
             }
         }
     }
-    let ids = Identities::build(&policies, &teams, &m.spec.identities, &state.identities, (ctx.now)());
+    let ids = Identities::build(&policies, &teams, &m.spec.identities, &state.identities, now);
     state.identities_of = digest;
     Ok(ids)
 }

@@ -19,9 +19,6 @@ pub const PREVIOUS_LEASE_ID: &str = "crmguard.io/previous-lease-id";
 pub const REVOKE_PREVIOUS_AT: &str = "crmguard.io/revoke-previous-at";
 /// The database user of the current credential (not a secret: the AccessMonitor attributes statements by it).
 pub const USERNAME: &str = "crmguard.io/username";
-/// Set by an AccessMonitor's incident (`<namespace>/<monitor>: incident <id>`): the team's leases are revoked, its
-/// Secret emptied, and nothing is issued while it is there. The monitor removes it when the incident is acknowledged.
-pub const HELD_BY: &str = "crmguard.io/held-by";
 /// The database user of the replaced credential while it waits for revocation.
 pub const PREVIOUS_USERNAME: &str = "crmguard.io/previous-username";
 

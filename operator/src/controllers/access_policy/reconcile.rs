@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
 
 use super::{build, ceiling, validate, vault_sync};
 use crate::api::AccessPolicy;
@@ -29,10 +30,17 @@ impl Reconcilable for AccessPolicy {
     }
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
-        let v = match validate::validate(self, &ctx.build) {
+        let mut v = match validate::validate(self, &ctx.build) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
+        // The open incidents of the AccessMonitors the policy accepts hold their teams' credentials.
+        let monitors: Api<crate::api::AccessMonitor> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
+        for name in &self.spec.accept_holds_from {
+            if let Some(m) = monitors.get_opt(name).await? {
+                v.holds.extend(m.holds(&v.owner.name));
+            }
+        }
         if let Some(refused) = check_ceiling(self, ctx).await? {
             // Nothing is applied or pruned and Vault is not touched; retried at the resync, so a ceiling the
             // administrator widens (or creates) takes effect without an edit of the policy.
@@ -137,7 +145,7 @@ async fn check_ceiling(p: &AccessPolicy, ctx: &Context) -> Result<Option<Cond<cr
     let rules = match ctx.cache.ceiling() {
         Some(rules) => rules,
         None => {
-            let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(ctx.client.clone());
+            let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
             roles.get_opt(name).await?.map(|r| r.rules.unwrap_or_default())
         }
     };

@@ -17,6 +17,9 @@ pub struct ValidatedAccessPolicy {
     pub warnings: Vec<String>,
     /// Each team's credential settings, parsed.
     pub deliveries: BTreeMap<String, Delivery>,
+    /// Teams whose credentials an accepted AccessMonitor's open incident holds: team -> the hold (read by the
+    /// reconcile from the monitors `spec.acceptHoldsFrom` names; none offline).
+    pub holds: BTreeMap<String, String>,
 }
 
 impl ValidatedAccessPolicy {
@@ -82,7 +85,7 @@ pub fn validate(policy: &AccessPolicy, ctx: &BuildContext) -> Result<ValidatedAc
         }
     }
     if errors.is_empty() {
-        Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings, deliveries })
+        Ok(ValidatedAccessPolicy { owner, policy: policy.clone(), warnings, deliveries, holds: BTreeMap::new() })
     } else {
         Err(errors)
     }

@@ -64,7 +64,7 @@ pub(super) async fn issue_credentials(
         let grants = role.grants.iter().cloned().collect::<Vec<_>>().join(",");
         let annotations = current.as_ref().and_then(|c| c.metadata.annotations.clone()).unwrap_or_default();
         let held = current.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
-        if let Some(hold) = annotations.get(lease::HELD_BY) {
+        if let Some(hold) = v.holds.get(&team.name) {
             // An AccessMonitor's incident: every recorded lease revoked, the Secret emptied, nothing issued until
             // the hold is lifted. A revocation that fails leaves the Secret as it is, and is retried.
             let state = State::from_annotations(&annotations);
@@ -97,7 +97,7 @@ pub(super) async fn issue_credentials(
             out.secrets
                 .push(json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": data}));
             holds.push(format!(
-                "{}: held by {hold}; acknowledge the incident (kubectl annotate accessmonitor <name> \
+                "{}: held by {hold}; acknowledge it (kubectl annotate accessmonitor <name> \
                  crmguard.io/acknowledge=<incident id>) to issue new credentials",
                 team.name
             ));
@@ -153,6 +153,8 @@ pub(super) async fn issue_credentials(
         out.retry = Some(VAULT_RETRY);
         Cond::new(*reason, Status::False, failed.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join("; "))
     } else if !holds.is_empty() {
+        // An acknowledgement ends a hold without touching this policy: look again soon.
+        out.retry = Some(VAULT_RETRY);
         Cond::new(CredentialsIssued::CredentialsHeld, Status::False, holds.join("; "))
     } else if issued.is_empty() {
         Cond::new(CredentialsIssued::NotRequested, Status::True, "no team has live database grants")

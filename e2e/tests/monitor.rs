@@ -473,6 +473,7 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
     })
     .await;
     m.notes("IncidentOpened", 1).await;
+    m.notes("Responded", 1).await;
 
     // Acknowledged: the hold is lifted and the team gets a new credential that works.
     let ack = json!({"metadata": {"annotations": {"crmguard.io/acknowledge": incident.id}}});

@@ -372,9 +372,11 @@ crate::api::condition::reasons! {
         /// A statement (or a run of them) broke a rule; the note names the rule, the user, who that is and the table,
         /// never a value.
         AccessFinding,
-        /// An incident was opened and the response carried out; the note names the team, the rules and what was
-        /// done (later findings of the team join the open incident without another Event).
+        /// An incident was opened; the note names the team and the rules (later findings of the team join the open
+        /// incident without another Event). Its response is carried out at the next read.
         IncidentOpened,
+        /// An incident's response was carried out, or refused by a target; the note says what was done.
+        Responded,
         /// A dry run: the note says what the response would have done.
         WouldRespond,
         /// An incident was acknowledged: its hold ends and the team's credentials are issued again.

@@ -32,8 +32,6 @@ pub const FINDINGS_KEPT: usize = 20;
 /// What the controller keeps of a monitor between reads (in this process).
 #[derive(Clone, Debug, Default)]
 struct State {
-    /// The kubelet's time of the last line read.
-    read_until: Option<Timestamp>,
     minute: Minute,
     identities: Identities,
     /// The inputs `identities` was built from (the policies' and the monitor's versions).
@@ -79,12 +77,9 @@ impl Reconcilable for AccessMonitor {
             summary(self, &mut d);
             return Ok(Ok(d));
         };
-        // Resume after the last line read; the first read starts when the monitor was created.
-        let recorded = before.read_until.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
-        let after = match (state.read_until, recorded) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        // Resume after the last line read, as the status records it: a pass whose status write failed is read
+        // again (its findings and incidents are not lost); the first read starts when the monitor was created.
+        let after = before.read_until.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
         let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(ctx.now);
         let since = after.unwrap_or(created);
         let params = LogParams {
@@ -161,7 +156,6 @@ impl Reconcilable for AccessMonitor {
         d.events.extend(o.events);
         record(ctx, self, &ns, &state.identities, &accesses, &found);
         if let Some(t) = lines.last().map(|(t, _)| *t).or(skipped) {
-            state.read_until = Some(t);
             d.status.read_until = Some(t.to_string());
         }
         if let Some(t) = skipped {

@@ -51,38 +51,12 @@ pub async fn respond(
     let written: BTreeSet<String> = incidents.iter().map(|i| i.id.clone()).collect();
     let mut records = Vec::new();
     if let Some(r) = r {
-        for f in found.iter().filter(|f| r.triggers.contains(&f.rule)) {
-            let Some((team, policy)) = ids.who(&f.user).team() else { continue };
-            let open = incidents.iter_mut().find(|i| {
-                i.acknowledged.is_none() && i.dry_run == r.dry_run && i.team == team && i.access_policy == policy
-            });
-            if let Some(i) = open {
-                if !i.rules.contains(&f.rule) {
-                    i.rules.push(f.rule);
-                }
-                continue;
-            }
-            let mut id = format!("{policy}-{team}-{}", f.at.as_second());
-            while incidents.iter().any(|i| i.id == id) {
-                id.push('x');
-            }
-            let mut i = Incident {
-                id,
-                team: team.into(),
-                access_policy: policy.into(),
-                rules: vec![f.rule],
-                detected: Time(f.at),
-                actions: vec![],
-                dry_run: r.dry_run,
-                acknowledged: None,
-                holds_credentials: r.revoke_credentials && !r.dry_run,
-                pending: !r.dry_run,
-                failed: None,
-            };
+        let opened = open(r, found, ids, incidents);
+        for i in incidents.iter_mut().filter(|i| opened.contains(&i.id)) {
             let what =
                 format!("incident {}: team {} (AccessPolicy {}) for {:?}", i.id, i.team, i.access_policy, i.rules);
             if r.dry_run {
-                i.actions = would(ctx, m, r, &i).await?;
+                i.actions = would(ctx, m, r, i).await?;
                 out.events.push(Note::warning(
                     AccessMonitorEvent::WouldRespond,
                     format!("dry run, nothing done: {what}: {}", i.actions.join("; ")),
@@ -93,8 +67,7 @@ pub async fn respond(
                     format!("{what}: responding at the next read"),
                 ));
             }
-            records.push(record(m, &i, now, if r.dry_run { "dry-run" } else { "incident" }));
-            incidents.insert(0, i);
+            records.push(record(m, i, now, if r.dry_run { "dry-run" } else { "incident" }));
         }
     }
     // Incidents in status since an earlier pass are carried out (again, until done).
@@ -106,7 +79,7 @@ pub async fn respond(
         i.failed = failed;
         if done {
             out.events.push(Note::warning(
-                AccessMonitorEvent::IncidentOpened,
+                AccessMonitorEvent::Responded,
                 format!("incident {} of team {}: {}", i.id, i.team, i.actions.join("; ")),
             ));
             records.push(record(m, i, now, "response"));
@@ -123,6 +96,47 @@ pub async fn respond(
     incidents.extend(done);
     incidents.truncate(keep);
     Ok(out)
+}
+
+/// Opens an incident per team for the findings `r` triggers on, newest first; a team's open incident of the same
+/// mode (live or dry run) takes its later findings. Returns the new incidents' ids. Findings of users that are no
+/// team's open nothing.
+pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec<Incident>) -> Vec<String> {
+    let mut opened = Vec::new();
+    for f in found.iter().filter(|f| r.triggers.contains(&f.rule)) {
+        let Some((team, policy)) = ids.who(&f.user).team() else { continue };
+        let same = |i: &&mut Incident| {
+            i.acknowledged.is_none() && i.dry_run == r.dry_run && i.team == team && i.access_policy == policy
+        };
+        if let Some(i) = incidents.iter_mut().find(same) {
+            if !i.rules.contains(&f.rule) {
+                i.rules.push(f.rule);
+            }
+            continue;
+        }
+        let mut id = format!("{policy}-{team}-{}", f.at.as_second());
+        while incidents.iter().any(|i| i.id == id) {
+            id.push('x');
+        }
+        opened.push(id.clone());
+        incidents.insert(
+            0,
+            Incident {
+                id,
+                team: team.into(),
+                access_policy: policy.into(),
+                rules: vec![f.rule],
+                detected: Time(f.at),
+                actions: vec![],
+                dry_run: r.dry_run,
+                acknowledged: None,
+                holds_credentials: r.revoke_credentials && !r.dry_run,
+                pending: !r.dry_run,
+                failed: None,
+            },
+        );
+    }
+    opened
 }
 
 /// The incident as a record of the access stream.
@@ -284,5 +298,79 @@ fn acknowledge(
             format!("incident {} of team {} acknowledged: its hold ends, new credentials are issued", i.id, i.team),
         ));
         records.push(record(m, i, now, "acknowledged"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::access_monitor::FindingRule;
+    use crate::monitor::attribution::TeamUsers;
+
+    fn ids() -> Identities {
+        let policy: AccessPolicy = serde_json::from_value(json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "crm-access", "namespace": "crm"},
+            "spec": {"vault": {}, "teams": [{"name": "sales", "subjects": [{"kind": "Group", "name": "s"}],
+                "credentials": {}, "database": {"connection": "crm",
+                "grants": [{"tables": ["invoices"], "privileges": ["SELECT"]}]}}]}
+        }))
+        .unwrap();
+        let teams = [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales".into()] }];
+        Identities::build(&[policy], &teams, &[], &Identities::default(), Timestamp::UNIX_EPOCH)
+    }
+
+    fn found(rule: FindingRule, user: &str, sec: i64) -> Found {
+        Found {
+            rule,
+            user: user.into(),
+            identity: String::new(),
+            object: None,
+            message: String::new(),
+            at: Timestamp::from_second(1_796_000_000 + sec).unwrap(),
+        }
+    }
+
+    fn response(dry_run: bool) -> Response {
+        Response {
+            triggers: vec![FindingRule::ReadVolume, FindingRule::OutsideGrants],
+            dry_run,
+            revoke_credentials: true,
+            quarantine_through: None,
+        }
+    }
+
+    /// As `Response` documents it: one incident per team while it is open, later findings join it; other rules,
+    /// unknown users open nothing; an acknowledged incident takes nothing more; a dry run and a live response keep
+    /// their incidents apart.
+    #[test]
+    fn findings_open_one_incident_per_team_and_mode() {
+        let mut incidents = vec![];
+        let live = response(false);
+        let opened = open(
+            &live,
+            &[
+                found(FindingRule::ReadVolume, "v-sales", 0),
+                found(FindingRule::OutsideGrants, "v-sales", 1),
+                found(FindingRule::UnknownIdentity, "v-sales", 2),
+                found(FindingRule::ReadVolume, "mallory", 3),
+            ],
+            &ids(),
+            &mut incidents,
+        );
+        assert_eq!(opened, ["crm-access-sales-1796000000"]);
+        assert_eq!(incidents[0].rules, [FindingRule::ReadVolume, FindingRule::OutsideGrants]);
+        assert!(incidents[0].pending && incidents[0].holds_credentials);
+        // A dry run opens its own, which holds nothing and is not pending.
+        let dry = open(&response(true), &[found(FindingRule::ReadVolume, "v-sales", 4)], &ids(), &mut incidents);
+        assert_eq!(dry.len(), 1);
+        assert!(!incidents[0].pending && !incidents[0].holds_credentials && incidents[0].dry_run);
+        // Acknowledged: the next finding opens a new incident (the same second gets a distinct id).
+        for i in incidents.iter_mut() {
+            i.acknowledged = Some(Time(Timestamp::UNIX_EPOCH));
+        }
+        let again = open(&live, &[found(FindingRule::ReadVolume, "v-sales", 0)], &ids(), &mut incidents);
+        assert_eq!(again, ["crm-access-sales-1796000000x"]);
+        assert_eq!(incidents.len(), 3);
     }
 }

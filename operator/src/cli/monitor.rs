@@ -108,47 +108,13 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
             };
             crate::monitor::attribution::mask_unknown_logins(&mut got, &ids);
             let found = rules::check(&rules, &ids, &got, &mut minute);
-            let mut out: Vec<AccessRecord> = Vec::new();
-            for s in rules::summarize(&got) {
-                let who = ids.who(&s.user);
-                let (team, policy) = who.team().map_or((None, None), |(t, p)| (Some(t.into()), Some(p.into())));
-                out.push(AccessRecord {
-                    time: s.first.to_string(),
-                    until: s.last.to_string(),
-                    namespace: namespace.clone(),
-                    monitor: monitor.clone(),
-                    user: s.user,
-                    identity: who.describe(),
-                    team,
-                    policy,
-                    access: s.kind.as_str().into(),
-                    object: s.object,
-                    count: s.count,
-                    finding: None,
-                    message: None,
-                });
-            }
             for f in &found {
                 *found_by.entry(format!("{:?}", f.rule)).or_default() += 1;
                 if a.findings {
                     println!("{} {:?} {}: {}", f.at, f.rule, f.user, f.message);
                 }
-                out.push(AccessRecord {
-                    time: f.at.to_string(),
-                    until: f.at.to_string(),
-                    namespace: namespace.clone(),
-                    monitor: monitor.clone(),
-                    user: f.user.clone(),
-                    identity: f.identity.clone(),
-                    team: None,
-                    policy: None,
-                    access: "finding".into(),
-                    object: f.object.clone(),
-                    count: 1,
-                    finding: Some(format!("{:?}", f.rule)),
-                    message: Some(f.message.clone()),
-                });
             }
+            let out: Vec<AccessRecord> = rules::access_records(&namespace, &monitor, &ids, &got, &found);
             let bytes = audit::encode(&stream, seq + 1, &prev, &out);
             if let Some(s) = &store {
                 let key = audit::segment_key(prefix, &stream, seq + 1);

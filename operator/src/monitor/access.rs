@@ -71,7 +71,7 @@ pub fn postgres(lines: &[(Timestamp, &str)]) -> Vec<Access> {
     let mut records: Vec<(Timestamp, String)> = Vec::new();
     for (at, line) in lines {
         match records.last_mut() {
-            Some((_, r)) if !starts_record(line) => {
+            Some((_, r)) if !pgaudit::starts_record(line) => {
                 r.push('\n');
                 r.push_str(line.strip_prefix('\t').unwrap_or(line));
             }
@@ -79,18 +79,6 @@ pub fn postgres(lines: &[(Timestamp, &str)]) -> Vec<Access> {
         }
     }
     records.iter().filter_map(|(at, r)| postgres_record(*at, r)).collect()
-}
-
-/// Whether a line starts a record (the prefix's `%m`, `YYYY-MM-DD `).
-fn starts_record(l: &str) -> bool {
-    let b = l.as_bytes();
-    b.len() > 11
-        && b[..4].iter().all(u8::is_ascii_digit)
-        && b[4] == b'-'
-        && b[5..7].iter().all(u8::is_ascii_digit)
-        && b[7] == b'-'
-        && b[8..10].iter().all(u8::is_ascii_digit)
-        && b[10] == b' '
 }
 
 fn postgres_record(at: Timestamp, record: &str) -> Option<Access> {

@@ -66,16 +66,6 @@ pub struct Entry {
 /// The records of PostgreSQL's stderr log: a record starts with the prefix's time (`%m`, `YYYY-MM-DD `), and a
 /// statement that spans lines goes on in the lines that follow it, each behind a tab.
 pub fn records(log: &str) -> Vec<String> {
-    let starts_record = |l: &str| {
-        let b = l.as_bytes();
-        b.len() > 11
-            && b[..4].iter().all(u8::is_ascii_digit)
-            && b[4] == b'-'
-            && b[5..7].iter().all(u8::is_ascii_digit)
-            && b[7] == b'-'
-            && b[8..10].iter().all(u8::is_ascii_digit)
-            && b[10] == b' '
-    };
     let mut out: Vec<String> = Vec::new();
     for line in log.lines() {
         match out.last_mut() {
@@ -87,6 +77,18 @@ pub fn records(log: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether a line starts a record: the prefix's time (`%m`, `YYYY-MM-DD `).
+pub fn starts_record(l: &str) -> bool {
+    let b = l.as_bytes();
+    b.len() > 11
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b'-'
+        && b[8..10].iter().all(u8::is_ascii_digit)
+        && b[10] == b' '
 }
 
 /// Reads one audit entry from a log record (a record may span several lines when the statement does). `None`

@@ -236,6 +236,50 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
     out
 }
 
+/// The access stream's records of one read of the log: one per user, kind of access and object (how many, when),
+/// then one per finding; `namespace` and `monitor` name the AccessMonitor.
+pub fn access_records(
+    namespace: &str,
+    monitor: &str,
+    ids: &Identities,
+    accesses: &[Access],
+    found: &[Found],
+) -> Vec<crate::audit::AccessRecord> {
+    let record = |user: &str, time: Timestamp, until: Timestamp| {
+        let who = ids.who(user);
+        let (team, policy) = who.team().map_or((None, None), |(t, p)| (Some(t.to_string()), Some(p.to_string())));
+        crate::audit::AccessRecord {
+            time: time.to_string(),
+            until: until.to_string(),
+            namespace: namespace.into(),
+            monitor: monitor.into(),
+            user: user.into(),
+            identity: who.describe(),
+            team,
+            policy,
+            access: String::new(),
+            object: None,
+            count: 1,
+            finding: None,
+            message: None,
+        }
+    };
+    let accessed = summarize(accesses).into_iter().map(|s| crate::audit::AccessRecord {
+        access: s.kind.as_str().into(),
+        object: s.object.clone(),
+        count: s.count,
+        ..record(&s.user, s.first, s.last)
+    });
+    let findings = found.iter().map(|f| crate::audit::AccessRecord {
+        access: "finding".into(),
+        object: f.object.clone(),
+        finding: Some(format!("{:?}", f.rule)),
+        message: Some(f.message.clone()),
+        ..record(&f.user, f.at, f.at)
+    });
+    accessed.chain(findings).collect()
+}
+
 /// What the audit trail keeps of a read of the log: per user, kind of access and object, how many and when.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Summary {

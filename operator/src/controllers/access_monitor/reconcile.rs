@@ -15,7 +15,6 @@ use crate::api::access_monitor::conditions::{Clean, Collecting, Settled};
 use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, MonitoredEngine};
 use crate::api::condition::Status;
 use crate::api::{AccessMonitor, AccessPolicy};
-use crate::audit::AccessRecord;
 use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
 use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Reconcilable, Watch};
 use crate::monitor::access::{self, Access};
@@ -64,17 +63,7 @@ impl Reconcilable for AccessMonitor {
                 "no pod of this namespace that has not finished matches spec.database.podSelector: check it against \
                  the database pod's labels (kubectl get pods --show-labels)",
             ));
-            let o = respond::respond(
-                ctx,
-                self,
-                self.spec.response.as_ref(),
-                &[],
-                &state.identities,
-                &mut d.status.incidents,
-            )
-            .await?;
-            d.events.extend(o.events);
-            summary(self, &mut d);
+            settle(ctx, self, &state.identities, &mut d).await?;
             return Ok(Ok(d));
         };
         // Resume after the last line read, as the status records it: a pass whose status write failed is read
@@ -104,17 +93,7 @@ impl Reconcilable for AccessMonitor {
                     Status::False,
                     format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
                 ));
-                let o = respond::respond(
-                    ctx,
-                    self,
-                    self.spec.response.as_ref(),
-                    &[],
-                    &state.identities,
-                    &mut d.status.incidents,
-                )
-                .await?;
-                d.events.extend(o.events);
-                summary(self, &mut d);
+                settle(ctx, self, &state.identities, &mut d).await?;
                 return Ok(Ok(d));
             }
             Err(e) => return Err(e.into()),
@@ -193,6 +172,19 @@ impl Reconcilable for AccessMonitor {
         ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
         Ok(Ok(d))
     }
+}
+
+/// A pass that read nothing: acknowledgements and pending incidents are still handled, the conditions summed up.
+async fn settle(
+    ctx: &Context,
+    m: &AccessMonitor,
+    ids: &Identities,
+    d: &mut Desired<AccessMonitorStatus>,
+) -> Result<(), Error> {
+    let o = respond::respond(ctx, m, m.spec.response.as_ref(), &[], ids, &mut d.status.incidents).await?;
+    d.events.extend(o.events);
+    summary(m, d);
+    Ok(())
 }
 
 /// The `Clean` and `Settled` conditions and the per-object gauges, from the status.
@@ -327,47 +319,9 @@ async fn identities(
 
 /// The access records and findings of one read, into the audit trail.
 fn record(ctx: &Context, m: &AccessMonitor, ns: &str, ids: &Identities, accesses: &[Access], found: &[Found]) {
-    let monitor = m.metadata.name.clone().unwrap_or_default();
-    let base = |user: &str| {
-        let who = ids.who(user);
-        let (team, policy) = who.team().map_or((None, None), |(t, p)| (Some(t.to_string()), Some(p.to_string())));
-        (who.describe(), team, policy)
-    };
-    for s in rules::summarize(accesses) {
-        let (identity, team, policy) = base(&s.user);
-        ctx.audit.access(AccessRecord {
-            time: s.first.to_string(),
-            until: s.last.to_string(),
-            namespace: ns.into(),
-            monitor: monitor.clone(),
-            user: s.user,
-            identity,
-            team,
-            policy,
-            access: s.kind.as_str().into(),
-            object: s.object,
-            count: s.count,
-            finding: None,
-            message: None,
-        });
-    }
-    for f in found {
-        let (identity, team, policy) = base(&f.user);
-        ctx.audit.access(AccessRecord {
-            time: f.at.to_string(),
-            until: f.at.to_string(),
-            namespace: ns.into(),
-            monitor: monitor.clone(),
-            user: f.user.clone(),
-            identity,
-            team,
-            policy,
-            access: "finding".into(),
-            object: f.object.clone(),
-            count: 1,
-            finding: Some(format!("{:?}", f.rule)),
-            message: Some(f.message.clone()),
-        });
+    let monitor = m.metadata.name.as_deref().unwrap_or_default();
+    for r in rules::access_records(ns, monitor, ids, accesses, found) {
+        ctx.audit.access(r);
     }
 }
 

@@ -296,6 +296,12 @@ impl Cluster {
     }
 }
 
+/// The last `n` lines of a log, for a failed wait's message.
+pub fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Kubeconfig of [`OPERATOR_USER`] (one client certificate per test binary).
 fn operator_kubeconfig(cp: &ControlPlane) -> String {
     // One per control plane (a test may run its own besides the shared one).

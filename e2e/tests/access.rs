@@ -380,8 +380,7 @@ async fn ready(aps: &Api<AccessPolicy>, op: &Operator, generation: i64) -> Acces
 }
 
 fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    e2e::last_lines(log, 15)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,8 +273,7 @@ impl Monitored {
 }
 
 fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    e2e::last_lines(log, 15)
 }
 
 /// The whole path on real things: PostgreSQL 15 with pgaudit writes its log; a test node serves it as the database

@@ -64,6 +64,21 @@ impl Context {
 }
 
 impl Context {
+    /// The pods of `namespace` that have not finished: from the watch of such pods, read from the server only until
+    /// that watch has listed them.
+    pub async fn unfinished_pods(&self, namespace: &str) -> Result<Vec<k8s_openapi::api::core::v1::Pod>, Error> {
+        use k8s_openapi::api::core::v1::Pod;
+        if let Some(pods) = self.cache.pods(namespace) {
+            return Ok(pods);
+        }
+        let list = kube::Api::<Pod>::namespaced(self.client.clone(), namespace).list(&Default::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+            .collect())
+    }
+
     /// The valid AccessPolicies of `namespace` as the watches show them; `None` until the watches have listed them.
     pub fn watched_access_policies(&self, namespace: &str) -> Option<Vec<AccessPolicy>> {
         let stores = self.access_policies.get()?;

@@ -240,16 +240,7 @@ async fn read_log(ctx: &Context, ns: &str, pod: &str, params: &LogParams) -> Res
 
 /// The database pod: the first by name of the pods that have not finished and match the selector.
 async fn database_pod(ctx: &Context, m: &AccessMonitor, ns: &str) -> Result<Option<String>, Error> {
-    let pods: Vec<Pod> = match ctx.cache.pods(ns) {
-        Some(pods) => pods,
-        None => Api::<Pod>::namespaced(ctx.client.clone(), ns)
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
-            .collect(),
-    };
+    let pods = ctx.unfinished_pods(ns).await?;
     let mut names: Vec<String> = pods
         .into_iter()
         .filter(|p| selector_matches(&m.spec.database.pod_selector, &p.metadata.labels.clone().unwrap_or_default()))

@@ -32,16 +32,7 @@ impl Reconcilable for NetworkGuard {
         let names: Vec<String> = policies.iter().filter_map(|p| p.metadata.name.clone()).collect();
         // Every pod of the CRM namespace that has not finished should be behind the guard: from the watch of such
         // pods (whose changes reconcile the guard), read from the server only until that watch has listed them.
-        let running: Vec<Pod> = match ctx.cache.pods(&v.owner.namespace) {
-            Some(pods) => pods,
-            None => Api::<Pod>::namespaced(ctx.client.clone(), &v.owner.namespace)
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
-                .collect(),
-        };
+        let running: Vec<Pod> = ctx.unfinished_pods(&v.owner.namespace).await?;
         // crmguard's own backup and restore job pods are short-lived and not the CRM: they do not count either.
         let ours = |p: &&Pod| {
             p.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str)

@@ -227,7 +227,8 @@ def main():
                   "audit": {"bucket": "crm-audit", "endpoint": "https://s3.example:9000", "forcePathStyle": True,
                             "credentialsSecret": "audit-s3"},
                   "defaultS3": {"endpoint": "https://minio.storage:9000", "forcePathStyle": True},
-                  "networkPolicy": {"ingressFromNamespaces": ["monitoring"], "extraEgressPorts": [9000]}}
+                  "networkPolicy": {"ingressFromNamespaces": ["monitoring"], "extraEgressPorts": [9000]},
+                  "alerting": {"alertmanagers": ["http://alertmanager-operated.monitoring:9093", "http://am.ops"]}}
         release, err = ops.install("guard", values)
         check(release is not None, f"install with non-default values: {err}")
         dep = get(server, "/apis/apps/v1/namespaces/ops/deployments/guard")
@@ -270,6 +271,10 @@ def main():
         check(np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"},
               "ingress limited to the monitoring namespace")
         check({"port": 9000, "protocol": "TCP"} in np["spec"]["egress"][0]["ports"], "extra egress port")
+        check("--alertmanager-url=http://alertmanager-operated.monitoring:9093,http://am.ops" in args_,
+              f"alertmanager args {args_}")
+        check({"port": 9093, "protocol": "TCP"} in np["spec"]["egress"][0]["ports"]
+              and {"port": 80, "protocol": "TCP"} in np["spec"]["egress"][0]["ports"], "egress to the Alertmanagers")
         check(passed > passed_before, "non-default checks ran")
 
         # values.schema.json refuses bad values with a reason.
@@ -277,6 +282,8 @@ def main():
         check(release is None and "replicaCount" in (err or ""), f"replicaCount 0 refused: {err}")
         release, err = Helm(lib, kubeconfig, "bad2").install("bad2", {"logging": {"format": "xml"}})
         check(release is None and "format" in (err or ""), f"logging.format xml refused: {err}")
+        release, err = Helm(lib, kubeconfig, "bad3").install("bad3", {"alerting": {"alertmanagers": ["http://u:pw@am:9093"]}})
+        check(release is None and "alertmanagers" in (err or ""), f"an Alertmanager URL with credentials refused: {err}")
     finally:
         stop(proc, kubeconfig)
     check_manifests(args.controlplane, kubectl_binary())

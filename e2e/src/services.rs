@@ -539,3 +539,84 @@ impl OpenBao {
         }
     }
 }
+
+/// A real Alertmanager (built from its Go module by `scripts/install-services`), of the calling test's own, with a
+/// route to a receiver that sends nothing: what the tests look at is what its API holds.
+#[derive(Debug)]
+pub struct Alertmanager {
+    pub port: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Alertmanager {
+    pub fn start() -> Alertmanager {
+        let dir = TempDir::new("alertmanager");
+        let port = free_port();
+        let config = dir.path.join("alertmanager.yml");
+        std::fs::write(&config, "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n").expect("config");
+        let args: Vec<String> = vec![
+            format!("--config.file={}", config.display()),
+            format!("--storage.path={}", dir.path.join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            // One instance: no gossip cluster.
+            "--cluster.listen-address=".into(),
+        ];
+        let log = dir.path.join("alertmanager.log");
+        let cleanup = format!("rm -rf {}", dir.path.display());
+        spawn_watched(&find_program("alertmanager"), &args, &log, None, "kill -TERM $child", &cleanup);
+        wait_port(port, "Alertmanager", &log);
+        let am = Alertmanager { port, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while am.request("GET", "/-/ready", "").map(|(c, _)| c) != Some(200) {
+            assert!(Instant::now() < deadline, "Alertmanager is not ready: {}", am.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        am
+    }
+
+    /// The base URL for `--alertmanager-url`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The alerts it holds that have not ended (`GET /api/v2/alerts`).
+    pub fn alerts(&self) -> Vec<serde_json::Value> {
+        let (code, body) = self.request("GET", "/api/v2/alerts", "").expect("Alertmanager answers");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("alerts JSON")
+    }
+
+    /// One HTTP/1.0 request (so the answer is never chunked): status and body.
+    fn request(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    }
+}
+
+/// OpenReports' `reports.openreports.io` CRD as its project publishes it (its Go module's config/crd, copied by
+/// `scripts/install-services`).
+pub fn openreports_crd() -> serde_json::Value {
+    let path = repo_root().join(".ci/venv/share/openreports/reports.yaml");
+    if !path.is_file() {
+        let _ = Command::new(repo_root().join("scripts/install-services")).status();
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_saphyr::from_str(text.trim_start_matches("---\n")).expect("the OpenReports CRD")
+}

@@ -151,3 +151,63 @@ fn monitor_replay_runs_a_log_through_the_rules() {
         crmguard(&["audit", "verify", "--audit-dir", audit.to_str().unwrap(), "--audit-stream", "replay-access"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }
+
+/// `crmguard monitor replay` over five weeks of a pgaudit log (as `kubectl logs --timestamps` prints it): team
+/// finance reads the invoices at Tuesday 02:00 every week (3, 4, 5, 2 times; the monitor's first hour, week 0, is
+/// partial and not learned), then 13 times. Expected from the baseline's documentation (api::access_monitor::
+/// BaselineRule), worked by hand: median 3.5, MAD 1, robust spread 1.4826, limit 3.5 + 6 × 1.4826 = 12.4, so the
+/// 13th read is one UnusualVolume finding that shows that baseline; 12 reads in week 5 would be none.
+#[test]
+fn monitor_replay_learns_an_hour_of_the_week_and_flags_what_is_far_above_it() {
+    let dir = e2e::TempDir::new("replay-baseline");
+    let monitor = dir.path.join("monitor.yaml");
+    std::fs::write(
+        &monitor,
+        "apiVersion: crmguard.io/v1alpha1\nkind: AccessMonitor\nmetadata: {name: crm-db, namespace: crm}\nspec:\n  \
+         database: {engine: postgres, podSelector: {}}\n  accessPolicies: [crm-teams]\n  rules:\n    baseline: \
+         {tables: [public.invoices], weeks: 4, minWeeks: 3, spreads: 6, minReads: 10}\n",
+    )
+    .unwrap();
+    let run = |last_week: usize| {
+        let mut log = String::new();
+        let tuesday_2am: i64 = 1_796_090_400;
+        for (week, n) in [(0, 2), (1, 3), (2, 4), (3, 5), (4, 2), (5, last_week)] {
+            for i in 0..n {
+                let t = jiff::Timestamp::from_second(tuesday_2am + week * 7 * 86_400 + 600 + i as i64).unwrap();
+                log.push_str(&format!(
+                    "{t} 2026-12-01 02:10:00.000 UTC [7] v-finance-1@crm LOG:  AUDIT: SESSION,{i},1,READ,SELECT,TABLE,public.invoices,\"SELECT * FROM invoices\",<not logged>\n"
+                ));
+            }
+        }
+        let path = dir.path.join(format!("db-{last_week}.log"));
+        std::fs::write(&path, log).unwrap();
+        let out = crmguard(&[
+            "monitor",
+            "replay",
+            "-f",
+            monitor.to_str().unwrap(),
+            "--policy",
+            "examples/crm/access-policy.yaml",
+            "--team-user",
+            "crm-teams/finance=v-finance-1",
+            "--log",
+            path.to_str().unwrap(),
+            "--findings",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let flagged = run(13);
+    assert!(flagged.contains("findings: UnusualVolume 1;"), "{flagged}");
+    assert!(
+        flagged.contains(
+            "UnusualVolume v-finance-1: 13 reads of public.invoices by team finance (AccessPolicy crm-teams) in the hour \
+             from 2027-01-05T02:00:00Z, above its baseline for Tuesday 02:00 UTC: median 3.5, robust spread 1.5, limit \
+             12.4 (4 weeks: 3, 4, 5, 2)"
+        ),
+        "{flagged}"
+    );
+    let quiet = run(12);
+    assert!(!quiet.contains("UnusualVolume"), "{quiet}");
+}

@@ -113,6 +113,11 @@ struct Monitored {
 
 impl Monitored {
     async fn start(test: &str) -> Monitored {
+        Monitored::start_with(test, &[]).await
+    }
+
+    /// With more arguments for the operator.
+    async fn start_with(test: &str, more: &[&str]) -> Monitored {
         let cluster = Cluster::start(test).await;
         let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
         let pg = Postgres::audited(&["pgaudit.log=read,write,ddl,role", "pgaudit.log_relation=on"]);
@@ -149,7 +154,7 @@ impl Monitored {
         let addr = bao.addr();
         let audit_dir = e2e::TempDir::new("audit");
         let audit_path = audit_dir.path.display().to_string();
-        let args = [
+        let mut args = vec![
             "--leader-election=false",
             "--namespace",
             &ns,
@@ -160,6 +165,7 @@ impl Monitored {
             "--audit-flush-seconds",
             "1",
         ];
+        args.extend(more);
         let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
         let op = Operator::start_with_env(&kubeconfig, &args, &[("VAULT_TOKEN", bao.token.as_str())]);
         op.wait_ready(60).await;
@@ -548,6 +554,159 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
         !m.everything().await.contains("outside the grants of team sales (AccessPolicy crm-access): read"),
         "a SELECT 1 is outside no grant"
     );
+}
+
+/// Findings and incidents leave the cluster the ways platform teams collect them, checked on the real things: a
+/// real Alertmanager (its v2 API lists an alert while its endsAt is ahead, folds alerts of equal labels) and
+/// OpenReports' own Report CRD (its schema, not ours, on the real API server). Expected from the documentation (the
+/// README's alert names and labels, api::access_monitor, the CRD): a bulk read of the invoices is a `ReadVolume`
+/// finding alert of the team's user on that table; the incident it opens fires as `CrmAccessIncident` until it is
+/// acknowledged, then leaves Alertmanager's active alerts; the monitor's report `crm-db-findings` holds a `fail`
+/// result per finding and per open incident, goes with the monitor (garbage collection), and the posture report
+/// is an OpenReports Report too. An Alertmanager that does not answer (listed first) does not stop delivery to
+/// the one that does. No value and no password in either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let am = e2e::services::Alertmanager::start();
+    let dead = format!("http://127.0.0.1:{}", e2e::free_port());
+    let urls = format!("{dead},{}", am.url());
+    let m = Monitored::start_with("monitor-alerts", &["--alertmanager-url", &urls, "--posture-seconds", "1"]).await;
+    // The CRD as OpenReports publishes it, installed while the operator runs (it asks discovery again within a
+    // minute).
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(m.client.clone());
+    crds.patch(
+        "reports.openreports.io",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(e2e::services::openreports_crd()),
+    )
+    .await
+    .unwrap();
+    let gvk = GroupVersionKind::gvk("openreports.io", "v1alpha1", "Report");
+    let reports: Api<DynamicObject> =
+        Api::namespaced_with(m.client.clone(), &m.ns, &ApiResource::from_gvk_with_plural(&gvk, "reports"));
+    let (su, sp) = m.credentials(None).await;
+    m.monitor(
+        json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}],
+               "baseline": {"tables": ["public.invoices"], "minReads": 1}}),
+        Some(json!({"triggers": ["ReadVolume"], "revokeCredentials": true})),
+    )
+    .await;
+    // The baseline starts learning: its ConfigMap, the monitor's child, holds the hour being counted (and nothing
+    // is unusual before three weeks of that hour were observed).
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(m.client.clone(), &m.ns);
+    let saved = eventually(30, "the baseline's ConfigMap", || async {
+        cms.get_opt("crm-db-baseline").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    assert_eq!(saved.metadata.owner_references.unwrap()[0].name, "crm-db");
+    let learned: Value = serde_json::from_str(&saved.data.unwrap()["baseline.json"]).unwrap();
+    let hour = learned["hour"].as_i64().unwrap();
+    let now = jiff::Timestamp::now().as_second() / 3600;
+    assert!(hour == now || hour == now - 1, "the hour counted: {learned}");
+    for _ in 0..10 {
+        if m.pg.try_sql_as("crm", &su, &sp, "SELECT * FROM invoices").is_err() {
+            break;
+        }
+    }
+    let status = m.until("an incident", |s| !s.incidents.is_empty() && !s.findings.is_empty()).await;
+    let incident = status.incidents[0].id.clone();
+    assert!(status.findings.iter().all(|f| f.rule != FindingRule::UnusualVolume), "learning: {status:#?}");
+
+    let named = |alerts: &[Value], name: &str| -> Option<Value> {
+        alerts.iter().find(|a| a["labels"]["alertname"] == name).cloned()
+    };
+    let alerts = eventually(90, "the finding and the incident in Alertmanager", || async {
+        let alerts = am.alerts();
+        match (named(&alerts, "CrmAccessFinding"), named(&alerts, "CrmAccessIncident")) {
+            (Some(_), Some(_)) => Ok(alerts),
+            _ => Err(format!("{alerts:#?}; operator: {}", tail(&m.op.logs()))),
+        }
+    })
+    .await;
+    let finding = named(&alerts, "CrmAccessFinding").unwrap();
+    let l = &finding["labels"];
+    assert_eq!(
+        (&l["rule"], &l["user"], &l["object"], &l["namespace"], &l["accessmonitor"], &l["severity"]),
+        (
+            &json!("ReadVolume"),
+            &json!(su),
+            &json!("public.invoices"),
+            &json!(m.ns),
+            &json!("crm-db"),
+            &json!("warning")
+        ),
+        "{finding:#}"
+    );
+    assert!(finding["annotations"]["description"].as_str().unwrap().contains("public.invoices"), "{finding:#}");
+    let fired = named(&alerts, "CrmAccessIncident").unwrap();
+    let l = &fired["labels"];
+    assert_eq!(
+        (&l["incident"], &l["team"], &l["severity"]),
+        (&json!(incident), &json!("sales"), &json!("critical")),
+        "{fired:#}"
+    );
+    assert!(
+        fired["annotations"]["acknowledge"].as_str().unwrap().contains(&format!("crmguard.io/acknowledge={incident}")),
+        "{fired:#}"
+    );
+    let ends: jiff::Timestamp = fired["endsAt"].as_str().unwrap().parse().unwrap();
+    assert!(ends > jiff::Timestamp::now(), "an open incident's alert has not ended: {fired:#}");
+
+    // The report: a fail result per finding and one for the open incident, its summary counting them.
+    let report = eventually(90, "the findings report with the incident", || async {
+        let r = reports.get_opt("crm-db-findings").await.map_err(|e| e.to_string())?;
+        let r = serde_json::to_value(r.ok_or("no report")?).unwrap();
+        let results = r["results"].as_array().cloned().unwrap_or_default();
+        let finds = results.iter().any(|x| x["rule"] == "ReadVolume" && x["properties"]["user"] == json!(su));
+        let open = results.iter().any(|x| x["rule"] == "Incident" && x["properties"]["incident"] == json!(incident));
+        if finds && open { Ok(r) } else { Err(format!("{r:#}; operator: {}", tail(&m.op.logs()))) }
+    })
+    .await;
+    let results = report["results"].as_array().unwrap();
+    assert!(results.iter().all(|x| x["result"] == "fail" && x["policy"] == "crm-db"), "{report:#}");
+    assert_eq!(report["summary"]["fail"], json!(results.len()), "{report:#}");
+    let owner = &report["metadata"]["ownerReferences"][0];
+    assert_eq!((&owner["kind"], &owner["name"]), (&json!("AccessMonitor"), &json!("crm-db")), "{report:#}");
+    assert_eq!((&report["scope"]["kind"], &report["scope"]["name"]), (&json!("AccessMonitor"), &json!("crm-db")));
+    // The posture report went to the same API.
+    eventually(30, "the posture report as an OpenReports Report", || async {
+        reports.get_opt("crmguard").await.map_err(|e| e.to_string())?.map(drop).ok_or_else(|| "absent".to_string())
+    })
+    .await;
+
+    // Acknowledged: the incident's alert is resolved (no longer active), its result leaves the report.
+    let ack = json!({"metadata": {"annotations": {"crmguard.io/acknowledge": incident}}});
+    m.monitors.patch("crm-db", &PatchParams::default(), &Patch::Merge(&ack)).await.unwrap();
+    eventually(60, "the incident's alert resolved", || async {
+        let alerts = am.alerts();
+        match named(&alerts, "CrmAccessIncident") {
+            None => Ok(()),
+            Some(a) => Err(format!("{a:#}")),
+        }
+    })
+    .await;
+    eventually(60, "the incident's result gone from the report", || async {
+        let r = serde_json::to_value(reports.get("crm-db-findings").await.map_err(|e| e.to_string())?).unwrap();
+        let open = r["results"].as_array().into_iter().flatten().any(|x| x["rule"] == "Incident");
+        if open { Err(format!("{r:#}")) } else { Ok(()) }
+    })
+    .await;
+
+    let out = format!("{}\n{report}\n{}", serde_json::to_string(&am.alerts()).unwrap(), am.logs());
+    for leak in [SECRET, sp.as_str(), m.pg.password.as_str()] {
+        assert!(!out.contains(leak), "{leak:?} leaked into Alertmanager or the report");
+    }
+    // The report goes with its monitor.
+    m.monitors.delete("crm-db", &Default::default()).await.unwrap();
+    eventually(60, "the report garbage-collected", || async {
+        match reports.get_opt("crm-db-findings").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
 }
 
 /// MariaDB's audit plugin writing to the server's stderr (`server_audit_file_path = /dev/stderr`, the README's

@@ -36,7 +36,7 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
     backups.create(&PostParams::default(), &e2e::example("backup-policy.yaml", &ns)).await.unwrap();
     eventually(30, "the missing PolicyReport CRD in the log", || async {
         let logs = op.logs();
-        if logs.contains("the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed") {
+        if logs.contains("no policy report CRD is installed") {
             Ok(())
         } else {
             Err(logs.lines().filter(|l| l.contains("PolicyReport")).collect::<Vec<_>>().join("\n"))
@@ -47,7 +47,7 @@ async fn one_policy_report_per_namespace_follows_the_resources() {
         .writes_by(e2e::OPERATOR_USER)
         .into_iter()
         .chain(cluster.cp.operator_reads())
-        .filter(|r| r.resource == "policyreports")
+        .filter(|r| r.resource == "policyreports" || r.resource == "reports")
         .map(|r| format!("{} {}/{} {}", r.verb, r.namespace, r.name, r.code))
         .collect();
     assert!(asked.is_empty(), "reports asked for without their CRD: {asked:?}");

@@ -1,6 +1,7 @@
 //! crmguard: a Kubernetes operator that protects a CRM application (web app, PostgreSQL/MySQL database and
 //! attachments volume) with verified encrypted backups, least-privilege access and a network guard.
 
+pub mod alerting;
 pub mod api;
 pub mod audit;
 pub mod backup;

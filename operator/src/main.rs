@@ -243,6 +243,11 @@ struct RunArgs {
     /// How often audit segments are written (seconds); a segment also closes at 1000 records.
     #[arg(long, env = "CRMGUARD_AUDIT_FLUSH_SECONDS", default_value_t = 60)]
     audit_flush_seconds: u64,
+    /// Alertmanager base URL AccessMonitors' findings and incidents are posted to (`/api/v2/alerts`), e.g.
+    /// http://alertmanager-operated.monitoring:9093 (repeatable or comma-separated: each of an HA set). None: no
+    /// alerts (findings are still in status, Events, metrics and the findings report).
+    #[arg(long = "alertmanager-url", env = "CRMGUARD_ALERTMANAGER_URLS", value_delimiter = ',')]
+    alertmanager_urls: Vec<String>,
     /// How often the posture PolicyReports (one per namespace) are recomputed, in seconds.
     #[arg(long, env = "CRMGUARD_POSTURE_SECONDS", default_value_t = 60)]
     posture_seconds: u64,
@@ -324,6 +329,9 @@ fn run_operator(args: RunArgs) -> Result<ExitCode, String> {
         posture_every: std::time::Duration::from_secs(args.posture_seconds.max(1)),
         vault_auth,
         audit: None,
+        alertmanagers: crmguard::alerting::Alertmanagers::new(
+            &args.alertmanager_urls.into_iter().filter(|u| !u.is_empty()).collect::<Vec<_>>(),
+        )?,
     };
     let (audit_args, audit_flush) =
         (args.audit.clone(), std::time::Duration::from_secs(args.audit_flush_seconds.max(1)));

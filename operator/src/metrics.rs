@@ -20,6 +20,11 @@ struct ControllerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
     controller: String,
     action: String,
@@ -98,6 +103,7 @@ pub struct Metrics {
     durations: Family<ControllerLabel, Histogram>,
     writes: Family<WriteLabels, Counter>,
     requests: Family<VerbLabel, Counter>,
+    alerts: Family<ResultLabel, Counter>,
     leader: Gauge,
     objects: Arc<HashMap<&'static str, Family<Labels, FloatGauge>>>,
     /// The series each object set last time: (kind, namespace, name) -> (metric, labels).
@@ -140,6 +146,12 @@ impl Default for Metrics {
             requests.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        let alerts = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "alerts",
+            "Alerts posted to Alertmanager, by result (sent: alerts delivered; failed: posts no Alertmanager took)",
+            alerts.clone(),
+        );
         let mut objects = HashMap::new();
         for (name, help) in OBJECT_GAUGES {
             let family = Family::<Labels, FloatGauge>::default();
@@ -153,6 +165,7 @@ impl Default for Metrics {
             durations,
             writes,
             requests,
+            alerts,
             leader,
             objects: Arc::new(objects),
             owned: Arc::default(),
@@ -174,6 +187,10 @@ impl Metrics {
         self.writes
             .get_or_create(&WriteLabels { controller: controller.into(), action: action.into() })
             .inc_by(n as u64);
+    }
+    /// Counts alerts delivered (`sent`) or posts refused (`failed`).
+    pub fn alerted(&self, result: &str, n: usize) {
+        self.alerts.get_or_create(&ResultLabel { result: result.into() }).inc_by(n as u64);
     }
     /// Counts a request to the Kubernetes API (see [`api_verb`]).
     pub fn requested(&self, verb: &'static str) {

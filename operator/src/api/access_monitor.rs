@@ -144,12 +144,68 @@ pub struct Rules {
     /// A burst of failed logins for one database user. Absent: not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_logins: Option<FailedLoginsRule>,
+    /// Learned volumes: an hour's reads of a table by a team far above that hour of the week in past weeks.
+    /// Absent: nothing is learned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineRule>,
 }
 
 impl Default for Rules {
     fn default() -> Self {
-        Rules { outside_grants: true, unknown_identity: true, ddl: None, read_volume: vec![], failed_logins: None }
+        Rules {
+            outside_grants: true,
+            unknown_identity: true,
+            ddl: None,
+            read_volume: vec![],
+            failed_logins: None,
+            baseline: None,
+        }
     }
+}
+
+/// A learned baseline of read volumes: the read statements of each team (by AccessPolicy and team; named identities
+/// by user) on each table in each hour (UTC), compared with the same hour of the week in the past `weeks` weeks. An
+/// hour is unusual when its reads rise above that hour's median by more than `spreads` robust spreads (1.4826 ×
+/// the median absolute deviation, at least one read) and reach `minReads`; the finding (`UnusualVolume`, made as
+/// soon as the count passes the limit, once per hour) shows the baseline. Nothing is flagged until `minWeeks` of
+/// that hour were observed whole (`minWeeks` is at most `weeks`). What was learned is kept in the ConfigMap
+/// `<monitor>-baseline` (counts only).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaselineRule {
+    /// Tables learned (`schema.table`, `database.table` on MariaDB); empty: every table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 127)))]
+    pub tables: Vec<String>,
+    /// Past weeks the baseline is learned from.
+    #[serde(default = "default_weeks")]
+    #[schemars(range(min = 1, max = 8))]
+    pub weeks: i32,
+    /// Weeks of an hour that must have been observed before its reads can be unusual.
+    #[serde(default = "default_min_weeks")]
+    #[schemars(range(min = 1, max = 8))]
+    pub min_weeks: i32,
+    /// How many robust spreads above the median an hour's reads must rise.
+    #[serde(default = "default_spreads")]
+    #[schemars(range(min = 1, max = 100))]
+    pub spreads: i32,
+    /// Fewer reads in an hour are never unusual (quiet tables stay quiet).
+    #[serde(default = "default_min_reads")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_reads: i32,
+}
+
+fn default_weeks() -> i32 {
+    4
+}
+fn default_min_weeks() -> i32 {
+    3
+}
+fn default_spreads() -> i32 {
+    6
+}
+fn default_min_reads() -> i32 {
+    20
 }
 
 fn default_true() -> bool {
@@ -212,7 +268,7 @@ pub struct FailedLoginsRule {
 #[x_kube(validation = Rule::new("self.revokeCredentials || has(self.quarantineThrough)").message("a response does something: set revokeCredentials: true and/or quarantineThrough: <NetworkGuard>"))]
 pub struct Response {
     /// The rules whose findings are responded to, e.g. `[ReadVolume, RevokedCredential]`.
-    #[schemars(length(min = 1, max = 6))]
+    #[schemars(length(min = 1, max = 7))]
     pub triggers: Vec<FindingRule>,
     /// Only record what would be done (status, Events, the audit trail); nothing is revoked or isolated.
     #[serde(default)]
@@ -279,6 +335,8 @@ pub enum FindingRule {
     ReadVolume,
     /// `rules.failedLogins`.
     FailedLogins,
+    /// `rules.baseline`: an hour's reads far above what was learned for that hour of the week.
+    UnusualVolume,
 }
 
 /// One finding.
@@ -384,6 +442,9 @@ crate::api::condition::reasons! {
         /// Part of the log could not be read (a line, or the lines of one second, longer than a read's limit) and
         /// was skipped; the note says from where to where.
         LinesSkipped,
+        /// No Alertmanager of the operator's `--alertmanager-url` took the alerts (the note has their answers);
+        /// they are posted again at every pass until one does (said once per outage).
+        AlertsUndelivered,
     }
 }
 

@@ -88,6 +88,7 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
     };
     let started = Instant::now();
     let mut minute = Minute::default();
+    let mut baseline = crate::monitor::baseline::Baseline::default();
     let (mut lines, mut accesses, mut records) = (0u64, 0u64, 0u64);
     let mut found_by: BTreeMap<String, u64> = BTreeMap::new();
     let mut batch = String::new();
@@ -107,7 +108,10 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
                 MonitoredEngine::Mysql => access::mariadb(&timed),
             };
             crate::monitor::attribution::mask_unknown_logins(&mut got, &ids);
-            let found = rules::check(&rules, &ids, &got, &mut minute);
+            let mut found = rules::check(&rules, &ids, &got, &mut minute);
+            if let Some(settings) = &rules.baseline {
+                found = rules::with_baseline(found, &mut baseline, settings, &ids, &got);
+            }
             for f in &found {
                 *found_by.entry(format!("{:?}", f.rule)).or_default() += 1;
                 if a.findings {

@@ -43,6 +43,10 @@ pub struct Context {
     pub backup_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<CrmBackupPolicy>>>>,
     /// The AccessPolicies as their controllers' watches hold them (the AccessMonitor's attribution), once listed.
     pub access_policies: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<DeserializeGuard<AccessPolicy>>>>,
+    /// Where AccessMonitors' findings and incidents are alerted (`--alertmanager-url`), if anywhere.
+    pub alertmanagers: Option<crate::alerting::Alertmanagers>,
+    /// Which policy-report API the cluster serves (AccessMonitors' findings reports).
+    pub reports: crate::k8s::reports::Served,
 }
 
 impl Context {

@@ -6,3 +6,4 @@ pub mod cache;
 pub mod events;
 pub mod managed_fields;
 pub mod meta;
+pub mod reports;

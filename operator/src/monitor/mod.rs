@@ -4,10 +4,11 @@
 //!
 //! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries; `server_audit`: MariaDB's audit plugin
 //! events; `access`: a pod's timestamped log lines as accesses; `attribution`: who a database user is; `rules`:
-//! findings and the summaries the audit trail keeps.
+//! findings and the summaries the audit trail keeps; `baseline`: learned volumes per team, table and hour of the week.
 
 pub mod access;
 pub mod attribution;
+pub mod baseline;
 pub mod pgaudit;
 pub mod redact;
 pub mod rules;

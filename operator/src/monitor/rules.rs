@@ -37,6 +37,7 @@ pub struct Rules {
     /// (tables, read statements allowed per minute).
     pub read_volume: Vec<(Vec<String>, u64)>,
     pub failed_logins: Option<u64>,
+    pub baseline: Option<super::baseline::Settings>,
 }
 
 impl Rules {
@@ -62,6 +63,7 @@ impl Rules {
             ddl,
             read_volume: r.read_volume.iter().map(|v| (v.tables.clone(), v.max_per_minute.max(1) as u64)).collect(),
             failed_logins: r.failed_logins.as_ref().map(|f| f.max_per_minute.max(1) as u64),
+            baseline: r.baseline.as_ref().map(super::baseline::Settings::of),
         }
     }
 }
@@ -226,7 +228,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 }
                 FindingRule::RevokedCredential => format!("{n} use(s) of the {identity}{on}: {what}"),
                 FindingRule::DdlOutsideWindow => format!("{n} DDL statement(s) outside the change windows by {identity}{on}: {what}"),
-                FindingRule::ReadVolume | FindingRule::FailedLogins => what,
+                FindingRule::ReadVolume | FindingRule::FailedLogins | FindingRule::UnusualVolume => what,
             };
             Found { rule, user, identity, object, message, at }
         })
@@ -234,6 +236,20 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
         .collect();
     out.sort_by_key(|f| (f.at, f.rule));
     out
+}
+
+/// `found` and the findings of the learned baseline over the same accesses, in order (the controller's and the
+/// replay's way alike).
+pub fn with_baseline(
+    mut found: Vec<Found>,
+    baseline: &mut super::baseline::Baseline,
+    settings: &super::baseline::Settings,
+    ids: &Identities,
+    accesses: &[Access],
+) -> Vec<Found> {
+    found.extend(baseline.check(settings, ids, accesses));
+    found.sort_by_key(|f| (f.at, f.rule));
+    found
 }
 
 /// The access stream's records of one read of the log: one per user, kind of access and object (how many, when),

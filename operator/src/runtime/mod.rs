@@ -54,6 +54,8 @@ pub struct RunOptions {
     /// How the operator logs in to Vault (AccessPolicy); the address is `build.vault_addr` unless a policy
     /// names its own.
     pub vault_auth: crate::vault::admin::OperatorAuth,
+    /// Where AccessMonitors' findings and incidents are alerted.
+    pub alertmanagers: Option<crate::alerting::Alertmanagers>,
 }
 
 /// Why the operator stopped.
@@ -260,6 +262,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         cache: cache.clone(),
         backup_policies: Default::default(),
         access_policies: Default::default(),
+        alertmanagers: opts.alertmanagers.clone(),
+        reports: Default::default(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };

@@ -1,19 +1,21 @@
-//! The posture writer: every interval, one PolicyReport (`wgpolicyk8s.io/v1alpha2`, name `crmguard`) per
-//! namespace that holds crmguard resources, computed from the controllers' caches, written only when a result
-//! changed; removed when the namespace's last crmguard resource goes. Scores also go to /metrics. Clusters
-//! without the PolicyReport CRD still get the metrics and `crmguard report`.
+//! The posture writer: every interval, one policy report (name `crmguard`; OpenReports' `Report` where served,
+//! else `wgpolicyk8s.io/v1alpha2` PolicyReport, see `k8s::reports`) per namespace that holds crmguard resources,
+//! computed from the controllers' caches, written only when a result changed; removed when the namespace's last
+//! crmguard resource goes. Scores also go to /metrics. Clusters without either CRD still get the metrics and
+//! `crmguard report`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::core::{ApiResource, DeserializeGuard, DynamicObject, GroupVersionKind};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use crate::api::{AccessPolicy, CrmBackupPolicy, NetworkGuard};
+use crate::k8s::reports::{self, ReportKind};
 use crate::metrics::Metrics;
 use crate::posture::{self, Inputs, Outcome};
 
@@ -78,20 +80,6 @@ impl Held {
     }
 }
 
-fn report_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", "PolicyReport");
-    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk_with_plural(&gvk, "policyreports"))
-}
-
-/// Whether the API server serves PolicyReports (`wgpolicyk8s.io/v1alpha2`): one discovery request.
-async fn report_served(client: &Client) -> Result<bool, kube::Error> {
-    match client.list_api_group_resources("wgpolicyk8s.io/v1alpha2").await {
-        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "policyreports")),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Results without their timestamps, to tell a real change from the clock moving.
 fn comparable(report: &Value) -> Value {
     let mut r = report.clone();
@@ -115,7 +103,8 @@ pub async fn run(
     reread: Duration,
     now: fn() -> jiff::Timestamp,
 ) {
-    let mut reported: BTreeSet<String> = BTreeSet::new();
+    // The namespaces written to, and the report kind used there.
+    let mut reported: BTreeMap<String, ReportKind> = BTreeMap::new();
     // What each namespace's report held when it was last read or written: while the assessment is the same, the
     // report is read again only after `reread` (to repair an edit by someone else).
     let mut known: BTreeMap<String, (Value, tokio::time::Instant)> = BTreeMap::new();
@@ -127,8 +116,8 @@ pub async fn run(
         let held = Held::of(&stores);
         let all = held.namespaces();
         let t = now();
-        // Whether the PolicyReport CRD is served, asked once per pass and only when a report is to be read.
-        let mut served: Option<bool> = None;
+        // Which report CRD is served, asked once per pass and only when a report is to be read.
+        let mut served: Option<Option<ReportKind>> = None;
         for ns in &all {
             let report = posture::assess(&held.inputs(ns), t);
             let mut samples = vec![("posture_score", vec![], f64::from(report.score))];
@@ -142,66 +131,69 @@ pub async fn run(
                 continue;
             }
             if served.is_none() {
-                served = match report_served(&client).await {
-                    Ok(yes) => Some(yes),
+                served = match reports::served(&client).await {
+                    Ok(kind) => Some(kind),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot tell whether the PolicyReport CRD is installed");
+                        tracing::warn!(error = %e, "cannot tell whether a policy report CRD is installed");
                         break;
                     }
                 };
             }
-            if served == Some(false) {
-                // No PolicyReport CRD: asked again at the next pass (one request for every namespace; a 404 of a
+            let Some(Some(kind)) = served else {
+                // No report CRD: asked again at the next pass (one request for every namespace; a 404 of a
                 // report would not tell a missing CRD from a missing report).
                 if !missing_crd_logged {
-                    tracing::warn!(
-                        "the PolicyReport CRD (wgpolicyk8s.io/v1alpha2) is not installed: the posture is on /metrics \
-                         and `crmguard report` only"
-                    );
+                    tracing::warn!("{}", reports::NOT_SERVED);
                     missing_crd_logged = true;
                 }
                 continue;
-            }
-            let api = report_api(&client, ns);
+            };
+            let api = kind.api(&client, ns);
             let current = match api.get_opt("crmguard").await {
                 Ok(c) => c.and_then(|c| serde_json::to_value(c).ok()),
                 Err(e) => {
-                    tracing::warn!(namespace = %ns, error = %e, "cannot read the PolicyReport");
+                    tracing::warn!(namespace = %ns, error = %e, kind = kind.kind, "cannot read the posture report");
                     continue;
                 }
             };
-            reported.insert(ns.clone());
+            reported.insert(ns.clone(), kind);
             if current.as_ref().is_some_and(|c| comparable(c) == wanted) {
                 known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                 continue;
             }
-            match api.patch("crmguard", &PatchParams::apply("crmguard/posture").force(), &Patch::Apply(&desired)).await
+            match api
+                .patch("crmguard", &PatchParams::apply("crmguard/posture").force(), &Patch::Apply(&kind.stamp(desired)))
+                .await
             {
                 Ok(_) => {
                     known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                     metrics.wrote("posture", "apply", 1);
                     let why = format!("score {}, {} failed", report.score, report.count(Outcome::Fail));
-                    audit.record("posture", "apply", "PolicyReport", ns, "crmguard", &why);
+                    audit.record("posture", "apply", kind.kind, ns, "crmguard", &why);
                     tracing::info!(namespace = %ns, score = report.score, fail = report.count(Outcome::Fail), "posture report written");
                 }
-                Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot write the PolicyReport"),
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, error = %e, kind = kind.kind, "cannot write the posture report")
+                }
             }
         }
         drop(held);
         let live: BTreeSet<(String, String)> = all.iter().map(|ns| (ns.clone(), "crmguard".to_string())).collect();
         metrics.retain_objects("PolicyReport", None, &live);
         known.retain(|ns, _| all.contains(ns));
-        for ns in reported.clone().iter().filter(|ns| !all.contains(*ns)) {
-            match report_api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
+        for (ns, kind) in reported.clone().iter().filter(|(ns, _)| !all.contains(*ns)) {
+            match kind.api(&client, ns).delete("crmguard", &DeleteParams::default()).await {
                 Ok(_) => {
                     metrics.wrote("posture", "delete", 1);
-                    audit.record("posture", "delete", "PolicyReport", ns, "crmguard", "no crmguard resources left");
+                    audit.record("posture", "delete", kind.kind, ns, "crmguard", "no crmguard resources left");
                     reported.remove(ns);
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     reported.remove(ns);
                 }
-                Err(e) => tracing::warn!(namespace = %ns, error = %e, "cannot delete the PolicyReport"),
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, error = %e, kind = kind.kind, "cannot delete the posture report")
+                }
             }
         }
     }

@@ -6,19 +6,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, LogParams};
 
-use super::{respond, validate};
+use super::{notify, respond, validate};
 use crate::api::access_monitor::conditions::{Clean, Collecting, Settled};
 use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, MonitoredEngine};
 use crate::api::condition::Status;
 use crate::api::{AccessMonitor, AccessPolicy};
 use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
-use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Reconcilable, Watch};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
+use crate::k8s::meta::{NAME_MAX, Owner, child_name};
 use crate::monitor::access::{self, Access};
 use crate::monitor::attribution::{Identities, TeamUsers, mask_unknown_logins};
+use crate::monitor::baseline::Baseline;
 use crate::monitor::rules::{self, Found, Minute};
 use crate::netpol::selector_matches;
 use crate::validation::FieldError;
@@ -37,13 +39,21 @@ struct State {
     identities_of: u64,
     /// Users not known when `identities` was built from those inputs.
     looked_up: BTreeSet<String>,
+    /// The alerts and report sent.
+    sent: notify::Sent,
+    /// The learned volumes (`rules.baseline`), once loaded from the monitor's ConfigMap.
+    baseline: Option<Baseline>,
 }
+
+/// The key of the learned baseline in the monitor's ConfigMap.
+pub const BASELINE_KEY: &str = "baseline.json";
 
 impl Reconcilable for AccessMonitor {
     const CONTROLLER: &'static str = "accessmonitor";
     type Status = AccessMonitorStatus;
     /// A database pod that comes or goes (or is relabelled) is read at once.
-    const WATCHES: &'static [Watch] = &[Watch::Pods];
+    /// The baseline's ConfigMap is the monitor's child (written when an hour is learned, repaired when edited).
+    const WATCHES: &'static [Watch] = &[Watch::Pods, Watch::Owns(Other::ConfigMap)];
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
@@ -54,7 +64,15 @@ impl Reconcilable for AccessMonitor {
         let uid = v.owner.uid.clone();
         let mut state: State = ctx.cache.last_memo(Self::CONTROLLER, &uid).unwrap_or_default();
         let before = self.status.clone().unwrap_or_default();
-        let mut d = Desired::<Self::Status> { requeue_after: Some(v.interval), ..Desired::default() };
+        let mut d = Desired::<Self::Status> {
+            owner: Some(v.owner.clone()),
+            prune: vec![("v1", "ConfigMap")],
+            requeue_after: Some(v.interval),
+            ..Desired::default()
+        };
+        if v.rules.baseline.is_some() && state.baseline.is_none() {
+            state.baseline = Some(load_baseline(ctx, self, &ns, &uid).await?);
+        }
         d.status = AccessMonitorStatus { observed_generation: None, conditions: vec![], ..before.clone() };
         let Some(pod) = database_pod(ctx, self, &ns).await? else {
             d.conditions.push(Cond::new(
@@ -63,7 +81,9 @@ impl Reconcilable for AccessMonitor {
                 "no pod of this namespace that has not finished matches spec.database.podSelector: check it against \
                  the database pod's labels (kubectl get pods --show-labels)",
             ));
-            settle(ctx, self, &state.identities, &mut d).await?;
+            settle(ctx, self, &v.owner, &mut state, &mut d).await?;
+            keep_baseline(self, &v.owner, &state, &mut d)?;
+            ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
             return Ok(Ok(d));
         };
         // Resume after the last line read, as the status records it: a pass whose status write failed is read
@@ -93,7 +113,9 @@ impl Reconcilable for AccessMonitor {
                     Status::False,
                     format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
                 ));
-                settle(ctx, self, &state.identities, &mut d).await?;
+                settle(ctx, self, &v.owner, &mut state, &mut d).await?;
+                keep_baseline(self, &v.owner, &state, &mut d)?;
+                ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
                 return Ok(Ok(d));
             }
             Err(e) => return Err(e.into()),
@@ -127,7 +149,14 @@ impl Reconcilable for AccessMonitor {
         let now = (ctx.now)();
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
         mask_unknown_logins(&mut accesses, &state.identities);
-        let found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
+        let mut found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
+        if let (Some(settings), Some(b)) = (&v.rules.baseline, state.baseline.as_mut()) {
+            found = rules::with_baseline(found, b, settings, &state.identities, &accesses);
+            // The log is read up to now: an hour that has ended without a line is a quiet hour.
+            if !cut {
+                b.advance(now.as_second().div_euclid(3600), settings.weeks);
+            }
+        }
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
         let response = self.spec.response.as_ref();
@@ -166,6 +195,10 @@ impl Reconcilable for AccessMonitor {
             format!("reading the log of pod {pod}{container} every {}", self.spec.interval),
         ));
         summary(self, &mut d);
+        if let Some(e) = notify::notify(ctx, self, &v.owner, &d.status, &found, &mut state.sent).await {
+            d.events.push(Note::warning(AccessMonitorEvent::AlertsUndelivered, e));
+        }
+        keep_baseline(self, &v.owner, &state, &mut d)?;
         if cut {
             d.requeue_after = Some(Duration::from_millis(200));
         }
@@ -174,16 +207,61 @@ impl Reconcilable for AccessMonitor {
     }
 }
 
-/// A pass that read nothing: acknowledgements and pending incidents are still handled, the conditions summed up.
+/// The learned baseline as it was saved in the monitor's ConfigMap, or a new one (none saved, or not this
+/// monitor's, or unreadable: said in the log).
+async fn load_baseline(ctx: &Context, m: &AccessMonitor, ns: &str, uid: &str) -> Result<Baseline, Error> {
+    let name = baseline_name(m);
+    let Some(cm) = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns).get_opt(&name).await? else {
+        return Ok(Baseline::default());
+    };
+    let ours = cm.metadata.owner_references.iter().flatten().any(|r| r.uid == uid && r.controller == Some(true));
+    let saved = cm.data.as_ref().and_then(|d| d.get(BASELINE_KEY));
+    match saved.map(|j| serde_json::from_str::<Baseline>(j)) {
+        Some(Ok(b)) if ours => Ok(b.loaded()),
+        Some(Err(e)) if ours => {
+            tracing::warn!(configmap = %name, error = %e, "the saved baseline cannot be read; learning starts again");
+            Ok(Baseline::default())
+        }
+        _ => Ok(Baseline::default()),
+    }
+}
+
+fn baseline_name(m: &AccessMonitor) -> String {
+    child_name(m.metadata.name.as_deref().unwrap_or_default(), "baseline", NAME_MAX)
+}
+
+/// The baseline's ConfigMap among the children (absent without `rules.baseline`, so it is pruned).
+fn keep_baseline(
+    m: &AccessMonitor,
+    owner: &Owner,
+    state: &State,
+    d: &mut Desired<AccessMonitorStatus>,
+) -> Result<(), Error> {
+    let Some(b) = state.baseline.as_ref().filter(|_| m.spec.rules.baseline.is_some()) else { return Ok(()) };
+    let json = serde_json::to_string(b).map_err(|e| Error::Serialize(e.to_string()))?;
+    let cm = ConfigMap {
+        metadata: owner.child_meta(baseline_name(m), "access-baseline"),
+        data: Some(BTreeMap::from([(BASELINE_KEY.to_string(), json)])),
+        ..ConfigMap::default()
+    };
+    d.child(&serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": cm.metadata, "data": cm.data}))
+}
+
+/// A pass that read nothing: acknowledgements and pending incidents are still handled (and alerted, reported),
+/// the conditions summed up.
 async fn settle(
     ctx: &Context,
     m: &AccessMonitor,
-    ids: &Identities,
+    owner: &Owner,
+    state: &mut State,
     d: &mut Desired<AccessMonitorStatus>,
 ) -> Result<(), Error> {
-    let o = respond::respond(ctx, m, m.spec.response.as_ref(), &[], ids, &mut d.status.incidents).await?;
+    let o = respond::respond(ctx, m, m.spec.response.as_ref(), &[], &state.identities, &mut d.status.incidents).await?;
     d.events.extend(o.events);
     summary(m, d);
+    if let Some(e) = notify::notify(ctx, m, owner, &d.status, &[], &mut state.sent).await {
+        d.events.push(Note::warning(AccessMonitorEvent::AlertsUndelivered, e));
+    }
     Ok(())
 }
 

@@ -390,10 +390,10 @@ pub async fn install_chart_rbac(cluster: &Cluster, admission: Admission) -> Stri
             || (admission == Admission::WithPolicy && kind.starts_with("ValidatingAdmissionPolicy"))
     })
     .await;
-    let expected = if admission == Admission::WithPolicy { 11 } else { 7 };
+    let expected = if admission == Admission::WithPolicy { 13 } else { 7 };
     assert_eq!(
         rbac, expected,
-        "the chart's 2 ClusterRoles, 2 ClusterRoleBindings, Role, RoleBinding, ServiceAccount (+ 2 policies and bindings)"
+        "the chart's 2 ClusterRoles, 2 ClusterRoleBindings, Role, RoleBinding, ServiceAccount (+ 3 policies and bindings)"
     );
     if admission == Admission::WithPolicy {
         // The API server compiles new admission policies asynchronously: wait until this one refuses (a dry

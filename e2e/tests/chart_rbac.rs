@@ -320,3 +320,74 @@ async fn an_access_policy_author_gains_nothing_through_crmguard() {
     assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "mallory reads no Secret: {r:?}");
     assert!(!op.logs().contains("forbidden"), "the operator was refused nothing:\n{}", op.logs());
 }
+
+/// The chart's `access-monitors` ValidatingAdmissionPolicy on the real API server: an AccessMonitor makes the
+/// operator read a database pod's log and report who touched which table, so writing one must need what reading
+/// that log needs. Expected, from the policy's documentation and the Kubernetes authorizer (`get` on `pods/log` in
+/// the namespace): dan (may write AccessMonitors, may not read logs) is refused a new monitor and a change of an
+/// existing one's spec, but may acknowledge an incident (an annotation); erin (may also get pods/log) may create and
+/// change one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_monitor_author_must_be_able_to_read_the_pods_logs() {
+    use crmguard::api::AccessMonitor;
+    use kube::api::{Patch, PatchParams};
+    let cluster = Cluster::start("am-authors").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    e2e::install_chart_rbac(&cluster, e2e::Admission::WithPolicy).await;
+    let grants = [
+        (
+            "monitor-authors",
+            json!([{"apiGroups": ["crmguard.io"], "resources": ["accessmonitors"],
+            "verbs": ["get", "create", "update", "patch"]}]),
+            vec!["dan", "erin"],
+        ),
+        ("log-readers", json!([{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]), vec!["erin"]),
+    ];
+    for (name, rules, users) in grants {
+        let role = json!({"metadata": {"name": name}, "rules": rules});
+        Api::<Role>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &serde_json::from_value(role).unwrap())
+            .await
+            .unwrap();
+        let subjects: Vec<_> =
+            users.iter().map(|u| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": u})).collect();
+        let binding = json!({"metadata": {"name": name}, "subjects": subjects,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}});
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &serde_json::from_value(binding).unwrap())
+            .await
+            .unwrap();
+    }
+    let as_user = |name: &str| {
+        let (kc, ns) = (cluster.cp.kubeconfig_for(name, &[]), ns.clone());
+        async move { Api::<AccessMonitor>::namespaced(e2e::ControlPlane::client_for(&kc).await, &ns) }
+    };
+    let (dan, erin) = (as_user("dan").await, as_user("erin").await);
+    let monitor = |name: &str| -> AccessMonitor {
+        serde_json::from_value(json!({"apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
+            "metadata": {"name": name},
+            "spec": {"database": {"engine": "postgres", "podSelector": {"matchLabels": {"app": "crm-db"}}}}}))
+        .unwrap()
+    };
+    // The API server compiles a new policy asynchronously: a dry run until it refuses.
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    let refusal = eventually(30, "the access-monitors admission policy to be in effect", || async {
+        match dan.create(&dry, &monitor("dans")).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => Ok(s.message),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(refusal.contains(&format!("only those who may get pods/log in namespace {ns}")), "{refusal}");
+    assert!(refusal.contains("and dan may not"), "{refusal}");
+    let r = dan.create(&PostParams::default(), &monitor("dans")).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "dan's monitor: {r:?}");
+    erin.create(&PostParams::default(), &monitor("crm-db")).await.unwrap();
+    let spec = json!({"spec": {"interval": "10s"}});
+    let r = dan.patch("crm-db", &PatchParams::default(), &Patch::Merge(&spec)).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "dan's change of the spec: {r:?}");
+    let ack = json!({"metadata": {"annotations": {"crmguard.io/acknowledge": "sales-1796290714"}}});
+    dan.patch("crm-db", &PatchParams::default(), &Patch::Merge(&ack)).await.unwrap();
+    let changed = erin.patch("crm-db", &PatchParams::default(), &Patch::Merge(&spec)).await.unwrap();
+    assert_eq!(changed.spec.interval, "10s");
+}

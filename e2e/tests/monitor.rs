@@ -489,6 +489,11 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
     let (su2, sp2) = m.credentials(Some(&su)).await;
     assert_eq!(m.pg.try_sql_as("crm", &su2, &sp2, "SELECT count(*) FROM contacts").as_deref(), Ok("20"));
     m.notes("IncidentAcknowledged", 1).await;
+    // The revoked credential's user is remembered in status (an operator restart keeps knowing it as revoked).
+    m.until("the revoked user in status", |s| {
+        s.revoked_users.iter().any(|r| r.user == su && r.team == "sales" && r.access_policy == "crm-access")
+    })
+    .await;
 
     // A dry run: the next bulk read opens an incident that only says what it would do.
     let dry = json!({"spec": {"response": {"triggers": ["ReadVolume"], "dryRun": true, "revokeCredentials": true,
@@ -605,8 +610,9 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
     let hour = learned["hour"].as_i64().unwrap();
     let now = jiff::Timestamp::now().as_second() / 3600;
     assert!(hour == now || hour == now - 1, "the hour counted: {learned}");
+    let bulk = format!("SELECT * FROM invoices WHERE customer = '{SECRET}' OR total > 0");
     for _ in 0..10 {
-        if m.pg.try_sql_as("crm", &su, &sp, "SELECT * FROM invoices").is_err() {
+        if m.pg.try_sql_as("crm", &su, &sp, &bulk).is_err() {
             break;
         }
     }
@@ -694,9 +700,17 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
     })
     .await;
 
-    let out = format!("{}\n{report}\n{}", serde_json::to_string(&am.alerts()).unwrap(), am.logs());
+    let posture = serde_json::to_string(&reports.get("crmguard").await.unwrap()).unwrap();
+    let baseline = serde_json::to_string(&cms.get("crm-db-baseline").await.unwrap()).unwrap();
+    let out = format!(
+        "{}\n{report}\n{}\n{posture}\n{baseline}\n{}",
+        serde_json::to_string(&am.alerts()).unwrap(),
+        am.logs(),
+        m.everything().await
+    );
+    assert!(out.contains("public.invoices"), "what is checked holds the accesses");
     for leak in [SECRET, sp.as_str(), m.pg.password.as_str()] {
-        assert!(!out.contains(leak), "{leak:?} leaked into Alertmanager or the report");
+        assert!(!out.contains(leak), "{leak:?} leaked into Alertmanager, a report, the baseline, Events or the log");
     }
     // The report goes with its monitor.
     m.monitors.delete("crm-db", &Default::default()).await.unwrap();

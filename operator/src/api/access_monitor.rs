@@ -168,8 +168,9 @@ impl Default for Rules {
 /// hour is unusual when its reads rise above that hour's median by more than `spreads` robust spreads (1.4826 ×
 /// the median absolute deviation, at least one read) and reach `minReads`; the finding (`UnusualVolume`, made as
 /// soon as the count passes the limit, once per hour) shows the baseline. Nothing is flagged until `minWeeks` of
-/// that hour were observed whole (`minWeeks` is at most `weeks`). What was learned is kept in the ConfigMap
-/// `<monitor>-baseline` (counts only).
+/// that hour were observed whole (`minWeeks` is at most `weeks`): hours the log was not read through (no pod, an
+/// unreadable log, an operator restart) are not observed. What was learned (counts only, at most 200 team and table
+/// pairs) is kept in the ConfigMap `<monitor>-baseline`, written when an hour was learned.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BaselineRule {
@@ -387,6 +388,24 @@ pub struct AccessMonitorStatus {
     /// Incidents responded to, newest first: every open one and the newest acknowledged ones, at most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub incidents: Vec<Incident>,
+    /// Team credentials seen revoked (gone from the team's Secret), newest first, at most 100, each kept 30 days:
+    /// their later use is a `RevokedCredential` finding, also after an operator restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_users: Vec<RevokedUser>,
+}
+
+/// A team's database user whose credential was revoked.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedUser {
+    /// The database user.
+    pub user: String,
+    /// The team whose credential it was.
+    pub team: String,
+    /// The AccessPolicy that issued it.
+    pub access_policy: String,
+    /// When the monitor saw it gone from the team's Secret.
+    pub since: Time,
 }
 
 /// An AccessMonitor's conditions besides `Ready`.
@@ -445,6 +464,9 @@ crate::api::condition::reasons! {
         /// No Alertmanager of the operator's `--alertmanager-url` took the alerts (the note has their answers);
         /// they are posted again at every pass until one does (said once per outage).
         AlertsUndelivered,
+        /// The monitor's findings report or baseline ConfigMap could not be written: an object of its name exists
+        /// and belongs to someone else, and is left alone (the note names it and its holder; said once).
+        NameTaken,
     }
 }
 

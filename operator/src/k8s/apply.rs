@@ -67,6 +67,43 @@ pub enum ApplyError {
     OwnedByAnother(Vec<(String, String)>),
 }
 
+/// What [`apply_owned`] did.
+#[derive(Debug)]
+pub enum Owned {
+    /// Written (created, or updated as `owner`'s).
+    Applied,
+    /// An object of that name exists and is not `owner`'s: left alone; who holds it.
+    Held(String),
+}
+
+/// Server-side applies `body` (named `name`, with `owner` as its controller) unless an object of that name exists
+/// that `owner` does not control: crmguard never takes over what someone else holds (a write that would be a way
+/// for whoever names a resource to overwrite, and through garbage collection delete, another tool's object). For
+/// objects outside the children's pipeline (optional kinds, e.g. policy reports).
+pub async fn apply_owned(
+    api: &Api<DynamicObject>,
+    name: &str,
+    body: &Value,
+    owner: &Owner,
+    manager: &str,
+) -> Result<Owned, kube::Error> {
+    let mut body = body.clone();
+    // The version read (or, for an absent object, one no stored object has): an object made or changed in
+    // between makes the server refuse the write (409), and the next pass looks again.
+    body["metadata"]["resourceVersion"] = match api.get_opt(name).await? {
+        Some(current) => {
+            let current = serde_json::to_value(current).unwrap_or_default();
+            if let Some(h) = holder(&current, owner) {
+                return Ok(Owned::Held(h));
+            }
+            current["metadata"]["resourceVersion"].clone()
+        }
+        None => CREATE_ONLY.into(),
+    };
+    api.patch(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await?;
+    Ok(Owned::Applied)
+}
+
 /// Who holds an object that is not `owner`'s: its controller, or nobody crmguard knows.
 fn holder(current: &Value, owner: &Owner) -> Option<String> {
     let refs = current["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();

@@ -2,13 +2,14 @@
 //! team's lease is recorded on the team's Secret (`crmguard.io/username`, and `crmguard.io/previous-username` while
 //! a replaced credential is in its grace period), so a statement is attributed to the team, its AccessPolicy and
 //! the grants it holds. Users crmguard does not issue are named by the monitor's spec; any other is unknown, and a
-//! team's user that is no longer on its Secret was revoked.
+//! team's user that is no longer on its Secret was revoked (remembered in the monitor's status for 30 days).
 
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::access_monitor::KnownIdentity;
+use crate::api::access_monitor::{KnownIdentity, RevokedUser};
 use crate::api::access_policy::{AccessPolicy, SqlPrivilege};
 
 /// A team's privileges on one table (`schema.table`).
@@ -123,10 +124,58 @@ impl Identities {
         self.users.get(user).unwrap_or(&Who::Unknown)
     }
 
+    /// The revoked team users: (user, team, AccessPolicy).
+    pub fn revoked(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.users.iter().filter_map(|(u, w)| match w {
+            Who::Revoked { team, policy } => Some((u.as_str(), team.as_str(), policy.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Adds revoked team users remembered elsewhere (the monitor's status, after a restart); known users keep who
+    /// they are.
+    pub fn remember_revoked<'a>(&mut self, revoked: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) {
+        for (user, team, policy) in revoked {
+            self.users
+                .entry(user.to_string())
+                .or_insert_with(|| Who::Revoked { team: team.into(), policy: policy.into() });
+        }
+    }
+
+    /// Forgets the revoked users not in `keep` (they become unknown: their use is still a finding).
+    pub fn forget_revoked_except(&mut self, keep: &std::collections::BTreeSet<String>) {
+        self.users.retain(|u, w| !matches!(w, Who::Revoked { .. }) || keep.contains(u));
+    }
+
     /// Whether `user` is known at all (a team's, revoked or named).
     pub fn knows(&self, user: &str) -> bool {
         self.users.contains_key(user)
     }
+}
+
+/// Revoked team users are remembered this long after they were seen revoked.
+pub const REVOKED_KEPT_DAYS: i64 = 30;
+/// At most this many.
+pub const REVOKED_KEPT: usize = 100;
+
+/// The revoked users `ids` knows, as the monitor's status keeps them: since when (from `previous`, else `now`),
+/// newest first, at most [`REVOKED_KEPT`], none older than [`REVOKED_KEPT_DAYS`]; `ids` forgets the others.
+pub fn keep_revoked(previous: &[RevokedUser], ids: &mut Identities, now: Timestamp) -> Vec<RevokedUser> {
+    let oldest = now.checked_sub(jiff::SignedDuration::from_hours(24 * REVOKED_KEPT_DAYS)).unwrap_or(now);
+    let mut kept: Vec<RevokedUser> = ids
+        .revoked()
+        .map(|(user, team, policy)| RevokedUser {
+            user: user.into(),
+            team: team.into(),
+            access_policy: policy.into(),
+            since: previous.iter().find(|p| p.user == user).map_or(Time(now), |p| p.since.clone()),
+        })
+        .filter(|r| r.since.0 >= oldest)
+        .collect();
+    kept.sort_by(|a, b| b.since.0.cmp(&a.since.0).then_with(|| a.user.cmp(&b.user)));
+    kept.truncate(REVOKED_KEPT);
+    ids.forget_revoked_except(&kept.iter().map(|r| r.user.clone()).collect());
+    kept
 }
 
 /// A failed login's user name comes from the client, and is often a password typed into the wrong field: for a
@@ -182,6 +231,30 @@ mod tests {
         let dropped = Identities::build(&[], &[], &known, &third, now);
         assert_eq!(dropped.who("v-sales-2"), &Who::Unknown);
         assert_eq!(dropped.who("v-sales-1"), &Who::Unknown);
+    }
+
+    /// A revoked user is kept with the time it was first seen revoked, remembered across a restart (built again
+    /// from the status), and forgotten after 30 days: then it is unknown, still a finding.
+    #[test]
+    fn revoked_users_survive_a_restart_through_the_status_for_thirty_days() {
+        let now: Timestamp = "2026-12-03T00:00:00Z".parse().unwrap();
+        let team = |u: &str| [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec![u.into()] }];
+        let first = Identities::build(&[policy()], &team("v-sales-1"), &[], &Identities::default(), now);
+        let mut second = Identities::build(&[policy()], &team("v-sales-2"), &[], &first, now);
+        let status = keep_revoked(&[], &mut second, now);
+        assert_eq!(status.len(), 1);
+        assert_eq!((status[0].user.as_str(), status[0].since.0), ("v-sales-1", now));
+        // A restart: nothing in memory, the status remembered.
+        let mut before = Identities::default();
+        before.remember_revoked(status.iter().map(|r| (r.user.as_str(), r.team.as_str(), r.access_policy.as_str())));
+        let later = now.checked_add(jiff::SignedDuration::from_hours(24)).unwrap();
+        let mut restarted = Identities::build(&[policy()], &team("v-sales-2"), &[], &before, later);
+        assert!(matches!(restarted.who("v-sales-1"), Who::Revoked { .. }), "{:?}", restarted.who("v-sales-1"));
+        let kept = keep_revoked(&status, &mut restarted, later);
+        assert_eq!(kept[0].since.0, now, "first seen revoked before the restart");
+        let month = now.checked_add(jiff::SignedDuration::from_hours(24 * 31)).unwrap();
+        assert_eq!(keep_revoked(&kept, &mut restarted, month), vec![]);
+        assert_eq!(restarted.who("v-sales-1"), &Who::Unknown);
     }
 
     #[test]

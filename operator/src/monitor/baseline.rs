@@ -16,8 +16,10 @@ use crate::api::access_monitor::{BaselineRule, FindingRule};
 
 /// Hours in a week.
 pub const WEEK: i64 = 168;
-/// Most (identity, table) pairs learned; reads of further pairs are not learned (said in the finding-free status).
-pub const MAX_KEYS: usize = 500;
+/// Most (identity, table) pairs learned; reads of further pairs are not learned (and so never unusual).
+pub const MAX_PAIRS: usize = 200;
+/// Most bytes of the saved baseline (a ConfigMap holds 1 MiB): beyond, the oldest weeks are dropped.
+pub const MAX_BYTES: usize = 900 << 10;
 
 /// The rule's settings, checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,7 +50,7 @@ impl Settings {
 #[serde(rename_all = "camelCase")]
 pub struct Baseline {
     /// Finished hours (hours since the epoch, UTC) that were read whole: an hour missing here was not observed (the
-    /// monitor did not exist, or the operator restarted during it), not quiet.
+    /// monitor did not exist, the operator restarted during it, or the log could not be read), not quiet.
     #[serde(default)]
     pub observed: BTreeSet<i64>,
     /// Reads per identity (`team <policy>/<team>` or `identity <user>`), table and finished hour; hours without a
@@ -60,6 +62,14 @@ pub struct Baseline {
     pub hour: i64,
     #[serde(default)]
     pub whole: bool,
+    /// The log was not read for a while (no pod, an unreadable log, another pod): the hours until the next read are
+    /// not observed.
+    #[serde(default)]
+    pub gap: bool,
+    /// The time of the last access counted (microseconds since the epoch): a pass read again (its status was not
+    /// written) counts nothing twice. Not saved: the hour being counted is not learned after a restart anyway.
+    #[serde(skip)]
+    pub counted_until: Option<i64>,
     /// The hour's reads so far, and the pairs already flagged in it.
     #[serde(skip)]
     current: BTreeMap<(String, String), u64>,
@@ -122,10 +132,48 @@ fn hour_of_week(hour: i64) -> String {
 }
 
 impl Baseline {
-    /// After a restart: the hour the saved baseline was counting is not whole any more.
-    pub fn loaded(mut self) -> Baseline {
+    /// A saved baseline, for a restart: the hour it was counting is not whole any more. Refused when its hours do
+    /// not lie within its `weeks` before `now_hour` (an edited or foreign ConfigMap must not stop the learning, or
+    /// make a pass run through years of hours).
+    pub fn load(json: &str, now_hour: i64, weeks: i64) -> Result<Baseline, String> {
+        let mut b: Baseline = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let (from, to) = (now_hour - weeks * WEEK - 1, now_hour + 1);
+        let inside = |h: &i64| (from..=to).contains(h);
+        let hours_inside = b.observed.iter().all(inside)
+            && b.reads.values().flat_map(|t| t.values()).flat_map(|h| h.keys()).all(inside);
+        if b.hour != 0 && !inside(&b.hour) || !hours_inside {
+            return Err(format!("its hours are not within the {weeks} weeks before now"));
+        }
+        if b.reads.values().map(BTreeMap::len).sum::<usize>() > MAX_PAIRS {
+            return Err(format!("it holds more than {MAX_PAIRS} identity and table pairs"));
+        }
+        b.whole = false;
+        Ok(b)
+    }
+
+    /// The log was not read (no pod, an unreadable log, another pod's log): the hour being counted and those up to
+    /// the next read are not learned.
+    pub fn interrupted(&mut self) {
         self.whole = false;
-        self
+        self.gap = true;
+    }
+
+    /// As saved in the ConfigMap: at most [`MAX_BYTES`] (the oldest weeks go first).
+    pub fn to_json(&self) -> String {
+        let mut b = self.clone();
+        loop {
+            let json = serde_json::to_string(&b).unwrap_or_default();
+            let Some(&first) = b.observed.first() else { return json };
+            if json.len() <= MAX_BYTES {
+                return json;
+            }
+            tracing::warn!(bytes = json.len(), "the learned baseline is too large to save: its oldest week is dropped");
+            let keep = first + WEEK;
+            b.observed.retain(|h| *h >= keep);
+            for hours in b.reads.values_mut().flat_map(|t| t.values_mut()) {
+                hours.retain(|h, _| *h >= keep);
+            }
+        }
     }
 
     /// Moves the count to `hour`: a finished hour that was read whole is learned (pairs without a read count 0),
@@ -140,20 +188,25 @@ impl Baseline {
             if self.whole {
                 self.observed.insert(self.hour);
                 for ((who, table), n) in std::mem::take(&mut self.current) {
-                    if self.reads.len() < MAX_KEYS || self.reads.contains_key(&who) {
+                    let pairs: usize = self.reads.values().map(BTreeMap::len).sum();
+                    let known = self.reads.get(&who).is_some_and(|t| t.contains_key(&table));
+                    if known || pairs < MAX_PAIRS {
                         self.reads.entry(who).or_default().entry(table).or_default().insert(self.hour, n);
                     }
                 }
             }
-            // The hours between were read (the log is read in order) and had no line.
-            for h in (self.hour + 1)..hour {
-                self.observed.insert(h);
+            // The hours between were read (the log is read in order) and had no line, unless reading stopped.
+            if !self.gap {
+                for h in (self.hour + 1).max(hour - weeks * WEEK)..hour {
+                    self.observed.insert(h);
+                }
             }
         }
         self.current.clear();
         self.flagged.clear();
-        // The first hour of a new baseline began before the monitor read it.
-        self.whole = !first;
+        // The first hour of a new baseline began before the monitor read it; so did one after a gap.
+        self.whole = !first && !self.gap;
+        self.gap = false;
         self.hour = hour;
         let oldest = hour - weeks * WEEK;
         self.observed.retain(|h| *h >= oldest);
@@ -180,7 +233,9 @@ impl Baseline {
     /// reads in the hour rise above its baseline (with enough weeks observed).
     pub fn check(&mut self, s: &Settings, ids: &Identities, accesses: &[Access]) -> Vec<Found> {
         let mut out = Vec::new();
-        for a in accesses {
+        let counted = self.counted_until;
+        for a in accesses.iter().filter(|a| counted.is_none_or(|c| a.at.as_microsecond() > c)) {
+            self.counted_until = Some(a.at.as_microsecond());
             self.advance(hour_of(a.at), s.weeks);
             if a.kind != Kind::Read {
                 continue;
@@ -321,7 +376,8 @@ mod tests {
             f.message
         );
         // The application's user on a table it never read at that hour: its own baseline (0 0 0 0), minReads first.
-        let app = reads(H0 + 5 * WEEK, 10, "crm_app", "crm.contacts");
+        let later = |a: Access| Access { at: a.at.checked_add(jiff::SignedDuration::from_secs(30)).unwrap(), ..a };
+        let app: Vec<Access> = reads(H0 + 5 * WEEK, 10, "crm_app", "crm.contacts").into_iter().map(later).collect();
         let found = b.check(&s, &ids, &app);
         assert_eq!(found.len(), 1);
         assert!(found[0].message.contains("median 0, robust spread 1.0, limit 6.0"), "{}", found[0].message);
@@ -343,15 +399,54 @@ mod tests {
         b.check(&s, &ids, &reads(H0 + 3 * WEEK, 5, "nobody", "crm.invoices"));
         // Saved mid-hour and loaded: the hour it was in is not learned, the weeks before are kept.
         let saved = serde_json::to_string(&b).unwrap();
-        let mut b: Baseline = serde_json::from_str::<Baseline>(&saved).unwrap().loaded();
+        let mut b = Baseline::load(&saved, H0 + 3 * WEEK, s.weeks).unwrap();
         b.advance(H0 + 3 * WEEK + 1, s.weeks);
         assert!(!b.observed.contains(&(H0 + 3 * WEEK)), "a partial hour is not observed");
         assert!(b.observed.contains(&(H0 + WEEK)) && b.observed.contains(&(H0 + 2 * WEEK)));
         assert!(b.observed.contains(&(H0 + WEEK + 1)), "a quiet hour the log was read through is observed");
         assert!(!b.observed.contains(&H0), "the monitor's first hour is partial");
         assert_eq!(b.reads.keys().collect::<Vec<_>>(), ["team crm-access/sales"], "unknown users teach nothing");
+        // A pass read again (its status was not written) counts nothing twice.
+        let again = reads(H0 + 3 * WEEK + 1, 3, "v-sales-2", "crm.invoices");
+        b.check(&s, &ids, &again);
+        b.check(&s, &ids, &again);
+        assert_eq!(b.current.values().sum::<u64>(), 3);
         // Weeks older than `weeks` are forgotten.
         b.advance(H0 + 9 * WEEK, s.weeks);
         assert!(b.observed.iter().all(|h| *h >= H0 + 5 * WEEK) && b.reads.is_empty(), "{b:?}");
+    }
+
+    /// Hours the log was not read through (the pod was gone, the log unreadable) are not quiet hours: not observed,
+    /// nor is the hour reading stopped in or the one it resumed in.
+    #[test]
+    fn hours_without_reading_are_not_learned_as_quiet() {
+        let mut b = Baseline::default();
+        b.advance(H0, 4);
+        b.advance(H0 + 1, 4);
+        b.advance(H0 + 2, 4);
+        b.interrupted();
+        b.advance(H0 + 10, 4);
+        b.advance(H0 + 11, 4);
+        assert_eq!(b.observed.iter().copied().collect::<Vec<_>>(), [H0 + 1], "{b:?}");
+        b.advance(H0 + 12, 4);
+        assert!(b.observed.contains(&(H0 + 11)));
+    }
+
+    /// A saved baseline whose hours lie outside its weeks (edited, or another's) is not used: a far-past hour
+    /// would make the first pass walk through years of hours, a future one stop all learning.
+    #[test]
+    fn a_saved_baseline_out_of_its_window_is_refused() {
+        let now = H0 + 5 * WEEK;
+        let ok = Baseline { hour: now - 2, whole: true, observed: [now - 3].into(), ..Baseline::default() };
+        let b = Baseline::load(&serde_json::to_string(&ok).unwrap(), now, 4).unwrap();
+        assert!(!b.whole, "the hour a restart cut is not whole");
+        for bad in [
+            Baseline { hour: 1, ..ok.clone() },
+            Baseline { hour: now + 100, ..ok.clone() },
+            Baseline { observed: [now - 9 * WEEK].into(), ..ok.clone() },
+        ] {
+            let e = Baseline::load(&serde_json::to_string(&bad).unwrap(), now, 4).unwrap_err();
+            assert!(e.contains("not within the 4 weeks"), "{e}");
+        }
     }
 }

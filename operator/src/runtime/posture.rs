@@ -156,7 +156,7 @@ pub async fn run(
                     continue;
                 }
             };
-            reported.insert(ns.clone(), kind);
+            let before = reported.insert(ns.clone(), kind);
             if current.as_ref().is_some_and(|c| comparable(c) == wanted) {
                 known.insert(ns.clone(), (wanted, tokio::time::Instant::now()));
                 continue;
@@ -170,6 +170,12 @@ pub async fn run(
                     metrics.wrote("posture", "apply", 1);
                     let why = format!("score {}, {} failed", report.score, report.count(Outcome::Fail));
                     audit.record("posture", "apply", kind.kind, ns, "crmguard", &why);
+                    // Written as the other kind before (the cluster's report CRDs changed): that one goes.
+                    if let Some(old) = before.filter(|k| *k != kind)
+                        && old.api(&client, ns).delete("crmguard", &DeleteParams::default()).await.is_ok()
+                    {
+                        audit.record("posture", "delete", old.kind, ns, "crmguard", "written as another kind now");
+                    }
                     tracing::info!(namespace = %ns, score = report.score, fail = report.count(Outcome::Fail), "posture report written");
                 }
                 Err(e) => {

@@ -6,15 +6,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
-use kube::api::{Patch, PatchParams};
+use kube::api::Api;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{Value, json};
 
+use super::validate::ValidatedAccessMonitor;
 use crate::alerting::Alert;
 use crate::api::AccessMonitor;
-use crate::api::access_monitor::{AccessMonitorStatus, FindingRule, Incident};
-use crate::controllers::contract::Context;
+use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, FindingRule, Incident};
+use crate::controllers::contract::{Context, Note};
+use crate::k8s::apply::{Owned, apply_owned};
 use crate::k8s::meta::{NAME_MAX, Owner, child_name};
 use crate::k8s::reports::ReportKind;
+use crate::monitor::baseline::Baseline;
 use crate::monitor::rules::Found;
 
 /// Findings kept for delivery while no Alertmanager takes them (the oldest are dropped beyond).
@@ -36,6 +40,10 @@ pub struct Sent {
     pub failing: bool,
     /// The report last written: its kind, a digest of its body, when.
     pub report: Option<(ReportKind, u64, Instant)>,
+    /// The digest of the baseline last written.
+    pub baseline: Option<u64>,
+    /// Objects whose name someone else holds, already said: (name, holder).
+    pub held: BTreeSet<(String, String)>,
 }
 
 /// The severity of a rule's findings, on the policy-report scale.
@@ -82,17 +90,19 @@ pub fn finding_alert(m: &AccessMonitor, f: &Found) -> Alert {
     }
 }
 
-/// The alert of an incident, `CrmAccessIncident`: firing while it is open (ending four [`RESEND`]s after `now`,
-/// sent again before), resolved at its acknowledgement; a dry run's is sent once, resolved after Alertmanager's
+/// The alert of an incident, `CrmAccessIncident`: firing while it is open (ending [`firing_for`] after `now`, sent
+/// again before), resolved at its acknowledgement; a dry run's is sent once, resolved after Alertmanager's
 /// `resolve_timeout`.
-pub fn incident_alert(m: &AccessMonitor, i: &Incident, now: Timestamp) -> Alert {
+pub fn incident_alert(m: &AccessMonitor, i: &Incident, now: Timestamp, interval: Duration) -> Alert {
     let (ns, name) =
         (m.metadata.namespace.as_deref().unwrap_or_default(), m.metadata.name.as_deref().unwrap_or_default());
     let rules: Vec<String> = i.rules.iter().map(|r| rule_name(*r)).collect();
     let ends_at = match &i.acknowledged {
         Some(t) => Some(t.0),
         None if i.dry_run => None,
-        None => Some(now.checked_add(SignedDuration::try_from(RESEND * 4).unwrap_or_default()).unwrap_or(now)),
+        None => {
+            Some(now.checked_add(SignedDuration::try_from(firing_for(interval)).unwrap_or_default()).unwrap_or(now))
+        }
     };
     let mut summary =
         format!("incident {} of team {} (AccessPolicy {}): {}", i.id, i.team, i.access_policy, rules.join(", "));
@@ -122,6 +132,11 @@ pub fn incident_alert(m: &AccessMonitor, i: &Incident, now: Timestamp) -> Alert 
     }
 }
 
+/// How long an open incident's alert fires after a send: four [`RESEND`]s, or three passes of a slower monitor.
+pub fn firing_for(interval: Duration) -> Duration {
+    (RESEND * 4).max(interval * 3)
+}
+
 /// The alerts due this pass: the findings not delivered yet and these new ones, and the incidents whose alert
 /// is new, due again, or resolved since it was last sent. Returns them with the incident ids they carry.
 pub fn due(
@@ -130,6 +145,7 @@ pub fn due(
     found: &[Found],
     sent: &Sent,
     now: Timestamp,
+    interval: Duration,
 ) -> (Vec<Alert>, Vec<(String, bool)>) {
     let mut alerts = sent.unsent.clone();
     alerts.extend(found.iter().map(|f| finding_alert(m, f)));
@@ -146,7 +162,7 @@ pub fn due(
             Some((at, false)) => at.elapsed() >= RESEND,
         };
         if send {
-            alerts.push(incident_alert(m, i, now));
+            alerts.push(incident_alert(m, i, now, interval));
             carried.push((i.id.clone(), resolved));
         }
     }
@@ -209,20 +225,26 @@ pub fn report(m: &AccessMonitor, owner: &Owner, status: &AccessMonitorStatus) ->
     })
 }
 
-/// Sends what is due to the Alertmanagers (when the operator has any) and writes the report when it changed. Neither
-/// fails the pass: an Alertmanager that refuses is retried at the next pass (`AlertsUndelivered` says so once), a
-/// report that cannot be written is written at the next change.
+/// What a pass says about its notifications, as Events.
+pub type Notes = Vec<Note<AccessMonitorStatus>>;
+
+/// Sends what is due to the Alertmanagers (when the operator has any), writes the report when it changed and the
+/// learned baseline when an hour was learned. None fails the pass: an Alertmanager that refuses is retried at the
+/// next pass (`AlertsUndelivered` says so once), a report or baseline that cannot be written is written at the
+/// next pass; one whose name someone else holds is left alone (`NameTaken`, once).
 pub async fn notify(
     ctx: &Context,
     m: &AccessMonitor,
-    owner: &Owner,
+    v: &ValidatedAccessMonitor,
     status: &AccessMonitorStatus,
     found: &[Found],
+    baseline: Option<&Baseline>,
     sent: &mut Sent,
-) -> Option<String> {
-    let mut undelivered = None;
+) -> Notes {
+    let (owner, interval) = (&v.owner, v.interval);
+    let mut notes = Notes::new();
     if let Some(am) = &ctx.alertmanagers {
-        let (alerts, carried) = due(m, status, found, sent, (ctx.now)());
+        let (alerts, carried) = due(m, status, found, sent, (ctx.now)(), interval);
         if !alerts.is_empty() {
             match am.send(&alerts).await {
                 Ok(()) => {
@@ -242,7 +264,7 @@ pub async fn notify(
                     ctx.metrics.alerted("failed", 1);
                     tracing::warn!(error = %e, "the Alertmanagers took no alert; sent again at the next pass");
                     if !sent.failing {
-                        undelivered = Some(e);
+                        notes.push(Note::warning(AccessMonitorEvent::AlertsUndelivered, e));
                     }
                     sent.failing = true;
                 }
@@ -251,16 +273,55 @@ pub async fn notify(
         let live: BTreeSet<&String> = status.incidents.iter().map(|i| &i.id).collect();
         sent.incidents.retain(|id, _| live.contains(id));
     }
-    write_report(ctx, m, owner, status, sent).await;
-    undelivered
+    write_report(ctx, m, owner, status, sent, &mut notes).await;
+    write_baseline(ctx, m, owner, baseline, sent, &mut notes).await;
+    notes
 }
 
-async fn write_report(ctx: &Context, m: &AccessMonitor, owner: &Owner, status: &AccessMonitorStatus, sent: &mut Sent) {
+/// Applies `body` unless someone else holds its name (said once per name and holder); true when written.
+async fn write_owned(
+    api: &Api<DynamicObject>,
+    what: &str,
+    body: &Value,
+    owner: &Owner,
+    sent: &mut Sent,
+    notes: &mut Notes,
+) -> bool {
+    let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    match apply_owned(api, &name, body, owner, "crmguard/accessmonitor").await {
+        Ok(Owned::Applied) => {
+            sent.held.retain(|(n, _)| *n != name);
+            true
+        }
+        Ok(Owned::Held(holder)) => {
+            if sent.held.insert((name.clone(), holder.clone())) {
+                notes.push(Note::warning(
+                    AccessMonitorEvent::NameTaken,
+                    format!(
+                        "{what} {name} exists and belongs to {holder}: it is left alone, so the monitor's {what} is \
+                         not written; remove that object or rename the monitor"
+                    ),
+                ));
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, object = %name, "cannot write the monitor's {what}; written at the next pass");
+            false
+        }
+    }
+}
+
+async fn write_report(
+    ctx: &Context,
+    m: &AccessMonitor,
+    owner: &Owner,
+    status: &AccessMonitorStatus,
+    sent: &mut Sent,
+    notes: &mut Notes,
+) {
     let body = report(m, owner, status);
     let digest = crate::k8s::cache::digest_of(&[&body.to_string()]);
-    if sent.report.is_some_and(|(_, d, at)| d == digest && at.elapsed() < REWRITE) {
-        return;
-    }
     let kind = match ctx.reports.get(&ctx.client).await {
         Ok(Some(kind)) => kind,
         Ok(None) => return,
@@ -269,21 +330,85 @@ async fn write_report(ctx: &Context, m: &AccessMonitor, owner: &Owner, status: &
             return;
         }
     };
+    if sent.report.is_some_and(|(k, d, at)| k == kind && d == digest && at.elapsed() < REWRITE) {
+        return;
+    }
     let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let params = PatchParams::apply("crmguard/accessmonitor").force();
-    match kind.api(&ctx.client, &owner.namespace).patch(&name, &params, &Patch::Apply(&kind.stamp(body))).await {
-        Ok(_) => {
-            let changed = sent.report.is_none_or(|(k, d, _)| k != kind || d != digest);
-            sent.report = Some((kind, digest, Instant::now()));
-            if changed {
-                ctx.metrics.wrote(<AccessMonitor as super::super::contract::Reconcilable>::CONTROLLER, "apply", 1);
-                let why = format!("{} finding(s) in status", status.findings.len());
-                ctx.audit.record("accessmonitor", "apply", kind.kind, &owner.namespace, &name, &why);
-            }
+    let api = kind.api(&ctx.client, &owner.namespace);
+    if !write_owned(&api, "findings report", &kind.stamp(body), owner, sent, notes).await {
+        return;
+    }
+    let before = sent.report.replace((kind, digest, Instant::now()));
+    if before.is_none_or(|(k, d, _)| k != kind || d != digest) {
+        ctx.metrics.wrote(CONTROLLER, "apply", 1);
+        let why = format!("{} finding(s) in status", status.findings.len());
+        ctx.audit.record(CONTROLLER, "apply", kind.kind, &owner.namespace, &name, &why);
+    }
+    // Written as another kind before (the cluster's report CRDs changed): that one, if still the monitor's, goes.
+    if let Some((old, _, _)) = before.filter(|(k, _, _)| *k != kind) {
+        let api = old.api(&ctx.client, &owner.namespace);
+        let ours = api.get_opt(&name).await.ok().flatten().is_some_and(|o| {
+            o.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid && r.controller == Some(true))
+        });
+        if ours && api.delete(&name, &Default::default()).await.is_ok() {
+            ctx.audit.record(CONTROLLER, "delete", old.kind, &owner.namespace, &name, "written as another kind now");
         }
-        Err(e) => tracing::warn!(error = %e, report = %name, kind = kind.kind, "cannot write the findings report"),
     }
 }
+
+/// The baseline's ConfigMap, written when what was learned changed (an hour ended); removed with the rule.
+async fn write_baseline(
+    ctx: &Context,
+    m: &AccessMonitor,
+    owner: &Owner,
+    baseline: Option<&Baseline>,
+    sent: &mut Sent,
+    notes: &mut Notes,
+) {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &owner.namespace,
+        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "ConfigMap"), "configmaps"),
+    );
+    let name = baseline_name(m);
+    let Some(b) = baseline else {
+        // The rule was removed: what it learned goes (if it is the monitor's).
+        if sent.baseline.take().is_some() {
+            let ours = api.get_opt(&name).await.ok().flatten().is_some_and(|o| {
+                o.metadata.owner_references.iter().flatten().any(|r| r.uid == owner.uid && r.controller == Some(true))
+            });
+            if ours && api.delete(&name, &Default::default()).await.is_ok() {
+                ctx.audit.record(CONTROLLER, "delete", "ConfigMap", &owner.namespace, &name, "rules.baseline removed");
+            }
+        }
+        return;
+    };
+    let json = b.to_json();
+    let digest = crate::k8s::cache::digest_of(&[&json]);
+    if sent.baseline == Some(digest) {
+        return;
+    }
+    let mut meta = owner.child_meta(name.clone(), "access-baseline");
+    if let Some(r) = meta.owner_references.as_mut().and_then(|r| r.first_mut()) {
+        r.block_owner_deletion = None;
+    }
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {BASELINE_KEY: json}});
+    if write_owned(&api, "baseline ConfigMap", &body, owner, sent, notes).await {
+        sent.baseline = Some(digest);
+        ctx.metrics.wrote(CONTROLLER, "apply", 1);
+        ctx.audit.record(CONTROLLER, "apply", "ConfigMap", &owner.namespace, &name, "an hour of reads learned");
+    }
+}
+
+/// The name of the monitor's baseline ConfigMap.
+pub fn baseline_name(m: &AccessMonitor) -> String {
+    child_name(m.metadata.name.as_deref().unwrap_or_default(), "baseline", NAME_MAX)
+}
+
+/// The key of the learned baseline in that ConfigMap.
+pub const BASELINE_KEY: &str = "baseline.json";
+
+const CONTROLLER: &str = <AccessMonitor as crate::controllers::contract::Reconcilable>::CONTROLLER;
 
 #[cfg(test)]
 mod tests {
@@ -318,6 +443,8 @@ mod tests {
         }
     }
 
+    const I: Duration = Duration::from_secs(5);
+
     fn ids(carried: &[(String, bool)]) -> Vec<&str> {
         carried.iter().map(|(i, _)| i.as_str()).collect()
     }
@@ -333,27 +460,30 @@ mod tests {
             ..AccessMonitorStatus::default()
         };
         let mut sent = Sent::default();
-        let (alerts, carried) = due(&m, &status, &[], &sent, now);
+        let (alerts, carried) = due(&m, &status, &[], &sent, now, I);
         assert_eq!(ids(&carried), ["open", "dry"]);
         assert_eq!(alerts[0].ends_at, Some(now.checked_add(SignedDuration::from_mins(4)).unwrap()));
+        // A monitor that reads every 5 minutes keeps its incident firing across three of its passes.
+        let slow = incident_alert(&m, &status.incidents[0], now, Duration::from_secs(300));
+        assert_eq!(slow.ends_at, Some(now.checked_add(SignedDuration::from_mins(15)).unwrap()));
         assert_eq!(alerts[0].labels["severity"], "critical");
         assert_eq!((alerts[1].ends_at, alerts[1].labels["severity"].as_str()), (None, "info"));
         for (id, resolved) in carried {
             sent.incidents.insert(id, (Instant::now(), resolved));
         }
-        let (alerts, _) = due(&m, &status, &[], &sent, now);
+        let (alerts, _) = due(&m, &status, &[], &sent, now, I);
         assert!(alerts.is_empty(), "nothing due within RESEND: {alerts:?}");
         let long_ago = Instant::now().checked_sub(RESEND).unwrap();
         sent.incidents.insert("open".into(), (long_ago, false));
         sent.incidents.insert("dry".into(), (long_ago, false));
-        let (_, carried) = due(&m, &status, &[], &sent, now);
+        let (_, carried) = due(&m, &status, &[], &sent, now, I);
         assert_eq!(ids(&carried), ["open"], "only the open incident is sent again");
         let acknowledged = AccessMonitorStatus { incidents: vec![incident("open", true, false)], ..status.clone() };
-        let (alerts, carried) = due(&m, &acknowledged, &[], &sent, now);
+        let (alerts, carried) = due(&m, &acknowledged, &[], &sent, now, I);
         assert_eq!(carried, [("open".to_string(), true)]);
         assert_eq!(alerts[0].ends_at, acknowledged.incidents[0].acknowledged.as_ref().map(|t| t.0));
         sent.incidents.insert("open".into(), (Instant::now(), true));
-        assert!(due(&m, &acknowledged, &[], &sent, now).0.is_empty(), "resolved once");
+        assert!(due(&m, &acknowledged, &[], &sent, now, I).0.is_empty(), "resolved once");
     }
 
     /// Findings not delivered stay due with the new ones; the report has a fail result per finding and per open
@@ -371,7 +501,7 @@ mod tests {
             at,
         };
         let sent = Sent { unsent: vec![finding_alert(&m, &f)], ..Sent::default() };
-        let (alerts, _) = due(&m, &AccessMonitorStatus::default(), std::slice::from_ref(&f), &sent, at);
+        let (alerts, _) = due(&m, &AccessMonitorStatus::default(), std::slice::from_ref(&f), &sent, at, I);
         assert_eq!(alerts.len(), 2);
         assert_eq!(alerts[1].labels["object"], "public.invoices");
         let status = AccessMonitorStatus {

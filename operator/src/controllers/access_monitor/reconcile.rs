@@ -16,11 +16,10 @@ use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Findin
 use crate::api::condition::Status;
 use crate::api::{AccessMonitor, AccessPolicy};
 use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
-use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Other, Reconcilable, Watch};
-use crate::k8s::meta::{NAME_MAX, Owner, child_name};
+use crate::controllers::contract::{Cond, Context, Desired, Error, Note, Reconcilable, Watch};
 use crate::monitor::access::{self, Access};
-use crate::monitor::attribution::{Identities, TeamUsers, mask_unknown_logins};
-use crate::monitor::baseline::Baseline;
+use crate::monitor::attribution::{Identities, TeamUsers, keep_revoked, mask_unknown_logins};
+use crate::monitor::baseline::{self, Baseline};
 use crate::monitor::rules::{self, Found, Minute};
 use crate::netpol::selector_matches;
 use crate::validation::FieldError;
@@ -45,15 +44,11 @@ struct State {
     baseline: Option<Baseline>,
 }
 
-/// The key of the learned baseline in the monitor's ConfigMap.
-pub const BASELINE_KEY: &str = "baseline.json";
-
 impl Reconcilable for AccessMonitor {
     const CONTROLLER: &'static str = "accessmonitor";
     type Status = AccessMonitorStatus;
     /// A database pod that comes or goes (or is relabelled) is read at once.
-    /// The baseline's ConfigMap is the monitor's child (written when an hour is learned, repaired when edited).
-    const WATCHES: &'static [Watch] = &[Watch::Pods, Watch::Owns(Other::ConfigMap)];
+    const WATCHES: &'static [Watch] = &[Watch::Pods];
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
         let v = match validate::validate(self) {
@@ -64,14 +59,13 @@ impl Reconcilable for AccessMonitor {
         let uid = v.owner.uid.clone();
         let mut state: State = ctx.cache.last_memo(Self::CONTROLLER, &uid).unwrap_or_default();
         let before = self.status.clone().unwrap_or_default();
-        let mut d = Desired::<Self::Status> {
-            owner: Some(v.owner.clone()),
-            prune: vec![("v1", "ConfigMap")],
-            requeue_after: Some(v.interval),
-            ..Desired::default()
-        };
-        if v.rules.baseline.is_some() && state.baseline.is_none() {
-            state.baseline = Some(load_baseline(ctx, self, &ns, &uid).await?);
+        let mut d = Desired::<Self::Status> { requeue_after: Some(v.interval), ..Desired::default() };
+        match &v.rules.baseline {
+            Some(s) if state.baseline.is_none() => {
+                state.baseline = Some(load_baseline(ctx, self, &ns, &uid, s, (ctx.now)()).await?);
+            }
+            Some(_) => {}
+            None => state.baseline = None,
         }
         d.status = AccessMonitorStatus { observed_generation: None, conditions: vec![], ..before.clone() };
         let Some(pod) = database_pod(ctx, self, &ns).await? else {
@@ -81,8 +75,7 @@ impl Reconcilable for AccessMonitor {
                 "no pod of this namespace that has not finished matches spec.database.podSelector: check it against \
                  the database pod's labels (kubectl get pods --show-labels)",
             ));
-            settle(ctx, self, &v.owner, &mut state, &mut d).await?;
-            keep_baseline(self, &v.owner, &state, &mut d)?;
+            settle(ctx, self, &v, &mut state, &mut d).await?;
             ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
             return Ok(Ok(d));
         };
@@ -113,8 +106,7 @@ impl Reconcilable for AccessMonitor {
                     Status::False,
                     format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
                 ));
-                settle(ctx, self, &v.owner, &mut state, &mut d).await?;
-                keep_baseline(self, &v.owner, &state, &mut d)?;
+                settle(ctx, self, &v, &mut state, &mut d).await?;
                 ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
                 return Ok(Ok(d));
             }
@@ -148,13 +140,19 @@ impl Reconcilable for AccessMonitor {
         };
         let now = (ctx.now)();
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
+        d.status.revoked_users = keep_revoked(&before.revoked_users, &mut state.identities, now);
         mask_unknown_logins(&mut accesses, &state.identities);
         let mut found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
         if let (Some(settings), Some(b)) = (&v.rules.baseline, state.baseline.as_mut()) {
+            // Another pod's log is another log: what lies between was not read.
+            if before.pod.as_deref().is_some_and(|p| p != pod) {
+                b.interrupted();
+            }
             found = rules::with_baseline(found, b, settings, &state.identities, &accesses);
-            // The log is read up to now: an hour that has ended without a line is a quiet hour.
+            // The log is read up to now: an hour that ended a minute ago (lines come late) without a line is a
+            // quiet hour.
             if !cut {
-                b.advance(now.as_second().div_euclid(3600), settings.weeks);
+                b.advance((now.as_second() - 60).div_euclid(3600), settings.weeks);
             }
         }
         // The response first: a read that fails there is made again, from the same position (its actions are
@@ -195,10 +193,7 @@ impl Reconcilable for AccessMonitor {
             format!("reading the log of pod {pod}{container} every {}", self.spec.interval),
         ));
         summary(self, &mut d);
-        if let Some(e) = notify::notify(ctx, self, &v.owner, &d.status, &found, &mut state.sent).await {
-            d.events.push(Note::warning(AccessMonitorEvent::AlertsUndelivered, e));
-        }
-        keep_baseline(self, &v.owner, &state, &mut d)?;
+        notified(ctx, self, &v, &found, &mut state, &mut d).await;
         if cut {
             d.requeue_after = Some(Duration::from_millis(200));
         }
@@ -207,44 +202,49 @@ impl Reconcilable for AccessMonitor {
     }
 }
 
-/// The learned baseline as it was saved in the monitor's ConfigMap, or a new one (none saved, or not this
-/// monitor's, or unreadable: said in the log).
-async fn load_baseline(ctx: &Context, m: &AccessMonitor, ns: &str, uid: &str) -> Result<Baseline, Error> {
-    let name = baseline_name(m);
+/// The learned baseline as it was saved in the monitor's ConfigMap, or a new one (none saved, not this monitor's,
+/// unreadable, or out of its window: said in the log).
+async fn load_baseline(
+    ctx: &Context,
+    m: &AccessMonitor,
+    ns: &str,
+    uid: &str,
+    settings: &baseline::Settings,
+    now: Timestamp,
+) -> Result<Baseline, Error> {
+    let name = notify::baseline_name(m);
     let Some(cm) = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns).get_opt(&name).await? else {
         return Ok(Baseline::default());
     };
     let ours = cm.metadata.owner_references.iter().flatten().any(|r| r.uid == uid && r.controller == Some(true));
-    let saved = cm.data.as_ref().and_then(|d| d.get(BASELINE_KEY));
-    match saved.map(|j| serde_json::from_str::<Baseline>(j)) {
-        Some(Ok(b)) if ours => Ok(b.loaded()),
-        Some(Err(e)) if ours => {
-            tracing::warn!(configmap = %name, error = %e, "the saved baseline cannot be read; learning starts again");
+    let Some(saved) = cm.data.as_ref().and_then(|d| d.get(notify::BASELINE_KEY)).filter(|_| ours) else {
+        return Ok(Baseline::default());
+    };
+    match Baseline::load(saved, now.as_second().div_euclid(3600), settings.weeks) {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            tracing::warn!(configmap = %name, error = %e, "the saved baseline is not used; learning starts again");
             Ok(Baseline::default())
         }
-        _ => Ok(Baseline::default()),
     }
 }
 
-fn baseline_name(m: &AccessMonitor) -> String {
-    child_name(m.metadata.name.as_deref().unwrap_or_default(), "baseline", NAME_MAX)
-}
-
-/// The baseline's ConfigMap among the children (absent without `rules.baseline`, so it is pruned).
-fn keep_baseline(
+/// Alerts, the report and the baseline's ConfigMap; while an incident is open and alerted, passes come at least
+/// as often as its alert is sent again.
+async fn notified(
+    ctx: &Context,
     m: &AccessMonitor,
-    owner: &Owner,
-    state: &State,
+    v: &validate::ValidatedAccessMonitor,
+    found: &[Found],
+    state: &mut State,
     d: &mut Desired<AccessMonitorStatus>,
-) -> Result<(), Error> {
-    let Some(b) = state.baseline.as_ref().filter(|_| m.spec.rules.baseline.is_some()) else { return Ok(()) };
-    let json = serde_json::to_string(b).map_err(|e| Error::Serialize(e.to_string()))?;
-    let cm = ConfigMap {
-        metadata: owner.child_meta(baseline_name(m), "access-baseline"),
-        data: Some(BTreeMap::from([(BASELINE_KEY.to_string(), json)])),
-        ..ConfigMap::default()
-    };
-    d.child(&serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": cm.metadata, "data": cm.data}))
+) {
+    let notes = notify::notify(ctx, m, v, &d.status, found, state.baseline.as_ref(), &mut state.sent).await;
+    d.events.extend(notes);
+    let open = d.status.incidents.iter().any(|i| i.acknowledged.is_none() && !i.dry_run);
+    if open && ctx.alertmanagers.is_some() {
+        d.requeue_after = d.requeue_after.map(|r| r.min(notify::RESEND));
+    }
 }
 
 /// A pass that read nothing: acknowledgements and pending incidents are still handled (and alerted, reported),
@@ -252,16 +252,18 @@ fn keep_baseline(
 async fn settle(
     ctx: &Context,
     m: &AccessMonitor,
-    owner: &Owner,
+    v: &validate::ValidatedAccessMonitor,
     state: &mut State,
     d: &mut Desired<AccessMonitorStatus>,
 ) -> Result<(), Error> {
     let o = respond::respond(ctx, m, m.spec.response.as_ref(), &[], &state.identities, &mut d.status.incidents).await?;
     d.events.extend(o.events);
     summary(m, d);
-    if let Some(e) = notify::notify(ctx, m, owner, &d.status, &[], &mut state.sent).await {
-        d.events.push(Note::warning(AccessMonitorEvent::AlertsUndelivered, e));
+    // The log was not read: the hours until the next read are not observed.
+    if let Some(b) = state.baseline.as_mut() {
+        b.interrupted();
     }
+    notified(ctx, m, v, &[], state, d).await;
     Ok(())
 }
 
@@ -338,6 +340,11 @@ async fn identities(
     accesses: &[Access],
     now: Timestamp,
 ) -> Result<Identities, Error> {
+    if state.identities_of == 0 {
+        // First build in this process: the revoked users the status remembers.
+        let saved = m.status.iter().flat_map(|s| s.revoked_users.iter());
+        state.identities.remember_revoked(saved.map(|r| (r.user.as_str(), r.team.as_str(), r.access_policy.as_str())));
+    }
     let mut policies: Vec<AccessPolicy> = match ctx.watched_access_policies(ns) {
         Some(p) => p,
         None => Api::<AccessPolicy>::namespaced(ctx.client.clone(), ns).list(&ListParams::default()).await?.items,

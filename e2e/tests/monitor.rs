@@ -105,6 +105,8 @@ struct Monitored {
     ns: String,
     pg: Postgres,
     op: Operator,
+    /// How the operator was started (to start it again).
+    started: (String, Vec<String>),
     audit_dir: e2e::TempDir,
     secrets: Api<Secret>,
     monitors: Api<AccessMonitor>,
@@ -187,9 +189,20 @@ impl Monitored {
         .unwrap();
         aps.create(&PostParams::default(), &ap).await.unwrap();
         let monitors = Api::namespaced(client.clone(), &ns);
-        let m = Monitored { _cluster: cluster, client, ns, pg, op, audit_dir, secrets, monitors, _node: node };
+        let started = (kubeconfig, args.iter().map(|a| a.to_string()).collect());
+        let m = Monitored { _cluster: cluster, client, ns, pg, op, started, audit_dir, secrets, monitors, _node: node };
         m.credentials(None).await;
         m
+    }
+
+    /// Stops the operator and starts it again (nothing it kept in memory survives).
+    async fn restart_operator(&mut self) {
+        let _ = self.op.child.kill();
+        let _ = self.op.child.wait();
+        let (kubeconfig, args) = &self.started;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.op = Operator::start_with_env(kubeconfig, &args, &[("VAULT_TOKEN", OpenBao::shared().token.as_str())]);
+        self.op.wait_ready(60).await;
     }
 
     /// The sales team's credentials once its Secret records them (other than `not`).
@@ -576,7 +589,7 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
     let am = e2e::services::Alertmanager::start();
     let dead = format!("http://127.0.0.1:{}", e2e::free_port());
     let urls = format!("{dead},{}", am.url());
-    let m = Monitored::start_with("monitor-alerts", &["--alertmanager-url", &urls, "--posture-seconds", "1"]).await;
+    let mut m = Monitored::start_with("monitor-alerts", &["--alertmanager-url", &urls, "--posture-seconds", "1"]).await;
     // The CRD as OpenReports publishes it, installed while the operator runs (it asks discovery again within a
     // minute).
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
@@ -700,6 +713,18 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
     })
     .await;
 
+    // The acknowledgement gave the team a new credential: the old one is revoked, and the status remembers it. After
+    // an operator restart (memory gone), a login with it is still the revoked credential's use (failed before: an
+    // unknown user's failed login, kept only as a pseudonym and no finding).
+    m.credentials(Some(&su)).await;
+    m.until("the revoked user in status", |s| s.revoked_users.iter().any(|r| r.user == su)).await;
+    m.restart_operator().await;
+    let refused = m.pg.try_sql_as("crm", &su, &sp, "SELECT 1").unwrap_err();
+    assert!(refused.contains("password authentication failed"), "{refused}");
+    m.until("the revoked credential's login after the restart", |s| {
+        s.findings.iter().any(|f| f.rule == FindingRule::RevokedCredential && f.user == su)
+    })
+    .await;
     let posture = serde_json::to_string(&reports.get("crmguard").await.unwrap()).unwrap();
     let baseline = serde_json::to_string(&cms.get("crm-db-baseline").await.unwrap()).unwrap();
     let out = format!(

@@ -141,4 +141,66 @@ mod tests {
             json!({"labels": {"alertname": "X"}, "annotations": {}, "startsAt": "2026-12-03T10:00:00Z"})
         );
     }
+
+    /// A loopback server that answers every request with `status` and tells what it was asked.
+    async fn answering(status: &'static str) -> (String, tokio::sync::mpsc::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                // The whole request: the head, then as many bytes as its content-length says.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    let done = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+                        let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(str::trim);
+                        len.and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| body.len() >= l)
+                    });
+                    if n == 0 || done {
+                        break;
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&got).into_owned()).await;
+                let body = "refused: bad alert";
+                let answer =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, rx)
+    }
+
+    /// Delivered when one Alertmanager takes the alerts (a refusing or absent one is passed over); when none
+    /// does, the error names each and its answer.
+    #[tokio::test]
+    async fn delivered_when_one_alertmanager_takes_them() {
+        let a = Alert {
+            labels: [("alertname", "X")].into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            annotations: BTreeMap::new(),
+            starts_at: "2026-12-03T10:00:00Z".parse().unwrap(),
+            ends_at: None,
+        };
+        let (refusing, _) = answering("500 Internal Server Error").await;
+        let (taking, mut asked) = answering("200 OK").await;
+        let closed = format!("http://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let ams = Alertmanagers::new(&[closed.clone(), refusing.clone(), taking]).unwrap().unwrap();
+        ams.send(std::slice::from_ref(&a)).await.unwrap();
+        let request = asked.recv().await.unwrap();
+        assert!(request.starts_with("POST /api/v2/alerts "), "{request}");
+        assert!(
+            request.contains(r#"[{"annotations":{},"labels":{"alertname":"X"},"startsAt":"2026-12-03T10:00:00Z"}]"#)
+        );
+        let none = Alertmanagers::new(&[closed, refusing]).unwrap().unwrap();
+        let e = none.send(&[a]).await.unwrap_err();
+        assert!(e.contains("HTTP 500 Internal Server Error: refused: bad alert"), "{e}");
+        assert!(e.contains("Connection refused") || e.contains("connection refused"), "{e}");
+    }
 }

@@ -102,6 +102,7 @@ spec:
     ddl: {changeWindows: [{schedule: "0 2 * * 6", duration: 2h}]}
     readVolume: [{tables: [public.invoices, public.payments], maxPerMinute: 120}]
     failedLogins: {maxPerMinute: 10}
+    baseline: {}
 """
     )
 

@@ -10,7 +10,8 @@
 # with pgaudit (log_relation on) serving a CRM: three teams' short-lived users and the application's user reading
 # and writing six tables, multi-line statements, refused statements, failed logins, DDL, and the server's own
 # lines. crmguard runs `crmguard monitor replay` (the operator's per-read pipeline, batch by batch, the access
-# records written as hash-chained segments into a directory) with the example rules. Each tool's median wall time
+# records written as hash-chained segments into a directory) with the rules bench/monitor-log.py writes (every rule,
+# a learned baseline of every table). Each tool's median wall time
 # and CPU time and its highest peak RSS are reported; lines/s per core = lines / (user + sys CPU seconds).
 #
 # Needs the shipped build (`--profile dist`, built here). Not run in CI.

@@ -629,9 +629,22 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
             break;
         }
     }
-    let status = m.until("an incident", |s| !s.incidents.is_empty() && !s.findings.is_empty()).await;
+    // The incident, once its response is carried out (the team's credentials held: acknowledged before that, there
+    // would be no hold to release and no new credential).
+    let status = m
+        .until("an incident, the team's credentials held", |s| {
+            s.incidents.iter().any(|i| i.actions.iter().any(|a| a.starts_with("credentials held")))
+        })
+        .await;
     let incident = status.incidents[0].id.clone();
     assert!(status.findings.iter().all(|f| f.rule != FindingRule::UnusualVolume), "learning: {status:#?}");
+    // ... and the AccessPolicy has carried out the hold (the team's Secret emptied).
+    eventually(60, "the team's Secret emptied by the hold", || async {
+        let s = m.secrets.get("crm-access-sales-db").await.map_err(|e| e.to_string())?;
+        let empty = s.data.unwrap_or_default().values().all(|v| v.0.is_empty());
+        if empty { Ok(()) } else { Err(tail(&m.op.logs())) }
+    })
+    .await;
 
     let named = |alerts: &[Value], name: &str| -> Option<Value> {
         alerts.iter().find(|a| a["labels"]["alertname"] == name).cloned()

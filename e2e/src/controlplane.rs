@@ -254,7 +254,8 @@ impl ControlPlane {
             format!("--audit-policy-file={}", p("audit-policy.yaml")),
             format!("--audit-log-path={}", audit_log.display()),
             "--audit-log-maxsize=0".into(),
-            "--profiling=false".into(),
+            // `CRMGUARD_E2E_PROFILING=1`: /debug/pprof served (to see where the API server's CPU goes in a bench).
+            format!("--profiling={}", std::env::var("CRMGUARD_E2E_PROFILING").is_ok_and(|v| v == "1")),
             "--v=0".into(),
         ];
         spawn_watched(&bin.join("kube-apiserver"), &args, &apiserver_log, None, "kill -TERM $child", "");

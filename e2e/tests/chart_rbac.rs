@@ -326,7 +326,7 @@ async fn an_access_policy_author_gains_nothing_through_crmguard() {
 /// that log needs. Expected, from the policy's documentation and the Kubernetes authorizer (`get` on `pods/log` in
 /// the namespace): dan (may write AccessMonitors, may not read logs) is refused a new monitor and a change of an
 /// existing one's spec, but may acknowledge an incident (an annotation); erin (may also get pods/log) may create and
-/// change one.
+/// change one. Naming the statistics' connection Secret needs `get` on that Secret (resourceNames are honoured).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_access_monitor_author_must_be_able_to_read_the_pods_logs() {
     use crmguard::api::AccessMonitor;
@@ -339,9 +339,18 @@ async fn an_access_monitor_author_must_be_able_to_read_the_pods_logs() {
             "monitor-authors",
             json!([{"apiGroups": ["crmguard.io"], "resources": ["accessmonitors"],
             "verbs": ["get", "create", "update", "patch"]}]),
-            vec!["dan", "erin"],
+            vec!["dan", "erin", "frank"],
         ),
-        ("log-readers", json!([{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]), vec!["erin"]),
+        (
+            "log-readers",
+            json!([{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]),
+            vec!["erin", "frank"],
+        ),
+        (
+            "monitor-secret",
+            json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["crm-db-monitor"], "verbs": ["get"]}]),
+            vec!["frank"],
+        ),
     ];
     for (name, rules, users) in grants {
         let role = json!({"metadata": {"name": name}, "rules": rules});
@@ -390,4 +399,22 @@ async fn an_access_monitor_author_must_be_able_to_read_the_pods_logs() {
     dan.patch("crm-db", &PatchParams::default(), &Patch::Merge(&ack)).await.unwrap();
     let changed = erin.patch("crm-db", &PatchParams::default(), &Patch::Merge(&spec)).await.unwrap();
     assert_eq!(changed.spec.interval, "10s");
+
+    // spec.database.statistics names a Secret the operator logs in with: erin (no get on Secrets) may not name one;
+    // frank (get on Secret crm-db-monitor only) may name that one and no other.
+    let frank = as_user("frank").await;
+    let stats =
+        |secret: &str| json!({"spec": {"database": {"statistics": {"secretName": secret, "sslMode": "verify-full"}}}});
+    let r = erin.patch("crm-db", &PatchParams::default(), &Patch::Merge(&stats("crm-db-monitor"))).await;
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            assert!(s.message.contains("only those who may get Secret crm-db-monitor"), "{}", s.message);
+            assert!(s.message.contains("and erin may not"), "{}", s.message);
+        }
+        other => panic!("erin named a Secret she may not read: {other:?}"),
+    }
+    let r = frank.patch("crm-db", &PatchParams::default(), &Patch::Merge(&stats("crm-db-admin"))).await;
+    assert!(matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403), "frank named another Secret: {r:?}");
+    let named = frank.patch("crm-db", &PatchParams::default(), &Patch::Merge(&stats("crm-db-monitor"))).await.unwrap();
+    assert_eq!(named.spec.database.statistics.map(|s| s.secret_name).as_deref(), Some("crm-db-monitor"));
 }

@@ -122,7 +122,12 @@ impl Monitored {
     async fn start_with(test: &str, more: &[&str]) -> Monitored {
         let cluster = Cluster::start(test).await;
         let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
-        let pg = Postgres::audited(&["pgaudit.log=read,write,ddl,role", "pgaudit.log_relation=on"]);
+        // pg_stat_statements too (the rows read, spec.database.statistics); the later setting overrides audited's.
+        let pg = Postgres::audited(&[
+            "pgaudit.log=read,write,ddl,role",
+            "pgaudit.log_relation=on",
+            "shared_preload_libraries=pgaudit,pg_stat_statements",
+        ]);
         let bao = OpenBao::shared();
         let id = format!("{test}-{}", std::process::id());
         pg.sql("postgres", "CREATE DATABASE crm");
@@ -224,6 +229,11 @@ impl Monitored {
 
     /// Creates AccessMonitor `crm-db` with these rules (and response) and waits until it reads the pod's log.
     async fn monitor(&self, rules: Value, response: Option<Value>) {
+        self.monitor_with(rules, response, None).await;
+    }
+
+    /// With `spec.database.statistics`.
+    async fn monitor_with(&self, rules: Value, response: Option<Value>, statistics: Option<Value>) {
         let mut spec = json!({
             "database": {"engine": "postgres", "podSelector": {"matchLabels": {"app": "crm-db"}}},
             "accessPolicies": ["crm-access"],
@@ -233,6 +243,9 @@ impl Monitored {
         });
         if let Some(r) = response {
             spec["response"] = r;
+        }
+        if let Some(st) = statistics {
+            spec["database"]["statistics"] = st;
         }
         let monitor: AccessMonitor = serde_json::from_value(json!({
             "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
@@ -381,6 +394,88 @@ async fn a_team_credential_exfiltrating_invoices_is_attributed_and_reported() {
     // Nothing of the data, nor any password, left the database through the operator.
     let everything = m.everything().await;
     for leak in [SECRET, sp.as_str(), "mallory-Pw-1", m.pg.password.as_str()] {
+        assert!(!everything.contains(leak), "{leak:?} leaked");
+    }
+}
+
+/// Rows, not statements: the sales team's credential reads the whole invoices table a few times, which the log shows
+/// as a handful of statements (under any statement limit) but pg_stat_statements counts as 250 rows. Expected from
+/// `rules.rowVolume`'s documentation (RowVolumeRule, DatabaseStatistics): a monitoring role with only
+/// pg_read_all_stats, its Secret in CloudNativePG's keys; while the Secret is missing `RowsCounted=False
+/// SecretUnusable` holds Ready back; then the sample runs, single-row reads are no finding, and one finding per
+/// minute names the team, the table and more rows than the limit. No value and no password leaves the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_read_by_rows_is_counted_from_pg_stat_statements() {
+    let m = Monitored::start("monitor-rows").await;
+    let (su, sp) = m.credentials(None).await;
+    m.pg.sql(
+        "crm",
+        "CREATE EXTENSION pg_stat_statements;
+         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
+    );
+    let stats = json!({"secretName": "crm-db-monitor", "sslMode": "disable"});
+    m.monitor_with(json!({"rowVolume": [{"tables": ["public.invoices"], "maxRowsPerMinute": 100}]}), None, Some(stats))
+        .await;
+    let cond = |s: &AccessMonitorStatus, t: &str| {
+        s.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let missing = m
+        .until("RowsCounted=False for the missing Secret", |s| {
+            cond(s, "RowsCounted").is_some_and(|c| c.1 == "SecretUnusable")
+        })
+        .await;
+    let (_, _, message) = cond(&missing, "RowsCounted").unwrap();
+    assert!(message.contains("Secret crm-db-monitor does not exist"), "{message}");
+    assert_eq!(cond(&missing, "Ready").map(|c| (c.0, c.1)), Some(("False".into(), "SecretUnusable".into())));
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "crm-db-monitor"},
+        "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
+                       "password": "monitor-Pw-1", "dbname": "crm"},
+    }))
+    .unwrap();
+    m.secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let sampling = m
+        .until("RowsCounted=True", |s| {
+            cond(s, "RowsCounted").is_some_and(|c| c.0 == "True") && cond(s, "Ready").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    assert_eq!(cond(&sampling, "RowsCounted").map(|c| c.1), Some("Sampling".into()));
+
+    // Normal work: single rows, under any limit.
+    let as_sales = |sql: &str| m.pg.try_sql_as("crm", &su, &sp, sql);
+    for id in 1..=5 {
+        as_sales(&format!("SELECT total FROM invoices WHERE id = {id}")).unwrap();
+    }
+    // Five reads of the whole table (50 rows each): whichever minute boundary falls among them, one minute holds at
+    // least 150 rows, more than 100.
+    for _ in 0..5 {
+        as_sales("SELECT * FROM invoices").unwrap();
+    }
+    let flagged =
+        m.until("the RowVolume finding", |s| s.findings.iter().any(|f| f.rule == FindingRule::RowVolume)).await;
+    let rows: Vec<&crmguard::api::access_monitor::Finding> =
+        flagged.findings.iter().filter(|f| f.rule == FindingRule::RowVolume).collect();
+    let f = rows[0];
+    assert_eq!((f.user.as_str(), f.object.as_deref()), (su.as_str(), Some("public.invoices")));
+    assert_eq!(f.identity, "team sales (AccessPolicy crm-access)");
+    let n: u64 = f.message.split(' ').next().unwrap().parse().unwrap();
+    assert!((101..=255).contains(&n), "{}", f.message);
+    assert!(
+        f.message.contains("read within a minute by team sales (AccessPolicy crm-access) (limit 100"),
+        "{}",
+        f.message
+    );
+    // The monitoring role's own statements (in the audit log too) are known: crmguard's statistics role.
+    assert!(
+        flagged.findings.iter().all(|f| f.rule == FindingRule::RowVolume),
+        "only the rows broke a rule: {:#?}",
+        flagged.findings
+    );
+    let notes = m.notes("AccessFinding", 1).await;
+    assert!(notes.iter().any(|n| n.starts_with("RowVolume: ")), "{notes:?}");
+    let everything = m.everything().await;
+    for leak in [SECRET, sp.as_str(), "monitor-Pw-1", m.pg.password.as_str()] {
         assert!(!everything.contains(leak), "{leak:?} leaked");
     }
 }

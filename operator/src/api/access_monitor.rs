@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.rules) || !has(self.rules.rowVolume) || size(self.rules.rowVolume) == 0 || has(self.database.statistics)").message("rules.rowVolume counts rows from the database's statistics: set spec.database.statistics (a monitoring role's connection Secret and sslMode)"))]
 pub struct AccessMonitorSpec {
     /// The database whose audit log is read.
     pub database: MonitoredDatabase,
@@ -90,8 +91,9 @@ pub enum MonitoredEngine {
 }
 
 /// The database pod and the container whose log carries the audit entries.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.statistics) || self.engine == 'postgres'").message("statistics are read from PostgreSQL's pg_stat_statements; for MariaDB leave spec.database.statistics out"))]
 pub struct MonitoredDatabase {
     /// `postgres` (pgaudit) or `mysql` (MariaDB's server_audit).
     pub engine: MonitoredEngine,
@@ -102,6 +104,40 @@ pub struct MonitoredDatabase {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub container: Option<String>,
+    /// Where the rows read come from (`rules.rowVolume`): the database's own statement statistics, sampled at every
+    /// interval through a read-only monitoring role. PostgreSQL only (pg_stat_statements). Absent: rows are not
+    /// counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<DatabaseStatistics>,
+}
+
+/// A monitoring role's connection to the database, for its statement statistics. PostgreSQL: the role needs
+/// `pg_read_all_stats` (nothing else: it reads no table), the server `shared_preload_libraries` with
+/// `pg_stat_statements` and the database `CREATE EXTENSION pg_stat_statements`. The operator must be able to reach
+/// the database's port (chart: `networkPolicy.extraEgressPorts`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseStatistics {
+    /// A Secret of this namespace with the connection, in the keys CloudNativePG's Secrets use: `host`, `port`
+    /// (5432 when absent), `username`, `password`, `dbname` (`postgres` when absent), and `ca.crt` (PEM) for
+    /// `sslMode: verify-full`. Writing a monitor that names it requires `get` on it (the chart's admission policy).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// `verify-full`: TLS, the server's certificate checked against the Secret's `ca.crt` and its name against
+    /// `host`; `disable`: no TLS (the password is never sent in clear: SCRAM or MD5 only), for a database on a
+    /// trusted network.
+    pub ssl_mode: SslMode,
+}
+
+/// TLS to the database.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SslMode {
+    /// No TLS.
+    #[serde(rename = "disable")]
+    Disable,
+    /// TLS with the server's certificate and name verified.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
 }
 
 /// A database user crmguard does not issue.
@@ -148,6 +184,11 @@ pub struct Rules {
     /// Absent: nothing is learned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<BaselineRule>,
+    /// Bulk reads by rows: more rows per minute returned to one identity by statements reading the listed tables
+    /// than allowed, counted from the database's statement statistics (needs `spec.database.statistics`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub row_volume: Vec<RowVolumeRule>,
 }
 
 impl Default for Rules {
@@ -159,6 +200,7 @@ impl Default for Rules {
             read_volume: vec![],
             failed_logins: None,
             baseline: None,
+            row_volume: vec![],
         }
     }
 }
@@ -248,6 +290,20 @@ pub struct ReadVolumeRule {
     pub max_per_minute: i32,
 }
 
+/// A limit on rows read per minute. A statement's rows count for every listed table it reads (a join of two counts
+/// for both); rows are those pg_stat_statements counts (returned by a SELECT), attributed to the minute of the sample
+/// that saw them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RowVolumeRule {
+    /// Sensitive tables (`schema.table`; a statement's unqualified table is taken as `public.`).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 127)))]
+    pub tables: Vec<String>,
+    /// Rows one identity may read from them within a minute.
+    #[schemars(range(min = 1, max = 2_000_000_000))]
+    pub max_rows_per_minute: i32,
+}
+
 /// A limit on failed logins.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -269,7 +325,7 @@ pub struct FailedLoginsRule {
 #[x_kube(validation = Rule::new("self.revokeCredentials || has(self.quarantineThrough)").message("a response does something: set revokeCredentials: true and/or quarantineThrough: <NetworkGuard>"))]
 pub struct Response {
     /// The rules whose findings are responded to, e.g. `[ReadVolume, RevokedCredential]`.
-    #[schemars(length(min = 1, max = 7))]
+    #[schemars(length(min = 1, max = 8))]
     pub triggers: Vec<FindingRule>,
     /// Only record what would be done (status, Events, the audit trail); nothing is revoked or isolated.
     #[serde(default)]
@@ -338,6 +394,8 @@ pub enum FindingRule {
     FailedLogins,
     /// `rules.baseline`: an hour's reads far above what was learned for that hour of the week.
     UnusualVolume,
+    /// `rules.rowVolume`.
+    RowVolume,
 }
 
 /// One finding.
@@ -422,6 +480,19 @@ pub mod conditions {
             ContainerNotFound,
             /// The API server did not serve the pod's log (the message has its answer); retried at the next interval.
             LogUnreadable,
+        }
+        /// The rows read are counted from the database's statistics (only with spec.database.statistics).
+        RowsCounted: Required {
+            /// pg_stat_statements is sampled at every interval.
+            Sampling,
+            /// The connection Secret is missing, lacks a key or holds an unusable CA: the message names it.
+            SecretUnusable,
+            /// The database could not be reached or refused the login (the message has its answer); tried again at
+            /// the next interval.
+            DatabaseUnreachable,
+            /// The statistics could not be read: `CREATE EXTENSION pg_stat_statements` in the Secret's database,
+            /// `shared_preload_libraries` with it, and `GRANT pg_read_all_stats` to the monitoring role.
+            StatisticsUnreadable,
         }
         /// Statements since the monitor started broke no rule.
         Clean: Warning {

@@ -4,7 +4,8 @@
 //!
 //! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries; `server_audit`: MariaDB's audit plugin
 //! events; `access`: a pod's timestamped log lines as accesses; `attribution`: who a database user is; `rules`:
-//! findings and the summaries the audit trail keeps; `baseline`: learned volumes per team, table and hour of the week.
+//! findings and the summaries the audit trail keeps; `baseline`: learned volumes per team, table and hour of the week;
+//! `statistics`: rows read, from PostgreSQL's pg_stat_statements.
 
 pub mod access;
 pub mod attribution;
@@ -13,3 +14,4 @@ pub mod pgaudit;
 pub mod redact;
 pub mod rules;
 pub mod server_audit;
+pub mod statistics;

@@ -38,6 +38,8 @@ pub struct Rules {
     pub read_volume: Vec<(Vec<String>, u64)>,
     pub failed_logins: Option<u64>,
     pub baseline: Option<super::baseline::Settings>,
+    /// (tables, rows allowed per minute).
+    pub row_volume: Vec<(Vec<String>, u64)>,
 }
 
 impl Rules {
@@ -64,6 +66,7 @@ impl Rules {
             read_volume: r.read_volume.iter().map(|v| (v.tables.clone(), v.max_per_minute.max(1) as u64)).collect(),
             failed_logins: r.failed_logins.as_ref().map(|f| f.max_per_minute.max(1) as u64),
             baseline: r.baseline.as_ref().map(super::baseline::Settings::of),
+            row_volume: r.row_volume.iter().map(|v| (v.tables.clone(), v.max_rows_per_minute.max(1) as u64)).collect(),
         }
     }
 }
@@ -228,7 +231,10 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 }
                 FindingRule::RevokedCredential => format!("{n} use(s) of the {identity}{on}: {what}"),
                 FindingRule::DdlOutsideWindow => format!("{n} DDL statement(s) outside the change windows by {identity}{on}: {what}"),
-                FindingRule::ReadVolume | FindingRule::FailedLogins | FindingRule::UnusualVolume => what,
+                FindingRule::ReadVolume
+                | FindingRule::FailedLogins
+                | FindingRule::UnusualVolume
+                | FindingRule::RowVolume => what,
             };
             Found { rule, user, identity, object, message, at }
         })

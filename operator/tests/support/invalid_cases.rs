@@ -316,6 +316,31 @@ pub fn cases() -> Vec<Case> {
             "spec.egress[0].name",
             "reserved for spec.targets",
         ),
+        // --- AccessMonitor: rows from the database's statistics ---
+        case(
+            "AccessMonitor",
+            vec![Remove("/spec/database/statistics")],
+            "spec",
+            "rules.rowVolume counts rows from the database's statistics: set spec.database.statistics",
+        ),
+        case(
+            "AccessMonitor",
+            vec![Set("/spec/database/engine", json!("mysql"))],
+            "spec.database",
+            "statistics are read from PostgreSQL's pg_stat_statements",
+        ),
+        case(
+            "AccessMonitor",
+            vec![Set("/spec/database/statistics/sslMode", json!("prefer"))],
+            "spec.database.statistics.sslMode",
+            "is not one of",
+        ),
+        case(
+            "AccessMonitor",
+            vec![Set("/spec/rules/rowVolume/0/maxRowsPerMinute", json!(0))],
+            "spec.rules.rowVolume[0].maxRowsPerMinute",
+            "minimum of 1",
+        ),
         // --- any kind ---
         case("NetworkGuard", vec![Set("/apiVersion", json!("crmguard.io/v1"))], "", "is not a crmguard resource"),
         case(

@@ -50,7 +50,7 @@ pub struct Sent {
 pub fn severity(rule: FindingRule) -> &'static str {
     match rule {
         FindingRule::RevokedCredential | FindingRule::UnknownIdentity | FindingRule::ReadVolume => "high",
-        FindingRule::UnusualVolume => "high",
+        FindingRule::UnusualVolume | FindingRule::RowVolume => "high",
         FindingRule::OutsideGrants => "high",
         FindingRule::DdlOutsideWindow | FindingRule::FailedLogins => "medium",
     }

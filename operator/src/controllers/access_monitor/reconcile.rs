@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, LogParams};
 
-use super::{notify, respond, validate};
-use crate::api::access_monitor::conditions::{Clean, Collecting, Settled};
-use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, MonitoredEngine};
+use super::{notify, respond, statistics, validate};
+use crate::api::access_monitor::conditions::{Clean, Collecting, RowsCounted, Settled};
+use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, KnownIdentity, MonitoredEngine};
 use crate::api::condition::Status;
 use crate::api::{AccessMonitor, AccessPolicy};
 use crate::controllers::access_policy::lease::{PREVIOUS_USERNAME, USERNAME};
@@ -28,6 +28,8 @@ use crate::validation::FieldError;
 pub const READ_LIMIT: i64 = 4 << 20;
 /// Findings kept in status.
 pub const FINDINGS_KEPT: usize = 20;
+/// The one "table" the statistics role is expected to touch.
+const STATISTICS_VIEW: &str = "public.pg_stat_statements";
 
 /// What the controller keeps of a monitor between reads (in this process).
 #[derive(Clone, Debug, Default)]
@@ -42,6 +44,12 @@ struct State {
     sent: notify::Sent,
     /// The learned volumes (`rules.baseline`), once loaded from the monitor's ConfigMap.
     baseline: Option<Baseline>,
+    /// The connection to the database's statistics, their last counters, what the statements read, and the rows
+    /// read this minute.
+    db: Option<statistics::Db>,
+    counters: crate::monitor::statistics::Counters,
+    statements: std::collections::HashMap<i64, crate::monitor::statistics::Statement>,
+    rows: crate::monitor::statistics::RowMinute,
 }
 
 impl Reconcilable for AccessMonitor {
@@ -139,6 +147,11 @@ impl Reconcilable for AccessMonitor {
             MonitoredEngine::Mysql => access::mariadb(&lines),
         };
         let now = (ctx.now)();
+        // Sampled before the identities are built: the monitoring role it logs in as is one of them.
+        let sampled = match &self.spec.database.statistics {
+            Some(s) => Some(statistics::sample(ctx, &ns, s, &mut state.db, &mut state.statements).await),
+            None => None,
+        };
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
         d.status.revoked_users = keep_revoked(&before.revoked_users, &mut state.identities, now);
         mask_unknown_logins(&mut accesses, &state.identities);
@@ -154,6 +167,9 @@ impl Reconcilable for AccessMonitor {
             if !cut {
                 b.advance((now.as_second() - 60).div_euclid(3600), settings.weeks);
             }
+        }
+        if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
+            found.extend(rows_read(s, sampled, &v.rules.row_volume, &mut state, &mut d, now));
         }
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
@@ -199,6 +215,51 @@ impl Reconcilable for AccessMonitor {
         }
         ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
         Ok(Ok(d))
+    }
+}
+
+/// A sample of the database's statistics: `rules.rowVolume` checked against the rows read since the previous one,
+/// and `RowsCounted` said. A failed sample is no error of the pass (the log's findings still count): the condition
+/// says why, and the counters start again at the next sample that works (what happened in between is not known).
+fn rows_read(
+    s: &crate::api::access_monitor::DatabaseStatistics,
+    sampled: Result<Vec<crate::monitor::statistics::Counted>, statistics::Failed>,
+    limits: &[(Vec<String>, u64)],
+    state: &mut State,
+    d: &mut Desired<AccessMonitorStatus>,
+    now: Timestamp,
+) -> Vec<Found> {
+    use crate::monitor::statistics as stats;
+    match sampled {
+        Ok(counted) => {
+            let deltas = state.counters.deltas(&counted);
+            let read = stats::rows_read(&deltas, &state.statements);
+            d.conditions.push(Cond::new(
+                RowsCounted::Sampling,
+                Status::True,
+                format!("pg_stat_statements is sampled at every read (spec.interval) through Secret {}", s.secret_name),
+            ));
+            stats::check(limits, &state.identities, &read, now, &mut state.rows)
+        }
+        Err(failed) => {
+            state.counters = stats::Counters::default();
+            let (reason, message) = match failed {
+                statistics::Failed::Secret(m) => (RowsCounted::SecretUnusable, m),
+                statistics::Failed::Connect(m) => {
+                    (RowsCounted::DatabaseUnreachable, format!("the database could not be reached: {m}"))
+                }
+                statistics::Failed::Query(m) => (
+                    RowsCounted::StatisticsUnreadable,
+                    format!(
+                        "pg_stat_statements could not be read: {m} (CREATE EXTENSION pg_stat_statements in the Secret's \
+                         database, shared_preload_libraries with it, GRANT pg_read_all_stats to the role)"
+                    ),
+                ),
+            };
+            tracing::warn!(%message, "the database's statistics could not be sampled");
+            d.conditions.push(Cond::new(reason, Status::False, message));
+            vec![]
+        }
     }
 }
 
@@ -353,7 +414,9 @@ async fn identities(
         m.spec.access_policies.is_empty()
             || p.metadata.name.as_ref().is_some_and(|n| m.spec.access_policies.contains(n))
     });
+    let statistics_user = state.db.as_ref().map(|d| d.user.clone());
     let mut parts: Vec<String> = vec![m.metadata.generation.unwrap_or_default().to_string()];
+    parts.push(statistics_user.clone().unwrap_or_default());
     parts.extend(policies.iter().map(|p| p.metadata.resource_version.clone().unwrap_or_default()));
     let digest = crate::k8s::cache::digest_of(&parts.iter().map(String::as_str).collect::<Vec<_>>());
     let unknown: BTreeSet<String> =
@@ -388,7 +451,18 @@ async fn identities(
             }
         }
     }
-    let ids = Identities::build(&policies, &teams, &m.spec.identities, &state.identities, now);
+    let mut known = m.spec.identities.clone();
+    if let (Some(user), Some(s)) = (statistics_user, &m.spec.database.statistics)
+        && !known.iter().any(|k| k.user == user)
+    {
+        // It reads the statistics (no table): any table it reads is outside what it is for.
+        known.push(KnownIdentity {
+            user,
+            name: format!("crmguard's statistics role (Secret {})", s.secret_name),
+            tables: vec![STATISTICS_VIEW.into()],
+        });
+    }
+    let ids = Identities::build(&policies, &teams, &known, &state.identities, now);
     state.identities_of = digest;
     Ok(ids)
 }

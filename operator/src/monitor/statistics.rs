@@ -1,0 +1,419 @@
+//! Rows read, from PostgreSQL's statement statistics (`pg_stat_statements`): the view counts, per database user and
+//! normalized statement (its literals already replaced by `$1`, `$2`, ... by the server), how often it ran and the
+//! rows it returned. Sampled at every read of the monitor, the growth of those counters since the previous sample
+//! is what each user read since; the tables a statement reads come from its normalized text. Pure except
+//! [`sample`], which runs the two queries.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use jiff::Timestamp;
+
+use super::attribution::Identities;
+use super::rules::Found;
+use crate::api::access_monitor::FindingRule;
+
+/// One row of `pg_stat_statements` (the statement's text aside).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counted {
+    /// The role's name, unquoted (`unknown (OID=...)` once the role was dropped).
+    pub user: String,
+    pub db: u32,
+    pub queryid: i64,
+    pub calls: i64,
+    pub rows: i64,
+}
+
+/// What a normalized statement does: whether it only reads, and the tables (`schema.table`) it names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Statement {
+    pub read: bool,
+    pub tables: Vec<String>,
+}
+
+/// SQL words after which a name is no table (the end of a FROM list, a clause).
+const CLAUSE_WORDS: &[&str] = &[
+    "where",
+    "group",
+    "order",
+    "limit",
+    "offset",
+    "having",
+    "window",
+    "union",
+    "except",
+    "intersect",
+    "join",
+    "on",
+    "using",
+    "inner",
+    "left",
+    "right",
+    "full",
+    "cross",
+    "natural",
+    "lateral",
+    "for",
+    "fetch",
+    "returning",
+    "set",
+    "values",
+    "select",
+    "as",
+    "into",
+    "with",
+    "only",
+    "tablesample",
+    "outer",
+    "from",
+    "by",
+    "and",
+    "or",
+    "not",
+];
+
+/// A token of a normalized statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    /// An identifier or keyword: unquoted ones lower-cased (as PostgreSQL folds them), quoted ones as written.
+    Word {
+        text: String,
+        quoted: bool,
+    },
+    Punct(char),
+}
+
+fn tokens(sql: &str) -> Vec<Token> {
+    let c: Vec<char> = sql.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        let ch = c[i];
+        if ch.is_whitespace() {
+            i += 1;
+        } else if ch == '-' && c.get(i + 1) == Some(&'-') {
+            while i < c.len() && c[i] != '\n' {
+                i += 1;
+            }
+        } else if ch == '/' && c.get(i + 1) == Some(&'*') {
+            i += 2;
+            while i < c.len() && !(c[i] == '*' && c.get(i + 1) == Some(&'/')) {
+                i += 1;
+            }
+            i += 2;
+        } else if ch == '\'' {
+            // A literal the server left in (e.g. in a utility statement): skipped whole, never kept.
+            i += 1;
+            while i < c.len() {
+                if c[i] == '\'' && c.get(i + 1) == Some(&'\'') {
+                    i += 2;
+                } else if c[i] == '\'' {
+                    break;
+                } else {
+                    i += 1;
+                }
+            }
+            i += 1;
+            out.push(Token::Punct('\''));
+        } else if ch == '"' {
+            let mut text = String::new();
+            i += 1;
+            while i < c.len() {
+                if c[i] == '"' && c.get(i + 1) == Some(&'"') {
+                    text.push('"');
+                    i += 2;
+                } else if c[i] == '"' {
+                    break;
+                } else {
+                    text.push(c[i]);
+                    i += 1;
+                }
+            }
+            i += 1;
+            out.push(Token::Word { text, quoted: true });
+        } else if ch.is_alphabetic() || ch == '_' {
+            let start = i;
+            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_' || c[i] == '$') {
+                i += 1;
+            }
+            out.push(Token::Word { text: c[start..i].iter().collect::<String>().to_lowercase(), quoted: false });
+        } else {
+            out.push(Token::Punct(ch));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The tables a normalized statement reads (after FROM and JOIN) and whether it only reads (a SELECT, or a WITH
+/// whose statements only read). An unqualified table is taken as `public.` (the default search_path); a name
+/// followed by `(` is a function, not a table.
+pub fn statement(sql: &str) -> Statement {
+    let t = tokens(sql);
+    let word = |i: usize| match t.get(i) {
+        Some(Token::Word { text, quoted }) => Some((text.as_str(), *quoted)),
+        _ => None,
+    };
+    let punct = |i: usize, p: char| t.get(i) == Some(&Token::Punct(p));
+    let writes = t.iter().any(|x| {
+        matches!(x, Token::Word { text, quoted: false }
+            if ["insert", "update", "delete", "merge", "truncate", "copy", "create", "alter", "drop", "grant", "revoke"]
+                .contains(&text.as_str()))
+    });
+    let first = word(0).map(|(w, _)| w);
+    let read = matches!(first, Some("select" | "with" | "table")) && !writes;
+    let mut tables = BTreeSet::new();
+    // A name, possibly qualified: (schema.table, tokens used), or None.
+    let name_at = |i: usize| -> Option<(String, usize)> {
+        let (a, a_quoted) = word(i)?;
+        if !a_quoted && CLAUSE_WORDS.contains(&a) {
+            return None;
+        }
+        let (name, used) = if punct(i + 1, '.') {
+            let (b, _) = word(i + 2)?;
+            (format!("{a}.{b}"), 3)
+        } else {
+            (format!("public.{a}"), 1)
+        };
+        (!punct(i + used, '(')).then_some((name, used))
+    };
+    let mut i = 0;
+    while i < t.len() {
+        match word(i) {
+            Some(("from" | "join", false)) => {
+                let mut j = i + 1;
+                if word(j) == Some(("only", false)) {
+                    j += 1;
+                }
+                // A FROM list: name [AS] [alias], name ...
+                while let Some((name, used)) = name_at(j) {
+                    tables.insert(name);
+                    j += used;
+                    if word(j) == Some(("as", false)) {
+                        j += 1;
+                    }
+                    if let Some((w, q)) = word(j)
+                        && (q || !CLAUSE_WORDS.contains(&w))
+                    {
+                        j += 1;
+                    }
+                    if punct(j, ',') {
+                        j += 1;
+                    } else {
+                        break;
+                    }
+                }
+                i = j.max(i + 1);
+            }
+            _ => i += 1,
+        }
+    }
+    Statement { read, tables: tables.into_iter().collect() }
+}
+
+/// The counters of the previous sample, per (user, database, statement).
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    last: HashMap<(String, u32, i64), (i64, i64)>,
+    /// A sample was taken: the next one's growth is what happened in between.
+    primed: bool,
+}
+
+/// What a user's statement did between two samples.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delta {
+    pub user: String,
+    pub queryid: i64,
+    pub calls: i64,
+    pub rows: i64,
+}
+
+impl Counters {
+    /// The growth since the previous sample (nothing at the first: what the counters held before is not known to
+    /// have happened since the monitor started). A counter that went back (the statistics were reset, or the
+    /// statement evicted and counted again) grew by what it holds now.
+    pub fn deltas(&mut self, sample: &[Counted]) -> Vec<Delta> {
+        let mut now: HashMap<(String, u32, i64), (i64, i64)> = HashMap::with_capacity(sample.len());
+        for c in sample {
+            let e = now.entry((c.user.clone(), c.db, c.queryid)).or_default();
+            e.0 += c.calls;
+            e.1 += c.rows;
+        }
+        let mut out = Vec::new();
+        if self.primed {
+            for (key, (calls, rows)) in &now {
+                let (c0, r0) = self.last.get(key).copied().unwrap_or((0, 0));
+                let grew = |now: i64, before: i64| if now >= before { now - before } else { now };
+                let (dc, dr) = (grew(*calls, c0), grew(*rows, r0));
+                if dc > 0 || dr > 0 {
+                    out.push(Delta { user: key.0.clone(), queryid: key.2, calls: dc, rows: dr });
+                }
+            }
+        }
+        self.last = now;
+        self.primed = true;
+        out.sort_by(|a, b| (&a.user, a.queryid).cmp(&(&b.user, b.queryid)));
+        out
+    }
+}
+
+/// Rows read per (user, table) from `deltas`, for the statements `statements` knows to be reads.
+pub fn rows_read(deltas: &[Delta], statements: &HashMap<i64, Statement>) -> BTreeMap<(String, String), u64> {
+    let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for d in deltas {
+        let Some(s) = statements.get(&d.queryid).filter(|s| s.read) else { continue };
+        for t in &s.tables {
+            *out.entry((d.user.clone(), t.clone())).or_default() += u64::try_from(d.rows).unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Rows read in the current minute, carried from one sample to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowMinute {
+    /// Minutes since the epoch.
+    pub minute: i64,
+    pub rows: BTreeMap<(String, String), u64>,
+    /// (user, table) flagged this minute.
+    pub flagged: BTreeSet<(String, String)>,
+}
+
+/// `rules.rowVolume` over the rows read since the previous sample, taken at `at`: a finding per identity and table
+/// the first time its rows in a minute pass the limit.
+pub fn check(
+    limits: &[(Vec<String>, u64)],
+    ids: &Identities,
+    read: &BTreeMap<(String, String), u64>,
+    at: Timestamp,
+    minute: &mut RowMinute,
+) -> Vec<Found> {
+    let m = at.as_second().div_euclid(60);
+    if m != minute.minute {
+        *minute = RowMinute { minute: m, ..RowMinute::default() };
+    }
+    let mut out = Vec::new();
+    for ((user, table), rows) in read {
+        let Some((_, max)) = limits.iter().find(|(tables, _)| tables.contains(table)) else { continue };
+        let n = minute.rows.entry((user.clone(), table.clone())).or_default();
+        *n += rows;
+        if *n > *max && minute.flagged.insert((user.clone(), table.clone())) {
+            let who = ids.who(user);
+            out.push(Found {
+                rule: FindingRule::RowVolume,
+                user: user.clone(),
+                identity: who.describe(),
+                object: Some(table.clone()),
+                message: format!(
+                    "{n} rows of {table} read within a minute by {} (limit {max}; counted by pg_stat_statements)",
+                    who.describe()
+                ),
+                at,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(read: bool, tables: &[&str]) -> Statement {
+        Statement { read, tables: tables.iter().map(ToString::to_string).collect() }
+    }
+
+    /// Expected from PostgreSQL's grammar (SELECT's FROM list, JOIN, ONLY, aliases, quoted names, functions in
+    /// FROM) and pg_stat_statements' normalized texts, written before the parser.
+    #[test]
+    fn the_tables_a_normalized_statement_reads() {
+        let cases: &[(&str, Statement)] = &[
+            ("SELECT * FROM invoices", st(true, &["public.invoices"])),
+            ("select total from crm.invoices where id = $1", st(true, &["crm.invoices"])),
+            (
+                "SELECT i.total, c.email FROM invoices i JOIN contacts AS c ON c.id = i.customer",
+                st(true, &["public.contacts", "public.invoices"]),
+            ),
+            ("SELECT a FROM invoices, crm.contacts c WHERE $1 = $2", st(true, &["crm.contacts", "public.invoices"])),
+            ("SELECT * FROM ONLY \"Invoices\"", st(true, &["public.Invoices"])),
+            ("SELECT * FROM generate_series($1, $2)", st(true, &[])),
+            ("SELECT $1", st(true, &[])),
+            ("SELECT now()", st(true, &[])),
+            ("WITH x AS (SELECT id FROM invoices) SELECT count(*) FROM x", st(true, &["public.invoices", "public.x"])),
+            (
+                "SELECT * FROM (SELECT id FROM contacts) s LEFT JOIN invoices i USING (id)",
+                st(true, &["public.contacts", "public.invoices"]),
+            ),
+            ("UPDATE invoices SET total = $1 FROM contacts WHERE contacts.id = $2", st(false, &["public.contacts"])),
+            ("DELETE FROM invoices WHERE id = $1", st(false, &["public.invoices"])),
+            ("INSERT INTO invoices SELECT * FROM staging", st(false, &["public.staging"])),
+            ("SELECT 'a FROM secret' FROM contacts -- FROM hidden", st(true, &["public.contacts"])),
+            ("/* FROM x */ SELECT * FROM contacts", st(true, &["public.contacts"])),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(&statement(sql), want, "{sql}");
+        }
+    }
+
+    fn counted(user: &str, queryid: i64, calls: i64, rows: i64) -> Counted {
+        Counted { user: user.into(), db: 5, queryid, calls, rows }
+    }
+
+    #[test]
+    fn growth_between_samples_and_none_at_the_first() {
+        let mut c = Counters::default();
+        assert_eq!(c.deltas(&[counted("v-sales", 1, 10, 1000)]), vec![]);
+        let d = c.deltas(&[counted("v-sales", 1, 12, 1500), counted("v-sales", 2, 1, 3)]);
+        assert_eq!(
+            d,
+            vec![
+                Delta { user: "v-sales".into(), queryid: 1, calls: 2, rows: 500 },
+                Delta { user: "v-sales".into(), queryid: 2, calls: 1, rows: 3 }
+            ]
+        );
+        // Nothing ran: nothing grew.
+        assert_eq!(c.deltas(&[counted("v-sales", 1, 12, 1500), counted("v-sales", 2, 1, 3)]), vec![]);
+        // Reset (pg_stat_statements_reset()): what it holds now is new.
+        assert_eq!(
+            c.deltas(&[counted("v-sales", 1, 1, 40)]),
+            vec![Delta { user: "v-sales".into(), queryid: 1, calls: 1, rows: 40 }]
+        );
+    }
+
+    #[test]
+    fn rows_are_counted_per_table_read_and_a_minute_is_flagged_once() {
+        let statements: HashMap<i64, Statement> = [
+            (1, st(true, &["public.invoices"])),
+            (2, st(true, &["public.invoices", "public.contacts"])),
+            (3, st(false, &["public.invoices"])),
+        ]
+        .into();
+        let deltas = vec![
+            Delta { user: "u".into(), queryid: 1, calls: 1, rows: 600 },
+            Delta { user: "u".into(), queryid: 2, calls: 1, rows: 50 },
+            Delta { user: "u".into(), queryid: 3, calls: 1, rows: 10_000 },
+            Delta { user: "u".into(), queryid: 4, calls: 1, rows: 10_000 },
+        ];
+        let read = rows_read(&deltas, &statements);
+        assert_eq!(
+            read,
+            [(("u".into(), "public.contacts".into()), 50), (("u".into(), "public.invoices".into()), 650)].into()
+        );
+        let limits = vec![(vec!["public.invoices".to_string()], 1000)];
+        let ids = Identities::default();
+        let mut minute = RowMinute::default();
+        let t0: Timestamp = "2026-12-01T10:00:05Z".parse().unwrap();
+        assert_eq!(check(&limits, &ids, &read, t0, &mut minute), vec![]);
+        let later: Timestamp = "2026-12-01T10:00:35Z".parse().unwrap();
+        let found = check(&limits, &ids, &read, later, &mut minute);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].rule, FindingRule::RowVolume);
+        assert_eq!(
+            found[0].message,
+            "1300 rows of public.invoices read within a minute by unknown (limit 1000; counted by pg_stat_statements)"
+        );
+        let again: Timestamp = "2026-12-01T10:00:50Z".parse().unwrap();
+        assert_eq!(check(&limits, &ids, &read, again, &mut minute), vec![], "once per minute");
+        let next: Timestamp = "2026-12-01T10:01:00Z".parse().unwrap();
+        assert_eq!(check(&limits, &ids, &read, next, &mut minute), vec![], "a new minute starts from nothing");
+    }
+}

@@ -85,7 +85,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// Writes `<name>.key` (EC P-256, PKCS#8) and `<name>.crt` signed by `<ca>.crt`/`<ca>.key`.
-fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) {
+pub(crate) fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) {
     new_key(dir, name);
     openssl(
         dir,
@@ -133,7 +133,7 @@ fn new_key(dir: &Path, name: &str) {
 }
 
 /// Writes `<name>.key` and a self-signed CA certificate `<name>.crt`.
-fn new_ca(dir: &Path, name: &str, cn: &str) {
+pub(crate) fn new_ca(dir: &Path, name: &str, cn: &str) {
     new_key(dir, name);
     openssl(
         dir,

@@ -134,6 +134,37 @@ impl Postgres {
         Postgres::start(&all)
     }
 
+    /// A server's TLS files in a directory of their own (readable by the server's user): the settings that turn TLS
+    /// on with them (a certificate for `127.0.0.1` and `localhost`, signed by a new CA), the CA's PEM, and the
+    /// directory (kept as long as the server runs).
+    pub fn tls_files() -> (Vec<String>, String, TempDir) {
+        let dir = TempDir::new("pg-tls");
+        let d = dir.path.as_path();
+        crate::controlplane::new_ca(d, "ca", "crmguard-e2e-db-ca");
+        crate::controlplane::issue(
+            d,
+            "ca",
+            "server",
+            "/CN=127.0.0.1",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+        );
+        let key = d.join("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+        if nix_root() {
+            for p in [d.to_path_buf(), key.clone(), d.join("server.crt")] {
+                let ok = Command::new("chown").arg("postgres").arg(&p).status().map(|s| s.success()).unwrap_or(false);
+                assert!(ok, "chown postgres {}", p.display());
+            }
+        }
+        let settings = vec![
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", d.join("server.crt").display()),
+            format!("ssl_key_file={}", key.display()),
+        ];
+        let ca = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+        (settings, ca, dir)
+    }
+
     fn start(settings: &[&str]) -> Postgres {
         let dir = TempDir::new("pg");
         let root = nix_root();

@@ -120,14 +120,21 @@ impl Monitored {
 
     /// With more arguments for the operator.
     async fn start_with(test: &str, more: &[&str]) -> Monitored {
+        Monitored::start_full(test, more, &[]).await
+    }
+
+    /// With more settings for PostgreSQL too.
+    async fn start_full(test: &str, more: &[&str], pg_settings: &[String]) -> Monitored {
         let cluster = Cluster::start(test).await;
         let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
         // pg_stat_statements too (the rows read, spec.database.statistics); the later setting overrides audited's.
-        let pg = Postgres::audited(&[
+        let mut settings = vec![
             "pgaudit.log=read,write,ddl,role",
             "pgaudit.log_relation=on",
             "shared_preload_libraries=pgaudit,pg_stat_statements",
-        ]);
+        ];
+        settings.extend(pg_settings.iter().map(String::as_str));
+        let pg = Postgres::audited(&settings);
         let bao = OpenBao::shared();
         let id = format!("{test}-{}", std::process::id());
         pg.sql("postgres", "CREATE DATABASE crm");
@@ -478,6 +485,62 @@ async fn a_bulk_read_by_rows_is_counted_from_pg_stat_statements() {
     for leak in [SECRET, sp.as_str(), "monitor-Pw-1", m.pg.password.as_str()] {
         assert!(!everything.contains(leak), "{leak:?} leaked");
     }
+}
+
+/// `sslMode: verify-full` on the real thing (DatabaseStatistics' documentation): PostgreSQL with TLS, its certificate
+/// (for 127.0.0.1) from a CA of the test's own. With another CA in the Secret's `ca.crt` the connection is refused
+/// before any login (`RowsCounted=False DatabaseUnreachable`, the certificate named); with the server's CA the sample
+/// runs, over TLS as the server's own pg_stat_ssl shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_over_tls_trust_only_the_secrets_ca() {
+    let (tls, ca, _tls_dir) = Postgres::tls_files();
+    let (_, other_ca, _other_dir) = Postgres::tls_files();
+    let m = Monitored::start_full("monitor-tls", &[], &tls).await;
+    m.pg.sql(
+        "crm",
+        "CREATE EXTENSION pg_stat_statements;
+         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
+    );
+    let secret = |ca: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "crm-db-monitor"},
+            "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
+                           "password": "monitor-Pw-1", "dbname": "crm", "ca.crt": ca},
+        }))
+        .unwrap()
+    };
+    m.secrets.create(&PostParams::default(), &secret(&other_ca)).await.unwrap();
+    let stats = json!({"secretName": "crm-db-monitor", "sslMode": "verify-full"});
+    m.monitor_with(json!({"rowVolume": [{"tables": ["public.invoices"], "maxRowsPerMinute": 100}]}), None, Some(stats))
+        .await;
+    let rows_counted = |s: &AccessMonitorStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "RowsCounted")
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let refused = m
+        .until("the untrusted certificate refused", |s| rows_counted(s).is_some_and(|c| c.1 == "DatabaseUnreachable"))
+        .await;
+    let (_, _, message) = rows_counted(&refused).unwrap();
+    assert!(message.contains("certificate"), "{message}");
+    let logins = m.pg.sql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE usename = 'crm_monitor'");
+    assert_eq!(logins.trim(), "0", "no login over a connection whose certificate was not trusted");
+
+    m.secrets
+        .replace("crm-db-monitor", &PostParams::default(), &{
+            let mut s = secret(&ca);
+            s.metadata.resource_version = m.secrets.get("crm-db-monitor").await.unwrap().metadata.resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    m.until("the sample over TLS", |s| rows_counted(s).is_some_and(|c| c.0 == "True")).await;
+    let ssl = m.pg.sql(
+        "postgres",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'crm_monitor'",
+    );
+    assert_eq!(ssl.trim(), "t", "the monitoring role's connection is TLS");
 }
 
 /// The automated response on the real things (expected from the AccessMonitor's documented response, Response in

@@ -104,7 +104,7 @@ async fn connect(c: &tokio_postgres::Config, ca: Option<String>) -> Result<tokio
         .await
         .map_err(|_| Failed::Connect(format!("{host}:{port} did not answer within {}s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| Failed::Connect(format!("{host}:{port}: {e}")))?;
-    let login = |e: tokio_postgres::Error| Failed::Connect(format!("{host}:{port}: {e}"));
+    let login = |e: tokio_postgres::Error| Failed::Connect(format!("{host}:{port}: {}", chain(&e)));
     let client = match ca {
         None => {
             let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, c.connect_raw(tcp, tokio_postgres::NoTls))
@@ -129,6 +129,21 @@ async fn connect(c: &tokio_postgres::Config, ca: Option<String>) -> Result<tokio
         }
     };
     Ok(client)
+}
+
+/// An error with its causes ("error performing TLS handshake" alone does not say that the certificate was not
+/// trusted).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// One sample of `pg_stat_statements`, connecting first when `db` is not open for `s`; the texts of statements not

@@ -130,24 +130,7 @@ async fn follow(
     let finished = status.succeeded > 0 || status.failed > 0;
     // The restore pod's termination message is `crmguard restore run`'s report.
     let report = if finished { job_report(ctx, ns, job_name).await? } else { None };
-    let (phase, cond) = if status.succeeded > 0 {
-        (RestorePhase::Succeeded, Cond::new(Restored::Succeeded, Status::True, "the backup was verified and restored"))
-    } else if status.failed > 0 {
-        let (reason, message) = match &report {
-            Some(r) if !r.ok => (r.reason.unwrap_or(JobReason::JobFailed), r.message.clone().unwrap_or_default()),
-            _ => (JobReason::JobFailed, format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
-        };
-        (RestorePhase::Failed, Cond::new(Restored::from(reason), Status::False, message))
-    } else if status.ready > 0 {
-        (RestorePhase::Running, Cond::new(Restored::Running, Status::False, format!("Job {job_name} is running")))
-    } else if status.active > 0 {
-        // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
-        // pulled, started) the restore has not begun.
-        let message = format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
-        (RestorePhase::Pending, Cond::new(Restored::Pending, Status::False, message))
-    } else {
-        (RestorePhase::Pending, Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")))
-    };
+    let (phase, cond) = phase_of(job_name, status, report.as_ref());
     let mut d = Desired::<CrmRestoreStatus>::default();
     d.conditions.push(cond);
     d.status.phase = Some(phase);
@@ -172,6 +155,36 @@ async fn follow(
     d.status.start_time = status.start_time.map(Time);
     d.status.completion_time = status.completion_time.map(Time);
     Ok(d)
+}
+
+/// The phase and `Restored` condition of a restore from its Job's progress and, once the Job ended, its report.
+fn phase_of(
+    job_name: &str,
+    status: &JobProgress,
+    report: Option<&JobReport>,
+) -> (RestorePhase, Cond<CrmRestoreStatus>) {
+    if status.succeeded > 0 {
+        (RestorePhase::Succeeded, Cond::new(Restored::Succeeded, Status::True, "the backup was verified and restored"))
+    } else if status.failed > 0 {
+        let (reason, message) = match report {
+            Some(r) if !r.ok => (r.reason.unwrap_or(JobReason::JobFailed), r.message.clone().unwrap_or_default()),
+            _ => (JobReason::JobFailed, format!("Job {job_name} failed; see `kubectl logs job/{job_name}`")),
+        };
+        (RestorePhase::Failed, Cond::new(Restored::from(reason), Status::False, message))
+    } else if status.ready > 0 {
+        (RestorePhase::Running, Cond::new(Restored::Running, Status::False, format!("Job {job_name} is running")))
+    } else {
+        // The Job controller counts a Pod as active from its creation; until it runs (scheduled, image
+        // pulled, started) the restore has not begun.
+        (RestorePhase::Pending, not_started(job_name))
+    }
+}
+
+/// A restore whose Job's Pod is not running yet: the same whether the Job controller has created the Pod or not
+/// (it does within moments of the Job: a second status write for that would tell nobody anything).
+fn not_started(job_name: &str) -> Cond<CrmRestoreStatus> {
+    let message = format!("the Pod of Job {job_name} has not started yet (see `kubectl describe job/{job_name}`)");
+    Cond::new(Restored::Pending, Status::False, message)
 }
 
 impl CrmRestore {
@@ -253,7 +266,7 @@ impl CrmRestore {
             ..Desired::default()
         };
         d.child(&job)?;
-        d.conditions.push(Cond::new(Restored::Pending, Status::False, format!("Job {job_name} has not started")));
+        d.conditions.push(not_started(&job_name));
         d.status.phase = Some(RestorePhase::Pending);
         d.status.job_name = Some(job_name);
         Ok(Ok(d))
@@ -274,6 +287,22 @@ mod tests {
             "status": status
         }))
         .unwrap()
+    }
+
+    /// The Job controller creates a Job's Pod within moments of the Job: the restore's phase and condition are the
+    /// same before and after (one status write at a cold start, not two), and only a Pod that runs makes it Running.
+    #[test]
+    fn a_pod_created_but_not_running_yet_changes_nothing_in_the_status() {
+        let job = "crm-db-check-restore";
+        let of = |active, ready| {
+            let (phase, c) = phase_of(job, &JobProgress { active, ready, ..JobProgress::default() }, None);
+            (phase, c.reason, c.message)
+        };
+        let no_pod = of(0, 0);
+        assert_eq!(no_pod.0, RestorePhase::Pending);
+        assert!(no_pod.2.contains("has not started yet") && no_pod.2.contains("kubectl describe job/"), "{no_pod:?}");
+        assert_eq!(of(1, 0), no_pod);
+        assert_eq!(of(1, 1).0, RestorePhase::Running);
     }
 
     #[test]

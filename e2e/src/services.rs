@@ -135,8 +135,8 @@ impl Postgres {
     }
 
     /// A server's TLS files in a directory of their own (readable by the server's user): the settings that turn TLS
-    /// on with them (a certificate for `127.0.0.1` and `localhost`, signed by a new CA), the CA's PEM, and the
-    /// directory (kept as long as the server runs).
+    /// on with them (a certificate for `127.0.0.1` only, signed by a new CA), the CA's PEM, and the directory (kept
+    /// as long as the server runs).
     pub fn tls_files() -> (Vec<String>, String, TempDir) {
         let dir = TempDir::new("pg-tls");
         let d = dir.path.as_path();
@@ -146,7 +146,7 @@ impl Postgres {
             "ca",
             "server",
             "/CN=127.0.0.1",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
         );
         let key = d.join("server.key");
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");

@@ -488,59 +488,82 @@ async fn a_bulk_read_by_rows_is_counted_from_pg_stat_statements() {
 }
 
 /// `sslMode: verify-full` on the real thing (DatabaseStatistics' documentation): PostgreSQL with TLS, its certificate
-/// (for 127.0.0.1) from a CA of the test's own. With another CA in the Secret's `ca.crt` the connection is refused
-/// before any login (`RowsCounted=False DatabaseUnreachable`, the certificate named); with the server's CA the sample
-/// runs, over TLS as the server's own pg_stat_ssl shows.
+/// for 127.0.0.1 only, from a CA of the test's own. Another CA in the Secret's `ca.crt`, or the right CA with a host
+/// name the certificate is not for (`localhost`), is refused before any login (`RowsCounted=False
+/// DatabaseUnreachable`, naming the certificate; the server logs no login of the role); with the server's CA and its
+/// address the role logs in over TLS (the server's own log says so) and the sample runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statistics_over_tls_trust_only_the_secrets_ca() {
-    let (tls, ca, _tls_dir) = Postgres::tls_files();
+async fn statistics_over_tls_trust_only_the_secrets_ca_and_the_hosts_name() {
+    let (mut settings, ca, _tls_dir) = Postgres::tls_files();
     let (_, other_ca, _other_dir) = Postgres::tls_files();
-    let m = Monitored::start_full("monitor-tls", &[], &tls).await;
+    settings.push("log_connections=on".into());
+    let m = Monitored::start_full("monitor-tls", &[], &settings).await;
     m.pg.sql(
         "crm",
         "CREATE EXTENSION pg_stat_statements;
          CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
     );
-    let secret = |ca: &str| -> Secret {
+    let secret = |host: &str, ca: &str| -> Secret {
         serde_json::from_value(json!({
             "metadata": {"name": "crm-db-monitor"},
-            "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
+            "stringData": {"host": host, "port": m.pg.port.to_string(), "username": "crm_monitor",
                            "password": "monitor-Pw-1", "dbname": "crm", "ca.crt": ca},
         }))
         .unwrap()
     };
-    m.secrets.create(&PostParams::default(), &secret(&other_ca)).await.unwrap();
-    let stats = json!({"secretName": "crm-db-monitor", "sslMode": "verify-full"});
-    m.monitor_with(json!({"rowVolume": [{"tables": ["public.invoices"], "maxRowsPerMinute": 100}]}), None, Some(stats))
-        .await;
+    let replace = |s: Secret| async {
+        let mut s = s;
+        s.metadata.resource_version = m.secrets.get("crm-db-monitor").await.unwrap().metadata.resource_version;
+        m.secrets.replace("crm-db-monitor", &PostParams::default(), &s).await.unwrap();
+    };
     let rows_counted = |s: &AccessMonitorStatus| {
         s.conditions
             .iter()
             .find(|c| c.type_ == "RowsCounted")
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
-    let refused = m
-        .until("the untrusted certificate refused", |s| rows_counted(s).is_some_and(|c| c.1 == "DatabaseUnreachable"))
-        .await;
-    let (_, _, message) = rows_counted(&refused).unwrap();
-    assert!(message.contains("certificate"), "{message}");
-    let logins = m.pg.sql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE usename = 'crm_monitor'");
-    assert_eq!(logins.trim(), "0", "no login over a connection whose certificate was not trusted");
+    let logins = || {
+        std::fs::read_to_string(&m.pg.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("connection authorized: user=crm_monitor"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
 
-    m.secrets
-        .replace("crm-db-monitor", &PostParams::default(), &{
-            let mut s = secret(&ca);
-            s.metadata.resource_version = m.secrets.get("crm-db-monitor").await.unwrap().metadata.resource_version;
-            s
+    m.secrets.create(&PostParams::default(), &secret("127.0.0.1", &other_ca)).await.unwrap();
+    let stats = json!({"secretName": "crm-db-monitor", "sslMode": "verify-full"});
+    m.monitor_with(json!({"rowVolume": [{"tables": ["public.invoices"], "maxRowsPerMinute": 100}]}), None, Some(stats))
+        .await;
+    let untrusted = m
+        .until("another CA's certificate refused", |s| {
+            rows_counted(s).is_some_and(|c| c.1 == "DatabaseUnreachable" && c.2.contains("invalid peer certificate"))
         })
-        .await
-        .unwrap();
+        .await;
+    assert!(rows_counted(&untrusted).unwrap().2.contains("certificate"), "{untrusted:#?}");
+    // Passes come at the interval (1s): every refused connection is a line in the database's log (log_connections),
+    // so every pass finds new lines and a status to write, whose change must not start the next pass at once.
+    // Measured over real time (the interval is real time): a pass and the reconcile its status write starts, each
+    // second.
+    let series = "crmguard_reconcile_total{controller=\"accessmonitor\"}";
+    let before = m.op.metric(series).unwrap_or(0.0);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let n = m.op.metric(series).unwrap_or(0.0) - before;
+    assert!((2.0..=15.0).contains(&n), "{n} reconciles of the monitor in 5 s at an interval of 1 s");
+
+    replace(secret("localhost", &ca)).await;
+    m.until("a certificate not for the host's name refused", |s| {
+        rows_counted(s).is_some_and(|c| {
+            c.1 == "DatabaseUnreachable" && c.2.contains("certificate not valid for name \"localhost\"")
+        })
+    })
+    .await;
+    assert_eq!(logins(), Vec::<String>::new(), "no login over a connection whose certificate was refused");
+
+    replace(secret("127.0.0.1", &ca)).await;
     m.until("the sample over TLS", |s| rows_counted(s).is_some_and(|c| c.0 == "True")).await;
-    let ssl = m.pg.sql(
-        "postgres",
-        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'crm_monitor'",
-    );
-    assert_eq!(ssl.trim(), "t", "the monitoring role's connection is TLS");
+    let logins = logins();
+    assert!(!logins.is_empty() && logins.iter().all(|l| l.contains("SSL enabled")), "{logins:?}");
 }
 
 /// The automated response on the real things (expected from the AccessMonitor's documented response, Response in

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.rules) || !has(self.rules.rowVolume) || size(self.rules.rowVolume) == 0 || has(self.database.statistics)").message("rules.rowVolume counts rows from the database's statistics: set spec.database.statistics (a monitoring role's connection Secret and sslMode)"))]
+#[x_kube(validation = Rule::new("!has(self.rules) || !has(self.rules.rowVolume) || size(self.rules.rowVolume) == 0 || !has(self.interval) || duration(self.interval) <= duration('1m')").message("rules.rowVolume limits rows per minute: the interval must be at most 1m"))]
 pub struct AccessMonitorSpec {
     /// The database whose audit log is read.
     pub database: MonitoredDatabase,
@@ -113,19 +114,23 @@ pub struct MonitoredDatabase {
 
 /// A monitoring role's connection to the database, for its statement statistics. PostgreSQL: the role needs
 /// `pg_read_all_stats` (nothing else: it reads no table), the server `shared_preload_libraries` with
-/// `pg_stat_statements` and the database `CREATE EXTENSION pg_stat_statements`. The operator must be able to reach
-/// the database's port (chart: `networkPolicy.extraEgressPorts`).
+/// `pg_stat_statements` and the database `CREATE EXTENSION pg_stat_statements` (in schema public). The operator must
+/// be able to reach the database's port (chart: `networkPolicy.extraEgressPorts`). Only the Secret's database is
+/// counted; a statement's text is fetched only for reads the server normalized (SELECT, VALUES, TABLE, WITH) and, of
+/// `COPY x TO`, the table's name: other texts can hold literals.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseStatistics {
-    /// A Secret of this namespace with the connection, in the keys CloudNativePG's Secrets use: `host`, `port`
-    /// (5432 when absent), `username`, `password`, `dbname` (`postgres` when absent), and `ca.crt` (PEM) for
-    /// `sslMode: verify-full`. Writing a monitor that names it requires `get` on it (the chart's admission policy).
+    /// A Secret of this namespace with the connection, under the key names CloudNativePG uses: `host` (resolved
+    /// from the operator's namespace: give a Service as `<name>.<namespace>.svc`), `port` (5432 when absent),
+    /// `username`, `password`, `dbname` (`postgres` when absent), and `ca.crt` (PEM) for `sslMode: verify-full`.
+    /// A Secret of its own for the monitoring role (a CloudNativePG app Secret's role lacks `pg_read_all_stats`).
+    /// Writing a monitor that names it requires `get` on it (the chart's admission policy).
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
     /// `verify-full`: TLS, the server's certificate checked against the Secret's `ca.crt` and its name against
-    /// `host`; `disable`: no TLS (the password is never sent in clear: SCRAM or MD5 only), for a database on a
-    /// trusted network.
+    /// `host`, before anything else is sent; `disable`: no TLS, only for a trusted network (a server that is not the
+    /// database but answers on its address gets the login: a cleartext or MD5 password if it asks for one).
     pub ssl_mode: SslMode,
 }
 
@@ -290,9 +295,12 @@ pub struct ReadVolumeRule {
     pub max_per_minute: i32,
 }
 
-/// A limit on rows read per minute. A statement's rows count for every listed table it reads (a join of two counts
-/// for both); rows are those pg_stat_statements counts (returned by a SELECT), attributed to the minute of the sample
-/// that saw them.
+/// A limit on rows read per minute by one database user (a team's current credential, a named identity). A
+/// statement's rows count for every listed table it reads (a join of two counts for both); rows are those
+/// pg_stat_statements counts (returned by a SELECT, exported by `COPY x TO`), attributed to the minute of the sample
+/// that saw them (so `interval` is at most 1m). Not counted: rows read through a view or a function (pg_stat_statements
+/// tracks top-level statements), `COPY (query) TO`, and an unqualified table under another search_path than public
+/// (pgaudit's log records those reads still).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RowVolumeRule {

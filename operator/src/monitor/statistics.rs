@@ -1,8 +1,8 @@
 //! Rows read, from PostgreSQL's statement statistics (`pg_stat_statements`): the view counts, per database user and
 //! normalized statement (its literals already replaced by `$1`, `$2`, ... by the server), how often it ran and the
 //! rows it returned. Sampled at every read of the monitor, the growth of those counters since the previous sample
-//! is what each user read since; the tables a statement reads come from its normalized text. Pure except
-//! [`sample`], which runs the two queries.
+//! is what each user read since; the tables a statement reads come from its normalized text. Pure: the
+//! controller's `statistics` module runs the queries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -15,9 +15,9 @@ use crate::api::access_monitor::FindingRule;
 /// One row of `pg_stat_statements` (the statement's text aside).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counted {
+    pub userid: u32,
     /// The role's name, unquoted (`unknown (OID=...)` once the role was dropped).
     pub user: String,
-    pub db: u32,
     pub queryid: i64,
     pub calls: i64,
     pub rows: i64,
@@ -144,51 +144,115 @@ fn tokens(sql: &str) -> Vec<Token> {
     out
 }
 
-/// The tables a normalized statement reads (after FROM and JOIN) and whether it only reads (a SELECT, or a WITH
-/// whose statements only read). An unqualified table is taken as `public.` (the default search_path); a name
-/// followed by `(` is a function, not a table.
+/// The index after the `)` matching the `(` at `open` (or the end).
+fn after_parens(t: &[Token], open: usize) -> usize {
+    let mut depth = 0usize;
+    for (i, x) in t.iter().enumerate().skip(open) {
+        match x {
+            Token::Punct('(') => depth += 1,
+            Token::Punct(')') => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    t.len()
+}
+
+/// The tables a normalized statement reads and whether it is a read: a SELECT, VALUES, `TABLE x` or a WITH (also
+/// in parentheses) without INSERT, UPDATE, DELETE or MERGE heading a statement, or `COPY x TO` (an export). Tables are
+/// taken after FROM, JOIN, TABLE and COPY; a FROM list goes on past a subquery or a function in it; names a WITH
+/// defines are not tables. An unqualified table is taken as `public.` (the default search_path).
 pub fn statement(sql: &str) -> Statement {
     let t = tokens(sql);
     let word = |i: usize| match t.get(i) {
         Some(Token::Word { text, quoted }) => Some((text.as_str(), *quoted)),
         _ => None,
     };
+    let keyword = |i: usize| word(i).filter(|(_, q)| !q).map(|(w, _)| w);
     let punct = |i: usize, p: char| t.get(i) == Some(&Token::Punct(p));
-    let writes = t.iter().any(|x| {
-        matches!(x, Token::Word { text, quoted: false }
-            if ["insert", "update", "delete", "merge", "truncate", "copy", "create", "alter", "drop", "grant", "revoke"]
-                .contains(&text.as_str()))
+    let first = (0..t.len()).find(|&i| !punct(i, '('));
+    let lead = first.and_then(keyword);
+    // A data-changing statement heads the statement or a WITH's body (`AS (DELETE ...)`); `FOR UPDATE` is a lock.
+    let writes = (0..t.len()).any(|i| {
+        matches!(keyword(i), Some("insert" | "update" | "delete" | "merge"))
+            && (i == 0 || punct(i - 1, '('))
+            && !(i > 0 && keyword(i - 1) == Some("for"))
     });
-    let first = word(0).map(|(w, _)| w);
-    let read = matches!(first, Some("select" | "with" | "table")) && !writes;
+    let copy_to = lead == Some("copy") && (0..t.len()).any(|i| keyword(i) == Some("to"));
+    let read = (matches!(lead, Some("select" | "with" | "table" | "values")) && !writes) || copy_to;
+    // Names a WITH defines: `name AS (` after WITH, RECURSIVE or a comma.
+    let ctes: BTreeSet<String> = (1..t.len())
+        .filter(|&i| {
+            keyword(i + 1) == Some("as")
+                && punct(i + 2, '(')
+                && (matches!(keyword(i - 1), Some("with" | "recursive")) || punct(i - 1, ','))
+        })
+        .filter_map(|i| word(i).map(|(w, _)| w.to_string()))
+        .collect();
     let mut tables = BTreeSet::new();
-    // A name, possibly qualified: (schema.table, tokens used), or None.
-    let name_at = |i: usize| -> Option<(String, usize)> {
+    // A name, possibly qualified, at `i`: (schema.table or the unqualified name, tokens used).
+    let name_at = |i: usize| -> Option<(String, bool, usize)> {
         let (a, a_quoted) = word(i)?;
         if !a_quoted && CLAUSE_WORDS.contains(&a) {
             return None;
         }
-        let (name, used) = if punct(i + 1, '.') {
+        if punct(i + 1, '.') {
             let (b, _) = word(i + 2)?;
-            (format!("{a}.{b}"), 3)
+            Some((format!("{a}.{b}"), true, 3))
         } else {
-            (format!("public.{a}"), 1)
-        };
-        (!punct(i + used, '(')).then_some((name, used))
+            Some((a.to_string(), false, 1))
+        }
     };
+    let mut add = |name: String, qualified: bool| {
+        if qualified {
+            tables.insert(name);
+        } else if !ctes.contains(&name) {
+            tables.insert(format!("public.{name}"));
+        }
+    };
+    // Parentheses around each token: COPY's own FROM (a file or STDIN) is at depth 0, a query's inside.
+    let depth: Vec<usize> = t
+        .iter()
+        .scan(0usize, |d, x| {
+            let here = *d;
+            match x {
+                Token::Punct('(') => *d += 1,
+                Token::Punct(')') => *d = d.saturating_sub(1),
+                _ => {}
+            }
+            Some(here)
+        })
+        .collect();
     let mut i = 0;
     while i < t.len() {
-        match word(i) {
-            Some(("from" | "join", false)) => {
+        let lone = |k: usize| matches!(keyword(k), Some("table" | "copy")) && Some(k) == first;
+        match keyword(i) {
+            Some("from") if lead == Some("copy") && depth[i] == 0 => i += 1,
+            Some("from" | "join") => {
                 let mut j = i + 1;
-                if word(j) == Some(("only", false)) {
+                if keyword(j) == Some("only") || keyword(j) == Some("lateral") {
                     j += 1;
                 }
-                // A FROM list: name [AS] [alias], name ...
-                while let Some((name, used)) = name_at(j) {
-                    tables.insert(name);
-                    j += used;
-                    if word(j) == Some(("as", false)) {
+                // A FROM list: item [AS] [alias], item ...; an item is a table, a function call or a subquery.
+                loop {
+                    if punct(j, '(') {
+                        // A subquery (its own FROM is read when the scan comes to it) or a parenthesized join.
+                        j = after_parens(&t, j);
+                    } else if let Some((name, qualified, used)) = name_at(j) {
+                        if punct(j + used, '(') {
+                            j = after_parens(&t, j + used);
+                        } else {
+                            add(name, qualified);
+                            j += used;
+                        }
+                    } else {
+                        break;
+                    }
+                    if keyword(j) == Some("as") {
                         j += 1;
                     }
                     if let Some((w, q)) = word(j)
@@ -196,13 +260,25 @@ pub fn statement(sql: &str) -> Statement {
                     {
                         j += 1;
                     }
+                    if punct(j, '(') {
+                        // Column aliases: `AS s(a, b)`.
+                        j = after_parens(&t, j);
+                    }
                     if punct(j, ',') {
                         j += 1;
                     } else {
                         break;
                     }
                 }
-                i = j.max(i + 1);
+                // The scan goes on right after FROM: the subqueries in the list have FROMs of their own.
+                i += 1;
+            }
+            _ if lone(i) => {
+                if let Some((name, qualified, used)) = name_at(i + 1) {
+                    add(name, qualified);
+                    i += used;
+                }
+                i += 1;
             }
             _ => i += 1,
         }
@@ -210,42 +286,47 @@ pub fn statement(sql: &str) -> Statement {
     Statement { read, tables: tables.into_iter().collect() }
 }
 
-/// The counters of the previous sample, per (user, database, statement).
+/// The counters of the previous sample, per (role OID, statement): keyed by the role's OID, not its name, which
+/// turns into `unknown (OID=...)` when Vault drops a revoked lease's role.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
-    last: HashMap<(String, u32, i64), (i64, i64)>,
+    last: HashMap<(u32, i64), (i64, i64)>,
     /// A sample was taken: the next one's growth is what happened in between.
     primed: bool,
 }
 
-/// What a user's statement did between two samples.
+/// The rows a user's statement returned between two samples.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delta {
     pub user: String,
     pub queryid: i64,
-    pub calls: i64,
     pub rows: i64,
 }
 
 impl Counters {
     /// The growth since the previous sample (nothing at the first: what the counters held before is not known to
-    /// have happened since the monitor started). A counter that went back (the statistics were reset, or the
-    /// statement evicted and counted again) grew by what it holds now.
+    /// have happened since the monitor started). A statement whose call count went back (the statistics were
+    /// reset, or the statement evicted and counted again) grew by what it holds now.
     pub fn deltas(&mut self, sample: &[Counted]) -> Vec<Delta> {
-        let mut now: HashMap<(String, u32, i64), (i64, i64)> = HashMap::with_capacity(sample.len());
+        let mut now: HashMap<(u32, i64), (i64, i64)> = HashMap::with_capacity(sample.len());
+        let mut names: HashMap<u32, &str> = HashMap::new();
         for c in sample {
-            let e = now.entry((c.user.clone(), c.db, c.queryid)).or_default();
+            // `toplevel` splits a statement in two rows: summed.
+            let e = now.entry((c.userid, c.queryid)).or_default();
             e.0 += c.calls;
             e.1 += c.rows;
+            names.insert(c.userid, &c.user);
         }
         let mut out = Vec::new();
         if self.primed {
             for (key, (calls, rows)) in &now {
-                let (c0, r0) = self.last.get(key).copied().unwrap_or((0, 0));
-                let grew = |now: i64, before: i64| if now >= before { now - before } else { now };
-                let (dc, dr) = (grew(*calls, c0), grew(*rows, r0));
-                if dc > 0 || dr > 0 {
-                    out.push(Delta { user: key.0.clone(), queryid: key.2, calls: dc, rows: dr });
+                let grew = match self.last.get(key) {
+                    Some((c0, r0)) if calls >= c0 => (rows - r0).max(0),
+                    _ => *rows,
+                };
+                if grew > 0 {
+                    let user = names.get(&key.0).copied().unwrap_or_default().to_string();
+                    out.push(Delta { user, queryid: key.1, rows: grew });
                 }
             }
         }
@@ -322,8 +403,9 @@ mod tests {
         Statement { read, tables: tables.iter().map(ToString::to_string).collect() }
     }
 
-    /// Expected from PostgreSQL's grammar (SELECT's FROM list, JOIN, ONLY, aliases, quoted names, functions in
-    /// FROM) and pg_stat_statements' normalized texts, written before the parser.
+    /// Expected from PostgreSQL's grammar (SELECT's FROM list with subqueries, functions and aliases, JOIN, ONLY,
+    /// `TABLE name`, WITH queries, `FOR UPDATE` locks, `COPY ... TO`) and pg_stat_statements' normalized texts,
+    /// written before the parser.
     #[test]
     fn the_tables_a_normalized_statement_reads() {
         let cases: &[(&str, Statement)] = &[
@@ -338,11 +420,22 @@ mod tests {
             ("SELECT * FROM generate_series($1, $2)", st(true, &[])),
             ("SELECT $1", st(true, &[])),
             ("SELECT now()", st(true, &[])),
-            ("WITH x AS (SELECT id FROM invoices) SELECT count(*) FROM x", st(true, &["public.invoices", "public.x"])),
+            ("WITH x AS (SELECT id FROM invoices) SELECT count(*) FROM x", st(true, &["public.invoices"])),
+            ("WITH a AS (SELECT 1), b AS (SELECT * FROM contacts) SELECT * FROM a, b", st(true, &["public.contacts"])),
             (
                 "SELECT * FROM (SELECT id FROM contacts) s LEFT JOIN invoices i USING (id)",
                 st(true, &["public.contacts", "public.invoices"]),
             ),
+            ("SELECT * FROM generate_series($1, $2) g, invoices", st(true, &["public.invoices"])),
+            ("SELECT * FROM (SELECT $1) AS s(a), crm.invoices", st(true, &["crm.invoices"])),
+            ("TABLE invoices", st(true, &["public.invoices"])),
+            ("(SELECT * FROM invoices)", st(true, &["public.invoices"])),
+            ("SELECT * FROM invoices FOR UPDATE", st(true, &["public.invoices"])),
+            ("COPY invoices TO STDOUT", st(true, &["public.invoices"])),
+            ("COPY crm.invoices (id, total) TO STDOUT WITH (FORMAT csv)", st(true, &["crm.invoices"])),
+            ("COPY invoices FROM STDIN", st(false, &["public.invoices"])),
+            ("COPY (SELECT * FROM invoices WHERE total > $1) TO STDOUT", st(true, &["public.invoices"])),
+            ("WITH d AS (DELETE FROM invoices RETURNING *) SELECT * FROM d", st(false, &["public.invoices"])),
             ("UPDATE invoices SET total = $1 FROM contacts WHERE contacts.id = $2", st(false, &["public.contacts"])),
             ("DELETE FROM invoices WHERE id = $1", st(false, &["public.invoices"])),
             ("INSERT INTO invoices SELECT * FROM staging", st(false, &["public.staging"])),
@@ -354,29 +447,29 @@ mod tests {
         }
     }
 
-    fn counted(user: &str, queryid: i64, calls: i64, rows: i64) -> Counted {
-        Counted { user: user.into(), db: 5, queryid, calls, rows }
+    fn counted(userid: u32, user: &str, queryid: i64, calls: i64, rows: i64) -> Counted {
+        Counted { userid, user: user.into(), queryid, calls, rows }
+    }
+
+    fn delta(user: &str, queryid: i64, rows: i64) -> Delta {
+        Delta { user: user.into(), queryid, rows }
     }
 
     #[test]
     fn growth_between_samples_and_none_at_the_first() {
         let mut c = Counters::default();
-        assert_eq!(c.deltas(&[counted("v-sales", 1, 10, 1000)]), vec![]);
-        let d = c.deltas(&[counted("v-sales", 1, 12, 1500), counted("v-sales", 2, 1, 3)]);
-        assert_eq!(
-            d,
-            vec![
-                Delta { user: "v-sales".into(), queryid: 1, calls: 2, rows: 500 },
-                Delta { user: "v-sales".into(), queryid: 2, calls: 1, rows: 3 }
-            ]
-        );
+        assert_eq!(c.deltas(&[counted(7, "v-sales", 1, 10, 1000)]), vec![]);
+        let d = c.deltas(&[counted(7, "v-sales", 1, 12, 1500), counted(7, "v-sales", 2, 1, 3)]);
+        assert_eq!(d, vec![delta("v-sales", 1, 500), delta("v-sales", 2, 3)]);
         // Nothing ran: nothing grew.
-        assert_eq!(c.deltas(&[counted("v-sales", 1, 12, 1500), counted("v-sales", 2, 1, 3)]), vec![]);
+        assert_eq!(c.deltas(&[counted(7, "v-sales", 1, 12, 1500), counted(7, "v-sales", 2, 1, 3)]), vec![]);
+        // Vault dropped the role: its name changes, its counters do not; nothing ran.
+        assert_eq!(c.deltas(&[counted(7, "unknown (OID=7)", 1, 12, 1500)]), vec![]);
         // Reset (pg_stat_statements_reset()): what it holds now is new.
-        assert_eq!(
-            c.deltas(&[counted("v-sales", 1, 1, 40)]),
-            vec![Delta { user: "v-sales".into(), queryid: 1, calls: 1, rows: 40 }]
-        );
+        assert_eq!(c.deltas(&[counted(7, "v-sales", 1, 1, 40)]), vec![delta("v-sales", 1, 40)]);
+        // The same statement at top level and nested: one.
+        let d = c.deltas(&[counted(7, "v-sales", 1, 2, 50), counted(7, "v-sales", 1, 1, 5)]);
+        assert_eq!(d, vec![delta("v-sales", 1, 15)]);
     }
 
     #[test]
@@ -387,12 +480,7 @@ mod tests {
             (3, st(false, &["public.invoices"])),
         ]
         .into();
-        let deltas = vec![
-            Delta { user: "u".into(), queryid: 1, calls: 1, rows: 600 },
-            Delta { user: "u".into(), queryid: 2, calls: 1, rows: 50 },
-            Delta { user: "u".into(), queryid: 3, calls: 1, rows: 10_000 },
-            Delta { user: "u".into(), queryid: 4, calls: 1, rows: 10_000 },
-        ];
+        let deltas = vec![delta("u", 1, 600), delta("u", 2, 50), delta("u", 3, 10_000), delta("u", 4, 10_000)];
         let read = rows_read(&deltas, &statements);
         assert_eq!(
             read,

@@ -331,6 +331,12 @@ pub fn cases() -> Vec<Case> {
         ),
         case(
             "AccessMonitor",
+            vec![Set("/spec/interval", json!("2m"))],
+            "spec",
+            "rules.rowVolume limits rows per minute: the interval must be at most 1m",
+        ),
+        case(
+            "AccessMonitor",
             vec![Set("/spec/database/statistics/sslMode", json!("prefer"))],
             "spec.database.statistics.sslMode",
             "is not one of",

@@ -47,15 +47,50 @@ struct State {
     /// The connection to the database's statistics, their last counters, what the statements read, and the rows
     /// read this minute.
     db: Option<statistics::Db>,
+    /// The monitoring role's name (the Secret's `username`), kept while the connection is down.
+    statistics_user: Option<String>,
+    /// When the counters were sampled last: a longer gap than the interval allows is not compared across.
+    sampled_at: Option<Timestamp>,
     counters: crate::monitor::statistics::Counters,
+    /// The last pass's outcome, its trigger and when the next pass is due: see [`Paced`].
+    paced: Option<Paced>,
     statements: std::collections::HashMap<i64, crate::monitor::statistics::Statement>,
     rows: crate::monitor::statistics::RowMinute,
+}
+
+/// A pass reads the log (and the statistics) at the spec's interval, not at every change of the monitor: its own
+/// status write is a change, and a pass that finds new lines writes status, so a database that logs faster than the
+/// interval (or the monitoring role's own sampling, which pgaudit logs) would have the monitor read without pause.
+/// Within the interval a reconcile gives the last pass's outcome again (without its Events); a change of the spec
+/// or of the acknowledgement annotation passes at once.
+#[derive(Clone, Debug)]
+struct Paced {
+    next: std::time::Instant,
+    trigger: u64,
+    outcome: Desired<AccessMonitorStatus>,
+}
+
+impl Paced {
+    fn of(m: &AccessMonitor) -> u64 {
+        let ack = m.metadata.annotations.as_ref().and_then(|a| a.get(respond::ACKNOWLEDGE)).cloned();
+        crate::k8s::cache::digest_of(&[
+            &m.metadata.generation.unwrap_or_default().to_string(),
+            ack.as_deref().unwrap_or_default(),
+        ])
+    }
+
+    /// Remembers `d` as the outcome of a pass of `m`.
+    fn set(state: &mut State, m: &AccessMonitor, d: &Desired<AccessMonitorStatus>) {
+        let after = d.requeue_after.unwrap_or(Duration::from_secs(5));
+        let outcome = Desired { events: vec![], audit: vec![], patches: vec![], ..d.clone() };
+        state.paced = Some(Paced { next: std::time::Instant::now() + after, trigger: Paced::of(m), outcome });
+    }
 }
 
 impl Reconcilable for AccessMonitor {
     const CONTROLLER: &'static str = "accessmonitor";
     type Status = AccessMonitorStatus;
-    /// A database pod that comes or goes (or is relabelled) is read at once.
+    /// A database pod that comes or goes (or is relabelled) is read at the next pass (within the interval).
     const WATCHES: &'static [Watch] = &[Watch::Pods];
 
     async fn desired(&self, ctx: &Context) -> Result<Result<Desired<Self::Status>, Vec<FieldError>>, Error> {
@@ -66,6 +101,12 @@ impl Reconcilable for AccessMonitor {
         let ns = v.owner.namespace.clone();
         let uid = v.owner.uid.clone();
         let mut state: State = ctx.cache.last_memo(Self::CONTROLLER, &uid).unwrap_or_default();
+        if let Some(p) = &state.paced
+            && p.trigger == Paced::of(self)
+            && let Some(left) = p.next.checked_duration_since(std::time::Instant::now())
+        {
+            return Ok(Ok(Desired { requeue_after: Some(left), ..p.outcome.clone() }));
+        }
         let before = self.status.clone().unwrap_or_default();
         let mut d = Desired::<Self::Status> { requeue_after: Some(v.interval), ..Desired::default() };
         match &v.rules.baseline {
@@ -84,6 +125,7 @@ impl Reconcilable for AccessMonitor {
                  the database pod's labels (kubectl get pods --show-labels)",
             ));
             settle(ctx, self, &v, &mut state, &mut d).await?;
+            Paced::set(&mut state, self, &d);
             ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
             return Ok(Ok(d));
         };
@@ -115,6 +157,7 @@ impl Reconcilable for AccessMonitor {
                     format!("the log of pod {pod} could not be read: {} (HTTP {})", s.message, s.code),
                 ));
                 settle(ctx, self, &v, &mut state, &mut d).await?;
+                Paced::set(&mut state, self, &d);
                 ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
                 return Ok(Ok(d));
             }
@@ -149,7 +192,9 @@ impl Reconcilable for AccessMonitor {
         let now = (ctx.now)();
         // Sampled before the identities are built: the monitoring role it logs in as is one of them.
         let sampled = match &self.spec.database.statistics {
-            Some(s) => Some(statistics::sample(ctx, &ns, s, &mut state.db, &mut state.statements).await),
+            Some(s) => Some(
+                statistics::sample(ctx, &ns, s, &mut state.db, &mut state.statistics_user, &mut state.statements).await,
+            ),
             None => None,
         };
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
@@ -169,7 +214,7 @@ impl Reconcilable for AccessMonitor {
             }
         }
         if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
-            found.extend(rows_read(s, sampled, &v.rules.row_volume, &mut state, &mut d, now));
+            found.extend(rows_read(s, sampled, &v, &mut state, &mut d, now));
         }
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
@@ -213,6 +258,7 @@ impl Reconcilable for AccessMonitor {
         if cut {
             d.requeue_after = Some(Duration::from_millis(200));
         }
+        Paced::set(&mut state, self, &d);
         ctx.cache.remember(Self::CONTROLLER, &uid, 0, state);
         Ok(Ok(d))
     }
@@ -220,34 +266,47 @@ impl Reconcilable for AccessMonitor {
 
 /// A sample of the database's statistics: `rules.rowVolume` checked against the rows read since the previous one,
 /// and `RowsCounted` said. A failed sample is no error of the pass (the log's findings still count): the condition
-/// says why, and the counters start again at the next sample that works (what happened in between is not known).
+/// says why. The counters are compared only with the previous sample of the same connection taken within two
+/// intervals (and 10 s): rows read over a longer gap (a failed sample, passes without a pod, an operator restart)
+/// or on another server (a failover) are not counted, rather than counted into one minute.
 fn rows_read(
     s: &crate::api::access_monitor::DatabaseStatistics,
-    sampled: Result<Vec<crate::monitor::statistics::Counted>, statistics::Failed>,
-    limits: &[(Vec<String>, u64)],
+    sampled: Result<statistics::Sample, statistics::Failed>,
+    v: &validate::ValidatedAccessMonitor,
     state: &mut State,
     d: &mut Desired<AccessMonitorStatus>,
     now: Timestamp,
 ) -> Vec<Found> {
     use crate::monitor::statistics as stats;
+    let gap = jiff::SignedDuration::try_from(v.interval * 2).unwrap_or_default() + jiff::SignedDuration::from_secs(10);
+    let recent = state.sampled_at.is_some_and(|t| now.duration_since(t) <= gap);
     match sampled {
-        Ok(counted) => {
-            let deltas = state.counters.deltas(&counted);
+        Ok(sample) => {
+            if sample.fresh || !recent {
+                state.counters = stats::Counters::default();
+            }
+            state.sampled_at = Some(now);
+            let deltas = state.counters.deltas(&sample.counted);
             let read = stats::rows_read(&deltas, &state.statements);
             d.conditions.push(Cond::new(
                 RowsCounted::Sampling,
                 Status::True,
                 format!("pg_stat_statements is sampled at every read (spec.interval) through Secret {}", s.secret_name),
             ));
-            stats::check(limits, &state.identities, &read, now, &mut state.rows)
+            stats::check(&v.rules.row_volume, &state.identities, &read, now, &mut state.rows)
         }
         Err(failed) => {
             state.counters = stats::Counters::default();
             let (reason, message) = match failed {
                 statistics::Failed::Secret(m) => (RowsCounted::SecretUnusable, m),
-                statistics::Failed::Connect(m) => {
-                    (RowsCounted::DatabaseUnreachable, format!("the database could not be reached: {m}"))
-                }
+                statistics::Failed::Connect(m) => (
+                    RowsCounted::DatabaseUnreachable,
+                    format!("the database of Secret {} could not be reached: {m}", s.secret_name),
+                ),
+                statistics::Failed::Timeout(m) => (
+                    RowsCounted::DatabaseUnreachable,
+                    format!("the database of Secret {} did not answer: {m}; connecting again", s.secret_name),
+                ),
                 statistics::Failed::Query(m) => (
                     RowsCounted::StatisticsUnreadable,
                     format!(
@@ -414,7 +473,7 @@ async fn identities(
         m.spec.access_policies.is_empty()
             || p.metadata.name.as_ref().is_some_and(|n| m.spec.access_policies.contains(n))
     });
-    let statistics_user = state.db.as_ref().map(|d| d.user.clone());
+    let statistics_user = state.statistics_user.clone();
     let mut parts: Vec<String> = vec![m.metadata.generation.unwrap_or_default().to_string()];
     parts.push(statistics_user.clone().unwrap_or_default());
     parts.extend(policies.iter().map(|p| p.metadata.resource_version.clone().unwrap_or_default()));

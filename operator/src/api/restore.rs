@@ -157,7 +157,7 @@ pub struct CrmRestoreStatus {
     /// Name of the restore Job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
-    /// When the restore started.
+    /// When the restore's Job started, shown once its Pod runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When the restore finished.

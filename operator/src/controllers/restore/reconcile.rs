@@ -130,12 +130,20 @@ async fn follow(
     let finished = status.succeeded > 0 || status.failed > 0;
     // The restore pod's termination message is `crmguard restore run`'s report.
     let report = if finished { job_report(ctx, ns, job_name).await? } else { None };
-    let (phase, cond) = phase_of(job_name, status, report.as_ref());
+    Ok(outcome(job_name, status, report.as_ref()))
+}
+
+/// What a restore reports from its Job's progress and, once the Job ended, its report. The start time is shown once
+/// the Pod runs: until then the restore has not started (the Job controller stamps the Job's start time when it
+/// first syncs it, which was a status write of its own at every restore's creation).
+fn outcome(job_name: &str, status: &JobProgress, report: Option<&JobReport>) -> Desired<CrmRestoreStatus> {
+    let (phase, cond) = phase_of(job_name, status, report);
+    let started = phase != RestorePhase::Pending;
     let mut d = Desired::<CrmRestoreStatus>::default();
     d.conditions.push(cond);
     d.status.phase = Some(phase);
     d.status.job_name = Some(job_name.to_string());
-    if let Some(r) = report.as_ref().filter(|r| r.ok) {
+    if let Some(r) = report.filter(|r| r.ok) {
         d.status.backup_id = r.backup_id.clone();
         d.status.restored_bytes = r.raw_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
         d.status.duration_seconds = r.duration_seconds.map(|secs| secs.round() as i64);
@@ -152,9 +160,9 @@ async fn follow(
             ),
         });
     }
-    d.status.start_time = status.start_time.map(Time);
+    d.status.start_time = status.start_time.filter(|_| started).map(Time);
     d.status.completion_time = status.completion_time.map(Time);
-    Ok(d)
+    d
 }
 
 /// The phase and `Restored` condition of a restore from its Job's progress and, once the Job ended, its report.
@@ -303,6 +311,15 @@ mod tests {
         assert!(no_pod.2.contains("has not started yet") && no_pod.2.contains("kubectl describe job/"), "{no_pod:?}");
         assert_eq!(of(1, 0), no_pod);
         assert_eq!(of(1, 1).0, RestorePhase::Running);
+        // The Job controller stamps the Job's start time at its first sync, with the Pod: the restore's status
+        // stays as it was written at the Job's creation until the Pod runs.
+        let t: jiff::Timestamp = "2026-12-01T02:15:00Z".parse().unwrap();
+        let synced = JobProgress { active: 1, start_time: Some(t), ..JobProgress::default() };
+        let pending = outcome(job, &synced, None);
+        assert_eq!(pending.status.start_time, None);
+        assert_eq!(pending.status, outcome(job, &JobProgress::default(), None).status);
+        let running = outcome(job, &JobProgress { ready: 1, ..synced }, None);
+        assert_eq!(running.status.start_time.map(|s| s.0), Some(t));
     }
 
     #[test]

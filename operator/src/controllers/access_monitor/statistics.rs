@@ -54,12 +54,11 @@ pub struct Db {
     checked: Instant,
 }
 
-/// A sample: the counters, the monitoring role's name, and whether the connection is new (its counters are not
-/// to be compared with another connection's: a failover, another host).
+/// A sample: the counters, and whether the connection is new (its counters are not to be compared with another
+/// connection's: a failover, another host).
 #[derive(Debug)]
 pub struct Sample {
     pub counted: Vec<Counted>,
-    pub user: String,
     pub fresh: bool,
 }
 
@@ -206,9 +205,9 @@ async fn query(
     Err(failed)
 }
 
-/// One sample of `pg_stat_statements`, connecting first when `db` is not open for `s` (or its Secret changed); the
-/// texts of statements not seen before are read and their tables kept in `statements` (forgetting statements the
-/// view no longer has).
+/// One sample of `pg_stat_statements`, connecting first (as `user`, set from the Secret) when `db` is not open for
+/// `s` or its Secret changed; the texts of statements not seen before are read and their tables kept in
+/// `statements` (forgetting statements the view no longer has).
 pub async fn sample(
     ctx: &Context,
     ns: &str,
@@ -265,7 +264,7 @@ pub async fn sample(
             statements.entry(q).or_default();
         }
     }
-    Ok(Sample { counted, user: user.clone().unwrap_or_default(), fresh })
+    Ok(Sample { counted, fresh })
 }
 
 /// TLS through rustls: the server's certificate checked against one CA and the host's name.

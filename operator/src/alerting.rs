@@ -109,13 +109,7 @@ impl Alertmanagers {
 
 /// An error with its causes (reqwest's own message does not say "connection refused").
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s = format!("{s}: {c}");
-        cause = c.source();
-    }
-    s.chars().take(300).collect()
+    crate::error_chain(e).collect::<Vec<_>>().join(": ").chars().take(300).collect()
 }
 
 #[cfg(test)]

@@ -17,3 +17,9 @@ pub mod posture;
 pub mod runtime;
 pub mod validation;
 pub mod vault;
+
+/// An error's message and its causes' (a library's top message often leaves out what went wrong, e.g.
+/// "error sending request" without "connection refused"), one string each.
+pub fn error_chain(e: &dyn std::error::Error) -> impl Iterator<Item = String> + '_ {
+    std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string)
+}

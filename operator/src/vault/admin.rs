@@ -224,14 +224,7 @@ impl VaultApi {
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    crate::error_chain(e).collect::<Vec<_>>().join(": ")
 }
 
 /// Vault's `errors` array of an error answer, joined; bodies are never echoed otherwise.

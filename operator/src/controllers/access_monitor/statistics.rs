@@ -146,15 +146,13 @@ async fn settings(ctx: &Context, ns: &str, s: &DatabaseStatistics) -> Result<Set
 /// An error with its causes, each on one line ("error performing TLS handshake" alone does not say that the
 /// certificate was not trusted; a server's DETAIL and HINT lines are left out).
 fn chain(e: &dyn std::error::Error) -> String {
-    let first = |t: String| t.lines().next().unwrap_or_default().to_string();
-    let mut out = first(e.to_string());
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = first(c.to_string());
-        if !out.contains(&text) {
+    let mut out = String::new();
+    for text in crate::error_chain(e).map(|t| t.lines().next().unwrap_or_default().to_string()) {
+        if out.is_empty() {
+            out = text;
+        } else if !out.contains(&text) {
             out = format!("{out}: {text}");
         }
-        cause = c.source();
     }
     out
 }

@@ -138,30 +138,12 @@ impl Postgres {
     /// on with them (a certificate for `127.0.0.1` only, signed by a new CA), the CA's PEM, and the directory (kept
     /// as long as the server runs).
     pub fn tls_files() -> (Vec<String>, String, TempDir) {
-        let dir = TempDir::new("pg-tls");
-        let d = dir.path.as_path();
-        crate::controlplane::new_ca(d, "ca", "crmguard-e2e-db-ca");
-        crate::controlplane::issue(
-            d,
-            "ca",
-            "server",
-            "/CN=127.0.0.1",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-        );
-        let key = d.join("server.key");
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
-        if nix_root() {
-            for p in [d.to_path_buf(), key.clone(), d.join("server.crt")] {
-                let ok = Command::new("chown").arg("postgres").arg(&p).status().map(|s| s.success()).unwrap_or(false);
-                assert!(ok, "chown postgres {}", p.display());
-            }
-        }
+        let (cert, key, ca, dir) = server_tls("pg-tls", nix_root().then_some("postgres"));
         let settings = vec![
             "ssl=on".to_string(),
-            format!("ssl_cert_file={}", d.join("server.crt").display()),
+            format!("ssl_cert_file={}", cert.display()),
             format!("ssl_key_file={}", key.display()),
         ];
-        let ca = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
         (settings, ca, dir)
     }
 
@@ -268,6 +250,31 @@ pub(crate) fn text_output(c: &mut Command) -> Result<String, String> {
     }
 }
 
+/// A server certificate for `127.0.0.1` only, signed by a new CA, in a directory of its own (owned by `owner` when
+/// given): the certificate's and key's paths, the CA's PEM and the directory.
+fn server_tls(name: &str, owner: Option<&str>) -> (PathBuf, PathBuf, String, TempDir) {
+    let dir = TempDir::new(name);
+    let d = dir.path.as_path();
+    crate::controlplane::new_ca(d, "ca", "crmguard-e2e-db-ca");
+    crate::controlplane::issue(
+        d,
+        "ca",
+        "server",
+        "/CN=127.0.0.1",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    );
+    let key = d.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+    if let Some(owner) = owner {
+        for p in [d.to_path_buf(), key.clone(), d.join("server.crt")] {
+            let ok = Command::new("chown").arg(owner).arg(&p).status().map(|s| s.success()).unwrap_or(false);
+            assert!(ok, "chown {owner} {}", p.display());
+        }
+    }
+    let ca = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+    (d.join("server.crt"), key, ca, dir)
+}
+
 fn nix_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
@@ -310,10 +317,26 @@ impl MariaDb {
     /// A server of its own whose audit plugin writes to the server's stderr (`server_audit_file_path =
     /// /dev/stderr`), as a container's would reach its log; [`MariaDb::log`] holds both.
     pub fn audited_to_stderr() -> MariaDb {
-        MariaDb::start(Audit::Stderr)
+        MariaDb::start_with(Audit::Stderr, &[])
+    }
+
+    /// As [`MariaDb::audited_to_stderr`], with more server options (e.g. `--performance-schema=ON`).
+    pub fn audited_to_stderr_with(options: &[String]) -> MariaDb {
+        MariaDb::start_with(Audit::Stderr, options)
+    }
+
+    /// The options that turn TLS on (a certificate for `127.0.0.1` only, signed by a new CA), the CA's PEM, and the
+    /// directory (kept as long as the server runs).
+    pub fn tls_files() -> (Vec<String>, String, TempDir) {
+        let (cert, key, ca, dir) = server_tls("mariadb-tls", None);
+        (vec![format!("--ssl-cert={}", cert.display()), format!("--ssl-key={}", key.display())], ca, dir)
     }
 
     fn start(audited: Audit) -> MariaDb {
+        MariaDb::start_with(audited, &[])
+    }
+
+    fn start_with(audited: Audit, options: &[String]) -> MariaDb {
         let dir = TempDir::new("mariadb");
         let log = dir.path.join("mariadb.log");
         let audit_log = if audited == Audit::Stderr { log.clone() } else { dir.path.join("audit.log") };
@@ -351,7 +374,11 @@ impl MariaDb {
             // The query cache would answer repeated reads without a TABLE event (the plugin warns of it).
             "--query-cache-type=OFF".into(),
         ];
-        let args: Vec<String> = args.into_iter().chain(audit.into_iter().filter(|_| audited != Audit::Off)).collect();
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(audit.into_iter().filter(|_| audited != Audit::Off))
+            .chain(options.iter().cloned())
+            .collect();
         let cleanup = format!("rm -rf {}", dir.path.display());
         spawn_watched(&find_program("mariadbd"), &args, &log, None, "kill -TERM $child", &cleanup);
         wait_port(port, "MariaDB", &log);

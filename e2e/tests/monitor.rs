@@ -1019,3 +1019,155 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
         assert!(!everything.contains(leak), "{leak:?} leaked");
     }
 }
+
+/// Rows read on MariaDB (DatabaseStatistics' documentation): performance_schema counts rows per statement and per
+/// user, so a user's rows of a table are at most the lesser of the table's and the user's, counted for the users the
+/// audit log places at the table. Expected: a server without performance_schema is `StatisticsUnreadable` naming
+/// it; with `sslMode: verify-full`, another CA and a name the certificate is not for are refused
+/// (`DatabaseUnreachable`), the right CA and address sample (the monitoring user may log in only over TLS); the
+/// application reading single invoices while it reads the whole product catalogue is no finding (the invoices' own
+/// rows bound it); an analyst reading the invoices in bulk is a `RowVolume` finding, the idle application none; no
+/// value and no password anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_read_on_mariadb_is_counted_from_performance_schema() {
+    let cluster = Cluster::start("monitor-mariadb-rows").await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.clone());
+    let (mut options, ca, _tls) = MariaDb::tls_files();
+    let (_, other_ca, _other_tls) = MariaDb::tls_files();
+    options.push("--performance-schema=ON".into());
+    let db = MariaDb::audited_to_stderr_with(&options);
+    let off = MariaDb::shared();
+    off.sql(
+        "",
+        "CREATE USER IF NOT EXISTS 'crm_monitor'@'%' IDENTIFIED BY 'monitor-Pw-1';
+         GRANT SELECT ON performance_schema.* TO 'crm_monitor'@'%';",
+    );
+    let rows = |n: usize, text: &str| (1..=n).map(|i| format!("({i}, '{text}')")).collect::<Vec<_>>().join(", ");
+    db.sql(
+        "",
+        &format!(
+            "CREATE DATABASE crm; CREATE TABLE crm.invoices (id int, customer text);
+             CREATE TABLE crm.products (id int, name text);
+             INSERT INTO crm.invoices VALUES {}; INSERT INTO crm.products VALUES {};
+             CREATE USER 'analyst'@'%' IDENTIFIED BY 'anal-Pw-4'; GRANT SELECT ON crm.* TO 'analyst'@'%';
+             CREATE USER 'crm_monitor'@'%' IDENTIFIED BY 'monitor-Pw-1' REQUIRE SSL;
+             GRANT SELECT ON performance_schema.* TO 'crm_monitor'@'%';",
+            rows(60, SECRET),
+            rows(500, "widget"),
+        ),
+    );
+    let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
+    node.pod(&client, &ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
+    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
+    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
+    op.wait_ready(60).await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = |port: u16, host: &str, ca: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "crm-db-monitor"},
+            "stringData": {"host": host, "port": port.to_string(), "username": "crm_monitor",
+                           "password": "monitor-Pw-1", "ca.crt": ca},
+        }))
+        .unwrap()
+    };
+    let replace = |s: Secret| {
+        let secrets = secrets.clone();
+        async move {
+            let mut s = s;
+            s.metadata.resource_version = secrets.get("crm-db-monitor").await.unwrap().metadata.resource_version;
+            secrets.replace("crm-db-monitor", &PostParams::default(), &s).await.unwrap();
+        }
+    };
+    secrets.create(&PostParams::default(), &secret(off.port, "127.0.0.1", "")).await.unwrap();
+    let monitors: Api<AccessMonitor> = Api::namespaced(client.clone(), &ns);
+    let monitor: AccessMonitor = serde_json::from_value(json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
+        "metadata": {"name": "crm-db", "namespace": ns},
+        "spec": {
+            "database": {"engine": "mysql", "podSelector": {"matchLabels": {"app": "crm-mariadb"}},
+                         "statistics": {"secretName": "crm-db-monitor", "sslMode": "disable"}},
+            "identities": [{"user": db.user, "name": "crm-web", "tables": ["crm.invoices", "crm.products"]},
+                           {"user": "analyst", "name": "reporting", "tables": ["crm.invoices"]}],
+            "interval": "1s",
+            "rules": {"rowVolume": [{"tables": ["crm.invoices"], "maxRowsPerMinute": 100}]},
+        },
+    }))
+    .unwrap();
+    monitors.create(&PostParams::default(), &monitor).await.unwrap();
+    let until = |what: &'static str, ok: Box<dyn Fn(&AccessMonitorStatus) -> bool + Send + Sync>| {
+        let (monitors, op) = (monitors.clone(), &op);
+        async move {
+            eventually(60, what, || async {
+                let s = monitors.get("crm-db").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+                if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&op.logs()))) }
+            })
+            .await
+        }
+    };
+    let rows_counted =
+        |reason: &'static str, text: &'static str| -> Box<dyn Fn(&AccessMonitorStatus) -> bool + Send + Sync> {
+            Box::new(move |s: &AccessMonitorStatus| {
+                s.conditions.iter().any(|c| c.type_ == "RowsCounted" && c.reason == reason && c.message.contains(text))
+            })
+        };
+    until("performance_schema OFF said", rows_counted("StatisticsUnreadable", "performance_schema is OFF")).await;
+
+    replace(secret(db.port, "127.0.0.1", &other_ca)).await;
+    let verify =
+        json!({"spec": {"database": {"statistics": {"secretName": "crm-db-monitor", "sslMode": "verify-full"}}}});
+    monitors.patch("crm-db", &PatchParams::default(), &Patch::Merge(&verify)).await.unwrap();
+    until("another CA's certificate refused", rows_counted("DatabaseUnreachable", "certificate")).await;
+    replace(secret(db.port, "localhost", &ca)).await;
+    until("a name the certificate is not for refused", rows_counted("DatabaseUnreachable", "not valid for name")).await;
+    replace(secret(db.port, "127.0.0.1", &ca)).await;
+    until("the sample over TLS", rows_counted("Sampling", "performance_schema")).await;
+
+    // The application's normal work: single invoices, and the whole catalogue (1,500 rows) three times.
+    for id in 1..=5 {
+        db.try_sql("crm", &format!("SELECT * FROM invoices WHERE id = {id}")).unwrap();
+    }
+    for _ in 0..3 {
+        db.try_sql("crm", "SELECT * FROM products").unwrap();
+    }
+    until("the application's reads", Box::new(|s: &AccessMonitorStatus| s.entries.unwrap_or(0) >= 8)).await;
+    // Passes after the one that read those entries: the rows of a statement still running at that pass's sample are
+    // counted by a later one.
+    let series = "crmguard_reconcile_total{controller=\"accessmonitor\"}";
+    let seen = op.metric(series).unwrap_or(0.0);
+    eventually(30, "three more passes", || async {
+        let n = op.metric(series).unwrap_or(0.0);
+        if n >= seen + 3.0 { Ok(()) } else { Err(format!("{n} reconciles")) }
+    })
+    .await;
+    let normal = monitors.get("crm-db").await.unwrap().status.unwrap_or_default();
+    assert_eq!(normal.findings, vec![], "the application's normal work is no finding");
+
+    // The analyst takes the invoices, whole, three times (180 rows): whichever minute boundary falls among them, one
+    // minute holds at least 120.
+    for _ in 0..3 {
+        db.try_sql_as("crm", "analyst", "anal-Pw-4", "SELECT * FROM invoices").unwrap();
+    }
+    let flagged = until(
+        "the RowVolume finding",
+        Box::new(|s: &AccessMonitorStatus| s.findings.iter().any(|f| f.rule == FindingRule::RowVolume)),
+    )
+    .await;
+    let got: Vec<(&str, Option<&str>)> =
+        flagged.findings.iter().map(|f| (f.user.as_str(), f.object.as_deref())).collect();
+    assert_eq!(got, vec![("analyst", Some("crm.invoices"))], "{:#?}", flagged.findings);
+    let f = &flagged.findings[0];
+    assert_eq!(f.rule, FindingRule::RowVolume);
+    let n: u64 = f.message.split(' ').next().unwrap().parse().unwrap();
+    assert!((101..=180).contains(&n), "{}", f.message);
+    assert!(
+        f.message.contains("read within a minute by reporting") && f.message.contains("performance_schema"),
+        "{}",
+        f.message
+    );
+    let everything =
+        format!("{}\n{}", op.logs(), serde_json::to_string(&monitors.get("crm-db").await.unwrap()).unwrap());
+    for leak in [SECRET, "anal-Pw-4", "monitor-Pw-1", db.password.as_str()] {
+        assert!(!everything.contains(leak), "{leak:?} leaked");
+    }
+}

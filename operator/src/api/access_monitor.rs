@@ -94,7 +94,6 @@ pub enum MonitoredEngine {
 /// The database pod and the container whose log carries the audit entries.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.statistics) || self.engine == 'postgres'").message("statistics are read from PostgreSQL's pg_stat_statements; for MariaDB leave spec.database.statistics out"))]
 pub struct MonitoredDatabase {
     /// `postgres` (pgaudit) or `mysql` (MariaDB's server_audit).
     pub engine: MonitoredEngine,
@@ -106,24 +105,28 @@ pub struct MonitoredDatabase {
     #[schemars(length(min = 1, max = 63))]
     pub container: Option<String>,
     /// Where the rows read come from (`rules.rowVolume`): the database's own statement statistics, sampled at every
-    /// interval through a read-only monitoring role. PostgreSQL only (pg_stat_statements). Absent: rows are not
-    /// counted.
+    /// interval through a read-only monitoring role: PostgreSQL's pg_stat_statements, MariaDB's performance_schema.
+    /// Absent: rows are not counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statistics: Option<DatabaseStatistics>,
 }
 
 /// A monitoring role's connection to the database, for its statement statistics. PostgreSQL: the role needs
 /// `pg_read_all_stats` (nothing else: it reads no table), the server `shared_preload_libraries` with
-/// `pg_stat_statements` and the database `CREATE EXTENSION pg_stat_statements` (in schema public). The operator must
-/// be able to reach the database's port (chart: `networkPolicy.extraEgressPorts`). Only the Secret's database is
-/// counted; a statement's text is fetched only for reads the server normalized (SELECT, VALUES, TABLE, WITH) and, of
-/// `COPY x TO`, the table's name: other texts can hold literals.
+/// `pg_stat_statements` and the database `CREATE EXTENSION pg_stat_statements` (in schema public); only the Secret's
+/// database is counted; a statement's text is fetched only for reads the server normalized (SELECT, VALUES, TABLE,
+/// WITH) and, of `COPY x TO`, the table's name: other texts can hold literals. MariaDB: the server
+/// `performance_schema=ON` (a restart), the role `GRANT SELECT ON performance_schema.*`; it counts rows per
+/// statement and per user, not per user and table, so a user's rows of a table are at most the lesser of the two,
+/// for the users the audit log places at the table. The operator must be able to reach the database's port (chart:
+/// `networkPolicy.extraEgressPorts`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseStatistics {
     /// A Secret of this namespace with the connection, under the key names CloudNativePG uses: `host` (resolved
-    /// from the operator's namespace: give a Service as `<name>.<namespace>.svc`), `port` (5432 when absent),
-    /// `username`, `password`, `dbname` (`postgres` when absent), and `ca.crt` (PEM) for `sslMode: verify-full`.
+    /// from the operator's namespace: give a Service as `<name>.<namespace>.svc`), `port` (5432 when absent, 3306
+    /// for MariaDB), `username`, `password`, `dbname` (PostgreSQL; `postgres` when absent), and `ca.crt` (PEM) for
+    /// `sslMode: verify-full`.
     /// A Secret of its own for the monitoring role (a CloudNativePG app Secret's role lacks `pg_read_all_stats`).
     /// Writing a monitor that names it requires `get` on it (the chart's admission policy).
     #[schemars(length(min = 1, max = 253))]
@@ -491,15 +494,17 @@ pub mod conditions {
         }
         /// The rows read are counted from the database's statistics (only with spec.database.statistics).
         RowsCounted: Required {
-            /// pg_stat_statements is sampled at every interval.
+            /// The statistics (pg_stat_statements, MariaDB's performance_schema) are sampled at every interval.
             Sampling,
             /// The connection Secret is missing, lacks a key or holds an unusable CA: the message names it.
             SecretUnusable,
             /// The database could not be reached or refused the login (the message has its answer); tried again at
             /// the next interval.
             DatabaseUnreachable,
-            /// The statistics could not be read: `CREATE EXTENSION pg_stat_statements` in the Secret's database,
-            /// `shared_preload_libraries` with it, and `GRANT pg_read_all_stats` to the monitoring role.
+            /// The statistics could not be read. PostgreSQL: `CREATE EXTENSION pg_stat_statements` in the Secret's
+            /// database, `shared_preload_libraries` with it, and `GRANT pg_read_all_stats` to the monitoring role.
+            /// MariaDB: `performance_schema=ON` (and its consumer statements_digest), `GRANT SELECT ON
+            /// performance_schema.*` to the role.
             StatisticsUnreadable,
         }
         /// Statements since the monitor started broke no rule.

@@ -5,7 +5,7 @@
 //! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries; `server_audit`: MariaDB's audit plugin
 //! events; `access`: a pod's timestamped log lines as accesses; `attribution`: who a database user is; `rules`:
 //! findings and the summaries the audit trail keeps; `baseline`: learned volumes per team, table and hour of the week;
-//! `statistics`: rows read, from PostgreSQL's pg_stat_statements.
+//! `statistics`: rows read, from PostgreSQL's pg_stat_statements and MariaDB's performance_schema.
 
 pub mod access;
 pub mod attribution;

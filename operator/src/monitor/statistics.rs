@@ -1,8 +1,13 @@
-//! Rows read, from PostgreSQL's statement statistics (`pg_stat_statements`): the view counts, per database user and
-//! normalized statement (its literals already replaced by `$1`, `$2`, ... by the server), how often it ran and the
-//! rows it returned. Sampled at every read of the monitor, the growth of those counters since the previous sample
-//! is what each user read since; the tables a statement reads come from its normalized text. Pure: the
-//! controller's `statistics` module runs the queries.
+//! Rows read, from the database's statement statistics. PostgreSQL's `pg_stat_statements` counts, per database user
+//! and normalized statement (its literals already replaced by `$1`, `$2`, ... by the server), how often it ran and
+//! the rows it returned. Sampled at every read of the monitor, the growth of those counters since the previous
+//! sample is what each user read since; the tables a statement reads come from its normalized text.
+//!
+//! MariaDB's `performance_schema` has no counter per user and statement: it counts rows per normalized statement
+//! (`events_statements_summary_by_digest`, of every user) and per user (`events_statements_summary_by_user_by_event_name`,
+//! of every statement). A user's rows of a table are then at most the lesser of the two growths, counted for the
+//! users the audit log places at the table: an upper bound, exact when one user reads the table or reads nothing
+//! else. Pure: the controller's `statistics` module runs the queries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -114,14 +119,14 @@ fn tokens(sql: &str) -> Vec<Token> {
             }
             i += 1;
             out.push(Token::Punct('\''));
-        } else if ch == '"' {
+        } else if ch == '"' || ch == '`' {
             let mut text = String::new();
             i += 1;
             while i < c.len() {
-                if c[i] == '"' && c.get(i + 1) == Some(&'"') {
-                    text.push('"');
+                if c[i] == ch && c.get(i + 1) == Some(&ch) {
+                    text.push(ch);
                     i += 2;
-                } else if c[i] == '"' {
+                } else if c[i] == ch {
                     break;
                 } else {
                     text.push(c[i]);
@@ -162,11 +167,18 @@ fn after_parens(t: &[Token], open: usize) -> usize {
     t.len()
 }
 
-/// The tables a normalized statement reads and whether it is a read: a SELECT, VALUES, `TABLE x` or a WITH (also
-/// in parentheses) without INSERT, UPDATE, DELETE or MERGE heading a statement, or `COPY x TO` (an export). Tables are
-/// taken after FROM, JOIN, TABLE and COPY; a FROM list goes on past a subquery or a function in it; names a WITH
-/// defines are not tables. An unqualified table is taken as `public.` (the default search_path).
+/// The tables a normalized statement of PostgreSQL reads and whether it is a read: a SELECT, VALUES, `TABLE x` or a
+/// WITH (also in parentheses) without INSERT, UPDATE, DELETE or MERGE heading a statement, or `COPY x TO` (an
+/// export). Tables are taken after FROM, JOIN, TABLE and COPY; a FROM list goes on past a subquery or a function in
+/// it; names a WITH defines are not tables. An unqualified table is taken as `public.` (the default search_path).
 pub fn statement(sql: &str) -> Statement {
+    statement_in(sql, Some("public"))
+}
+
+/// As [`statement`], for a statement whose unqualified tables are in `default` (MariaDB: the statement's default
+/// database); without one, an unqualified table is not known and left out. Backquoted names (MariaDB's digests) are
+/// quoted names.
+pub fn statement_in(sql: &str, default: Option<&str>) -> Statement {
     let t = tokens(sql);
     let word = |i: usize| match t.get(i) {
         Some(Token::Word { text, quoted }) => Some((text.as_str(), *quoted)),
@@ -210,8 +222,8 @@ pub fn statement(sql: &str) -> Statement {
     let mut add = |name: String, qualified: bool| {
         if qualified {
             tables.insert(name);
-        } else if !ctes.contains(&name) {
-            tables.insert(format!("public.{name}"));
+        } else if let Some(schema) = default.filter(|_| !ctes.contains(&name)) {
+            tables.insert(format!("{schema}.{name}"));
         }
     };
     // Parentheses around each token: COPY's own FROM (a file or STDIN) is at depth 0, a query's inside.
@@ -319,15 +331,9 @@ impl Counters {
         }
         let mut out = Vec::new();
         if self.primed {
-            for (key, (calls, rows)) in &now {
-                let grew = match self.last.get(key) {
-                    Some((c0, r0)) if calls >= c0 => (rows - r0).max(0),
-                    _ => *rows,
-                };
-                if grew > 0 {
-                    let user = names.get(&key.0).copied().unwrap_or_default().to_string();
-                    out.push(Delta { user, queryid: key.1, rows: grew });
-                }
+            for (key, grew) in growth(&self.last, &now) {
+                let user = names.get(&key.0).copied().unwrap_or_default().to_string();
+                out.push(Delta { user, queryid: key.1, rows: grew });
             }
         }
         self.last = now;
@@ -335,6 +341,113 @@ impl Counters {
         out.sort_by(|a, b| (&a.user, a.queryid).cmp(&(&b.user, b.queryid)));
         out
     }
+}
+
+/// Counters as (calls, rows) per key: what grew from `last` to `now`. A key whose calls went back (the statistics
+/// were reset, or the statement evicted and counted again) grew by what it holds now; a new key by all it holds.
+fn growth<K: Eq + std::hash::Hash + Clone>(
+    last: &HashMap<K, (i64, i64)>,
+    now: &HashMap<K, (i64, i64)>,
+) -> Vec<(K, i64)> {
+    now.iter()
+        .filter_map(|(key, (calls, rows))| {
+            let grew = match last.get(key) {
+                Some((c0, r0)) if calls >= c0 => (rows - r0).max(0),
+                _ => *rows,
+            };
+            (grew > 0).then(|| (key.clone(), grew))
+        })
+        .collect()
+}
+
+/// MariaDB: one row of `performance_schema.events_statements_summary_by_digest`: a normalized statement (its
+/// digest) run with a default database (`schema`, empty when none), how often it ran and the rows it sent, to every
+/// user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestCounted {
+    pub schema: String,
+    pub digest: String,
+    pub calls: i64,
+    pub rows: i64,
+}
+
+/// MariaDB: a user's statements of every kind, summed from
+/// `performance_schema.events_statements_summary_by_user_by_event_name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserCounted {
+    pub user: String,
+    pub calls: i64,
+    pub rows: i64,
+}
+
+/// MariaDB: the counters of the previous sample, per (default database, digest) and per user.
+#[derive(Clone, Debug, Default)]
+pub struct Summaries {
+    digests: HashMap<(String, String), (i64, i64)>,
+    users: HashMap<String, (i64, i64)>,
+    primed: bool,
+}
+
+/// MariaDB: what grew between two samples: rows per (default database, digest) and rows per user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SummaryDeltas {
+    pub digests: BTreeMap<(String, String), u64>,
+    pub users: BTreeMap<String, u64>,
+}
+
+impl Summaries {
+    /// The growth since the previous sample (nothing at the first), as [`Counters::deltas`].
+    pub fn deltas(&mut self, digests: &[DigestCounted], users: &[UserCounted]) -> SummaryDeltas {
+        let mut d: HashMap<(String, String), (i64, i64)> = HashMap::with_capacity(digests.len());
+        for c in digests {
+            let e = d.entry((c.schema.clone(), c.digest.clone())).or_default();
+            e.0 += c.calls;
+            e.1 += c.rows;
+        }
+        let mut u: HashMap<String, (i64, i64)> = HashMap::with_capacity(users.len());
+        for c in users {
+            let e = u.entry(c.user.clone()).or_default();
+            e.0 += c.calls;
+            e.1 += c.rows;
+        }
+        let mut out = SummaryDeltas::default();
+        if self.primed {
+            let rows = |n: i64| u64::try_from(n).unwrap_or(0);
+            out.digests = growth(&self.digests, &d).into_iter().map(|(k, n)| (k, rows(n))).collect();
+            out.users = growth(&self.users, &u).into_iter().map(|(k, n)| (k, rows(n))).collect();
+        }
+        self.digests = d;
+        self.users = u;
+        self.primed = true;
+        out
+    }
+}
+
+/// MariaDB: rows read per (user, table): rows per table from the digests `statements` knows to be reads (a
+/// statement's rows count for every table it names), bounded by each user's rows, for the users `readers` places at
+/// the table (the audit log's READ entries).
+pub fn rows_read_bounded(
+    deltas: &SummaryDeltas,
+    statements: &HashMap<(String, String), Statement>,
+    readers: &BTreeMap<String, BTreeSet<String>>,
+) -> BTreeMap<(String, String), u64> {
+    let mut per_table: BTreeMap<&str, u64> = BTreeMap::new();
+    for (key, rows) in &deltas.digests {
+        let Some(s) = statements.get(key).filter(|s| s.read) else { continue };
+        for t in &s.tables {
+            *per_table.entry(t).or_default() += rows;
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (table, rows) in per_table {
+        for user in readers.get(table).into_iter().flatten() {
+            let n = deltas.users.get(user).copied().unwrap_or(0).min(rows);
+            if n > 0 {
+                out.insert((user.clone(), table.to_string()), n);
+            }
+        }
+    }
+    out
 }
 
 /// Rows read per (user, table) from `deltas`, for the statements `statements` knows to be reads.
@@ -359,9 +472,30 @@ pub struct RowMinute {
     pub flagged: BTreeSet<(String, String)>,
 }
 
+/// Where the rows were counted, as a finding says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    PgStatStatements,
+    /// MariaDB's: an upper bound (see [`rows_read_bounded`]).
+    PerformanceSchema,
+}
+
+impl Source {
+    fn note(self) -> &'static str {
+        match self {
+            Source::PgStatStatements => "counted by pg_stat_statements",
+            Source::PerformanceSchema => {
+                "counted by performance_schema: at most the rows of the table's statements and of the user's, while \
+                 the audit log places the user at the table"
+            }
+        }
+    }
+}
+
 /// `rules.rowVolume` over the rows read since the previous sample, taken at `at`: a finding per identity and table
 /// the first time its rows in a minute pass the limit.
 pub fn check(
+    source: Source,
     limits: &[(Vec<String>, u64)],
     ids: &Identities,
     read: &BTreeMap<(String, String), u64>,
@@ -385,8 +519,9 @@ pub fn check(
                 identity: who.describe(),
                 object: Some(table.clone()),
                 message: format!(
-                    "{n} rows of {table} read within a minute by {} (limit {max}; counted by pg_stat_statements)",
-                    who.describe()
+                    "{n} rows of {table} read within a minute by {} (limit {max}; {})",
+                    who.describe(),
+                    source.note()
                 ),
                 at,
             });
@@ -490,9 +625,9 @@ mod tests {
         let ids = Identities::default();
         let mut minute = RowMinute::default();
         let t0: Timestamp = "2026-12-01T10:00:05Z".parse().unwrap();
-        assert_eq!(check(&limits, &ids, &read, t0, &mut minute), vec![]);
+        assert_eq!(check(Source::PgStatStatements, &limits, &ids, &read, t0, &mut minute), vec![]);
         let later: Timestamp = "2026-12-01T10:00:35Z".parse().unwrap();
-        let found = check(&limits, &ids, &read, later, &mut minute);
+        let found = check(Source::PgStatStatements, &limits, &ids, &read, later, &mut minute);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].rule, FindingRule::RowVolume);
         assert_eq!(
@@ -500,8 +635,101 @@ mod tests {
             "1300 rows of public.invoices read within a minute by unknown (limit 1000; counted by pg_stat_statements)"
         );
         let again: Timestamp = "2026-12-01T10:00:50Z".parse().unwrap();
-        assert_eq!(check(&limits, &ids, &read, again, &mut minute), vec![], "once per minute");
+        assert_eq!(
+            check(Source::PgStatStatements, &limits, &ids, &read, again, &mut minute),
+            vec![],
+            "once per minute"
+        );
         let next: Timestamp = "2026-12-01T10:01:00Z".parse().unwrap();
-        assert_eq!(check(&limits, &ids, &read, next, &mut minute), vec![], "a new minute starts from nothing");
+        assert_eq!(
+            check(Source::PgStatStatements, &limits, &ids, &read, next, &mut minute),
+            vec![],
+            "a new minute starts from nothing"
+        );
+    }
+
+    /// Digest texts as MariaDB 10.11's performance_schema wrote them for these statements (seen on the server:
+    /// backquoted names, ` . ` between database and table, literals as `?`), with the statement's default database;
+    /// expected from MariaDB's name resolution (an unqualified table is in the default database; none: unknown).
+    #[test]
+    fn the_tables_a_mariadb_digest_reads() {
+        let cases: &[(&str, Option<&str>, Statement)] = &[
+            ("SELECT * FROM `invoices` WHERE ID < ?", Some("crm"), st(true, &["crm.invoices"])),
+            (
+                "SELECT * FROM `invoices` `i` JOIN `other` `o` ON `i` . `id` = `o` . `id`",
+                Some("crm"),
+                st(true, &["crm.invoices", "crm.other"]),
+            ),
+            ("SELECT * FROM ( SELECT ID FROM `invoices` ) `s`", Some("crm"), st(true, &["crm.invoices"])),
+            ("WITH `x` AS ( SELECT * FROM `invoices` ) SELECT * FROM `x`", Some("crm"), st(true, &["crm.invoices"])),
+            ("SELECT * FROM `crm` . `invoices` LIMIT ?", None, st(true, &["crm.invoices"])),
+            ("SELECT * FROM `invoices`", None, st(true, &[])),
+            (
+                "( SELECT ID FROM `other` ) UNION ( SELECT ID FROM `crm` . `invoices` )",
+                Some("shop"),
+                st(true, &["crm.invoices", "shop.other"]),
+            ),
+            ("SELECT * FROM `In``voices`", Some("crm"), st(true, &["crm.In`voices"])),
+            (
+                "INSERT INTO `crm` . `invoices` SELECT `seq` , ? FROM `seq_1_to_300`",
+                Some("crm"),
+                st(false, &["crm.seq_1_to_300"]),
+            ),
+            ("CREATE SYSTEM_USER ? @? IDENTIFIED BY ?", Some("crm"), st(false, &[])),
+        ];
+        for (sql, default, want) in cases {
+            assert_eq!(&statement_in(sql, *default), want, "{sql}");
+        }
+    }
+
+    fn digest(schema: &str, digest: &str, calls: i64, rows: i64) -> DigestCounted {
+        DigestCounted { schema: schema.into(), digest: digest.into(), calls, rows }
+    }
+
+    fn user(name: &str, calls: i64, rows: i64) -> UserCounted {
+        UserCounted { user: name.into(), calls, rows }
+    }
+
+    #[test]
+    fn mariadb_rows_of_a_user_at_a_table_are_at_most_the_lesser_growth() {
+        let mut s = Summaries::default();
+        let first = s.deltas(&[digest("crm", "a1", 1, 999)], &[user("sales", 5, 999)]);
+        assert_eq!(first, SummaryDeltas::default(), "nothing at the first sample");
+        let d = s.deltas(
+            &[digest("crm", "a1", 3, 1299), digest("crm", "b2", 1, 50), digest("", "c3", 1, 7)],
+            &[user("sales", 7, 1319), user("finance", 2, 30), user("crm", 1, 7)],
+        );
+        assert_eq!(
+            d.digests,
+            [(("".into(), "c3".into()), 7), (("crm".into(), "a1".into()), 300), (("crm".into(), "b2".into()), 50)]
+                .into()
+        );
+        assert_eq!(d.users, [("crm".into(), 7), ("finance".into(), 30), ("sales".into(), 320)].into());
+        let statements: HashMap<(String, String), Statement> = [
+            (("crm".to_string(), "a1".to_string()), st(true, &["crm.invoices"])),
+            (("crm".to_string(), "b2".to_string()), st(true, &["crm.invoices", "crm.contacts"])),
+            (("".to_string(), "c3".to_string()), st(false, &["crm.invoices"])),
+        ]
+        .into();
+        let readers: BTreeMap<String, BTreeSet<String>> = [
+            ("crm.invoices".to_string(), ["sales".to_string(), "finance".to_string()].into()),
+            ("crm.contacts".to_string(), ["sales".to_string()].into()),
+        ]
+        .into();
+        // invoices: 300 + 50 rows of its reads (the write's 7 not); contacts: 50. Sales read 320 rows in all,
+        // finance 30; the application user ("crm") read neither table by the audit log.
+        assert_eq!(
+            rows_read_bounded(&d, &statements, &readers),
+            [
+                (("finance".into(), "crm.invoices".into()), 30),
+                (("sales".into(), "crm.contacts".into()), 50),
+                (("sales".into(), "crm.invoices".into()), 320),
+            ]
+            .into()
+        );
+        // A reset (TRUNCATE of the summary): what it holds now is new.
+        let d = s.deltas(&[digest("crm", "a1", 1, 40)], &[user("sales", 1, 40)]);
+        assert_eq!(d.digests, [(("crm".into(), "a1".into()), 40)].into());
+        assert_eq!(d.users, [("sales".into(), 40)].into());
     }
 }

@@ -325,12 +325,6 @@ pub fn cases() -> Vec<Case> {
         ),
         case(
             "AccessMonitor",
-            vec![Set("/spec/database/engine", json!("mysql"))],
-            "spec.database",
-            "statistics are read from PostgreSQL's pg_stat_statements",
-        ),
-        case(
-            "AccessMonitor",
             vec![Set("/spec/interval", json!("2m"))],
             "spec",
             "rules.rowVolume limits rows per minute: the interval must be at most 1m",

@@ -52,9 +52,12 @@ struct State {
     /// When the counters were sampled last: a longer gap than the interval allows is not compared across.
     sampled_at: Option<Timestamp>,
     counters: crate::monitor::statistics::Counters,
+    /// MariaDB's counters, and the tables each user read by the audit log lately (table -> user -> last read).
+    summaries: crate::monitor::statistics::Summaries,
+    readers: BTreeMap<String, BTreeMap<String, Timestamp>>,
     /// The last pass's outcome, its trigger and when the next pass is due: see [`Paced`].
     paced: Option<Paced>,
-    statements: std::collections::HashMap<i64, crate::monitor::statistics::Statement>,
+    statements: statistics::Statements,
     rows: crate::monitor::statistics::RowMinute,
 }
 
@@ -193,7 +196,16 @@ impl Reconcilable for AccessMonitor {
         // Sampled before the identities are built: the monitoring role it logs in as is one of them.
         let sampled = match &self.spec.database.statistics {
             Some(s) => Some(
-                statistics::sample(ctx, &ns, s, &mut state.db, &mut state.statistics_user, &mut state.statements).await,
+                statistics::sample(
+                    ctx,
+                    &ns,
+                    self.spec.database.engine,
+                    s,
+                    &mut state.db,
+                    &mut state.statistics_user,
+                    &mut state.statements,
+                )
+                .await,
             ),
             None => None,
         };
@@ -214,7 +226,7 @@ impl Reconcilable for AccessMonitor {
             }
         }
         if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
-            found.extend(rows_read(s, sampled, &v, &mut state, &mut d, now));
+            found.extend(rows_read(s, sampled, &v, &accesses, &mut state, &mut d, now));
         }
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
@@ -273,6 +285,7 @@ fn rows_read(
     s: &crate::api::access_monitor::DatabaseStatistics,
     sampled: Result<statistics::Sample, statistics::Failed>,
     v: &validate::ValidatedAccessMonitor,
+    accesses: &[Access],
     state: &mut State,
     d: &mut Desired<AccessMonitorStatus>,
     now: Timestamp,
@@ -280,23 +293,52 @@ fn rows_read(
     use crate::monitor::statistics as stats;
     let gap = jiff::SignedDuration::try_from(v.interval * 2).unwrap_or_default() + jiff::SignedDuration::from_secs(10);
     let recent = state.sampled_at.is_some_and(|t| now.duration_since(t) <= gap);
+    // MariaDB: who read which table lately, by the audit log (a statement's entry and its rows can fall on either
+    // side of a sample).
+    for a in accesses.iter().filter(|a| a.kind == access::Kind::Read) {
+        if let Some(table) = &a.object {
+            state.readers.entry(table.clone()).or_default().insert(a.user.clone(), a.at);
+        }
+    }
+    for users in state.readers.values_mut() {
+        users.retain(|_, at| now.duration_since(*at) <= gap);
+    }
+    state.readers.retain(|_, users| !users.is_empty());
     match sampled {
         Ok(sample) => {
             if sample.fresh || !recent {
                 state.counters = stats::Counters::default();
+                state.summaries = stats::Summaries::default();
             }
             state.sampled_at = Some(now);
-            let deltas = state.counters.deltas(&sample.counted);
-            let read = stats::rows_read(&deltas, &state.statements);
+            let (source, read, counted_by) = match sample.counts {
+                statistics::Counts::Postgres(counted) => {
+                    let deltas = state.counters.deltas(&counted);
+                    let read = stats::rows_read(&deltas, &state.statements.postgres);
+                    (stats::Source::PgStatStatements, read, "pg_stat_statements is sampled")
+                }
+                statistics::Counts::Mariadb { digests, users } => {
+                    let deltas = state.summaries.deltas(&digests, &users);
+                    let readers: BTreeMap<String, BTreeSet<String>> =
+                        state.readers.iter().map(|(t, u)| (t.clone(), u.keys().cloned().collect())).collect();
+                    let read = stats::rows_read_bounded(&deltas, &state.statements.mariadb, &readers);
+                    (
+                        stats::Source::PerformanceSchema,
+                        read,
+                        "performance_schema's summaries by digest and user are sampled",
+                    )
+                }
+            };
             d.conditions.push(Cond::new(
                 RowsCounted::Sampling,
                 Status::True,
-                format!("pg_stat_statements is sampled at every read (spec.interval) through Secret {}", s.secret_name),
+                format!("{counted_by} at every read (spec.interval) through Secret {}", s.secret_name),
             ));
-            stats::check(&v.rules.row_volume, &state.identities, &read, now, &mut state.rows)
+            stats::check(source, &v.rules.row_volume, &state.identities, &read, now, &mut state.rows)
         }
         Err(failed) => {
             state.counters = stats::Counters::default();
+            state.summaries = stats::Summaries::default();
             let (reason, message) = match failed {
                 statistics::Failed::Secret(m) => (RowsCounted::SecretUnusable, m),
                 statistics::Failed::Connect(m) => (
@@ -307,13 +349,7 @@ fn rows_read(
                     RowsCounted::DatabaseUnreachable,
                     format!("the database of Secret {} did not answer: {m}; connecting again", s.secret_name),
                 ),
-                statistics::Failed::Query(m) => (
-                    RowsCounted::StatisticsUnreadable,
-                    format!(
-                        "pg_stat_statements could not be read: {m} (CREATE EXTENSION pg_stat_statements in the Secret's \
-                         database, shared_preload_libraries with it, GRANT pg_read_all_stats to the role)"
-                    ),
-                ),
+                statistics::Failed::Query(m) => (RowsCounted::StatisticsUnreadable, m),
             };
             tracing::warn!(%message, "the database's statistics could not be sampled");
             d.conditions.push(Cond::new(reason, Status::False, message));
@@ -518,7 +554,10 @@ async fn identities(
         known.push(KnownIdentity {
             user,
             name: format!("crmguard's statistics role (Secret {})", s.secret_name),
-            tables: vec![STATISTICS_VIEW.into()],
+            tables: match m.spec.database.engine {
+                MonitoredEngine::Postgres => vec![STATISTICS_VIEW.into()],
+                MonitoredEngine::Mysql => statistics::MARIADB_VIEWS.iter().map(ToString::to_string).collect(),
+            },
         });
     }
     let ids = Identities::build(&policies, &teams, &known, &state.identities, now);

@@ -1,8 +1,13 @@
 //! `spec.database.statistics`: a monitoring role's connection to the database (from its Secret, kept open between
-//! reads) and one sample of `pg_stat_statements` per read, of the connection's database only. Statement texts are
-//! asked for only for reads the server normalized (its literals replaced by `$1`, ...: SELECT, VALUES, TABLE, WITH)
-//! and, of `COPY x TO`, only the table's name: utility statements keep their literals (a `CREATE ROLE ... PASSWORD`
-//! too), so their texts are never fetched. Only the tables a statement reads are kept.
+//! reads) and one sample of its statement statistics per read.
+//!
+//! PostgreSQL: `pg_stat_statements`, of the connection's database only. Statement texts are asked for only for
+//! reads the server normalized (its literals replaced by `$1`, ...: SELECT, VALUES, TABLE, WITH) and, of `COPY x
+//! TO`, only the table's name: utility statements keep their literals (a `CREATE ROLE ... PASSWORD` too), so their
+//! texts are never fetched. Only the tables a statement reads are kept.
+//!
+//! MariaDB: performance_schema's summaries by digest and by user (see `monitor::statistics`). Digest texts hold no
+//! literal (the server replaces every one by `?`); they too are asked for only for reads.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,9 +21,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 
-use crate::api::access_monitor::{DatabaseStatistics, SslMode};
+use mysql_async::prelude::Queryable;
+
+use crate::api::access_monitor::{DatabaseStatistics, MonitoredEngine, SslMode};
 use crate::controllers::contract::Context;
-use crate::monitor::statistics::{Counted, Statement, statement};
+use crate::monitor::statistics::{Counted, DigestCounted, Statement, UserCounted, statement, statement_in};
 
 /// How long connecting (TCP, TLS, login) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,20 +52,83 @@ const TEXTS: &str = "SELECT DISTINCT queryid, \
       AND (query ~* '^[[:space:](]*(select|with|table|values)[[:space:](]' \
            OR query ~* '^[[:space:]]*copy[[:space:]]+[[:alnum:]_.\"$]+[[:space:](].*[[:space:]]to[[:space:]]')";
 
+/// MariaDB: whether performance_schema is on and counts digests (both settings of the server).
+const MARIADB_CHECK: &str = "SELECT @@performance_schema, \
+    (SELECT ENABLED FROM performance_schema.setup_consumers WHERE NAME = 'statements_digest')";
+
+/// MariaDB: rows sent per default database and digest, to every user.
+const MARIADB_DIGESTS: &str = "SELECT IFNULL(SCHEMA_NAME, ''), DIGEST, CAST(COUNT_STAR AS SIGNED), \
+    CAST(SUM_ROWS_SENT AS SIGNED) FROM performance_schema.events_statements_summary_by_digest WHERE DIGEST IS NOT NULL";
+
+/// MariaDB: rows sent per user, of every statement.
+const MARIADB_USERS: &str = "SELECT USER, CAST(SUM(COUNT_STAR) AS SIGNED), CAST(SUM(SUM_ROWS_SENT) AS SIGNED) \
+    FROM performance_schema.events_statements_summary_by_user_by_event_name WHERE USER IS NOT NULL GROUP BY USER";
+
+/// MariaDB: the texts of new digests that are reads (`{}`: one `?` per digest).
+const MARIADB_TEXTS: &str = "SELECT IFNULL(SCHEMA_NAME, ''), DIGEST, DIGEST_TEXT \
+    FROM performance_schema.events_statements_summary_by_digest \
+    WHERE DIGEST IN ({}) AND DIGEST_TEXT REGEXP '^[[:space:](]*(SELECT|WITH|VALUES)[[:space:](]'";
+
+/// The performance_schema tables the MariaDB monitoring role reads (its own entries in the audit log).
+pub const MARIADB_VIEWS: [&str; 3] = [
+    "performance_schema.events_statements_summary_by_digest",
+    "performance_schema.events_statements_summary_by_user_by_event_name",
+    "performance_schema.setup_consumers",
+];
+
 /// An open connection, for the spec and the Secret's version it was made with.
 #[derive(Clone, Debug)]
 pub struct Db {
-    client: Arc<tokio_postgres::Client>,
+    conn: Conn,
     of: DatabaseStatistics,
     secret_version: String,
     checked: Instant,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Postgres(Arc<tokio_postgres::Client>),
+    Mariadb(Arc<tokio::sync::Mutex<mysql_async::Conn>>),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conn::Postgres(_) => "Postgres",
+            Conn::Mariadb(_) => "Mariadb",
+        })
+    }
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        match self {
+            Conn::Postgres(c) => c.is_closed(),
+            // A dead connection fails its next query, which drops it.
+            Conn::Mariadb(_) => false,
+        }
+    }
+}
+
+/// What a statement reads, known from its text: PostgreSQL's by queryid, MariaDB's by (default database, digest).
+#[derive(Clone, Debug, Default)]
+pub struct Statements {
+    pub postgres: HashMap<i64, Statement>,
+    pub mariadb: HashMap<(String, String), Statement>,
+}
+
+/// The counters of a sample.
+#[derive(Debug)]
+pub enum Counts {
+    Postgres(Vec<Counted>),
+    Mariadb { digests: Vec<DigestCounted>, users: Vec<UserCounted> },
 }
 
 /// A sample: the counters, and whether the connection is new (its counters are not to be compared with another
 /// connection's: a failover, another host).
 #[derive(Debug)]
 pub struct Sample {
-    pub counted: Vec<Counted>,
+    pub counts: Counts,
     pub fresh: bool,
 }
 
@@ -77,7 +147,7 @@ pub enum Failed {
 
 /// The connection's settings, the CA's PEM for verify-full, and the Secret's version.
 struct Settings {
-    config: tokio_postgres::Config,
+    config: Config,
     host: String,
     port: u16,
     ca: Option<String>,
@@ -95,7 +165,12 @@ async fn secret_version(ctx: &Context, ns: &str, s: &DatabaseStatistics) -> Resu
 }
 
 /// A connection's settings from the Secret `s.secret_name` of `ns`.
-async fn settings(ctx: &Context, ns: &str, s: &DatabaseStatistics) -> Result<Settings, Failed> {
+async fn settings(
+    ctx: &Context,
+    ns: &str,
+    engine: MonitoredEngine,
+    s: &DatabaseStatistics,
+) -> Result<Settings, Failed> {
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
         .get_opt(&s.secret_name)
         .await
@@ -114,33 +189,65 @@ async fn settings(ctx: &Context, ns: &str, s: &DatabaseStatistics) -> Result<Set
         Some(p) => p
             .parse::<u16>()
             .map_err(|_| Failed::Secret(format!("Secret {}: key \"port\" is not a port number", s.secret_name)))?,
-        None => 5432,
+        None => match engine {
+            MonitoredEngine::Postgres => 5432,
+            MonitoredEngine::Mysql => 3306,
+        },
     };
     let user = need("username")?;
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(&user)
-        .password(need("password")?)
-        .dbname(get("dbname").unwrap_or_else(|| "postgres".into()))
-        .application_name("crmguard-access-monitor")
-        // pg_stat_statements is looked up in the extension's usual schema, not one the role's search_path adds.
-        .options("-c search_path=public");
+    let password = need("password")?;
     let ca = match s.ssl_mode {
-        SslMode::Disable => {
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            None
+        SslMode::Disable => None,
+        SslMode::VerifyFull => Some(get("ca.crt").ok_or_else(|| {
+            Failed::Secret(format!(
+                "Secret {} has no key \"ca.crt\": sslMode verify-full checks the server's certificate against it",
+                s.secret_name
+            ))
+        })?),
+    };
+    let config = match engine {
+        MonitoredEngine::Postgres => {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .user(&user)
+                .password(password)
+                .dbname(get("dbname").unwrap_or_else(|| "postgres".into()))
+                .application_name("crmguard-access-monitor")
+                // pg_stat_statements is looked up in the extension's usual schema, not one the role's search_path adds.
+                .options("-c search_path=public")
+                .ssl_mode(if ca.is_some() {
+                    tokio_postgres::config::SslMode::Require
+                } else {
+                    tokio_postgres::config::SslMode::Disable
+                });
+            Config::Postgres(Box::new(config))
         }
-        SslMode::VerifyFull => {
-            config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            Some(get("ca.crt").ok_or_else(|| {
-                Failed::Secret(format!(
-                    "Secret {} has no key \"ca.crt\": sslMode verify-full checks the server's certificate against it",
-                    s.secret_name
-                ))
-            })?)
+        MonitoredEngine::Mysql => {
+            let ssl = ca.as_ref().map(|pem| {
+                mysql_async::SslOpts::default()
+                    .with_root_certs(vec![pem.clone().into_bytes().into()])
+                    .with_disable_built_in_roots(true)
+            });
+            Config::Mariadb(
+                mysql_async::OptsBuilder::default()
+                    .ip_or_hostname(host.clone())
+                    .tcp_port(port)
+                    .user(Some(user.clone()))
+                    .pass(Some(password))
+                    // The address given, not a local socket the server names.
+                    .prefer_socket(false)
+                    .ssl_opts(ssl)
+                    .into(),
+            )
         }
     };
     Ok(Settings { config, host, port, ca, version, user })
+}
+
+/// How to log in, per engine.
+enum Config {
+    Postgres(Box<tokio_postgres::Config>),
+    Mariadb(mysql_async::Opts),
 }
 
 /// An error with its causes, each on one line ("error performing TLS handshake" alone does not say that the
@@ -173,15 +280,54 @@ where
     Ok(client)
 }
 
-/// Connects as `s` says: TCP, then TLS when the CA is given.
-async fn connect(s: &Settings) -> Result<tokio_postgres::Client, Failed> {
+/// Connects as `s` says: TCP, then TLS when the CA is given. MariaDB: performance_schema must be on and count
+/// digests.
+async fn connect(s: &Settings) -> Result<Conn, Failed> {
+    let config = match &s.config {
+        Config::Postgres(c) => c,
+        Config::Mariadb(opts) => return connect_mariadb(opts, s.ca.as_deref(), &s.host).await,
+    };
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((s.host.as_str(), s.port)))
         .await
         .map_err(|_| Failed::Connect(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| Failed::Connect(e.to_string()))?;
-    match &s.ca {
-        None => login(&s.config, tcp, tokio_postgres::NoTls).await,
-        Some(pem) => login(&s.config, tcp, Rustls::new(&s.host, pem).map_err(Failed::Secret)?).await,
+    let client = match &s.ca {
+        None => login(config, tcp, tokio_postgres::NoTls).await,
+        Some(pem) => login(config, tcp, Rustls::new(&s.host, pem).map_err(Failed::Secret)?).await,
+    }?;
+    Ok(Conn::Postgres(Arc::new(client)))
+}
+
+async fn connect_mariadb(opts: &mysql_async::Opts, ca: Option<&str>, host: &str) -> Result<Conn, Failed> {
+    if let Some(pem) = ca {
+        // The same checks as PostgreSQL's (a PEM with a certificate, a host that is a server name), said the same.
+        Rustls::new(host, pem).map_err(Failed::Secret)?;
+    }
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, mysql_async::Conn::new(opts.clone()))
+        .await
+        .map_err(|_| Failed::Connect(format!("no login within {}s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|e| Failed::Connect(mariadb_error(&e)))?;
+    let on: Option<(Option<i64>, Option<String>)> =
+        tokio::time::timeout(QUERY_TIMEOUT, conn.query_first(MARIADB_CHECK))
+            .await
+            .map_err(|_| Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())))?
+            .map_err(|e| Failed::Query(mariadb_error(&e)))?;
+    match on {
+        Some((Some(1), Some(enabled))) if enabled == "YES" => {
+            Ok(Conn::Mariadb(Arc::new(tokio::sync::Mutex::new(conn))))
+        }
+        Some((Some(1), _)) => {
+            Err(Failed::Query("the performance_schema consumer statements_digest is disabled".into()))
+        }
+        _ => Err(Failed::Query("performance_schema is OFF on the server".into())),
+    }
+}
+
+/// A MariaDB error as said in the condition: the server's message, or the client's chain.
+fn mariadb_error(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => s.message.clone(),
+        other => chain(other),
     }
 }
 
@@ -192,8 +338,10 @@ async fn query(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, Failed> {
-    let Some(d) = db.as_ref() else { return Err(Failed::Connect("not connected".into())) };
-    let result = tokio::time::timeout(QUERY_TIMEOUT, d.client.query(sql, params)).await;
+    let Some(Conn::Postgres(client)) = db.as_ref().map(|d| &d.conn) else {
+        return Err(Failed::Connect("not connected".into()));
+    };
+    let result = tokio::time::timeout(QUERY_TIMEOUT, client.query(sql, params)).await;
     let failed = match result {
         Ok(Ok(rows)) => return Ok(rows),
         Ok(Err(e)) => Failed::Query(e.as_db_error().map_or_else(|| chain(&e), |d| d.message().to_string())),
@@ -203,16 +351,38 @@ async fn query(
     Err(failed)
 }
 
-/// One sample of `pg_stat_statements`, connecting first (as `user`, set from the Secret) when `db` is not open for
-/// `s` or its Secret changed; the texts of statements not seen before are read and their tables kept in
-/// `statements` (forgetting statements the view no longer has).
+/// A MariaDB query on `db`'s connection within [`QUERY_TIMEOUT`]; a failure or timeout drops the connection.
+async fn query_mariadb<T>(db: &mut Option<Db>, sql: &str, params: Vec<mysql_async::Value>) -> Result<Vec<T>, Failed>
+where
+    T: mysql_async::prelude::FromRow + Send + 'static,
+{
+    let Some(Conn::Mariadb(conn)) = db.as_ref().map(|d| d.conn.clone()) else {
+        return Err(Failed::Connect("not connected".into()));
+    };
+    let run = async {
+        let mut c = conn.lock().await;
+        if params.is_empty() { c.query(sql).await } else { c.exec(sql, params).await }
+    };
+    let failed = match tokio::time::timeout(QUERY_TIMEOUT, run).await {
+        Ok(Ok(rows)) => return Ok(rows),
+        Ok(Err(e)) => Failed::Query(mariadb_error(&e)),
+        Err(_) => Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
+    };
+    *db = None;
+    Err(failed)
+}
+
+/// One sample of the statement statistics, connecting first (as `user`, set from the Secret) when `db` is not open
+/// for `s` or its Secret changed; the texts of statements not seen before are read and their tables kept in
+/// `statements` (forgetting statements the server no longer counts).
 pub async fn sample(
     ctx: &Context,
     ns: &str,
+    engine: MonitoredEngine,
     s: &DatabaseStatistics,
     db: &mut Option<Db>,
     user: &mut Option<String>,
-    statements: &mut HashMap<i64, Statement>,
+    statements: &mut Statements,
 ) -> Result<Sample, Failed> {
     if let Some(d) = db.as_mut()
         && d.checked.elapsed() >= SECRET_RECHECK
@@ -225,19 +395,41 @@ pub async fn sample(
         }
     }
     let mut fresh = false;
-    if db.as_ref().is_none_or(|d| d.client.is_closed() || &d.of != s) {
+    if db.as_ref().is_none_or(|d| d.conn.is_closed() || &d.of != s) {
         *db = None;
-        let settings = settings(ctx, ns, s).await?;
+        let settings = settings(ctx, ns, engine, s).await?;
         *user = Some(settings.user.clone());
-        let client = connect(&settings).await?;
-        *db = Some(Db {
-            client: Arc::new(client),
-            of: s.clone(),
-            secret_version: settings.version,
-            checked: Instant::now(),
-        });
+        let conn = connect(&settings).await.map_err(|e| with_fix(engine, e))?;
+        *db = Some(Db { conn, of: s.clone(), secret_version: settings.version, checked: Instant::now() });
         fresh = true;
     }
+    let counts = match engine {
+        MonitoredEngine::Postgres => sample_postgres(db, &mut statements.postgres).await.map(Counts::Postgres),
+        MonitoredEngine::Mysql => sample_mariadb(db, &mut statements.mariadb).await,
+    };
+    let counts = counts.map_err(|e| with_fix(engine, e))?;
+    Ok(Sample { counts, fresh })
+}
+
+/// A query's failure with what to check on the server.
+fn with_fix(engine: MonitoredEngine, e: Failed) -> Failed {
+    match (engine, e) {
+        (MonitoredEngine::Postgres, Failed::Query(m)) => Failed::Query(format!(
+            "pg_stat_statements could not be read: {m} (CREATE EXTENSION pg_stat_statements in the Secret's database, \
+             shared_preload_libraries with it, GRANT pg_read_all_stats to the role)"
+        )),
+        (MonitoredEngine::Mysql, Failed::Query(m)) => Failed::Query(format!(
+            "performance_schema could not be read: {m} (performance_schema=ON in the server's settings, then a \
+             restart; GRANT SELECT ON performance_schema.* to the role)"
+        )),
+        (_, other) => other,
+    }
+}
+
+async fn sample_postgres(
+    db: &mut Option<Db>,
+    statements: &mut HashMap<i64, Statement>,
+) -> Result<Vec<Counted>, Failed> {
     let rows = query(db, SAMPLE, &[]).await?;
     let counted: Vec<Counted> = rows
         .iter()
@@ -262,7 +454,43 @@ pub async fn sample(
             statements.entry(q).or_default();
         }
     }
-    Ok(Sample { counted, fresh })
+    Ok(counted)
+}
+
+async fn sample_mariadb(
+    db: &mut Option<Db>,
+    statements: &mut HashMap<(String, String), Statement>,
+) -> Result<Counts, Failed> {
+    let digests: Vec<(String, String, i64, i64)> = query_mariadb(db, MARIADB_DIGESTS, vec![]).await?;
+    let users: Vec<(String, i64, i64)> = query_mariadb(db, MARIADB_USERS, vec![]).await?;
+    let digests: Vec<DigestCounted> = digests
+        .into_iter()
+        .map(|(schema, digest, calls, rows)| DigestCounted { schema, digest, calls, rows })
+        .collect();
+    let users = users.into_iter().map(|(user, calls, rows)| UserCounted { user, calls, rows }).collect();
+    let live: std::collections::HashSet<(String, String)> =
+        digests.iter().map(|c| (c.schema.clone(), c.digest.clone())).collect();
+    statements.retain(|k, _| live.contains(k));
+    let new: Vec<&(String, String)> = live.iter().filter(|k| !statements.contains_key(*k)).collect();
+    if !new.is_empty() {
+        let distinct: std::collections::BTreeSet<&str> = new.iter().map(|(_, d)| d.as_str()).collect();
+        let marks = vec!["?"; distinct.len()].join(", ");
+        let params = distinct.iter().map(|d| mysql_async::Value::from(*d)).collect();
+        let texts: Vec<(String, String, String)> =
+            query_mariadb(db, &MARIADB_TEXTS.replace("{}", &marks), params).await?;
+        let mut found: HashMap<(String, String), Statement> = texts
+            .into_iter()
+            .map(|(schema, digest, text)| {
+                let default = (!schema.is_empty()).then_some(schema.as_str());
+                let st = statement_in(&text, default);
+                ((schema, digest), st)
+            })
+            .collect();
+        for k in new {
+            statements.insert(k.clone(), found.remove(k).unwrap_or_default());
+        }
+    }
+    Ok(Counts::Mariadb { digests, users })
 }
 
 /// TLS through rustls: the server's certificate checked against one CA and the host's name.

@@ -1,6 +1,6 @@
 //! The log half of a node: a Node object whose kubelet endpoint is a TLS server on this machine that serves
 //! containers' logs as a kubelet does (`GET /containerLogs/<namespace>/<pod>/<container>` with `sinceTime`,
-//! `timestamps` and `limitBytes`), so that `kubectl logs` and the operator's `pods/log` reads go through the real API
+//! `timestamps`, `limitBytes` and `previous`), so that `kubectl logs` and the operator's `pods/log` reads go through the real API
 //! server to it. A container's log is what a process on this machine writes to a file (e.g. a real PostgreSQL's
 //! stderr): a tailer reads the file as it grows and stamps each line with the time it was read, as a container
 //! runtime stamps what a container writes (CRI log format).
@@ -24,12 +24,16 @@ use crate::TempDir;
 
 /// A container's log: (time read, line).
 type Log = Arc<Mutex<Vec<(Timestamp, String)>>>;
+/// The logs of previous containers, by `<namespace>/<pod>/<container>`.
+type Previous = Arc<Mutex<BTreeMap<String, Vec<(Timestamp, String)>>>>;
 
 /// A Node that serves container logs. The tailers and the server stop with the process.
 #[derive(Debug)]
 pub struct LogNode {
     pub name: String,
     logs: Arc<Mutex<BTreeMap<String, Log>>>,
+    /// The previous container's log, after a [`LogNode::restart`].
+    previous: Previous,
     _dir: TempDir,
 }
 
@@ -78,11 +82,12 @@ impl LogNode {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let logs: Arc<Mutex<BTreeMap<String, Log>>> = Arc::default();
-        let served = logs.clone();
+        let previous: Previous = Arc::default();
+        let (served, served_previous) = (logs.clone(), previous.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (config, logs) = (config.clone(), served.clone());
-                std::thread::spawn(move || serve(conn, config, &logs));
+                let (config, logs, previous) = (config.clone(), served.clone(), served_previous.clone());
+                std::thread::spawn(move || serve(conn, config, &logs, &previous));
             }
         });
         let nodes: Api<Node> = Api::all(client.clone());
@@ -95,7 +100,7 @@ impl LogNode {
                             "lastHeartbeatTime": Timestamp::now().to_string(), "lastTransitionTime": Timestamp::now().to_string()}],
         }});
         nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Node status");
-        LogNode { name: name.to_string(), logs, _dir: dir }
+        LogNode { name: name.to_string(), logs, previous, _dir: dir }
     }
 
     /// Creates a running Pod on this node with one container whose log is the file `log` (read from its current
@@ -130,6 +135,29 @@ impl LogNode {
             .insert(format!("{ns}/{pod}/{container}"), lines.clone());
         tail(log.to_path_buf(), lines);
     }
+
+    /// The container restarts, as a kubelet shows it: what its log held becomes the previous container's log
+    /// (`previous=true`; the one before is gone), what the process writes from now on is the new container's, and
+    /// the pod's status says `restartCount` + 1 with a new start time.
+    pub async fn restart(&self, client: &kube::Client, ns: &str, pod: &str, container: &str) {
+        let key = format!("{ns}/{pod}/{container}");
+        let log =
+            self.logs.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned().expect("a container's log");
+        let old = std::mem::take(&mut *log.lock().unwrap_or_else(PoisonError::into_inner));
+        self.previous.lock().unwrap_or_else(PoisonError::into_inner).insert(key, old);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let p = pods.get(pod).await.expect("the Pod");
+        let count = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().find(|c| c.name == container))
+            .map_or(0, |c| c.restart_count);
+        let now = Timestamp::now().to_string();
+        let status = json!({"status": {"containerStatuses": [{"name": container, "image": "postgres:15", "imageID": "",
+            "ready": true, "restartCount": count + 1, "started": true, "state": {"running": {"startedAt": now}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": now}}}]}});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Pod status");
+    }
 }
 
 /// Follows `path` from its current end, stamping each complete line as it is read.
@@ -157,7 +185,12 @@ fn tail(path: PathBuf, lines: Log) {
 }
 
 /// One request: `GET /containerLogs/<ns>/<pod>/<container>?...`.
-fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, logs: &Mutex<BTreeMap<String, Log>>) {
+fn serve(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    logs: &Mutex<BTreeMap<String, Log>>,
+    previous: &Mutex<BTreeMap<String, Vec<(Timestamp, String)>>>,
+) {
     let Ok(conn) = rustls::ServerConnection::new(config) else { return };
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     let mut head = String::new();
@@ -176,7 +209,25 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, logs: &Mutex<BTreeMa
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let params: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let key = path.strip_prefix("/containerLogs/").unwrap_or_default();
-    let log = logs.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
+    let log = if params.get("previous").is_some_and(|v| v == "true") {
+        match previous.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
+            Some(lines) => Some(Arc::new(Mutex::new(lines.clone()))),
+            None => {
+                // The kubelet's answer when no container of that name terminated.
+                let body = format!("previous terminated container {key:?} not found");
+                let reply = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(reply.as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+                return;
+            }
+        }
+    } else {
+        logs.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    };
     let (status, body) = match log {
         None => ("404 Not Found", format!("no log of container {key}")),
         Some(log) => {

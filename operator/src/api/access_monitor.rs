@@ -133,7 +133,8 @@ pub struct DatabaseStatistics {
     pub secret_name: String,
     /// `verify-full`: TLS, the server's certificate checked against the Secret's `ca.crt` and its name against
     /// `host`, before anything else is sent; `disable`: no TLS, only for a trusted network (a server that is not the
-    /// database but answers on its address gets the login: a cleartext or MD5 password if it asks for one).
+    /// database but answers on its address gets the login: a cleartext or MD5 password if it asks for one, on
+    /// MariaDB the password encrypted to a key of its choosing).
     pub ssl_mode: SslMode,
 }
 
@@ -299,15 +300,19 @@ pub struct ReadVolumeRule {
 }
 
 /// A limit on rows read per minute by one database user (a team's current credential, a named identity). A
-/// statement's rows count for every listed table it reads (a join of two counts for both); rows are those
-/// pg_stat_statements counts (returned by a SELECT, exported by `COPY x TO`), attributed to the minute of the sample
-/// that saw them (so `interval` is at most 1m). Not counted: rows read through a view or a function (pg_stat_statements
-/// tracks top-level statements), `COPY (query) TO`, and an unqualified table under another search_path than public
-/// (pgaudit's log records those reads still).
+/// statement's rows count for every listed table it reads (a join of two counts for both), attributed to the minute
+/// of the sample that saw them (so `interval` is at most 1m). PostgreSQL: rows are those pg_stat_statements counts
+/// (returned by a SELECT, exported by `COPY x TO`); not counted: rows read through a view or a function
+/// (pg_stat_statements tracks top-level statements), `COPY (query) TO`, and an unqualified table under another
+/// search_path than public (pgaudit's log records those reads still). MariaDB: at most the lesser of the rows of the
+/// reads naming the table and the user's rows, while the audit log places the user at the table (performance_schema
+/// counts rows per statement and per user, not per user and table); not counted: rows read through a view or a
+/// stored procedure.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RowVolumeRule {
-    /// Sensitive tables (`schema.table`; a statement's unqualified table is taken as `public.`).
+    /// Sensitive tables (`schema.table`; PostgreSQL takes a statement's unqualified table as `public.`, MariaDB as
+    /// the statement's default database; MariaDB with `lower_case_table_names` set: in lower case).
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 127)))]
     pub tables: Vec<String>,
     /// Rows one identity may read from them within a minute.
@@ -445,6 +450,11 @@ pub struct AccessMonitorStatus {
     /// The time of the last log line read (the kubelet's timestamp): reading resumes after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_until: Option<String>,
+    /// The database container's restart count when its log was last read. A higher count means the container
+    /// restarted since: the lines after readUntil are in the previous container's log (the kubelet keeps one), which
+    /// is read first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_count: Option<i32>,
     /// Audit entries read since the monitor was created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<i64>,
@@ -542,8 +552,9 @@ crate::api::condition::reasons! {
         WouldRespond,
         /// An incident was acknowledged: its hold ends and the team's credentials are issued again.
         IncidentAcknowledged,
-        /// Part of the log could not be read (a line, or the lines of one second, longer than a read's limit) and
-        /// was skipped; the note says from where to where.
+        /// Part of the log could not be read (a line, or the lines of one second, longer than a read's limit; the
+        /// logs of containers that restarted more than once since the last read, or a previous container's log the
+        /// kubelet no longer has) and was skipped; the note says what.
         LinesSkipped,
         /// No Alertmanager of the operator's `--alertmanager-url` took the alerts (the note has their answers);
         /// they are posted again at every pass until one does (said once per outage).

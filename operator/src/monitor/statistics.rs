@@ -48,6 +48,7 @@ const CLAUSE_WORDS: &[&str] = &[
     "except",
     "intersect",
     "join",
+    "straight_join",
     "on",
     "using",
     "inner",
@@ -205,7 +206,6 @@ pub fn statement_in(sql: &str, default: Option<&str>) -> Statement {
         })
         .filter_map(|i| word(i).map(|(w, _)| w.to_string()))
         .collect();
-    let mut tables = BTreeSet::new();
     // A name, possibly qualified, at `i`: (schema.table or the unqualified name, tokens used).
     let name_at = |i: usize| -> Option<(String, bool, usize)> {
         let (a, a_quoted) = word(i)?;
@@ -219,11 +219,61 @@ pub fn statement_in(sql: &str, default: Option<&str>) -> Statement {
             Some((a.to_string(), false, 1))
         }
     };
-    let mut add = |name: String, qualified: bool| {
+    let add = |tables: &mut BTreeSet<String>, name: String, qualified: bool| {
         if qualified {
             tables.insert(name);
         } else if let Some(schema) = default.filter(|_| !ctes.contains(&name)) {
             tables.insert(format!("{schema}.{name}"));
+        }
+    };
+    // A FROM list from `j`: item [AS] [alias], item ...; an item is a table, a function call, a subquery, or a
+    // parenthesized table or join. Its subqueries' FROMs and its JOINs are read when the scan comes to them.
+    let list = |tables: &mut BTreeSet<String>, mut j: usize| {
+        // Parentheses entered around a table (not a subquery's) and not closed yet.
+        let mut entered = 0;
+        loop {
+            if punct(j, '(') {
+                let inner = (j..t.len()).find(|&k| !punct(k, '('));
+                if inner.and_then(keyword).is_some_and(|w| matches!(w, "select" | "with" | "values" | "table")) {
+                    j = after_parens(&t, j);
+                } else {
+                    // `FROM (invoices)`, `FROM (a JOIN b ON ...)`: the first table is read here.
+                    let k = inner.unwrap_or(t.len());
+                    entered += k - j;
+                    j = k;
+                    continue;
+                }
+            } else if let Some((name, qualified, used)) = name_at(j) {
+                if punct(j + used, '(') {
+                    j = after_parens(&t, j + used);
+                } else {
+                    add(tables, name, qualified);
+                    j += used;
+                }
+            } else {
+                break;
+            }
+            while entered > 0 && punct(j, ')') {
+                entered -= 1;
+                j += 1;
+            }
+            if keyword(j) == Some("as") {
+                j += 1;
+            }
+            if let Some((w, q)) = word(j)
+                && (q || !CLAUSE_WORDS.contains(&w))
+            {
+                j += 1;
+            }
+            if punct(j, '(') {
+                // Column aliases: `AS s(a, b)`.
+                j = after_parens(&t, j);
+            }
+            if punct(j, ',') {
+                j += 1;
+            } else {
+                break;
+            }
         }
     };
     // Parentheses around each token: COPY's own FROM (a file or STDIN) is at depth 0, a query's inside.
@@ -239,55 +289,45 @@ pub fn statement_in(sql: &str, default: Option<&str>) -> Statement {
             Some(here)
         })
         .collect();
+    let mut tables = BTreeSet::new();
+    // The depths at which a FROM clause is open: a comma there goes on with its list, also after a join's
+    // condition (`FROM a JOIN b ON a.id = b.id, invoices`) or a parenthesized join.
+    let mut open: BTreeSet<usize> = BTreeSet::new();
     let mut i = 0;
     while i < t.len() {
         let lone = |k: usize| matches!(keyword(k), Some("table" | "copy")) && Some(k) == first;
         match keyword(i) {
             Some("from") if lead == Some("copy") && depth[i] == 0 => i += 1,
-            Some("from" | "join") => {
+            Some("from" | "join" | "straight_join") => {
+                if keyword(i) == Some("from") {
+                    open.insert(depth[i]);
+                }
                 let mut j = i + 1;
                 if keyword(j) == Some("only") || keyword(j) == Some("lateral") {
                     j += 1;
                 }
-                // A FROM list: item [AS] [alias], item ...; an item is a table, a function call or a subquery.
-                loop {
-                    if punct(j, '(') {
-                        // A subquery (its own FROM is read when the scan comes to it) or a parenthesized join.
-                        j = after_parens(&t, j);
-                    } else if let Some((name, qualified, used)) = name_at(j) {
-                        if punct(j + used, '(') {
-                            j = after_parens(&t, j + used);
-                        } else {
-                            add(name, qualified);
-                            j += used;
-                        }
-                    } else {
-                        break;
-                    }
-                    if keyword(j) == Some("as") {
-                        j += 1;
-                    }
-                    if let Some((w, q)) = word(j)
-                        && (q || !CLAUSE_WORDS.contains(&w))
-                    {
-                        j += 1;
-                    }
-                    if punct(j, '(') {
-                        // Column aliases: `AS s(a, b)`.
-                        j = after_parens(&t, j);
-                    }
-                    if punct(j, ',') {
-                        j += 1;
-                    } else {
-                        break;
-                    }
-                }
+                list(&mut tables, j);
                 // The scan goes on right after FROM: the subqueries in the list have FROMs of their own.
+                i += 1;
+            }
+            Some(
+                "where" | "group" | "order" | "limit" | "offset" | "having" | "window" | "union" | "except"
+                | "intersect" | "for" | "fetch" | "returning" | "into" | "set",
+            ) => {
+                open.remove(&depth[i]);
+                i += 1;
+            }
+            _ if punct(i, ')') => {
+                open.retain(|&d| d < depth[i]);
+                i += 1;
+            }
+            _ if punct(i, ',') && open.contains(&depth[i]) => {
+                list(&mut tables, i + 1);
                 i += 1;
             }
             _ if lone(i) => {
                 if let Some((name, qualified, used)) = name_at(i + 1) {
-                    add(name, qualified);
+                    add(&mut tables, name, qualified);
                     i += used;
                 }
                 i += 1;
@@ -423,27 +463,44 @@ impl Summaries {
     }
 }
 
+/// A table a statement may read without naming it: a digest text cut short, or the statements MariaDB had no room
+/// left to count apart. Its rows count for every table a user was placed at.
+pub const ANY_TABLE: &str = "*";
+
 /// MariaDB: rows read per (user, table): rows per table from the digests `statements` knows to be reads (a
 /// statement's rows count for every table it names), bounded by each user's rows, for the users `readers` places at
-/// the table (the audit log's READ entries).
+/// the table (the audit log's READ entries, with their time): those placed since `recent`; when none was, those
+/// placed before (a statement still running since: its rows are counted when it ends).
 pub fn rows_read_bounded(
     deltas: &SummaryDeltas,
     statements: &HashMap<(String, String), Statement>,
-    readers: &BTreeMap<String, BTreeSet<String>>,
+    readers: &BTreeMap<String, BTreeMap<String, Timestamp>>,
+    recent: Timestamp,
 ) -> BTreeMap<(String, String), u64> {
     let mut per_table: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut anywhere = 0u64;
     for (key, rows) in &deltas.digests {
         let Some(s) = statements.get(key).filter(|s| s.read) else { continue };
         for t in &s.tables {
-            *per_table.entry(t).or_default() += rows;
+            if t == ANY_TABLE {
+                anywhere += rows;
+            } else {
+                *per_table.entry(t).or_default() += rows;
+            }
         }
     }
     let mut out = BTreeMap::new();
-    for (table, rows) in per_table {
-        for user in readers.get(table).into_iter().flatten() {
+    for (table, users) in readers {
+        let rows = per_table.get(table.as_str()).copied().unwrap_or(0) + anywhere;
+        if rows == 0 {
+            continue;
+        }
+        let lately: Vec<&String> = users.iter().filter(|(_, at)| **at >= recent).map(|(u, _)| u).collect();
+        let placed: Vec<&String> = if lately.is_empty() { users.keys().collect() } else { lately };
+        for user in placed {
             let n = deltas.users.get(user).copied().unwrap_or(0).min(rows);
             if n > 0 {
-                out.insert((user.clone(), table.to_string()), n);
+                out.insert((user.clone(), table.clone()), n);
             }
         }
     }
@@ -576,6 +633,16 @@ mod tests {
             ("INSERT INTO invoices SELECT * FROM staging", st(false, &["public.staging"])),
             ("SELECT 'a FROM secret' FROM contacts -- FROM hidden", st(true, &["public.contacts"])),
             ("/* FROM x */ SELECT * FROM contacts", st(true, &["public.contacts"])),
+            (
+                "SELECT * FROM (invoices i JOIN contacts c ON c.id = i.id)",
+                st(true, &["public.contacts", "public.invoices"]),
+            ),
+            ("SELECT * FROM ((invoices)) AS i, contacts", st(true, &["public.contacts", "public.invoices"])),
+            (
+                "SELECT * FROM contacts c JOIN payroll p ON p.id = c.id, invoices WHERE c.id IN ($1, $2)",
+                st(true, &["public.contacts", "public.invoices", "public.payroll"]),
+            ),
+            ("SELECT a, b FROM contacts GROUP BY a, b ORDER BY a, b", st(true, &["public.contacts"])),
         ];
         for (sql, want) in cases {
             assert_eq!(&statement(sql), want, "{sql}");
@@ -670,6 +737,17 @@ mod tests {
                 st(true, &["crm.invoices", "shop.other"]),
             ),
             ("SELECT * FROM `In``voices`", Some("crm"), st(true, &["crm.In`voices"])),
+            ("SELECT * FROM ( `invoices` )", Some("crm"), st(true, &["crm.invoices"])),
+            (
+                "SELECT * FROM `other` STRAIGHT_JOIN `invoices` ON `other` . `id` = `invoices` . `id`",
+                Some("crm"),
+                st(true, &["crm.invoices", "crm.other"]),
+            ),
+            (
+                "SELECT * FROM ( `other` `o` JOIN `crm` . `invoices` `i` ON `o` . `id` = `i` . `id` ) , `contacts`",
+                Some("shop"),
+                st(true, &["crm.invoices", "shop.contacts", "shop.other"]),
+            ),
             (
                 "INSERT INTO `crm` . `invoices` SELECT `seq` , ? FROM `seq_1_to_300`",
                 Some("crm"),
@@ -711,21 +789,48 @@ mod tests {
             (("".to_string(), "c3".to_string()), st(false, &["crm.invoices"])),
         ]
         .into();
-        let readers: BTreeMap<String, BTreeSet<String>> = [
-            ("crm.invoices".to_string(), ["sales".to_string(), "finance".to_string()].into()),
-            ("crm.contacts".to_string(), ["sales".to_string()].into()),
+        let t = |s: &str| -> Timestamp { s.parse().unwrap() };
+        let at = |users: &[(&str, &str)]| -> BTreeMap<String, Timestamp> {
+            users.iter().map(|(u, when)| (u.to_string(), t(when))).collect()
+        };
+        let recent = t("2026-12-01T10:00:00Z");
+        let mut readers: BTreeMap<String, BTreeMap<String, Timestamp>> = [
+            ("crm.invoices".to_string(), at(&[("sales", "2026-12-01T10:00:05Z"), ("finance", "2026-12-01T10:00:01Z")])),
+            // Placed there long before, and again lately: only the latter counts.
+            ("crm.contacts".to_string(), at(&[("sales", "2026-12-01T10:00:02Z"), ("finance", "2026-12-01T09:40:00Z")])),
         ]
         .into();
         // invoices: 300 + 50 rows of its reads (the write's 7 not); contacts: 50. Sales read 320 rows in all,
         // finance 30; the application user ("crm") read neither table by the audit log.
         assert_eq!(
-            rows_read_bounded(&d, &statements, &readers),
+            rows_read_bounded(&d, &statements, &readers, recent),
             [
                 (("finance".into(), "crm.invoices".into()), 30),
                 (("sales".into(), "crm.contacts".into()), 50),
                 (("sales".into(), "crm.invoices".into()), 320),
             ]
             .into()
+        );
+        // A statement that began before `recent` and ended since: whoever was placed at the table, earlier.
+        readers.insert("crm.contacts".into(), at(&[("finance", "2026-12-01T09:40:00Z")]));
+        assert_eq!(
+            rows_read_bounded(&d, &statements, &readers, recent),
+            [
+                (("finance".into(), "crm.contacts".into()), 30),
+                (("finance".into(), "crm.invoices".into()), 30),
+                (("sales".into(), "crm.invoices".into()), 320),
+            ]
+            .into()
+        );
+        // Rows of statements whose tables are not known (a cut text, the digests past the server's room): every
+        // table a user was placed at.
+        let unknown: HashMap<(String, String), Statement> =
+            [(("".to_string(), "".to_string()), st(true, &[ANY_TABLE]))].into();
+        let d2 =
+            SummaryDeltas { digests: [(("".into(), "".into()), 500)].into(), users: [("sales".into(), 500)].into() };
+        assert_eq!(
+            rows_read_bounded(&d2, &unknown, &readers, recent),
+            [(("sales".into(), "crm.invoices".into()), 500)].into()
         );
         // A reset (TRUNCATE of the summary): what it holds now is new.
         let d = s.deltas(&[digest("crm", "a1", 1, 40)], &[user("sales", 1, 40)]);

@@ -137,16 +137,30 @@ impl Reconcilable for AccessMonitor {
         let after = before.read_until.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
         let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(ctx.now);
         let since = after.unwrap_or(created);
+        // A container that restarted since the last read left the lines after it in the previous container's log
+        // (the kubelet keeps one): that log is read first, to its end, then the current one.
+        let restarts = container_restarts(ctx, &ns, &pod, self.spec.database.container.as_deref()).await?;
+        let restarted = match (before.pod.as_deref() == Some(pod.as_str()), before.restart_count, restarts) {
+            (true, Some(was), Some(now)) if now > was => Some((was, now)),
+            _ => None,
+        };
         let params = LogParams {
             container: self.spec.database.container.clone(),
             timestamps: true,
             // The API takes whole seconds: lines of that second already read are skipped below.
             since_time: Some(Timestamp::from_second(since.as_second()).unwrap_or(since)),
             limit_bytes: Some(READ_LIMIT),
+            previous: restarted.is_some(),
             ..LogParams::default()
         };
+        let mut gone = None;
         let log = match read_log(ctx, &ns, &pod, &params).await {
             Ok(log) => log,
+            Err(kube::Error::Api(s)) if s.code == 400 && restarted.is_some() => {
+                // The previous container's log is gone (another restart since, or the kubelet removed it).
+                gone = Some(s.message);
+                String::new()
+            }
             Err(kube::Error::Api(s)) if s.code < 500 => {
                 let reason = if s.message.contains("container") && s.message.contains("not valid") {
                     Collecting::ContainerNotFound
@@ -237,6 +251,33 @@ impl Reconcilable for AccessMonitor {
         if let Some(t) = lines.last().map(|(t, _)| *t).or(skipped) {
             d.status.read_until = Some(t.to_string());
         }
+        match restarted {
+            // The previous container's log read to its end: the current one's next, at once.
+            Some((was, now)) if !cut => {
+                d.status.restart_count = Some(now);
+                d.requeue_after = Some(Duration::from_millis(200));
+                let lost = now - was - 1;
+                if lost > 0 || gone.is_some() {
+                    if let Some(b) = state.baseline.as_mut() {
+                        b.interrupted();
+                    }
+                    let what = match &gone {
+                        Some(why) => format!("the previous container's log could not be read ({why})"),
+                        None => format!("the logs of {lost} container(s) between are gone (the kubelet keeps one)"),
+                    };
+                    d.events.push(Note::warning(
+                        AccessMonitorEvent::LinesSkipped,
+                        format!(
+                            "container of pod {pod} restarted {} time(s) since the log was read up to {since}: {what}",
+                            now - was
+                        ),
+                    ));
+                }
+            }
+            // More of the previous container's log to read.
+            Some(_) => {}
+            None => d.status.restart_count = restarts,
+        }
         if let Some(t) = skipped {
             d.events.push(Note::warning(
                 AccessMonitorEvent::LinesSkipped,
@@ -300,8 +341,10 @@ fn rows_read(
             state.readers.entry(table.clone()).or_default().insert(a.user.clone(), a.at);
         }
     }
+    // Kept an hour: a statement's rows are counted when it ends, which can be long after its READ entry.
+    let kept = jiff::SignedDuration::from_hours(1);
     for users in state.readers.values_mut() {
-        users.retain(|_, at| now.duration_since(*at) <= gap);
+        users.retain(|_, at| now.duration_since(*at) <= kept);
     }
     state.readers.retain(|_, users| !users.is_empty());
     match sampled {
@@ -319,9 +362,8 @@ fn rows_read(
                 }
                 statistics::Counts::Mariadb { digests, users } => {
                     let deltas = state.summaries.deltas(&digests, &users);
-                    let readers: BTreeMap<String, BTreeSet<String>> =
-                        state.readers.iter().map(|(t, u)| (t.clone(), u.keys().cloned().collect())).collect();
-                    let read = stats::rows_read_bounded(&deltas, &state.statements.mariadb, &readers);
+                    let recent = now.checked_sub(gap).unwrap_or(now);
+                    let read = stats::rows_read_bounded(&deltas, &state.statements.mariadb, &state.readers, recent);
                     (
                         stats::Source::PerformanceSchema,
                         read,
@@ -472,6 +514,18 @@ async fn read_log(ctx: &Context, ns: &str, pod: &str, params: &LogParams) -> Res
     let mut bytes = Vec::new();
     stream.read_to_end(&mut bytes).await.map_err(kube::Error::ReadEvents)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The restart count of the pod's database container (`container`, else the pod's first); `None` when the pod or
+/// its container's status is not there.
+async fn container_restarts(ctx: &Context, ns: &str, pod: &str, container: Option<&str>) -> Result<Option<i32>, Error> {
+    let Some(p) = Api::<Pod>::namespaced(ctx.client.clone(), ns).get_opt(pod).await? else { return Ok(None) };
+    let name = match container {
+        Some(c) => Some(c.to_string()),
+        None => p.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()),
+    };
+    let statuses = p.status.and_then(|s| s.container_statuses).unwrap_or_default();
+    Ok(statuses.into_iter().find(|c| Some(&c.name) == name.as_ref()).map(|c| c.restart_count))
 }
 
 /// The database pod: the first by name of the pods that have not finished and match the selector.

@@ -25,7 +25,7 @@ use mysql_async::prelude::Queryable;
 
 use crate::api::access_monitor::{DatabaseStatistics, MonitoredEngine, SslMode};
 use crate::controllers::contract::Context;
-use crate::monitor::statistics::{Counted, DigestCounted, Statement, UserCounted, statement, statement_in};
+use crate::monitor::statistics::{ANY_TABLE, Counted, DigestCounted, Statement, UserCounted, statement, statement_in};
 
 /// How long connecting (TCP, TLS, login) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,16 +52,17 @@ const TEXTS: &str = "SELECT DISTINCT queryid, \
       AND (query ~* '^[[:space:](]*(select|with|table|values)[[:space:](]' \
            OR query ~* '^[[:space:]]*copy[[:space:]]+[[:alnum:]_.\"$]+[[:space:](].*[[:space:]]to[[:space:]]')";
 
-/// MariaDB: whether performance_schema is on and counts digests (both settings of the server).
-const MARIADB_CHECK: &str = "SELECT @@performance_schema, \
-    (SELECT ENABLED FROM performance_schema.setup_consumers WHERE NAME = 'statements_digest')";
+/// MariaDB: whether performance_schema is on and counts digests (both settings of the server), and whether table
+/// names are stored in lower case (`lower_case_table_names`: a digest keeps the case the statement was typed in).
+const MARIADB_CHECK: &str = "SELECT CAST(@@performance_schema AS SIGNED), \
+    (SELECT ENABLED FROM performance_schema.setup_consumers WHERE NAME = 'statements_digest'), \
+    CAST(@@lower_case_table_names AS SIGNED)";
 
-/// MariaDB: rows sent per default database and digest, to every user.
-const MARIADB_DIGESTS: &str = "SELECT IFNULL(SCHEMA_NAME, ''), DIGEST, CAST(COUNT_STAR AS SIGNED), \
-    CAST(SUM_ROWS_SENT AS SIGNED) FROM performance_schema.events_statements_summary_by_digest WHERE DIGEST IS NOT NULL";
-
-/// MariaDB: rows sent per user, of every statement.
-const MARIADB_USERS: &str = "SELECT USER, CAST(SUM(COUNT_STAR) AS SIGNED), CAST(SUM(SUM_ROWS_SENT) AS SIGNED) \
+/// MariaDB: rows sent per default database and digest (to every user; the digest '' counts the statements the
+/// server had no room left for) and per user (of every statement), in one statement.
+const MARIADB_SAMPLE: &str = "SELECT 'd', IFNULL(SCHEMA_NAME, ''), IFNULL(DIGEST, ''), CAST(COUNT_STAR AS SIGNED), \
+    CAST(SUM_ROWS_SENT AS SIGNED) FROM performance_schema.events_statements_summary_by_digest \
+    UNION ALL SELECT 'u', USER, '', CAST(SUM(COUNT_STAR) AS SIGNED), CAST(SUM(SUM_ROWS_SENT) AS SIGNED) \
     FROM performance_schema.events_statements_summary_by_user_by_event_name WHERE USER IS NOT NULL GROUP BY USER";
 
 /// MariaDB: the texts of new digests that are reads (`{}`: one `?` per digest).
@@ -88,14 +89,15 @@ pub struct Db {
 #[derive(Clone)]
 enum Conn {
     Postgres(Arc<tokio_postgres::Client>),
-    Mariadb(Arc<tokio::sync::Mutex<mysql_async::Conn>>),
+    /// The connection, and whether table names are folded to lower case.
+    Mariadb(Arc<tokio::sync::Mutex<mysql_async::Conn>>, bool),
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Conn::Postgres(_) => "Postgres",
-            Conn::Mariadb(_) => "Mariadb",
+            Conn::Mariadb(..) => "Mariadb",
         })
     }
 }
@@ -105,7 +107,7 @@ impl Conn {
         match self {
             Conn::Postgres(c) => c.is_closed(),
             // A dead connection fails its next query, which drops it.
-            Conn::Mariadb(_) => false,
+            Conn::Mariadb(..) => false,
         }
     }
 }
@@ -307,16 +309,17 @@ async fn connect_mariadb(opts: &mysql_async::Opts, ca: Option<&str>, host: &str)
         .await
         .map_err(|_| Failed::Connect(format!("no login within {}s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| Failed::Connect(mariadb_error(&e)))?;
-    let on: Option<(Option<i64>, Option<String>)> =
-        tokio::time::timeout(QUERY_TIMEOUT, conn.query_first(MARIADB_CHECK))
-            .await
-            .map_err(|_| Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())))?
-            .map_err(|e| Failed::Query(mariadb_error(&e)))?;
+    let row: Option<mysql_async::Row> = tokio::time::timeout(QUERY_TIMEOUT, conn.query_first(MARIADB_CHECK))
+        .await
+        .map_err(|_| Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())))?
+        .map_err(mariadb_failed)?;
+    let on = row.map(mysql_async::from_row_opt::<(Option<i64>, Option<String>, Option<i64>)>).transpose();
+    let on = on.map_err(|e| Failed::Query(format!("an unexpected answer: {e}")))?;
     match on {
-        Some((Some(1), Some(enabled))) if enabled == "YES" => {
-            Ok(Conn::Mariadb(Arc::new(tokio::sync::Mutex::new(conn))))
+        Some((Some(1), Some(enabled), lower)) if enabled == "YES" => {
+            Ok(Conn::Mariadb(Arc::new(tokio::sync::Mutex::new(conn)), lower.unwrap_or(0) != 0))
         }
-        Some((Some(1), _)) => {
+        Some((Some(1), _, _)) => {
             Err(Failed::Query("the performance_schema consumer statements_digest is disabled".into()))
         }
         _ => Err(Failed::Query("performance_schema is OFF on the server".into())),
@@ -328,6 +331,15 @@ fn mariadb_error(e: &mysql_async::Error) -> String {
     match e {
         mysql_async::Error::Server(s) => s.message.clone(),
         other => chain(other),
+    }
+}
+
+/// A failed MariaDB query: the server's refusal is the statistics' (a grant, a setting); a broken connection or the
+/// driver's failure is the database's reachability.
+fn mariadb_failed(e: mysql_async::Error) -> Failed {
+    match e {
+        mysql_async::Error::Server(_) => Failed::Query(mariadb_error(&e)),
+        other => Failed::Connect(mariadb_error(&other)),
     }
 }
 
@@ -352,20 +364,26 @@ async fn query(
 }
 
 /// A MariaDB query on `db`'s connection within [`QUERY_TIMEOUT`]; a failure or timeout drops the connection.
+/// Rows that do not convert (a NULL, a value of another type) are a failed query, not a panic.
 async fn query_mariadb<T>(db: &mut Option<Db>, sql: &str, params: Vec<mysql_async::Value>) -> Result<Vec<T>, Failed>
 where
     T: mysql_async::prelude::FromRow + Send + 'static,
 {
-    let Some(Conn::Mariadb(conn)) = db.as_ref().map(|d| d.conn.clone()) else {
+    let Some(Conn::Mariadb(conn, _)) = db.as_ref().map(|d| d.conn.clone()) else {
         return Err(Failed::Connect("not connected".into()));
     };
     let run = async {
         let mut c = conn.lock().await;
-        if params.is_empty() { c.query(sql).await } else { c.exec(sql, params).await }
+        let rows: Result<Vec<mysql_async::Row>, _> =
+            if params.is_empty() { c.query(sql).await } else { c.exec(sql, params).await };
+        rows
     };
     let failed = match tokio::time::timeout(QUERY_TIMEOUT, run).await {
-        Ok(Ok(rows)) => return Ok(rows),
-        Ok(Err(e)) => Failed::Query(mariadb_error(&e)),
+        Ok(Ok(rows)) => match rows.into_iter().map(mysql_async::from_row_opt::<T>).collect::<Result<Vec<T>, _>>() {
+            Ok(rows) => return Ok(rows),
+            Err(e) => Failed::Query(format!("an unexpected answer: {e}")),
+        },
+        Ok(Err(e)) => mariadb_failed(e),
         Err(_) => Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
     };
     *db = None;
@@ -461,34 +479,50 @@ async fn sample_mariadb(
     db: &mut Option<Db>,
     statements: &mut HashMap<(String, String), Statement>,
 ) -> Result<Counts, Failed> {
-    let digests: Vec<(String, String, i64, i64)> = query_mariadb(db, MARIADB_DIGESTS, vec![]).await?;
-    let users: Vec<(String, i64, i64)> = query_mariadb(db, MARIADB_USERS, vec![]).await?;
-    let digests: Vec<DigestCounted> = digests
-        .into_iter()
-        .map(|(schema, digest, calls, rows)| DigestCounted { schema, digest, calls, rows })
-        .collect();
-    let users = users.into_iter().map(|(user, calls, rows)| UserCounted { user, calls, rows }).collect();
+    let lower = matches!(db.as_ref().map(|d| &d.conn), Some(Conn::Mariadb(_, true)));
+    let rows: Vec<(String, String, String, i64, i64)> = query_mariadb(db, MARIADB_SAMPLE, vec![]).await?;
+    let (mut digests, mut users) = (Vec::new(), Vec::new());
+    for (kind, name, digest, calls, rows) in rows {
+        if kind == "d" {
+            digests.push(DigestCounted { schema: name, digest, calls, rows });
+        } else {
+            users.push(UserCounted { user: name, calls, rows });
+        }
+    }
     let live: std::collections::HashSet<(String, String)> =
         digests.iter().map(|c| (c.schema.clone(), c.digest.clone())).collect();
     statements.retain(|k, _| live.contains(k));
     let new: Vec<&(String, String)> = live.iter().filter(|k| !statements.contains_key(*k)).collect();
-    if !new.is_empty() {
-        let distinct: std::collections::BTreeSet<&str> = new.iter().map(|(_, d)| d.as_str()).collect();
-        let marks = vec!["?"; distinct.len()].join(", ");
-        let params = distinct.iter().map(|d| mysql_async::Value::from(*d)).collect();
+    let asked: std::collections::BTreeSet<&str> =
+        new.iter().map(|(_, d)| d.as_str()).filter(|d| !d.is_empty()).collect();
+    let mut found: HashMap<(String, String), Statement> = HashMap::new();
+    let asked: Vec<&str> = asked.into_iter().collect();
+    for chunk in asked.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let params = chunk.iter().map(|d| mysql_async::Value::from(*d)).collect();
         let texts: Vec<(String, String, String)> =
             query_mariadb(db, &MARIADB_TEXTS.replace("{}", &marks), params).await?;
-        let mut found: HashMap<(String, String), Statement> = texts
-            .into_iter()
-            .map(|(schema, digest, text)| {
-                let default = (!schema.is_empty()).then_some(schema.as_str());
-                let st = statement_in(&text, default);
-                ((schema, digest), st)
-            })
-            .collect();
-        for k in new {
-            statements.insert(k.clone(), found.remove(k).unwrap_or_default());
+        for (schema, digest, text) in texts {
+            let default = (!schema.is_empty()).then_some(schema.as_str());
+            let mut st = statement_in(&text, default);
+            if lower {
+                st.tables = st.tables.iter().map(|t| t.to_lowercase()).collect();
+            }
+            // A text cut at performance_schema_max_digest_length may name more tables than it shows.
+            if text.trim_end().ends_with("...") {
+                st.tables.push(ANY_TABLE.into());
+            }
+            found.insert((schema, digest), st);
         }
+    }
+    for k in new {
+        let st = if k.1.is_empty() {
+            // The statements the server had no room left for (performance_schema_digests_size): any table.
+            Statement { read: true, tables: vec![ANY_TABLE.into()] }
+        } else {
+            found.remove(k).unwrap_or_default()
+        };
+        statements.insert(k.clone(), st);
     }
     Ok(Counts::Mariadb { digests, users })
 }

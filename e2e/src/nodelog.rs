@@ -209,26 +209,15 @@ fn serve(
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let params: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let key = path.strip_prefix("/containerLogs/").unwrap_or_default();
-    let log = if params.get("previous").is_some_and(|v| v == "true") {
-        match previous.lock().unwrap_or_else(PoisonError::into_inner).get(key) {
-            Some(lines) => Some(Arc::new(Mutex::new(lines.clone()))),
-            None => {
-                // The kubelet's answer when no container of that name terminated.
-                let body = format!("previous terminated container {key:?} not found");
-                let reply = format!(
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(reply.as_bytes());
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-                return;
-            }
-        }
+    let previous_wanted = params.get("previous").is_some_and(|v| v == "true");
+    let log = if previous_wanted {
+        previous.lock().unwrap_or_else(PoisonError::into_inner).get(key).map(|l| Arc::new(Mutex::new(l.clone())))
     } else {
         logs.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
     };
     let (status, body) = match log {
+        // The kubelet's answer when no container of that name terminated.
+        None if previous_wanted => ("400 Bad Request", format!("previous terminated container {key:?} not found")),
         None => ("404 Not Found", format!("no log of container {key}")),
         Some(log) => {
             let since: Option<Timestamp> = params.get("sinceTime").and_then(|t| t.parse().ok());

@@ -279,12 +279,7 @@ impl Monitored {
 
     /// The monitor's status once `ok` holds for it.
     async fn until(&self, what: &str, ok: impl Fn(&AccessMonitorStatus) -> bool) -> AccessMonitorStatus {
-        eventually(60, what, || async {
-            let m = self.monitors.get("crm-db").await.map_err(|e| e.to_string())?;
-            let s = m.status.unwrap_or_default();
-            if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&self.op.logs()))) }
-        })
-        .await
+        monitor_until(&self.monitors, &self.op, what, ok).await
     }
 
     /// The notes of the namespace's Events of `reason`, once there are at least `n`.
@@ -951,6 +946,32 @@ async fn findings_and_incidents_reach_alertmanager_and_an_openreports_report() {
     .await;
 }
 
+/// The status of monitor `crm-db` once `ok` holds for it.
+async fn monitor_until(
+    monitors: &Api<AccessMonitor>,
+    op: &Operator,
+    what: &str,
+    ok: impl Fn(&AccessMonitorStatus) -> bool,
+) -> AccessMonitorStatus {
+    eventually(60, what, || async {
+        let s = monitors.get("crm-db").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&op.logs()))) }
+    })
+    .await
+}
+
+/// MariaDB's log served as pod `crm-mariadb-0`'s (label app=crm-mariadb, container mariadb) by a node of its own, and
+/// the operator (chart RBAC) watching the cluster's namespace.
+async fn mariadb_pod_and_operator(cluster: &Cluster, db: &MariaDb) -> (e2e::nodelog::LogNode, Operator) {
+    let (client, ns) = (&cluster.client, &cluster.namespace);
+    let node = e2e::nodelog::LogNode::start(client, &format!("node-{ns}")).await;
+    node.pod(client, ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
+    let kubeconfig = e2e::install_chart_rbac(cluster, e2e::Admission::WithoutPolicy).await;
+    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    op.wait_ready(60).await;
+    (node, op)
+}
+
 /// MariaDB's audit plugin writing to the server's stderr (`server_audit_file_path = /dev/stderr`, the README's
 /// setting for a container) reaches the monitor through the pod's log, interleaved with the server's own lines.
 /// Expected from the rules' documentation: the application's user on its listed table is no finding; on another
@@ -970,11 +991,7 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
              CREATE USER 'intruder'@'%' IDENTIFIED BY 'intr-Pw-3'; GRANT SELECT ON crm.invoices TO 'intruder'@'%';"
         ),
     );
-    let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
-    node.pod(&client, &ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
-    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
-    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
-    op.wait_ready(60).await;
+    let (_node, op) = mariadb_pod_and_operator(&cluster, &db).await;
     let monitors: Api<AccessMonitor> = Api::namespaced(client.clone(), &ns);
     let monitor: AccessMonitor = serde_json::from_value(json!({
         "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
@@ -988,16 +1005,7 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
     }))
     .unwrap();
     monitors.create(&PostParams::default(), &monitor).await.unwrap();
-    let status = |what: &'static str, ok: fn(&AccessMonitorStatus) -> bool| {
-        let (monitors, op) = (monitors.clone(), &op);
-        async move {
-            eventually(60, what, || async {
-                let s = monitors.get("crm-db").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-                if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&op.logs()))) }
-            })
-            .await
-        }
-    };
+    let status = |what: &'static str, ok: fn(&AccessMonitorStatus) -> bool| monitor_until(&monitors, &op, what, ok);
     status("the monitor reading", |s| s.conditions.iter().any(|c| c.type_ == "Collecting" && c.reason == "Reading"))
         .await;
 
@@ -1065,11 +1073,7 @@ async fn a_bulk_read_on_mariadb_is_counted_from_performance_schema() {
             rows(500, "widget"),
         ),
     );
-    let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
-    node.pod(&client, &ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
-    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
-    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", &ns]);
-    op.wait_ready(60).await;
+    let (_node, op) = mariadb_pod_and_operator(&cluster, &db).await;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret = |port: u16, host: &str, ca: &str| -> Secret {
@@ -1105,14 +1109,7 @@ async fn a_bulk_read_on_mariadb_is_counted_from_performance_schema() {
     .unwrap();
     monitors.create(&PostParams::default(), &monitor).await.unwrap();
     let until = |what: &'static str, ok: Box<dyn Fn(&AccessMonitorStatus) -> bool + Send + Sync>| {
-        let (monitors, op) = (monitors.clone(), &op);
-        async move {
-            eventually(60, what, || async {
-                let s = monitors.get("crm-db").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-                if ok(&s) { Ok(s) } else { Err(format!("{s:#?}; log: {}", tail(&op.logs()))) }
-            })
-            .await
-        }
+        monitor_until(&monitors, &op, what, ok)
     };
     let rows_counted =
         |reason: &'static str, text: &'static str| -> Box<dyn Fn(&AccessMonitorStatus) -> bool + Send + Sync> {

@@ -467,15 +467,27 @@ impl Summaries {
 /// left to count apart. Its rows count for every table a user was placed at.
 pub const ANY_TABLE: &str = "*";
 
+/// MariaDB: the rows of a sample's reads of tables no user was placed at (a statement that ended between a pass's
+/// log read and its sample: its READ entry comes with the next read), and each user's rows of that sample. They are
+/// offered once more at the next sample, to the users then placed at the table, bounded by those users' rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unplaced {
+    tables: BTreeMap<String, u64>,
+    users: BTreeMap<String, u64>,
+}
+
 /// MariaDB: rows read per (user, table): rows per table from the digests `statements` knows to be reads (a
 /// statement's rows count for every table it names), bounded by each user's rows, for the users `readers` places at
 /// the table (the audit log's READ entries, with their time): those placed since `recent`; when none was, those
-/// placed before (a statement still running since: its rows are counted when it ends).
+/// placed before (a statement still running since: its rows are counted when it ends). Rows the previous sample
+/// could place at nobody (`unplaced`) count too, bounded by the user's rows of that sample; this sample's take
+/// their place.
 pub fn rows_read_bounded(
     deltas: &SummaryDeltas,
     statements: &HashMap<(String, String), Statement>,
     readers: &BTreeMap<String, BTreeMap<String, Timestamp>>,
     recent: Timestamp,
+    unplaced: &mut Unplaced,
 ) -> BTreeMap<(String, String), u64> {
     let mut per_table: BTreeMap<&str, u64> = BTreeMap::new();
     let mut anywhere = 0u64;
@@ -492,18 +504,28 @@ pub fn rows_read_bounded(
     let mut out = BTreeMap::new();
     for (table, users) in readers {
         let rows = per_table.get(table.as_str()).copied().unwrap_or(0) + anywhere;
-        if rows == 0 {
+        let earlier = unplaced.tables.get(table).copied().unwrap_or(0);
+        if rows == 0 && earlier == 0 {
             continue;
         }
         let lately: Vec<&String> = users.iter().filter(|(_, at)| **at >= recent).map(|(u, _)| u).collect();
         let placed: Vec<&String> = if lately.is_empty() { users.keys().collect() } else { lately };
         for user in placed {
-            let n = deltas.users.get(user).copied().unwrap_or(0).min(rows);
-            if n > 0 {
-                out.insert((user.clone(), table.clone()), n);
+            let now = deltas.users.get(user).copied().unwrap_or(0).min(rows);
+            let before = unplaced.users.get(user).copied().unwrap_or(0).min(earlier);
+            if now + before > 0 {
+                out.insert((user.clone(), table.clone()), now + before);
             }
         }
     }
+    *unplaced = Unplaced {
+        tables: per_table
+            .into_iter()
+            .filter(|(t, rows)| *rows > 0 && !readers.contains_key(*t))
+            .map(|(t, rows)| (t.to_string(), rows))
+            .collect(),
+        users: deltas.users.clone(),
+    };
     out
 }
 
@@ -803,7 +825,7 @@ mod tests {
         // invoices: 300 + 50 rows of its reads (the write's 7 not); contacts: 50. Sales read 320 rows in all,
         // finance 30; the application user ("crm") read neither table by the audit log.
         assert_eq!(
-            rows_read_bounded(&d, &statements, &readers, recent),
+            rows_read_bounded(&d, &statements, &readers, recent, &mut Unplaced::default()),
             [
                 (("finance".into(), "crm.invoices".into()), 30),
                 (("sales".into(), "crm.contacts".into()), 50),
@@ -814,7 +836,7 @@ mod tests {
         // A statement that began before `recent` and ended since: whoever was placed at the table, earlier.
         readers.insert("crm.contacts".into(), at(&[("finance", "2026-12-01T09:40:00Z")]));
         assert_eq!(
-            rows_read_bounded(&d, &statements, &readers, recent),
+            rows_read_bounded(&d, &statements, &readers, recent, &mut Unplaced::default()),
             [
                 (("finance".into(), "crm.contacts".into()), 30),
                 (("finance".into(), "crm.invoices".into()), 30),
@@ -829,8 +851,31 @@ mod tests {
         let d2 =
             SummaryDeltas { digests: [(("".into(), "".into()), 500)].into(), users: [("sales".into(), 500)].into() };
         assert_eq!(
-            rows_read_bounded(&d2, &unknown, &readers, recent),
+            rows_read_bounded(&d2, &unknown, &readers, recent, &mut Unplaced::default()),
             [(("sales".into(), "crm.invoices".into()), 500)].into()
+        );
+        // A read that ended before its READ entry was read: nobody is placed at the table at its sample; at the next
+        // one the user is, and the rows are theirs (bounded by their rows of that sample), once.
+        let mut unplaced = Unplaced::default();
+        let d3 = SummaryDeltas {
+            digests: [(("crm".into(), "a1".into()), 300)].into(),
+            users: [("sales".into(), 300), ("finance".into(), 40)].into(),
+        };
+        let nobody = BTreeMap::new();
+        assert_eq!(rows_read_bounded(&d3, &statements, &nobody, recent, &mut unplaced), BTreeMap::new());
+        let placed: BTreeMap<String, BTreeMap<String, Timestamp>> = [(
+            "crm.invoices".to_string(),
+            at(&[("sales", "2026-12-01T10:00:06Z"), ("finance", "2026-12-01T10:00:06Z")]),
+        )]
+        .into();
+        assert_eq!(
+            rows_read_bounded(&SummaryDeltas::default(), &statements, &placed, recent, &mut unplaced),
+            [(("finance".into(), "crm.invoices".into()), 40), (("sales".into(), "crm.invoices".into()), 300)].into()
+        );
+        assert_eq!(
+            rows_read_bounded(&SummaryDeltas::default(), &statements, &placed, recent, &mut unplaced),
+            BTreeMap::new(),
+            "offered once"
         );
         // A reset (TRUNCATE of the summary): what it holds now is new.
         let d = s.deltas(&[digest("crm", "a1", 1, 40)], &[user("sales", 1, 40)]);

@@ -54,6 +54,7 @@ struct State {
     counters: crate::monitor::statistics::Counters,
     /// MariaDB's counters, and the tables each user read by the audit log lately (table -> user -> last read).
     summaries: crate::monitor::statistics::Summaries,
+    unplaced: crate::monitor::statistics::Unplaced,
     readers: BTreeMap<String, BTreeMap<String, Timestamp>>,
     /// The last pass's outcome, its trigger and when the next pass is due: see [`Paced`].
     paced: Option<Paced>,
@@ -352,6 +353,7 @@ fn rows_read(
             if sample.fresh || !recent {
                 state.counters = stats::Counters::default();
                 state.summaries = stats::Summaries::default();
+                state.unplaced = stats::Unplaced::default();
             }
             state.sampled_at = Some(now);
             let (source, read, counted_by) = match sample.counts {
@@ -363,7 +365,13 @@ fn rows_read(
                 statistics::Counts::Mariadb { digests, users } => {
                     let deltas = state.summaries.deltas(&digests, &users);
                     let recent = now.checked_sub(gap).unwrap_or(now);
-                    let read = stats::rows_read_bounded(&deltas, &state.statements.mariadb, &state.readers, recent);
+                    let read = stats::rows_read_bounded(
+                        &deltas,
+                        &state.statements.mariadb,
+                        &state.readers,
+                        recent,
+                        &mut state.unplaced,
+                    );
                     (
                         stats::Source::PerformanceSchema,
                         read,
@@ -381,6 +389,7 @@ fn rows_read(
         Err(failed) => {
             state.counters = stats::Counters::default();
             state.summaries = stats::Summaries::default();
+            state.unplaced = stats::Unplaced::default();
             let (reason, message) = match failed {
                 statistics::Failed::Secret(m) => (RowsCounted::SecretUnusable, m),
                 statistics::Failed::Connect(m) => (

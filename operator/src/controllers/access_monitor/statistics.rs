@@ -266,16 +266,29 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// `f` within `limit`, its error said by `failed`; past the limit, `late` (e.g. "no answer", "no login").
+async fn within<T, E>(
+    limit: Duration,
+    late: fn(String) -> Failed,
+    what: &str,
+    f: impl Future<Output = Result<T, E>>,
+    failed: impl FnOnce(E) -> Failed,
+) -> Result<T, Failed> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(failed),
+        Err(_) => Err(late(format!("no {what} within {}s", limit.as_secs()))),
+    }
+}
+
 /// Logs in over `tcp` with `tls`; the connection is driven by a task of its own.
 async fn login<T>(config: &tokio_postgres::Config, tcp: TcpStream, tls: T) -> Result<tokio_postgres::Client, Failed>
 where
     T: TlsConnect<TcpStream>,
     T::Stream: Send + 'static,
 {
-    let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect_raw(tcp, tls))
-        .await
-        .map_err(|_| Failed::Connect(format!("no login within {}s", CONNECT_TIMEOUT.as_secs())))?
-        .map_err(|e| Failed::Connect(chain(&e)))?;
+    let (client, conn) =
+        within(CONNECT_TIMEOUT, Failed::Connect, "login", config.connect_raw(tcp, tls), |e| Failed::Connect(chain(&e)))
+            .await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -289,10 +302,8 @@ async fn connect(s: &Settings) -> Result<Conn, Failed> {
         Config::Postgres(c) => c,
         Config::Mariadb(opts) => return connect_mariadb(opts, s.ca.as_deref(), &s.host).await,
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((s.host.as_str(), s.port)))
-        .await
-        .map_err(|_| Failed::Connect(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())))?
-        .map_err(|e| Failed::Connect(e.to_string()))?;
+    let tcp = TcpStream::connect((s.host.as_str(), s.port));
+    let tcp = within(CONNECT_TIMEOUT, Failed::Connect, "answer", tcp, |e| Failed::Connect(e.to_string())).await?;
     let client = match &s.ca {
         None => login(config, tcp, tokio_postgres::NoTls).await,
         Some(pem) => login(config, tcp, Rustls::new(&s.host, pem).map_err(Failed::Secret)?).await,
@@ -305,14 +316,11 @@ async fn connect_mariadb(opts: &mysql_async::Opts, ca: Option<&str>, host: &str)
         // The same checks as PostgreSQL's (a PEM with a certificate, a host that is a server name), said the same.
         Rustls::new(host, pem).map_err(Failed::Secret)?;
     }
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, mysql_async::Conn::new(opts.clone()))
-        .await
-        .map_err(|_| Failed::Connect(format!("no login within {}s", CONNECT_TIMEOUT.as_secs())))?
-        .map_err(|e| Failed::Connect(mariadb_error(&e)))?;
-    let row: Option<mysql_async::Row> = tokio::time::timeout(QUERY_TIMEOUT, conn.query_first(MARIADB_CHECK))
-        .await
-        .map_err(|_| Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())))?
-        .map_err(mariadb_failed)?;
+    let login = mysql_async::Conn::new(opts.clone());
+    let mut conn =
+        within(CONNECT_TIMEOUT, Failed::Connect, "login", login, |e| Failed::Connect(mariadb_error(&e))).await?;
+    let row: Option<mysql_async::Row> =
+        within(QUERY_TIMEOUT, Failed::Timeout, "answer", conn.query_first(MARIADB_CHECK), mariadb_failed).await?;
     let on = row.map(mysql_async::from_row_opt::<(Option<i64>, Option<String>, Option<i64>)>).transpose();
     let on = on.map_err(|e| Failed::Query(format!("an unexpected answer: {e}")))?;
     match on {
@@ -353,14 +361,14 @@ async fn query(
     let Some(Conn::Postgres(client)) = db.as_ref().map(|d| &d.conn) else {
         return Err(Failed::Connect("not connected".into()));
     };
-    let result = tokio::time::timeout(QUERY_TIMEOUT, client.query(sql, params)).await;
-    let failed = match result {
-        Ok(Ok(rows)) => return Ok(rows),
-        Ok(Err(e)) => Failed::Query(e.as_db_error().map_or_else(|| chain(&e), |d| d.message().to_string())),
-        Err(_) => Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
+    let failed = |e: tokio_postgres::Error| {
+        Failed::Query(e.as_db_error().map_or_else(|| chain(&e), |d| d.message().to_string()))
     };
-    *db = None;
-    Err(failed)
+    let result = within(QUERY_TIMEOUT, Failed::Timeout, "answer", client.query(sql, params), failed).await;
+    if result.is_err() {
+        *db = None;
+    }
+    result
 }
 
 /// A MariaDB query on `db`'s connection within [`QUERY_TIMEOUT`]; a failure or timeout drops the connection.
@@ -378,16 +386,14 @@ where
             if params.is_empty() { c.query(sql).await } else { c.exec(sql, params).await };
         rows
     };
-    let failed = match tokio::time::timeout(QUERY_TIMEOUT, run).await {
-        Ok(Ok(rows)) => match rows.into_iter().map(mysql_async::from_row_opt::<T>).collect::<Result<Vec<T>, _>>() {
-            Ok(rows) => return Ok(rows),
-            Err(e) => Failed::Query(format!("an unexpected answer: {e}")),
-        },
-        Ok(Err(e)) => mariadb_failed(e),
-        Err(_) => Failed::Timeout(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
-    };
-    *db = None;
-    Err(failed)
+    let result = within(QUERY_TIMEOUT, Failed::Timeout, "answer", run, mariadb_failed).await.and_then(|rows| {
+        let rows = rows.into_iter().map(mysql_async::from_row_opt::<T>).collect::<Result<Vec<T>, _>>();
+        rows.map_err(|e| Failed::Query(format!("an unexpected answer: {e}")))
+    });
+    if result.is_err() {
+        *db = None;
+    }
+    result
 }
 
 /// One sample of the statement statistics, connecting first (as `user`, set from the Secret) when `db` is not open

@@ -336,18 +336,20 @@ fn rows_read(
     let gap = jiff::SignedDuration::try_from(v.interval * 2).unwrap_or_default() + jiff::SignedDuration::from_secs(10);
     let recent = state.sampled_at.is_some_and(|t| now.duration_since(t) <= gap);
     // MariaDB: who read which table lately, by the audit log (a statement's entry and its rows can fall on either
-    // side of a sample).
-    for a in accesses.iter().filter(|a| a.kind == access::Kind::Read) {
-        if let Some(table) = &a.object {
-            state.readers.entry(table.clone()).or_default().insert(a.user.clone(), a.at);
+    // side of a sample); PostgreSQL counts per user and statement and needs none.
+    if v.engine == MonitoredEngine::Mysql {
+        for a in accesses.iter().filter(|a| a.kind == access::Kind::Read) {
+            if let Some(table) = &a.object {
+                state.readers.entry(table.clone()).or_default().insert(a.user.clone(), a.at);
+            }
         }
+        // Kept an hour: a statement's rows are counted when it ends, which can be long after its READ entry.
+        let kept = jiff::SignedDuration::from_hours(1);
+        for users in state.readers.values_mut() {
+            users.retain(|_, at| now.duration_since(*at) <= kept);
+        }
+        state.readers.retain(|_, users| !users.is_empty());
     }
-    // Kept an hour: a statement's rows are counted when it ends, which can be long after its READ entry.
-    let kept = jiff::SignedDuration::from_hours(1);
-    for users in state.readers.values_mut() {
-        users.retain(|_, at| now.duration_since(*at) <= kept);
-    }
-    state.readers.retain(|_, users| !users.is_empty());
     match sampled {
         Ok(sample) => {
             if sample.fresh || !recent {

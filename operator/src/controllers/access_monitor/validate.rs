@@ -12,6 +12,7 @@ use crate::validation::FieldError;
 #[derive(Clone, Debug)]
 pub struct ValidatedAccessMonitor {
     pub owner: Owner,
+    pub engine: crate::api::access_monitor::MonitoredEngine,
     pub interval: Duration,
     pub rules: Rules,
 }
@@ -45,7 +46,9 @@ pub fn validate(m: &AccessMonitor) -> Result<ValidatedAccessMonitor, Vec<FieldEr
         }
     }
     match interval {
-        Some(interval) if errors.is_empty() => Ok(ValidatedAccessMonitor { owner, interval, rules }),
+        Some(interval) if errors.is_empty() => {
+            Ok(ValidatedAccessMonitor { owner, engine: m.spec.database.engine, interval, rules })
+        }
         _ => Err(errors),
     }
 }

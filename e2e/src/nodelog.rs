@@ -136,6 +136,16 @@ impl LogNode {
         tail(log.to_path_buf(), lines);
     }
 
+    /// Whether the container's current log holds a line containing `needle` (the tailer stamps lines as it reads
+    /// them).
+    pub fn holds(&self, ns: &str, pod: &str, container: &str, needle: &str) -> bool {
+        let key = format!("{ns}/{pod}/{container}");
+        let Some(log) = self.logs.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned() else {
+            return false;
+        };
+        log.lock().unwrap_or_else(PoisonError::into_inner).iter().any(|(_, l)| l.contains(needle))
+    }
+
     /// The container restarts, as a kubelet shows it: what its log held becomes the previous container's log
     /// (`previous=true`; the one before is gone), what the process writes from now on is the new container's, and
     /// the pod's status says `restartCount` + 1 with a new start time.

@@ -102,6 +102,15 @@ pub(crate) fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) 
             &format!("{name}.csr"),
         ],
     );
+    // A serial of its own, not `-CAcreateserial`: tests issuing from the same CA at once raced on its serial file
+    // ("Unable to load number from ca.srl").
+    static ISSUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let serial = format!(
+        "0x{nanos:x}{:04x}{:04x}",
+        std::process::id() & 0xffff,
+        ISSUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff
+    );
     openssl(
         dir,
         &[
@@ -113,7 +122,8 @@ pub(crate) fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) 
             &format!("{ca}.crt"),
             "-CAkey",
             &format!("{ca}.key"),
-            "-CAcreateserial",
+            "-set_serial",
+            &serial,
             "-days",
             "30",
             "-copy_extensions",

@@ -170,6 +170,42 @@ impl LogNode {
     }
 }
 
+impl LogNode {
+    /// The pod is deleted and created again under its name, as a StatefulSet's controller does: a new UID, restart
+    /// count 0, and a new log (the old pod's log goes with it; what the process writes from now on is the new pod's).
+    pub async fn replace(&self, client: &kube::Client, ns: &str, pod: &str, container: &str) {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let old = pods.get(pod).await.expect("the Pod");
+        // Without a kubelet to confirm it, a pod bound to a node goes only when deleted without a grace period.
+        let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..kube::api::DeleteParams::default() };
+        pods.delete(pod, &dp).await.expect("delete the Pod");
+        for _ in 0..300 {
+            if pods.get_opt(pod).await.expect("read the Pod").is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let key = format!("{ns}/{pod}/{container}");
+        if let Some(log) = self.logs.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            log.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+        self.previous.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": pod, "namespace": ns, "labels": old.metadata.labels},
+            "spec": old.spec,
+        }))
+        .expect("pod");
+        let made = pods.create(&PostParams::default(), &p).await.expect("create the Pod again");
+        assert_ne!(made.metadata.uid, old.metadata.uid, "a new pod");
+        let now = Timestamp::now().to_string();
+        let status = json!({"status": {"phase": "Running", "startTime": now,
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": container, "image": "postgres:15", "imageID": "", "ready": true,
+                "restartCount": 0, "started": true, "state": {"running": {"startedAt": now}}}]}});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Pod status");
+    }
+}
+
 /// Follows `path` from its current end, stamping each complete line as it is read.
 fn tail(path: PathBuf, lines: Log) {
     std::thread::spawn(move || {

@@ -1228,3 +1228,51 @@ async fn the_previous_containers_log_is_read_after_a_database_restart() {
         "{notes:?}"
     );
 }
+
+/// A StatefulSet's database pod deleted and created again under its name (a node drained, a rollout) is another pod
+/// with another log: what the old one wrote after the last read went with it. Expected from the AccessMonitor's status
+/// documentation (`podUID`) and the kubelet's (a pod's logs are deleted with it): the monitor says so with a
+/// `LinesSkipped` Event naming the pod, records the new UID, and reads the new pod's log from the start (no restart
+/// count carried over). Here the operator is down meanwhile: mallory's read before the replacement is lost (and said
+/// to be), the one after it is a finding. Failed before: the same name was taken for the same log, nothing was said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_pod_replaced_under_its_name_is_said_to_have_lost_its_unread_lines() {
+    let mut m = Monitored::start("monitor-replaced").await;
+    m.monitor(json!({}), None).await;
+    let first = m.until("the pod's UID recorded", |s| s.pod_uid.is_some()).await;
+    m.stop_operator();
+    m.pg.try_sql_as("crm", "mallory", "mallory-Pw-1", "SELECT * FROM contacts").unwrap();
+    eventually(30, "mallory's entry in the old pod's log", || async {
+        if m.node.holds(&m.ns, "crm-db-0", "postgres", "mallory@crm LOG:  AUDIT") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    m.node.replace(&m.client, &m.ns, "crm-db-0", "postgres").await;
+    let replaced_at = jiff::Timestamp::now();
+    // A finding's time is in whole seconds: the read after the replacement is in a later second than the one before.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    m.pg.try_sql_as("crm", "mallory", "mallory-Pw-1", "SELECT email FROM contacts").unwrap();
+    m.start_operator().await;
+    let s = m
+        .until("mallory's read from the new pod's log", |s| {
+            s.findings.iter().any(|f| f.rule == FindingRule::UnknownIdentity && f.user == "mallory")
+        })
+        .await;
+    assert_ne!(s.pod_uid, first.pod_uid, "the new pod's UID is recorded");
+    assert_eq!(s.pod.as_deref(), Some("crm-db-0"));
+    let mallory: Vec<_> = s.findings.iter().filter(|f| f.user == "mallory").collect();
+    assert_eq!(mallory.len(), 1, "only the read after the replacement was in a log: {mallory:?}");
+    assert!(mallory[0].at.0.as_second() > replaced_at.as_second(), "{mallory:?} is the read after the replacement");
+    let notes = m.notes("LinesSkipped", 1).await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("pod crm-db-0 was replaced by a new pod of the same name")
+                && n.contains("were not read")),
+        "{notes:?}"
+    );
+    assert_eq!(s.restart_count, Some(0), "the new pod's container has not restarted");
+}

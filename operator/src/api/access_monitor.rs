@@ -447,6 +447,10 @@ pub struct AccessMonitorStatus {
     /// The pod whose log is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// That pod's UID: a pod re-created under the same name (a StatefulSet's) has another one, and another log; what
+    /// the pod before it wrote after readUntil went with it (a LinesSkipped Event says so).
+    #[serde(default, rename = "podUID", skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// The time of the last log line read (the kubelet's timestamp): reading resumes after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_until: Option<String>,
@@ -554,7 +558,8 @@ crate::api::condition::reasons! {
         IncidentAcknowledged,
         /// Part of the log could not be read (a line, or the lines of one second, longer than a read's limit; the
         /// logs of containers that restarted more than once since the last read, or a previous container's log the
-        /// kubelet no longer has) and was skipped; the note says what.
+        /// kubelet no longer has; the lines of a pod that was replaced, or no longer read, after readUntil) and was
+        /// skipped; the note says what.
         LinesSkipped,
         /// No Alertmanager of the operator's `--alertmanager-url` took the alerts (the note has their answers);
         /// they are posted again at every pass until one does (said once per outage).

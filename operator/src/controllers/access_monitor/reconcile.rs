@@ -140,8 +140,28 @@ impl Reconcilable for AccessMonitor {
         let since = after.unwrap_or(created);
         // A container that restarted since the last read left the lines after it in the previous container's log
         // (the kubelet keeps one): that log is read first, to its end, then the current one.
-        let restarts = container_restarts(ctx, &ns, &pod, self.spec.database.container.as_deref()).await?;
-        let restarted = match (before.pod.as_deref() == Some(pod.as_str()), before.restart_count, restarts) {
+        let (uid_now, restarts) = container_restarts(ctx, &ns, &pod, self.spec.database.container.as_deref()).await?;
+        // Another pod than the one read before (by name, or by UID: a StatefulSet's pod re-created under its name) is
+        // another log: what the one before wrote after readUntil is not read.
+        let replaced = match (&before.pod, &before.pod_uid) {
+            (Some(p), _) if *p != pod => Some(format!("the monitor now reads pod {pod} instead of pod {p}")),
+            (Some(_), Some(u)) if uid_now.as_ref().is_some_and(|n| n != u) => {
+                Some(format!("pod {pod} was replaced by a new pod of the same name"))
+            }
+            _ => None,
+        };
+        if let Some(what) = &replaced {
+            if let Some(b) = state.baseline.as_mut() {
+                b.interrupted();
+            }
+            d.events.push(Note::warning(
+                AccessMonitorEvent::LinesSkipped,
+                format!(
+                    "{what}: lines the pod read before wrote after {since} were not read (its log is not read again)"
+                ),
+            ));
+        }
+        let restarted = match (replaced.is_none(), before.restart_count, restarts) {
             (true, Some(was), Some(now)) if now > was => Some((was, now)),
             _ => None,
         };
@@ -169,6 +189,7 @@ impl Reconcilable for AccessMonitor {
                     Collecting::LogUnreadable
                 };
                 d.status.pod = Some(pod.clone());
+                d.status.pod_uid = uid_now;
                 d.conditions.push(Cond::new(
                     reason,
                     Status::False,
@@ -229,10 +250,6 @@ impl Reconcilable for AccessMonitor {
         mask_unknown_logins(&mut accesses, &state.identities);
         let mut found = rules::check(&v.rules, &state.identities, &accesses, &mut state.minute);
         if let (Some(settings), Some(b)) = (&v.rules.baseline, state.baseline.as_mut()) {
-            // Another pod's log is another log: what lies between was not read.
-            if before.pod.as_deref().is_some_and(|p| p != pod) {
-                b.interrupted();
-            }
             found = rules::with_baseline(found, b, settings, &state.identities, &accesses);
             // The log is read up to now: an hour that ended a minute ago (lines come late) without a line is a
             // quiet hour.
@@ -290,6 +307,7 @@ impl Reconcilable for AccessMonitor {
             ));
         }
         d.status.pod = Some(pod.clone());
+        d.status.pod_uid = uid_now;
         d.status.entries = Some(before.entries.unwrap_or(0) + accesses.len() as i64);
         if !found.is_empty() {
             d.status.finding_count = Some(before.finding_count.unwrap_or(0) + found.len() as i64);
@@ -527,16 +545,22 @@ async fn read_log(ctx: &Context, ns: &str, pod: &str, params: &LogParams) -> Res
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// The restart count of the pod's database container (`container`, else the pod's first); `None` when the pod or
-/// its container's status is not there.
-async fn container_restarts(ctx: &Context, ns: &str, pod: &str, container: Option<&str>) -> Result<Option<i32>, Error> {
-    let Some(p) = Api::<Pod>::namespaced(ctx.client.clone(), ns).get_opt(pod).await? else { return Ok(None) };
+/// The pod's UID and the restart count of its database container (`container`, else the pod's first); `None` when
+/// the pod or its container's status is not there.
+async fn container_restarts(
+    ctx: &Context,
+    ns: &str,
+    pod: &str,
+    container: Option<&str>,
+) -> Result<(Option<String>, Option<i32>), Error> {
+    let Some(p) = Api::<Pod>::namespaced(ctx.client.clone(), ns).get_opt(pod).await? else { return Ok((None, None)) };
+    let uid = p.metadata.uid.clone();
     let name = match container {
         Some(c) => Some(c.to_string()),
         None => p.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()),
     };
     let statuses = p.status.and_then(|s| s.container_statuses).unwrap_or_default();
-    Ok(statuses.into_iter().find(|c| Some(&c.name) == name.as_ref()).map(|c| c.restart_count))
+    Ok((uid, statuses.into_iter().find(|c| Some(&c.name) == name.as_ref()).map(|c| c.restart_count)))
 }
 
 /// The database pod: the first by name of the pods that have not finished and match the selector.

@@ -141,10 +141,22 @@ fn child_kind(api_version: &str, kind: &str) -> Option<(Table, ApiResource)> {
     Some((*k, ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)))
 }
 
-/// Applies `desired` (objects with apiVersion, kind and metadata; created in [`CREATION_ORDER`]) and prunes
-/// children of `owner` of the `prune` kinds that carry the owner label and a reference to the owner but are no
-/// longer desired. A child the cache vouches for is not read; the others are read, compared and written only
-/// when they differ.
+/// How many children of one kind (one step of [`CREATION_ORDER`]) are written at once: a guard's policies do not
+/// refer to each other, and one after another its reconcile took as many round trips as it has rules.
+const AT_ONCE: usize = 8;
+
+/// What became of one child.
+enum Outcome {
+    Applied,
+    Unchanged,
+    /// An object of that name is someone else's: who holds it.
+    Held(String),
+}
+
+/// Applies `desired` (objects with apiVersion, kind and metadata; created in [`CREATION_ORDER`], the children of
+/// one kind several at once) and prunes children of `owner` of the `prune` kinds that carry the owner label and a
+/// reference to the owner but are no longer desired. A child the cache vouches for is not read; the others are
+/// read, compared and written only when they differ.
 pub async fn apply_children(
     client: &Client,
     cache: &Cache,
@@ -153,6 +165,7 @@ pub async fn apply_children(
     desired: &[Value],
     prune: &[(&str, &str)],
 ) -> Result<ApplyReport, ApplyError> {
+    use futures::StreamExt as _;
     let mut report = ApplyReport::default();
     let params = PatchParams::apply(manager).force();
     let mut wanted = BTreeSet::new();
@@ -160,54 +173,38 @@ pub async fn apply_children(
     let ns = owner.namespace.as_str();
     let mut ordered: Vec<&Value> = desired.iter().collect();
     ordered.sort_by_key(|o| creation_rank(o));
-    for obj in ordered {
-        let child = describe(obj);
-        let (table, ar) =
-            child_kind(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
-                .ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        wanted.insert(child.clone());
-        if cache.is_verified(table, ns, &name, obj) {
-            report.unchanged.push(child);
-            continue;
+    for step in ordered.chunk_by(|a, b| creation_rank(a) == creation_rank(b)) {
+        let mut children = Vec::with_capacity(step.len());
+        for obj in step {
+            let child = describe(obj);
+            let (table, ar) =
+                child_kind(obj["apiVersion"].as_str().unwrap_or_default(), obj["kind"].as_str().unwrap_or_default())
+                    .ok_or_else(|| ApplyError::UnknownKind(child.clone()))?;
+            wanted.insert(child.clone());
+            children.push((*obj, child, table, ar));
         }
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-        if cache.absent(table, ns, &name) {
-            // Not among the objects crmguard labels: created without a read by an apply that may only create
-            // (a resourceVersion no stored object has makes the server refuse it for one that exists).
-            let mut create = obj.clone();
-            create["metadata"]["resourceVersion"] = Value::from(CREATE_ONLY);
-            match api.patch(&name, &params, &Patch::Apply(&create)).await {
-                Ok(made) => {
-                    let rv = made.metadata.resource_version.as_deref().unwrap_or_default();
-                    cache.verified(table, ns, &name, rv, obj, &made);
-                    report.applied.push(child);
-                    continue;
+        // In order of `desired` whatever order they finish in; the first error is returned once the step is done.
+        let mut writes = Vec::with_capacity(children.len());
+        for (obj, child, table, ar) in children {
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+            writes.push(apply_child(cache, api, &params, owner, table, obj, child));
+        }
+        let outcomes: Vec<(String, Result<Outcome, ApplyError>)> =
+            futures::stream::iter(writes).buffered(AT_ONCE).collect().await;
+        let mut failed = None;
+        for (child, outcome) in outcomes {
+            match outcome {
+                Ok(Outcome::Applied) => report.applied.push(child),
+                Ok(Outcome::Unchanged) => report.unchanged.push(child),
+                Ok(Outcome::Held(h)) => conflicts.push((child, h)),
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
-                // Someone else's object of that name (or ours, not yet seen by the watch): read it below.
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(source) => return Err(ApplyError::Kube { child, source }),
             }
         }
-        let current = api.get_opt(&name).await.map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
-        let current = current.and_then(|c| serde_json::to_value(c).ok());
-        // Never take over an object someone else holds (a forced apply would): report it instead.
-        if let Some(h) = current.as_ref().and_then(|c| holder(c, owner)) {
-            conflicts.push((child, h));
-            continue;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        if let Some(c) = current.as_ref().filter(|c| is_subset(obj, c)) {
-            cache.verified(table, ns, &name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj, c);
-            report.unchanged.push(child);
-            continue;
-        }
-        let applied = api
-            .patch(&name, &params, &Patch::Apply(obj))
-            .await
-            .map_err(|source| ApplyError::Kube { child: child.clone(), source })?;
-        let rv = applied.metadata.resource_version.as_deref().unwrap_or_default();
-        cache.verified(table, ns, &name, rv, obj, &applied);
-        report.applied.push(child);
     }
     let label = owner.owner_label_value();
     for (api_version, kind) in prune {
@@ -239,6 +236,69 @@ pub async fn apply_children(
         }
     }
     if conflicts.is_empty() { Ok(report) } else { Err(ApplyError::OwnedByAnother(conflicts)) }
+}
+
+/// [`apply_one`], named for the report.
+async fn apply_child(
+    cache: &Cache,
+    api: Api<DynamicObject>,
+    params: &PatchParams,
+    owner: &Owner,
+    table: Table,
+    obj: &Value,
+    child: String,
+) -> (String, Result<Outcome, ApplyError>) {
+    let outcome = apply_one(cache, &api, params, owner, table, obj, &child).await;
+    (child, outcome)
+}
+
+/// One child: vouched for by the cache, created without a read when the cache knows it is absent, else read,
+/// compared and applied when it differs. Never takes over an object someone else holds.
+async fn apply_one(
+    cache: &Cache,
+    api: &Api<DynamicObject>,
+    params: &PatchParams,
+    owner: &Owner,
+    table: Table,
+    obj: &Value,
+    child: &str,
+) -> Result<Outcome, ApplyError> {
+    let ns = owner.namespace.as_str();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let failed = |source| ApplyError::Kube { child: child.to_string(), source };
+    if cache.is_verified(table, ns, name, obj) {
+        return Ok(Outcome::Unchanged);
+    }
+    if cache.absent(table, ns, name) {
+        // Not among the objects crmguard labels: created without a read by an apply that may only create
+        // (a resourceVersion no stored object has makes the server refuse it for one that exists).
+        let mut create = obj.clone();
+        create["metadata"]["resourceVersion"] = Value::from(CREATE_ONLY);
+        match api.patch(name, params, &Patch::Apply(&create)).await {
+            Ok(made) => {
+                let rv = made.metadata.resource_version.as_deref().unwrap_or_default();
+                cache.verified(table, ns, name, rv, obj, &made);
+                return Ok(Outcome::Applied);
+            }
+            // Someone else's object of that name (or ours, not yet seen by the watch): read it below.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(source) => return Err(failed(source)),
+        }
+    }
+    let current = api.get_opt(name).await.map_err(failed)?;
+    let current = current.and_then(|c| serde_json::to_value(c).ok());
+    // Never take over an object someone else holds (a forced apply would): report it instead.
+    if let Some(h) = current.as_ref().and_then(|c| holder(c, owner)) {
+        return Ok(Outcome::Held(h));
+    }
+    if let Some(c) = current.as_ref().filter(|c| is_subset(obj, c)) {
+        cache.verified(table, ns, name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj, c);
+        return Ok(Outcome::Unchanged);
+    }
+    let applied = api.patch(name, params, &Patch::Apply(obj)).await.map_err(failed)?;
+    let rv = applied.metadata.resource_version.as_deref().unwrap_or_default();
+    cache.verified(table, ns, name, rv, obj, &applied);
+    Ok(Outcome::Applied)
 }
 
 #[cfg(test)]

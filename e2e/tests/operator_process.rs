@@ -486,3 +486,63 @@ async fn a_cut_off_leader_never_writes_after_another_replica_took_over() {
     assert_eq!(exit_code(&mut a, 15).await, Some(2), "{}", a.logs());
     eprintln!("replica-b took over at {took_over}; replica-a wrote nothing after that");
 }
+
+/// A CrmRestore applied together with its CrmBackupPolicy (a GitOps sync) waits for the policy's ServiceAccount
+/// quietly while the policy's controller has not finished its first pass: one status write (Pending, with its Job)
+/// and no `WaitingForServiceAccount` Warning about a wait of moments (README, "What crmguard watches"). The path to
+/// the API server is held while both are created, so that the restore is reconciled before its policy's first pass
+/// can finish, every time. Failed before: the restore wrote `WaitingForServiceAccount`, a Warning Event, then Pending
+/// (two status writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_applied_with_its_policy_waits_quietly_for_the_policys_first_pass() {
+    use crmguard::api::{CrmBackupPolicy, CrmRestore};
+    use k8s_openapi::api::batch::v1::Job;
+    let cluster = Cluster::start("restore-quiet").await;
+    let server = FaultProxy::start(cluster.cp, e2e::OPERATOR_USER, &["system:masters"]).await;
+    let (client, ns) = (cluster.client.clone(), cluster.namespace.as_str());
+    let op = Operator::start(&server.kubeconfig(), &["--leader-election=false", "--namespace", ns]);
+    op.wait_ready(30).await;
+    server.hold_requests();
+    let policies: Api<CrmBackupPolicy> = Api::namespaced(client.clone(), ns);
+    policies.create(&PostParams::default(), &e2e::example("backup-policy.yaml", ns)).await.unwrap();
+    let restores: Api<CrmRestore> = Api::namespaced(client.clone(), ns);
+    restores.create(&PostParams::default(), &e2e::example("restore.yaml", ns)).await.unwrap();
+    // Both are in the watches (which go on streaming) and reconciled; the policy's first write waits in the proxy.
+    eventually(30, "the policy's first write held", || async {
+        if server.held_in_transit() >= 1 { Ok(()) } else { Err("nothing held yet".to_string()) }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    server.release_requests();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    eventually(60, "the restore's Job and its Pending status", || async {
+        let job = jobs.get_opt("crm-db-check-restore").await.map_err(|e| e.to_string())?;
+        let r = restores.get("crm-db-check").await.map_err(|e| e.to_string())?;
+        let phase = r.status.and_then(|s| s.phase);
+        if job.is_some() && phase == Some(crmguard::api::restore::RestorePhase::Pending) {
+            Ok(())
+        } else {
+            Err(format!("Job {:?}, phase {phase:?}", job.map(|j| j.metadata.name)))
+        }
+    })
+    .await;
+    // Whatever came after (the Job controller's pod) changes nothing the restore reports.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let status_writes: Vec<_> = cluster
+        .writes_by(e2e::OPERATOR_USER)
+        .into_iter()
+        .filter(|w| w.resource == "crmrestores" && w.subresource == "status")
+        .collect();
+    assert_eq!(status_writes.len(), 1, "one status write: {status_writes:?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let waits: Vec<_> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("WaitingForServiceAccount"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(waits.is_empty(), "no Warning about the wait: {waits:?}");
+}

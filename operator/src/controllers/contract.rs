@@ -47,6 +47,8 @@ pub struct Context {
     pub alertmanagers: Option<crate::alerting::Alertmanagers>,
     /// Which policy-report API the cluster serves (AccessMonitors' findings reports).
     pub reports: crate::k8s::reports::Served,
+    /// When the controllers started (a restore waits quietly for its policy's first pass for a while after it).
+    pub started: Instant,
 }
 
 impl Context {
@@ -163,6 +165,9 @@ pub struct Desired<S> {
     pub gauges: Vec<crate::metrics::ObjectSample>,
     /// Writes made to Vault while computing this, for the audit trail.
     pub audit: Vec<VaultWrite>,
+    /// Nothing is written, no status either: the resource waits for another controller's first pass and is
+    /// reconciled again after this (or when an object it watches changes).
+    pub wait: Option<Duration>,
 }
 
 /// An Event to record about the resource once the changes are made; `S` is the kind's status type (another kind's

@@ -264,6 +264,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         access_policies: Default::default(),
         alertmanagers: opts.alertmanagers.clone(),
         reports: Default::default(),
+        started: std::time::Instant::now(),
     });
     let namespaces: Vec<Option<String>> =
         if opts.namespaces.is_empty() { vec![None] } else { opts.namespaces.iter().cloned().map(Some).collect() };

@@ -112,6 +112,10 @@ async fn reconcile_inner<K: Reconcilable>(guard: &DeserializeGuard<K>, ctx: &Con
         Ok(obj) => obj.desired(ctx).await?,
         Err(invalid) => Err(vec![FieldError::new("", format!("cannot be read: {}", invalid.error))]),
     };
+    if let Ok(Desired { wait: Some(after), .. }) = &desired {
+        tracing::debug!(?after, "waiting for another controller's first pass; nothing written");
+        return Ok(Action::requeue(*after));
+    }
     let ar = ApiResource::erase::<K>(&());
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), guard.meta().namespace.as_deref().unwrap_or_default(), &ar);

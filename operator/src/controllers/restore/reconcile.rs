@@ -1,12 +1,14 @@
 //! CrmRestore: resolve the policy -> validate -> the restore Job -> phase from the Job's status.
 
+use std::time::Duration;
+
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 
 use super::{build, validate};
-use crate::api::condition::{Reason, ReasonSet, Status};
+use crate::api::condition::{READY, Reason, ReasonSet, Status};
 use crate::api::job::{JobReason, JobReport};
 use crate::api::restore::conditions::{Restored, Verified};
 use crate::api::restore::{CrmRestoreStatus, RestorePhase};
@@ -34,16 +36,45 @@ async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobRepo
     }))
 }
 
+/// How long after its creation, or the operator's start, a restore waits without a status for its policy's first
+/// pass.
+const QUIET_WAIT: Duration = Duration::from_secs(300);
+
+/// How often a restore waiting quietly looks at its policy again (the ServiceAccount's coming reconciles it at once).
+const QUIET_RECHECK: Duration = Duration::from_secs(5);
+
 /// A Job whose ServiceAccount does not exist gets no pod, and the Job controller backs off for minutes: until the
 /// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created. The
 /// restore controller watches crmguard's ServiceAccounts: the one awaited reconciles the restore when it comes.
-fn service_account_missing(ctx: &Context, ns: &str, job: &Job, policy: &str) -> Option<Desired<CrmRestoreStatus>> {
+///
+/// A restore applied together with its policy (a GitOps sync, or an operator starting on both) waits quietly, with
+/// no status and no Event, while the policy's controller has not finished a pass of the policy's generation (which
+/// creates the ServiceAccount or says why not): a Warning about a wait of moments would tell nobody anything. At most
+/// [`QUIET_WAIT`] after the restore's creation or the operator's start; then the wait is reported.
+fn service_account_missing(
+    ctx: &Context,
+    restore: &CrmRestore,
+    job: &Job,
+    policy: &CrmBackupPolicy,
+) -> Option<Desired<CrmRestoreStatus>> {
+    let ns = restore.metadata.namespace.as_deref()?;
     let sa = job.spec.as_ref()?.template.spec.as_ref()?.service_account_name.clone()?;
     let job_name = job.metadata.name.as_deref()?;
     let known = !ctx.cache.synced("ServiceAccount") || ctx.cache.get("ServiceAccount", ns, &sa).is_some();
     if known || ctx.cache.get("Job", ns, job_name).is_some() {
         return None;
     }
+    let first_pass_done = policy.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| c.type_ == READY && c.observed_generation == policy.metadata.generation)
+    });
+    let created = restore.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let since_created =
+        created.and_then(|c| Duration::try_from((ctx.now)().duration_since(c)).ok()).unwrap_or(Duration::ZERO);
+    let quiet = since_created.min(ctx.started.elapsed()) < QUIET_WAIT;
+    if !first_pass_done && quiet && restore.status.is_none() {
+        return Some(Desired { wait: Some(QUIET_RECHECK), ..Desired::default() });
+    }
+    let policy = policy.metadata.name.as_deref().unwrap_or_default();
     let message = format!(
         "waiting for ServiceAccount {sa}, which CrmBackupPolicy {policy} creates for its jobs; Job {job_name} is \
          created once it exists"
@@ -265,7 +296,7 @@ impl CrmRestore {
         };
         let job = build::build(&v, &ctx.build);
         let job_name = job.metadata.name.clone().unwrap_or_default();
-        if let Some(waiting) = service_account_missing(ctx, ns, &job, name) {
+        if let Some(waiting) = policy.as_ref().and_then(|p| service_account_missing(ctx, self, &job, p)) {
             return Ok(Ok(waiting));
         }
         let mut d = Desired::<CrmRestoreStatus> {

@@ -851,8 +851,18 @@ async fn a_restore_waits_for_its_service_account_without_polling() {
     .await;
     let polled = reconciles(&op, &["restore"]).0 - restore_reconciles;
     assert!(polled == 0.0, "a waiting restore was reconciled {polled} times while nothing it depends on changed");
-    // The freeze is lifted: the policy's ServiceAccount comes, and with it the restore's Job.
+    // The freeze is lifted: the policy's ServiceAccount comes, and with it the restore's Job. The policy retries with
+    // a backoff that has grown to a minute or more by now (jitter, and a restore that waited quietly for the policy's
+    // first pass shift it): a touch of the policy every 5 s reconciles it sooner; the restore is left alone.
     Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).delete(&name, &DeleteParams::default()).await.unwrap();
+    let nudged = policies.clone();
+    let nudge = tokio::spawn(async move {
+        for i in 0.. {
+            let touch = json!({"metadata": {"annotations": {"e2e.crmguard.io/nudge": i.to_string()}}});
+            let _ = nudged.patch("crm-db", &PatchParams::default(), &Patch::Merge(&touch)).await;
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+    });
     eventually(60, "the restore's Job once the ServiceAccount exists", || async {
         match jobs.get_opt("crm-db-check-restore").await.map_err(|e| e.to_string())? {
             Some(_) => Ok(()),
@@ -863,6 +873,7 @@ async fn a_restore_waits_for_its_service_account_without_polling() {
         }
     })
     .await;
+    nudge.abort();
 }
 
 /// Issue 16, item 4: an apply never takes over an object someone else holds. A NetworkPolicy of the name a guard

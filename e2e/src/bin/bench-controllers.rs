@@ -35,7 +35,8 @@ fn settled(generation: Option<i64>, conditions: &[Condition]) -> bool {
 }
 
 /// A watch of one kind that counts its settled resources as their events come: reading the count costs nothing
-/// (scanning every resource at every poll had cost the driver more CPU than the operator at 10,000 resources).
+/// (scanning every resource at every poll had cost the driver more CPU than the operator at 10,000 resources). For
+/// the cold start: deleted resources are not counted out.
 fn settled_counter<K>(client: &kube::Client, conds: fn(&K) -> Option<&Vec<Condition>>) -> Arc<AtomicUsize>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>

@@ -141,6 +141,11 @@ impl Reconcilable for AccessMonitor {
         // A container that restarted since the last read left the lines after it in the previous container's log
         // (the kubelet keeps one): that log is read first, to its end, then the current one.
         let (uid_now, restarts) = container_restarts(ctx, &ns, &pod, self.spec.database.container.as_deref()).await?;
+        // The pod's UID as recorded: the one read now, or, when the pod could not be read (gone from the server while
+        // the watch still shows it), the one recorded before for a pod of this name (an unknown UID must not make the
+        // next pod of the name look like the same log).
+        let uid_recorded =
+            uid_now.clone().or_else(|| before.pod_uid.clone().filter(|_| before.pod.as_deref() == Some(pod.as_str())));
         // Another pod than the one read before (by name, or by UID: a StatefulSet's pod re-created under its name) is
         // another log: what the one before wrote after readUntil is not read.
         let replaced = match (&before.pod, &before.pod_uid) {
@@ -189,7 +194,11 @@ impl Reconcilable for AccessMonitor {
                     Collecting::LogUnreadable
                 };
                 d.status.pod = Some(pod.clone());
-                d.status.pod_uid = uid_now;
+                d.status.pod_uid = uid_recorded;
+                if replaced.is_some() {
+                    // Another pod's container: its restarts are counted from its own.
+                    d.status.restart_count = restarts;
+                }
                 d.conditions.push(Cond::new(
                     reason,
                     Status::False,
@@ -307,7 +316,7 @@ impl Reconcilable for AccessMonitor {
             ));
         }
         d.status.pod = Some(pod.clone());
-        d.status.pod_uid = uid_now;
+        d.status.pod_uid = uid_recorded;
         d.status.entries = Some(before.entries.unwrap_or(0) + accesses.len() as i64);
         if !found.is_empty() {
             d.status.finding_count = Some(before.finding_count.unwrap_or(0) + found.len() as i64);

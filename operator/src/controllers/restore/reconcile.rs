@@ -40,39 +40,64 @@ async fn job_report(ctx: &Context, ns: &str, job: &str) -> Result<Option<JobRepo
 /// pass.
 const QUIET_WAIT: Duration = Duration::from_secs(300);
 
-/// How often a restore waiting quietly looks at its policy again (the ServiceAccount's coming reconciles it at once).
+/// How soon a restore waiting quietly looks at its policy again at first (the ServiceAccount's coming reconciles it at
+/// once; the look is for a policy whose pass ended without one).
 const QUIET_RECHECK: Duration = Duration::from_secs(5);
+
+/// Whether a restore whose policy's ServiceAccount is missing waits quietly, and when it looks again: while the
+/// policy's controller has not finished a pass of the policy's generation, the restore has written no status yet, and
+/// it was created, or the operator started, less than [`QUIET_WAIT`] ago (an unknown age counts as old). The looks
+/// thin out as the wait goes on (a quarter of it, at least [`QUIET_RECHECK`]): 2,500 restores waiting through a long
+/// cold start must not keep the operator busy.
+fn quiet_wait(
+    first_pass_done: bool,
+    has_status: bool,
+    since_created: Option<Duration>,
+    since_start: Duration,
+) -> Option<Duration> {
+    let waited = since_created.unwrap_or(QUIET_WAIT).min(since_start);
+    (!first_pass_done && !has_status && waited < QUIET_WAIT).then(|| QUIET_RECHECK.max(waited / 4))
+}
 
 /// A Job whose ServiceAccount does not exist gets no pod, and the Job controller backs off for minutes: until the
 /// policy's ServiceAccount exists (its controller creates it), the restore waits with the Job not created. The
 /// restore controller watches crmguard's ServiceAccounts: the one awaited reconciles the restore when it comes.
 ///
 /// A restore applied together with its policy (a GitOps sync, or an operator starting on both) waits quietly, with
-/// no status and no Event, while the policy's controller has not finished a pass of the policy's generation (which
-/// creates the ServiceAccount or says why not): a Warning about a wait of moments would tell nobody anything. At most
-/// [`QUIET_WAIT`] after the restore's creation or the operator's start; then the wait is reported.
-fn service_account_missing(
+/// no status and no Event, while the policy's controller has not finished its first pass ([`quiet_wait`]): a Warning
+/// about a wait of moments would tell nobody anything. Before the wait is reported, the ServiceAccount is read (its
+/// watch may not show it yet when the policy's status already does).
+async fn service_account_missing(
     ctx: &Context,
     restore: &CrmRestore,
     job: &Job,
     policy: &CrmBackupPolicy,
-) -> Option<Desired<CrmRestoreStatus>> {
-    let ns = restore.metadata.namespace.as_deref()?;
-    let sa = job.spec.as_ref()?.template.spec.as_ref()?.service_account_name.clone()?;
-    let job_name = job.metadata.name.as_deref()?;
+) -> Result<Option<Desired<CrmRestoreStatus>>, Error> {
+    let (Some(ns), Some(sa), Some(job_name)) = (
+        restore.metadata.namespace.as_deref(),
+        job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).and_then(|s| s.service_account_name.clone()),
+        job.metadata.name.as_deref(),
+    ) else {
+        return Ok(None);
+    };
     let known = !ctx.cache.synced("ServiceAccount") || ctx.cache.get("ServiceAccount", ns, &sa).is_some();
     if known || ctx.cache.get("Job", ns, job_name).is_some() {
-        return None;
+        return Ok(None);
     }
     let first_pass_done = policy.status.as_ref().is_some_and(|s| {
         s.conditions.iter().any(|c| c.type_ == READY && c.observed_generation == policy.metadata.generation)
     });
-    let created = restore.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    let since_created =
-        created.and_then(|c| Duration::try_from((ctx.now)().duration_since(c)).ok()).unwrap_or(Duration::ZERO);
-    let quiet = since_created.min(ctx.started.elapsed()) < QUIET_WAIT;
-    if !first_pass_done && quiet && restore.status.is_none() {
-        return Some(Desired { wait: Some(QUIET_RECHECK), ..Desired::default() });
+    let since_created = restore
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| Duration::try_from((ctx.now)().duration_since(t.0)).ok());
+    if let Some(after) = quiet_wait(first_pass_done, restore.status.is_some(), since_created, ctx.started.elapsed()) {
+        return Ok(Some(Desired { wait: Some(after), ..Desired::default() }));
+    }
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    if sas.get_opt(&sa).await?.is_some() {
+        return Ok(None);
     }
     let policy = policy.metadata.name.as_deref().unwrap_or_default();
     let message = format!(
@@ -84,7 +109,7 @@ fn service_account_missing(
         ..Desired::default()
     };
     d.status.phase = Some(RestorePhase::Pending);
-    Some(d)
+    Ok(Some(d))
 }
 
 impl Reconcilable for CrmRestore {
@@ -296,7 +321,9 @@ impl CrmRestore {
         };
         let job = build::build(&v, &ctx.build);
         let job_name = job.metadata.name.clone().unwrap_or_default();
-        if let Some(waiting) = policy.as_ref().and_then(|p| service_account_missing(ctx, self, &job, p)) {
+        if let Some(p) = &policy
+            && let Some(waiting) = service_account_missing(ctx, self, &job, p).await?
+        {
             return Ok(Ok(waiting));
         }
         let mut d = Desired::<CrmRestoreStatus> {
@@ -351,6 +378,22 @@ mod tests {
         assert_eq!(pending.status, outcome(job, &JobProgress::default(), None).status);
         let running = outcome(job, &JobProgress { ready: 1, ..synced }, None);
         assert_eq!(running.status.start_time.map(|s| s.0), Some(t));
+    }
+
+    /// Expected from the restore's documentation (README, "What crmguard watches"): quiet only before the policy's
+    /// first pass, before any status, and within 5 minutes of the creation or the start, looking again less often as
+    /// the wait goes on.
+    #[test]
+    fn a_restore_waits_quietly_only_for_a_policys_first_pass_and_not_for_long() {
+        let s = Duration::from_secs;
+        assert_eq!(quiet_wait(false, false, Some(s(1)), s(600)), Some(s(5)));
+        assert_eq!(quiet_wait(false, false, Some(s(3600)), s(2)), Some(s(5)), "an operator that just started");
+        assert_eq!(quiet_wait(false, false, Some(s(120)), s(200)), Some(s(30)), "looks thin out");
+        assert_eq!(quiet_wait(true, false, Some(s(1)), s(1)), None, "the policy's pass is done: reported");
+        assert_eq!(quiet_wait(false, true, Some(s(1)), s(1)), None, "a status written before stays true");
+        assert_eq!(quiet_wait(false, false, Some(s(300)), s(300)), None, "waited long enough");
+        assert_eq!(quiet_wait(false, false, None, s(400)), None, "an unknown age is old");
+        assert_eq!(quiet_wait(false, false, None, s(10)), Some(s(5)), "unless the operator just started");
     }
 
     #[test]

@@ -295,7 +295,14 @@ async fn apply_one(
         cache.verified(table, ns, name, c["metadata"]["resourceVersion"].as_str().unwrap_or_default(), obj, c);
         return Ok(Outcome::Unchanged);
     }
-    let applied = api.patch(name, params, &Patch::Apply(obj)).await.map_err(failed)?;
+    // Conditional on what was read (an absent object: one no stored object has): an object made or replaced in
+    // between, perhaps someone else's, makes the server refuse the write (409) and the retry looks again.
+    let mut body = obj.clone();
+    body["metadata"]["resourceVersion"] = match &current {
+        Some(c) => c["metadata"]["resourceVersion"].clone(),
+        None => Value::from(CREATE_ONLY),
+    };
+    let applied = api.patch(name, params, &Patch::Apply(&body)).await.map_err(failed)?;
     let rv = applied.metadata.resource_version.as_deref().unwrap_or_default();
     cache.verified(table, ns, name, rv, obj, &applied);
     Ok(Outcome::Applied)

@@ -122,12 +122,7 @@ impl LogNode {
         .expect("pod");
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         pods.create(&PostParams::default(), &p).await.expect("create the Pod");
-        let now = Timestamp::now().to_string();
-        let status = json!({"status": {"phase": "Running", "startTime": now,
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-            "containerStatuses": [{"name": container, "image": "postgres:15", "imageID": "", "ready": true,
-                "restartCount": 0, "started": true, "state": {"running": {"startedAt": now}}}]}});
-        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Pod status");
+        running(&pods, pod, container).await;
         let lines: Log = Arc::default();
         self.logs
             .lock()
@@ -197,13 +192,18 @@ impl LogNode {
         .expect("pod");
         let made = pods.create(&PostParams::default(), &p).await.expect("create the Pod again");
         assert_ne!(made.metadata.uid, old.metadata.uid, "a new pod");
-        let now = Timestamp::now().to_string();
-        let status = json!({"status": {"phase": "Running", "startTime": now,
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-            "containerStatuses": [{"name": container, "image": "postgres:15", "imageID": "", "ready": true,
-                "restartCount": 0, "started": true, "state": {"running": {"startedAt": now}}}]}});
-        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Pod status");
+        running(&pods, pod, container).await;
     }
+}
+
+/// The pod's status as a kubelet reports a pod just started: Running and Ready, its container started, no restart.
+async fn running(pods: &Api<Pod>, pod: &str, container: &str) {
+    let now = Timestamp::now().to_string();
+    let status = json!({"status": {"phase": "Running", "startTime": now,
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+        "containerStatuses": [{"name": container, "image": "postgres:15", "imageID": "", "ready": true,
+            "restartCount": 0, "started": true, "state": {"running": {"startedAt": now}}}]}});
+    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Pod status");
 }
 
 /// Follows `path` from its current end, stamping each complete line as it is read.

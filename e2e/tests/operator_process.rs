@@ -512,7 +512,12 @@ async fn a_restore_applied_with_its_policy_waits_quietly_for_the_policys_first_p
         if server.held_in_transit() >= 1 { Ok(()) } else { Err("nothing held yet".to_string()) }
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // ...and the restore reconciled meanwhile (its watch saw both; before the fix it wrote a status, held too).
+    eventually(30, "the restore reconciled while requests are held", || async {
+        let n = op.metric(r#"crmguard_reconcile_total{controller="restore"}"#).unwrap_or(0.0);
+        if n >= 1.0 { Ok(()) } else { Err(format!("{n} restore reconciles started")) }
+    })
+    .await;
     server.release_requests();
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     eventually(60, "the restore's Job and its Pending status", || async {

@@ -177,6 +177,11 @@ impl Postgres {
             .output()
             .expect("initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Clients on any loopback address (a test's pods are told apart by theirs: 127.0.0.x).
+        let hba = data.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        rules.push_str("\nhost all all 127.0.0.0/8 scram-sha-256\n");
+        std::fs::write(&hba, rules).expect("pg_hba.conf");
         let port = free_port();
         let log = dir.path.join("postgres.log");
         let args: Vec<String> = vec![

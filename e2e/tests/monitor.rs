@@ -91,6 +91,7 @@ use e2e::{Cluster, Operator, eventually};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 
 /// A value of the customer data that must never leave the database through crmguard.
 const SECRET: &str = "ACME Secret Customer";
@@ -757,6 +758,158 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
         !m.everything().await.contains("outside the grants of team sales (AccessPolicy crm-access): read"),
         "a SELECT 1 is outside no grant"
     );
+}
+
+/// A session of a workload, connected from the pod's own address (a test's pods are told apart by their loopback
+/// addresses, 127.0.0.x, as the test kubelet gives them).
+async fn connect_from(pod_ip: &str, port: u16, user: &str, password: &str) -> tokio_postgres::Client {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{pod_ip}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config.user(user).password(password).dbname("crm");
+    let (client, connection) = config.connect_raw(stream, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Which workload a statement came from (issue 18: a team's identity maps to its workloads, and the response
+/// isolates "the offending workload's pods"). The sales team's credential, copied into another workload (pod
+/// `intruder-0`: another ServiceAccount, its own address) and used there for a bulk read of the invoices, is placed
+/// at that pod; the team's own pod `sales-app-0` reads contacts. Expected from the documentation (Finding.pods,
+/// Incident.pods, the README's attribution section; PostgreSQL's `pg_stat_activity.client_addr` and
+/// `log_connections`): the intruder's session began before the monitor read the log, so only pg_stat_activity (the
+/// statistics role's sample) knows its address; the team pod's session is short (gone before any sample), so only
+/// the log's connection line does. The finding names `intruder-0`, the incident isolates `intruder-0` and not
+/// `sales-app-0`, and the access records say which pod read what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod_is_isolated() {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let m = Monitored::start_full("monitor-clients", &[], &["log_connections=on".to_string()]).await;
+    let (su, sp) = m.credentials(None).await;
+    let intruder = connect_from("127.0.0.9", m.pg.port, &su, &sp).await;
+    let connected = std::time::Instant::now();
+    m.pg.sql(
+        "crm",
+        "CREATE EXTENSION pg_stat_statements;
+         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
+    );
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "crm-db-monitor"},
+        "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
+                       "password": "monitor-Pw-1", "dbname": "crm"},
+    }))
+    .unwrap();
+    m.secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(m.client.clone(), &m.ns);
+    for sa in ["sales-app", "intruder"] {
+        let account = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
+        sas.create(&PostParams::default(), &account).await.unwrap();
+    }
+    // Two running pods with their addresses (the test acts as their kubelet).
+    let pods: Api<Pod> = Api::namespaced(m.client.clone(), &m.ns);
+    for (name, sa, ip) in [("sales-app-0", "sales-app", "127.0.0.7"), ("intruder-0", "intruder", "127.0.0.9")] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": sa, "part-of": "crm"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "busybox"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    }
+    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
+        "stringData": {"token": "t0ken-for-alertmanager"}}))
+    .unwrap();
+    m.secrets.create(&PostParams::default(), &token).await.unwrap();
+    let guards: Api<crmguard::api::NetworkGuard> = Api::namespaced(m.client.clone(), &m.ns);
+    let guard = serde_json::from_value(json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
+        "metadata": {"name": "crm-firewall"},
+        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
+                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m",
+                             "accessMonitors": ["crm-db"]}},
+    }))
+    .unwrap();
+    guards.create(&PostParams::default(), &guard).await.unwrap();
+    // The intruder connected before the monitor was created: its connection line is never read (the monitor reads
+    // from its creation, a time in whole seconds: the connection is let fall into an earlier second).
+    tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(connected.elapsed())).await;
+    let stats = json!({"secretName": "crm-db-monitor", "sslMode": "disable"});
+    m.monitor_with(
+        json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}),
+        Some(json!({"triggers": ["ReadVolume"], "revokeCredentials": false, "quarantineThrough": "crm-firewall"})),
+        Some(stats),
+    )
+    .await;
+    // The team's own pod: one short session.
+    let app = connect_from("127.0.0.7", m.pg.port, &su, &sp).await;
+    app.simple_query("SELECT count(*) FROM contacts").await.unwrap();
+    drop(app);
+    for _ in 0..8 {
+        intruder.simple_query("SELECT * FROM invoices").await.unwrap();
+    }
+    let responded = m
+        .until("the incident's isolation requested", |s| {
+            s.incidents.iter().any(|i| i.actions.iter().any(|a| a.starts_with("isolation of pod(s)")))
+        })
+        .await;
+    let incident = &responded.incidents[0];
+    assert_eq!(incident.pods, ["intruder-0"], "{incident:#?}");
+    assert!(
+        incident.actions.iter().any(|a| a
+            == "isolation of pod(s) intruder-0 (the statements came from them) requested through NetworkGuard crm-firewall"),
+        "{incident:#?}"
+    );
+    let f = responded.findings.iter().find(|f| f.rule == FindingRule::ReadVolume).unwrap();
+    assert_eq!((f.pods.as_slice(), f.addresses.as_slice()), (&["intruder-0".to_string()][..], &[][..]), "{f:#?}");
+    let notes = m.notes("AccessFinding", 1).await;
+    assert!(
+        notes.iter().any(|n| n.starts_with("ReadVolume: ") && n.ends_with("(from pod(s) intruder-0)")),
+        "{notes:?}"
+    );
+    eventually(30, "the intruder isolated", || async {
+        let p = pods.get("intruder-0").await.map_err(|e| e.to_string())?;
+        let l = p.metadata.labels.clone().unwrap_or_default();
+        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
+            Ok(())
+        } else {
+            Err(format!("{l:?}"))
+        }
+    })
+    .await;
+    let app_labels = pods.get("sales-app-0").await.unwrap().metadata.labels.unwrap_or_default();
+    assert!(!app_labels.contains_key("crmguard.io/quarantine"), "the team's own pod is not isolated: {app_labels:?}");
+    // Who read what, from where, in the access stream.
+    let records = eventually(30, "both pods' reads in the access stream", || async {
+        let out = m.audit_access(&["--team", "sales", "-o", "json"]);
+        let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|r: &Value| r["access"] == "read")
+            .collect();
+        let from = |table: &str| {
+            records
+                .iter()
+                .filter(|r| r["object"] == table)
+                .flat_map(|r| r["pods"].as_array().cloned().unwrap_or_default())
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect::<BTreeSet<String>>()
+        };
+        let (invoices, contacts) = (from("public.invoices"), from("public.contacts"));
+        if invoices.contains("intruder-0") && contacts.contains("sales-app-0") {
+            Ok((invoices, contacts))
+        } else {
+            Err(format!("invoices read from {invoices:?}, contacts from {contacts:?}"))
+        }
+    })
+    .await;
+    assert_eq!(records.0, BTreeSet::from(["intruder-0".to_string()]), "only the intruder read the invoices");
+    assert_eq!(records.1, BTreeSet::from(["sales-app-0".to_string()]), "only the team's pod read the contacts");
+    let everything = m.everything().await;
+    for leak in [SECRET, sp.as_str(), "monitor-Pw-1", m.pg.password.as_str()] {
+        assert!(!everything.contains(leak), "{leak:?} leaked");
+    }
 }
 
 /// Findings and incidents leave the cluster the ways platform teams collect them, checked on the real things: a

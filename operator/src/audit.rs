@@ -65,6 +65,11 @@ pub struct AccessRecord {
     pub finding: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The pods the statements came from (by their client addresses), and the addresses no pod of the namespace has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// First line of a segment.
@@ -200,6 +205,8 @@ pub struct AccessQuery {
     /// Records whose last access is at or after this.
     pub since: Option<jiff::Timestamp>,
     pub findings_only: bool,
+    /// Records of statements that came from this pod.
+    pub pod: Option<String>,
 }
 
 impl AccessQuery {
@@ -211,6 +218,7 @@ impl AccessQuery {
             && is(&self.namespace, Some(&r.namespace))
             && self.since.is_none_or(|s| r.until.parse::<jiff::Timestamp>().is_ok_and(|u| u >= s))
             && (!self.findings_only || r.finding.is_some())
+            && self.pod.as_ref().is_none_or(|p| r.pods.contains(p))
     }
 }
 

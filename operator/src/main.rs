@@ -151,6 +151,9 @@ enum AuditCommand {
         /// Only findings.
         #[arg(long)]
         findings: bool,
+        /// Only statements that came from this pod (placed by the client's address).
+        #[arg(long)]
+        pod: Option<String>,
         /// `text` (a table) or `json` (one record per line).
         #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
@@ -396,7 +399,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Audit { command: AuditCommand::Verify { audit } } => audit_verify(&audit),
         Command::Audit {
-            command: AuditCommand::Access { audit, team, user, table, namespace, since, findings, output },
+            command: AuditCommand::Access { audit, team, user, table, namespace, since, findings, pod, output },
         } => {
             let since = match since {
                 None => None,
@@ -409,7 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     }
                 }),
             };
-            let q = crmguard::audit::AccessQuery { team, user, table, namespace, since, findings_only: findings };
+            let q = crmguard::audit::AccessQuery { team, user, table, namespace, since, findings_only: findings, pod };
             audit_access(&audit, &q, output == "json")
         }
         Command::Plan { files, namespace, image, explain } => {
@@ -522,8 +525,8 @@ fn audit_access(args: &AuditArgs, q: &crmguard::audit::AccessQuery, json: bool) 
             }
         } else {
             println!(
-                "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  FINDING",
-                "UNTIL", "NAMESPACE", "WHO", "ACCESS", "TABLE", "COUNT"
+                "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  {:<24} FINDING",
+                "UNTIL", "NAMESPACE", "WHO", "ACCESS", "TABLE", "COUNT", "FROM"
             );
             for r in &records {
                 let who = match &r.team {
@@ -535,8 +538,10 @@ fn audit_access(args: &AuditArgs, q: &crmguard::audit::AccessQuery, json: bool) 
                     (Some(f), None) => f.clone(),
                     _ => String::new(),
                 };
+                let from: Vec<&str> = r.pods.iter().chain(&r.addresses).map(String::as_str).collect();
+                let from = if from.is_empty() { "-".to_string() } else { from.join(",") };
                 println!(
-                    "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  {finding}",
+                    "{:<30} {:<14} {:<40} {:<12} {:<28} {:>6}  {from:<24} {finding}",
                     r.until,
                     r.namespace,
                     who,

@@ -391,6 +391,10 @@ pub struct Incident {
     /// Why the response could not be carried out, if it could not (a target refused it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// The pods its findings' statements came from (their client addresses): the ones `quarantineThrough` isolates.
+    /// Empty when no client was placed (then the pods of the team's ServiceAccounts are isolated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
 }
 
 /// What a finding is about.
@@ -430,6 +434,13 @@ pub struct Finding {
     pub message: String,
     /// When the database logged the first entry of the finding.
     pub at: Time,
+    /// The pods of this namespace the statements came from, by their client addresses (PostgreSQL: the session's
+    /// address from `log_connections` or `pg_stat_activity`; MariaDB: the audit event's host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
+    /// Client addresses no pod of this namespace has (`[local]`: the database pod's own socket).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// Observed state of an AccessMonitor.

@@ -89,6 +89,8 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
     let started = Instant::now();
     let mut minute = Minute::default();
     let mut baseline = crate::monitor::baseline::Baseline::default();
+    // Sessions and their client addresses, across batches (no cluster: addresses are not placed at pods).
+    let mut sessions = crate::monitor::sessions::Sessions::default();
     let (mut lines, mut accesses, mut records) = (0u64, 0u64, 0u64);
     let mut found_by: BTreeMap<String, u64> = BTreeMap::new();
     let mut batch = String::new();
@@ -104,13 +106,16 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
         if ends && !batch.is_empty() {
             let timed = access::timed(&batch);
             let mut got: Vec<Access> = match m.spec.database.engine {
-                MonitoredEngine::Postgres => access::postgres(&timed),
+                MonitoredEngine::Postgres => access::postgres(&timed, &mut sessions),
                 MonitoredEngine::Mysql => access::mariadb(&timed),
             };
             crate::monitor::attribution::mask_unknown_logins(&mut got, &ids);
             let mut found = rules::check(&rules, &ids, &got, &mut minute);
             if let Some(settings) = &rules.baseline {
                 found = rules::with_baseline(found, &mut baseline, settings, &ids, &got);
+            }
+            for f in &mut found {
+                f.origins = crate::monitor::sessions::Origins::of(&f.user, f.object.as_deref(), &got);
             }
             for f in &found {
                 *found_by.entry(format!("{:?}", f.rule)).or_default() += 1;

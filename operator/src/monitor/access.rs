@@ -5,6 +5,7 @@
 
 use jiff::Timestamp;
 
+use super::sessions::{Client, Connection, Sessions};
 use super::{pgaudit, server_audit};
 
 /// What kind of access.
@@ -52,6 +53,8 @@ pub struct Access {
     pub command: String,
     /// `schema.table` (`database.table` on MariaDB), when the entry names one.
     pub object: Option<String>,
+    /// Where it came from, as far as known.
+    pub client: Client,
 }
 
 /// The lines of a log served with `timestamps=true`: (kubelet time, line). A line without a readable time is
@@ -66,8 +69,9 @@ pub fn timed(log: &str) -> Vec<(Timestamp, &str)> {
 }
 
 /// The accesses in PostgreSQL's log lines (pgaudit entries, refused statements, failed logins), read behind the
-/// log line prefix [`pgaudit::LOG_LINE_PREFIX`]. A record that spans lines is timed by its first line.
-pub fn postgres(lines: &[(Timestamp, &str)]) -> Vec<Access> {
+/// log line prefix [`pgaudit::LOG_LINE_PREFIX`]. A record that spans lines is timed by its first line. The log's
+/// connection lines (`log_connections`) go into `sessions`, whose client addresses the accesses take.
+pub fn postgres(lines: &[(Timestamp, &str)], sessions: &mut Sessions) -> Vec<Access> {
     let mut records: Vec<(Timestamp, String)> = Vec::new();
     for (at, line) in lines {
         match records.last_mut() {
@@ -78,10 +82,15 @@ pub fn postgres(lines: &[(Timestamp, &str)]) -> Vec<Access> {
             _ => records.push((*at, (*line).to_string())),
         }
     }
-    records.iter().filter_map(|(at, r)| postgres_record(*at, r)).collect()
+    records.iter().filter_map(|(at, r)| postgres_record(*at, r, sessions)).collect()
 }
 
-fn postgres_record(at: Timestamp, record: &str) -> Option<Access> {
+fn postgres_record(at: Timestamp, record: &str, sessions: &mut Sessions) -> Option<Access> {
+    let client = |pid: u64, user: &str, sessions: &mut Sessions| Client {
+        session: Some(pid),
+        address: sessions.address(pid, user, at),
+        pod: None,
+    };
     if let Some(e) = pgaudit::parse(record) {
         let kind = match e.class {
             pgaudit::Class::Read => Kind::Read,
@@ -91,15 +100,32 @@ fn postgres_record(at: Timestamp, record: &str) -> Option<Access> {
             _ => Kind::Other,
         };
         let object = (!e.object_name.is_empty()).then_some(e.object_name);
-        return Some(Access { at, user: e.user, kind, command: e.command, object });
+        let client = client(e.pid, &e.user, sessions);
+        return Some(Access { at, user: e.user, kind, command: e.command, object, client });
     }
     let p = pgaudit::prefixed(record)?;
+    if p.level == "LOG" {
+        match Connection::parse(p.message)? {
+            Connection::Received { host } => sessions.connected(p.pid, host, at),
+            Connection::Authorized { user } => sessions.authorized(p.pid, user, at),
+            Connection::Ended => sessions.disconnected(p.pid),
+        }
+        return None;
+    }
     // PostgreSQL's messages (src/backend/libpq/auth.c, aclchk.c): `password authentication failed for user "x"`,
     // `permission denied for table t` (also view, sequence, schema, function).
     if p.level == "FATAL" {
         let rest = p.message.strip_prefix("password authentication failed for user \"")?;
         let user = rest.split_once('"')?.0;
-        return Some(Access { at, user: user.into(), kind: Kind::LoginFailed, command: "LOGIN".into(), object: None });
+        let client = client(p.pid, user, sessions);
+        return Some(Access {
+            at,
+            user: user.into(),
+            kind: Kind::LoginFailed,
+            command: "LOGIN".into(),
+            object: None,
+            client,
+        });
     }
     if p.level == "ERROR" {
         let rest = p.message.strip_prefix("permission denied for ")?;
@@ -111,6 +137,7 @@ fn postgres_record(at: Timestamp, record: &str) -> Option<Access> {
             kind: Kind::Denied,
             command: what.to_uppercase(),
             object: Some(name.into()),
+            client: client(p.pid, p.user, sessions),
         });
     }
     None
@@ -136,7 +163,8 @@ pub fn mariadb(lines: &[(Timestamp, &str)]) -> Vec<Access> {
                 _ => return None,
             };
             let command = if kind == Kind::Denied { "QUERY".to_string() } else { e.operation.clone() };
-            Some(Access { at: *at, user: e.user.clone(), kind, command, object })
+            let client = Client { session: Some(e.connection_id), address: Some(e.host.clone()), pod: None };
+            Some(Access { at: *at, user: e.user.clone(), kind, command, object, client })
         })
         .collect()
 }
@@ -149,35 +177,48 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Lines as `kubectl logs --timestamps` shows them, the messages as PostgreSQL 15 and pgaudit write them.
+    /// Lines as `kubectl logs --timestamps` shows them, the messages as PostgreSQL 15 and pgaudit write them (the
+    /// connection lines with `log_connections` and `log_disconnections` on).
     #[test]
     fn postgres_entries_refusals_and_failed_logins_become_accesses() {
         let log = "\
+2026-12-03T08:59:59.000000000Z 2026-12-03 08:59:59.000 UTC [41] [unknown]@[unknown] LOG:  connection received: host=10.244.1.7 port=51234
+2026-12-03T08:59:59.100000000Z 2026-12-03 08:59:59.100 UTC [41] v-sales-1@crm LOG:  connection authorized: user=v-sales-1 database=crm application_name=psql
 2026-12-03T09:00:00.100000000Z 2026-12-03 09:00:00.099 UTC [41] v-sales-1@crm LOG:  AUDIT: SESSION,1,1,READ,SELECT,TABLE,crm.invoices,\"SELECT *
 2026-12-03T09:00:00.100000100Z \tFROM crm.invoices WHERE customer = 'ACME'\",<not logged>
 2026-12-03T09:00:01.000000000Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm ERROR:  permission denied for table payroll
 2026-12-03T09:00:01.000000100Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm STATEMENT:  SELECT * FROM crm.payroll WHERE salary > 100000
+2026-12-03T09:00:01.500000000Z 2026-12-03 09:00:01.500 UTC [41] v-sales-1@crm LOG:  disconnection: session time: 0:00:02.500 user=v-sales-1 database=crm host=10.244.1.7 port=51234
 2026-12-03T09:00:02.000000000Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm FATAL:  password authentication failed for user \"mallory\"
 2026-12-03T09:00:02.000000100Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm DETAIL:  Role \"mallory\" does not exist.
 2026-12-03T09:00:03.000000000Z 2026-12-03 09:00:03.000 UTC [43] postgres@crm LOG:  AUDIT: SESSION,1,1,DDL,ALTER TABLE,TABLE,crm.invoices,ALTER TABLE crm.invoices ADD COLUMN note text DEFAULT 'x',<not logged>
+2026-12-03T09:00:03.500000000Z 2026-12-03 09:00:03.500 UTC [41] v-sales-1@crm LOG:  AUDIT: SESSION,1,1,READ,SELECT,TABLE,crm.invoices,SELECT 1 FROM crm.invoices,<not logged>
 2026-12-03T09:00:04.000000000Z 2026-12-03 09:00:04.000 UTC [44] LOG:  checkpoint starting: time
 not a timed line
 ";
-        let accesses = postgres(&timed(log));
-        let a = |at_: &str, user: &str, kind, command: &str, object: Option<&str>| Access {
-            at: at(at_),
-            user: user.into(),
-            kind,
-            command: command.into(),
-            object: object.map(Into::into),
+        let mut sessions = Sessions::default();
+        let accesses = postgres(&timed(log), &mut sessions);
+        let a = |at_: &str, user: &str, kind, command: &str, object: Option<&str>, pid: u64, address: Option<&str>| {
+            let client = Client { session: Some(pid), address: address.map(Into::into), pod: None };
+            Access {
+                at: at(at_),
+                user: user.into(),
+                kind,
+                command: command.into(),
+                object: object.map(Into::into),
+                client,
+            }
         };
+        let pod = Some("10.244.1.7");
         assert_eq!(
             accesses,
             vec![
-                a("2026-12-03T09:00:00.1Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices")),
-                a("2026-12-03T09:00:01Z", "v-sales-1", Kind::Denied, "TABLE", Some("payroll")),
-                a("2026-12-03T09:00:02Z", "mallory", Kind::LoginFailed, "LOGIN", None),
-                a("2026-12-03T09:00:03Z", "postgres", Kind::Ddl, "ALTER TABLE", Some("crm.invoices")),
+                a("2026-12-03T09:00:00.1Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices"), 41, pod),
+                a("2026-12-03T09:00:01Z", "v-sales-1", Kind::Denied, "TABLE", Some("payroll"), 41, pod),
+                a("2026-12-03T09:00:02Z", "mallory", Kind::LoginFailed, "LOGIN", None, 42, None),
+                a("2026-12-03T09:00:03Z", "postgres", Kind::Ddl, "ALTER TABLE", Some("crm.invoices"), 43, None),
+                // After the session ended: a process id given again to a session not seen.
+                a("2026-12-03T09:00:03.5Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices"), 41, None),
             ]
         );
         assert!(!format!("{accesses:?}").contains("ACME"));
@@ -197,6 +238,8 @@ not a timed line
             .into_iter()
             .map(|a| (a.kind, if a.user == "sales" { "sales" } else { "other" }, a.object))
             .collect();
+        let clients: Vec<Option<String>> = mariadb(&timed(log)).into_iter().map(|a| a.client.address).collect();
+        assert_eq!(clients, ["10.0.0.7", "10.0.0.7", "10.0.0.9", "localhost"].map(|c| Some(c.to_string())));
         assert_eq!(
             got,
             vec![

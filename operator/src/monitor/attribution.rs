@@ -276,6 +276,7 @@ mod tests {
             kind: Kind::LoginFailed,
             command: "LOGIN".into(),
             object: None,
+            client: Default::default(),
         };
         let mut a = vec![login("Sup3r-Secret-typed-as-user"), login("Sup3r-Secret-typed-as-user"), login("crm_app")];
         mask_unknown_logins(&mut a, &ids);

@@ -265,6 +265,7 @@ impl Baseline {
                     rule: FindingRule::UnusualVolume,
                     user: a.user.clone(),
                     identity: who.describe(),
+                    origins: Default::default(),
                     object: Some(table.to_string()),
                     message: format!(
                         "{n} reads of {table} by {} in the hour from {from}, above its baseline for {}: median {}, \
@@ -318,6 +319,7 @@ mod tests {
                 kind: Kind::Read,
                 command: "SELECT".into(),
                 object: Some(table.into()),
+                client: Default::default(),
             })
             .collect()
     }

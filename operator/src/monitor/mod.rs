@@ -5,7 +5,8 @@
 //! `redact`: SQL without its values; `pgaudit`: PostgreSQL's pgaudit entries; `server_audit`: MariaDB's audit plugin
 //! events; `access`: a pod's timestamped log lines as accesses; `attribution`: who a database user is; `rules`:
 //! findings and the summaries the audit trail keeps; `baseline`: learned volumes per team, table and hour of the week;
-//! `statistics`: rows read, from PostgreSQL's pg_stat_statements and MariaDB's performance_schema.
+//! `statistics`: rows read, from PostgreSQL's pg_stat_statements and MariaDB's performance_schema; `sessions`: which
+//! client a statement came from.
 
 pub mod access;
 pub mod attribution;
@@ -14,4 +15,5 @@ pub mod pgaudit;
 pub mod redact;
 pub mod rules;
 pub mod server_audit;
+pub mod sessions;
 pub mod statistics;

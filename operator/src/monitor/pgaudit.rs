@@ -45,6 +45,8 @@ impl Class {
 pub struct Entry {
     /// The prefix's time as PostgreSQL wrote it (`%m`, e.g. `2026-12-03 07:00:00.123 UTC`).
     pub at: String,
+    /// The server process (`%p`): one per session.
+    pub pid: u64,
     /// The database user (`%u`) and database (`%d`).
     pub user: String,
     pub database: String,
@@ -109,6 +111,7 @@ pub fn parse(record: &str) -> Option<Entry> {
     };
     Some(Entry {
         at: at.to_string(),
+        pid: p.pid,
         user: user.to_string(),
         database: database.to_string(),
         object_audit,
@@ -126,6 +129,8 @@ pub fn parse(record: &str) -> Option<Entry> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prefixed<'a> {
     pub at: &'a str,
+    /// The server process (`%p`).
+    pub pid: u64,
     pub user: &'a str,
     pub database: &'a str,
     /// `LOG`, `ERROR`, `FATAL`, ...
@@ -136,14 +141,15 @@ pub struct Prefixed<'a> {
 /// Splits a record into its prefix's fields and its message; `None` without the expected prefix.
 pub fn prefixed(record: &str) -> Option<Prefixed<'_>> {
     let (at, rest) = record.split_once(" [")?;
-    let (_pid, rest) = rest.split_once("] ")?;
+    let (pid, rest) = rest.split_once("] ")?;
+    let pid = pid.parse().ok()?;
     let (who, rest) = rest.split_once(' ')?;
     let (level, message) = rest.split_once(":  ")?;
     let (user, database) = who.rsplit_once('@')?;
     if level.is_empty() || !level.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
         return None;
     }
-    Some(Prefixed { at, user, database, level, message })
+    Some(Prefixed { at, pid, user, database, level, message })
 }
 
 /// The fields of one CSV record: separated by commas, a field in double quotes may hold commas, newlines and doubled
@@ -187,6 +193,7 @@ mod tests {
             e,
             Entry {
                 at: "2026-12-03 07:00:00.123 UTC".into(),
+                pid: 4711,
                 user: "v-kubernet-crm-acce-sales-x1".into(),
                 database: "crm".into(),
                 object_audit: false,

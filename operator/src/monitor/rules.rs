@@ -83,6 +83,8 @@ pub struct Found {
     pub message: String,
     /// The first access of the finding.
     pub at: Timestamp,
+    /// Where its statements came from (filled in once the clients are placed).
+    pub origins: super::sessions::Origins,
 }
 
 /// Counts of the current minute, carried from one read of the log to the next.
@@ -194,6 +196,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                     rule: FindingRule::ReadVolume,
                     user: a.user.clone(),
                     identity: who.describe(),
+                    origins: Default::default(),
                     object: Some(table.clone()),
                     message: format!("more than {max} reads of {table} within a minute by {}", who.describe()),
                     at: a.at,
@@ -210,6 +213,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                     rule: FindingRule::FailedLogins,
                     user: a.user.clone(),
                     identity: who.describe(),
+                    origins: Default::default(),
                     object: None,
                     message: format!("more than {max} failed logins of user {} within a minute", a.user),
                     at: a.at,
@@ -236,7 +240,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 | FindingRule::UnusualVolume
                 | FindingRule::RowVolume => what,
             };
-            Found { rule, user, identity, object, message, at }
+            Found { rule, user, identity, object, message, at, origins: Default::default() }
         })
         .chain(volume)
         .collect();
@@ -284,12 +288,16 @@ pub fn access_records(
             count: 1,
             finding: None,
             message: None,
+            pods: vec![],
+            addresses: vec![],
         }
     };
     let accessed = summarize(accesses).into_iter().map(|s| crate::audit::AccessRecord {
         access: s.kind.as_str().into(),
         object: s.object.clone(),
         count: s.count,
+        pods: s.origins.pods.iter().cloned().collect(),
+        addresses: s.origins.addresses.iter().cloned().collect(),
         ..record(&s.user, s.first, s.last)
     });
     let findings = found.iter().map(|f| crate::audit::AccessRecord {
@@ -297,6 +305,8 @@ pub fn access_records(
         object: f.object.clone(),
         finding: Some(format!("{:?}", f.rule)),
         message: Some(f.message.clone()),
+        pods: f.origins.pods.iter().cloned().collect(),
+        addresses: f.origins.addresses.iter().cloned().collect(),
         ..record(&f.user, f.at, f.at)
     });
     accessed.chain(findings).collect()
@@ -311,6 +321,8 @@ pub struct Summary {
     pub first: Timestamp,
     pub last: Timestamp,
     pub count: u64,
+    /// Where the accesses came from.
+    pub origins: super::sessions::Origins,
 }
 
 /// Accesses summed per user, kind and object, in that order.
@@ -324,8 +336,14 @@ pub fn summarize(accesses: &[Access]) -> Vec<Summary> {
             first: a.at,
             last: a.at,
             count: 0,
+            origins: Default::default(),
         });
         s.count += 1;
+        match (&a.client.pod, &a.client.address) {
+            (Some(p), _) => s.origins.pods.insert(p.clone()),
+            (None, Some(x)) => s.origins.addresses.insert(x.clone()),
+            (None, None) => false,
+        };
         s.first = s.first.min(a.at);
         s.last = s.last.max(a.at);
     }
@@ -379,6 +397,7 @@ mod tests {
             kind,
             command: command.into(),
             object: object.map(Into::into),
+            client: Default::default(),
         }
     }
 

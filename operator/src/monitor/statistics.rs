@@ -596,6 +596,7 @@ pub fn check(
                 rule: FindingRule::RowVolume,
                 user: user.clone(),
                 identity: who.describe(),
+                origins: Default::default(),
                 object: Some(table.clone()),
                 message: format!(
                     "{n} rows of {table} read within a minute by {} (limit {max}; {})",

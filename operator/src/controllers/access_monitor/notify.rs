@@ -80,11 +80,19 @@ pub fn finding_alert(m: &AccessMonitor, f: &Found) -> Alert {
             ("user", &f.user),
             ("object", f.object.as_deref().unwrap_or_default()),
         ]),
-        annotations: labels(&[
-            ("summary", &format!("{rule} by {}", f.identity)),
-            ("description", &f.message),
-            ("identity", &f.identity),
-        ]),
+        annotations: {
+            let from = f.origins.describe().unwrap_or_default();
+            let mut a = labels(&[
+                ("summary", &format!("{rule} by {}", f.identity)),
+                ("description", &f.message),
+                ("identity", &f.identity),
+            ]);
+            // Where the statements came from (pods, addresses), when known.
+            if !from.is_empty() {
+                a.insert("from".into(), from);
+            }
+            a
+        },
         starts_at: f.at,
         ends_at: None,
     }
@@ -440,6 +448,7 @@ mod tests {
             holds_credentials: !dry_run,
             pending: false,
             failed: None,
+            pods: vec![],
         }
     }
 
@@ -496,6 +505,7 @@ mod tests {
             rule: FindingRule::ReadVolume,
             user: "v-sales-1".into(),
             identity: "team sales (AccessPolicy crm-access)".into(),
+            origins: Default::default(),
             object: Some("public.invoices".into()),
             message: "6 SELECT on public.invoices within a minute (limit 5)".into(),
             at,
@@ -512,6 +522,8 @@ mod tests {
                 object: f.object.clone(),
                 message: f.message.clone(),
                 at: Time(at),
+                pods: vec![],
+                addresses: vec![],
             }],
             incidents: vec![incident("open", false, false), incident("dry", false, true), incident("old", true, false)],
             ..AccessMonitorStatus::default()

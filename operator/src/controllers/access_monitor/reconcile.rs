@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, LogParams};
 
-use super::{notify, respond, statistics, validate};
+use super::{clients, notify, respond, statistics, validate};
 use crate::api::access_monitor::conditions::{Clean, Collecting, RowsCounted, Settled};
 use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Finding, KnownIdentity, MonitoredEngine};
 use crate::api::condition::Status;
@@ -21,6 +21,7 @@ use crate::monitor::access::{self, Access};
 use crate::monitor::attribution::{Identities, TeamUsers, keep_revoked, mask_unknown_logins};
 use crate::monitor::baseline::{self, Baseline};
 use crate::monitor::rules::{self, Found, Minute};
+use crate::monitor::sessions::Origins;
 use crate::netpol::selector_matches;
 use crate::validation::FieldError;
 
@@ -60,6 +61,9 @@ struct State {
     paced: Option<Paced>,
     statements: statistics::Statements,
     rows: crate::monitor::statistics::RowMinute,
+    /// PostgreSQL's sessions and their clients, and the pods client addresses were placed at.
+    sessions: crate::monitor::sessions::Sessions,
+    placements: clients::Placements,
 }
 
 /// A pass reads the log (and the statistics) at the spec's interval, not at every change of the monitor: its own
@@ -234,7 +238,7 @@ impl Reconcilable for AccessMonitor {
             skipped = Some(past);
         }
         let mut accesses = match self.spec.database.engine {
-            MonitoredEngine::Postgres => access::postgres(&lines),
+            MonitoredEngine::Postgres => access::postgres(&lines, &mut state.sessions),
             MonitoredEngine::Mysql => access::mariadb(&lines),
         };
         let now = (ctx.now)();
@@ -254,6 +258,12 @@ impl Reconcilable for AccessMonitor {
             ),
             None => None,
         };
+        // The sessions the sample lists place the statements of sessions the log did not show beginning.
+        if let Some(Ok(sample)) = &sampled {
+            state.sessions.sampled(&sample.sessions, now);
+            state.sessions.fill(&mut accesses, now);
+        }
+        clients::place(ctx, &ns, &mut state.placements, &mut accesses).await;
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
         d.status.revoked_users = keep_revoked(&before.revoked_users, &mut state.identities, now);
         mask_unknown_logins(&mut accesses, &state.identities);
@@ -268,6 +278,9 @@ impl Reconcilable for AccessMonitor {
         }
         if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
             found.extend(rows_read(s, sampled, &v, &accesses, &mut state, &mut d, now));
+        }
+        for f in &mut found {
+            f.origins = Origins::of(&f.user, f.object.as_deref(), &accesses);
         }
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
@@ -326,7 +339,9 @@ impl Reconcilable for AccessMonitor {
             d.status.findings = findings;
         }
         for f in &found {
-            d.events.push(Note::warning(AccessMonitorEvent::AccessFinding, format!("{:?}: {}", f.rule, f.message)));
+            let from = f.origins.describe().map(|o| format!(" ({o})")).unwrap_or_default();
+            d.events
+                .push(Note::warning(AccessMonitorEvent::AccessFinding, format!("{:?}: {}{from}", f.rule, f.message)));
         }
         let container = self.spec.database.container.as_deref().map(|c| format!(", container {c}")).unwrap_or_default();
         d.conditions.push(Cond::new(
@@ -679,5 +694,7 @@ fn finding(f: &Found) -> Finding {
         object: f.object.clone(),
         message: f.message.clone(),
         at: Time(f.at),
+        pods: f.origins.pods.iter().cloned().collect(),
+        addresses: f.origins.addresses.iter().cloned().collect(),
     }
 }

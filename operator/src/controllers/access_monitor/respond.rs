@@ -112,6 +112,15 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
             if !i.rules.contains(&f.rule) {
                 i.rules.push(f.rule);
             }
+            // Pods a carried-out response did not isolate are isolated at the next read (a pending incident).
+            let new: Vec<&String> = f.origins.pods.iter().filter(|p| !i.pods.contains(p)).collect();
+            if !new.is_empty() {
+                i.pods.extend(new.into_iter().cloned());
+                i.pods.sort();
+                if !i.dry_run && !i.pending && i.failed.is_none() {
+                    i.pending = true;
+                }
+            }
             continue;
         }
         let mut id = format!("{policy}-{team}-{}", f.at.as_second());
@@ -133,6 +142,7 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
                 holds_credentials: r.revoke_credentials && !r.dry_run,
                 pending: !r.dry_run,
                 failed: None,
+                pods: f.origins.pods.iter().cloned().collect(),
             },
         );
     }
@@ -155,6 +165,8 @@ fn record(m: &AccessMonitor, i: &Incident, now: Timestamp, access: &str) -> Acce
         count: 1,
         finding: Some(format!("{:?}", i.rules)),
         message: Some(format!("incident {}: {}", i.id, i.actions.join("; "))),
+        pods: i.pods.clone(),
+        addresses: vec![],
     }
 }
 
@@ -170,8 +182,8 @@ async fn would(ctx: &Context, m: &AccessMonitor, r: &Response, i: &Incident) -> 
     if let Some(guard) = &r.quarantine_through {
         let ns = m.metadata.namespace.clone().unwrap_or_default();
         let policy = Api::<AccessPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(&i.access_policy).await?;
-        let pods = team_pods(ctx, &ns, policy.as_ref(), &i.team).await?;
-        actions.push(format!("would isolate pod(s) [{}] through NetworkGuard {guard}", pods.join(", ")));
+        let (pods, whose) = targets(ctx, &ns, policy.as_ref(), i).await?;
+        actions.push(format!("would isolate pod(s) [{}]{whose} through NetworkGuard {guard}", pods.join(", ")));
     }
     Ok(actions)
 }
@@ -206,7 +218,7 @@ async fn carry_out(
         }
     }
     if let Some(guard) = &r.quarantine_through {
-        let pods = team_pods(ctx, &ns, policy.as_ref(), &i.team).await?;
+        let (pods, whose) = targets(ctx, &ns, policy.as_ref(), i).await?;
         let g = Api::<NetworkGuard>::namespaced(ctx.client.clone(), &ns).get_opt(guard).await?;
         match g {
             _ if pods.is_empty() => actions.push(format!("no pod of team {}'s ServiceAccounts to isolate", i.team)),
@@ -220,7 +232,7 @@ async fn carry_out(
                 let (code, body) = request::isolate(&ctx.client, &ctx.audit, AUDIT_AS, &g, &req, now).await;
                 if code < 300 {
                     actions.push(format!(
-                        "isolation of pod(s) {} requested through NetworkGuard {guard}",
+                        "isolation of pod(s) {}{whose} requested through NetworkGuard {guard}",
                         pods.join(", ")
                     ));
                 } else if code >= 500 {
@@ -236,6 +248,21 @@ async fn carry_out(
     let failed = (!failures.is_empty()).then(|| failures.join("; "));
     actions.extend(failures.iter().map(|f| format!("refused: {f}")));
     Ok((actions, true, failed))
+}
+
+/// The pods an incident isolates: those its statements came from when any was placed (a stolen credential is used
+/// from another pod than the team's), else the team's; and how the action names them.
+async fn targets(
+    ctx: &Context,
+    ns: &str,
+    policy: Option<&AccessPolicy>,
+    i: &Incident,
+) -> Result<(Vec<String>, &'static str), Error> {
+    if i.pods.is_empty() {
+        Ok((team_pods(ctx, ns, policy, &i.team).await?, ""))
+    } else {
+        Ok((i.pods.clone(), " (the statements came from them)"))
+    }
 }
 
 /// The pods that have not finished and run as team `team`'s ServiceAccounts (its policy's subjects in `ns`).
@@ -325,6 +352,7 @@ mod tests {
             rule,
             user: user.into(),
             identity: String::new(),
+            origins: Default::default(),
             object: None,
             message: String::new(),
             at: Timestamp::from_second(1_796_000_000 + sec).unwrap(),
@@ -372,5 +400,31 @@ mod tests {
         let again = open(&live, &[found(FindingRule::ReadVolume, "v-sales", 0)], &ids(), &mut incidents);
         assert_eq!(again, ["crm-access-sales-1796000000x"]);
         assert_eq!(incidents.len(), 3);
+    }
+
+    /// As `Incident.pods` documents it: the pods its findings came from; a pod a later finding brings makes a
+    /// carried-out incident pending again (that pod is isolated at the next read); a dry run's stays as it is.
+    #[test]
+    fn an_incident_isolates_the_pods_its_findings_came_from() {
+        let from = |rule, sec, pods: &[&str]| {
+            let mut f = found(rule, "v-sales", sec);
+            f.origins.pods = pods.iter().map(|p| p.to_string()).collect();
+            f
+        };
+        let mut incidents = vec![];
+        open(&response(false), &[from(FindingRule::ReadVolume, 0, &["intruder-0"])], &ids(), &mut incidents);
+        assert_eq!(incidents[0].pods, ["intruder-0"]);
+        // Carried out.
+        incidents[0].pending = false;
+        open(&response(false), &[from(FindingRule::OutsideGrants, 1, &["intruder-0"])], &ids(), &mut incidents);
+        assert!(!incidents[0].pending, "no new pod, nothing more to do");
+        open(&response(false), &[from(FindingRule::ReadVolume, 2, &["intruder-1"])], &ids(), &mut incidents);
+        assert_eq!(incidents[0].pods, ["intruder-0", "intruder-1"]);
+        assert!(incidents[0].pending, "the new pod is isolated at the next read");
+        let mut dry = vec![];
+        open(&response(true), &[from(FindingRule::ReadVolume, 0, &["a"])], &ids(), &mut dry);
+        open(&response(true), &[from(FindingRule::ReadVolume, 1, &["b"])], &ids(), &mut dry);
+        assert_eq!(dry[0].pods, ["a", "b"]);
+        assert!(!dry[0].pending, "a dry run carries nothing out");
     }
 }

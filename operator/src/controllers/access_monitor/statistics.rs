@@ -40,6 +40,14 @@ const SAMPLE: &str = "SELECT userid, pg_catalog.pg_get_userbyid(userid)::text, q
     FROM pg_stat_statements(false) \
     WHERE queryid IS NOT NULL AND dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())";
 
+/// The sessions of the connection's database and their clients (`client_port` -1: the server's own socket; without
+/// pg_read_all_stats another role's client is not shown, and its session is left out).
+const SESSIONS: &str = "SELECT pid, usename::text, \
+    CASE WHEN client_port = -1 THEN '[local]' ELSE host(client_addr) END \
+    FROM pg_stat_activity \
+    WHERE datname = current_database() AND backend_type = 'client backend' AND usename IS NOT NULL \
+      AND (client_addr IS NOT NULL OR client_port = -1) AND pid <> pg_backend_pid()";
+
 /// The texts of new statements: whole for a read the server normalized, only `COPY <table>` of an export, nothing of
 /// any other (a utility statement's text keeps its literals).
 const TEXTS: &str = "SELECT DISTINCT queryid, \
@@ -132,6 +140,8 @@ pub enum Counts {
 pub struct Sample {
     pub counts: Counts,
     pub fresh: bool,
+    /// PostgreSQL's sessions: (server process, user, client address).
+    pub sessions: Vec<(u64, String, String)>,
 }
 
 /// Why a sample could not be taken, said in the `RowsCounted` condition (never a password or a value).
@@ -432,7 +442,18 @@ pub async fn sample(
         MonitoredEngine::Mysql => sample_mariadb(db, &mut statements.mariadb).await,
     };
     let counts = counts.map_err(|e| with_fix(engine, e))?;
-    Ok(Sample { counts, fresh })
+    // MariaDB's audit events carry their client's host.
+    let sessions = match engine {
+        MonitoredEngine::Postgres => query(db, SESSIONS, &[])
+            .await?
+            .iter()
+            .map(|r| {
+                (r.get::<_, i32>(0) as u64, r.get::<_, String>(1), r.get::<_, Option<String>>(2).unwrap_or_default())
+            })
+            .collect(),
+        MonitoredEngine::Mysql => vec![],
+    };
+    Ok(Sample { counts, fresh, sessions })
 }
 
 /// A query's failure with what to check on the server.

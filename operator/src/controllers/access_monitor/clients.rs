@@ -1,0 +1,116 @@
+//! Client addresses placed at pods of the monitor's namespace (by their pod IPs). The pods' addresses are read from
+//! the server (the controller's pod watch keeps metadata only) when an address is not placed yet: a placement holds
+//! while its pod (by UID) is among the namespace's unfinished pods, and an address no pod has is looked for again
+//! after a minute. An address several pods share (host networking) is no pod's.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+
+use crate::controllers::contract::Context;
+use crate::monitor::access::Access;
+
+/// How long an address no pod had stays unplaced before the pods are read again.
+const UNPLACED_RECHECK: Duration = Duration::from_secs(60);
+/// Addresses remembered at most.
+const KEPT: usize = 4096;
+
+/// Address -> (pod name and UID, or none; when it was looked up).
+#[derive(Clone, Debug, Default)]
+pub struct Placements {
+    by_address: HashMap<String, (Option<(String, String)>, Instant)>,
+}
+
+/// Sets the pod of every access whose client address a pod of `ns` has. A failed read of the pods leaves them
+/// unplaced (said in the operator's log; the findings still count).
+pub async fn place(ctx: &Context, ns: &str, placements: &mut Placements, accesses: &mut [Access]) {
+    let addresses: BTreeSet<&str> = accesses
+        .iter()
+        .filter_map(|a| a.client.address.as_deref())
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    if addresses.is_empty() {
+        return;
+    }
+    let live: BTreeSet<String> = match ctx.unfinished_pods(ns).await {
+        Ok(pods) => pods.into_iter().filter_map(|p| p.metadata.uid).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the pods of the namespace could not be read: clients not placed at pods");
+            return;
+        }
+    };
+    let stale = |a: &str| match placements.by_address.get(a) {
+        None => true,
+        Some((Some((_, uid)), _)) => !live.contains(uid),
+        Some((None, at)) => at.elapsed() >= UNPLACED_RECHECK,
+    };
+    let missing: Vec<String> = addresses.iter().filter(|a| stale(a)).map(|a| a.to_string()).collect();
+    if !missing.is_empty() {
+        let lp = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+        match Api::<Pod>::namespaced(ctx.client.clone(), ns).list(&lp).await {
+            Ok(list) => {
+                let by_ip = pod_ips(&list.items);
+                if placements.by_address.len() + missing.len() > KEPT {
+                    placements.by_address.clear();
+                }
+                for a in missing {
+                    let pod = by_ip.get(a.as_str()).filter(|p| p.len() == 1).map(|p| p[0].clone());
+                    placements.by_address.insert(a, (pod, Instant::now()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the pods of the namespace could not be read: clients not placed at pods");
+            }
+        }
+    }
+    for a in accesses.iter_mut() {
+        let placed = a.client.address.as_deref().and_then(|x| placements.by_address.get(x));
+        a.client.pod =
+            placed.and_then(|(p, _)| p.as_ref()).filter(|(_, uid)| live.contains(uid)).map(|(n, _)| n.clone());
+    }
+}
+
+/// Pod IP -> the pods that have it (name, UID).
+fn pod_ips(pods: &[Pod]) -> BTreeMap<&str, Vec<(String, String)>> {
+    let mut by_ip: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+    for p in pods {
+        let (Some(name), Some(uid)) = (&p.metadata.name, &p.metadata.uid) else { continue };
+        let Some(s) = &p.status else { continue };
+        let mut ips: BTreeSet<&str> = s.pod_ips.iter().flatten().map(|i| i.ip.as_str()).collect();
+        ips.extend(s.pod_ip.as_deref());
+        for ip in ips {
+            by_ip.entry(ip).or_default().push((name.clone(), uid.clone()));
+        }
+    }
+    by_ip
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod's IPs (status.podIP and status.podIPs) are its; an IP two pods share (host networking) is neither's.
+    #[test]
+    fn pods_are_found_by_their_ips() {
+        let pod = |name: &str, ip: &str, more: &[&str]| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "uid": format!("uid-{name}")},
+                "status": {"podIP": ip, "podIPs": more.iter().map(|i| serde_json::json!({"ip": i})).collect::<Vec<_>>()},
+            }))
+            .unwrap()
+        };
+        let pods = [
+            pod("a", "10.0.0.1", &["10.0.0.1", "fd00::1"]),
+            pod("b", "10.0.0.2", &[]),
+            pod("node-agent", "192.168.1.5", &[]),
+            pod("node-agent-2", "192.168.1.5", &[]),
+        ];
+        let by_ip = pod_ips(&pods);
+        assert_eq!(by_ip["fd00::1"], [("a".to_string(), "uid-a".to_string())]);
+        assert_eq!(by_ip["10.0.0.1"].len(), 1);
+        assert_eq!(by_ip["10.0.0.2"][0].0, "b");
+        assert_eq!(by_ip["192.168.1.5"].len(), 2);
+    }
+}

@@ -837,8 +837,9 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(connected.elapsed())).await;
     let stats = json!({"secretName": "crm-db-monitor", "sslMode": "disable"});
     m.monitor_with(
-        json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}),
-        Some(json!({"triggers": ["ReadVolume"], "revokeCredentials": false, "quarantineThrough": "crm-firewall"})),
+        json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}], "foreignWorkload": true}),
+        Some(json!({"triggers": ["ReadVolume", "ForeignWorkload"], "revokeCredentials": false,
+                    "quarantineThrough": "crm-firewall"})),
         Some(stats),
     )
     .await;
@@ -861,8 +862,18 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
             == "isolation of pod(s) intruder-0 (the statements came from them) requested through NetworkGuard crm-firewall"),
         "{incident:#?}"
     );
-    let f = responded.findings.iter().find(|f| f.rule == FindingRule::ReadVolume).unwrap();
+    let f = m.until("the ReadVolume finding", |s| s.findings.iter().any(|f| f.rule == FindingRule::ReadVolume)).await;
+    let f = f.findings.iter().find(|f| f.rule == FindingRule::ReadVolume).unwrap();
     assert_eq!((f.pods.as_slice(), f.addresses.as_slice()), (&["intruder-0".to_string()][..], &[][..]), "{f:#?}");
+    // rules.foreignWorkload: the intruder's pod does not run as the team's ServiceAccount; the team's pod does.
+    let foreign: Vec<_> = responded.findings.iter().filter(|f| f.rule == FindingRule::ForeignWorkload).collect();
+    // (Once per pod and minute: the reads may straddle a minute.)
+    assert!(!foreign.is_empty() && foreign.iter().all(|f| f.pods == ["intruder-0"]), "{:#?}", responded.findings);
+    assert_eq!(
+        foreign[0].message,
+        "team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount intruder, not as \
+         the team's (sales-app)"
+    );
     let notes = m.notes("AccessFinding", 1).await;
     assert!(
         notes.iter().any(|n| n.starts_with("ReadVolume: ") && n.ends_with("(from pod(s) intruder-0)")),

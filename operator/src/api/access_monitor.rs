@@ -198,6 +198,11 @@ pub struct Rules {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub row_volume: Vec<RowVolumeRule>,
+    /// A team's credential used from a pod of this namespace that does not run as one of the team's ServiceAccounts
+    /// (its AccessPolicy's subjects): a credential taken into another workload. Only for teams with ServiceAccount
+    /// subjects, and only where the statement was placed at a pod (see the README's "Which workload").
+    #[serde(default)]
+    pub foreign_workload: bool,
 }
 
 impl Default for Rules {
@@ -210,6 +215,7 @@ impl Default for Rules {
             failed_logins: None,
             baseline: None,
             row_volume: vec![],
+            foreign_workload: false,
         }
     }
 }
@@ -416,6 +422,8 @@ pub enum FindingRule {
     UnusualVolume,
     /// `rules.rowVolume`.
     RowVolume,
+    /// `rules.foreignWorkload`: a team's credential used from a pod that does not run as the team's.
+    ForeignWorkload,
 }
 
 /// One finding.

@@ -114,7 +114,7 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
             if let Some(settings) = &rules.baseline {
                 found = rules::with_baseline(found, &mut baseline, settings, &ids, &got);
             }
-            for f in &mut found {
+            for f in found.iter_mut().filter(|f| f.origins == Default::default()) {
                 f.origins = crate::monitor::sessions::Origins::of(&f.user, f.object.as_deref(), &got);
             }
             for f in &found {

@@ -90,6 +90,7 @@ fn postgres_record(at: Timestamp, record: &str, sessions: &mut Sessions) -> Opti
         session: Some(pid),
         address: sessions.address(pid, user, at),
         pod: None,
+        account: None,
     };
     if let Some(e) = pgaudit::parse(record) {
         let kind = match e.class {
@@ -163,7 +164,8 @@ pub fn mariadb(lines: &[(Timestamp, &str)]) -> Vec<Access> {
                 _ => return None,
             };
             let command = if kind == Kind::Denied { "QUERY".to_string() } else { e.operation.clone() };
-            let client = Client { session: Some(e.connection_id), address: Some(e.host.clone()), pod: None };
+            let client =
+                Client { session: Some(e.connection_id), address: Some(e.host.clone()), pod: None, account: None };
             Some(Access { at: *at, user: e.user.clone(), kind, command, object, client })
         })
         .collect()
@@ -199,7 +201,7 @@ not a timed line
         let mut sessions = Sessions::default();
         let accesses = postgres(&timed(log), &mut sessions);
         let a = |at_: &str, user: &str, kind, command: &str, object: Option<&str>, pid: u64, address: Option<&str>| {
-            let client = Client { session: Some(pid), address: address.map(Into::into), pod: None };
+            let client = Client { session: Some(pid), address: address.map(Into::into), pod: None, account: None };
             Access {
                 at: at(at_),
                 user: user.into(),

@@ -4,13 +4,13 @@
 //! the grants it holds. Users crmguard does not issue are named by the monitor's spec; any other is unknown, and a
 //! team's user that is no longer on its Secret was revoked (remembered in the monitor's status for 30 days).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::access_monitor::{KnownIdentity, RevokedUser};
-use crate::api::access_policy::{AccessPolicy, SqlPrivilege};
+use crate::api::access_policy::{AccessPolicy, SqlPrivilege, SubjectKind};
 
 /// A team's privileges on one table (`schema.table`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,8 +22,9 @@ pub struct Grant {
 /// Who a database user is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Who {
-    /// A credential crmguard issued to a team, with the team's grants.
-    Team { team: String, policy: String, grants: Vec<Grant> },
+    /// A credential crmguard issued to a team, with the team's grants and the ServiceAccounts of the policy's
+    /// namespace it is issued to (its workloads run as them).
+    Team { team: String, policy: String, grants: Vec<Grant>, accounts: Vec<String> },
     /// A team's credential that is no longer on its Secret: its lease was revoked.
     Revoked { team: String, policy: String },
     /// A user the monitor's spec names.
@@ -111,8 +112,30 @@ impl Identities {
                         .map(|table| Grant { table: format!("{}.{table}", g.schema), privileges: g.privileges.clone() })
                 })
                 .collect::<Vec<_>>();
+            let accounts: BTreeSet<String> = policies
+                .iter()
+                .filter(|p| p.metadata.name.as_deref() == Some(t.policy.as_str()))
+                .flat_map(|p| {
+                    let ns = p.metadata.namespace.clone();
+                    p.spec
+                        .teams
+                        .iter()
+                        .filter(|x| x.name == t.team)
+                        .flat_map(|x| x.subjects.iter())
+                        .filter(move |s| {
+                            s.kind == SubjectKind::ServiceAccount && (s.namespace.is_none() || s.namespace == ns)
+                        })
+                        .map(|s| s.name.clone())
+                })
+                .collect();
+            let accounts: Vec<String> = accounts.into_iter().collect();
             for user in &t.users {
-                let who = Who::Team { team: t.team.clone(), policy: t.policy.clone(), grants: grants.clone() };
+                let who = Who::Team {
+                    team: t.team.clone(),
+                    policy: t.policy.clone(),
+                    grants: grants.clone(),
+                    accounts: accounts.clone(),
+                };
                 users.insert(user.clone(), who);
             }
         }
@@ -143,7 +166,7 @@ impl Identities {
     }
 
     /// Forgets the revoked users not in `keep` (they become unknown: their use is still a finding).
-    pub fn forget_revoked_except(&mut self, keep: &std::collections::BTreeSet<String>) {
+    pub fn forget_revoked_except(&mut self, keep: &BTreeSet<String>) {
         self.users.retain(|u, w| !matches!(w, Who::Revoked { .. }) || keep.contains(u));
     }
 

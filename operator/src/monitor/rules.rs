@@ -40,6 +40,7 @@ pub struct Rules {
     pub baseline: Option<super::baseline::Settings>,
     /// (tables, rows allowed per minute).
     pub row_volume: Vec<(Vec<String>, u64)>,
+    pub foreign_workload: bool,
 }
 
 impl Rules {
@@ -67,6 +68,7 @@ impl Rules {
             failed_logins: r.failed_logins.as_ref().map(|f| f.max_per_minute.max(1) as u64),
             baseline: r.baseline.as_ref().map(super::baseline::Settings::of),
             row_volume: r.row_volume.iter().map(|v| (v.tables.clone(), v.max_rows_per_minute.max(1) as u64)).collect(),
+            foreign_workload: r.foreign_workload,
         }
     }
 }
@@ -203,6 +205,28 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 });
             }
         }
+        // Once per user, pod and minute.
+        if rules.foreign_workload
+            && let Who::Team { accounts, .. } = who
+            && !accounts.is_empty()
+            && let (Some(pod), Some(account)) = (&a.client.pod, &a.client.account)
+            && !accounts.contains(account)
+            && minute.flagged.insert((FindingRule::ForeignWorkload, a.user.clone(), pod.clone()))
+        {
+            volume.push(Found {
+                rule: FindingRule::ForeignWorkload,
+                user: a.user.clone(),
+                identity: who.describe(),
+                origins: super::sessions::Origins { pods: [pod.clone()].into(), addresses: BTreeSet::new() },
+                object: None,
+                message: format!(
+                    "{} used from pod {pod}, which runs as ServiceAccount {account}, not as the team's ({})",
+                    who.describe(),
+                    accounts.join(", ")
+                ),
+                at: a.at,
+            });
+        }
         if a.kind == Kind::LoginFailed
             && let Some(max) = rules.failed_logins
         {
@@ -238,7 +262,8 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 FindingRule::ReadVolume
                 | FindingRule::FailedLogins
                 | FindingRule::UnusualVolume
-                | FindingRule::RowVolume => what,
+                | FindingRule::RowVolume
+                | FindingRule::ForeignWorkload => what,
             };
             Found { rule, user, identity, object, message, at, origins: Default::default() }
         })
@@ -491,6 +516,58 @@ mod tests {
         Rules::parse(&bad, &mut errors);
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.rules.ddl.changeWindows[0].schedule", "spec.rules.ddl.changeWindows[0].duration"]);
+    }
+
+    /// As `rules.foreignWorkload` documents it: a team credential's statement placed at a pod that runs as none of
+    /// the team's ServiceAccounts (of the policy's namespace) is a finding once per user, pod and minute; the team's
+    /// own pod, an unplaced statement and a team without ServiceAccounts are none; the rule is off by default.
+    #[test]
+    fn a_team_credential_used_from_another_workload_is_found() {
+        let policy: crate::api::AccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "crm-access", "namespace": "crm"},
+            "spec": {"vault": {}, "teams": [{
+                "name": "sales", "credentials": {},
+                "subjects": [{"kind": "ServiceAccount", "name": "sales-app"},
+                             {"kind": "ServiceAccount", "name": "intruder", "namespace": "elsewhere"}],
+                "database": {"connection": "crm", "grants": [
+                    {"schema": "crm", "tables": ["invoices"], "privileges": ["SELECT"]}]}
+            }]}
+        }))
+        .unwrap();
+        let teams = [TeamUsers { policy: "crm-access".into(), team: "sales".into(), users: vec!["v-sales".into()] }];
+        let workloads = Identities::build(&[policy], &teams, &[], &Identities::default(), Timestamp::UNIX_EPOCH);
+        let from = |sec, pod: Option<&str>, account: &str| {
+            let mut x = a(sec, "v-sales", Kind::Read, "SELECT", Some("crm.invoices"));
+            x.client.pod = pod.map(Into::into);
+            x.client.account = pod.map(|_| account.into());
+            x
+        };
+        let on = Rules::parse(&access_monitor::Rules { foreign_workload: true, ..Default::default() }, &mut vec![]);
+        let mut minute = Minute::default();
+        let accesses = [
+            from(0, Some("sales-app-0"), "sales-app"),
+            from(1, None, ""),
+            from(2, Some("intruder-0"), "intruder"),
+            from(3, Some("intruder-0"), "intruder"),
+        ];
+        let f = check(&on, &workloads, &accesses, &mut minute);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!((f[0].rule, f[0].at), (FindingRule::ForeignWorkload, accesses[2].at));
+        assert_eq!(f[0].origins.pods, BTreeSet::from(["intruder-0".to_string()]));
+        assert_eq!(
+            f[0].message,
+            "team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount intruder, not \
+             as the team's (sales-app)"
+        );
+        // Off by default; a team of Groups only has no workload to compare with.
+        let off = Rules::parse(&access_monitor::Rules::default(), &mut vec![]);
+        assert!(check(&off, &workloads, &accesses, &mut Minute::default()).is_empty());
+        let mut x = from(2, Some("intruder-0"), "intruder");
+        x.user = "v-sales".into();
+        assert!(
+            check(&on, &ids(), &[x], &mut Minute::default()).iter().all(|f| f.rule != FindingRule::ForeignWorkload)
+        );
     }
 
     #[test]

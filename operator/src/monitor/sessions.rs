@@ -24,8 +24,9 @@ pub struct Client {
     pub session: Option<u64>,
     /// The client's address: an IP, [`LOCAL`], or a host name MariaDB resolved.
     pub address: Option<String>,
-    /// The pod of the monitor's namespace that has that address.
+    /// The pod of the monitor's namespace that has that address, and the ServiceAccount it runs as.
     pub pod: Option<String>,
+    pub account: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,7 +217,12 @@ mod tests {
             kind: super::super::access::Kind::Read,
             command: "SELECT".into(),
             object: object.map(Into::into),
-            client: Client { session: Some(1), address: address.map(Into::into), pod: pod.map(Into::into) },
+            client: Client {
+                session: Some(1),
+                address: address.map(Into::into),
+                pod: pod.map(Into::into),
+                account: None,
+            },
         };
         let accesses = [
             a("v-sales-1", Some("crm.invoices"), Some("10.0.0.9"), Some("intruder-0")),

@@ -17,10 +17,18 @@ const UNPLACED_RECHECK: Duration = Duration::from_secs(60);
 /// Addresses remembered at most.
 const KEPT: usize = 4096;
 
-/// Address -> (pod name and UID, or none; when it was looked up).
+/// A pod an address was placed at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Placed {
+    name: String,
+    uid: String,
+    account: String,
+}
+
+/// Address -> (the pod, or none; when it was looked up).
 #[derive(Clone, Debug, Default)]
 pub struct Placements {
-    by_address: HashMap<String, (Option<(String, String)>, Instant)>,
+    by_address: HashMap<String, (Option<Placed>, Instant)>,
 }
 
 /// Sets the pod of every access whose client address a pod of `ns` has. A failed read of the pods leaves them
@@ -43,7 +51,7 @@ pub async fn place(ctx: &Context, ns: &str, placements: &mut Placements, accesse
     };
     let stale = |a: &str| match placements.by_address.get(a) {
         None => true,
-        Some((Some((_, uid)), _)) => !live.contains(uid),
+        Some((Some(p), _)) => !live.contains(&p.uid),
         Some((None, at)) => at.elapsed() >= UNPLACED_RECHECK,
     };
     let missing: Vec<String> = addresses.iter().filter(|a| stale(a)).map(|a| a.to_string()).collect();
@@ -67,21 +75,28 @@ pub async fn place(ctx: &Context, ns: &str, placements: &mut Placements, accesse
     }
     for a in accesses.iter_mut() {
         let placed = a.client.address.as_deref().and_then(|x| placements.by_address.get(x));
-        a.client.pod =
-            placed.and_then(|(p, _)| p.as_ref()).filter(|(_, uid)| live.contains(uid)).map(|(n, _)| n.clone());
+        let pod = placed.and_then(|(p, _)| p.as_ref()).filter(|p| live.contains(&p.uid));
+        a.client.pod = pod.map(|p| p.name.clone());
+        a.client.account = pod.map(|p| p.account.clone());
     }
 }
 
-/// Pod IP -> the pods that have it (name, UID).
-fn pod_ips(pods: &[Pod]) -> BTreeMap<&str, Vec<(String, String)>> {
-    let mut by_ip: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+/// Pod IP -> the pods that have it.
+fn pod_ips(pods: &[Pod]) -> BTreeMap<&str, Vec<Placed>> {
+    let mut by_ip: BTreeMap<&str, Vec<Placed>> = BTreeMap::new();
     for p in pods {
         let (Some(name), Some(uid)) = (&p.metadata.name, &p.metadata.uid) else { continue };
         let Some(s) = &p.status else { continue };
+        // A pod that names none runs as the namespace's `default`.
+        let account = p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
         let mut ips: BTreeSet<&str> = s.pod_ips.iter().flatten().map(|i| i.ip.as_str()).collect();
         ips.extend(s.pod_ip.as_deref());
         for ip in ips {
-            by_ip.entry(ip).or_default().push((name.clone(), uid.clone()));
+            by_ip.entry(ip).or_default().push(Placed {
+                name: name.clone(),
+                uid: uid.clone(),
+                account: account.clone(),
+            });
         }
     }
     by_ip
@@ -97,6 +112,7 @@ mod tests {
         let pod = |name: &str, ip: &str, more: &[&str]| -> Pod {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "uid": format!("uid-{name}")},
+                "spec": {"serviceAccountName": format!("sa-{name}"), "containers": []},
                 "status": {"podIP": ip, "podIPs": more.iter().map(|i| serde_json::json!({"ip": i})).collect::<Vec<_>>()},
             }))
             .unwrap()
@@ -108,9 +124,10 @@ mod tests {
             pod("node-agent-2", "192.168.1.5", &[]),
         ];
         let by_ip = pod_ips(&pods);
-        assert_eq!(by_ip["fd00::1"], [("a".to_string(), "uid-a".to_string())]);
-        assert_eq!(by_ip["10.0.0.1"].len(), 1);
-        assert_eq!(by_ip["10.0.0.2"][0].0, "b");
+        let a = Placed { name: "a".into(), uid: "uid-a".into(), account: "sa-a".into() };
+        assert_eq!(by_ip["fd00::1"], std::slice::from_ref(&a));
+        assert_eq!(by_ip["10.0.0.1"], [a]);
+        assert_eq!(by_ip["10.0.0.2"][0].name, "b");
         assert_eq!(by_ip["192.168.1.5"].len(), 2);
     }
 }

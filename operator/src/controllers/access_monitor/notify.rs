@@ -51,7 +51,7 @@ pub fn severity(rule: FindingRule) -> &'static str {
     match rule {
         FindingRule::RevokedCredential | FindingRule::UnknownIdentity | FindingRule::ReadVolume => "high",
         FindingRule::UnusualVolume | FindingRule::RowVolume => "high",
-        FindingRule::OutsideGrants => "high",
+        FindingRule::OutsideGrants | FindingRule::ForeignWorkload => "high",
         FindingRule::DdlOutsideWindow | FindingRule::FailedLogins => "medium",
     }
 }

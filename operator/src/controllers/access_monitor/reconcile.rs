@@ -279,7 +279,8 @@ impl Reconcilable for AccessMonitor {
         if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
             found.extend(rows_read(s, sampled, &v, &accesses, &mut state, &mut d, now));
         }
-        for f in &mut found {
+        // (A finding about one pod came with its origin.)
+        for f in found.iter_mut().filter(|f| f.origins == Origins::default()) {
             f.origins = Origins::of(&f.user, f.object.as_deref(), &accesses);
         }
         // The response first: a read that fails there is made again, from the same position (its actions are

@@ -245,6 +245,30 @@ impl Postgres {
     }
 }
 
+/// A TCP relay on 127.0.0.1 (its port returned) whose connections reach `port` from the loopback address `from`: a
+/// test pod's address, for a client that cannot choose its own. It serves until the test process ends.
+pub fn relay_from(from: &str, port: u16) -> u16 {
+    let from: std::net::IpAddr = from.parse().expect("an address");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a relay port");
+    let local = listener.local_addr().expect("the relay's address").port();
+    listener.set_nonblocking(true).expect("a non-blocking listener");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("the relay's listener");
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind((from, 0).into())?;
+                    let mut server = socket.connect(([127, 0, 0, 1], port).into()).await?;
+                    tokio::io::copy_bidirectional(&mut client, &mut server).await.map(drop)
+                });
+            }
+        });
+    });
+    local
+}
+
 /// Runs a command: its trimmed stdout on success, its trimmed stderr otherwise.
 pub(crate) fn text_output(c: &mut Command) -> Result<String, String> {
     let out = c.output().map_err(|e| e.to_string())?;
@@ -415,9 +439,19 @@ impl MariaDb {
 
     /// Runs SQL as `user` (the password goes through the environment); `db` may be empty.
     pub fn try_sql_as(&self, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        self.sql_through(self.port, db, user, password, sql)
+    }
+
+    /// Runs SQL as `user`, connected from the loopback address `from` (a test pod's address; through a relay, as the
+    /// client cannot choose its own).
+    pub fn try_sql_from(&self, from: &str, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        self.sql_through(relay_from(from, self.port), db, user, password, sql)
+    }
+
+    fn sql_through(&self, port: u16, db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
         let mut c = Command::new(find_program("mysql"));
         c.args(["--no-defaults", "-h", "127.0.0.1", "--protocol=TCP", "--batch", "--skip-column-names"])
-            .arg(format!("--port={}", self.port))
+            .arg(format!("--port={port}"))
             .arg(format!("--user={user}"))
             .env("MYSQL_PWD", password)
             .args(["-e", sql]);

@@ -1180,7 +1180,16 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
     let normal = status("the application's read", |s| s.entries.unwrap_or(0) >= 1).await;
     assert_eq!(normal.findings, vec![], "the application on its own table is no finding");
     db.try_sql("crm", "SELECT count(*) FROM payroll").unwrap();
-    db.try_sql_as("crm", "intruder", "intr-Pw-3", "SELECT * FROM invoices").unwrap();
+    // The intruder reads from a pod of its own (its address as its kubelet would report it): the audit event's host
+    // places the read at that pod.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = serde_json::from_value(json!({"metadata": {"name": "intruder-0"},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}]}});
+    pods.patch_status("intruder-0", &PatchParams::default(), &Patch::Merge(&running)).await.unwrap();
+    db.try_sql_from("127.0.0.9", "crm", "intruder", "intr-Pw-3", "SELECT * FROM invoices").unwrap();
     for _ in 0..3 {
         assert!(db.try_sql_as("crm", &db.user, "wrong-password", "SELECT 1").is_err());
     }
@@ -1194,6 +1203,8 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
     ] {
         assert!(got.contains(&want), "{want:?} in {got:?}");
     }
+    let intruder = found.findings.iter().find(|f| f.user == "intruder").unwrap();
+    assert_eq!(intruder.pods, ["intruder-0"], "{intruder:#?}");
     let everything =
         format!("{}\n{}", op.logs(), serde_json::to_string(&monitors.get("crm-db").await.unwrap()).unwrap());
     for leak in [SECRET, "intr-Pw-3", db.password.as_str()] {

@@ -347,7 +347,7 @@ pub struct FailedLoginsRule {
 #[x_kube(validation = Rule::new("self.revokeCredentials || has(self.quarantineThrough)").message("a response does something: set revokeCredentials: true and/or quarantineThrough: <NetworkGuard>"))]
 pub struct Response {
     /// The rules whose findings are responded to, e.g. `[ReadVolume, RevokedCredential]`.
-    #[schemars(length(min = 1, max = 8))]
+    #[schemars(length(min = 1, max = 16))]
     pub triggers: Vec<FindingRule>,
     /// Only record what would be done (status, Events, the audit trail); nothing is revoked or isolated.
     #[serde(default)]
@@ -397,10 +397,15 @@ pub struct Incident {
     /// Why the response could not be carried out, if it could not (a target refused it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
-    /// The pods its findings' statements came from (their client addresses): the ones `quarantineThrough` isolates.
-    /// Empty when no client was placed (then the pods of the team's ServiceAccounts are isolated).
+    /// The pods its findings' statements came from (by their client addresses; at most 20): the ones
+    /// `quarantineThrough` isolates; a pod a later finding brings is isolated at that read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pods: Vec<String>,
+    /// Client addresses its findings' statements came from that no pod of the namespace has (at most 20). When
+    /// neither is known, `quarantineThrough` isolates the pods of the team's ServiceAccounts; when only these are,
+    /// no pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// What a finding is about.
@@ -443,10 +448,11 @@ pub struct Finding {
     /// When the database logged the first entry of the finding.
     pub at: Time,
     /// The pods of this namespace the statements came from, by their client addresses (PostgreSQL: the session's
-    /// address from `log_connections` or `pg_stat_activity`; MariaDB: the audit event's host).
+    /// address from `log_connections` or `pg_stat_activity`; MariaDB: the audit event's host); at most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pods: Vec<String>,
-    /// Client addresses no pod of this namespace has (`[local]`: the database pod's own socket).
+    /// Client addresses no pod of this namespace has (`[local]` on PostgreSQL, `localhost` on MariaDB: the database
+    /// pod's own socket).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
 }

@@ -114,9 +114,7 @@ pub fn replay(a: ReplayArgs) -> Result<ExitCode, String> {
             if let Some(settings) = &rules.baseline {
                 found = rules::with_baseline(found, &mut baseline, settings, &ids, &got);
             }
-            for f in found.iter_mut().filter(|f| f.origins == Default::default()) {
-                f.origins = crate::monitor::sessions::Origins::of(&f.user, f.object.as_deref(), &got);
-            }
+            rules::volume_origins(&mut found, &got);
             for f in &found {
                 *found_by.entry(format!("{:?}", f.rule)).or_default() += 1;
                 if a.findings {

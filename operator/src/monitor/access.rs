@@ -5,7 +5,7 @@
 
 use jiff::Timestamp;
 
-use super::sessions::{Client, Connection, Sessions};
+use super::sessions::{Client, Connection, Sessions, UNKNOWN};
 use super::{pgaudit, server_audit};
 
 /// What kind of access.
@@ -106,10 +106,14 @@ fn postgres_record(at: Timestamp, record: &str, sessions: &mut Sessions) -> Opti
     }
     let p = pgaudit::prefixed(record)?;
     if p.level == "LOG" {
+        // Only as PostgreSQL writes them: the connection before the login (`[unknown]@[unknown]`), the login behind
+        // its own user (any session can log a message of its choosing behind its own prefix).
         match Connection::parse(p.message)? {
-            Connection::Received { host } => sessions.connected(p.pid, host, at),
-            Connection::Authorized { user } => sessions.authorized(p.pid, user, at),
-            Connection::Ended => sessions.disconnected(p.pid),
+            Connection::Received { host } if p.user == UNKNOWN && p.database == UNKNOWN => {
+                sessions.connected(p.pid, host, at)
+            }
+            Connection::Authorized { user } if user == p.user => sessions.authorized(p.pid, user, at),
+            _ => {}
         }
         return None;
     }
@@ -180,7 +184,7 @@ mod tests {
     }
 
     /// Lines as `kubectl logs --timestamps` shows them, the messages as PostgreSQL 15 and pgaudit write them (the
-    /// connection lines with `log_connections` and `log_disconnections` on).
+    /// connection lines with `log_connections` on); session 41 logs connection lines of its own making (`RAISE LOG`).
     #[test]
     fn postgres_entries_refusals_and_failed_logins_become_accesses() {
         let log = "\
@@ -190,7 +194,12 @@ mod tests {
 2026-12-03T09:00:00.100000100Z \tFROM crm.invoices WHERE customer = 'ACME'\",<not logged>
 2026-12-03T09:00:01.000000000Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm ERROR:  permission denied for table payroll
 2026-12-03T09:00:01.000000100Z 2026-12-03 09:00:01.000 UTC [41] v-sales-1@crm STATEMENT:  SELECT * FROM crm.payroll WHERE salary > 100000
+2026-12-03T09:00:01.200000000Z 2026-12-03 09:00:01.200 UTC [41] v-sales-1@crm LOG:  connection received: host=10.244.1.99 port=1
+2026-12-03T09:00:01.300000000Z 2026-12-03 09:00:01.300 UTC [41] v-sales-1@crm LOG:  connection authorized: user=mallory database=crm
 2026-12-03T09:00:01.500000000Z 2026-12-03 09:00:01.500 UTC [41] v-sales-1@crm LOG:  disconnection: session time: 0:00:02.500 user=v-sales-1 database=crm host=10.244.1.7 port=51234
+2026-12-03T09:00:01.600000000Z 2026-12-03 09:00:01.600 UTC [45] [unknown]@[unknown] LOG:  connection received: host=10.244.1.8 port=5
+2026-12-03T09:00:01.700000000Z 2026-12-03 09:00:01.700 UTC [45] crm_app@crm LOG:  connection authorized: user=crm_app database=crm
+2026-12-03T09:00:01.800000000Z 2026-12-03 09:00:01.800 UTC [45] crm_app@crm LOG:  AUDIT: SESSION,1,1,READ,SELECT,TABLE,crm.contacts,SELECT 1 FROM crm.contacts,<not logged>
 2026-12-03T09:00:02.000000000Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm FATAL:  password authentication failed for user \"mallory\"
 2026-12-03T09:00:02.000000100Z 2026-12-03 09:00:02.000 UTC [42] mallory@crm DETAIL:  Role \"mallory\" does not exist.
 2026-12-03T09:00:03.000000000Z 2026-12-03 09:00:03.000 UTC [43] postgres@crm LOG:  AUDIT: SESSION,1,1,DDL,ALTER TABLE,TABLE,crm.invoices,ALTER TABLE crm.invoices ADD COLUMN note text DEFAULT 'x',<not logged>
@@ -217,10 +226,19 @@ not a timed line
             vec![
                 a("2026-12-03T09:00:00.1Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices"), 41, pod),
                 a("2026-12-03T09:00:01Z", "v-sales-1", Kind::Denied, "TABLE", Some("payroll"), 41, pod),
+                a(
+                    "2026-12-03T09:00:01.8Z",
+                    "crm_app",
+                    Kind::Read,
+                    "SELECT",
+                    Some("crm.contacts"),
+                    45,
+                    Some("10.244.1.8")
+                ),
                 a("2026-12-03T09:00:02Z", "mallory", Kind::LoginFailed, "LOGIN", None, 42, None),
                 a("2026-12-03T09:00:03Z", "postgres", Kind::Ddl, "ALTER TABLE", Some("crm.invoices"), 43, None),
-                // After the session ended: a process id given again to a session not seen.
-                a("2026-12-03T09:00:03.5Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices"), 41, None),
+                // The session's own (forged) connection, login and disconnection lines changed nothing.
+                a("2026-12-03T09:00:03.5Z", "v-sales-1", Kind::Read, "SELECT", Some("crm.invoices"), 41, pod),
             ]
         );
         assert!(!format!("{accesses:?}").contains("ACME"));

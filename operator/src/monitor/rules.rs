@@ -8,6 +8,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::access::{Access, Kind};
 use super::attribution::{Identities, Who};
+use super::sessions::Origins;
 use crate::api::access_monitor::{self, FindingRule};
 use crate::api::access_policy::SqlPrivilege;
 use crate::validation::FieldError;
@@ -85,8 +86,8 @@ pub struct Found {
     pub message: String,
     /// The first access of the finding.
     pub at: Timestamp,
-    /// Where its statements came from (filled in once the clients are placed).
-    pub origins: super::sessions::Origins,
+    /// Where its statements came from: the accesses it counted (of this read) whose clients were placed.
+    pub origins: Origins,
 }
 
 /// Counts of the current minute, carried from one read of the log to the next.
@@ -160,13 +161,19 @@ type FindingKey = (FindingRule, String, Option<String>);
 /// Checks `accesses` (in log order) against the rules; `minute` carries the per-minute counts between reads. One
 /// finding per rule, user and object per call (with the number of accesses), and per minute for the volume rules.
 pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut Minute) -> Vec<Found> {
-    // (rule, user, object) -> (first access, count, commands)
-    let mut found: BTreeMap<FindingKey, (Timestamp, u64, BTreeSet<String>)> = BTreeMap::new();
+    // (rule, user, object) -> (first access, count, commands, where they came from)
+    let mut found: BTreeMap<FindingKey, (Timestamp, u64, BTreeSet<String>, Origins)> = BTreeMap::new();
     let mut volume: Vec<Found> = Vec::new();
     let mut add = |rule, a: &Access| {
-        let e = found.entry((rule, a.user.clone(), a.object.clone())).or_insert((a.at, 0, BTreeSet::new()));
+        let e = found.entry((rule, a.user.clone(), a.object.clone())).or_insert((
+            a.at,
+            0,
+            BTreeSet::new(),
+            Origins::default(),
+        ));
         e.1 += 1;
         e.2.insert(format!("{} {}", a.kind.as_str(), a.command));
+        e.3.add(&a.client);
     };
     for a in accesses {
         minute.at(a.at);
@@ -207,6 +214,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
         }
         // Once per user, pod and minute.
         if rules.foreign_workload
+            && a.kind != Kind::LoginFailed
             && let Who::Team { accounts, .. } = who
             && !accounts.is_empty()
             && let (Some(pod), Some(account)) = (&a.client.pod, &a.client.account)
@@ -217,7 +225,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 rule: FindingRule::ForeignWorkload,
                 user: a.user.clone(),
                 identity: who.describe(),
-                origins: super::sessions::Origins { pods: [pod.clone()].into(), addresses: BTreeSet::new() },
+                origins: Origins { pods: [pod.clone()].into(), addresses: BTreeSet::new() },
                 object: None,
                 message: format!(
                     "{} used from pod {pod}, which runs as ServiceAccount {account}, not as the team's ({})",
@@ -247,7 +255,7 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
     }
     let mut out: Vec<Found> = found
         .into_iter()
-        .map(|((rule, user, object), (at, n, commands))| {
+        .map(|((rule, user, object), (at, n, commands, origins))| {
             let identity = ids.who(&user).describe();
             let on = object.as_deref().map(|o| format!(" on {o}")).unwrap_or_default();
             let what = commands.into_iter().collect::<Vec<_>>().join(", ");
@@ -265,12 +273,36 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 | FindingRule::RowVolume
                 | FindingRule::ForeignWorkload => what,
             };
-            Found { rule, user, identity, object, message, at, origins: Default::default() }
+            Found { rule, user, identity, object, message, at, origins }
         })
-        .chain(volume)
+        .chain(volume.into_iter().map(|mut f| {
+            // The volumes' origins: the accesses of this read they counted.
+            if f.origins == Origins::default() {
+                for a in accesses.iter().filter(|a| a.user == f.user) {
+                    let counted = match f.rule {
+                        FindingRule::ReadVolume => a.kind == Kind::Read && a.object == f.object,
+                        FindingRule::FailedLogins => a.kind == Kind::LoginFailed,
+                        _ => false,
+                    };
+                    if counted {
+                        f.origins.add(&a.client);
+                    }
+                }
+            }
+            f
+        }))
         .collect();
     out.sort_by_key(|f| (f.at, f.rule));
     out
+}
+
+/// The origins of the volumes the statistics and the baseline found: the user's reads of the table in this read.
+pub fn volume_origins(found: &mut [Found], accesses: &[Access]) {
+    for f in found.iter_mut().filter(|f| matches!(f.rule, FindingRule::RowVolume | FindingRule::UnusualVolume)) {
+        if let Some(table) = &f.object {
+            f.origins = Origins::of_reads(&f.user, table, accesses);
+        }
+    }
 }
 
 /// `found` and the findings of the learned baseline over the same accesses, in order (the controller's and the
@@ -347,7 +379,7 @@ pub struct Summary {
     pub last: Timestamp,
     pub count: u64,
     /// Where the accesses came from.
-    pub origins: super::sessions::Origins,
+    pub origins: Origins,
 }
 
 /// Accesses summed per user, kind and object, in that order.
@@ -364,11 +396,7 @@ pub fn summarize(accesses: &[Access]) -> Vec<Summary> {
             origins: Default::default(),
         });
         s.count += 1;
-        match (&a.client.pod, &a.client.address) {
-            (Some(p), _) => s.origins.pods.insert(p.clone()),
-            (None, Some(x)) => s.origins.addresses.insert(x.clone()),
-            (None, None) => false,
-        };
+        s.origins.add(&a.client);
         s.first = s.first.min(a.at);
         s.last = s.last.max(a.at);
     }

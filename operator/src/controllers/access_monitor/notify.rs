@@ -449,6 +449,7 @@ mod tests {
             pending: false,
             failed: None,
             pods: vec![],
+            addresses: vec![],
         }
     }
 

@@ -21,7 +21,6 @@ use crate::monitor::access::{self, Access};
 use crate::monitor::attribution::{Identities, TeamUsers, keep_revoked, mask_unknown_logins};
 use crate::monitor::baseline::{self, Baseline};
 use crate::monitor::rules::{self, Found, Minute};
-use crate::monitor::sessions::Origins;
 use crate::netpol::selector_matches;
 use crate::validation::FieldError;
 
@@ -163,6 +162,8 @@ impl Reconcilable for AccessMonitor {
             if let Some(b) = state.baseline.as_mut() {
                 b.interrupted();
             }
+            // Another server: its process ids are not the old one's sessions.
+            state.sessions = Default::default();
             d.events.push(Note::warning(
                 AccessMonitorEvent::LinesSkipped,
                 format!(
@@ -261,7 +262,7 @@ impl Reconcilable for AccessMonitor {
         // The sessions the sample lists place the statements of sessions the log did not show beginning.
         if let Some(Ok(sample)) = &sampled {
             state.sessions.sampled(&sample.sessions, now);
-            state.sessions.fill(&mut accesses, now);
+            state.sessions.fill(&mut accesses);
         }
         clients::place(ctx, &ns, &mut state.placements, &mut accesses).await;
         state.identities = identities(ctx, self, &ns, &mut state, &accesses, now).await?;
@@ -279,10 +280,7 @@ impl Reconcilable for AccessMonitor {
         if let (Some(s), Some(sampled)) = (&self.spec.database.statistics, sampled) {
             found.extend(rows_read(s, sampled, &v, &accesses, &mut state, &mut d, now));
         }
-        // (A finding about one pod came with its origin.)
-        for f in found.iter_mut().filter(|f| f.origins == Origins::default()) {
-            f.origins = Origins::of(&f.user, f.object.as_deref(), &accesses);
-        }
+        rules::volume_origins(&mut found, &accesses);
         // The response first: a read that fails there is made again, from the same position (its actions are
         // idempotent), and only a pass that gets through records its accesses, so nothing is recorded twice.
         let response = self.spec.response.as_ref();
@@ -296,6 +294,8 @@ impl Reconcilable for AccessMonitor {
             // The previous container's log read to its end: the current one's next, at once.
             Some((was, now)) if !cut => {
                 d.status.restart_count = Some(now);
+                // The new container's server numbers its sessions anew.
+                state.sessions = Default::default();
                 d.requeue_after = Some(Duration::from_millis(200));
                 let lost = now - was - 1;
                 if lost > 0 || gone.is_some() {
@@ -695,7 +695,7 @@ fn finding(f: &Found) -> Finding {
         object: f.object.clone(),
         message: f.message.clone(),
         at: Time(f.at),
-        pods: f.origins.pods.iter().cloned().collect(),
-        addresses: f.origins.addresses.iter().cloned().collect(),
+        pods: f.origins.pods.iter().take(respond::ORIGINS_KEPT).cloned().collect(),
+        addresses: f.origins.addresses.iter().take(respond::ORIGINS_KEPT).cloned().collect(),
     }
 }

@@ -27,6 +27,8 @@ use crate::monitor::rules::Found;
 pub const ACKNOWLEDGE: &str = "crmguard.io/acknowledge";
 /// Incidents kept in status (every open one, then the newest acknowledged).
 pub const INCIDENTS_KEPT: usize = 20;
+/// Pods and addresses an incident keeps at most.
+pub const ORIGINS_KEPT: usize = 20;
 /// Controller name of the response's writes in the audit trail.
 const AUDIT_AS: &str = "accessmonitor";
 
@@ -112,15 +114,19 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
             if !i.rules.contains(&f.rule) {
                 i.rules.push(f.rule);
             }
-            // Pods a carried-out response did not isolate are isolated at the next read (a pending incident).
+            // A pod the response has not isolated yet is isolated in this pass (the incident is in status already).
             let new: Vec<&String> = f.origins.pods.iter().filter(|p| !i.pods.contains(p)).collect();
             if !new.is_empty() {
                 i.pods.extend(new.into_iter().cloned());
                 i.pods.sort();
-                if !i.dry_run && !i.pending && i.failed.is_none() {
-                    i.pending = true;
-                }
+                i.pending |= !i.dry_run;
             }
+            for a in f.origins.addresses.iter().filter(|a| !i.addresses.contains(a)).collect::<Vec<_>>() {
+                i.addresses.push(a.clone());
+            }
+            i.addresses.sort();
+            i.addresses.truncate(ORIGINS_KEPT);
+            i.pods.truncate(ORIGINS_KEPT);
             continue;
         }
         let mut id = format!("{policy}-{team}-{}", f.at.as_second());
@@ -142,7 +148,8 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
                 holds_credentials: r.revoke_credentials && !r.dry_run,
                 pending: !r.dry_run,
                 failed: None,
-                pods: f.origins.pods.iter().cloned().collect(),
+                pods: f.origins.pods.iter().take(ORIGINS_KEPT).cloned().collect(),
+                addresses: f.origins.addresses.iter().take(ORIGINS_KEPT).cloned().collect(),
             },
         );
     }
@@ -166,7 +173,7 @@ fn record(m: &AccessMonitor, i: &Incident, now: Timestamp, access: &str) -> Acce
         finding: Some(format!("{:?}", i.rules)),
         message: Some(format!("incident {}: {}", i.id, i.actions.join("; "))),
         pods: i.pods.clone(),
-        addresses: vec![],
+        addresses: i.addresses.clone(),
     }
 }
 
@@ -183,7 +190,10 @@ async fn would(ctx: &Context, m: &AccessMonitor, r: &Response, i: &Incident) -> 
         let ns = m.metadata.namespace.clone().unwrap_or_default();
         let policy = Api::<AccessPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(&i.access_policy).await?;
         let (pods, whose) = targets(ctx, &ns, policy.as_ref(), i).await?;
-        actions.push(format!("would isolate pod(s) [{}]{whose} through NetworkGuard {guard}", pods.join(", ")));
+        actions.push(match pods.is_empty() {
+            true => format!("would isolate nothing: {}", nothing_to_isolate(i)),
+            false => format!("would isolate pod(s) [{}]{whose} through NetworkGuard {guard}", pods.join(", ")),
+        });
     }
     Ok(actions)
 }
@@ -221,7 +231,7 @@ async fn carry_out(
         let (pods, whose) = targets(ctx, &ns, policy.as_ref(), i).await?;
         let g = Api::<NetworkGuard>::namespaced(ctx.client.clone(), &ns).get_opt(guard).await?;
         match g {
-            _ if pods.is_empty() => actions.push(format!("no pod of team {}'s ServiceAccounts to isolate", i.team)),
+            _ if pods.is_empty() => actions.push(nothing_to_isolate(i)),
             None => failures.push(format!("NetworkGuard {guard} does not exist")),
             Some(g) if !g.spec.webhook.as_ref().is_some_and(|w| w.access_monitors.contains(&name)) => failures.push(
                 format!("NetworkGuard {guard} does not accept AccessMonitor {name} (spec.webhook.accessMonitors)"),
@@ -251,17 +261,30 @@ async fn carry_out(
 }
 
 /// The pods an incident isolates: those its statements came from when any was placed (a stolen credential is used
-/// from another pod than the team's), else the team's; and how the action names them.
+/// from another pod than the team's); none when they came only from addresses no pod has; the team's when nothing is
+/// known of where they came from. And how the action names them.
 async fn targets(
     ctx: &Context,
     ns: &str,
     policy: Option<&AccessPolicy>,
     i: &Incident,
 ) -> Result<(Vec<String>, &'static str), Error> {
-    if i.pods.is_empty() {
-        Ok((team_pods(ctx, ns, policy, &i.team).await?, ""))
+    match (i.pods.is_empty(), i.addresses.is_empty()) {
+        (false, _) => Ok((i.pods.clone(), " (the statements came from them)")),
+        (true, false) => Ok((vec![], "")),
+        (true, true) => Ok((team_pods(ctx, ns, policy, &i.team).await?, "")),
+    }
+}
+
+/// Why an incident isolates no pod.
+fn nothing_to_isolate(i: &Incident) -> String {
+    if i.addresses.is_empty() {
+        format!("no pod of team {}'s ServiceAccounts to isolate", i.team)
     } else {
-        Ok((i.pods.clone(), " (the statements came from them)"))
+        format!(
+            "no pod to isolate: the statements came from address(es) {}, which no pod of the namespace has",
+            i.addresses.join(", ")
+        )
     }
 }
 

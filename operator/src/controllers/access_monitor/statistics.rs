@@ -43,7 +43,8 @@ const SAMPLE: &str = "SELECT userid, pg_catalog.pg_get_userbyid(userid)::text, q
 /// The sessions of the connection's database and their clients (`client_port` -1: the server's own socket; without
 /// pg_read_all_stats another role's client is not shown, and its session is left out).
 const SESSIONS: &str = "SELECT pid, usename::text, \
-    CASE WHEN client_port = -1 THEN '[local]' ELSE host(client_addr) END \
+    CASE WHEN client_port = -1 THEN '[local]' ELSE host(client_addr) END, \
+    extract(epoch FROM backend_start)::float8 \
     FROM pg_stat_activity \
     WHERE datname = current_database() AND backend_type = 'client backend' AND usename IS NOT NULL \
       AND (client_addr IS NOT NULL OR client_port = -1) AND pid <> pg_backend_pid()";
@@ -140,8 +141,8 @@ pub enum Counts {
 pub struct Sample {
     pub counts: Counts,
     pub fresh: bool,
-    /// PostgreSQL's sessions: (server process, user, client address).
-    pub sessions: Vec<(u64, String, String)>,
+    /// PostgreSQL's sessions.
+    pub sessions: Vec<crate::monitor::sessions::Sampled>,
 }
 
 /// Why a sample could not be taken, said in the `RowsCounted` condition (never a password or a value).
@@ -442,18 +443,26 @@ pub async fn sample(
         MonitoredEngine::Mysql => sample_mariadb(db, &mut statements.mariadb).await,
     };
     let counts = counts.map_err(|e| with_fix(engine, e))?;
-    // MariaDB's audit events carry their client's host.
+    // MariaDB's audit events carry their client's host. The sessions are a help, not the sample: a failure leaves
+    // the statements unplaced (the connection is made again next time).
     let sessions = match engine {
-        MonitoredEngine::Postgres => query(db, SESSIONS, &[])
-            .await?
-            .iter()
-            .map(|r| {
-                (r.get::<_, i32>(0) as u64, r.get::<_, String>(1), r.get::<_, Option<String>>(2).unwrap_or_default())
-            })
-            .collect(),
+        MonitoredEngine::Postgres => match query(db, SESSIONS, &[]).await {
+            Ok(rows) => rows.iter().filter_map(session).collect(),
+            Err(e) => {
+                tracing::warn!(error = ?e, "pg_stat_activity could not be read: sessions not placed");
+                vec![]
+            }
+        },
         MonitoredEngine::Mysql => vec![],
     };
     Ok(Sample { counts, fresh, sessions })
+}
+
+/// A row of [`SESSIONS`].
+fn session(r: &tokio_postgres::Row) -> Option<crate::monitor::sessions::Sampled> {
+    let since = r.get::<_, Option<f64>>(3)?;
+    let since = jiff::Timestamp::from_nanosecond((since * 1e9) as i128).ok()?;
+    Some((r.get::<_, i32>(0) as u64, r.get::<_, String>(1), r.get::<_, Option<String>>(2)?, since))
 }
 
 /// A query's failure with what to check on the server.

@@ -780,8 +780,9 @@ async fn connect_from(pod_ip: &str, port: u16, user: &str, password: &str) -> to
 /// Incident.pods, the README's attribution section; PostgreSQL's `pg_stat_activity.client_addr` and
 /// `log_connections`): the intruder's session began before the monitor read the log, so only pg_stat_activity (the
 /// statistics role's sample) knows its address; the team pod's session is short (gone before any sample), so only
-/// the log's connection line does. The finding names `intruder-0`, the incident isolates `intruder-0` and not
-/// `sales-app-0`, and the access records say which pod read what.
+/// the log's connection line does; connection lines the intruder logs itself (`RAISE LOG`) change nothing. The
+/// findings name `intruder-0`, the incident isolates `intruder-0` and not `sales-app-0`, and the access records say
+/// which pod read what.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod_is_isolated() {
     use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -847,6 +848,15 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     let app = connect_from("127.0.0.7", m.pg.port, &su, &sp).await;
     app.simple_query("SELECT count(*) FROM contacts").await.unwrap();
     drop(app);
+    // The intruder tries to pass for the team's pod: connection lines of its own making (any session may log a
+    // message; PostgreSQL writes it behind the session's own prefix).
+    intruder
+        .batch_execute(
+            "DO $$BEGIN RAISE LOG 'connection received: host=127.0.0.7 port=1'; \
+             RAISE LOG 'connection authorized: user=crm_app database=crm'; END$$",
+        )
+        .await
+        .unwrap();
     for _ in 0..8 {
         intruder.simple_query("SELECT * FROM invoices").await.unwrap();
     }

@@ -70,6 +70,20 @@ pub struct Identities {
     pub valid_until: Option<Timestamp>,
 }
 
+/// The ServiceAccounts of `policy`'s namespace that team `team`'s subjects name (its workloads run as them).
+pub fn team_accounts(policy: &AccessPolicy, team: &str) -> BTreeSet<String> {
+    let ns = policy.metadata.namespace.as_deref();
+    policy
+        .spec
+        .teams
+        .iter()
+        .filter(|x| x.name == team)
+        .flat_map(|x| x.subjects.iter())
+        .filter(|s| s.kind == SubjectKind::ServiceAccount && s.namespace.as_deref().is_none_or(|n| Some(n) == ns))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
 impl Identities {
     /// From the attributed AccessPolicies, the users their teams' Secrets record, the users the spec names, and
     /// what was known before (a team's user known before and no longer recorded was revoked). Grants that expired
@@ -112,23 +126,13 @@ impl Identities {
                         .map(|table| Grant { table: format!("{}.{table}", g.schema), privileges: g.privileges.clone() })
                 })
                 .collect::<Vec<_>>();
-            let accounts: BTreeSet<String> = policies
+            let accounts: Vec<String> = policies
                 .iter()
                 .filter(|p| p.metadata.name.as_deref() == Some(t.policy.as_str()))
-                .flat_map(|p| {
-                    let ns = p.metadata.namespace.clone();
-                    p.spec
-                        .teams
-                        .iter()
-                        .filter(|x| x.name == t.team)
-                        .flat_map(|x| x.subjects.iter())
-                        .filter(move |s| {
-                            s.kind == SubjectKind::ServiceAccount && (s.namespace.is_none() || s.namespace == ns)
-                        })
-                        .map(|s| s.name.clone())
-                })
+                .flat_map(|p| team_accounts(p, &t.team))
+                .collect::<BTreeSet<String>>()
+                .into_iter()
                 .collect();
-            let accounts: Vec<String> = accounts.into_iter().collect();
             for user in &t.users {
                 let who = Who::Team {
                     team: t.team.clone(),

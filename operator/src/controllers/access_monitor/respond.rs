@@ -15,12 +15,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::api::access_monitor::{AccessMonitorEvent, AccessMonitorStatus, Incident, Response};
-use crate::api::access_policy::SubjectKind;
 use crate::api::{AccessMonitor, AccessPolicy, NetworkGuard};
 use crate::audit::AccessRecord;
 use crate::controllers::contract::{Context, Error, Note};
 use crate::controllers::network_guard::request::{self, Request};
-use crate::monitor::attribution::Identities;
+use crate::monitor::attribution::{Identities, team_accounts};
 use crate::monitor::rules::Found;
 
 /// The annotation on the monitor that acknowledges incidents: their ids, comma-separated.
@@ -290,13 +289,7 @@ fn nothing_to_isolate(i: &Incident) -> String {
 
 /// The pods that have not finished and run as team `team`'s ServiceAccounts (its policy's subjects in `ns`).
 async fn team_pods(ctx: &Context, ns: &str, policy: Option<&AccessPolicy>, team: &str) -> Result<Vec<String>, Error> {
-    let accounts: BTreeSet<&str> = policy
-        .iter()
-        .flat_map(|p| p.spec.teams.iter().filter(|t| t.name == team))
-        .flat_map(|t| t.subjects.iter())
-        .filter(|s| s.kind == SubjectKind::ServiceAccount && s.namespace.as_deref().is_none_or(|n| n == ns))
-        .map(|s| s.name.as_str())
-        .collect();
+    let accounts: BTreeSet<String> = policy.map(|p| team_accounts(p, team)).unwrap_or_default();
     if accounts.is_empty() {
         return Ok(vec![]);
     }

@@ -575,6 +575,22 @@ pub struct OpenBao {
 }
 
 impl OpenBao {
+    /// Enables the database secrets engine at `mount` with connection `crm` to a MariaDB (Vault's mysql plugin,
+    /// logging in as its administrator), for any role.
+    pub fn mysql_connection(&self, mount: &str, db: &MariaDb) {
+        self.cli(&["secrets", "enable", &format!("-path={mount}"), "database"]).unwrap();
+        self.cli(&[
+            "write",
+            &format!("{mount}/config/crm"),
+            "plugin_name=mysql-database-plugin",
+            &format!("connection_url={{{{username}}}}:{{{{password}}}}@tcp(127.0.0.1:{})/", db.port),
+            &format!("username={}", db.user),
+            &format!("password={}", db.password),
+            "allowed_roles=*",
+        ])
+        .unwrap();
+    }
+
     /// The server shared by the tests of this binary.
     pub fn shared() -> &'static OpenBao {
         static BAO: OnceLock<OpenBao> = OnceLock::new();

@@ -461,17 +461,7 @@ async fn a_mysql_connection_gets_mysql_grants_on_exactly_the_teams_tables() {
     // The connection is configured in Vault by hand here (no connectionSecretRef): crmguard learns the engine
     // from its plugin_name.
     let mount = format!("dbm-{id}");
-    bao.cli(&["secrets", "enable", &format!("-path={mount}"), "database"]).unwrap();
-    bao.cli(&[
-        "write",
-        &format!("{mount}/config/crm"),
-        "plugin_name=mysql-database-plugin",
-        &format!("connection_url={{{{username}}}}:{{{{password}}}}@tcp(127.0.0.1:{})/", maria.port),
-        &format!("username={}", maria.user),
-        &format!("password={}", maria.password),
-        "allowed_roles=*",
-    ])
-    .unwrap();
+    bao.mysql_connection(&mount, maria);
     let op = Operator::start_with_env(
         &cluster.kubeconfig,
         &["--leader-election=false", "--namespace", &ns, "--vault-addr", &bao.addr()],

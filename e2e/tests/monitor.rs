@@ -1,7 +1,8 @@
-//! The access monitor's collection against real databases (issue 18, in progress): PostgreSQL 15 with pgaudit and
-//! MariaDB with its audit plugin. The entries they write are read from their logs, attributed to the database user
-//! that ran them, classed and tied to the table, and keep no value of the statements (expected classes and objects
-//! from the plugins' documentation).
+//! The access monitor against real databases (issue 18): PostgreSQL 15 with pgaudit and MariaDB with its audit
+//! plugin. The entries they write are read from their logs, attributed to the database user that ran them and the pod
+//! it ran from, classed and tied to the table, and keep no value of the statements (expected classes and objects from
+//! the plugins' documentation); rules, statistics, baselines, alerts and reports; exfiltrations detected and contained
+//! on both databases.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
@@ -588,26 +589,8 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
         .await
         .unwrap();
     let pods: Api<Pod> = Api::namespaced(m.client.clone(), &m.ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "sales-app-0", "labels": {"app": "sales-app", "part-of": "crm"}},
-        "spec": {"serviceAccountName": "sales-app", "containers": [{"name": "app", "image": "busybox"}]},
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
-        "stringData": {"token": "t0ken-for-alertmanager"}}))
-    .unwrap();
-    m.secrets.create(&PostParams::default(), &token).await.unwrap();
-    let guards: Api<crmguard::api::NetworkGuard> = Api::namespaced(m.client.clone(), &m.ns);
-    let guard = serde_json::from_value(json!({
-        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
-        "metadata": {"name": "crm-firewall"},
-        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
-                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m",
-                             "accessMonitors": ["crm-db"]}},
-    }))
-    .unwrap();
-    guards.create(&PostParams::default(), &guard).await.unwrap();
+    crm_pod(&m.client, &m.ns, "sales-app-0", Some("sales-app"), None).await;
+    quarantine_guard(&m.client, &m.ns).await;
     m.monitor(
         json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}]}),
         Some(json!({"triggers": ["ReadVolume"], "revokeCredentials": true, "quarantineThrough": "crm-firewall"})),
@@ -659,17 +642,8 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
     .await;
     let held = m.secrets.get("crm-access-sales-db").await.unwrap();
     assert!(held.data.unwrap_or_default().values().all(|v| v.0.is_empty()), "the held Secret keeps no credential");
-    let isolated = eventually(30, "the team's pod isolated", || async {
-        let p = pods.get("sales-app-0").await.map_err(|e| e.to_string())?;
-        let l = p.metadata.labels.clone().unwrap_or_default();
-        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
-            Ok(p)
-        } else {
-            Err(format!("{l:?}"))
-        }
-    })
-    .await;
-    assert!(isolated.metadata.annotations.unwrap_or_default().values().any(|v| v.contains(&incident.id)));
+    let pod = isolated(&pods, "sales-app-0").await;
+    assert!(pod.metadata.annotations.unwrap_or_default().values().any(|v| v.contains(&incident.id)));
     // The revoked credential, used again, is a finding of its own.
     let _ = as_sales("SELECT count(*) FROM contacts");
     m.until("the revoked credential's use", |s| {
@@ -760,6 +734,60 @@ async fn an_exfiltration_is_contained_and_released_on_acknowledgement() {
     );
 }
 
+/// NetworkGuard `crm-firewall` over the pods labelled `part-of: crm`, whose alert-driven quarantine (10 min) accepts
+/// AccessMonitor `crm-db`'s requests, and its token Secret.
+async fn quarantine_guard(client: &kube::Client, ns: &str) {
+    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
+        "stringData": {"token": "t0ken-for-alertmanager"}}))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &token).await.unwrap();
+    let guard = serde_json::from_value(json!({
+        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard", "metadata": {"name": "crm-firewall"},
+        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
+                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m",
+                             "accessMonitors": ["crm-db"]}},
+    }))
+    .unwrap();
+    Api::<crmguard::api::NetworkGuard>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &guard)
+        .await
+        .unwrap();
+}
+
+/// A pod labelled `part-of: crm` (and `app: <account>`), running as ServiceAccount `account` (none: the namespace's
+/// default) with address `ip` when given: the test acts as its kubelet.
+async fn crm_pod(client: &kube::Client, ns: &str, name: &str, account: Option<&str>, ip: Option<&str>) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut pod = json!({
+        "metadata": {"name": name, "labels": {"part-of": "crm"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+    });
+    if let Some(a) = account {
+        pod["metadata"]["labels"]["app"] = json!(a);
+        pod["spec"]["serviceAccountName"] = json!(a);
+    }
+    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    if let Some(ip) = ip {
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    }
+}
+
+/// Pod `name` once the guard `crm-firewall` has isolated it (its quarantine label).
+async fn isolated(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> k8s_openapi::api::core::v1::Pod {
+    eventually(30, &format!("pod {name} isolated"), || async {
+        let p = pods.get(name).await.map_err(|e| e.to_string())?;
+        let l = p.metadata.labels.clone().unwrap_or_default();
+        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
+            Ok(p)
+        } else {
+            Err(format!("{l:?}"))
+        }
+    })
+    .await
+}
+
 /// A session of a workload, connected from the pod's own address (a test's pods are told apart by their loopback
 /// addresses, 127.0.0.x, as the test kubelet gives them).
 async fn connect_from(pod_ip: &str, port: u16, user: &str, password: &str) -> tokio_postgres::Client {
@@ -809,30 +837,9 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     }
     // Two running pods with their addresses (the test acts as their kubelet).
     let pods: Api<Pod> = Api::namespaced(m.client.clone(), &m.ns);
-    for (name, sa, ip) in [("sales-app-0", "sales-app", "127.0.0.7"), ("intruder-0", "intruder", "127.0.0.9")] {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app": sa, "part-of": "crm"}},
-            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "busybox"}]},
-        }))
-        .unwrap();
-        pods.create(&PostParams::default(), &pod).await.unwrap();
-        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
-        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
-    }
-    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
-        "stringData": {"token": "t0ken-for-alertmanager"}}))
-    .unwrap();
-    m.secrets.create(&PostParams::default(), &token).await.unwrap();
-    let guards: Api<crmguard::api::NetworkGuard> = Api::namespaced(m.client.clone(), &m.ns);
-    let guard = serde_json::from_value(json!({
-        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard",
-        "metadata": {"name": "crm-firewall"},
-        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
-                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m",
-                             "accessMonitors": ["crm-db"]}},
-    }))
-    .unwrap();
-    guards.create(&PostParams::default(), &guard).await.unwrap();
+    crm_pod(&m.client, &m.ns, "sales-app-0", Some("sales-app"), Some("127.0.0.7")).await;
+    crm_pod(&m.client, &m.ns, "intruder-0", Some("intruder"), Some("127.0.0.9")).await;
+    quarantine_guard(&m.client, &m.ns).await;
     // The intruder connected before the monitor was created: its connection line is never read (the monitor reads
     // from its creation, a time in whole seconds: the connection is let fall into an earlier second).
     tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(connected.elapsed())).await;
@@ -889,16 +896,7 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
         notes.iter().any(|n| n.starts_with("ReadVolume: ") && n.ends_with("(from pod(s) intruder-0)")),
         "{notes:?}"
     );
-    eventually(30, "the intruder isolated", || async {
-        let p = pods.get("intruder-0").await.map_err(|e| e.to_string())?;
-        let l = p.metadata.labels.clone().unwrap_or_default();
-        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
-            Ok(())
-        } else {
-            Err(format!("{l:?}"))
-        }
-    })
-    .await;
+    isolated(&pods, "intruder-0").await;
     // The guard's quarantine policy selects the isolated pod by that label and allows it nothing (both policy types,
     // no rule: all its traffic is denied, as the NetworkPolicy documentation has it).
     let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(m.client.clone(), &m.ns);
@@ -1200,13 +1198,7 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
     db.try_sql("crm", "SELECT count(*) FROM payroll").unwrap();
     // The intruder reads from a pod of its own (its address as its kubelet would report it): the audit event's host
     // places the read at that pod.
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = serde_json::from_value(json!({"metadata": {"name": "intruder-0"},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]}}))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}]}});
-    pods.patch_status("intruder-0", &PatchParams::default(), &Patch::Merge(&running)).await.unwrap();
+    crm_pod(&client, &ns, "intruder-0", None, Some("127.0.0.9")).await;
     db.try_sql_from("127.0.0.9", "crm", "intruder", "intr-Pw-3", "SELECT * FROM invoices").unwrap();
     for _ in 0..3 {
         assert!(db.try_sql_as("crm", &db.user, "wrong-password", "SELECT 1").is_err());
@@ -1253,17 +1245,7 @@ async fn an_exfiltration_on_mariadb_is_contained() {
     );
     let bao = OpenBao::shared();
     let mount = format!("dbm-respond-{}", std::process::id());
-    bao.cli(&["secrets", "enable", &format!("-path={mount}"), "database"]).unwrap();
-    bao.cli(&[
-        "write",
-        &format!("{mount}/config/crm"),
-        "plugin_name=mysql-database-plugin",
-        &format!("connection_url={{{{username}}}}:{{{{password}}}}@tcp(127.0.0.1:{})/", db.port),
-        &format!("username={}", db.user),
-        &format!("password={}", db.password),
-        "allowed_roles=*",
-    ])
-    .unwrap();
+    bao.mysql_connection(&mount, &db);
     let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
     node.pod(&client, &ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
     let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
@@ -1296,27 +1278,8 @@ async fn an_exfiltration_on_mariadb_is_contained() {
     .await;
     // The pod the credential is used from, behind a guard that accepts the monitor's quarantine requests.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = serde_json::from_value(json!({"metadata": {"name": "report-job-0", "labels": {"part-of": "crm"}},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]}}))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let running = json!({"status": {"phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}]}});
-    pods.patch_status("report-job-0", &PatchParams::default(), &Patch::Merge(&running)).await.unwrap();
-    let token: Secret = serde_json::from_value(json!({"metadata": {"name": "quarantine-token"},
-        "stringData": {"token": "t0ken-for-alertmanager"}}))
-    .unwrap();
-    secrets.create(&PostParams::default(), &token).await.unwrap();
-    let guard = serde_json::from_value(json!({
-        "apiVersion": "crmguard.io/v1alpha1", "kind": "NetworkGuard", "metadata": {"name": "crm-firewall"},
-        "spec": {"podSelector": {"matchLabels": {"part-of": "crm"}},
-                 "webhook": {"tokenSecretRef": {"name": "quarantine-token", "key": "token"}, "ttl": "10m",
-                             "accessMonitors": ["crm-db"]}},
-    }))
-    .unwrap();
-    Api::<crmguard::api::NetworkGuard>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &guard)
-        .await
-        .unwrap();
+    crm_pod(&client, &ns, "report-job-0", None, Some("127.0.0.9")).await;
+    quarantine_guard(&client, &ns).await;
     let monitors: Api<AccessMonitor> = Api::namespaced(client.clone(), &ns);
     let monitor: AccessMonitor = serde_json::from_value(json!({
         "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
@@ -1361,16 +1324,7 @@ async fn an_exfiltration_on_mariadb_is_contained() {
     })
     .await;
     assert!(refused.contains("Access denied"), "{refused}");
-    eventually(30, "the pod isolated", || async {
-        let p = pods.get("report-job-0").await.map_err(|e| e.to_string())?;
-        let l = p.metadata.labels.clone().unwrap_or_default();
-        if l.get("crmguard.io/quarantine").map(String::as_str) == Some("crm-firewall") {
-            Ok(())
-        } else {
-            Err(format!("{l:?}"))
-        }
-    })
-    .await;
+    isolated(&pods, "report-job-0").await;
     let everything =
         format!("{}\n{}", op.logs(), serde_json::to_string(&monitors.get("crm-db").await.unwrap()).unwrap());
     for leak in [SECRET, pass.as_str(), db.password.as_str()] {

@@ -888,8 +888,8 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     assert!(!foreign.is_empty() && foreign.iter().all(|f| f.pods == ["intruder-0"]), "{:#?}", responded.findings);
     assert_eq!(
         foreign[0].message,
-        "team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount intruder, not as \
-         the team's (sales-app)"
+        "a credential of team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount \
+         intruder, not as one of the team's (sales-app)"
     );
     let notes = m.notes("AccessFinding", 1).await;
     assert!(

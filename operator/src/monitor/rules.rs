@@ -228,7 +228,8 @@ pub fn check(rules: &Rules, ids: &Identities, accesses: &[Access], minute: &mut 
                 origins: Origins { pods: [pod.clone()].into(), addresses: BTreeSet::new() },
                 object: None,
                 message: format!(
-                    "{} used from pod {pod}, which runs as ServiceAccount {account}, not as the team's ({})",
+                    "a credential of {} used from pod {pod}, which runs as ServiceAccount {account}, not as one of \
+                     the team's ({})",
                     who.describe(),
                     accounts.join(", ")
                 ),
@@ -585,8 +586,8 @@ mod tests {
         assert_eq!(f[0].origins.pods, BTreeSet::from(["intruder-0".to_string()]));
         assert_eq!(
             f[0].message,
-            "team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount intruder, not \
-             as the team's (sales-app)"
+            "a credential of team sales (AccessPolicy crm-access) used from pod intruder-0, which runs as ServiceAccount \
+             intruder, not as one of the team's (sales-app)"
         );
         // Off by default; a team of Groups only has no workload to compare with.
         let off = Rules::parse(&access_monitor::Rules::default(), &mut vec![]);

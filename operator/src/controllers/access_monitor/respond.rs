@@ -114,18 +114,10 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
                 i.rules.push(f.rule);
             }
             // A pod the response has not isolated yet is isolated in this pass (the incident is in status already).
-            let new: Vec<&String> = f.origins.pods.iter().filter(|p| !i.pods.contains(p)).collect();
-            if !new.is_empty() {
-                i.pods.extend(new.into_iter().cloned());
-                i.pods.sort();
+            if join(&mut i.pods, &f.origins.pods) {
                 i.pending |= !i.dry_run;
             }
-            for a in f.origins.addresses.iter().filter(|a| !i.addresses.contains(a)).collect::<Vec<_>>() {
-                i.addresses.push(a.clone());
-            }
-            i.addresses.sort();
-            i.addresses.truncate(ORIGINS_KEPT);
-            i.pods.truncate(ORIGINS_KEPT);
+            join(&mut i.addresses, &f.origins.addresses);
             continue;
         }
         let mut id = format!("{policy}-{team}-{}", f.at.as_second());
@@ -153,6 +145,18 @@ pub fn open(r: &Response, found: &[Found], ids: &Identities, incidents: &mut Vec
         );
     }
     opened
+}
+
+/// Adds to `kept` (sorted, at most [`ORIGINS_KEPT`]) what it lacks of `more`; whether anything was added.
+fn join(kept: &mut Vec<String>, more: &BTreeSet<String>) -> bool {
+    let before = kept.len();
+    for m in more {
+        if kept.len() < ORIGINS_KEPT && !kept.contains(m) {
+            kept.push(m.clone());
+        }
+    }
+    kept.sort();
+    kept.len() > before
 }
 
 /// The incident as a record of the access stream.

@@ -279,6 +279,26 @@ impl Monitored {
         assert_eq!(reading.pod.as_deref(), Some("crm-db-0"));
     }
 
+    /// The monitoring role the statistics log in as (pg_read_all_stats only), and pg_stat_statements in `crm`.
+    fn statistics_role(&self) {
+        self.pg.sql(
+            "crm",
+            "CREATE EXTENSION pg_stat_statements;
+             CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
+        );
+    }
+
+    /// The monitoring role's Secret `crm-db-monitor` (CloudNativePG's keys), over plain TCP to 127.0.0.1.
+    async fn statistics_secret(&self) {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "crm-db-monitor"},
+            "stringData": {"host": "127.0.0.1", "port": self.pg.port.to_string(), "username": "crm_monitor",
+                           "password": "monitor-Pw-1", "dbname": "crm"},
+        }))
+        .unwrap();
+        self.secrets.create(&PostParams::default(), &secret).await.unwrap();
+    }
+
     /// The monitor's status once `ok` holds for it.
     async fn until(&self, what: &str, ok: impl Fn(&AccessMonitorStatus) -> bool) -> AccessMonitorStatus {
         monitor_until(&self.monitors, &self.op, what, ok).await
@@ -421,11 +441,7 @@ async fn a_team_credential_exfiltrating_invoices_is_attributed_and_reported() {
 async fn a_bulk_read_by_rows_is_counted_from_pg_stat_statements() {
     let m = Monitored::start("monitor-rows").await;
     let (su, sp) = m.credentials(None).await;
-    m.pg.sql(
-        "crm",
-        "CREATE EXTENSION pg_stat_statements;
-         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
-    );
+    m.statistics_role();
     let stats = json!({"secretName": "crm-db-monitor", "sslMode": "disable"});
     m.monitor_with(json!({"rowVolume": [{"tables": ["public.invoices"], "maxRowsPerMinute": 100}]}), None, Some(stats))
         .await;
@@ -441,13 +457,7 @@ async fn a_bulk_read_by_rows_is_counted_from_pg_stat_statements() {
     assert!(message.contains("Secret crm-db-monitor does not exist"), "{message}");
     assert_eq!(cond(&missing, "Ready").map(|c| (c.0, c.1)), Some(("False".into(), "SecretUnusable".into())));
 
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "crm-db-monitor"},
-        "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
-                       "password": "monitor-Pw-1", "dbname": "crm"},
-    }))
-    .unwrap();
-    m.secrets.create(&PostParams::default(), &secret).await.unwrap();
+    m.statistics_secret().await;
     let sampling = m
         .until("RowsCounted=True", |s| {
             cond(s, "RowsCounted").is_some_and(|c| c.0 == "True") && cond(s, "Ready").is_some_and(|c| c.0 == "True")
@@ -504,11 +514,7 @@ async fn statistics_over_tls_trust_only_the_secrets_ca_and_the_hosts_name() {
     let (_, other_ca, _other_dir) = Postgres::tls_files();
     settings.push("log_connections=on".into());
     let m = Monitored::start_full("monitor-tls", &[], &settings).await;
-    m.pg.sql(
-        "crm",
-        "CREATE EXTENSION pg_stat_statements;
-         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
-    );
+    m.statistics_role();
     let secret = |host: &str, ca: &str| -> Secret {
         serde_json::from_value(json!({
             "metadata": {"name": "crm-db-monitor"},
@@ -774,6 +780,15 @@ async fn crm_pod(client: &kube::Client, ns: &str, name: &str, account: Option<&s
     }
 }
 
+/// The incident's statements came only from pod `pod`, and its response asked guard `crm-firewall` to isolate that pod.
+fn isolates_only(incident: &crmguard::api::access_monitor::Incident, pod: &str) {
+    assert_eq!(incident.pods, [pod], "{incident:#?}");
+    let asked = format!(
+        "isolation of pod(s) {pod} (the statements came from them) requested through NetworkGuard crm-firewall"
+    );
+    assert!(incident.actions.contains(&asked), "{incident:#?}");
+}
+
 /// Pod `name` once the guard `crm-firewall` has isolated it (its quarantine label).
 async fn isolated(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> k8s_openapi::api::core::v1::Pod {
     eventually(30, &format!("pod {name} isolated"), || async {
@@ -818,18 +833,8 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     let (su, sp) = m.credentials(None).await;
     let intruder = connect_from("127.0.0.9", m.pg.port, &su, &sp).await;
     let connected = std::time::Instant::now();
-    m.pg.sql(
-        "crm",
-        "CREATE EXTENSION pg_stat_statements;
-         CREATE ROLE crm_monitor LOGIN PASSWORD 'monitor-Pw-1' IN ROLE pg_read_all_stats;",
-    );
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "crm-db-monitor"},
-        "stringData": {"host": "127.0.0.1", "port": m.pg.port.to_string(), "username": "crm_monitor",
-                       "password": "monitor-Pw-1", "dbname": "crm"},
-    }))
-    .unwrap();
-    m.secrets.create(&PostParams::default(), &secret).await.unwrap();
+    m.statistics_role();
+    m.statistics_secret().await;
     let sas: Api<ServiceAccount> = Api::namespaced(m.client.clone(), &m.ns);
     for sa in ["sales-app", "intruder"] {
         let account = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
@@ -873,12 +878,7 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
         })
         .await;
     let incident = &responded.incidents[0];
-    assert_eq!(incident.pods, ["intruder-0"], "{incident:#?}");
-    assert!(
-        incident.actions.iter().any(|a| a
-            == "isolation of pod(s) intruder-0 (the statements came from them) requested through NetworkGuard crm-firewall"),
-        "{incident:#?}"
-    );
+    isolates_only(incident, "intruder-0");
     let f = m.until("the ReadVolume finding", |s| s.findings.iter().any(|f| f.rule == FindingRule::ReadVolume)).await;
     let f = f.findings.iter().find(|f| f.rule == FindingRule::ReadVolume).unwrap();
     assert_eq!((f.pods.as_slice(), f.addresses.as_slice()), (&["intruder-0".to_string()][..], &[][..]), "{f:#?}");
@@ -1141,13 +1141,24 @@ async fn monitor_until(
 }
 
 /// MariaDB's log served as pod `crm-mariadb-0`'s (label app=crm-mariadb, container mariadb) by a node of its own, and
-/// the operator (chart RBAC) watching the cluster's namespace.
-async fn mariadb_pod_and_operator(cluster: &Cluster, db: &MariaDb) -> (e2e::nodelog::LogNode, Operator) {
+/// the operator (chart RBAC) watching the cluster's namespace, with OpenBao as its Vault when given.
+async fn mariadb_pod_and_operator(
+    cluster: &Cluster,
+    db: &MariaDb,
+    vault: Option<&OpenBao>,
+) -> (e2e::nodelog::LogNode, Operator) {
     let (client, ns) = (&cluster.client, &cluster.namespace);
     let node = e2e::nodelog::LogNode::start(client, &format!("node-{ns}")).await;
     node.pod(client, ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
     let kubeconfig = e2e::install_chart_rbac(cluster, e2e::Admission::WithoutPolicy).await;
-    let op = Operator::start(&kubeconfig, &["--leader-election=false", "--namespace", ns]);
+    let mut args = vec!["--leader-election=false".to_string(), "--namespace".into(), ns.clone()];
+    let mut env = vec![];
+    if let Some(bao) = vault {
+        args.extend(["--vault-addr".to_string(), bao.addr()]);
+        env.push(("VAULT_TOKEN", bao.token.as_str()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let op = Operator::start_with_env(&kubeconfig, &args, &env);
     op.wait_ready(60).await;
     (node, op)
 }
@@ -1171,7 +1182,7 @@ async fn mariadb_audit_events_reach_the_monitor_through_the_pods_log() {
              CREATE USER 'intruder'@'%' IDENTIFIED BY 'intr-Pw-3'; GRANT SELECT ON crm.invoices TO 'intruder'@'%';"
         ),
     );
-    let (_node, op) = mariadb_pod_and_operator(&cluster, &db).await;
+    let (_node, op) = mariadb_pod_and_operator(&cluster, &db, None).await;
     let monitors: Api<AccessMonitor> = Api::namespaced(client.clone(), &ns);
     let monitor: AccessMonitor = serde_json::from_value(json!({
         "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessMonitor",
@@ -1246,16 +1257,7 @@ async fn an_exfiltration_on_mariadb_is_contained() {
     let bao = OpenBao::shared();
     let mount = format!("dbm-respond-{}", std::process::id());
     bao.mysql_connection(&mount, &db);
-    let node = e2e::nodelog::LogNode::start(&client, &format!("node-{ns}")).await;
-    node.pod(&client, &ns, "crm-mariadb-0", &[("app", "crm-mariadb")], "mariadb", &db.log).await;
-    let kubeconfig = e2e::install_chart_rbac(&cluster, e2e::Admission::WithoutPolicy).await;
-    let addr = bao.addr();
-    let op = Operator::start_with_env(
-        &kubeconfig,
-        &["--leader-election=false", "--namespace", &ns, "--vault-addr", &addr],
-        &[("VAULT_TOKEN", bao.token.as_str())],
-    );
-    op.wait_ready(60).await;
+    let (_node, op) = mariadb_pod_and_operator(&cluster, &db, Some(bao)).await;
     let aps: Api<AccessPolicy> = Api::namespaced(client.clone(), &ns);
     let ap: AccessPolicy = serde_json::from_value(json!({
         "apiVersion": "crmguard.io/v1alpha1", "kind": "AccessPolicy",
@@ -1310,12 +1312,7 @@ async fn an_exfiltration_on_mariadb_is_contained() {
     })
     .await;
     let incident = &contained.incidents[0];
-    assert_eq!(incident.pods, ["report-job-0"], "{incident:#?}");
-    assert!(
-        incident.actions.iter().any(|a| a
-            == "isolation of pod(s) report-job-0 (the statements came from them) requested through NetworkGuard crm-firewall"),
-        "{incident:#?}"
-    );
+    isolates_only(incident, "report-job-0");
     let refused = eventually(60, "the held credential refused by MariaDB", || async {
         match db.try_sql_as("crm", &user, &pass, "SELECT 1") {
             Err(e) => Ok(e),
@@ -1368,7 +1365,7 @@ async fn a_bulk_read_on_mariadb_is_counted_from_performance_schema() {
             rows(500, "widget"),
         ),
     );
-    let (_node, op) = mariadb_pod_and_operator(&cluster, &db).await;
+    let (_node, op) = mariadb_pod_and_operator(&cluster, &db, None).await;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret = |port: u16, host: &str, ca: &str| -> Secret {

@@ -832,7 +832,8 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     let m = Monitored::start_full("monitor-clients", &[], &["log_connections=on".to_string()]).await;
     let (su, sp) = m.credentials(None).await;
     let intruder = connect_from("127.0.0.9", m.pg.port, &su, &sp).await;
-    let connected = std::time::Instant::now();
+    // (When the server logged the connection, with room for the node's time of the line.)
+    let connected = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(200);
     m.statistics_role();
     m.statistics_secret().await;
     let sas: Api<ServiceAccount> = Api::namespaced(m.client.clone(), &m.ns);
@@ -846,8 +847,10 @@ async fn a_stolen_credential_is_placed_at_the_pod_that_used_it_and_only_that_pod
     crm_pod(&m.client, &m.ns, "intruder-0", Some("intruder"), Some("127.0.0.9")).await;
     quarantine_guard(&m.client, &m.ns).await;
     // The intruder connected before the monitor was created: its connection line is never read (the monitor reads
-    // from its creation, a time in whole seconds: the connection is let fall into an earlier second).
-    tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(connected.elapsed())).await;
+    // from its creation, a time in whole seconds): the monitor is created once the clock is in a later second.
+    while jiff::Timestamp::now().as_second() <= connected.as_second() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let stats = json!({"secretName": "crm-db-monitor", "sslMode": "disable"});
     m.monitor_with(
         json!({"readVolume": [{"tables": ["public.invoices"], "maxPerMinute": 5}], "foreignWorkload": true}),

@@ -108,6 +108,8 @@ fn cpu_seconds(names: &[&str]) -> Vec<(String, f64)> {
 /// The processes whose CPU is reported: the servers, the operator, and this driver (its watches and polls cost too).
 const SERVERS: [&str; 5] = ["kube-apiserver", "etcd", "kube-controller-manager", "crmguard", "bench-controllers"];
 
+/// The controllers of the four kinds, as the operator's metrics name them.
+const CONTROLLERS: [&str; 4] = ["networkguard", "accesspolicy", "backuppolicy", "restore"];
 const VERBS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "nonresource"];
 
 fn requests(op: &Operator) -> Vec<(&'static str, f64)> {
@@ -161,22 +163,39 @@ async fn main() {
     let cp = ControlPlane::shared();
     let client = ControlPlane::client_for(&cp.admin_kubeconfig()).await;
     e2e::install_crds(&client).await;
-    for i in 0..namespaces {
-        let ns: k8s_openapi::api::core::v1::Namespace =
-            serde_json::from_value(json!({"metadata": {"name": format!("bench-{i}")}})).unwrap();
-        Api::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
-    }
-    // A guard that selects no pod is not Ready: one CRM pod per namespace (the namespaces' default
-    // ServiceAccounts must exist first).
-    for i in 0..namespaces {
-        let ns = format!("bench-{i}");
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
-        e2e::eventually(60, "the default ServiceAccount", || async {
-            sas.get_opt("default").await.map_err(|e| e.to_string())?.map(drop).ok_or_else(|| "absent".to_string())
+    // The set-up happens before the operator starts (it is not measured): several requests at a time.
+    use futures::{StreamExt, stream};
+    const AT_ONCE: usize = 16;
+    stream::iter(0..namespaces)
+        .for_each_concurrent(AT_ONCE, |i| {
+            let client = client.clone();
+            async move {
+                let ns: k8s_openapi::api::core::v1::Namespace =
+                    serde_json::from_value(json!({"metadata": {"name": format!("bench-{i}")}})).unwrap();
+                Api::all(client).create(&PostParams::default(), &ns).await.unwrap();
+            }
         })
         .await;
-        e2e::crm_pod(&client, &ns, "web-0").await;
-    }
+    // A guard that selects no pod is not Ready: one CRM pod per namespace (the namespaces' default
+    // ServiceAccounts must exist first).
+    stream::iter(0..namespaces)
+        .for_each_concurrent(AT_ONCE, |i| {
+            let client = client.clone();
+            async move {
+                let ns = format!("bench-{i}");
+                let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+                e2e::eventually(60, "the default ServiceAccount", || async {
+                    sas.get_opt("default")
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map(drop)
+                        .ok_or_else(|| "absent".to_string())
+                })
+                .await;
+                e2e::crm_pod(&client, &ns, "web-0").await;
+            }
+        })
+        .await;
     let (guard, backup, restore) =
         (example("network-guard.yaml"), example("backup-policy.yaml"), example("restore.yaml"));
     let access = json!({
@@ -187,15 +206,20 @@ async fn main() {
             {"name": "finance", "subjects": [{"kind": "Group", "name": "finance"}],
              "kubernetes": [{"resources": ["configmaps"], "verbs": ["get"]}]}]}
     });
-    for i in 0..per_kind {
-        let ns = format!("bench-{}", i % namespaces);
-        create::<NetworkGuard>(&client, &ns, &format!("guard-{i}"), guard.clone()).await;
-        create::<AccessPolicy>(&client, &ns, &format!("access-{i}"), access.clone()).await;
-        create::<CrmBackupPolicy>(&client, &ns, &format!("backup-{i}"), backup.clone()).await;
-        let mut r = restore.clone();
-        r["spec"]["policyRef"]["name"] = json!(format!("backup-{i}"));
-        create::<CrmRestore>(&client, &ns, &format!("restore-{i}"), r).await;
-    }
+    stream::iter(0..per_kind)
+        .for_each_concurrent(AT_ONCE, |i| {
+            let (client, guard, access, backup) = (client.clone(), guard.clone(), access.clone(), backup.clone());
+            let mut r = restore.clone();
+            async move {
+                let ns = format!("bench-{}", i % namespaces);
+                create::<NetworkGuard>(&client, &ns, &format!("guard-{i}"), guard).await;
+                create::<AccessPolicy>(&client, &ns, &format!("access-{i}"), access).await;
+                create::<CrmBackupPolicy>(&client, &ns, &format!("backup-{i}"), backup).await;
+                r["spec"]["policyRef"]["name"] = json!(format!("backup-{i}"));
+                create::<CrmRestore>(&client, &ns, &format!("restore-{i}"), r).await;
+            }
+        })
+        .await;
     eprintln!("created {want} resources ({per_kind} of each kind) in {namespaces} namespaces");
 
     let stores: Counters = [
@@ -221,6 +245,12 @@ async fn main() {
             &concurrency,
         ],
     );
+    let reconciles = |op: &Operator| -> Vec<f64> {
+        CONTROLLERS
+            .iter()
+            .map(|c| op.metric(&format!("crmguard_reconcile_total{{controller=\"{c}\"}}")).unwrap_or(0.0))
+            .collect()
+    };
     let mut last_report = Instant::now();
     // When each kind had settled: a kind that ends last alone shows where the cold start's tail comes from.
     let mut kind_done: [Option<Duration>; 4] = [None; 4];
@@ -268,6 +298,12 @@ async fn main() {
             .chain(cp.operator_reads().into_iter().skip(audit_before.1)),
     );
     let rss_cold_peak = rss_kib(op.child.id(), "VmHWM:");
+    let cold_reconciles = reconciles(&op);
+    // Watches that started over during the cold start: an API server that did not answer /version in time (every
+    // watch lists again), or a watch resumed too late for the server's history (410 Gone: that kind lists again).
+    let log = op.logs();
+    let (outages, gone) =
+        (log.matches("every watch starts over").count(), log.matches("too old resource version").count());
 
     // --- idle ---
     // Let the reconciles that the status writes triggered finish and the posture loop make its first pass (60 s
@@ -288,13 +324,7 @@ async fn main() {
     let quiet_after = started.elapsed();
     let (req_before, writes_before, reads_before) =
         (requests(&op), cp.writes_by(OPERATOR_USER).len(), cp.operator_reads().len());
-    let reconciles = |op: &Operator| -> f64 {
-        ["networkguard", "accesspolicy", "backuppolicy", "restore"]
-            .iter()
-            .map(|c| op.metric(&format!("crmguard_reconcile_total{{controller=\"{c}\"}}")).unwrap_or(0.0))
-            .sum()
-    };
-    let rec_before = reconciles(&op);
+    let rec_before: f64 = reconciles(&op).iter().sum();
     tokio::time::sleep(Duration::from_secs(idle as u64)).await;
     let req_after = requests(&op);
     let idle_writes: Vec<_> = cp.writes_by(OPERATOR_USER).into_iter().skip(writes_before).collect();
@@ -311,7 +341,7 @@ async fn main() {
             .or_default() += 1;
     }
     let server_reads: usize = idle_reads.values().sum();
-    let idle_reconciles = reconciles(&op) - rec_before;
+    let idle_reconciles = reconciles(&op).iter().sum::<f64>() - rec_before;
     let per_verb: Vec<(&str, f64)> =
         req_after.iter().zip(&req_before).map(|((v, a), (_, b))| (*v, a - b)).filter(|(_, n)| *n > 0.0).collect();
     let idle_total: f64 = per_verb.iter().map(|(_, n)| n).sum();
@@ -366,6 +396,9 @@ async fn main() {
         n
     };
     let _ = op.child.kill();
+    if let Ok(path) = std::env::var("CRMGUARD_BENCH_LOG") {
+        std::fs::write(&path, op.logs()).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
         "resources: {want} ({per_kind} NetworkGuards, AccessPolicies, CrmBackupPolicies, CrmRestores) in {namespaces} namespaces; --concurrency {concurrency}"
@@ -377,6 +410,11 @@ async fn main() {
     );
     println!("  every resource of a kind settled after: {}", kinds_settled.join(", "));
     println!("  CPU seconds during the cold start: {}", cpu_cold.join(", "));
+    println!(
+        "  reconciles during the cold start: {} ({:.2} per resource); watches started over: {outages} times all (an API server slow to answer /version), {gone} times one kind (410 Gone)",
+        CONTROLLERS.iter().zip(&cold_reconciles).map(|(c, n)| format!("{c} {n:.0}")).collect::<Vec<_>>().join(", "),
+        cold_reconciles.iter().sum::<f64>() / want as f64
+    );
     println!("  requests during the cold start, by the API server's audit log: {cold_breakdown}");
     println!("quiet (no write for 15 s) after {:.0} s", quiet_after.as_secs_f64());
     println!(

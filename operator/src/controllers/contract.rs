@@ -307,6 +307,10 @@ pub enum Watch {
     /// Pods that have not finished, as metadata: one that comes, goes, or changes its labels or crmguard's
     /// annotations reconciles every resource of its namespace.
     Pods,
+    /// Resources of another of crmguard's kinds, named by its controller ([`Reconcilable::CONTROLLER`]): one that
+    /// changes (its status too) or goes reconciles every resource of its namespace (e.g. a policy whose first pass a
+    /// restore waits for). No watch of its own: that kind's controller passes on what its watch shows.
+    Resources(&'static str),
 }
 
 /// A custom resource kind with a controller.

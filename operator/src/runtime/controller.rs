@@ -81,6 +81,8 @@ struct Watches<'a, K: Reconcilable + Resource<Scope = k8s_openapi::NamespaceReso
     cache: &'a Arc<Cache>,
     fanout: &'a watches::Fanout,
     controller: Controller<DeserializeGuard<K>>,
+    /// The kind's resources by namespace.
+    index: Index,
 }
 
 impl<K> Watches<'_, K>
@@ -126,14 +128,14 @@ where
     /// Objects of kind `C` (metadata, crmguard's label): one that comes or goes reconciles every resource of its
     /// namespace (e.g. a ServiceAccount a restore waits for).
     fn namespace_of<C: Watched>(mut self) -> Self {
-        let store = self.controller.store();
+        let index = self.index.clone();
         let events = self.labelled::<C, PartialObjectMeta<C>>().filter_map(|e| {
             futures::future::ready(match e {
                 Ok(WatchEvent::Apply(o) | WatchEvent::Delete(o)) => o.metadata.namespace,
                 _ => None,
             })
         });
-        let refs = events.flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
+        let refs = events.flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
         self.controller = self.controller.reconcile_on(refs);
         self
     }
@@ -189,7 +191,18 @@ where
             })),
             Watch::InNamespace(other) => of!(other, C => self.namespace_of::<C>()),
             Watch::Pods => self.pods(),
+            Watch::Resources(controller) => self.resources_of(controller),
         }
+    }
+
+    /// Another of crmguard's kinds (by its controller's name): a resource of it that changes or goes reconciles
+    /// every resource of this kind in its namespace. No watch: that controller's own watch passes them on.
+    fn resources_of(mut self, controller: &'static str) -> Self {
+        let index = self.index.clone();
+        let refs =
+            self.fanout.shown_by(controller).flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
+        self.controller = self.controller.reconcile_on(refs);
+        self
     }
 
     /// The pods that have not finished (metadata only), feeding the cache; every resource in a namespace is
@@ -199,24 +212,62 @@ where
         let cfg = WatcherConfig::default().fields(UNFINISHED_PODS);
         let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
         let events = feeding(self.cache, cache::PODS, self.ns, events);
-        let store = self.controller.store();
-        let refs = pod_changes(events).flat_map(move |ns| futures::stream::iter(in_namespace(&store, &ns)));
+        let index = self.index.clone();
+        let refs = pod_changes(events).flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
         self.controller = self.controller.reconcile_on(refs);
         self
     }
 }
 
-/// The resources of `store` in namespace `ns`.
-fn in_namespace<K: Resource<DynamicType = ()> + Clone + 'static>(
-    store: &kube::runtime::reflector::Store<K>,
-    ns: &str,
-) -> Vec<ObjectRef<K>> {
-    store
-        .state()
-        .iter()
-        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
-        .map(|o| ObjectRef::from_obj(o.as_ref()))
-        .collect()
+/// The names of a kind's resources by namespace, as its own watch shows them (as the kind's store holds them: a
+/// re-list takes effect once complete). A pod or ServiceAccount event finds the resources of its namespace here
+/// without going through every resource of the kind.
+#[derive(Debug, Default)]
+struct ByNamespace {
+    current: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    relisting: Option<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+}
+
+impl ByNamespace {
+    fn observe<K: Resource>(&mut self, event: &WatchEvent<K>) {
+        let key = |o: &K| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default());
+        match event {
+            WatchEvent::Apply(o) => {
+                let (ns, name) = key(o);
+                self.current.entry(ns).or_default().insert(name);
+            }
+            WatchEvent::Delete(o) => {
+                let (ns, name) = key(o);
+                if let Some(names) = self.current.get_mut(&ns) {
+                    names.remove(&name);
+                    if names.is_empty() {
+                        self.current.remove(&ns);
+                    }
+                }
+            }
+            WatchEvent::Init => self.relisting = Some(Default::default()),
+            WatchEvent::InitApply(o) => {
+                let (ns, name) = key(o);
+                self.relisting.get_or_insert_default().entry(ns).or_default().insert(name);
+            }
+            WatchEvent::InitDone => self.current = self.relisting.take().unwrap_or_default(),
+        }
+    }
+
+    /// The resources in namespace `ns`.
+    fn refs<K: Resource<DynamicType = ()>>(&self, ns: &str) -> Vec<ObjectRef<K>> {
+        self.current
+            .get(ns)
+            .map(|names| names.iter().map(|n| ObjectRef::new(n).within(ns)).collect())
+            .unwrap_or_default()
+    }
+}
+
+type Index = Arc<std::sync::RwLock<ByNamespace>>;
+
+/// The resources of namespace `ns` in `index`.
+fn in_namespace<K: Resource<DynamicType = ()>>(index: &Index, ns: &str) -> Vec<ObjectRef<K>> {
+    index.read().unwrap_or_else(std::sync::PoisonError::into_inner).refs(ns)
 }
 
 /// Pods that are pending or running: finished pods leave the watch (and the cache) as they finish.
@@ -314,7 +365,16 @@ where
     // Which versions the watch showed, once in the store: a reconcile can tell an object older than its own last
     // status write from a newer one.
     let shown = ctx.cache.clone();
+    let index = Index::default();
+    let indexed = index.clone();
+    // Changes and deletions (not a list's objects) are passed on to the controllers that asked, after the store has
+    // them.
+    let passed = fanout.shown(K::CONTROLLER);
     let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
+        indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner).observe(e);
+        if let watcher::Event::Apply(o) | watcher::Event::Delete(o) = e {
+            watches::pass_on(&passed, o.meta().namespace.as_deref().unwrap_or_default());
+        }
         if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = e
             && let (Some(uid), Some(rv)) = (&o.meta().uid, &o.meta().resource_version)
         {
@@ -325,7 +385,7 @@ where
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .trigger_backoff(watches::WatchBackoff::default());
     let cache = ctx.cache.clone();
-    let watching = Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c };
+    let watching = Watches { client: &ctx.client, ns, restarts, cache: &cache, fanout, controller: c, index };
     let c = K::WATCHES.iter().fold(watching, |w, watch| w.add(*watch)).controller;
     let cache = store.clone();
     let ready = listed(store).boxed();
@@ -376,4 +436,46 @@ pub(super) const CACHED: [cache::Table; 9] = [
 
 pub(super) fn owns_cfg() -> WatcherConfig {
     WatcherConfig::default().labels("app.kubernetes.io/managed-by=crmguard")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn cm(ns: &str, name: &str) -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"namespace": ns, "name": name}})).unwrap()
+    }
+
+    fn names(index: &ByNamespace, ns: &str) -> Vec<String> {
+        index.refs::<ConfigMap>(ns).into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn the_namespace_index_follows_the_watch_and_takes_a_relist_once_complete() {
+        let mut index = ByNamespace::default();
+        index.observe(&WatchEvent::<ConfigMap>::Init);
+        index.observe(&WatchEvent::InitApply(cm("a", "x")));
+        assert!(names(&index, "a").is_empty(), "a list in progress is not yet the index");
+        index.observe(&WatchEvent::InitApply(cm("a", "y")));
+        index.observe(&WatchEvent::InitApply(cm("b", "x")));
+        index.observe(&WatchEvent::<ConfigMap>::InitDone);
+        assert_eq!(names(&index, "a"), ["x", "y"]);
+        assert_eq!(names(&index, "b"), ["x"]);
+        assert_eq!(index.refs::<ConfigMap>("a")[0].namespace.as_deref(), Some("a"));
+        index.observe(&WatchEvent::Apply(cm("b", "z")));
+        index.observe(&WatchEvent::Delete(cm("a", "x")));
+        index.observe(&WatchEvent::Apply(cm("b", "z")));
+        assert_eq!(names(&index, "a"), ["y"]);
+        assert_eq!(names(&index, "b"), ["x", "z"]);
+        // A re-list: what it does not show is gone once it is complete.
+        index.observe(&WatchEvent::<ConfigMap>::Init);
+        index.observe(&WatchEvent::InitApply(cm("b", "z")));
+        assert_eq!(names(&index, "a"), ["y"]);
+        index.observe(&WatchEvent::<ConfigMap>::InitDone);
+        assert!(names(&index, "a").is_empty());
+        assert_eq!(names(&index, "b"), ["z"]);
+        assert!(!index.current.contains_key("a"), "an emptied namespace is dropped");
+        assert!(names(&index, "c").is_empty());
+    }
 }

@@ -119,8 +119,17 @@ where
 /// passed it on, so after the cache has it). Two watches of one kind would each trigger reconciles whose reads of
 /// the cache may come before the other watch brought the change. Followers subscribe while the controllers are
 /// built, before any stream is polled.
+///
+/// It also passes on, from each controller's own watch, the namespaces of its resources that changed or went, to
+/// the controllers that asked for them ([`Fanout::shown_by`]).
 #[derive(Default)]
-pub struct Fanout(std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>);
+pub struct Fanout {
+    watches: std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>,
+    shown: std::sync::Mutex<std::collections::HashMap<&'static str, Shown>>,
+}
+
+/// Those who asked for the namespaces of one controller's resources that changed or went.
+pub type Shown = Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<String>>>>;
 
 impl std::fmt::Debug for Fanout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,7 +153,7 @@ pub enum Subscription<O> {
 impl Fanout {
     /// Subscribes to the watch of `kind` (as `O`) in `scope`.
     pub fn subscribe<O: Send + 'static>(&self, kind: &'static str, scope: Option<&str>) -> Subscription<O> {
-        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = (kind, scope.map(str::to_string), TypeId::of::<O>());
         if let Some(senders) = m.get(&key).and_then(|f| f.downcast_ref::<Senders<O>>()) {
             let (tx, rx) = futures::channel::mpsc::unbounded();
@@ -155,6 +164,27 @@ impl Fanout {
         m.insert(key, Box::new(senders.clone()));
         Subscription::Lead(senders)
     }
+
+    /// Where the controller `controller` passes on the namespaces of its resources that changed or went.
+    pub fn shown(&self, controller: &'static str) -> Shown {
+        self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(controller).or_default().clone()
+    }
+
+    /// The namespaces of the controller `controller`'s resources that changed or went, once its watch (and store)
+    /// has them.
+    pub fn shown_by(&self, controller: &'static str) -> futures::channel::mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        self.shown(controller).lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(tx);
+        rx
+    }
+}
+
+/// Passes `namespace` on to those who asked (a receiver dropped is left out).
+pub fn pass_on(shown: &Shown, namespace: &str) {
+    shown
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|tx| tx.unbounded_send(namespace.to_string()).is_ok());
 }
 
 /// `events` (a leader's watch), each event passed on to the followers before it goes on.

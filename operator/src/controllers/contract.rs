@@ -308,8 +308,9 @@ pub enum Watch {
     /// annotations reconciles every resource of its namespace.
     Pods,
     /// Resources of another of crmguard's kinds, named by its controller ([`Reconcilable::CONTROLLER`]): one that
-    /// changes (its status too) or goes reconciles every resource of its namespace (e.g. a policy whose first pass a
-    /// restore waits for). No watch of its own: that kind's controller passes on what its watch shows.
+    /// changes (its status too) or goes reconciles the resources of its namespace it concerns
+    /// ([`Reconcilable::concerned_by`]; e.g. a policy whose first pass a restore waits for). No watch of its own:
+    /// that kind's controller passes on what its watch shows.
     Resources(&'static str),
 }
 
@@ -343,6 +344,12 @@ pub trait Reconcilable:
     /// Whether this object currently needs [`Self::FINALIZER`] (it is added before anything is created outside).
     fn needs_finalizer(&self) -> bool {
         false
+    }
+
+    /// Whether a change of the resource `name` (of this object's namespace) of the kind whose controller is
+    /// `controller` concerns this object ([`Watch::Resources`]): every object of the namespace, unless the kind says.
+    fn concerned_by(&self, _controller: &str, _name: &str) -> bool {
+        true
     }
 
     /// Removes the state outside the cluster while the object is being deleted; retried until it succeeds,

@@ -195,12 +195,17 @@ where
         }
     }
 
-    /// Another of crmguard's kinds (by its controller's name): a resource of it that changes or goes reconciles
-    /// every resource of this kind in its namespace. No watch: that controller's own watch passes them on.
+    /// Another of crmguard's kinds (by its controller's name): a resource of it that changes or goes reconciles the
+    /// resources of this kind in its namespace it concerns (one that cannot be read: always). No watch: that
+    /// controller's own watch passes them on.
     fn resources_of(mut self, controller: &'static str) -> Self {
-        let index = self.index.clone();
-        let refs =
-            self.fanout.shown_by(controller).flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
+        let (index, store) = (self.index.clone(), self.controller.store());
+        let refs = self.fanout.shown_by(controller).flat_map(move |(ns, name)| {
+            let concerned = in_namespace(&index, &ns).into_iter().filter(|r| {
+                store.get(r).is_none_or(|o| o.0.as_ref().map_or(true, |k| k.concerned_by(controller, &name)))
+            });
+            futures::stream::iter(concerned.collect::<Vec<_>>())
+        });
         self.controller = self.controller.reconcile_on(refs);
         self
     }
@@ -373,7 +378,12 @@ where
     let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
         indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner).observe(e);
         if let watcher::Event::Apply(o) | watcher::Event::Delete(o) = e {
-            watches::pass_on(&passed, o.meta().namespace.as_deref().unwrap_or_default());
+            let m = o.meta();
+            watches::pass_on(
+                &passed,
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+            );
         }
         if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = e
             && let (Some(uid), Some(rv)) = (&o.meta().uid, &o.meta().resource_version)

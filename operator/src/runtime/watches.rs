@@ -120,16 +120,16 @@ where
 /// the cache may come before the other watch brought the change. Followers subscribe while the controllers are
 /// built, before any stream is polled.
 ///
-/// It also passes on, from each controller's own watch, the namespaces of its resources that changed or went, to
-/// the controllers that asked for them ([`Fanout::shown_by`]).
+/// It also passes on, from each controller's own watch, its resources that changed or went, to the controllers
+/// that asked for them ([`Fanout::shown_by`]).
 #[derive(Default)]
 pub struct Fanout {
     watches: std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>,
     shown: std::sync::Mutex<std::collections::HashMap<&'static str, Shown>>,
 }
 
-/// Those who asked for the namespaces of one controller's resources that changed or went.
-pub type Shown = Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<String>>>>;
+/// Those who asked for the (namespace, name) of one controller's resources that changed or went.
+pub type Shown = Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<(String, String)>>>>;
 
 impl std::fmt::Debug for Fanout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,26 +165,24 @@ impl Fanout {
         Subscription::Lead(senders)
     }
 
-    /// Where the controller `controller` passes on the namespaces of its resources that changed or went.
+    /// Where the controller `controller` passes on its resources that changed or went.
     pub fn shown(&self, controller: &'static str) -> Shown {
         self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(controller).or_default().clone()
     }
 
-    /// The namespaces of the controller `controller`'s resources that changed or went, once its watch (and store)
-    /// has them.
-    pub fn shown_by(&self, controller: &'static str) -> futures::channel::mpsc::UnboundedReceiver<String> {
+    /// The (namespace, name) of the controller `controller`'s resources that changed or went, once its watch (and
+    /// store) has them.
+    pub fn shown_by(&self, controller: &'static str) -> futures::channel::mpsc::UnboundedReceiver<(String, String)> {
         let (tx, rx) = futures::channel::mpsc::unbounded();
         self.shown(controller).lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(tx);
         rx
     }
 }
 
-/// Passes `namespace` on to those who asked (a receiver dropped is left out).
-pub fn pass_on(shown: &Shown, namespace: &str) {
-    shown
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .retain(|tx| tx.unbounded_send(namespace.to_string()).is_ok());
+/// Passes a resource (namespace, name) on to those who asked (a receiver dropped is left out).
+pub fn pass_on(shown: &Shown, namespace: &str, name: &str) {
+    let mut receivers = shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    receivers.retain(|tx| tx.unbounded_send((namespace.to_string(), name.to_string())).is_ok());
 }
 
 /// `events` (a leader's watch), each event passed on to the followers before it goes on.

@@ -121,6 +121,11 @@ impl Reconcilable for CrmRestore {
         Watch::Resources(<CrmBackupPolicy as Reconcilable>::CONTROLLER),
     ];
 
+    /// Only its own policy's changes concern a restore.
+    fn concerned_by(&self, _controller: &str, name: &str) -> bool {
+        self.spec.policy_ref.name == name
+    }
+
     /// A restore runs once. Its Job is created once and then followed, never changed (a Job's pod template cannot
     /// change: a later edit of the policy would be refused) and never created again (that would restore the
     /// backup a second time, over whatever was written since).
@@ -397,6 +402,13 @@ mod tests {
         assert_eq!(quiet_wait(false, false, Some(s(300)), s(300)), None, "waited long enough");
         assert_eq!(quiet_wait(false, false, None, s(400)), None, "an unknown age is old");
         assert_eq!(quiet_wait(false, false, None, s(10)), Some(s(290)), "unless the operator just started");
+    }
+
+    #[test]
+    fn only_its_own_policys_changes_concern_a_restore() {
+        let r = restore(json!(null));
+        assert!(r.concerned_by("backuppolicy", "crm-db"));
+        assert!(!r.concerned_by("backuppolicy", "crm-db-2"), "another policy of the namespace");
     }
 
     #[test]

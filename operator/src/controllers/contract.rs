@@ -301,14 +301,15 @@ pub enum Watch {
     OwnsWhole(Other),
     /// Objects, whole, whose annotation of this name names the resource (in their namespace).
     NamedBy(Other, &'static str),
-    /// Objects, as metadata: one that comes or goes reconciles every resource of its namespace (e.g. a
-    /// ServiceAccount a restore waits for).
+    /// Objects, as metadata: one that comes or goes (also across a re-list) reconciles every resource of its
+    /// namespace (e.g. a ServiceAccount a restore waits for).
     InNamespace(Other),
     /// Pods that have not finished, as metadata: one that comes, goes, or changes its labels or crmguard's
     /// annotations reconciles every resource of its namespace.
     Pods,
     /// Resources of another of crmguard's kinds, named by its controller ([`Reconcilable::CONTROLLER`]): one that
-    /// changes (its status too) or goes reconciles the resources of its namespace it concerns
+    /// changes (its status too), comes or goes (also across a re-list) reconciles the resources of its namespace it
+    /// concerns
     /// ([`Reconcilable::concerned_by`]; e.g. a policy whose first pass a restore waits for). No watch of its own:
     /// that kind's controller passes on what its watch shows.
     Resources(&'static str),

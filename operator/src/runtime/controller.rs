@@ -1,7 +1,8 @@
 //! Each kind's controller: its own watch (the cache of its resources and which of their versions it showed), the
 //! watches it declares (`Reconcilable::WATCHES`: owned children, objects named by an annotation, pods, the
-//! namespace's resources) feeding the shared cache and mapped back to the resources they concern, and the sweep
-//! of what deleted resources leave in metrics and cache.
+//! namespace's resources, another kind's resources as that kind's own watch passes them on) feeding the shared cache
+//! and mapped back to the resources they concern, and the sweep of what deleted resources leave in metrics and
+//! cache.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,12 +130,8 @@ where
     /// namespace (e.g. a ServiceAccount a restore waits for).
     fn namespace_of<C: Watched>(mut self) -> Self {
         let index = self.index.clone();
-        let events = self.labelled::<C, PartialObjectMeta<C>>().filter_map(|e| {
-            futures::future::ready(match e {
-                Ok(WatchEvent::Apply(o) | WatchEvent::Delete(o)) => o.metadata.namespace,
-                _ => None,
-            })
-        });
+        // Coming and going only, across a re-list too (one that comes while the watch restarts arrives in the list).
+        let events = changes(self.labelled::<C, PartialObjectMeta<C>>(), |_| 0);
         let refs = events.flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
         self.controller = self.controller.reconcile_on(refs);
         self
@@ -196,14 +193,14 @@ where
     }
 
     /// Another of crmguard's kinds (by its controller's name): a resource of it that changes or goes reconciles the
-    /// resources of this kind in its namespace it concerns (one that cannot be read: always). No watch: that
-    /// controller's own watch passes them on.
+    /// resources of this kind in its namespace it concerns (one that cannot be read is not concerned: its outcome
+    /// does not depend on others). No watch: that controller's own watch passes them on.
     fn resources_of(mut self, controller: &'static str) -> Self {
         let (index, store) = (self.index.clone(), self.controller.store());
         let refs = self.fanout.shown_by(controller).flat_map(move |(ns, name)| {
-            let concerned = in_namespace(&index, &ns).into_iter().filter(|r| {
-                store.get(r).is_none_or(|o| o.0.as_ref().map_or(true, |k| k.concerned_by(controller, &name)))
-            });
+            let concerned = in_namespace(&index, &ns)
+                .into_iter()
+                .filter(|r| store.get(r).is_none_or(|o| o.0.as_ref().is_ok_and(|k| k.concerned_by(controller, &name))));
             futures::stream::iter(concerned.collect::<Vec<_>>())
         });
         self.controller = self.controller.reconcile_on(refs);
@@ -218,28 +215,36 @@ where
         let events = watches::events(api::<PartialObjectMeta<Pod>>(self.client, self.ns), cfg, self.restarts);
         let events = feeding(self.cache, cache::PODS, self.ns, events);
         let index = self.index.clone();
-        let refs = pod_changes(events).flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
+        let refs =
+            changes(events, cache::pod_digest).flat_map(move |ns| futures::stream::iter(in_namespace(&index, &ns)));
         self.controller = self.controller.reconcile_on(refs);
         self
     }
 }
 
-/// The names of a kind's resources by namespace, as its own watch shows them (as the kind's store holds them: a
-/// re-list takes effect once complete). A pod or ServiceAccount event finds the resources of its namespace here
-/// without going through every resource of the kind.
+/// A kind's resources by namespace (name -> resourceVersion), as its own watch shows them (as the kind's store
+/// holds them: a re-list takes effect once complete). A pod or ServiceAccount event finds the resources of its
+/// namespace here without going through every resource of the kind.
 #[derive(Debug, Default)]
 struct ByNamespace {
-    current: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
-    relisting: Option<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+    current: std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+    relisting: Option<std::collections::HashMap<String, std::collections::BTreeMap<String, String>>>,
+    /// A list was complete before: a re-list's differences are changes.
+    listed: bool,
 }
 
 impl ByNamespace {
-    fn observe<K: Resource>(&mut self, event: &WatchEvent<K>) {
+    /// Takes a watch event in; returns the resources (namespace, name) that changed or went by it: the object of a
+    /// change or deletion, and what a re-list (after an outage, or a 410 Gone) shows new, changed or gone once it is
+    /// complete. The first list changes nothing.
+    fn observe<K: Resource>(&mut self, event: &WatchEvent<K>) -> Vec<(String, String)> {
         let key = |o: &K| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default());
+        let version = |o: &K| o.meta().resource_version.clone().unwrap_or_default();
         match event {
             WatchEvent::Apply(o) => {
                 let (ns, name) = key(o);
-                self.current.entry(ns).or_default().insert(name);
+                self.current.entry(ns.clone()).or_default().insert(name.clone(), version(o));
+                vec![(ns, name)]
             }
             WatchEvent::Delete(o) => {
                 let (ns, name) = key(o);
@@ -249,13 +254,35 @@ impl ByNamespace {
                         self.current.remove(&ns);
                     }
                 }
+                vec![(ns, name)]
             }
-            WatchEvent::Init => self.relisting = Some(Default::default()),
+            WatchEvent::Init => {
+                self.relisting = Some(Default::default());
+                vec![]
+            }
             WatchEvent::InitApply(o) => {
                 let (ns, name) = key(o);
-                self.relisting.get_or_insert_default().entry(ns).or_default().insert(name);
+                self.relisting.get_or_insert_default().entry(ns).or_default().insert(name, version(o));
+                vec![]
             }
-            WatchEvent::InitDone => self.current = self.relisting.take().unwrap_or_default(),
+            WatchEvent::InitDone => {
+                let listed = self.relisting.take().unwrap_or_default();
+                let old = std::mem::replace(&mut self.current, listed);
+                if !std::mem::replace(&mut self.listed, true) {
+                    return vec![];
+                }
+                let differs = |a: &std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+                               b: &std::collections::HashMap<String, std::collections::BTreeMap<String, String>>| {
+                    a.iter()
+                        .flat_map(|(ns, names)| names.iter().map(move |(n, v)| (ns, n, v)))
+                        .filter(|(ns, n, v)| b.get(*ns).and_then(|names| names.get(*n)) != Some(*v))
+                        .map(|(ns, n, _)| (ns.clone(), n.clone()))
+                        .collect::<std::collections::BTreeSet<_>>()
+                };
+                let mut changed = differs(&self.current, &old);
+                changed.extend(differs(&old, &self.current));
+                changed.into_iter().collect()
+            }
         }
     }
 
@@ -263,7 +290,7 @@ impl ByNamespace {
     fn refs<K: Resource<DynamicType = ()>>(&self, ns: &str) -> Vec<ObjectRef<K>> {
         self.current
             .get(ns)
-            .map(|names| names.iter().map(|n| ObjectRef::new(n).within(ns)).collect())
+            .map(|names| names.keys().map(|n| ObjectRef::new(n).within(ns)).collect())
             .unwrap_or_default()
     }
 }
@@ -301,10 +328,11 @@ where
     })
 }
 
-/// The namespaces of pods that appeared, disappeared (also across a re-list) or changed what the cache keeps
-/// of them (labels, crmguard's annotations).
-fn pod_changes(
-    events: impl Stream<Item = Result<WatchEvent<PartialObjectMeta<Pod>>, WatchError>> + Send + 'static,
+/// The namespaces of objects that appeared, disappeared (also across a re-list) or changed their `digest` (for
+/// pods: what the cache keeps of them, labels and crmguard's annotations; a constant: only coming and going counts).
+fn changes<O: Resource + Send + 'static>(
+    events: impl Stream<Item = Result<WatchEvent<O>, WatchError>> + Send + 'static,
+    digest: fn(&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64,
 ) -> impl Stream<Item = String> + Send + 'static {
     let mut seen: std::collections::HashMap<(String, String), u64> = Default::default();
     let mut listed: Option<std::collections::HashSet<(String, String)>> = None;
@@ -315,15 +343,15 @@ fn pod_changes(
             };
             let changed: Vec<String> = match e {
                 Ok(WatchEvent::Apply(p) | WatchEvent::InitApply(p)) => {
-                    let k = key(&p.metadata);
+                    let k = key(p.meta());
                     if let Some(l) = listed.as_mut() {
                         l.insert(k.clone());
                     }
-                    let digest = cache::pod_digest(&p.metadata);
+                    let digest = digest(p.meta());
                     (seen.insert(k.clone(), digest) != Some(digest)).then_some(k.0).into_iter().collect()
                 }
                 Ok(WatchEvent::Delete(p)) => {
-                    let k = key(&p.metadata);
+                    let k = key(p.meta());
                     seen.remove(&k);
                     vec![k.0]
                 }
@@ -372,18 +400,13 @@ where
     let shown = ctx.cache.clone();
     let index = Index::default();
     let indexed = index.clone();
-    // Changes and deletions (not a list's objects) are passed on to the controllers that asked, after the store has
-    // them.
+    // Changes and deletions (a re-list's too, once complete) are passed on to the controllers that asked, after the
+    // store has them.
     let passed = fanout.shown(K::CONTROLLER);
     let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
-        indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner).observe(e);
-        if let watcher::Event::Apply(o) | watcher::Event::Delete(o) = e {
-            let m = o.meta();
-            watches::pass_on(
-                &passed,
-                m.namespace.as_deref().unwrap_or_default(),
-                m.name.as_deref().unwrap_or_default(),
-            );
+        let changed = indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner).observe(e);
+        for (ns, name) in changed {
+            watches::pass_on(&passed, &ns, &name);
         }
         if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = e
             && let (Some(uid), Some(rv)) = (&o.meta().uid, &o.meta().resource_version)
@@ -453,39 +476,82 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ConfigMap;
 
-    fn cm(ns: &str, name: &str) -> ConfigMap {
-        serde_json::from_value(serde_json::json!({"metadata": {"namespace": ns, "name": name}})).unwrap()
-    }
-
     fn names(index: &ByNamespace, ns: &str) -> Vec<String> {
         index.refs::<ConfigMap>(ns).into_iter().map(|r| r.name).collect()
     }
 
     #[test]
     fn the_namespace_index_follows_the_watch_and_takes_a_relist_once_complete() {
+        let cm = |ns: &str, name: &str, rv: &str| -> ConfigMap {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"namespace": ns, "name": name, "resourceVersion": rv}}),
+            )
+            .unwrap()
+        };
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
         let mut index = ByNamespace::default();
         index.observe(&WatchEvent::<ConfigMap>::Init);
-        index.observe(&WatchEvent::InitApply(cm("a", "x")));
+        assert!(index.observe(&WatchEvent::InitApply(cm("a", "x", "1"))).is_empty());
         assert!(names(&index, "a").is_empty(), "a list in progress is not yet the index");
-        index.observe(&WatchEvent::InitApply(cm("a", "y")));
-        index.observe(&WatchEvent::InitApply(cm("b", "x")));
-        index.observe(&WatchEvent::<ConfigMap>::InitDone);
+        index.observe(&WatchEvent::InitApply(cm("a", "y", "1")));
+        index.observe(&WatchEvent::InitApply(cm("b", "x", "1")));
+        assert!(index.observe(&WatchEvent::<ConfigMap>::InitDone).is_empty(), "the first list changes nothing");
         assert_eq!(names(&index, "a"), ["x", "y"]);
         assert_eq!(names(&index, "b"), ["x"]);
         assert_eq!(index.refs::<ConfigMap>("a")[0].namespace.as_deref(), Some("a"));
-        index.observe(&WatchEvent::Apply(cm("b", "z")));
-        index.observe(&WatchEvent::Delete(cm("a", "x")));
-        index.observe(&WatchEvent::Apply(cm("b", "z")));
+        assert_eq!(index.observe(&WatchEvent::Apply(cm("b", "z", "2"))), [key("b", "z")]);
+        assert_eq!(index.observe(&WatchEvent::Delete(cm("a", "x", "3"))), [key("a", "x")]);
         assert_eq!(names(&index, "a"), ["y"]);
         assert_eq!(names(&index, "b"), ["x", "z"]);
-        // A re-list: what it does not show is gone once it is complete.
+        // A re-list (after an outage or a 410 Gone): what changed, came or went meanwhile is passed on once it is
+        // complete, what it shows as it was is not.
         index.observe(&WatchEvent::<ConfigMap>::Init);
-        index.observe(&WatchEvent::InitApply(cm("b", "z")));
+        index.observe(&WatchEvent::InitApply(cm("b", "z", "2")));
+        index.observe(&WatchEvent::InitApply(cm("b", "x", "4")));
+        index.observe(&WatchEvent::InitApply(cm("c", "w", "5")));
         assert_eq!(names(&index, "a"), ["y"]);
-        index.observe(&WatchEvent::<ConfigMap>::InitDone);
+        let changed = index.observe(&WatchEvent::<ConfigMap>::InitDone);
+        assert_eq!(changed, [key("a", "y"), key("b", "x"), key("c", "w")]);
         assert!(names(&index, "a").is_empty());
-        assert_eq!(names(&index, "b"), ["z"]);
+        assert_eq!(names(&index, "b"), ["x", "z"]);
         assert!(!index.current.contains_key("a"), "an emptied namespace is dropped");
-        assert!(names(&index, "c").is_empty());
+        assert!(names(&index, "d").is_empty());
+    }
+
+    /// A ServiceAccount (any object watched for its coming and going) that came while the watch restarted is seen in
+    /// the re-list; one that went, when the re-list is complete; one that only changed is not.
+    #[tokio::test]
+    async fn coming_and_going_is_seen_across_a_relist() {
+        let sa = |ns: &str, name: &str, label: &str| -> PartialObjectMeta<k8s_openapi::api::core::v1::ServiceAccount> {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"namespace": ns, "name": name, "labels": {"l": label}}
+            }))
+            .unwrap()
+        };
+        let events = vec![
+            Ok(WatchEvent::Init),
+            Ok(WatchEvent::InitApply(sa("a", "x", "1"))),
+            Ok(WatchEvent::InitDone),
+            Ok(WatchEvent::Apply(sa("a", "x", "2"))),
+            Ok(WatchEvent::Init),
+            Ok(WatchEvent::InitApply(sa("b", "y", "1"))),
+            Ok(WatchEvent::InitDone),
+        ];
+        let seen: Vec<String> = changes(futures::stream::iter(events), |_| 0).collect().await;
+        assert_eq!(seen, ["a", "b", "a"], "listed, came in the re-list, went with it (not: changed)");
+    }
+
+    #[test]
+    fn what_is_passed_on_reaches_every_receiver_and_a_dropped_one_is_left_out() {
+        let fanout = watches::Fanout::default();
+        let (mut kept, dropped) = (fanout.shown_by("backuppolicy"), fanout.shown_by("backuppolicy"));
+        let mut other = fanout.shown_by("networkguard");
+        drop(dropped);
+        let shown = fanout.shown("backuppolicy");
+        watches::pass_on(&shown, "crm", "crm-db");
+        assert_eq!(shown.lock().unwrap().len(), 1, "the dropped receiver is left out");
+        assert_eq!(kept.try_recv().unwrap(), ("crm".to_string(), "crm-db".to_string()));
+        assert!(other.try_recv().is_err(), "another controller's receiver gets nothing");
     }
 }

@@ -120,8 +120,8 @@ where
 /// the cache may come before the other watch brought the change. Followers subscribe while the controllers are
 /// built, before any stream is polled.
 ///
-/// It also passes on, from each controller's own watch, its resources that changed or went, to the controllers
-/// that asked for them ([`Fanout::shown_by`]).
+/// It also passes on, from each controller's own watch, its resources that changed, came or went (a re-list's
+/// differences once it is complete), to the controllers that asked for them ([`Fanout::shown_by`]).
 #[derive(Default)]
 pub struct Fanout {
     watches: std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>,

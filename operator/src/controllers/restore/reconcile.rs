@@ -114,7 +114,7 @@ impl Reconcilable for CrmRestore {
     const CONTROLLER: &'static str = "restore";
     type Status = CrmRestoreStatus;
     /// A restore waits for its policy's ServiceAccount, and quietly for its policy's first pass: it is reconciled
-    /// when a ServiceAccount appears and when a policy of its namespace changes (its status too).
+    /// when a ServiceAccount of its namespace comes or goes and when its policy changes (its status too).
     const WATCHES: &'static [Watch] = &[
         Watch::OwnsWhole(Other::Job),
         Watch::InNamespace(Other::ServiceAccount),

@@ -197,7 +197,7 @@ where
     /// does not depend on others). No watch: that controller's own watch passes them on.
     fn resources_of(mut self, controller: &'static str) -> Self {
         let (index, store) = (self.index.clone(), self.controller.store());
-        let refs = self.fanout.shown_by(controller).flat_map(move |(ns, name)| {
+        let refs = self.fanout.shown_by(controller, self.ns).flat_map(move |(ns, name)| {
             let concerned = in_namespace(&index, &ns)
                 .into_iter()
                 .filter(|r| store.get(r).is_none_or(|o| o.0.as_ref().is_ok_and(|k| k.concerned_by(controller, &name))));
@@ -402,7 +402,7 @@ where
     let indexed = index.clone();
     // Changes and deletions (a re-list's too, once complete) are passed on to the controllers that asked, after the
     // store has them.
-    let passed = fanout.shown(K::CONTROLLER);
+    let passed = fanout.shown(K::CONTROLLER, ns);
     let own = kube::runtime::reflector(writer, own).inspect_ok(move |e| {
         let changed = indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner).observe(e);
         for (ns, name) in changed {
@@ -543,15 +543,18 @@ mod tests {
     }
 
     #[test]
-    fn what_is_passed_on_reaches_every_receiver_and_a_dropped_one_is_left_out() {
+    fn what_is_passed_on_reaches_the_receivers_of_its_controller_and_scope_and_a_dropped_one_is_left_out() {
         let fanout = watches::Fanout::default();
-        let (mut kept, dropped) = (fanout.shown_by("backuppolicy"), fanout.shown_by("backuppolicy"));
-        let mut other = fanout.shown_by("networkguard");
+        let scope = Some("crm");
+        let (mut kept, dropped) = (fanout.shown_by("backuppolicy", scope), fanout.shown_by("backuppolicy", scope));
+        let mut other = fanout.shown_by("networkguard", scope);
+        let mut elsewhere = fanout.shown_by("backuppolicy", Some("other"));
         drop(dropped);
-        let shown = fanout.shown("backuppolicy");
+        let shown = fanout.shown("backuppolicy", scope);
         watches::pass_on(&shown, "crm", "crm-db");
         assert_eq!(shown.lock().unwrap().len(), 1, "the dropped receiver is left out");
         assert_eq!(kept.try_recv().unwrap(), ("crm".to_string(), "crm-db".to_string()));
         assert!(other.try_recv().is_err(), "another controller's receiver gets nothing");
+        assert!(elsewhere.try_recv().is_err(), "nor does the same controller's of another watched namespace");
     }
 }

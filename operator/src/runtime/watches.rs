@@ -125,7 +125,7 @@ where
 #[derive(Default)]
 pub struct Fanout {
     watches: std::sync::Mutex<std::collections::HashMap<WatchKey, Followers>>,
-    shown: std::sync::Mutex<std::collections::HashMap<&'static str, Shown>>,
+    shown: std::sync::Mutex<std::collections::HashMap<(&'static str, Option<String>), Shown>>,
 }
 
 /// Those who asked for the (namespace, name) of one controller's resources that changed or went.
@@ -165,16 +165,21 @@ impl Fanout {
         Subscription::Lead(senders)
     }
 
-    /// Where the controller `controller` passes on its resources that changed or went.
-    pub fn shown(&self, controller: &'static str) -> Shown {
-        self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(controller).or_default().clone()
+    /// Where the controller `controller` of `scope` passes on its resources that changed or went.
+    pub fn shown(&self, controller: &'static str, scope: Option<&str>) -> Shown {
+        let mut m = self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry((controller, scope.map(str::to_string))).or_default().clone()
     }
 
-    /// The (namespace, name) of the controller `controller`'s resources that changed or went, once its watch (and
-    /// store) has them.
-    pub fn shown_by(&self, controller: &'static str) -> futures::channel::mpsc::UnboundedReceiver<(String, String)> {
+    /// The (namespace, name) of the resources that changed or went of the controller `controller` of `scope`, once
+    /// its watch (and store) has them.
+    pub fn shown_by(
+        &self,
+        controller: &'static str,
+        scope: Option<&str>,
+    ) -> futures::channel::mpsc::UnboundedReceiver<(String, String)> {
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        self.shown(controller).lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(tx);
+        self.shown(controller, scope).lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(tx);
         rx
     }
 }
